@@ -1,0 +1,137 @@
+//! Types shared by agentgate's eBPF programs and its userspace daemon.
+//!
+//! Every type here crosses the kernel/user boundary through a BPF map, so it is
+//! `#[repr(C)]`, has no padding the kernel could leave uninitialised (explicit
+//! `_pad` fields instead), and holds addresses and ports in one documented byte
+//! order. Userspace gets `aya::Pod` impls behind the `user` feature.
+#![no_std]
+
+/// `AF_INET`, as the kernel reports it in socket contexts.
+pub const AF_INET: u16 = 2;
+/// `AF_INET6`.
+pub const AF_INET6: u16 = 10;
+
+/// Deepest cgroup level the connect hook walks when it looks for a tagged ancestor.
+/// cgroup v2 hierarchies on agent hosts are shallow (systemd: about 4 levels).
+pub const MAX_CGROUP_DEPTH: u32 = 32;
+
+/// Names of the maps and programs, shared so userspace cannot drift from the object.
+pub mod names {
+    pub const TAGGED_CGROUPS: &str = "AG_TAGGED";
+    pub const CONFIG: &str = "AG_CONFIG";
+    pub const BY_COOKIE: &str = "AG_BY_COOKIE";
+    pub const BY_PEER: &str = "AG_BY_PEER";
+    pub const SOCKHASH: &str = "AG_SOCKHASH";
+    pub const COUNTERS: &str = "AG_COUNTERS";
+
+    pub const CONNECT4: &str = "ag_connect4";
+    pub const CONNECT6: &str = "ag_connect6";
+    pub const GETPEERNAME4: &str = "ag_getpeername4";
+    pub const GETPEERNAME6: &str = "ag_getpeername6";
+    pub const SOCK_OPS: &str = "ag_sock_ops";
+    pub const SK_MSG: &str = "ag_sk_msg";
+    pub const SK_SKB_VERDICT: &str = "ag_sk_skb_verdict";
+}
+
+/// An IPv4 or IPv6 socket address.
+///
+/// `addr` holds the address in network byte order as the kernel's `user_ip6`
+/// does; an IPv4 address uses `addr[0]` only (IPv4-mapped IPv6 addresses are
+/// normalised to IPv4 before they become keys). `port` is in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockAddr {
+    pub family: u16,
+    pub port: u16,
+    pub addr: [u32; 4],
+}
+
+/// The proxy listener and switches, written by userspace into a one-entry array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Config {
+    /// Listener for IPv4 destinations (and IPv4-mapped IPv6 ones).
+    pub proxy4: SockAddr,
+    /// Listener for IPv6 destinations.
+    pub proxy6: SockAddr,
+    /// The daemon's own process: its sockets are never redirected.
+    pub daemon_tgid: u32,
+    /// 1 when the `sk_msg` fast path is on.
+    pub fast_path: u32,
+    /// 1 once userspace has written this entry; until then nothing is redirected
+    /// *or let through* for tagged cgroups (see the connect hook).
+    pub ready: u32,
+    pub _pad: u32,
+}
+
+/// Tag value stored per cgroup id in the tagged-cgroups map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tag {
+    /// A number userspace chose for the binding (identity lookup happens in userspace).
+    pub binding: u32,
+    pub _pad: u32,
+}
+
+/// What the connect hook learned about the process that called `connect()`.
+///
+/// Read in the caller's context, so it is the agent's own pid, uid and cgroup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Provenance {
+    /// Where the process meant to go.
+    pub orig_dst: SockAddr,
+    pub tgid: u32,
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// The binding number of the tagged cgroup.
+    pub binding: u32,
+    /// The cgroup the task was in (not the tagged ancestor).
+    pub cgroup_id: u64,
+    /// The tagged cgroup (itself or an ancestor) that made this socket eligible.
+    pub tagged_cgroup_id: u64,
+    pub netns_cookie: u64,
+    pub socket_cookie: u64,
+    pub comm: [u8; 16],
+}
+
+/// The connection as the proxy sees it from `accept()`: peer (the agent's
+/// socket) and local (the proxy listener), in the listener's network namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PeerKey {
+    pub peer: SockAddr,
+    pub local: SockAddr,
+    pub netns_cookie: u64,
+}
+
+/// Key of the fast-path SockHash: a socket's own (local, remote) pair, in the
+/// shape `bpf_sock_hash_update` and `bpf_msg_redirect_hash` hash it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockPairKey {
+    pub local: SockAddr,
+    pub remote: SockAddr,
+}
+
+/// Indices into the per-CPU counters array.
+pub mod counter {
+    pub const REDIRECTED: u32 = 0;
+    pub const NOT_READY_DENIED: u32 = 1;
+    pub const ESTABLISHED: u32 = 2;
+    pub const CLOSED: u32 = 3;
+    pub const FAST_PATH_INSERTED: u32 = 4;
+    pub const LEN: u32 = 8;
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all are #[repr(C)], Copy, made only of integers, with explicit padding.
+    unsafe impl aya::Pod for super::SockAddr {}
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::Tag {}
+    unsafe impl aya::Pod for super::Provenance {}
+    unsafe impl aya::Pod for super::PeerKey {}
+    unsafe impl aya::Pod for super::SockPairKey {}
+}

@@ -1,0 +1,17 @@
+//! agentgate: a privileged-access gateway for AI agents.
+//!
+//! The request lifecycle, once, in the order the code follows it:
+//!
+//! 1. `redirect`: eBPF connect hooks rewrite a tagged process's `connect()` to
+//!    the proxy listener and record its provenance.
+//! 2. `proxy`: accept, look the peer up in the provenance map (no record: refuse),
+//!    enrich from /proc (`provenance`), bind to an identity.
+//! 3. `policy`: decide on the resource, then per command once decoded by a
+//!    `protocol` handler; `approval` holds what needs a human.
+//! 4. `mask`: rewrite sensitive fields in responses.
+//! 5. `audit`: every step is a record in the hash-chained log, written ahead.
+//!
+//! Everything here fails closed unless its module doc says otherwise.
+#![deny(unsafe_code)]
+
+
