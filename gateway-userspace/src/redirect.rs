@@ -275,7 +275,8 @@ fn repin(dir: &Path, links: Vec<(&'static str, FdLink)>) -> Result<Vec<PinnedLin
         fs::create_dir_all(dir).map_err(|e| pin_err(Box::new(e)))?;
         let run = format!("{}-{}", std::process::id(), now_nanos());
         for (name, link) in links {
-            let path = dir.join(format!("{name}.{run}"));
+            // bpffs refuses names with a dot.
+            let path = dir.join(format!("{name}-{run}"));
             pinned.push(link.pin(&path).map_err(|e| pin_err(Box::new(e)))?);
         }
     }
