@@ -131,7 +131,7 @@ impl Redirector {
                     daemon_tgid: std::process::id(),
                     fast_path: u32::from(cfg.fast_path),
                     ready: 1,
-                    _pad: 0,
+                    pad: 0,
                 },
                 0,
             )
@@ -205,7 +205,7 @@ impl Redirector {
     /// Tags a cgroup (and so its descendants): their TCP connects are redirected.
     pub fn tag(&mut self, cgroup_id: u64, binding: u32) -> Result<(), RedirectError> {
         self.tagged
-            .insert(cgroup_id, Tag { binding, _pad: 0 }, 0)
+            .insert(cgroup_id, Tag { binding, pad: 0 }, 0)
             .map_err(map_err(names::TAGGED_CGROUPS))
     }
 
