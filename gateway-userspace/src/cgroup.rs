@@ -115,7 +115,7 @@ impl Hierarchy {
         format!("/{}", rel.display())
     }
 
-    /// The cgroup2 path a process is in, from /proc/PID/cgroup ("0::/a/b").
+    /// The cgroup2 path a process is in, from /proc/PID/cgroup ("`0::/a/b`").
     pub fn of_process(&self, pid: u32) -> Option<PathBuf> {
         let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
         let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
@@ -174,8 +174,7 @@ pub fn enter(path: &Path, pid: u32) -> Result<(), CgroupError> {
 /// Whether any process lives in the cgroup or below it.
 pub fn populated(path: &Path) -> bool {
     fs::read_to_string(path.join("cgroup.events"))
-        .map(|t| t.lines().any(|l| l == "populated 1"))
-        .unwrap_or(false)
+        .is_ok_and(|t| t.lines().any(|l| l == "populated 1"))
 }
 
 /// mountinfo escapes space, tab, newline and backslash as octal.
@@ -187,15 +186,12 @@ fn unescape_mountinfo(s: &str) -> String {
         let code = rest
             .get(i + 1..i + 4)
             .and_then(|o| u8::from_str_radix(o, 8).ok());
-        match code {
-            Some(b) => {
-                out.push(char::from(b));
-                rest = &rest[i + 4..];
-            }
-            None => {
-                out.push('\\');
-                rest = &rest[i + 1..];
-            }
+        if let Some(b) = code {
+            out.push(char::from(b));
+            rest = &rest[i + 4..];
+        } else {
+            out.push('\\');
+            rest = &rest[i + 1..];
         }
     }
     out.push_str(rest);

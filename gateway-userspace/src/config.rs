@@ -28,6 +28,7 @@ pub enum ConfigError {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+#[derive(Default)]
 pub struct Config {
     pub daemon: DaemonConfig,
     pub proxy: ProxyConfig,
@@ -82,7 +83,7 @@ pub struct ProxyConfig {
     pub listen_v4: Ipv4Addr,
     pub listen_v6: Ipv6Addr,
     pub port: u16,
-    /// sk_msg fast path between agent and proxy sockets (see DESIGN.md).
+    /// `sk_msg` fast path between agent and proxy sockets (see DESIGN.md).
     pub fast_path: bool,
     /// Live proxied connections; more are refused.
     pub max_connections: usize,
@@ -108,18 +109,6 @@ impl Default for ProxyConfig {
 impl ProxyConfig {
     pub fn upstream_connect_timeout(&self) -> Duration {
         Duration::from_millis(self.upstream_connect_timeout_ms)
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            daemon: DaemonConfig::default(),
-            proxy: ProxyConfig::default(),
-            policy: None,
-            audit: None,
-            identity: None,
-        }
     }
 }
 

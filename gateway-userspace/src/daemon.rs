@@ -114,20 +114,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
     })?;
 
     let bindings_path = state_dir.join("bindings.json");
-    let mut bindings = Bindings::load(&bindings_path)?;
-    let mut stale = Vec::new();
-    for b in bindings.iter() {
-        match cgroup::id(&b.cgroup) {
-            Ok(id) if id == b.cgroup_id => redirector.tag(id, b.id)?,
-            _ => stale.push(b.id),
-        }
-    }
-    for id in stale {
-        if let Some(b) = bindings.remove(id) {
-            tracing::info!(cgroup = %b.cgroup.display(), identity = %b.identity, "dropping binding of a cgroup that no longer exists");
-        }
-    }
-    bindings.save(&bindings_path)?;
+    let bindings = restore_bindings(&bindings_path, &mut redirector)?;
     let exec_bindings: Vec<(u32, PathBuf)> = bindings
         .iter()
         .filter(|b| b.kind == BindingKind::Exec)
@@ -174,6 +161,26 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
     let _ = std::fs::remove_file(&cfg.daemon.control_socket);
     tracing::info!("agentgate stopped");
     Ok(())
+}
+
+/// Loads persisted bindings and re-tags the cgroups that still exist (same
+/// path, same id); bindings of cgroups that are gone are dropped.
+fn restore_bindings(path: &Path, redirector: &mut Redirector) -> Result<Bindings, DaemonError> {
+    let mut bindings = Bindings::load(path)?;
+    let mut stale = Vec::new();
+    for b in bindings.iter() {
+        match cgroup::id(&b.cgroup) {
+            Ok(id) if id == b.cgroup_id => redirector.tag(id, b.id)?,
+            _ => stale.push(b.id),
+        }
+    }
+    for id in stale {
+        if let Some(b) = bindings.remove(id) {
+            tracing::info!(cgroup = %b.cgroup.display(), identity = %b.identity, "dropping binding of a cgroup that no longer exists");
+        }
+    }
+    bindings.save(path)?;
+    Ok(bindings)
 }
 
 fn listen(addr: SocketAddr) -> Result<TcpListener, DaemonError> {

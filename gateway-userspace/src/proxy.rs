@@ -254,7 +254,7 @@ mod tests {
             d.read_to_end(&mut got).await.unwrap();
             got
         };
-        let (_, res, got) = tokio::join!(writer, pipe(b, c, &counter, 4096), reader);
+        let ((), res, got) = tokio::join!(writer, pipe(b, c, &counter, 4096), reader);
         res.unwrap();
         assert_eq!(got.len(), 1000);
         assert_eq!(counter.load(Ordering::Relaxed), 1000);

@@ -285,7 +285,7 @@ fn repin(dir: &Path, links: Vec<(&'static str, FdLink)>) -> Result<Vec<PinnedLin
         match PinnedLink::from_pin(&path) {
             Ok(link) => drop(link.unpin().map_err(|e| pin_err(Box::new(e)))?),
             Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "stale entry in bpffs pin directory")
+                tracing::warn!(path = %path.display(), error = %e, "stale entry in bpffs pin directory");
             }
         }
     }
@@ -298,11 +298,11 @@ pub fn unpin_all(dir: &Path) -> std::io::Result<usize> {
     let mut n = 0;
     if let Ok(entries) = fs::read_dir(dir) {
         for e in entries.filter_map(Result::ok) {
-            if let Ok(link) = PinnedLink::from_pin(e.path()) {
-                if let Ok(fd) = link.unpin() {
-                    drop(fd);
-                    n += 1;
-                }
+            if let Ok(link) = PinnedLink::from_pin(e.path())
+                && let Ok(fd) = link.unpin()
+            {
+                drop(fd);
+                n += 1;
             }
         }
     }
@@ -320,9 +320,10 @@ fn now_nanos() -> u128 {
 pub fn sock_addr(addr: SocketAddr) -> SockAddr {
     match addr.ip() {
         IpAddr::V4(ip) => v4(ip, addr.port()),
-        IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
-            Some(v4ip) => v4(v4ip, addr.port()),
-            None => {
+        IpAddr::V6(ip) => {
+            if let Some(v4ip) = ip.to_ipv4_mapped() {
+                v4(v4ip, addr.port())
+            } else {
                 let o = ip.octets();
                 let mut a = [0u32; 4];
                 for (i, w) in a.iter_mut().enumerate() {
@@ -334,7 +335,7 @@ pub fn sock_addr(addr: SocketAddr) -> SockAddr {
                     addr: a,
                 }
             }
-        },
+        }
     }
 }
 

@@ -46,7 +46,7 @@ mod tests {
         assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000000000Z");
         let t = UNIX_EPOCH + Duration::new(1_795_000_000, 5);
         assert_eq!(rfc3339(t), "2026-11-18T11:06:40.000000005Z");
-        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
+        let leap = UNIX_EPOCH + Duration::from_hours(264_384); // 2000-02-29
         assert_eq!(&rfc3339(leap)[..10], "2000-02-29");
     }
 }

@@ -63,10 +63,10 @@ pub fn scripts_dir() -> PathBuf {
 fn cgroup2_mount() -> PathBuf {
     let text = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
     for line in text.lines() {
-        if let Some((left, right)) = line.split_once(" - ") {
-            if right.starts_with("cgroup2 ") {
-                return PathBuf::from(left.split_whitespace().nth(4).expect("mount point"));
-            }
+        if let Some((left, right)) = line.split_once(" - ")
+            && right.starts_with("cgroup2 ")
+        {
+            return PathBuf::from(left.split_whitespace().nth(4).expect("mount point"));
         }
     }
     panic!("no cgroup2 mount: agentgate needs cgroup v2");
@@ -242,8 +242,7 @@ pub fn run_ok(c: &mut Command) -> Result<Output> {
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(15001)
+        .map_or(15001, |a| a.port())
 }
 
 /// Options for a test daemon.
@@ -298,7 +297,7 @@ impl Env {
                 .display()
                 .to_string()
         };
-        let text = format!(
+        let config_text = format!(
             "[daemon]\nstate_dir = \"{state}\"\ncontrol_socket = \"{state}/control.sock\"\n\
              attach_cgroup = \"{attach}\"\nexec_cgroup = \"{attach}/agents\"\n\
              fail_mode = \"{mode}\"\nbpffs_dir = \"{bpffs}\"\n\n\
@@ -311,7 +310,7 @@ impl Env {
             fast = opts.fast_path,
             extra = opts.extra,
         );
-        fs::write(&config, text)?;
+        fs::write(&config, config_text)?;
         let mut env = Self {
             daemon: None,
             bpffs,
@@ -349,15 +348,15 @@ impl Env {
         self.daemon = Some(Proc::spawn("agentgate run", c)?);
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            if let Ok(out) = self.agentgate(&["status", "--json"]).output() {
-                if out.status.success() {
-                    return Ok(());
-                }
+            if let Ok(out) = self.agentgate(&["status", "--json"]).output()
+                && out.status.success()
+            {
+                return Ok(());
             }
-            if let Some(d) = self.daemon.as_mut() {
-                if let Ok(Some(st)) = d.child.try_wait() {
-                    bail!("daemon exited {st}:\n{}", self.daemon_log());
-                }
+            if let Some(d) = self.daemon.as_mut()
+                && let Ok(Some(st)) = d.child.try_wait()
+            {
+                bail!("daemon exited {st}:\n{}", self.daemon_log());
             }
             if Instant::now() > deadline {
                 bail!("daemon did not start within 15 s:\n{}", self.daemon_log());

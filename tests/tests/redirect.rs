@@ -265,7 +265,7 @@ fn fail_closed_while_daemon_is_down_then_recovers() {
     let mut cmd = env.exec("demo", &["python3", "-c", &probe]);
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
     let mut agent = Proc::spawn("tagged agent", cmd).unwrap();
-    let mut ask = |agent: &mut Proc| -> String {
+    let ask = |agent: &mut Proc| -> String {
         use std::io::Write as _;
         let stdin = agent.child.stdin.as_mut().unwrap();
         stdin.write_all(b"go\n").unwrap();

@@ -2,7 +2,7 @@
 //!
 //! Every step that installs something checks first, so a second run is a fast
 //! no-op. Nothing here downloads anything but packages from the registries
-//! (Debian, crates.io, PyPI, npm) by name.
+//! (Debian, crates.io, `PyPI`, npm) by name.
 
 use std::{
     env,
@@ -61,7 +61,7 @@ const APT_PACKAGES: &[&str] = &[
     "curl",
 ];
 
-/// Python modules the tests import, with the PyPI requirement that provides each.
+/// Python modules the tests import, with the `PyPI` requirement that provides each.
 const PY_PACKAGES: &[(&str, &str)] = &[("psycopg", "psycopg[binary]==3.2.*")];
 
 fn main() -> ExitCode {

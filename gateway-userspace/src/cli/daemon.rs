@@ -11,6 +11,7 @@ use agentgate::{
     control::{Client, ControlError, Request},
 };
 use anyhow::Context as _;
+use std::os::unix::process::ExitStatusExt as _;
 
 use super::UsageError;
 
@@ -91,7 +92,7 @@ async fn request(cfg: &Config, req: &Request) -> anyhow::Result<serde_json::Valu
     client.request(req).await.map_err(control_err)
 }
 
-pub fn run(config: &Path, _args: RunArgs) -> anyhow::Result<ExitCode> {
+pub fn run(config: &Path, _args: &RunArgs) -> anyhow::Result<ExitCode> {
     let cfg = load_config(config, true)?;
     runtime()?.block_on(async move {
         let (tx, rx) = tokio::sync::watch::channel(false);
@@ -111,7 +112,7 @@ pub fn run(config: &Path, _args: RunArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn status(config: &Path, args: StatusArgs) -> anyhow::Result<ExitCode> {
+pub fn status(config: &Path, args: &StatusArgs) -> anyhow::Result<ExitCode> {
     let cfg = load_config(config, false)?;
     let v = runtime()?.block_on(request(&cfg, &Request::Status))?;
     let mut out = std::io::stdout().lock();
@@ -156,7 +157,7 @@ pub fn status(config: &Path, args: StatusArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn exec(config: &Path, args: ExecArgs) -> anyhow::Result<ExitCode> {
+pub fn exec(config: &Path, args: &ExecArgs) -> anyhow::Result<ExitCode> {
     let cfg = load_config(config, false)?;
     let rt = runtime()?;
     // The connection stays open while the command runs: the daemon removes the
@@ -198,7 +199,6 @@ pub fn exec(config: &Path, args: ExecArgs) -> anyhow::Result<ExitCode> {
     };
     drop(client);
     drop(rt);
-    use std::os::unix::process::ExitStatusExt as _;
     let code = status
         .code()
         .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
