@@ -291,14 +291,51 @@ fn test(root: &Path, filter: Option<&str>, no_lint: bool) -> Result<()> {
     status(cmd("cargo").args(["build", "-p", "agentgate"]))?;
     let bin = root.join("target/debug/agentgate");
     let mut c = cmd("cargo");
-    c.args(["test", "--workspace"]).env("AGENTGATE_BIN", &bin);
+    c.args(["test", "--workspace", "--lib", "--bins", "--tests"])
+        .env("AGENTGATE_BIN", &bin);
     if let Some(f) = filter {
         c.arg(f);
     }
     // Two at a time: the end-to-end tests move hundreds of MiB through the
     // kernel each, and this machine has two cores.
     c.args(["--", "--test-threads=2"]);
-    status(&mut c)
+    let (passed, failed) = run_counting(&mut c)?;
+    println!("{passed} passed, {failed} failed");
+    if failed > 0 {
+        bail!("{failed} tests failed");
+    }
+    Ok(())
+}
+
+/// Runs a test command, echoing its output, and sums its `test result:` lines.
+fn run_counting(c: &mut Command) -> Result<(u64, u64)> {
+    use std::io::{BufRead as _, BufReader};
+    let mut child = c
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {c:?}"))?;
+    let (mut passed, mut failed) = (0, 0);
+    for line in BufReader::new(child.stdout.take().context("piped stdout")?).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(['.', ';']) {
+                let mut words = part.split_whitespace();
+                if let (Some(n), Some(what)) = (words.next(), words.next()) {
+                    match what {
+                        "passed" => passed += n.parse::<u64>().unwrap_or(0),
+                        "failed" => failed += n.parse::<u64>().unwrap_or(0),
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let st = child.wait()?;
+    if !st.success() && failed == 0 {
+        bail!("{c:?} failed: {st}");
+    }
+    Ok((passed, failed))
 }
 
 fn bench(root: &Path, which: Option<&str>) -> Result<()> {
