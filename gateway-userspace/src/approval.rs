@@ -57,8 +57,6 @@ pub struct ApprovalRequest {
     pub approvals: Vec<String>,
     pub created: String,
     pub deadline: String,
-    #[serde(skip)]
-    deadline_at: Instant,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -181,7 +179,6 @@ impl Broker {
             approvals: Vec::new(),
             created: crate::time::now_rfc3339(),
             deadline: crate::time::rfc3339(wall_deadline),
-            deadline_at,
         };
         let (tx, rx) = oneshot::channel();
         st.pending.insert(
@@ -257,10 +254,8 @@ impl Broker {
                 by: who.name.clone(),
                 reason,
             };
-            if let Some(p) = st.pending.remove(id) {
-                if let Some(tx) = p.tx {
-                    let _ = tx.send(outcome);
-                }
+            if let Some(tx) = st.pending.remove(id).and_then(|p| p.tx) {
+                let _ = tx.send(outcome);
             }
             return Ok(Decided::Denied);
         }
@@ -460,7 +455,7 @@ mod tests {
     async fn grant_window_covers_the_same_statement_only_until_it_ends() {
         let b = Broker::default();
         let s = ApprovalSpec {
-            grant_window: Some(Duration::from_secs(600)),
+            grant_window: Some(Duration::from_mins(10)),
             ..spec(1, 30)
         };
         let (req, waiter) = b.submit(new("alice"), &s).unwrap();
