@@ -464,3 +464,4 @@ pub fn read_until(out: &mut impl std::io::Read, pred: impl Fn(&str) -> bool) -> 
         }
     }
 }
+pub mod pg;
