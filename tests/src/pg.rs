@@ -1,7 +1,7 @@
-//! A throwaway PostgreSQL 15 server inside a test's network namespace.
+//! A throwaway `PostgreSQL` 15 server inside a test's network namespace.
 //!
 //! Runs as the `postgres` system user (initdb refuses root), listens on
-//! 127.0.0.1 and ::1, requires SCRAM-SHA-256 passwords, and can serve TLS with a
+//! 127.0.0.1 and `::1`, requires SCRAM-SHA-256 passwords, and can serve TLS with a
 //! test CA made on the spot. The data directory is removed on drop.
 
 use std::{
@@ -72,11 +72,13 @@ impl PgServer {
             "listen_addresses = '127.0.0.1,::1'\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 200\n",
         );
         if let Some(ca) = &tls {
-            conf.push_str(&format!(
+            use std::fmt::Write as _;
+            let _ = write!(
+                conf,
                 "ssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\n",
                 ca.server_cert.display(),
                 ca.server_key.display()
-            ));
+            );
         }
         fs::write(data.join("postgresql.auto.conf"), conf)?;
         run_ok(
