@@ -1,4 +1,4 @@
-//! PostgreSQL through agentgate, with a real server and real clients.
+//! `PostgreSQL` through agentgate, with a real server and real clients.
 
 use agentgate_e2e::{DaemonOptions, Env, pg::PgServer, run_ok};
 
