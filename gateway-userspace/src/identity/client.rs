@@ -128,7 +128,9 @@ impl OidcClient {
 
     /// Verifies an ID token from this provider: signature against its JWKS, `iss`,
     /// `aud` (the configured `client_id` or one of `audiences`), `azp`, `exp`, `iat`,
-    /// `nbf` (with `clock_leeway_secs`), and `nonce` when one is given. This is what
+    /// `nbf` (with `clock_leeway_secs`), and, when `nonce` is given, that the token
+    /// carries exactly that nonce (use [`super::Session::from_handoff`] for device-flow
+    /// tokens, which may lack one). This is what
     /// the daemon calls on a token handed over by `agentgate login`: it trusts no
     /// claim the CLI made about it.
     pub async fn verify_id_token(

@@ -5,8 +5,15 @@
 //! distinct error on `expired_token` and `access_denied`. Network failures while
 //! polling are retried with doubling backoff, at most three in a row. Everything
 //! runs under one deadline (tokio time): the smaller of the server's `expires_in`
-//! and `device_flow_max_wait_secs`. A nonce is sent with the request and required
-//! in the ID token, so a token issued for another login cannot be substituted.
+//! and `device_flow_max_wait_secs` (plus one polling interval when the server's
+//! `expires_in` is the smaller, so its `expired_token` answer is what the user
+//! sees).
+//!
+//! A nonce is sent with the device authorization request and, if the ID token
+//! carries one, it must match. RFC 8628 and OIDC define no nonce for this flow
+//! and many providers (oidc-provider among them) do not echo it, so it cannot be
+//! required: the binding is the device code itself, exchanged by us directly at
+//! the token endpoint, with no front channel a token could be injected through.
 
 use std::time::Duration;
 
@@ -106,10 +113,17 @@ pub async fn device_login(
     if da.device_code.expose_secret().is_empty() || da.device_code.expose_secret().len() > 2048 {
         return Err(bad("device_code is empty or too long"));
     }
-    let expires_in = Duration::from_secs(da.expires_in).min(cfg.device_flow_max_wait());
-    let deadline = started + expires_in;
+    let code_lifetime = Duration::from_secs(da.expires_in);
+    let expires_in = code_lifetime.min(cfg.device_flow_max_wait());
     let interval =
         Duration::from_secs(da.interval.unwrap_or(DEFAULT_INTERVAL).max(1)).min(MAX_INTERVAL);
+    // When the code's own lifetime is the limit, poll once more after it ends so the
+    // provider's definitive `expired_token` (or a last-second approval) is seen.
+    let deadline = if code_lifetime <= cfg.device_flow_max_wait() {
+        started + code_lifetime + interval + Duration::from_secs(1)
+    } else {
+        started + expires_in
+    };
 
     on_prompt(&DevicePrompt {
         verification_uri: sanitize(&da.verification_uri, 2048),
@@ -144,7 +158,7 @@ pub async fn device_login(
     let identity = client
         .verify_id_token_with(
             id_token.expose_secret(),
-            NonceRule::Required(&nonce),
+            NonceRule::IfPresent(&nonce),
             std::slice::from_ref(&client_id),
         )
         .await?;

@@ -80,7 +80,7 @@ pub struct LoginHandoff {
     pub id_token: SecretString,
     #[serde(serialize_with = "expose_opt", default)]
     pub refresh_token: Option<SecretString>,
-    /// The nonce the login sent; the daemon checks the ID token carries it.
+    /// The nonce the login sent; if the ID token carries a nonce, it must be this one.
     pub nonce: Option<String>,
 }
 
@@ -183,7 +183,7 @@ impl Session {
         let nonce = handoff
             .nonce
             .as_deref()
-            .map_or(NonceRule::Ignore, NonceRule::Required);
+            .map_or(NonceRule::Ignore, NonceRule::IfPresent);
         let identity = client
             .verify_id_token_with(
                 handoff.id_token.expose_secret(),
