@@ -1024,3 +1024,100 @@ async fn tokens_and_secrets_never_reach_logs_or_debug() {
     let signature = id_token.rsplit('.').next().unwrap();
     assert!(!logs.contains(signature) && !debug.contains(signature));
 }
+
+// ---------------------------------------------------------------------------
+// The `agentgate login` command, end to end, with a stand-in daemon socket.
+
+#[tokio::test]
+async fn agentgate_login_command_hands_a_verifiable_session_to_the_daemon() {
+    if !harness_ready() {
+        return;
+    }
+    let p = Provider::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("control.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_agentgate"))
+        .args([
+            "login",
+            "--issuer",
+            &p.issuer,
+            "--client-id",
+            "agentgate-cli",
+        ])
+        .args(["--config", "/nonexistent/agentgate.toml"])
+        .env("AGENTGATE_CONTROL_SOCKET", &socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut output = String::new();
+    let url = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the CLI shows the verification link");
+        output.push_str(&line);
+        output.push('\n');
+        if let Some(rest) = line.strip_prefix("(or open ") {
+            break rest.split(' ').next().unwrap().to_owned();
+        }
+    };
+    assert!(output.contains("enter the code"), "{output}");
+    browser(url, Choice::Approve("bob"), None).await;
+
+    // The "daemon": read the one line and verify it independently.
+    let line = tokio::task::spawn_blocking(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line).unwrap();
+        line
+    })
+    .await
+    .unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    while let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+        output.push_str(&line);
+        output.push('\n');
+    }
+    assert!(status.success(), "agentgate login failed: {output}");
+    assert!(
+        output.contains("Logged in as bob (groups: approvers, analysts)"),
+        "{output}"
+    );
+
+    let handoff: LoginHandoff = serde_json::from_str(line.trim_end()).unwrap();
+    let daemon = OidcClient::new(config(&p, "agentgate-cli")).unwrap();
+    let session = agentgate::identity::Session::from_handoff(&daemon, handoff)
+        .await
+        .unwrap();
+    assert_eq!(session.identity().name, "bob");
+    let wire: serde_json::Value = serde_json::from_str(&line).unwrap();
+    for token in ["id_token", "refresh_token"] {
+        let value = wire[token].as_str().unwrap();
+        assert!(!output.contains(value), "{token} printed by the CLI");
+    }
+
+    // Neither a config file nor --issuer: a usage error (exit 2) naming the flag.
+    let out = Command::new(env!("CARGO_BIN_EXE_agentgate"))
+        .args(["login", "--config", "/nonexistent/agentgate.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--issuer"));
+}
