@@ -779,6 +779,7 @@ fn svc_config(
     secret: &str,
 ) -> IdentityConfig {
     let path = dir.join(format!("{client_id}.secret"));
+    let _ = std::fs::remove_file(&path); // a fresh file, owned by us
     std::fs::write(&path, format!("{secret}\n")).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
     let mut cfg = config(p, "agentgate-cli");
@@ -860,6 +861,19 @@ async fn service_account_login_with_secret_file() {
             "{mode:o}: {err}"
         );
         assert!(err.to_string().contains("chmod 600"), "{err}");
+    }
+
+    // A 0600 file owned by someone else is refused too (when we can arrange one).
+    let cfg = svc_config(&p, dir.path(), 0o600, "svc-reporting", SVC_SECRET);
+    let path = cfg.service_account[0].secret_file.clone().unwrap();
+    if std::os::unix::fs::chown(&path, Some(65534), None).is_ok() {
+        let client = OidcClient::new(cfg).unwrap();
+        let err = service_account_login(&client, "svc-reporting")
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("owned by another user"), "{err}");
+    } else {
+        eprintln!("not root: skipping the foreign-owner secret file check");
     }
 
     // A wrong secret: the provider's invalid_client, and the secret appears nowhere.
@@ -1120,4 +1134,55 @@ async fn agentgate_login_command_hands_a_verifiable_session_to_the_daemon() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("--issuer"));
+}
+
+// ---------------------------------------------------------------------------
+// The daemon's maintenance pass.
+
+#[tokio::test]
+async fn maintain_logs_in_service_accounts_and_refreshes_before_expiry() {
+    if !harness_ready() {
+        return;
+    }
+    let p = Provider::start(&[("OIDC_ID_TOKEN_TTL", "30"), ("OIDC_ACCESS_TOKEN_TTL", "30")]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = svc_config(&p, dir.path(), 0o600, "svc-reporting", SVC_SECRET);
+    cfg.refresh_before_expiry_secs = 60; // longer than the tokens live: due at once
+    let client = OidcClient::new(cfg).unwrap();
+    let store = tokio::sync::Mutex::new(IdentityStore::for_config(client.config()));
+
+    let events = agentgate::identity::maintain(&store, &client).await;
+    assert!(
+        matches!(events.as_slice(), [IdentityEvent::Login { name, method: LoginMethod::ClientCredentials, .. }] if name == "svc-reporting"),
+        "{events:?}"
+    );
+    assert!(store.lock().await.get_verified("svc-reporting").is_ok());
+
+    let alice = login_as(&client, Choice::Approve("alice")).await.unwrap();
+    let first_expiry = alice.identity().expires_at;
+    store
+        .lock()
+        .await
+        .insert(alice, LoginMethod::DeviceFlow)
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let events = agentgate::identity::maintain(&store, &client).await;
+    let refreshed: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            IdentityEvent::Refresh { name, expires_at } => Some((name.as_str(), *expires_at)),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        refreshed
+            .iter()
+            .any(|(n, at)| *n == "alice" && *at > first_expiry),
+        "{events:?}"
+    );
+    assert!(
+        refreshed.iter().any(|(n, _)| *n == "svc-reporting"),
+        "{events:?}"
+    );
+    assert!(store.lock().await.get_verified("alice").is_ok());
 }

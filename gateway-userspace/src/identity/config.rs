@@ -292,7 +292,9 @@ fn secret_from_file(path: &Path) -> Result<SecretString, IdentityError> {
         path: path.to_owned(),
         source,
     };
-    // O_NOFOLLOW: the checked file is the file read; metadata comes from the open handle.
+    // O_NOFOLLOW: a planted symlink cannot make us send another file (say a private key)
+    // to the provider as a client secret. Metadata comes from the open handle, so the
+    // file checked is the file read.
     let mut file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
@@ -303,6 +305,14 @@ fn secret_from_file(path: &Path) -> Result<SecretString, IdentityError> {
         return Err(IdentityError::SecretFileContent {
             path: path.to_owned(),
             reason: "not a regular file",
+        });
+    }
+    // Owned by us (root, for the daemon): a file someone else owns could be swapped.
+    let own_uid = std::fs::metadata("/proc/self").map_err(io_err)?.uid();
+    if meta.uid() != own_uid && meta.uid() != 0 {
+        return Err(IdentityError::SecretFileContent {
+            path: path.to_owned(),
+            reason: "owned by another user (it must belong to root or to the daemon's user)",
         });
     }
     let mode = meta.mode() & 0o7777;

@@ -29,6 +29,8 @@ const SERVICE_RETRY: Duration = Duration::from_mins(1);
 #[derive(Default)]
 pub struct IdentityStore {
     entries: HashMap<String, Entry>,
+    /// Configured service-account names: no human session may take one.
+    reserved: std::collections::HashSet<String>,
     next_generation: u64,
     service_retry_at: HashMap<String, Instant>,
 }
@@ -72,6 +74,19 @@ impl IdentityStore {
         Self::default()
     }
 
+    /// A store that reserves the configured service-account names, so a human whose
+    /// `preferred_username` happens to equal one cannot act under that name.
+    pub fn for_config(cfg: &super::IdentityConfig) -> Self {
+        IdentityStore {
+            reserved: cfg
+                .service_account
+                .iter()
+                .map(|sa| sa.name.clone())
+                .collect(),
+            ..Self::default()
+        }
+    }
+
     /// Adds a verified session under its identity's name (the configured account
     /// name for services). A session of the same principal replaces the old one (a
     /// new login); a different principal claiming an active name is refused.
@@ -81,6 +96,9 @@ impl IdentityStore {
         method: LoginMethod,
     ) -> Result<IdentityEvent, IdentityError> {
         let name = session.identity.name.clone();
+        if session.identity.kind == super::IdentityKind::Human && self.reserved.contains(&name) {
+            return Err(IdentityError::NameConflict { name });
+        }
         if let Some(Entry {
             state: State::Active { session: old, .. },
             ..
@@ -425,6 +443,27 @@ mod tests {
             store.get_verified("alice"),
             Err(IdentityError::IdentityExpired { .. })
         ));
+    }
+
+    #[test]
+    fn human_cannot_take_a_service_account_name() {
+        let mut cfg = crate::identity::IdentityConfig::new("https://idp", None);
+        cfg.service_account
+            .push(crate::identity::ServiceAccountConfig {
+                name: "svc-reporting".into(),
+                client_id: "svc-reporting".into(),
+                secret_file: None,
+                secret_env: Some("X".into()),
+                scopes: vec![],
+                audience: None,
+            });
+        let mut store = IdentityStore::for_config(&cfg);
+        let squatter = session("svc-reporting", "mallory", Duration::from_mins(1), false);
+        assert!(matches!(
+            store.insert(squatter, LoginMethod::DeviceFlow),
+            Err(IdentityError::NameConflict { .. })
+        ));
+        assert!(store.get_verified("svc-reporting").is_err());
     }
 
     #[test]
