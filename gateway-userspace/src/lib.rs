@@ -15,3 +15,7 @@
 #![deny(unsafe_code)]
 
 
+
+pub mod mask;
+pub mod policy;
+pub mod sql;
