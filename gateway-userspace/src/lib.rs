@@ -14,8 +14,6 @@
 //! Everything here fails closed unless its module doc says otherwise.
 #![deny(unsafe_code)]
 
-
-
 pub mod mask;
 pub mod policy;
 pub mod sql;

@@ -59,7 +59,12 @@ pub fn run(config: &Path, cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
                 Some(d) => d,
                 None => policy_dir_from_config(config)?,
             };
-            explain(&dir, Subject { identity, groups }, &resource, sql.as_deref())
+            explain(
+                &dir,
+                Subject { identity, groups },
+                &resource,
+                sql.as_deref(),
+            )
         }
     }
 }
@@ -68,21 +73,31 @@ pub fn run(config: &Path, cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
 fn policy_dir_from_config(config: &Path) -> anyhow::Result<PathBuf> {
     let text = match std::fs::read_to_string(config) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(PathBuf::from(DEFAULT_POLICY_DIR)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(PathBuf::from(DEFAULT_POLICY_DIR));
+        }
         Err(e) => return Err(e).with_context(|| format!("reading {}", config.display())),
     };
-    let value: toml::Value = toml::from_str(&text).with_context(|| format!("parsing {}", config.display()))?;
+    let value: toml::Value =
+        toml::from_str(&text).with_context(|| format!("parsing {}", config.display()))?;
     match value.get("policy").and_then(|p| p.get("dir")) {
         None => Ok(PathBuf::from(DEFAULT_POLICY_DIR)),
         Some(toml::Value::String(s)) => Ok(PathBuf::from(s)),
-        Some(_) => Err(UsageError(format!("{}: `[policy] dir` must be a string", config.display())).into()),
+        Some(_) => Err(UsageError(format!(
+            "{}: `[policy] dir` must be a string",
+            config.display()
+        ))
+        .into()),
     }
 }
 
 fn print_errors(errors: &PolicyErrors) -> ExitCode {
     eprintln!("{errors}");
     let n = errors.0.len();
-    eprintln!("agentgate: policy is invalid: {n} error{}", if n == 1 { "" } else { "s" });
+    eprintln!(
+        "agentgate: policy is invalid: {n} error{}",
+        if n == 1 { "" } else { "s" }
+    );
     ExitCode::from(1)
 }
 
@@ -107,20 +122,33 @@ fn check(dir: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn explain(dir: &Path, subject: Subject, resource: &str, sql_text: Option<&str>) -> anyhow::Result<ExitCode> {
+fn explain(
+    dir: &Path,
+    subject: Subject,
+    resource: &str,
+    sql_text: Option<&str>,
+) -> anyhow::Result<ExitCode> {
     let set = match load(dir) {
         Ok(s) => s,
         Err(code) => return Ok(code),
     };
     let Some(res) = set.resource(resource) else {
         let names: Vec<_> = set.resources().iter().map(|r| r.name.as_str()).collect();
-        return Err(UsageError(format!("no resource `{resource}` in {}; resources: {}", dir.display(), names.join(", "))).into());
+        return Err(UsageError(format!(
+            "no resource `{resource}` in {}; resources: {}",
+            dir.display(),
+            names.join(", ")
+        ))
+        .into());
     };
     let action = match sql_text {
         None => Action::Connect,
         Some(text) => {
             let dialect = res.protocol.sql_dialect().ok_or_else(|| {
-                UsageError(format!("resource `{resource}` speaks {}, not SQL", res.protocol.as_str()))
+                UsageError(format!(
+                    "resource `{resource}` speaks {}, not SQL",
+                    res.protocol.as_str()
+                ))
             })?;
             let c = sql::classify(text, dialect);
             println!("class:     {}", c.class);
@@ -135,7 +163,10 @@ fn explain(dir: &Path, subject: Subject, resource: &str, sql_text: Option<&str>)
                     list(&s.tables),
                     list(&s.functions),
                     if s.destructive { "  destructive" } else { "" },
-                    s.note.as_ref().map(|n| format!("  ({n})")).unwrap_or_default()
+                    s.note
+                        .as_ref()
+                        .map(|n| format!("  ({n})"))
+                        .unwrap_or_default()
                 );
             }
             Action::Sql(Arc::new(c))
@@ -163,15 +194,24 @@ fn explain(dir: &Path, subject: Subject, resource: &str, sql_text: Option<&str>)
         .unwrap_or_default();
     println!("rule:      {}{origin}", ex.decision.rule);
     if ex.candidates.len() > 1 {
-        println!("rules that applied, most specific first (conditions, subject, resource, severity):");
+        println!(
+            "rules that applied, most specific first (conditions, subject, resource, severity):"
+        );
         for c in &ex.candidates {
             let (a, b, r, s) = c.specificity;
-            println!("  {:<32} {:<17} ({a}, {b}, {r}, {s})  {}", c.rule, c.action, c.origin);
+            println!(
+                "  {:<32} {:<17} ({a}, {b}, {r}, {s})  {}",
+                c.rule, c.action, c.origin
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
 fn list(v: &[String]) -> String {
-    if v.is_empty() { "-".to_owned() } else { v.join(", ") }
+    if v.is_empty() {
+        "-".to_owned()
+    } else {
+        v.join(", ")
+    }
 }

@@ -303,7 +303,11 @@ fn ssn_at(b: &[u8], i: usize) -> Option<Range<usize>> {
     if !(sep == b'-' || sep == b' ') || s[6] != sep {
         return None;
     }
-    let digits_ok = s[..3].iter().chain(&s[4..6]).chain(&s[7..]).all(u8::is_ascii_digit);
+    let digits_ok = s[..3]
+        .iter()
+        .chain(&s[4..6])
+        .chain(&s[7..])
+        .all(u8::is_ascii_digit);
     if !digits_ok || !digit_boundary_after(b, i + 11) {
         return None;
     }
@@ -337,7 +341,9 @@ fn nanp_body(b: &[u8], i: usize) -> Option<usize> {
     if !matches!(sep, b'-' | b'.' | b' ') || s[7] != sep {
         return None;
     }
-    if !(all_digits(&s[..3]) && all_digits(&s[4..7]) && all_digits(&s[8..])) || !nanp_ok(&s[..3], &s[4..7]) {
+    if !(all_digits(&s[..3]) && all_digits(&s[4..7]) && all_digits(&s[8..]))
+        || !nanp_ok(&s[..3], &s[4..7])
+    {
         return None;
     }
     digit_boundary_after(b, i + 12).then_some(i + 12)
@@ -446,7 +452,11 @@ fn iban_at(b: &[u8], i: usize) -> Option<Range<usize>> {
             chars[count] = c;
             count += 1;
             j += 1;
-        } else if c == b' ' && count >= 4 && b.get(j + 1).is_some_and(|n| n.is_ascii_digit() || n.is_ascii_uppercase()) {
+        } else if c == b' '
+            && count >= 4
+            && b.get(j + 1)
+                .is_some_and(|n| n.is_ascii_digit() || n.is_ascii_uppercase())
+        {
             ends[nends] = (count, j);
             nends += 1;
             j += 1;
@@ -490,7 +500,9 @@ fn aba_at(b: &[u8], i: usize) -> Option<Range<usize>> {
     if !matches!(prefix, 0..=12 | 21..=32 | 61..=72 | 80) {
         return None;
     }
-    let sum = 3 * (d(s[0]) + d(s[3]) + d(s[6])) + 7 * (d(s[1]) + d(s[4]) + d(s[7])) + (d(s[2]) + d(s[5]) + d(s[8]));
+    let sum = 3 * (d(s[0]) + d(s[3]) + d(s[6]))
+        + 7 * (d(s[1]) + d(s[4]) + d(s[7]))
+        + (d(s[2]) + d(s[5]) + d(s[8]));
     (sum % 10 == 0 && sum != 0).then_some(i..i + 9)
 }
 
@@ -512,7 +524,10 @@ fn email_at(b: &[u8], at: usize) -> Option<Range<usize>> {
         return None;
     }
     let mut end = at + 1;
-    while end < b.len() && end - at <= 253 && (b[end].is_ascii_alphanumeric() || b[end] == b'.' || b[end] == b'-') {
+    while end < b.len()
+        && end - at <= 253
+        && (b[end].is_ascii_alphanumeric() || b[end] == b'.' || b[end] == b'-')
+    {
         end += 1;
     }
     while end > at + 1 && matches!(b[end - 1], b'.' | b'-') {
@@ -521,7 +536,11 @@ fn email_at(b: &[u8], at: usize) -> Option<Range<usize>> {
     let domain = &b[at + 1..end];
     let last_dot = domain.iter().rposition(|&c| c == b'.')?;
     let tld = &domain[last_dot + 1..];
-    if last_dot == 0 || tld.len() < 2 || !tld.iter().all(u8::is_ascii_alphabetic) || domain.windows(2).any(|w| w == b"..") {
+    if last_dot == 0
+        || tld.len() < 2
+        || !tld.iter().all(u8::is_ascii_alphabetic)
+        || domain.windows(2).any(|w| w == b"..")
+    {
         return None;
     }
     Some(start..end)
@@ -546,32 +565,65 @@ mod tests {
 
     #[test]
     fn card_pan_with_luhn() {
-        assert_eq!(found("pan 4111111111111111 ok"), vec![("card_pan", "4111111111111111")]);
-        assert_eq!(found("4111 1111 1111 1111"), vec![("card_pan", "4111 1111 1111 1111")]);
-        assert_eq!(found("4111-1111-1111-1111"), vec![("card_pan", "4111-1111-1111-1111")]);
-        assert_eq!(found("amex 378282246310005"), vec![("card_pan", "378282246310005")]);
+        assert_eq!(
+            found("pan 4111111111111111 ok"),
+            vec![("card_pan", "4111111111111111")]
+        );
+        assert_eq!(
+            found("4111 1111 1111 1111"),
+            vec![("card_pan", "4111 1111 1111 1111")]
+        );
+        assert_eq!(
+            found("4111-1111-1111-1111"),
+            vec![("card_pan", "4111-1111-1111-1111")]
+        );
+        assert_eq!(
+            found("amex 378282246310005"),
+            vec![("card_pan", "378282246310005")]
+        );
         // Luhn fails
         assert!(found("4111111111111112").is_empty());
         // trailing group that is not part of the card
-        assert_eq!(found("card 4111 1111 1111 1111 7"), vec![("card_pan", "4111 1111 1111 1111")]);
+        assert_eq!(
+            found("card 4111 1111 1111 1111 7"),
+            vec![("card_pan", "4111 1111 1111 1111")]
+        );
         // too long a digit run
         assert!(found("41111111111111111111111").is_empty());
     }
 
     #[test]
     fn email() {
-        assert_eq!(found("mail jane.doe+x@example.co.uk, please"), vec![("email", "jane.doe+x@example.co.uk")]);
+        assert_eq!(
+            found("mail jane.doe+x@example.co.uk, please"),
+            vec![("email", "jane.doe+x@example.co.uk")]
+        );
         assert!(found("user@localhost and @handle and a@b.c1").is_empty());
-        assert_eq!(found("id 123456789@bank.com"), vec![("email", "123456789@bank.com")]);
+        assert_eq!(
+            found("id 123456789@bank.com"),
+            vec![("email", "123456789@bank.com")]
+        );
     }
 
     #[test]
     fn phone() {
         assert_eq!(found("call 555-867-5309"), vec![("phone", "555-867-5309")]);
-        assert_eq!(found("call (555) 867-5309 now"), vec![("phone", "(555) 867-5309")]);
-        assert_eq!(found("call +1 (555) 867-5309"), vec![("phone", "+1 (555) 867-5309")]);
-        assert_eq!(found("call +1 555 867 5309"), vec![("phone", "+1 555 867 5309")]);
-        assert_eq!(found("ring +44 20 7946 0958"), vec![("phone", "+44 20 7946 0958")]);
+        assert_eq!(
+            found("call (555) 867-5309 now"),
+            vec![("phone", "(555) 867-5309")]
+        );
+        assert_eq!(
+            found("call +1 (555) 867-5309"),
+            vec![("phone", "+1 (555) 867-5309")]
+        );
+        assert_eq!(
+            found("call +1 555 867 5309"),
+            vec![("phone", "+1 555 867 5309")]
+        );
+        assert_eq!(
+            found("ring +44 20 7946 0958"),
+            vec![("phone", "+44 20 7946 0958")]
+        );
         assert_eq!(found("1-800-555-0199"), vec![("phone", "1-800-555-0199")]);
         // exchange starting with 1 is not NANP
         assert!(found("555-123-4567").is_empty());
@@ -579,15 +631,31 @@ mod tests {
 
     #[test]
     fn iban() {
-        assert_eq!(found("IBAN DE89370400440532013000."), vec![("iban", "DE89370400440532013000")]);
-        assert_eq!(found("to GB82 WEST 1234 5698 7654 32 today"), vec![("iban", "GB82 WEST 1234 5698 7654 32")]);
-        assert!(found("DE89370400440532013001").iter().all(|(k, _)| *k != "iban"));
+        assert_eq!(
+            found("IBAN DE89370400440532013000."),
+            vec![("iban", "DE89370400440532013000")]
+        );
+        assert_eq!(
+            found("to GB82 WEST 1234 5698 7654 32 today"),
+            vec![("iban", "GB82 WEST 1234 5698 7654 32")]
+        );
+        assert!(
+            found("DE89370400440532013001")
+                .iter()
+                .all(|(k, _)| *k != "iban")
+        );
     }
 
     #[test]
     fn aba() {
-        assert_eq!(found("routing 021000021"), vec![("aba_routing", "021000021")]);
-        assert_eq!(found("routing 011000015"), vec![("aba_routing", "011000015")]);
+        assert_eq!(
+            found("routing 021000021"),
+            vec![("aba_routing", "021000021")]
+        );
+        assert_eq!(
+            found("routing 011000015"),
+            vec![("aba_routing", "011000015")]
+        );
         assert!(found("021000022").is_empty());
         assert!(found("991000021").is_empty());
     }
@@ -597,7 +665,11 @@ mod tests {
         let t = "Jane (jane@ex.com, SSN 123-45-6789) paid with 5555555555554444; order 12345.";
         assert_eq!(
             found(t),
-            vec![("email", "jane@ex.com"), ("us_ssn", "123-45-6789"), ("card_pan", "5555555555554444")]
+            vec![
+                ("email", "jane@ex.com"),
+                ("us_ssn", "123-45-6789"),
+                ("card_pan", "5555555555554444")
+            ]
         );
         assert!(found("no sensitive values in here at all").is_empty());
         assert!(found("").is_empty());

@@ -39,7 +39,9 @@ impl ColumnRule {
         match (&self.table, table) {
             (None, _) | (Some(_), None) => true, // unknown table: fail closed
             (Some(pat), Some(t)) => {
-                pat.matches(t) || t.rsplit_once('.').is_some_and(|(_, unqualified)| pat.matches(unqualified))
+                pat.matches(t)
+                    || t.rsplit_once('.')
+                        .is_some_and(|(_, unqualified)| pat.matches(unqualified))
             }
         }
     }
@@ -70,7 +72,11 @@ impl Default for MaskPolicy {
 }
 
 impl MaskPolicy {
-    pub fn new(columns: Vec<ColumnRule>, detectors: DetectorSet, detector_strategy: Strategy) -> Self {
+    pub fn new(
+        columns: Vec<ColumnRule>,
+        detectors: DetectorSet,
+        detector_strategy: Strategy,
+    ) -> Self {
         MaskPolicy {
             columns,
             detectors,
@@ -120,7 +126,11 @@ impl MaskPolicy {
 
     /// Mask one value: the column strategy if there is one (the whole value),
     /// otherwise each detected value in place.
-    pub fn mask_value<'a>(&self, value: &'a str, column_strategy: Option<Strategy>) -> MaskOutcome<'a> {
+    pub fn mask_value<'a>(
+        &self,
+        value: &'a str,
+        column_strategy: Option<Strategy>,
+    ) -> MaskOutcome<'a> {
         let key = self.key.as_deref();
         if let Some(strategy) = column_strategy {
             return MaskOutcome {
@@ -189,12 +199,25 @@ mod tests {
     #[test]
     fn column_rules_match_and_strongest_wins() {
         let p = policy();
-        assert_eq!(p.column_rule(Some("customers"), "ssn"), Some(Strategy::KeepLast4));
-        assert_eq!(p.column_rule(Some("public.customers"), "SSN"), Some(Strategy::KeepLast4));
+        assert_eq!(
+            p.column_rule(Some("customers"), "ssn"),
+            Some(Strategy::KeepLast4)
+        );
+        assert_eq!(
+            p.column_rule(Some("public.customers"), "SSN"),
+            Some(Strategy::KeepLast4)
+        );
         assert_eq!(p.column_rule(Some("orders"), "ssn"), None);
-        assert_eq!(p.column_rule(None, "ssn"), Some(Strategy::KeepLast4), "unknown table fails closed");
+        assert_eq!(
+            p.column_rule(None, "ssn"),
+            Some(Strategy::KeepLast4),
+            "unknown table fails closed"
+        );
         assert_eq!(p.column_rule(Some("x"), "email"), Some(Strategy::KeyedHash));
-        assert_eq!(p.column_rule(Some("customers"), "card_number"), Some(Strategy::Redact));
+        assert_eq!(
+            p.column_rule(Some("customers"), "card_number"),
+            Some(Strategy::Redact)
+        );
         assert_eq!(p.column_rule(Some("customers"), "name"), None);
     }
 

@@ -60,7 +60,12 @@ impl fmt::Debug for MaskKey {
 const HASH_DOMAIN: &[u8] = b"agentgate.mask.keyed_hash.v1\0";
 
 /// Apply `strategy` to `value`. `label` names the detector for redactions of detector hits.
-pub fn apply(strategy: Strategy, value: &str, key: Option<&MaskKey>, label: Option<&str>) -> String {
+pub fn apply(
+    strategy: Strategy,
+    value: &str,
+    key: Option<&MaskKey>,
+    label: Option<&str>,
+) -> String {
     match (strategy, key) {
         (Strategy::KeepLast4, _) => keep_last4(value),
         (Strategy::KeyedHash, Some(key)) => {
@@ -107,8 +112,14 @@ mod tests {
 
     #[test]
     fn keep_last4_keeps_shape() {
-        assert_eq!(apply(Strategy::KeepLast4, "123-45-6789", None, None), "***-**-6789");
-        assert_eq!(apply(Strategy::KeepLast4, "4111 1111 1111 1111", None, None), "**** **** **** 1111");
+        assert_eq!(
+            apply(Strategy::KeepLast4, "123-45-6789", None, None),
+            "***-**-6789"
+        );
+        assert_eq!(
+            apply(Strategy::KeepLast4, "4111 1111 1111 1111", None, None),
+            "**** **** **** 1111"
+        );
         assert_eq!(apply(Strategy::KeepLast4, "1234567", None, None), "*******");
     }
 
@@ -117,10 +128,19 @@ mod tests {
         let k1 = MaskKey::new([1; 32]);
         let k2 = MaskKey::new([2; 32]);
         let a = apply(Strategy::KeyedHash, "jane@example.com", Some(&k1), None);
-        assert_eq!(a, apply(Strategy::KeyedHash, "jane@example.com", Some(&k1), None));
-        assert_ne!(a, apply(Strategy::KeyedHash, "jane@example.com", Some(&k2), None));
+        assert_eq!(
+            a,
+            apply(Strategy::KeyedHash, "jane@example.com", Some(&k1), None)
+        );
+        assert_ne!(
+            a,
+            apply(Strategy::KeyedHash, "jane@example.com", Some(&k2), None)
+        );
         assert!(a.starts_with("[h:") && a.len() == 20 && !a.contains("jane"));
-        assert_eq!(apply(Strategy::KeyedHash, "x", None, Some("email")), "[REDACTED:email]");
+        assert_eq!(
+            apply(Strategy::KeyedHash, "x", None, Some("email")),
+            "[REDACTED:email]"
+        );
         assert_eq!(format!("{k1:?}"), "MaskKey(..)");
     }
 }

@@ -36,8 +36,8 @@ use std::net::SocketAddr;
 use super::{
     PolicySet,
     model::{
-        Action, ActionKind, Conditions, Decision, Resource, Rule, RuleAction, Subject, UnknownDestination,
-        Verdict,
+        Action, ActionKind, Conditions, Decision, Resource, Rule, RuleAction, Subject,
+        UnknownDestination, Verdict,
     },
 };
 use crate::{
@@ -116,7 +116,10 @@ fn resource_score(rule: &Rule, name: &str) -> u8 {
 
 fn table_matches(pats: &[Glob], table: &str) -> bool {
     pats.iter().any(|p| {
-        p.matches(table) || table.rsplit_once('.').is_some_and(|(_, unqualified)| p.matches(unqualified))
+        p.matches(table)
+            || table
+                .rsplit_once('.')
+                .is_some_and(|(_, unqualified)| p.matches(unqualified))
     })
 }
 
@@ -202,10 +205,11 @@ fn conditions_hold(cond: &Conditions, action: &Action, permissive: bool) -> bool
                 && !cond.has_http()
                 && any_glob(cond.kube_verbs.as_ref(), verb)
                 && any_glob(cond.kube_resources.as_ref(), resource)
-                && cond
-                    .kube_namespaces
-                    .as_ref()
-                    .is_none_or(|p| namespace.as_deref().is_some_and(|ns| p.iter().any(|g| g.matches(ns))))
+                && cond.kube_namespaces.as_ref().is_none_or(|p| {
+                    namespace
+                        .as_deref()
+                        .is_some_and(|ns| p.iter().any(|g| g.matches(ns)))
+                })
         }
     }
 }
@@ -221,7 +225,10 @@ impl PolicySet {
         let mut candidates = Vec::new();
         let decision = self.decide_inner(subject, resource, action, Some(&mut candidates));
         candidates.sort_by(|a, b| b.specificity.cmp(&a.specificity));
-        Explanation { decision, candidates }
+        Explanation {
+            decision,
+            candidates,
+        }
     }
 
     /// Decide a new connection to `dst`. A destination no resource names gets
@@ -266,7 +273,10 @@ impl PolicySet {
             };
             let permissive = matches!(rule.action, RuleAction::Allow);
             if !conditions_hold(&rule.conditions, action, permissive) {
-                if matches!(action, Action::Connect) && could_allow.is_none() && severity(&rule.action) < 2 {
+                if matches!(action, Action::Connect)
+                    && could_allow.is_none()
+                    && severity(&rule.action) < 2
+                {
                     could_allow = Some(i);
                 }
                 continue;
@@ -305,7 +315,10 @@ impl PolicySet {
         }
         Decision {
             verdict: verdict_of(&resource.default, || {
-                format!("no rule allows this on `{}` (resource default: deny)", resource.name)
+                format!(
+                    "no rule allows this on `{}` (resource default: deny)",
+                    resource.name
+                )
             }),
             rule: format!("default:resource:{}", resource.name),
         }

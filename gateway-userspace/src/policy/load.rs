@@ -18,8 +18,9 @@ use toml::Spanned;
 use super::{
     glob::Glob,
     model::{
-        ActionKind, AddressPattern, ApprovalSpec, ApprovalSpecFile, CgroupBinding, Conditions, MatchSpec,
-        PolicyFileSpec, Protocol, Resource, Rule, RuleAction, TlsMode, UnknownDestination, UpstreamTls,
+        ActionKind, AddressPattern, ApprovalSpec, ApprovalSpecFile, CgroupBinding, Conditions,
+        MatchSpec, PolicyFileSpec, Protocol, Resource, Rule, RuleAction, TlsMode,
+        UnknownDestination, UpstreamTls,
     },
     set::{DnsTable, PolicySet},
 };
@@ -55,7 +56,14 @@ impl fmt::Display for PolicyError {
         if self.line == 0 {
             write!(f, "{}: {}", self.file.display(), self.message)
         } else {
-            write!(f, "{}:{}:{}: {}", self.file.display(), self.line, self.column, self.message)
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.file.display(),
+                self.line,
+                self.column,
+                self.message
+            )
         }
     }
 }
@@ -160,7 +168,13 @@ pub fn load_dir(dir: &Path) -> Result<PolicySet, PolicyErrors> {
         return Err(PolicyErrors(errors.list));
     }
     if paths.len() > MAX_POLICY_FILES {
-        errors.file(dir, format!("{} policy files, over the limit of {MAX_POLICY_FILES}", paths.len()));
+        errors.file(
+            dir,
+            format!(
+                "{} policy files, over the limit of {MAX_POLICY_FILES}",
+                paths.len()
+            ),
+        );
         return Err(PolicyErrors(errors.list));
     }
     let mut sources = Vec::new();
@@ -222,7 +236,7 @@ fn load_sources(sources: &[Source]) -> Result<PolicySet, PolicyErrors> {
             Ok(spec) => parsed.push((src, spec)),
             Err(e) => {
                 let span = e.span().unwrap_or(0..0);
-                errors.at(&span, e.message().trim_end().to_owned());
+                errors.at(&span, e.message().trim_end().replace('\n', "; "));
             }
         }
     }
@@ -233,16 +247,21 @@ fn load_sources(sources: &[Source]) -> Result<PolicySet, PolicyErrors> {
     for (src, spec) in &parsed {
         errors.set_source(src);
         if let Some(defaults) = &spec.defaults
-            && let Some(ud) = &defaults.get_ref().unknown_destination
+            && let Some(ud) = &defaults.unknown_destination
         {
             if let Some(first) = &unknown_destination_at {
                 errors.at(
                     &ud.span(),
-                    format!("`defaults.unknown_destination` is set twice (first at {})", first.at),
+                    format!(
+                        "`defaults.unknown_destination` is set twice (first at {})",
+                        first.at
+                    ),
                 );
             } else {
                 unknown_destination = *ud.get_ref();
-                unknown_destination_at = Some(Defined { at: errors.here(&ud.span()) });
+                unknown_destination_at = Some(Defined {
+                    at: errors.here(&ud.span()),
+                });
             }
         }
     }
@@ -261,7 +280,10 @@ fn load_sources(sources: &[Source]) -> Result<PolicySet, PolicyErrors> {
             let name = r.name.get_ref().clone();
             check_name(&mut errors, &r.name, "resource");
             if let Some(first) = name_at.get(&name) {
-                errors.at(&r.name.span(), format!("duplicate resource name `{name}` (first defined at {first})"));
+                errors.at(
+                    &r.name.span(),
+                    format!("duplicate resource name `{name}` (first defined at {first})"),
+                );
                 continue;
             }
             name_at.insert(name.clone(), errors.here(&r.name.span()));
@@ -269,7 +291,10 @@ fn load_sources(sources: &[Source]) -> Result<PolicySet, PolicyErrors> {
             let protocol = *r.protocol.get_ref();
             let mut addresses = Vec::new();
             if r.addresses.get_ref().is_empty() {
-                errors.at(&r.addresses.span(), format!("resource `{name}` has no addresses"));
+                errors.at(
+                    &r.addresses.span(),
+                    format!("resource `{name}` has no addresses"),
+                );
             }
             for a in r.addresses.get_ref() {
                 match parse_address(a.get_ref()) {
@@ -277,13 +302,18 @@ fn load_sources(sources: &[Source]) -> Result<PolicySet, PolicyErrors> {
                         match &p {
                             AddressPattern::Exact(sa) => {
                                 if let Some(first) = exact_at.get(sa) {
-                                    errors.at(&a.span(), format!("address {sa} is already used (at {first})"));
+                                    errors.at(
+                                        &a.span(),
+                                        format!("address {sa} is already used (at {first})"),
+                                    );
                                 } else {
                                     exact.insert(*sa, index);
                                     exact_at.insert(*sa, errors.here(&a.span()));
                                 }
                             }
-                            AddressPattern::Cidr { net, prefix, port } => cidrs.push((*net, *prefix, *port, index)),
+                            AddressPattern::Cidr { net, prefix, port } => {
+                                cidrs.push((*net, *prefix, *port, index))
+                            }
                             AddressPattern::Dns { .. } => {}
                         }
                         addresses.push(p);
@@ -294,8 +324,13 @@ fn load_sources(sources: &[Source]) -> Result<PolicySet, PolicyErrors> {
             let tls = r.tls.as_ref().map(|t| {
                 let spec = t.get_ref();
                 let mode = spec.mode.unwrap_or_default();
-                if mode == TlsMode::Disable && (spec.ca_file.is_some() || spec.server_name.is_some()) {
-                    errors.at(&t.span(), "`ca_file` and `server_name` have no effect with `mode = \"disable\"`");
+                if mode == TlsMode::Disable
+                    && (spec.ca_file.is_some() || spec.server_name.is_some())
+                {
+                    errors.at(
+                        &t.span(),
+                        "`ca_file` and `server_name` have no effect with `mode = \"disable\"`",
+                    );
                 }
                 if let Some(sn) = &spec.server_name
                     && sn.get_ref().is_empty()
@@ -315,8 +350,12 @@ fn load_sources(sources: &[Source]) -> Result<PolicySet, PolicyErrors> {
             });
             let default = build_action(
                 &mut errors,
-                r.default_action.as_ref().map_or(ActionKind::Deny, |a| *a.get_ref()),
-                r.default_action.as_ref().map_or(r.name.span(), Spanned::span),
+                r.default_action
+                    .as_ref()
+                    .map_or(ActionKind::Deny, |a| *a.get_ref()),
+                r.default_action
+                    .as_ref()
+                    .map_or(r.name.span(), Spanned::span),
                 r.default_approval.as_ref(),
                 "default_action",
                 "default_approval",
@@ -377,7 +416,10 @@ fn load_sources(sources: &[Source]) -> Result<PolicySet, PolicyErrors> {
                 continue;
             }
             if let Some(first) = binding_at.get(cg) {
-                errors.at(&b.cgroup.span(), format!("cgroup `{cg}` is bound twice (first at {first})"));
+                errors.at(
+                    &b.cgroup.span(),
+                    format!("cgroup `{cg}` is bound twice (first at {first})"),
+                );
                 continue;
             }
             binding_at.insert(cg.clone(), errors.here(&b.cgroup.span()));
@@ -403,7 +445,11 @@ fn load_sources(sources: &[Source]) -> Result<PolicySet, PolicyErrors> {
     let mut hasher = blake3::Hasher::new();
     hasher.update(b"agentgate.policy.v1\0");
     for s in sources {
-        let name = s.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = s
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         hasher.update(&(name.len() as u64).to_le_bytes());
         hasher.update(name.as_bytes());
         hasher.update(&(s.text.len() as u64).to_le_bytes());
@@ -428,8 +474,14 @@ fn load_sources(sources: &[Source]) -> Result<PolicySet, PolicyErrors> {
 fn check_name(errors: &mut Errors<'_>, name: &Spanned<String>, what: &str) {
     let n = name.get_ref();
     if n.is_empty() || n.len() > 128 {
-        errors.at(&name.span(), format!("{what} name must be 1 to 128 characters"));
-    } else if !n.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')) {
+        errors.at(
+            &name.span(),
+            format!("{what} name must be 1 to 128 characters"),
+        );
+    } else if !n
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+    {
         errors.at(
             &name.span(),
             format!("{what} name `{n}` may only contain letters, digits, '-', '_', '.', ':'"),
@@ -458,11 +510,15 @@ pub(crate) fn parse_address(s: &str) -> Result<AddressPattern, String> {
         s.rsplit_once(':').ok_or_else(bad)?
     };
     if s.starts_with('[') == false && host.contains(':') {
-        return Err(format!("invalid address `{s}`: write IPv6 addresses in brackets, e.g. [::1]:5432"));
+        return Err(format!(
+            "invalid address `{s}`: write IPv6 addresses in brackets, e.g. [::1]:5432"
+        ));
     }
     let port = parse_port(port)?;
     if let Some((net, prefix)) = host.split_once('/') {
-        let net: IpAddr = net.parse().map_err(|_| format!("invalid CIDR network `{net}` in `{s}`"))?;
+        let net: IpAddr = net
+            .parse()
+            .map_err(|_| format!("invalid CIDR network `{net}` in `{s}`"))?;
         let max = if net.is_ipv4() { 32 } else { 128 };
         let prefix: u8 = prefix
             .parse()
@@ -491,7 +547,9 @@ pub(crate) fn parse_address(s: &str) -> Result<AddressPattern, String> {
                 && !l.ends_with('-')
         });
     if !valid_dns {
-        return Err(format!("invalid host `{host}` in `{s}`: not an IP address, CIDR or DNS name"));
+        return Err(format!(
+            "invalid host `{host}` in `{s}`: not an IP address, CIDR or DNS name"
+        ));
     }
     let port = port.ok_or_else(|| format!("a DNS name needs a port, not `*`: `{s}`"))?;
     Ok(AddressPattern::Dns {
@@ -505,9 +563,11 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration `{s}`: expected a number and a unit (ms, s, m, h, d), e.g. \"120s\""))?;
+    let n: u64 = num.parse().map_err(|_| {
+        format!(
+            "invalid duration `{s}`: expected a number and a unit (ms, s, m, h, d), e.g. \"120s\""
+        )
+    })?;
     let secs = match unit {
         "ms" => return Ok(Duration::from_millis(n)),
         "s" => n,
@@ -516,7 +576,8 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
         "d" => n.saturating_mul(86400),
         _ => {
             return Err(format!(
-                "invalid duration `{s}`: unknown unit `{unit}` (ms, s, m, h, d)"
+                "invalid duration `{s}`: unknown unit `{}` (ms, s, m, h, d)",
+                unit.trim()
             ));
         }
     };
@@ -526,9 +587,17 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
 fn build_approval(errors: &mut Errors<'_>, a: &Spanned<ApprovalSpecFile>) -> Option<ApprovalSpec> {
     let spec = a.get_ref();
     let mut ok = true;
-    let groups: Vec<String> = spec.approver_groups.get_ref().iter().map(|g| g.get_ref().clone()).collect();
+    let groups: Vec<String> = spec
+        .approver_groups
+        .get_ref()
+        .iter()
+        .map(|g| g.get_ref().clone())
+        .collect();
     if groups.is_empty() {
-        errors.at(&spec.approver_groups.span(), "`approver_groups` is empty: nobody could approve");
+        errors.at(
+            &spec.approver_groups.span(),
+            "`approver_groups` is empty: nobody could approve",
+        );
         ok = false;
     }
     for g in spec.approver_groups.get_ref() {
@@ -552,7 +621,10 @@ fn build_approval(errors: &mut Errors<'_>, a: &Spanned<ApprovalSpecFile>) -> Opt
     };
     let timeout = match parse_duration(spec.timeout.get_ref()) {
         Ok(d) if d.is_zero() || d > MAX_APPROVAL_TIMEOUT => {
-            errors.at(&spec.timeout.span(), "`timeout` must be more than 0 and at most 7d");
+            errors.at(
+                &spec.timeout.span(),
+                "`timeout` must be more than 0 and at most 7d",
+            );
             ok = false;
             d
         }
@@ -567,7 +639,10 @@ fn build_approval(errors: &mut Errors<'_>, a: &Spanned<ApprovalSpecFile>) -> Opt
         None => None,
         Some(g) => match parse_duration(g.get_ref()) {
             Ok(d) if d.is_zero() || d > MAX_GRANT_WINDOW => {
-                errors.at(&g.span(), "`grant_window` must be more than 0 and at most 30d");
+                errors.at(
+                    &g.span(),
+                    "`grant_window` must be more than 0 and at most 30d",
+                );
                 ok = false;
                 None
             }
@@ -598,7 +673,9 @@ fn build_action(
     match (kind, approval) {
         (ActionKind::Allow, None) => Some(RuleAction::Allow),
         (ActionKind::Deny, None) => Some(RuleAction::Deny),
-        (ActionKind::RequireApproval, Some(a)) => build_approval(errors, a).map(RuleAction::RequireApproval),
+        (ActionKind::RequireApproval, Some(a)) => {
+            build_approval(errors, a).map(RuleAction::RequireApproval)
+        }
         (ActionKind::RequireApproval, None) => {
             errors.at(
                 &kind_span,
@@ -609,7 +686,9 @@ fn build_action(
         (_, Some(a)) => {
             errors.at(
                 &a.span(),
-                format!("`{approval_key}` is only allowed with `{action_key} = \"require_approval\"`"),
+                format!(
+                    "`{approval_key}` is only allowed with `{action_key} = \"require_approval\"`"
+                ),
             );
             None
         }
@@ -622,7 +701,10 @@ fn non_empty_list<'s>(
     key: &str,
 ) -> &'s [Spanned<String>] {
     if list.get_ref().is_empty() {
-        errors.at(&list.span(), format!("`{key}` is an empty list, which matches nothing; remove it or add entries"));
+        errors.at(
+            &list.span(),
+            format!("`{key}` is an empty list, which matches nothing; remove it or add entries"),
+        );
     }
     for item in list.get_ref() {
         if item.get_ref().trim().is_empty() {
@@ -682,7 +764,10 @@ fn build_conditions(errors: &mut Errors<'_>, m: &MatchSpec) -> Conditions {
         let items = non_empty_list(errors, l, "match.http_paths");
         for item in items {
             if !item.get_ref().starts_with('/') && item.get_ref() != "*" {
-                errors.at(&item.span(), format!("HTTP path pattern `{}` must start with '/'", item.get_ref()));
+                errors.at(
+                    &item.span(),
+                    format!("HTTP path pattern `{}` must start with '/'", item.get_ref()),
+                );
             }
         }
         c.http_paths = Some(items.iter().map(|s| Glob::new(s.get_ref())).collect());
@@ -709,10 +794,16 @@ fn build_rule(
     let name = r.name.get_ref().clone();
     check_name(errors, &r.name, "rule");
     if name.starts_with("default:") {
-        errors.at(&r.name.span(), "rule names starting with `default:` are reserved");
+        errors.at(
+            &r.name.span(),
+            "rule names starting with `default:` are reserved",
+        );
     }
     if let Some(first) = rule_at.get(&name) {
-        errors.at(&r.name.span(), format!("duplicate rule name `{name}` (first defined at {first})"));
+        errors.at(
+            &r.name.span(),
+            format!("duplicate rule name `{name}` (first defined at {first})"),
+        );
         return None;
     }
     let origin = errors.here(&r.name.span());
@@ -732,7 +823,10 @@ fn build_rule(
     let mut matched: Vec<&Resource> = Vec::new();
     for pat in non_empty_list(errors, &r.resources, "resources") {
         let g = Glob::new(pat.get_ref());
-        let hits: Vec<&Resource> = resources.iter().filter(|res| g.matches(&res.name)).collect();
+        let hits: Vec<&Resource> = resources
+            .iter()
+            .filter(|res| g.matches(&res.name))
+            .collect();
         if hits.is_empty() {
             let msg = if g.is_literal() {
                 format!("unknown resource `{}`", pat.get_ref())
@@ -754,10 +848,17 @@ fn build_rule(
                 );
             } else if !matched.is_empty() {
                 let fits = |p: Protocol| {
-                    (c.has_sql() && p.sql_dialect().is_some()) || ((c.has_http() || c.has_kube()) && p == Protocol::Http)
+                    (c.has_sql() && p.sql_dialect().is_some())
+                        || ((c.has_http() || c.has_kube()) && p == Protocol::Http)
                 };
                 if kinds == 1 && !matched.iter().any(|res| fits(res.protocol)) {
-                    let what = if c.has_sql() { "SQL" } else if c.has_http() { "HTTP" } else { "Kubernetes" };
+                    let what = if c.has_sql() {
+                        "SQL"
+                    } else if c.has_http() {
+                        "HTTP"
+                    } else {
+                        "Kubernetes"
+                    };
                     errors.at(
                         &m.span(),
                         format!("{what} conditions can never match: none of the rule's resources speaks that protocol"),
@@ -781,9 +882,18 @@ fn build_rule(
     }
     Some(Rule {
         name,
-        identities: r.identities.iter().map(|s| Glob::new(s.get_ref())).collect(),
+        identities: r
+            .identities
+            .iter()
+            .map(|s| Glob::new(s.get_ref()))
+            .collect(),
         groups: r.groups.iter().map(|s| Glob::new(s.get_ref())).collect(),
-        resources: r.resources.get_ref().iter().map(|s| Glob::new(s.get_ref())).collect(),
+        resources: r
+            .resources
+            .get_ref()
+            .iter()
+            .map(|s| Glob::new(s.get_ref()))
+            .collect(),
         conditions,
         action: action?,
         origin,
@@ -803,7 +913,10 @@ fn resource_globs(
     for pat in non_empty_list(errors, list, key) {
         let g = Glob::new(pat.get_ref());
         if !resources.iter().any(|r| g.matches(&r.name)) {
-            errors.at(&pat.span(), format!("`{}` matches no resource", pat.get_ref()));
+            errors.at(
+                &pat.span(),
+                format!("`{}` matches no resource", pat.get_ref()),
+            );
         }
         out.push(g);
     }
@@ -826,10 +939,12 @@ fn build_masking<'a>(
     for (src, spec) in parsed {
         errors.set_source(src);
         let Some(m) = &spec.masking else { continue };
-        let m = m.get_ref();
         if let Some(list) = &m.detectors {
             if let Some(first) = &detectors_at {
-                errors.at(&list.span(), format!("`masking.detectors` is set twice (first at {first})"));
+                errors.at(
+                    &list.span(),
+                    format!("`masking.detectors` is set twice (first at {first})"),
+                );
             } else {
                 detectors_at = Some(errors.here(&list.span()));
                 for item in list.get_ref() {
@@ -849,7 +964,10 @@ fn build_masking<'a>(
         }
         if let Some(s) = &m.detector_strategy {
             if let Some(first) = &strategy_at {
-                errors.at(&s.span(), format!("`masking.detector_strategy` is set twice (first at {first})"));
+                errors.at(
+                    &s.span(),
+                    format!("`masking.detector_strategy` is set twice (first at {first})"),
+                );
             } else {
                 strategy_at = Some(errors.here(&s.span()));
                 strategy = *s.get_ref();
@@ -857,15 +975,24 @@ fn build_masking<'a>(
         }
         if let Some(list) = &m.detector_resources {
             if let Some(first) = &detector_resources_at {
-                errors.at(&list.span(), format!("`masking.detector_resources` is set twice (first at {first})"));
+                errors.at(
+                    &list.span(),
+                    format!("`masking.detector_resources` is set twice (first at {first})"),
+                );
             } else {
                 detector_resources_at = Some(errors.here(&list.span()));
-                detector_resources = resource_globs(errors, Some(list), "masking.detector_resources", resources);
+                detector_resources =
+                    resource_globs(errors, Some(list), "masking.detector_resources", resources);
             }
         }
         for col in &m.column {
             let col = col.get_ref();
-            let globs = resource_globs(errors, col.resources.as_ref(), "masking.column.resources", resources);
+            let globs = resource_globs(
+                errors,
+                col.resources.as_ref(),
+                "masking.column.resources",
+                resources,
+            );
             for spec in non_empty_list(errors, &col.columns, "masking.column.columns") {
                 let v = spec.get_ref();
                 if v.split('.').count() > 3 || v.split('.').any(str::is_empty) {
@@ -907,7 +1034,10 @@ mod tests {
             parse_address("127.0.0.1:5432"),
             Ok(AddressPattern::Exact("127.0.0.1:5432".parse().unwrap()))
         );
-        assert_eq!(parse_address("[::1]:5432"), Ok(AddressPattern::Exact("[::1]:5432".parse().unwrap())));
+        assert_eq!(
+            parse_address("[::1]:5432"),
+            Ok(AddressPattern::Exact("[::1]:5432".parse().unwrap()))
+        );
         assert_eq!(
             parse_address("10.1.0.0/16:*"),
             Ok(AddressPattern::Cidr {

@@ -17,12 +17,13 @@ mod store;
 
 pub use decide::{Candidate, Explanation};
 pub use load::{
-    MAX_APPROVAL_TIMEOUT, MAX_GRANT_WINDOW, MAX_POLICY_FILE_BYTES, MAX_POLICY_FILES, MAX_QUORUM, PolicyError,
-    PolicyErrors, load_dir, load_str,
+    MAX_APPROVAL_TIMEOUT, MAX_GRANT_WINDOW, MAX_POLICY_FILE_BYTES, MAX_POLICY_FILES, MAX_QUORUM,
+    PolicyError, PolicyErrors, load_dir, load_str,
 };
 pub use model::{
-    Action, ActionKind, AddressPattern, ApprovalSpec, CgroupBinding, Conditions, Decision, Protocol, Resource, Rule,
-    RuleAction, Subject, TlsMode, UnknownDestination, UpstreamTls, Verdict,
+    Action, ActionKind, AddressPattern, ApprovalSpec, CgroupBinding, Conditions, Decision,
+    Protocol, Resource, Rule, RuleAction, Subject, TlsMode, UnknownDestination, UpstreamTls,
+    Verdict,
 };
 pub use set::{DNS_LOOKUP_TIMEOUT, PolicySet};
 pub use store::{PolicyStore, ReloadOutcome, WatchEvent, WatchOptions, watch};

@@ -18,12 +18,12 @@ use crate::sql::Classification;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PolicyFileSpec {
-    pub defaults: Option<Spanned<DefaultsSpec>>,
+    pub defaults: Option<DefaultsSpec>,
     #[serde(default, rename = "resource")]
     pub resources: Vec<Spanned<ResourceSpec>>,
     #[serde(default, rename = "rule")]
     pub rules: Vec<Spanned<RuleSpec>>,
-    pub masking: Option<Spanned<MaskingSpec>>,
+    pub masking: Option<MaskingSpec>,
     #[serde(default, rename = "binding")]
     pub bindings: Vec<Spanned<BindingSpec>>,
 }
@@ -215,11 +215,19 @@ impl AddressPattern {
     pub(crate) fn cidr_contains(net: IpAddr, prefix: u8, ip: IpAddr) -> bool {
         match (net, ip) {
             (IpAddr::V4(n), IpAddr::V4(a)) => {
-                let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix)) };
+                let mask = if prefix == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - u32::from(prefix))
+                };
                 (u32::from(n) & mask) == (u32::from(a) & mask)
             }
             (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let mask = if prefix == 0 { 0 } else { u128::MAX << (128 - u32::from(prefix)) };
+                let mask = if prefix == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - u32::from(prefix))
+                };
                 (u128::from(n) & mask) == (u128::from(a) & mask)
             }
             _ => false,
@@ -311,7 +319,10 @@ impl Conditions {
     }
 
     pub(crate) fn has_sql(&self) -> bool {
-        self.sql.is_some() || self.tables.is_some() || self.functions.is_some() || self.destructive.is_some()
+        self.sql.is_some()
+            || self.tables.is_some()
+            || self.functions.is_some()
+            || self.destructive.is_some()
     }
     pub(crate) fn has_http(&self) -> bool {
         self.http_methods.is_some() || self.http_hosts.is_some() || self.http_paths.is_some()

@@ -72,7 +72,8 @@ impl PolicySet {
         self.cidrs
             .iter()
             .find(|(net, prefix, port, _)| {
-                port.is_none_or(|p| p == dst.port()) && AddressPattern::cidr_contains(*net, *prefix, dst.ip())
+                port.is_none_or(|p| p == dst.port())
+                    && AddressPattern::cidr_contains(*net, *prefix, dst.ip())
             })
             .map(|&(_, _, _, i)| &self.resources[i])
     }
@@ -209,7 +210,11 @@ impl PolicySet {
     pub async fn refresh_dns(&self) {
         let mut results = Vec::new();
         for (host, port) in self.dns_names() {
-            let lookup = tokio::time::timeout(DNS_LOOKUP_TIMEOUT, tokio::net::lookup_host(format!("{host}:{port}"))).await;
+            let lookup = tokio::time::timeout(
+                DNS_LOOKUP_TIMEOUT,
+                tokio::net::lookup_host(format!("{host}:{port}")),
+            )
+            .await;
             let ips = match lookup {
                 Ok(Ok(addrs)) => {
                     let mut ips: Vec<IpAddr> = addrs.map(|a| a.ip()).collect();

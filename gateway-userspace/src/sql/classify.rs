@@ -88,7 +88,9 @@ impl StatementClass {
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|c| c.as_str().eq_ignore_ascii_case(s))
+        Self::ALL
+            .into_iter()
+            .find(|c| c.as_str().eq_ignore_ascii_case(s))
     }
 }
 
@@ -317,9 +319,14 @@ fn function_class(name: &str) -> Option<(StatementClass, &'static str)> {
             .iter()
             .any(|p| base.starts_with(p))
     {
-        return Some((StatementClass::Unknown, "runs SQL text that cannot be inspected"));
+        return Some((
+            StatementClass::Unknown,
+            "runs SQL text that cannot be inspected",
+        ));
     }
-    if ADMIN_FUNCTIONS.contains(&base) || ADMIN_FUNCTION_PREFIXES.iter().any(|p| base.starts_with(p)) {
+    if ADMIN_FUNCTIONS.contains(&base)
+        || ADMIN_FUNCTION_PREFIXES.iter().any(|p| base.starts_with(p))
+    {
         return Some((
             StatementClass::Admin,
             "touches server files, programs or other sessions",
@@ -357,7 +364,10 @@ fn setting_class(name: &ObjectName, global: bool) -> StatementClass {
         // MySQL user variable: session-local by definition.
         return StatementClass::Transaction;
     }
-    let n = n.trim_start_matches("@@").trim_start_matches("session.").trim_start_matches("local.");
+    let n = n
+        .trim_start_matches("@@")
+        .trim_start_matches("session.")
+        .trim_start_matches("local.");
     if global || n.starts_with("global.") {
         return StatementClass::Admin;
     }
@@ -372,7 +382,8 @@ fn setting_class(name: &ObjectName, global: bool) -> StatementClass {
 
 fn set_class(set: &Set) -> StatementClass {
     use sqlparser::ast::ContextModifier;
-    let is_global = |scope: &Option<ContextModifier>| matches!(scope, Some(ContextModifier::Global));
+    let is_global =
+        |scope: &Option<ContextModifier>| matches!(scope, Some(ContextModifier::Global));
     match set {
         Set::SingleAssignment {
             scope, variable, ..
@@ -422,13 +433,17 @@ fn base_class(stmt: &Statement) -> (StatementClass, bool) {
         | Statement::ShowCollation { .. }
         | Statement::LISTEN { .. }
         | Statement::UNLISTEN { .. } => C::Read,
-        Statement::Insert(_) | Statement::Merge(_) | Statement::NOTIFY { .. } | Statement::Lock(_) | Statement::LockTables { .. } => {
-            C::Write
-        }
+        Statement::Insert(_)
+        | Statement::Merge(_)
+        | Statement::NOTIFY { .. }
+        | Statement::Lock(_)
+        | Statement::LockTables { .. } => C::Write,
         Statement::Update(u) => return (C::Write, u.selection.is_none()),
         Statement::Delete(d) => return (C::Write, d.selection.is_none()),
         Statement::Truncate(_) => return (C::Write, true),
-        Statement::Copy { source, to, target, .. } => match (target, to, source) {
+        Statement::Copy {
+            source, to, target, ..
+        } => match (target, to, source) {
             (CopyTarget::File { .. } | CopyTarget::Program { .. }, _, _) => C::Admin,
             (CopyTarget::Stdout, true, _) => C::Read,
             (CopyTarget::Stdin, false, CopySource::Table { .. }) => C::Write,
@@ -599,20 +614,26 @@ impl Visitor for Walker {
             }
         }
         if !query.locks.is_empty() {
-            self.raise(StatementClass::Write, || "SELECT ... FOR UPDATE/SHARE takes row locks".into());
+            self.raise(StatementClass::Write, || {
+                "SELECT ... FOR UPDATE/SHARE takes row locks".into()
+            });
         }
         if matches!(
             *query.body,
             SetExpr::Insert(_) | SetExpr::Update(_) | SetExpr::Delete(_) | SetExpr::Merge(_)
         ) {
-            self.raise(StatementClass::Write, || "data-modifying statement nested in a query".into());
+            self.raise(StatementClass::Write, || {
+                "data-modifying statement nested in a query".into()
+            });
         }
         ControlFlow::Continue(())
     }
 
     fn pre_visit_select(&mut self, select: &Select) -> ControlFlow<()> {
         if select.into.is_some() {
-            self.raise(StatementClass::Ddl, || "SELECT ... INTO creates a table".into());
+            self.raise(StatementClass::Ddl, || {
+                "SELECT ... INTO creates a table".into()
+            });
         }
         ControlFlow::Continue(())
     }
@@ -625,7 +646,9 @@ impl Visitor for Walker {
     fn pre_visit_table_factor(&mut self, tf: &TableFactor) -> ControlFlow<()> {
         let name = match tf {
             TableFactor::Table {
-                name, args: Some(_), ..
+                name,
+                args: Some(_),
+                ..
             }
             | TableFactor::Function { name, .. } => Some(object_name(name)),
             _ => None,

@@ -64,7 +64,9 @@ pub fn redact_literals(sql: &str, dialect: Dialect) -> Result<String, SqlError> 
             out.push_str(PLACEHOLDER);
         } else {
             match tok {
-                Token::Whitespace(Whitespace::SingleLineComment { .. } | Whitespace::MultiLineComment(_)) => {
+                Token::Whitespace(
+                    Whitespace::SingleLineComment { .. } | Whitespace::MultiLineComment(_),
+                ) => {
                     out.push(' ');
                 }
                 other => out.push_str(&other.to_string()),
