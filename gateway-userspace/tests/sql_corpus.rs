@@ -1,4 +1,4 @@
-//! SQL classification: the corpus in fixtures/sql_corpus.tsv, table and
+//! SQL classification: the corpus in `fixtures/sql_corpus.tsv`, table and
 //! function extraction, limits, and literal redaction for the audit log.
 
 use agentgate::sql::{Dialect, MAX_SQL_LEN, StatementClass, classify, redact_literals};
@@ -110,12 +110,12 @@ fn tables_and_functions_are_extracted() {
 
 #[test]
 fn multi_statement_takes_the_worst_and_keeps_each() {
+    use StatementClass::{Dcl, Read, Transaction, Write};
     let c = classify(
         "BEGIN; SELECT 1; UPDATE t SET a = 1 WHERE b = 2; GRANT SELECT ON t TO x; COMMIT",
         Dialect::Postgres,
     );
     let classes: Vec<_> = c.statements.iter().map(|s| s.class).collect();
-    use StatementClass::*;
     assert_eq!(classes, vec![Transaction, Read, Write, Dcl, Transaction]);
     assert_eq!(c.class, Dcl);
 }
@@ -140,7 +140,7 @@ fn length_cap_and_parse_errors_are_unknown_with_a_reason() {
 
 #[test]
 fn classes_order_by_danger() {
-    use StatementClass::*;
+    use StatementClass::{Admin, Dcl, Ddl, Read, Transaction, Unknown, Write};
     let order = [Transaction, Read, Write, Ddl, Dcl, Admin, Unknown];
     assert!(order.windows(2).all(|w| w[0] < w[1]));
 }

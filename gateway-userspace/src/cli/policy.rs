@@ -19,7 +19,7 @@ const DEFAULT_POLICY_DIR: &str = "/etc/agentgate/policies";
 
 #[derive(Debug, clap::Subcommand)]
 pub enum PolicyCommand {
-    /// Validate every policy file in DIR; print each problem as file:line:column: message.
+    /// Validate every policy file in DIR; print each problem as `file:line:column: message`.
     Check {
         /// Directory of policy files.
         dir: PathBuf,
@@ -47,7 +47,7 @@ pub enum PolicyCommand {
 
 pub fn run(config: &Path, cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        PolicyCommand::Check { dir } => check(&dir),
+        PolicyCommand::Check { dir } => Ok(check(&dir)),
         PolicyCommand::Explain {
             identity,
             groups,
@@ -61,7 +61,7 @@ pub fn run(config: &Path, cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
             };
             explain(
                 &dir,
-                Subject { identity, groups },
+                &Subject { identity, groups },
                 &resource,
                 sql.as_deref(),
             )
@@ -105,10 +105,10 @@ fn load(dir: &Path) -> Result<PolicySet, ExitCode> {
     load_dir(dir).map_err(|e| print_errors(&e))
 }
 
-fn check(dir: &Path) -> anyhow::Result<ExitCode> {
+fn check(dir: &Path) -> ExitCode {
     let set = match load(dir) {
         Ok(s) => s,
-        Err(code) => return Ok(code),
+        Err(code) => return code,
     };
     println!(
         "ok: {} file{}, {} resources, {} rules, {} bindings; digest {}",
@@ -119,12 +119,12 @@ fn check(dir: &Path) -> anyhow::Result<ExitCode> {
         set.bindings().len(),
         set.digest()
     );
-    Ok(ExitCode::SUCCESS)
+    ExitCode::SUCCESS
 }
 
 fn explain(
     dir: &Path,
-    subject: Subject,
+    subject: &Subject,
     resource: &str,
     sql_text: Option<&str>,
 ) -> anyhow::Result<ExitCode> {
@@ -172,7 +172,7 @@ fn explain(
             Action::Sql(Arc::new(c))
         }
     };
-    let ex = set.explain(&subject, res, &action);
+    let ex = set.explain(subject, res, &action);
     match &ex.decision.verdict {
         Verdict::Allow => println!("decision:  allow"),
         Verdict::Deny { reason } => println!("decision:  deny ({reason})"),

@@ -79,6 +79,7 @@ impl DetectorSet {
     pub const NONE: DetectorSet = DetectorSet(0);
     pub const ALL: DetectorSet = DetectorSet(0b11_1111);
 
+    #[must_use]
     pub fn with(self, d: Detector) -> Self {
         DetectorSet(self.0 | d.bit())
     }
@@ -278,14 +279,12 @@ fn card_at(b: &[u8], i: usize) -> Option<Range<usize>> {
             break;
         }
     }
-    if !digit_boundary_after(b, j) {
-        // 20+ digits in a row: not a card number.
-        if count == 19 && is_digit_at(b, j) {
-            return None;
-        }
-    } else {
+    if digit_boundary_after(b, j) {
         ends[nends] = (count, j);
         nends += 1;
+    } else {
+        // 20+ digits in a row: not a card number.
+        return None;
     }
     for &(c, end) in ends[..nends].iter().rev() {
         if (13..=19).contains(&c) && luhn_ok(&digits[..c]) {
@@ -341,8 +340,10 @@ fn nanp_body(b: &[u8], i: usize) -> Option<usize> {
     if !matches!(sep, b'-' | b'.' | b' ') || s[7] != sep {
         return None;
     }
-    if !(all_digits(&s[..3]) && all_digits(&s[4..7]) && all_digits(&s[8..]))
-        || !nanp_ok(&s[..3], &s[4..7])
+    if !(all_digits(&s[..3])
+        && all_digits(&s[4..7])
+        && all_digits(&s[8..])
+        && nanp_ok(&s[..3], &s[4..7]))
     {
         return None;
     }
@@ -350,6 +351,7 @@ fn nanp_body(b: &[u8], i: usize) -> Option<usize> {
 }
 
 /// `(ddd) ddd-dddd` / `(ddd)ddd-dddd` / `(ddd) ddd dddd` with `(` at `i - 1`.
+#[allow(clippy::many_single_char_names)]
 fn nanp_paren(b: &[u8], i: usize) -> Option<usize> {
     if i == 0 || b[i - 1] != b'(' {
         return None;
@@ -503,7 +505,7 @@ fn aba_at(b: &[u8], i: usize) -> Option<Range<usize>> {
     let sum = 3 * (d(s[0]) + d(s[3]) + d(s[6]))
         + 7 * (d(s[1]) + d(s[4]) + d(s[7]))
         + (d(s[2]) + d(s[5]) + d(s[8]));
-    (sum % 10 == 0 && sum != 0).then_some(i..i + 9)
+    (sum.is_multiple_of(10) && sum != 0).then_some(i..i + 9)
 }
 
 // ---- e-mail ------------------------------------------------------------

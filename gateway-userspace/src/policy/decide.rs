@@ -10,7 +10,7 @@
 //!    b. subject: literal identity (3) > identity glob (2) > group (1) > `*` (0);
 //!    c. resource: literal name (1) > glob (0);
 //!    d. at equal specificity the most restrictive action:
-//!       deny > require_approval > allow;
+//!    deny > `require_approval` > allow;
 //!    e. then the rule loaded first (files by name, rules in file order).
 //! 3. No rule applies: the resource's `default_action` (rule `default:resource:<name>`).
 //! 4. A destination no resource names: `[defaults] unknown_destination`, deny
@@ -224,7 +224,7 @@ impl PolicySet {
     pub fn explain(&self, subject: &Subject, resource: &Resource, action: &Action) -> Explanation {
         let mut candidates = Vec::new();
         let decision = self.decide_inner(subject, resource, action, Some(&mut candidates));
-        candidates.sort_by(|a, b| b.specificity.cmp(&a.specificity));
+        candidates.sort_by_key(|c| std::cmp::Reverse(c.specificity));
         Explanation {
             decision,
             candidates,

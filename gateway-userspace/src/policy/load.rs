@@ -34,9 +34,9 @@ pub const MAX_POLICY_FILES: usize = 1024;
 /// Largest policy file read.
 pub const MAX_POLICY_FILE_BYTES: u64 = 4 * 1024 * 1024;
 /// Longest approval timeout a policy may set.
-pub const MAX_APPROVAL_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+pub const MAX_APPROVAL_TIMEOUT: Duration = Duration::from_hours(7 * 24);
 /// Longest grant window a policy may set.
-pub const MAX_GRANT_WINDOW: Duration = Duration::from_secs(30 * 24 * 3600);
+pub const MAX_GRANT_WINDOW: Duration = Duration::from_hours(30 * 24);
 /// Largest approval quorum.
 pub const MAX_QUORUM: i64 = 16;
 
@@ -312,7 +312,7 @@ fn load_sources(sources: &[Source]) -> Result<PolicySet, PolicyErrors> {
                                 }
                             }
                             AddressPattern::Cidr { net, prefix, port } => {
-                                cidrs.push((*net, *prefix, *port, index))
+                                cidrs.push((*net, *prefix, *port, index));
                             }
                             AddressPattern::Dns { .. } => {}
                         }
@@ -509,7 +509,7 @@ pub(crate) fn parse_address(s: &str) -> Result<AddressPattern, String> {
     } else {
         s.rsplit_once(':').ok_or_else(bad)?
     };
-    if s.starts_with('[') == false && host.contains(':') {
+    if !s.starts_with('[') && host.contains(':') {
         return Err(format!(
             "invalid address `{s}`: write IPv6 addresses in brackets, e.g. [::1]:5432"
         ));
@@ -784,6 +784,7 @@ fn build_conditions(errors: &mut Errors<'_>, m: &MatchSpec) -> Conditions {
     c
 }
 
+#[allow(clippy::too_many_lines)]
 fn build_rule(
     errors: &mut Errors<'_>,
     rule: &Spanned<super::model::RuleSpec>,
@@ -1071,10 +1072,10 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("120s"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
-        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
-        assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86400)));
+        assert_eq!(parse_duration("120s"), Ok(Duration::from_mins(2)));
+        assert_eq!(parse_duration("15m"), Ok(Duration::from_mins(15)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_hours(2)));
+        assert_eq!(parse_duration("1d"), Ok(Duration::from_hours(24)));
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert!(parse_duration("10").is_err());
         assert!(parse_duration("s").is_err());

@@ -25,5 +25,5 @@ pub use model::{
     Protocol, Resource, Rule, RuleAction, Subject, TlsMode, UnknownDestination, UpstreamTls,
     Verdict,
 };
-pub use set::{DNS_LOOKUP_TIMEOUT, PolicySet};
+pub use set::{DNS_LOOKUP_TIMEOUT, DnsAnswer, PolicySet};
 pub use store::{PolicyStore, ReloadOutcome, WatchEvent, WatchOptions, watch};

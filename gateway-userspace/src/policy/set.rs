@@ -27,6 +27,9 @@ pub(crate) struct DnsTable {
     pub by_addr: HashMap<SocketAddr, usize>,
 }
 
+/// A fresh DNS answer for `(host, port)`, or `None` when the lookup failed.
+pub type DnsAnswer = ((String, u16), Option<Vec<IpAddr>>);
+
 /// A loaded, validated set of policy files.
 #[derive(Debug)]
 pub struct PolicySet {
@@ -101,11 +104,11 @@ impl PolicySet {
 
     /// Set the key for keyed-hash masking (from the daemon configuration).
     #[must_use]
-    pub fn with_mask_key(mut self, key: Option<Arc<MaskKey>>) -> Self {
+    pub fn with_mask_key(mut self, key: Option<&Arc<MaskKey>>) -> Self {
         self.masking = self
             .masking
             .into_iter()
-            .map(|m| m.with_key(key.clone()))
+            .map(|m| m.with_key(key.cloned()))
             .collect();
         self
     }
@@ -155,7 +158,7 @@ impl PolicySet {
     /// `None` when the lookup failed: then the previous answer is kept (biased
     /// towards availability of already-known upstreams; a name that never
     /// resolved matches nothing, so its traffic is an unknown destination).
-    pub fn install_dns(&self, results: &[((String, u16), Option<Vec<IpAddr>>)]) {
+    pub fn install_dns(&self, results: &[DnsAnswer]) {
         let old = self.dns.load();
         let mut table = DnsTable::default();
         for (key, fresh) in results {

@@ -41,7 +41,7 @@ pub struct PolicyStore {
 impl PolicyStore {
     /// Load `dir`; fails if it does not load (a daemon must not start without a valid policy).
     pub fn open(dir: &Path, mask_key: Option<Arc<MaskKey>>) -> Result<Self, PolicyErrors> {
-        let set = load_dir(dir)?.with_mask_key(mask_key.clone());
+        let set = load_dir(dir)?.with_mask_key(mask_key.as_ref());
         Ok(PolicyStore {
             dir: dir.to_owned(),
             current: ArcSwap::from_pointee(set),
@@ -53,7 +53,7 @@ impl PolicyStore {
     pub fn from_set(dir: &Path, set: PolicySet, mask_key: Option<Arc<MaskKey>>) -> Self {
         PolicyStore {
             dir: dir.to_owned(),
-            current: ArcSwap::from_pointee(set.with_mask_key(mask_key.clone())),
+            current: ArcSwap::from_pointee(set.with_mask_key(mask_key.as_ref())),
             mask_key,
         }
     }
@@ -73,7 +73,7 @@ impl PolicyStore {
     /// new policy still uses are carried over; call [`PolicyStore::refresh_dns`]
     /// after to pick up new names.
     pub fn reload(&self, dir: &Path) -> Result<ReloadOutcome, PolicyErrors> {
-        let new = load_dir(dir)?.with_mask_key(self.mask_key.clone());
+        let new = load_dir(dir)?.with_mask_key(self.mask_key.as_ref());
         let old = self.current.load_full();
         new.inherit_dns(&old);
         let outcome = ReloadOutcome {
@@ -116,7 +116,7 @@ impl Default for WatchOptions {
     fn default() -> Self {
         WatchOptions {
             poll: Duration::from_secs(2),
-            dns_refresh: Duration::from_secs(60),
+            dns_refresh: Duration::from_mins(1),
         }
     }
 }

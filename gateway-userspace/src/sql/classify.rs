@@ -5,7 +5,7 @@
 //! go either way goes the conservative way:
 //!
 //! - text over [`MAX_SQL_LEN`] bytes, or that does not parse (this includes
-//!   PostgreSQL `DO` blocks, which sqlparser does not model), is `Unknown`;
+//!   `PostgreSQL` `DO` blocks, which sqlparser does not model), is `Unknown`;
 //! - `EXECUTE` of a prepared statement and `CALL` of a procedure are `Unknown`
 //!   (what runs is not in the text); `PREPARE` takes the class of the statement
 //!   it prepares;
@@ -16,7 +16,7 @@
 //!   and programs); `COPY ... TO STDOUT` is `Read`, `COPY ... FROM STDIN` `Write`;
 //! - calls of functions that touch server files, run programs or control the
 //!   server (`pg_read_file`, `lo_export`, `pg_terminate_backend`, `set_config`,
-//!   MySQL `load_file`, ...) are `Admin`; calls of functions that run SQL given
+//!   `MySQL` `load_file`, ...) are `Admin`; calls of functions that run SQL given
 //!   as a string, which we cannot see (`dblink*`, `query_to_xml`, `ts_stat`,
 //!   `table_to_xml`, ...) are `Unknown`; `nextval`/`setval` and large-object
 //!   writers are `Write`. See [`ADMIN_FUNCTIONS`], [`OPAQUE_SQL_FUNCTIONS`],
@@ -403,7 +403,7 @@ fn set_class(set: &Set) -> StatementClass {
         | Set::SetTimeZone { .. }
         | Set::SetNames { .. }
         | Set::SetNamesDefault {} => StatementClass::Transaction,
-        _ => StatementClass::Admin,
+        Set::SetSessionParam(_) => StatementClass::Admin,
     }
 }
 
