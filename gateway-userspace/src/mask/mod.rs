@@ -1,0 +1,16 @@
+//! Masking: rewrite sensitive values before they reach the agent.
+//!
+//! Two mechanisms, both defined by policy: column rules (a column named in a
+//! rule is masked whole, whatever it holds) and value detectors (free text is
+//! scanned and each detected value is masked in place). This module evaluates a
+//! value or a column; protocol handlers apply it to rows. It fails closed:
+//! when a column's table is unknown, a rule naming that column under any table
+//! applies; a keyed hash without a key becomes a redaction.
+
+mod detectors;
+mod rules;
+mod strategy;
+
+pub use detectors::{Detection, Detector, DetectorSet, scan, scan_with};
+pub use rules::{ColumnRule, MaskOutcome, MaskPolicy};
+pub use strategy::{MaskKey, Strategy, apply};

@@ -1,0 +1,29 @@
+//! Policy: which identities may do what on which resources, and what is masked.
+//!
+//! Loaded from a directory of TOML files (format: `policies/README.md`),
+//! validated with every error reported as `file:line:column: message`, and held
+//! in a [`PolicyStore`] that reloads atomically. Fails closed: an invalid policy
+//! never loads (the old one stays in force on reload), unknown destinations and
+//! resources are denied, and anything not allowed by a rule gets the resource's
+//! default action, `deny` unless the policy says otherwise. Matching semantics
+//! are documented in [`decide`](self::decide) and the README.
+
+mod decide;
+pub mod glob;
+mod load;
+mod model;
+mod set;
+mod store;
+
+pub use decide::{Candidate, Explanation};
+pub use load::{
+    MAX_APPROVAL_TIMEOUT, MAX_GRANT_WINDOW, MAX_POLICY_FILE_BYTES, MAX_POLICY_FILES, MAX_QUORUM,
+    PolicyError, PolicyErrors, load_dir, load_str,
+};
+pub use model::{
+    Action, ActionKind, AddressPattern, ApprovalSpec, CgroupBinding, Conditions, Decision,
+    Protocol, Resource, Rule, RuleAction, Subject, TlsMode, UnknownDestination, UpstreamTls,
+    Verdict,
+};
+pub use set::{DNS_LOOKUP_TIMEOUT, DnsAnswer, PolicySet};
+pub use store::{PolicyStore, ReloadOutcome, WatchEvent, WatchOptions, watch};

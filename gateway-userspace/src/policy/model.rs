@@ -1,0 +1,395 @@
+//! Policy types: the file format (`*Spec`, deserialized with unknown fields
+//! rejected and spans kept for error positions) and the validated, runtime
+//! form the daemon decides with. `policies/README.md` documents the format.
+
+use std::{net::IpAddr, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::glob::Glob;
+use crate::sql::Classification;
+
+// ---------------------------------------------------------------------------
+// File format
+// ---------------------------------------------------------------------------
+
+/// One policy file. Every table rejects fields it does not know.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PolicyFileSpec {
+    pub defaults: Option<DefaultsSpec>,
+    #[serde(default, rename = "resource")]
+    pub resources: Vec<Spanned<ResourceSpec>>,
+    #[serde(default, rename = "rule")]
+    pub rules: Vec<Spanned<RuleSpec>>,
+    pub masking: Option<MaskingSpec>,
+    #[serde(default, rename = "binding")]
+    pub bindings: Vec<Spanned<BindingSpec>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DefaultsSpec {
+    pub unknown_destination: Option<Spanned<UnknownDestination>>,
+}
+
+/// What happens to a tagged process's connection to an address no resource names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownDestination {
+    #[default]
+    Deny,
+    Allow,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ResourceSpec {
+    pub name: Spanned<String>,
+    #[allow(dead_code)]
+    pub description: Option<String>,
+    pub protocol: Spanned<Protocol>,
+    pub addresses: Spanned<Vec<Spanned<String>>>,
+    pub tls: Option<Spanned<TlsSpec>>,
+    pub default_action: Option<Spanned<ActionKind>>,
+    pub default_approval: Option<Spanned<ApprovalSpecFile>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TlsSpec {
+    pub mode: Option<TlsMode>,
+    pub ca_file: Option<Spanned<PathBuf>>,
+    pub server_name: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ApprovalSpecFile {
+    pub approver_groups: Spanned<Vec<Spanned<String>>>,
+    pub quorum: Option<Spanned<i64>>,
+    pub timeout: Spanned<String>,
+    pub grant_window: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RuleSpec {
+    pub name: Spanned<String>,
+    #[allow(dead_code)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub identities: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub groups: Vec<Spanned<String>>,
+    pub resources: Spanned<Vec<Spanned<String>>>,
+    #[serde(rename = "match")]
+    pub conditions: Option<Spanned<MatchSpec>>,
+    pub action: Spanned<ActionKind>,
+    pub approval: Option<Spanned<ApprovalSpecFile>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct MatchSpec {
+    pub sql: Option<Spanned<Vec<Spanned<String>>>>,
+    pub tables: Option<Spanned<Vec<Spanned<String>>>>,
+    pub functions: Option<Spanned<Vec<Spanned<String>>>>,
+    pub destructive: Option<Spanned<bool>>,
+    pub http_methods: Option<Spanned<Vec<Spanned<String>>>>,
+    pub http_hosts: Option<Spanned<Vec<Spanned<String>>>>,
+    pub http_paths: Option<Spanned<Vec<Spanned<String>>>>,
+    pub kube_verbs: Option<Spanned<Vec<Spanned<String>>>>,
+    pub kube_resources: Option<Spanned<Vec<Spanned<String>>>>,
+    pub kube_namespaces: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct MaskingSpec {
+    pub detectors: Option<Spanned<Vec<Spanned<String>>>>,
+    pub detector_strategy: Option<Spanned<crate::mask::Strategy>>,
+    pub detector_resources: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    pub column: Vec<Spanned<ColumnSpec>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ColumnSpec {
+    pub columns: Spanned<Vec<Spanned<String>>>,
+    pub strategy: Spanned<crate::mask::Strategy>,
+    pub resources: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BindingSpec {
+    pub cgroup: Spanned<String>,
+    pub identity: Spanned<String>,
+    #[serde(default)]
+    pub groups: Vec<Spanned<String>>,
+}
+
+/// The action a rule (or a resource default) takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActionKind {
+    Allow,
+    Deny,
+    RequireApproval,
+}
+
+// ---------------------------------------------------------------------------
+// Runtime form
+// ---------------------------------------------------------------------------
+
+/// Wire protocol of a resource; selects the protocol handler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Postgres,
+    Mysql,
+    Http,
+    Tcp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Postgres => "postgres",
+            Protocol::Mysql => "mysql",
+            Protocol::Http => "http",
+            Protocol::Tcp => "tcp",
+        }
+    }
+
+    /// The SQL dialect for SQL protocols.
+    pub fn sql_dialect(self) -> Option<crate::sql::Dialect> {
+        match self {
+            Protocol::Postgres => Some(crate::sql::Dialect::Postgres),
+            Protocol::Mysql => Some(crate::sql::Dialect::MySql),
+            Protocol::Http | Protocol::Tcp => None,
+        }
+    }
+}
+
+/// Upstream TLS verification mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum TlsMode {
+    /// Plain TCP to the upstream.
+    Disable,
+    /// TLS, certificate chain and host name verified (the default when `[resource.tls]` is present).
+    #[default]
+    VerifyFull,
+}
+
+/// How the daemon connects to the upstream. Absent: plain TCP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTls {
+    pub mode: TlsMode,
+    /// Trust anchors; `None`: the platform's roots.
+    pub ca_file: Option<PathBuf>,
+    /// Name to verify and send as SNI; `None`: the DNS name the agent dialled, if any.
+    pub server_name: Option<String>,
+}
+
+/// One entry of a resource's `addresses`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AddressPattern {
+    /// `127.0.0.1:5432`, `[::1]:5432`.
+    Exact(SocketAddr),
+    /// `10.1.0.0/16:5432`, `[fd00::/8]:*`, `10.0.0.7:*` (`port: None` = any port).
+    Cidr {
+        net: IpAddr,
+        prefix: u8,
+        port: Option<u16>,
+    },
+    /// `db.internal:5432`: resolved at load and refreshed; matches the addresses it resolves to.
+    Dns { host: String, port: u16 },
+}
+
+impl AddressPattern {
+    pub(crate) fn cidr_contains(net: IpAddr, prefix: u8, ip: IpAddr) -> bool {
+        match (net, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = if prefix == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - u32::from(prefix))
+                };
+                (u32::from(n) & mask) == (u32::from(a) & mask)
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = if prefix == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - u32::from(prefix))
+                };
+                (u128::from(n) & mask) == (u128::from(a) & mask)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// An approval requirement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalSpec {
+    /// Members of any of these groups may approve (never the requester).
+    pub approver_groups: Vec<String>,
+    /// Distinct approvals needed.
+    pub quorum: u32,
+    /// Undecided after this long: denied.
+    pub timeout: Duration,
+    /// When set, an approval also grants the same requester the same kind of
+    /// command on the same resource for this long.
+    pub grant_window: Option<Duration>,
+}
+
+/// What a rule or default does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuleAction {
+    Allow,
+    Deny,
+    RequireApproval(ApprovalSpec),
+}
+
+impl RuleAction {
+    pub(crate) fn kind(&self) -> ActionKind {
+        match self {
+            RuleAction::Allow => ActionKind::Allow,
+            RuleAction::Deny => ActionKind::Deny,
+            RuleAction::RequireApproval(_) => ActionKind::RequireApproval,
+        }
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RuleAction::Allow => "allow",
+            RuleAction::Deny => "deny",
+            RuleAction::RequireApproval(_) => "require_approval",
+        }
+    }
+}
+
+/// A named upstream the proxy may connect agents to.
+#[derive(Debug, Clone)]
+pub struct Resource {
+    pub name: String,
+    pub protocol: Protocol,
+    pub addresses: Vec<AddressPattern>,
+    pub tls: Option<UpstreamTls>,
+    /// Applies when no rule matches.
+    pub default: RuleAction,
+    /// Index in its `PolicySet` (a fast path; lookups fall back to the name).
+    pub(crate) index: usize,
+}
+
+/// Conditions over a decoded action. Within a list: any entry. Across fields: all.
+#[derive(Debug, Clone, Default)]
+pub struct Conditions {
+    pub sql: Option<Vec<crate::sql::StatementClass>>,
+    pub tables: Option<Vec<Glob>>,
+    pub functions: Option<Vec<Glob>>,
+    pub destructive: Option<bool>,
+    pub http_methods: Option<Vec<String>>,
+    pub http_hosts: Option<Vec<Glob>>,
+    pub http_paths: Option<Vec<Glob>>,
+    pub kube_verbs: Option<Vec<Glob>>,
+    pub kube_resources: Option<Vec<Glob>>,
+    pub kube_namespaces: Option<Vec<Glob>>,
+}
+
+impl Conditions {
+    /// How many fields are set: the first key of rule specificity.
+    pub fn count(&self) -> u32 {
+        u32::from(self.sql.is_some())
+            + u32::from(self.tables.is_some())
+            + u32::from(self.functions.is_some())
+            + u32::from(self.destructive.is_some())
+            + u32::from(self.http_methods.is_some())
+            + u32::from(self.http_hosts.is_some())
+            + u32::from(self.http_paths.is_some())
+            + u32::from(self.kube_verbs.is_some())
+            + u32::from(self.kube_resources.is_some())
+            + u32::from(self.kube_namespaces.is_some())
+    }
+
+    pub(crate) fn has_sql(&self) -> bool {
+        self.sql.is_some()
+            || self.tables.is_some()
+            || self.functions.is_some()
+            || self.destructive.is_some()
+    }
+    pub(crate) fn has_http(&self) -> bool {
+        self.http_methods.is_some() || self.http_hosts.is_some() || self.http_paths.is_some()
+    }
+    pub(crate) fn has_kube(&self) -> bool {
+        self.kube_verbs.is_some() || self.kube_resources.is_some() || self.kube_namespaces.is_some()
+    }
+}
+
+/// A validated rule.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub name: String,
+    pub identities: Vec<Glob>,
+    pub groups: Vec<Glob>,
+    pub resources: Vec<Glob>,
+    pub conditions: Conditions,
+    pub action: RuleAction,
+    /// `file:line:col` of the rule, for `policy explain`.
+    pub origin: String,
+}
+
+/// Binds the processes of cgroups whose path matches `cgroup` to a service account.
+#[derive(Debug, Clone)]
+pub struct CgroupBinding {
+    pub cgroup: Glob,
+    pub identity: String,
+    pub groups: Vec<String>,
+}
+
+/// Who is acting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subject {
+    pub identity: String,
+    pub groups: Vec<String>,
+}
+
+/// What is being attempted, decoded by a protocol handler.
+#[derive(Debug, Clone)]
+pub enum Action {
+    /// Opening the connection (before any command).
+    Connect,
+    Sql(Arc<Classification>),
+    Http {
+        method: String,
+        host: String,
+        path: String,
+    },
+    Kube {
+        verb: String,
+        resource: String,
+        namespace: Option<String>,
+    },
+}
+
+/// The outcome of a decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Allow,
+    Deny { reason: String },
+    RequireApproval(ApprovalSpec),
+}
+
+/// A verdict and what produced it: a rule name, or `default:...`
+/// (`default:unknown-destination`, `default:resource:<name>`, `default:unknown-resource`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub verdict: Verdict,
+    pub rule: String,
+}
