@@ -1,4 +1,4 @@
-//! Replays wire bytes captured from a real PostgreSQL 15 server and libpq 18
+//! Replays wire bytes captured from a real PostgreSQL 15 server and `libpq` 18
 //! (tests/fixtures/pg, see its README) through the codec, the session state and
 //! the masker, as the proxy would see them.
 
@@ -21,7 +21,7 @@ use bytes::{Bytes, BytesMut};
 #[derive(Debug, Clone)]
 enum Event {
     Startup(StartupPacket),
-    /// One-byte answer to SSLRequest / GSSENCRequest.
+    /// One-byte answer to `SSLRequest` / `GSSENCRequest`.
     EncryptionAnswer(u8),
     Front(FrontendMessage),
     Back(BackendMessage),

@@ -755,7 +755,57 @@ fn copy_escape(s: &str, out: &mut BytesMut) {
 }
 
 #[cfg(test)]
-pub(crate) fn numeric_text_for_test(v: &[u8]) -> Option<String> {
-    let mut s = String::new();
-    numeric_to_text(v, &mut s).then_some(s)
+mod tests {
+    use super::numeric_to_text;
+
+    fn numeric(ndigits: i16, weight: i16, sign: u16, dscale: u16, digits: &[i16]) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&ndigits.to_be_bytes());
+        v.extend_from_slice(&weight.to_be_bytes());
+        v.extend_from_slice(&sign.to_be_bytes());
+        v.extend_from_slice(&dscale.to_be_bytes());
+        for d in digits {
+            v.extend_from_slice(&d.to_be_bytes());
+        }
+        v
+    }
+
+    fn text(v: &[u8]) -> Option<String> {
+        let mut s = String::new();
+        numeric_to_text(v, &mut s).then_some(s)
+    }
+
+    #[test]
+    fn binary_numeric_renders_as_postgres_prints_it() {
+        assert_eq!(
+            text(&numeric(2, 0, 0, 2, &[1200, 5000])).as_deref(),
+            Some("1200.50")
+        );
+        assert_eq!(
+            text(&numeric(2, 0, 0x4000, 2, &[3, 2500])).as_deref(),
+            Some("-3.25")
+        );
+        assert_eq!(text(&numeric(0, 0, 0, 2, &[])).as_deref(), Some("0.00"));
+        assert_eq!(
+            text(&numeric(2, -1, 0, 7, &[1, 2340])).as_deref(),
+            Some("0.0001234")
+        );
+        assert_eq!(
+            text(&numeric(1, 2, 0, 0, &[12])).as_deref(),
+            Some("1200000000")
+        );
+        assert_eq!(text(&numeric(0, 0, 0xC000, 0, &[])).as_deref(), Some("NaN"));
+        assert_eq!(
+            text(&numeric(1, 0, 0, 0, &[10_000])),
+            None,
+            "digit out of range"
+        );
+        assert_eq!(
+            text(&numeric(2, 0, 0, 0, &[1])),
+            None,
+            "digit count mismatch"
+        );
+        assert_eq!(text(&numeric(0, 0, 0x1234, 0, &[])), None, "bad sign");
+        assert_eq!(text(&[0, 0, 0]), None, "short header");
+    }
 }
