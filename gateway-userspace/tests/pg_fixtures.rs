@@ -1,4 +1,4 @@
-//! Replays wire bytes captured from a real PostgreSQL 15 server and `libpq` 18
+//! Replays wire bytes captured from a real Postgres 15 server and `libpq` 18
 //! (tests/fixtures/pg, see its README) through the codec, the session state and
 //! the masker, as the proxy would see them.
 
