@@ -16,13 +16,19 @@
 //!   [`session::SessionError`]: rows could no longer be tied to their columns.
 //! - Rows that cannot be masked are not sent ([`mask::MaskError`]).
 //!
-//! Authentication is passed through (cleartext, MD5, SCRAM-SHA-256). SCRAM
+//! Authentication is passed through (cleartext, MD5, SCRAM-SHA-256): the proxy
+//! never sees a usable password hash for SCRAM and does not need one. SCRAM
 //! channel binding (`SCRAM-SHA-256-PLUS`) binds the exchange to the TLS channel
-//! between client and server; a proxy that terminates TLS on either side makes
-//! that binding fail, so the proxy offers the client only the mechanisms without
-//! `-PLUS` ([`strip_channel_binding`]) and the client negotiates SCRAM without
-//! channel binding (libpq's `channel_binding=prefer`, the default). A client set
-//! to `channel_binding=require` cannot connect through the proxy.
+//! the client sees; when the proxy terminates TLS that is not the server's
+//! channel, so binding cannot pass. The proxy offers the client only the
+//! mechanisms without `-PLUS` ([`strip_channel_binding`]) and authentication runs
+//! without channel binding. The GS2 flag the client then sends is signed into the
+//! SCRAM proof and cannot be rewritten: a client that talks TLS to the proxy and
+//! supports binding sends `y` ("I could bind, you did not offer it"), which a
+//! server that itself offers `-PLUS` (TLS upstream) rejects as a downgrade. So:
+//! with TLS upstream, the client leg must be plain (the proxy answers
+//! `SSLRequest` with `N`; the leg is loopback on the same host) for SCRAM to work;
+//! a client set to `channel_binding=require` cannot connect through the proxy.
 //!
 //! `GSSENCRequest` is answered `N` by the proxy itself (an encrypted stream cannot
 //! be inspected); it is never forwarded. `SSLRequest` is answered by the proxy per
