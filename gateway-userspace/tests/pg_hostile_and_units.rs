@@ -866,3 +866,27 @@ fn bench_mask_100_rows_5_masked_columns() {
     let ns = start.elapsed().as_nanos() as f64 / f64::from(iters * 100);
     eprintln!("mask_row: {ns:.0} ns/row (100 rows, 10 columns, 5 masked)");
 }
+
+#[test]
+fn prepared_statements_are_capped() {
+    use agentgate::protocol::postgres::session::{MAX_PREPARED_STATEMENTS, SessionError};
+    let mut s = Session::new(false);
+    for i in 0..=MAX_PREPARED_STATEMENTS {
+        s.forward(&FrontendMessage::Parse {
+            statement: Bytes::from(format!("s{i}")),
+            sql: b("SELECT 1"),
+            param_types: vec![],
+        });
+        let r = s.backend(&BackendMessage::ParseComplete);
+        if i < MAX_PREPARED_STATEMENTS {
+            assert!(r.is_ok());
+        } else {
+            assert_eq!(
+                r,
+                Err(SessionError::TooManyStatements {
+                    limit: MAX_PREPARED_STATEMENTS
+                })
+            );
+        }
+    }
+}

@@ -133,7 +133,13 @@ pub enum SessionError {
         what: &'static str,
         expected: &'static str,
     },
+    #[error("client (downstream): more than {limit} prepared statements")]
+    TooManyStatements { limit: usize },
 }
+
+/// Most named prepared statements one session may hold (each keeps its SQL,
+/// up to `Limits::max_sql_len`, in the proxy's memory).
+pub const MAX_PREPARED_STATEMENTS: usize = 10_000;
 
 #[derive(Debug, Clone)]
 enum Pending {
@@ -457,6 +463,13 @@ impl Session {
                     sql,
                     param_types,
                 } => {
+                    if self.statements.len() >= MAX_PREPARED_STATEMENTS
+                        && !self.statements.contains_key(&name)
+                    {
+                        return Err(SessionError::TooManyStatements {
+                            limit: MAX_PREPARED_STATEMENTS,
+                        });
+                    }
                     self.statements.insert(
                         name,
                         Statement {
