@@ -14,4 +14,15 @@
 //! Everything here fails closed unless its module doc says otherwise.
 #![deny(unsafe_code)]
 
+pub mod approval;
+pub mod binding;
+pub mod cgroup;
+pub mod config;
+pub mod control;
+pub mod daemon;
 pub mod protocol;
+pub mod provenance;
+pub mod proxy;
+pub mod redirect;
+mod sys;
+pub mod time;

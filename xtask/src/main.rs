@@ -1,1 +1,361 @@
-fn main() {}
+//! `cargo xtask setup | build-ebpf | run | test | bench`.
+//!
+//! Every step that installs something checks first, so a second run is a fast
+//! no-op. Nothing here downloads anything but packages from the registries
+//! (Debian, crates.io, `PyPI`, npm) by name.
+
+use std::{
+    env,
+    ffi::OsStr,
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "agentgate's build, run and test tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the eBPF toolchain and the test dependencies (idempotent).
+    Setup,
+    /// Build the eBPF object with nightly and bpf-linker.
+    BuildEbpf,
+    /// Set up, build, and run the daemon in the foreground on a local default config.
+    Run {
+        /// Extra arguments after `agentgate run`.
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Set up, then fmt, clippy, unit tests and the root end-to-end tests.
+    Test {
+        /// Only run tests whose name contains this filter.
+        filter: Option<String>,
+        /// Skip fmt and clippy.
+        #[arg(long)]
+        no_lint: bool,
+    },
+    /// Benchmarks: `audit`, `policy`, `pg`, or all when omitted.
+    Bench { which: Option<String> },
+}
+
+/// Debian packages the build and the tests need.
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "bpftool",
+    "iproute2",
+    "postgresql",
+    "postgresql-client",
+    "mariadb-server",
+    "pgbouncer",
+    "curl",
+];
+
+/// Python modules the tests import, with the `PyPI` requirement that provides each.
+const PY_PACKAGES: &[(&str, &str)] = &[("psycopg", "psycopg[binary]==3.2.*")];
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let root = workspace_root();
+    env::set_current_dir(&root)?;
+    match cli.command {
+        Task::Setup => setup(&root),
+        Task::BuildEbpf => build_ebpf(&root),
+        Task::Run { args } => run_daemon(&root, &args),
+        Task::Test { filter, no_lint } => test(&root, filter.as_deref(), no_lint),
+        Task::Bench { which } => bench(&root, which.as_deref()),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn cmd<S: AsRef<OsStr>>(program: S) -> Command {
+    Command::new(program)
+}
+
+fn status(c: &mut Command) -> Result<()> {
+    let st = c.status().with_context(|| format!("running {c:?}"))?;
+    if !st.success() {
+        bail!("{c:?} failed: {st}");
+    }
+    Ok(())
+}
+
+fn succeeds(c: &mut Command) -> bool {
+    c.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn is_root() -> bool {
+    cmd("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+}
+
+fn setup(root: &Path) -> Result<()> {
+    if !is_root() {
+        bail!("setup installs packages and the tests load eBPF programs: run as root");
+    }
+    // 1. nightly rust-src for -Z build-std=core.
+    let installed = cmd("rustup")
+        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .output()?;
+    if !String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|l| l.starts_with("rust-src"))
+    {
+        status(cmd("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    // 2. Debian packages.
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !cmd("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if !missing.is_empty() {
+        eprintln!("xtask: installing Debian packages: {}", missing.join(" "));
+        status(cmd("apt-get").args(["update", "-q"]))?;
+        status(
+            cmd("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    // 3. bpf-linker built against LLVM 22.
+    let linker_ok = cmd("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("0.13.0"));
+    if !linker_ok {
+        let path = format!(
+            "/usr/lib/llvm-22/bin:{}",
+            env::var("PATH").unwrap_or_default()
+        );
+        status(
+            cmd("cargo")
+                .args([
+                    "install",
+                    "bpf-linker",
+                    "--version",
+                    "0.13.0",
+                    "--locked",
+                    "--no-default-features",
+                    "--features",
+                    "llvm-22",
+                ])
+                .env("PATH", path)
+                .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
+        )?;
+    }
+    // 4. bpffs, for pinned links (fail-closed mode).
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    if !mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+    {
+        status(cmd("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    }
+    // 5. Python clients.
+    for (module, req) in PY_PACKAGES {
+        if !succeeds(cmd("python3").args(["-c", &format!("import {module}")])) {
+            status(cmd("python3").args([
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                req,
+            ]))?;
+        }
+    }
+    // 6. Node packages of the test OpenID provider.
+    let oidc = root.join("tests/oidc");
+    if oidc.join("package.json").exists() && !oidc.join("node_modules").exists() {
+        status(
+            cmd("npm")
+                .args(["ci", "--no-audit", "--no-fund"])
+                .current_dir(&oidc),
+        )?;
+    }
+    Ok(())
+}
+
+fn build_ebpf(root: &Path) -> Result<()> {
+    status(
+        cmd("rustup")
+            .args([
+                "run",
+                "nightly",
+                "cargo",
+                "build",
+                "--release",
+                "-Z",
+                "build-std=core",
+                "--target",
+                "bpfel-unknown-none",
+            ])
+            .current_dir(root.join("gateway-ebpf")),
+    )
+}
+
+/// The local default: state under .state/, policies from policies/local, the
+/// product's defaults otherwise (fail-closed, fast path off).
+fn local_config(root: &Path) -> Result<PathBuf> {
+    let state = root.join(".state");
+    fs::create_dir_all(&state)?;
+    let path = state.join("agentgate.toml");
+    let text = format!(
+        "# Written by `cargo xtask run`; edit freely, it is rewritten only if missing.\n\
+         [daemon]\n\
+         state_dir = \"{state}\"\n\
+         control_socket = \"{state}/control.sock\"\n\
+         exec_cgroup = \"agentgate-local\"\n\
+         fail_mode = \"closed\"\n\
+         bpffs_dir = \"/sys/fs/bpf/agentgate-local\"\n\n\
+         [proxy]\n\
+         port = 15001\n\
+         fast_path = false\n",
+        state = state.display()
+    );
+    if !path.exists() {
+        fs::write(&path, text)?;
+    }
+    Ok(path)
+}
+
+fn run_daemon(root: &Path, args: &[String]) -> Result<()> {
+    setup(root)?;
+    status(cmd("cargo").args(["build", "--release", "-p", "agentgate"]))?;
+    let config = local_config(root)?;
+    let bin = root.join("target/release/agentgate");
+    eprintln!(
+        "\nagentgate is starting with {config}.\n\
+         In another terminal (as root), try:\n\
+         \x20 export AGENTGATE_CONFIG={config}\n\
+         \x20 {bin} exec --identity demo -- curl -sS http://127.0.0.1:8000/   # any TCP client works\n\
+         \x20 {bin} status\n\
+         Stop with Ctrl-C. Tagged processes cannot connect anywhere while it is down (fail-closed).\n",
+        config = config.display(),
+        bin = bin.display(),
+    );
+    status(cmd(&bin).arg("--config").arg(&config).arg("run").args(args))
+}
+
+fn test(root: &Path, filter: Option<&str>, no_lint: bool) -> Result<()> {
+    setup(root)?;
+    if !no_lint {
+        status(cmd("cargo").args(["fmt", "--all", "--check"]))?;
+        status(cmd("cargo").args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+    }
+    // The end-to-end tests drive the real binary.
+    status(cmd("cargo").args(["build", "-p", "agentgate"]))?;
+    let bin = root.join("target/debug/agentgate");
+    let mut c = cmd("cargo");
+    c.args(["test", "--workspace", "--lib", "--bins", "--tests"])
+        .env("AGENTGATE_BIN", &bin);
+    if let Some(f) = filter {
+        c.arg(f);
+    }
+    // Two at a time: the end-to-end tests move hundreds of MiB through the
+    // kernel each, and this machine has two cores.
+    c.args(["--", "--test-threads=2"]);
+    let (passed, failed) = run_counting(&mut c)?;
+    println!("{passed} passed, {failed} failed");
+    if failed > 0 {
+        bail!("{failed} tests failed");
+    }
+    Ok(())
+}
+
+/// Runs a test command, echoing its output, and sums its `test result:` lines.
+fn run_counting(c: &mut Command) -> Result<(u64, u64)> {
+    use std::io::{BufRead as _, BufReader};
+    let mut child = c
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {c:?}"))?;
+    let (mut passed, mut failed) = (0, 0);
+    for line in BufReader::new(child.stdout.take().context("piped stdout")?).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(['.', ';']) {
+                let mut words = part.split_whitespace();
+                if let (Some(n), Some(what)) = (words.next(), words.next()) {
+                    match what {
+                        "passed" => passed += n.parse::<u64>().unwrap_or(0),
+                        "failed" => failed += n.parse::<u64>().unwrap_or(0),
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let st = child.wait()?;
+    if !st.success() && failed == 0 {
+        bail!("{c:?} failed: {st}");
+    }
+    Ok((passed, failed))
+}
+
+fn bench(root: &Path, which: Option<&str>) -> Result<()> {
+    setup(root)?;
+    let all = which.is_none();
+    let mut ran = false;
+    for name in ["audit", "policy", "pg"] {
+        if !(all || which == Some(name)) {
+            continue;
+        }
+        let bench_file = root.join(format!("gateway-userspace/benches/{name}.rs"));
+        if bench_file.exists() {
+            status(cmd("cargo").args(["bench", "-p", "agentgate", "--bench", name]))?;
+            ran = true;
+        } else if !all {
+            bail!("no benchmark named {name} yet");
+        }
+    }
+    if !ran {
+        bail!("no benchmarks ran");
+    }
+    Ok(())
+}

@@ -2,7 +2,7 @@
 //!
 //! Every type here crosses the kernel/user boundary through a BPF map, so it is
 //! `#[repr(C)]`, has no padding the kernel could leave uninitialised (explicit
-//! `_pad` fields instead), and holds addresses and ports in one documented byte
+//! `pad` fields instead), and holds addresses and ports in one documented byte
 //! order. Userspace gets `aya::Pod` impls behind the `user` feature.
 #![no_std]
 
@@ -61,7 +61,7 @@ pub struct Config {
     /// 1 once userspace has written this entry; until then nothing is redirected
     /// *or let through* for tagged cgroups (see the connect hook).
     pub ready: u32,
-    pub _pad: u32,
+    pub pad: u32,
 }
 
 /// Tag value stored per cgroup id in the tagged-cgroups map.
@@ -70,7 +70,7 @@ pub struct Config {
 pub struct Tag {
     /// A number userspace chose for the binding (identity lookup happens in userspace).
     pub binding: u32,
-    pub _pad: u32,
+    pub pad: u32,
 }
 
 /// What the connect hook learned about the process that called `connect()`.
@@ -106,7 +106,7 @@ pub struct PeerKey {
     pub netns_cookie: u64,
 }
 
-/// Key of the fast-path SockHash: a socket's own (local, remote) pair, in the
+/// Key of the fast-path `SockHash`: a socket's own (local, remote) pair, in the
 /// shape `bpf_sock_hash_update` and `bpf_msg_redirect_hash` hash it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]

@@ -1,6 +1,19 @@
 //! `agentgate run | status | exec | tag | untag`.
 
-use std::{path::Path, process::ExitCode};
+use std::{
+    io::Write as _,
+    path::Path,
+    process::{Command, ExitCode},
+};
+
+use agentgate::{
+    config::Config,
+    control::{Client, ControlError, Request},
+};
+use anyhow::Context as _;
+use std::os::unix::process::ExitStatusExt as _;
+
+use super::UsageError;
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {}
@@ -39,18 +52,178 @@ pub struct UntagArgs {
     pub cgroup: std::path::PathBuf,
 }
 
-pub fn run(_config: &Path, _args: RunArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not built yet")
+/// The default config path; a missing file there means built-in defaults for
+/// client commands. Any other missing path is an error.
+pub const DEFAULT_CONFIG: &str = "/etc/agentgate/agentgate.toml";
+
+pub fn load_config(path: &Path, required: bool) -> anyhow::Result<Config> {
+    if !required && path == Path::new(DEFAULT_CONFIG) && !path.exists() {
+        return Ok(Config::default());
+    }
+    if !path.exists() {
+        return Err(UsageError(format!(
+            "config file {} not found (pass --config FILE; `cargo xtask run` writes a local one)",
+            path.display()
+        ))
+        .into());
+    }
+    Ok(Config::load(path)?)
 }
-pub fn status(_config: &Path, _args: StatusArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not built yet")
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")
 }
-pub fn exec(_config: &Path, _args: ExecArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not built yet")
+
+fn control_err(e: ControlError) -> anyhow::Error {
+    if e.is_usage() {
+        UsageError(e.to_string()).into()
+    } else {
+        anyhow::Error::new(e)
+    }
 }
-pub fn tag(_config: &Path, _args: TagArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not built yet")
+
+async fn request(cfg: &Config, req: &Request) -> anyhow::Result<serde_json::Value> {
+    let mut client = Client::connect(&cfg.daemon.control_socket)
+        .await
+        .map_err(control_err)?;
+    client.request(req).await.map_err(control_err)
 }
-pub fn untag(_config: &Path, _args: UntagArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not built yet")
+
+pub fn run(config: &Path, _args: &RunArgs) -> anyhow::Result<ExitCode> {
+    let cfg = load_config(config, true)?;
+    runtime()?.block_on(async move {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                return;
+            };
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+            let _ = tx.send(true);
+        });
+        agentgate::daemon::run(cfg, rx).await
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn status(config: &Path, args: &StatusArgs) -> anyhow::Result<ExitCode> {
+    let cfg = load_config(config, false)?;
+    let v = runtime()?.block_on(request(&cfg, &Request::Status))?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let empty = Vec::new();
+    let tagged = v["tagged"].as_array().unwrap_or(&empty);
+    writeln!(out, "tagged cgroups: {}", tagged.len())?;
+    for t in tagged {
+        writeln!(
+            out,
+            "  {:<10} {:<6} {}",
+            t["identity"].as_str().unwrap_or("?"),
+            t["kind"].as_str().unwrap_or("?"),
+            t["cgroup"].as_str().unwrap_or("?")
+        )?;
+    }
+    let conns = v["connections"].as_array().unwrap_or(&empty);
+    writeln!(out, "live connections: {}", conns.len())?;
+    if !conns.is_empty() {
+        writeln!(
+            out,
+            "  {:>5} {:>7} {:<12} {:<24} {:<22} {:>10} {:>10}",
+            "ID", "PID", "IDENTITY", "EXE", "DESTINATION", "UP", "DOWN"
+        )?;
+    }
+    for c in conns {
+        writeln!(
+            out,
+            "  {:>5} {:>7} {:<12} {:<24} {:<22} {:>10} {:>10}",
+            c["id"],
+            c["workload"]["pid"],
+            c["identity"].as_str().unwrap_or("?"),
+            c["workload"]["exe"].as_str().unwrap_or("?"),
+            c["destination"].as_str().unwrap_or("?"),
+            c["bytes_up"],
+            c["bytes_down"],
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn exec(config: &Path, args: &ExecArgs) -> anyhow::Result<ExitCode> {
+    let cfg = load_config(config, false)?;
+    let rt = runtime()?;
+    // The connection stays open while the command runs: the daemon removes the
+    // cgroup when it closes and the cgroup is empty.
+    let (client, cgroup) = rt.block_on(async {
+        let mut client = Client::connect(&cfg.daemon.control_socket)
+            .await
+            .map_err(control_err)?;
+        let v = client
+            .request(&Request::Exec {
+                identity: args.identity.clone(),
+            })
+            .await
+            .map_err(control_err)?;
+        let cgroup = v["cgroup"]
+            .as_str()
+            .context("daemon response without a cgroup")?
+            .to_owned();
+        anyhow::Ok((client, cgroup))
+    })?;
+    // Move this process in first, so the command starts tagged: nothing it
+    // does, from its first instruction on, escapes the cgroup.
+    agentgate::cgroup::enter(Path::new(&cgroup), std::process::id())?;
+    let (program, rest) = args
+        .command
+        .split_first()
+        .ok_or_else(|| UsageError("no command given".into()))?;
+    let status = match Command::new(program).args(rest).status() {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!(
+                "agentgate: {}: command not found",
+                program.to_string_lossy()
+            );
+            drop(client);
+            return Ok(ExitCode::from(127));
+        }
+        Err(e) => return Err(e).with_context(|| format!("running {}", program.to_string_lossy())),
+    };
+    drop(client);
+    drop(rt);
+    let code = status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}
+
+pub fn tag(config: &Path, args: TagArgs) -> anyhow::Result<ExitCode> {
+    let cfg = load_config(config, false)?;
+    let req = Request::Tag {
+        cgroup: args.cgroup,
+        identity: args.identity,
+    };
+    let v = runtime()?.block_on(request(&cfg, &req))?;
+    println!("tagged {}", v["cgroup"].as_str().unwrap_or("?"));
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn untag(config: &Path, args: UntagArgs) -> anyhow::Result<ExitCode> {
+    let cfg = load_config(config, false)?;
+    let v = runtime()?.block_on(request(
+        &cfg,
+        &Request::Untag {
+            cgroup: args.cgroup,
+        },
+    ))?;
+    println!("untagged {}", v["cgroup"].as_str().unwrap_or("?"));
+    Ok(ExitCode::SUCCESS)
 }

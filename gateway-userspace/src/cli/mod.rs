@@ -60,9 +60,9 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
     let result = match cli.command {
-        Command::Run(args) => daemon::run(&cli.config, args),
-        Command::Status(args) => daemon::status(&cli.config, args),
-        Command::Exec(args) => daemon::exec(&cli.config, args),
+        Command::Run(args) => daemon::run(&cli.config, &args),
+        Command::Status(args) => daemon::status(&cli.config, &args),
+        Command::Exec(args) => daemon::exec(&cli.config, &args),
         Command::Tag(args) => daemon::tag(&cli.config, args),
         Command::Untag(args) => daemon::untag(&cli.config, args),
         Command::Login(args) => identity::login(&cli.config, args),

@@ -1,0 +1,214 @@
+//! The daemon's configuration file (TOML).
+//!
+//! Unknown keys are errors and every error names the file, line and column: a
+//! bad config refuses to start, it never falls back to defaults silently. The
+//! defaults below apply only to keys the file leaves out.
+
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+#[derive(Default)]
+pub struct Config {
+    pub daemon: DaemonConfig,
+    pub proxy: ProxyConfig,
+    /// Sections owned by other components, checked by them.
+    pub policy: Option<toml::Table>,
+    pub audit: Option<toml::Table>,
+    pub identity: Option<toml::Table>,
+}
+
+/// What happens to tagged cgroups when the daemon is not running.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailMode {
+    /// Programs stay attached (pinned links): tagged processes reach nothing.
+    Closed,
+    /// Programs detach with the daemon: tagged processes connect directly.
+    Open,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// Bindings, keys and (by default) the audit log live here.
+    pub state_dir: PathBuf,
+    pub control_socket: PathBuf,
+    /// cgroup the eBPF programs attach to, relative to the cgroup2 mount.
+    /// Every cgroup that can be tagged must be at or below it.
+    pub attach_cgroup: PathBuf,
+    /// Where `agentgate exec` creates its cgroups, relative to the cgroup2 mount.
+    pub exec_cgroup: PathBuf,
+    pub fail_mode: FailMode,
+    /// bpffs directory for pinned links (fail-closed mode).
+    pub bpffs_dir: PathBuf,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            state_dir: "/var/lib/agentgate".into(),
+            control_socket: "/run/agentgate/control.sock".into(),
+            attach_cgroup: "/".into(),
+            exec_cgroup: "agentgate".into(),
+            fail_mode: FailMode::Closed,
+            bpffs_dir: "/sys/fs/bpf/agentgate".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    pub listen_v4: Ipv4Addr,
+    pub listen_v6: Ipv6Addr,
+    pub port: u16,
+    /// `sk_msg` fast path between agent and proxy sockets (see DESIGN.md).
+    pub fast_path: bool,
+    /// Live proxied connections; more are refused.
+    pub max_connections: usize,
+    pub upstream_connect_timeout_ms: u64,
+    /// Relay buffer per direction.
+    pub buffer_bytes: usize,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            listen_v4: Ipv4Addr::LOCALHOST,
+            listen_v6: Ipv6Addr::LOCALHOST,
+            port: 15001,
+            fast_path: false,
+            max_connections: 4096,
+            upstream_connect_timeout_ms: 5000,
+            buffer_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl ProxyConfig {
+    pub fn upstream_connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.upstream_connect_timeout_ms)
+    }
+}
+
+impl Config {
+    /// Reads and parses a config file. A missing file is an error: callers that
+    /// want the built-in defaults say so explicitly with `Config::default()`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses config text; `path` is used for messages and to resolve relative paths.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let mut cfg: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        cfg.validate(path)?;
+        // Relative file paths in the config are relative to the config file.
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [
+            &mut cfg.daemon.state_dir,
+            &mut cfg.daemon.control_socket,
+            &mut cfg.daemon.bpffs_dir,
+        ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(cfg)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.into(),
+            message,
+        };
+        if self.proxy.port == 0 {
+            return Err(invalid(
+                "proxy.port must not be 0: the kernel programs need a fixed port".into(),
+            ));
+        }
+        if self.proxy.max_connections == 0 {
+            return Err(invalid("proxy.max_connections must be at least 1".into()));
+        }
+        if !(4096..=16 * 1024 * 1024).contains(&self.proxy.buffer_bytes) {
+            return Err(invalid(
+                "proxy.buffer_bytes must be between 4096 and 16777216".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The audit log directory: `[audit] dir`, else `<state_dir>/audit`.
+    pub fn audit_dir(&self) -> PathBuf {
+        self.audit
+            .as_ref()
+            .and_then(|t| t.get("dir"))
+            .and_then(toml::Value::as_str)
+            .map_or_else(|| self.daemon.state_dir.join("audit"), PathBuf::from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_documented_defaults() {
+        let c = Config::parse(Path::new("/etc/agentgate/agentgate.toml"), "").unwrap();
+        assert_eq!(c.proxy.port, 15001);
+        assert_eq!(c.daemon.fail_mode, FailMode::Closed);
+        assert!(!c.proxy.fast_path);
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_its_line() {
+        let err =
+            Config::parse(Path::new("a.toml"), "[proxy]\nport = 1\nfastpath = true\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("a.toml: "), "{msg}");
+        assert!(msg.contains("line 3"), "{msg}");
+        assert!(msg.contains("fastpath"), "{msg}");
+    }
+
+    #[test]
+    fn relative_paths_follow_the_config_file() {
+        let c = Config::parse(
+            Path::new("/x/y/agentgate.toml"),
+            "[daemon]\nstate_dir = \"state\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.daemon.state_dir, Path::new("/x/y/state"));
+    }
+
+    #[test]
+    fn port_zero_is_invalid() {
+        assert!(Config::parse(Path::new("a.toml"), "[proxy]\nport = 0\n").is_err());
+    }
+}

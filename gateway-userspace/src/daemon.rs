@@ -1,0 +1,473 @@
+//! The daemon: wires the kernel programs, the proxy and the control socket
+//! together, and owns the lifecycle (start, tag/untag, exec cgroups, stop).
+//!
+//! Start-up order matters for fail-closed: listeners are bound before the
+//! programs attach (so a redirected socket finds a listener), and persisted
+//! bindings are re-tagged before the control socket accepts requests.
+
+use std::{
+    net::{SocketAddr, SocketAddrV6},
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use serde_json::json;
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{TcpListener, TcpSocket, UnixListener, UnixStream},
+    sync::{Semaphore, watch},
+};
+
+use crate::{
+    binding::{BindingKind, Bindings},
+    cgroup::{self, Hierarchy},
+    config::Config,
+    control::{ErrorKind, MAX_REQUEST, Request, Response},
+    proxy::{self, Registry, Shared},
+    redirect::{RedirectConfig, Redirector},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("agentgate run must be started as root (it loads eBPF programs and manages cgroups)")]
+    NotRoot,
+    #[error(transparent)]
+    Cgroup(#[from] cgroup::CgroupError),
+    #[error(transparent)]
+    Redirect(#[from] crate::redirect::RedirectError),
+    #[error(transparent)]
+    Binding(#[from] crate::binding::BindingError),
+    #[error("binding proxy listener {addr}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} {path}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+struct Daemon {
+    shared: Arc<Shared>,
+    exec_root: PathBuf,
+    bindings_path: PathBuf,
+    exec_seq: AtomicU64,
+}
+
+/// Runs until `shutdown` becomes true.
+pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(), DaemonError> {
+    if crate::sys::geteuid() != 0 {
+        return Err(DaemonError::NotRoot);
+    }
+    let hierarchy = Hierarchy::discover()?;
+    let attach = hierarchy.resolve(&cfg.daemon.attach_cgroup)?;
+    let exec_root = hierarchy.mount().join(
+        cfg.daemon
+            .exec_cgroup
+            .strip_prefix("/")
+            .unwrap_or(&cfg.daemon.exec_cgroup),
+    );
+    cgroup::create(&exec_root)?;
+    let exec_root = hierarchy.resolve(&exec_root)?;
+    let state_dir = &cfg.daemon.state_dir;
+    std::fs::create_dir_all(state_dir).map_err(|source| DaemonError::Io {
+        what: "creating",
+        path: state_dir.clone(),
+        source,
+    })?;
+
+    let p = &cfg.proxy;
+    let addr4 = SocketAddr::new(p.listen_v4.into(), p.port);
+    let addr6 = SocketAddr::V6(SocketAddrV6::new(p.listen_v6, p.port, 0, 0));
+    let listener4 = listen(addr4)?;
+    let listener6 = match listen(addr6) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            // Tagged IPv6 connects still go to addr6 and are refused there: fails closed.
+            tracing::warn!(error = %e, "no IPv6 listener; IPv6 connections of tagged processes will be refused");
+            None
+        }
+    };
+    let netns_cookie = crate::sys::netns_cookie(&listener4).map_err(|source| DaemonError::Io {
+        what: "reading netns cookie of",
+        path: "proxy listener".into(),
+        source,
+    })?;
+
+    let mut redirector = Redirector::load(&RedirectConfig {
+        attach_cgroup: &attach,
+        proxy4: addr4,
+        proxy6: addr6,
+        fast_path: p.fast_path,
+        fail_mode: cfg.daemon.fail_mode,
+        bpffs_dir: &cfg.daemon.bpffs_dir,
+    })?;
+
+    let bindings_path = state_dir.join("bindings.json");
+    let bindings = restore_bindings(&bindings_path, &mut redirector)?;
+    let exec_bindings: Vec<(u32, PathBuf)> = bindings
+        .iter()
+        .filter(|b| b.kind == BindingKind::Exec)
+        .map(|b| (b.id, b.cgroup.clone()))
+        .collect();
+
+    let shared = Arc::new(Shared {
+        redirector: Mutex::new(redirector),
+        bindings: Mutex::new(bindings),
+        hierarchy,
+        config: cfg.proxy.clone(),
+        registry: Registry::default(),
+        limit: Arc::new(Semaphore::new(cfg.proxy.max_connections)),
+        netns_cookie,
+    });
+    let daemon = Arc::new(Daemon {
+        shared: shared.clone(),
+        exec_root,
+        bindings_path,
+        exec_seq: AtomicU64::new(0),
+    });
+    // Exec cgroups from a previous run go when their processes are gone.
+    for (id, path) in exec_bindings {
+        tokio::spawn(daemon.clone().release_exec(id, path));
+    }
+
+    let control = bind_control(&cfg.daemon.control_socket)?;
+    tracing::info!(
+        listen = %addr4,
+        fast_path = p.fast_path,
+        fail_mode = ?cfg.daemon.fail_mode,
+        control = %cfg.daemon.control_socket.display(),
+        "agentgate running"
+    );
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(proxy::serve(listener4, shared.clone(), shutdown.clone()));
+    if let Some(l6) = listener6 {
+        tasks.spawn(proxy::serve(l6, shared.clone(), shutdown.clone()));
+    }
+    tasks.spawn(daemon.clone().serve_control(control, shutdown.clone()));
+    let _ = shutdown.wait_for(|stop| *stop).await;
+    tasks.shutdown().await;
+    let _ = std::fs::remove_file(&cfg.daemon.control_socket);
+    tracing::info!("agentgate stopped");
+    Ok(())
+}
+
+/// Loads persisted bindings and re-tags the cgroups that still exist (same
+/// path, same id); bindings of cgroups that are gone are dropped.
+fn restore_bindings(path: &Path, redirector: &mut Redirector) -> Result<Bindings, DaemonError> {
+    let mut bindings = Bindings::load(path)?;
+    let mut stale = Vec::new();
+    for b in bindings.iter() {
+        match cgroup::id(&b.cgroup) {
+            Ok(id) if id == b.cgroup_id => redirector.tag(id, b.id)?,
+            _ => stale.push(b.id),
+        }
+    }
+    for id in stale {
+        if let Some(b) = bindings.remove(id) {
+            tracing::info!(cgroup = %b.cgroup.display(), identity = %b.identity, "dropping binding of a cgroup that no longer exists");
+        }
+    }
+    bindings.save(path)?;
+    Ok(bindings)
+}
+
+fn listen(addr: SocketAddr) -> Result<TcpListener, DaemonError> {
+    let err = |source| DaemonError::Listen { addr, source };
+    let sock = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    sock.set_reuseaddr(true).map_err(err)?;
+    sock.bind(addr).map_err(err)?;
+    sock.listen(1024).map_err(err)
+}
+
+fn bind_control(path: &Path) -> Result<UnixListener, DaemonError> {
+    let io = |what, source| DaemonError::Io {
+        what,
+        path: path.into(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| io("creating directory of", e))?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io("removing stale", e)),
+    }
+    let listener = UnixListener::bind(path).map_err(|e| io("binding", e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| io("chmod", e))?;
+    Ok(listener)
+}
+
+impl Daemon {
+    async fn serve_control(
+        self: Arc<Self>,
+        listener: UnixListener,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        loop {
+            let accepted = tokio::select! {
+                r = listener.accept() => r,
+                _ = shutdown.changed() => return,
+            };
+            match accepted {
+                Ok((stream, _)) => {
+                    tokio::spawn(self.clone().control_connection(stream));
+                }
+                Err(e) => tracing::warn!(error = %e, "control accept failed"),
+            }
+        }
+    }
+
+    async fn control_connection(self: Arc<Self>, stream: UnixStream) {
+        let uid = stream.peer_cred().map(|c| c.uid()).ok();
+        let mut reader = BufReader::new(stream);
+        let mut owned_exec: Option<(u32, PathBuf)> = None;
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let read = (&mut reader)
+                .take(MAX_REQUEST as u64 + 1)
+                .read_until(b'\n', &mut line)
+                .await;
+            let resp = match read {
+                Ok(0) | Err(_) => break,
+                Ok(_) if line.len() > MAX_REQUEST => {
+                    Response::err(ErrorKind::Usage, "request too long")
+                }
+                Ok(_) if uid != Some(0) => {
+                    Response::err(ErrorKind::Usage, "permission denied: root only")
+                }
+                Ok(_) => match serde_json::from_slice::<Request>(&line) {
+                    Err(e) => Response::err(ErrorKind::Usage, format!("malformed request: {e}")),
+                    Ok(Request::Exec { .. }) if owned_exec.is_some() => {
+                        Response::err(ErrorKind::Usage, "one exec per connection")
+                    }
+                    Ok(req) => {
+                        let (resp, exec) = self.handle(req);
+                        owned_exec = owned_exec.or(exec);
+                        resp
+                    }
+                },
+            };
+            let mut out = serde_json::to_vec(&resp).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+            out.push(b'\n');
+            if reader.get_mut().write_all(&out).await.is_err() {
+                break;
+            }
+        }
+        if let Some((id, path)) = owned_exec {
+            self.release_exec(id, path).await;
+        }
+    }
+
+    fn handle(&self, req: Request) -> (Response, Option<(u32, PathBuf)>) {
+        match req {
+            Request::Status => (Response::ok(self.status()), None),
+            Request::Exec { identity } => match self.exec(identity) {
+                Ok((id, path)) => (
+                    Response::ok(json!({ "cgroup": path, "binding": id })),
+                    Some((id, path)),
+                ),
+                Err(r) => (r, None),
+            },
+            Request::Tag { cgroup, identity } => {
+                (self.tag(&cgroup, identity).unwrap_or_else(|r| r), None)
+            }
+            Request::Untag { cgroup } => (self.untag(&cgroup).unwrap_or_else(|r| r), None),
+        }
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let s = &self.shared;
+        let (by_cookie, by_peer) = s.redirector.lock().expect("redirector lock").map_sizes();
+        let counters = s.redirector.lock().expect("redirector lock").counters();
+        let tagged: Vec<_> = s
+            .bindings
+            .lock()
+            .expect("bindings lock")
+            .iter()
+            .cloned()
+            .collect();
+        let live = s.registry.snapshot();
+        let connections: Vec<&proxy::LiveConnection> = live.iter().map(AsRef::as_ref).collect();
+        json!({
+            "tagged": tagged,
+            "connections": connections,
+            "maps": { "by_cookie": by_cookie, "by_peer": by_peer },
+            "counters": {
+                "redirected": counters[0], "refused_not_ready": counters[1],
+                "established": counters[2], "closed": counters[3], "fast_path_inserted": counters[4],
+            },
+            "fast_path": s.config.fast_path,
+        })
+    }
+
+    fn validate_identity(identity: &str) -> Result<(), Response> {
+        let ok = !identity.is_empty()
+            && identity.len() <= 256
+            && identity
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._@-+:".contains(c));
+        if ok {
+            Ok(())
+        } else {
+            Err(Response::err(
+                ErrorKind::Usage,
+                format!("invalid identity {identity:?}: use letters, digits and ._@-+:"),
+            ))
+        }
+    }
+
+    fn exec(&self, identity: String) -> Result<(u32, PathBuf), Response> {
+        Self::validate_identity(&identity)?;
+        let failure = |e: &dyn std::fmt::Display| Response::err(ErrorKind::Failure, e.to_string());
+        let name = format!(
+            "exec-{}-{}",
+            std::process::id(),
+            self.exec_seq.fetch_add(1, Ordering::Relaxed)
+        );
+        let path = self.exec_root.join(name);
+        cgroup::create(&path).map_err(|e| failure(&e))?;
+        let id = self
+            .bind(identity, &path, BindingKind::Exec)
+            .inspect_err(|_| {
+                let _ = cgroup::remove(&path);
+            })?;
+        Ok((id, path))
+    }
+
+    fn tag(&self, user_path: &Path, identity: String) -> Result<Response, Response> {
+        Self::validate_identity(&identity)?;
+        let path = self
+            .shared
+            .hierarchy
+            .resolve(user_path)
+            .map_err(|e| Response::err(ErrorKind::Usage, e.to_string()))?;
+        let id = self.bind(identity, &path, BindingKind::Tag)?;
+        Ok(Response::ok(json!({ "cgroup": path, "binding": id })))
+    }
+
+    fn bind(&self, identity: String, path: &Path, kind: BindingKind) -> Result<u32, Response> {
+        let failure = |e: &dyn std::fmt::Display| Response::err(ErrorKind::Failure, e.to_string());
+        let cgroup_id = cgroup::id(path).map_err(|e| failure(&e))?;
+        let mut bindings = self.shared.bindings.lock().expect("bindings lock");
+        if let Some(existing) = bindings.by_cgroup_id(cgroup_id) {
+            return Err(Response::err(
+                ErrorKind::Usage,
+                format!(
+                    "{} is already tagged for {}; untag it first",
+                    path.display(),
+                    existing.identity
+                ),
+            ));
+        }
+        let b = bindings.add(identity, path.to_path_buf(), cgroup_id, kind);
+        if let Err(e) = bindings.save(&self.bindings_path) {
+            bindings.remove(b.id);
+            return Err(failure(&e));
+        }
+        if let Err(e) = self
+            .shared
+            .redirector
+            .lock()
+            .expect("redirector lock")
+            .tag(cgroup_id, b.id)
+        {
+            bindings.remove(b.id);
+            let _ = bindings.save(&self.bindings_path);
+            return Err(failure(&e));
+        }
+        tracing::info!(event = "identity.bind", identity = %b.identity, cgroup = %path.display(), binding = b.id);
+        Ok(b.id)
+    }
+
+    fn untag(&self, user_path: &Path) -> Result<Response, Response> {
+        let path = self
+            .shared
+            .hierarchy
+            .resolve(user_path)
+            .map_err(|e| Response::err(ErrorKind::Usage, e.to_string()))?;
+        let cgroup_id =
+            cgroup::id(&path).map_err(|e| Response::err(ErrorKind::Failure, e.to_string()))?;
+        let id = {
+            let bindings = self.shared.bindings.lock().expect("bindings lock");
+            match bindings.by_cgroup_id(cgroup_id) {
+                Some(b) if b.kind == BindingKind::Tag => b.id,
+                Some(_) => {
+                    return Err(Response::err(
+                        ErrorKind::Usage,
+                        "cgroups made by `agentgate exec` go when their command exits",
+                    ));
+                }
+                None => {
+                    return Err(Response::err(
+                        ErrorKind::Usage,
+                        format!("{} is not tagged", path.display()),
+                    ));
+                }
+            }
+        };
+        self.unbind(id, cgroup_id)
+            .map_err(|e| Response::err(ErrorKind::Failure, e))?;
+        Ok(Response::ok(json!({ "cgroup": path })))
+    }
+
+    fn unbind(&self, id: u32, cgroup_id: u64) -> Result<(), String> {
+        self.shared
+            .redirector
+            .lock()
+            .expect("redirector lock")
+            .untag(cgroup_id)
+            .map_err(|e| e.to_string())?;
+        let mut bindings = self.shared.bindings.lock().expect("bindings lock");
+        if let Some(b) = bindings.remove(id) {
+            tracing::info!(event = "identity.unbind", identity = %b.identity, cgroup = %b.cgroup.display(), binding = id);
+        }
+        bindings
+            .save(&self.bindings_path)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Waits until the exec cgroup is empty, then untags and removes it. The tag
+    /// stays for as long as any process is inside: never fail open on a live agent.
+    async fn release_exec(self: Arc<Self>, id: u32, path: PathBuf) {
+        loop {
+            if !cgroup::populated(&path) {
+                let cgroup_id = cgroup::id(&path).ok();
+                match cgroup::remove(&path) {
+                    Ok(true) => {
+                        if let Some(cid) = cgroup_id {
+                            if let Err(e) = self.unbind(id, cid) {
+                                tracing::error!(error = %e, "removing exec binding");
+                            }
+                        } else if let Err(e) = self.unbind(id, 0) {
+                            tracing::error!(error = %e, "removing exec binding");
+                        }
+                        return;
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(error = %e, "removing exec cgroup"),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}

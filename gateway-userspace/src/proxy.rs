@@ -1,0 +1,262 @@
+//! The transparent proxy: accept, attribute, connect upstream, relay.
+//!
+//! Lifecycle of one connection, in order:
+//! 1. accept on the loopback listener the connect hook sends tagged sockets to;
+//! 2. look the peer 4-tuple up in the kernel's provenance map. No record means
+//!    the socket was not redirected (any local process can dial the listener):
+//!    it is closed at once. Fails closed;
+//! 3. resolve the binding (cgroup -> identity); a binding that is gone (untagged,
+//!    logged out) refuses the connection;
+//! 4. enrich the workload from /proc;
+//! 5. connect to the original destination from the daemon's own, untagged
+//!    context (the connect hook skips the daemon's pid), bounded by a timeout;
+//! 6. relay both ways with half-close: EOF from one side becomes a write
+//!    shutdown on the other, and the other direction keeps flowing.
+//!
+//! Limits: `max_connections` live connections (more are refused), one relay
+//! buffer per direction, a connect timeout.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Instant,
+};
+
+use agentgate_common::PeerKey;
+use serde::Serialize;
+use tokio::{
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+    sync::{Semaphore, watch},
+};
+
+use crate::{
+    binding::Bindings,
+    cgroup::Hierarchy,
+    config::ProxyConfig,
+    provenance::Workload,
+    redirect::{self, Redirector},
+};
+
+/// Everything the accept loops share.
+pub struct Shared {
+    pub redirector: Mutex<Redirector>,
+    pub bindings: Mutex<Bindings>,
+    pub hierarchy: Hierarchy,
+    pub config: ProxyConfig,
+    pub registry: Registry,
+    pub limit: Arc<Semaphore>,
+    /// The listeners' network namespace, as the kernel keys its records.
+    pub netns_cookie: u64,
+}
+
+/// Live connections, for `agentgate status`.
+#[derive(Default)]
+pub struct Registry {
+    next_id: AtomicU64,
+    live: Mutex<BTreeMap<u64, Arc<LiveConnection>>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LiveConnection {
+    pub id: u64,
+    pub identity: String,
+    pub workload: Workload,
+    pub destination: SocketAddr,
+    pub since: String,
+    #[serde(serialize_with = "ser_atomic")]
+    pub bytes_up: AtomicU64,
+    #[serde(serialize_with = "ser_atomic")]
+    pub bytes_down: AtomicU64,
+}
+
+fn ser_atomic<S: serde::Serializer>(v: &AtomicU64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(v.load(Ordering::Relaxed))
+}
+
+impl Registry {
+    pub fn snapshot(&self) -> Vec<Arc<LiveConnection>> {
+        self.live
+            .lock()
+            .expect("registry lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    fn insert(&self, c: Arc<LiveConnection>) {
+        self.live.lock().expect("registry lock").insert(c.id, c);
+    }
+
+    fn remove(&self, id: u64) {
+        self.live.lock().expect("registry lock").remove(&id);
+    }
+}
+
+/// Accepts until `shutdown` flips to true.
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.changed() => return,
+        };
+        let (client, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            if let Err(reason) = handle(client, peer, &shared).await {
+                tracing::info!(%peer, reason, "connection refused");
+            }
+        });
+    }
+}
+
+async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<(), &'static str> {
+    let local = client.local_addr().map_err(|_| "no local address")?;
+    let key = PeerKey {
+        peer: redirect::sock_addr(peer),
+        local: redirect::sock_addr(local),
+        netns_cookie: shared.netns_cookie,
+    };
+    let prov = shared
+        .redirector
+        .lock()
+        .expect("redirector lock")
+        .provenance(&key)
+        .ok_or("not redirected: no provenance record")?;
+    let Ok(permit) = shared.limit.clone().try_acquire_owned() else {
+        tracing::warn!(
+            max = shared.config.max_connections,
+            "connection limit reached"
+        );
+        return Err("connection limit reached");
+    };
+    let identity = shared
+        .bindings
+        .lock()
+        .expect("bindings lock")
+        .get(prov.binding)
+        .map(|b| b.identity.clone())
+        .ok_or("cgroup binding is gone")?;
+    let workload = Workload::from_kernel(&prov, &shared.hierarchy);
+    let destination = redirect::socket_addr(&prov.orig_dst);
+
+    let conn = Arc::new(LiveConnection {
+        id: shared.registry.next_id(),
+        identity,
+        workload,
+        destination,
+        since: crate::time::now_rfc3339(),
+        bytes_up: AtomicU64::new(0),
+        bytes_down: AtomicU64::new(0),
+    });
+    tracing::info!(
+        event = "connection.open",
+        conn = conn.id,
+        identity = %conn.identity,
+        pid = conn.workload.pid,
+        uid = conn.workload.uid,
+        exe = conn.workload.exe.as_deref().unwrap_or("?"),
+        cgroup = conn.workload.cgroup.as_deref().unwrap_or("?"),
+        %destination,
+    );
+    shared.registry.insert(conn.clone());
+    let started = Instant::now();
+    let result = connect_and_relay(client, &conn, &shared.config).await;
+    shared.registry.remove(conn.id);
+    drop(permit);
+    tracing::info!(
+        event = "connection.close",
+        conn = conn.id,
+        bytes_up = conn.bytes_up.load(Ordering::Relaxed),
+        bytes_down = conn.bytes_down.load(Ordering::Relaxed),
+        duration_ms = started.elapsed().as_millis() as u64,
+        error = result.as_ref().err().map(ToString::to_string),
+    );
+    Ok(())
+}
+
+async fn connect_and_relay(
+    client: TcpStream,
+    conn: &LiveConnection,
+    cfg: &ProxyConfig,
+) -> std::io::Result<()> {
+    let upstream = tokio::time::timeout(
+        cfg.upstream_connect_timeout(),
+        TcpStream::connect(conn.destination),
+    )
+    .await
+    .map_err(|_| {
+        std::io::Error::new(std::io::ErrorKind::TimedOut, "upstream connect timed out")
+    })??;
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    let (cr, cw) = client.into_split();
+    let (ur, uw) = upstream.into_split();
+    tokio::try_join!(
+        pipe(cr, uw, &conn.bytes_up, cfg.buffer_bytes),
+        pipe(ur, cw, &conn.bytes_down, cfg.buffer_bytes),
+    )?;
+    Ok(())
+}
+
+/// Copies until EOF, then shuts the writer down (half-close). Backpressure
+/// comes from awaiting each write before the next read.
+async fn pipe<R, W>(mut r: R, mut w: W, counter: &AtomicU64, buf_len: usize) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; buf_len];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            w.shutdown().await?;
+            return Ok(());
+        }
+        w.write_all(&buf[..n]).await?;
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn pipe_half_closes_and_counts() {
+        let (mut a, b) = tokio::io::duplex(64);
+        let (c, mut d) = tokio::io::duplex(64);
+        let counter = AtomicU64::new(0);
+        let writer = async {
+            a.write_all(&[7u8; 1000]).await.unwrap();
+            a.shutdown().await.unwrap();
+        };
+        let reader = async {
+            let mut got = Vec::new();
+            d.read_to_end(&mut got).await.unwrap();
+            got
+        };
+        let ((), res, got) = tokio::join!(writer, pipe(b, c, &counter, 4096), reader);
+        res.unwrap();
+        assert_eq!(got.len(), 1000);
+        assert_eq!(counter.load(Ordering::Relaxed), 1000);
+    }
+}

@@ -1,0 +1,466 @@
+//! The eBPF redirect, provenance and transparent proxy, on the real kernel.
+
+use std::{
+    fs,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use agentgate_e2e::{DaemonOptions, Env, Proc, json_output, run_ok, scripts_dir};
+use serde_json::Value;
+
+const MIB: usize = 1 << 20;
+
+fn client(mode: &str, host: &str, port: u16, extra: &[&str]) -> Vec<String> {
+    let mut v = vec![
+        "python3".to_owned(),
+        scripts_dir().join("client.py").display().to_string(),
+        mode.to_owned(),
+        host.to_owned(),
+        port.to_string(),
+    ];
+    v.extend(extra.iter().map(|s| (*s).to_owned()));
+    v
+}
+
+fn as_strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn tokio_client() -> &'static str {
+    env!("CARGO_BIN_EXE_tokio_client")
+}
+
+#[test]
+fn exec_round_trips_and_reports_provenance() {
+    let env = Env::new("provenance", DaemonOptions::default()).unwrap();
+    let (_echo, port) = env.echo_server("127.0.0.1").unwrap();
+    let hold = env.state.join("release");
+    let c = client(
+        "blocking",
+        "127.0.0.1",
+        port,
+        &["--hold", hold.to_str().unwrap()],
+    );
+    let mut cmd = env.exec("demo", &as_strs(&c));
+    cmd.stdout(Stdio::piped());
+    let mut agent = Proc::spawn("tagged client", cmd).unwrap();
+    let line: Value = serde_json::from_str(&agent.read_line().unwrap()).unwrap();
+    assert_eq!(
+        line["echoed"], "hello",
+        "bytes round-trip through the proxy"
+    );
+    assert_eq!(
+        line["peer"],
+        serde_json::json!(["127.0.0.1", port]),
+        "getpeername shows the dialed address"
+    );
+
+    let status = env
+        .wait_status(Duration::from_secs(5), |s| {
+            s["connections"].as_array().is_some_and(|c| c.len() == 1)
+        })
+        .unwrap();
+    let conn = &status["connections"][0];
+    let pid = line["pid"].as_u64().unwrap();
+    assert_eq!(conn["identity"], "demo");
+    assert_eq!(conn["workload"]["pid"].as_u64(), Some(pid));
+    assert_eq!(conn["workload"]["uid"].as_u64(), Some(0));
+    assert_eq!(conn["destination"], format!("127.0.0.1:{port}"));
+    let exe = fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    assert_eq!(conn["workload"]["exe"].as_str(), exe.to_str());
+    let cgroup = conn["workload"]["cgroup"].as_str().unwrap();
+    let tagged = status["tagged"][0]["cgroup"].as_str().unwrap();
+    assert!(
+        tagged.ends_with(cgroup),
+        "workload cgroup {cgroup} is the exec cgroup {tagged}"
+    );
+    assert!(
+        cgroup.contains(&env.name),
+        "{cgroup} is inside this test's subtree"
+    );
+    assert_eq!(conn["bytes_up"].as_u64(), Some(5));
+
+    fs::write(&hold, "").unwrap();
+    let st = agent.child.wait().unwrap();
+    assert!(
+        st.success(),
+        "agentgate exec passes the command's exit status"
+    );
+    // The exec cgroup goes away with its last process.
+    env.wait_status(Duration::from_secs(5), |s| {
+        s["tagged"].as_array().is_some_and(Vec::is_empty)
+    })
+    .unwrap();
+}
+
+#[test]
+fn untagged_processes_are_not_redirected_and_direct_dials_are_refused() {
+    let env = Env::new("untagged", DaemonOptions::default()).unwrap();
+    let peers = env.state.join("peers");
+    let mut c = env.netns.command("python3");
+    c.arg(scripts_dir().join("echo_server.py"))
+        .arg("127.0.0.1")
+        .arg(&peers)
+        .stdout(Stdio::piped());
+    let mut echo = Proc::spawn("echo", c).unwrap();
+    let port: u16 = echo.read_line().unwrap().trim().parse().unwrap();
+
+    let untagged = json_output(&mut netns_run(
+        &env,
+        &client("blocking", "127.0.0.1", port, &["--bytes", "1000"]),
+    ))
+    .unwrap();
+    assert_eq!(untagged["received"].as_u64(), Some(1000));
+    let tagged = json_output(&mut env.exec(
+        "demo",
+        &as_strs(&client("blocking", "127.0.0.1", port, &["--bytes", "1000"])),
+    ))
+    .unwrap();
+    assert_eq!(tagged["received"].as_u64(), Some(1000));
+
+    // The server saw the untagged client's own port, but not the tagged one's (it
+    // saw the proxy's upstream socket instead).
+    let seen = fs::read_to_string(&peers).unwrap();
+    let ports: Vec<u64> = seen
+        .lines()
+        .filter_map(|l| l.split(' ').nth(1)?.parse().ok())
+        .collect();
+    assert!(
+        ports.contains(&untagged["local"][1].as_u64().unwrap()),
+        "untagged went direct: {seen}"
+    );
+    assert!(
+        !ports.contains(&tagged["local"][1].as_u64().unwrap()),
+        "tagged went through the proxy: {seen}"
+    );
+    let s = env.status().unwrap();
+    assert_eq!(
+        s["counters"]["redirected"].as_u64(),
+        Some(1),
+        "only the tagged connect was redirected"
+    );
+
+    // Any local process can dial the listener; without a kernel record it is closed at once.
+    let probe = format!(
+        "import socket; s=socket.create_connection(('127.0.0.1',{})); s.sendall(b'GET /'); print(repr(s.recv(10)))",
+        env.opts.port
+    );
+    let out = run_ok(env.netns.command("python3").args(["-c", &probe])).unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "b''");
+    assert!(
+        env.daemon_log().contains("not redirected"),
+        "the refusal is logged"
+    );
+}
+
+#[test]
+fn ipv6_and_ipv4_mapped_destinations() {
+    let env = Env::new("ipv6", DaemonOptions::default()).unwrap();
+    let (_echo, port) = env.echo_server("::").unwrap();
+    for host in ["::1", "::ffff:127.0.0.1", "127.0.0.1"] {
+        let out = json_output(&mut env.exec(
+            "demo",
+            &as_strs(&client("asyncio", host, port, &["--bytes", "4096"])),
+        ))
+        .unwrap();
+        assert_eq!(out["received"].as_u64(), Some(4096), "{host}");
+        assert_eq!(out["sent_sha256"], out["recv_sha256"], "{host}");
+        assert_eq!(
+            out["peer"][0], host,
+            "getpeername reports the dialed {host}"
+        );
+        assert_eq!(out["peer"][1].as_u64(), Some(u64::from(port)));
+    }
+    let s = env.status().unwrap();
+    assert_eq!(s["counters"]["redirected"].as_u64(), Some(3));
+}
+
+fn bulk_transfers(fast_path: bool) {
+    let env = Env::new(
+        if fast_path { "fast" } else { "slow" },
+        DaemonOptions {
+            fast_path,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (_echo, port) = env.echo_server("127.0.0.1").unwrap();
+    let bytes = (64 * MIB).to_string();
+    let port_s = port.to_string();
+    let clients: Vec<(&str, Vec<String>)> = vec![
+        (
+            "tokio",
+            vec![
+                tokio_client().to_owned(),
+                "127.0.0.1".into(),
+                port_s.clone(),
+                bytes.clone(),
+            ],
+        ),
+        (
+            "asyncio",
+            client("asyncio", "127.0.0.1", port, &["--bytes", &bytes]),
+        ),
+        (
+            "blocking",
+            client("blocking", "127.0.0.1", port, &["--bytes", &bytes]),
+        ),
+    ];
+    for (name, argv) in clients {
+        let mut c = env.exec("demo", &as_strs(&argv));
+        let out = json_output(c.stderr(Stdio::inherit()))
+            .unwrap_or_else(|e| panic!("{name} client: {e:#}"));
+        assert_eq!(
+            out["received"].as_u64(),
+            Some(64 * MIB as u64),
+            "{name}: the whole reply arrives after the client's half-close"
+        );
+        assert_eq!(
+            out["sent_sha256"], out["recv_sha256"],
+            "{name}: checksums match"
+        );
+    }
+    let s = env.status().unwrap();
+    let inserted = s["counters"]["fast_path_inserted"].as_u64().unwrap();
+    if fast_path {
+        // Both sockets of each of the three connections went into the SockHash.
+        assert_eq!(inserted, 6, "fast path in use: {s:#}");
+    } else {
+        assert_eq!(inserted, 0);
+    }
+}
+
+#[test]
+fn bulk_64mib_each_way_fast_path_off() {
+    bulk_transfers(false);
+}
+
+#[test]
+fn bulk_64mib_each_way_fast_path_on() {
+    bulk_transfers(true);
+}
+
+#[test]
+fn fail_closed_while_daemon_is_down_then_recovers() {
+    let mut env = Env::new(
+        "failclosed",
+        DaemonOptions {
+            fail_closed: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (_echo, port) = env.echo_server("127.0.0.1").unwrap();
+    // A long-lived agent in a tagged cgroup: one connect attempt per line on stdin.
+    let probe = format!(
+        "import socket,sys\n\
+         for line in sys.stdin:\n\
+         \x20   try:\n\
+         \x20       s=socket.create_connection(('127.0.0.1',{port}),timeout=3); s.sendall(b'ping'); r=s.recv(4); s.close()\n\
+         \x20       print('ok' if r==b'ping' else 'bad:'+repr(r), flush=True)\n\
+         \x20   except OSError as e:\n\
+         \x20       print('err:'+type(e).__name__, flush=True)\n"
+    );
+    let mut cmd = env.exec("demo", &["python3", "-c", &probe]);
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+    let mut agent = Proc::spawn("tagged agent", cmd).unwrap();
+    let ask = |agent: &mut Proc| -> String {
+        use std::io::Write as _;
+        let stdin = agent.child.stdin.as_mut().unwrap();
+        stdin.write_all(b"go\n").unwrap();
+        stdin.flush().unwrap();
+        agent.read_line().unwrap()
+    };
+    assert_eq!(ask(&mut agent), "ok");
+
+    env.kill_daemon();
+    for _ in 0..5 {
+        let r = ask(&mut agent);
+        assert!(
+            r.starts_with("err:"),
+            "a tagged process got through while the daemon was down: {r}"
+        );
+    }
+    // Untagged processes are unaffected meanwhile.
+    let direct = json_output(&mut netns_run(
+        &env,
+        &client("blocking", "127.0.0.1", port, &["--bytes", "100"]),
+    ))
+    .unwrap();
+    assert_eq!(direct["received"].as_u64(), Some(100));
+
+    env.start_daemon().unwrap();
+    assert_eq!(
+        ask(&mut agent),
+        "ok",
+        "tagged traffic flows again after restart"
+    );
+    let s = env.status().unwrap();
+    assert_eq!(
+        s["tagged"].as_array().map(Vec::len),
+        Some(1),
+        "the exec binding survived the crash"
+    );
+    drop(agent.child.stdin.take());
+    let _ = agent.child.wait();
+}
+
+#[test]
+fn fail_open_detaches_with_the_daemon() {
+    let mut env = Env::new(
+        "failopen",
+        DaemonOptions {
+            fail_closed: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (_echo, port) = env.echo_server("127.0.0.1").unwrap();
+    let mut cmd = env.exec("demo", &["sleep", "30"]);
+    cmd.stdout(Stdio::null());
+    let _sleeper = Proc::spawn("tagged sleeper", cmd).unwrap();
+    let s = env
+        .wait_status(Duration::from_secs(5), |s| {
+            s["tagged"].as_array().is_some_and(|t| t.len() == 1)
+        })
+        .unwrap();
+    let cgroup = s["tagged"][0]["cgroup"].as_str().unwrap().to_owned();
+    env.kill_daemon();
+    // A process joining the tagged cgroup now connects directly.
+    let script = format!(
+        "echo $$ > {cgroup}/cgroup.procs && exec python3 {} blocking 127.0.0.1 {port} --bytes 100",
+        scripts_dir().join("client.py").display()
+    );
+    let out = json_output(env.netns.command("sh").args(["-c", &script])).unwrap();
+    assert_eq!(out["received"].as_u64(), Some(100));
+}
+
+#[test]
+fn two_hundred_concurrent_connections_leave_no_map_entries() {
+    let env = Env::new("concurrent", DaemonOptions::default()).unwrap();
+    let (_echo, port) = env.echo_server("127.0.0.1").unwrap();
+    let before = env.status().unwrap()["maps"].clone();
+    let hold = env.state.join("release");
+    let c = client(
+        "blocking",
+        "127.0.0.1",
+        port,
+        &["--concurrent", "200", "--hold", hold.to_str().unwrap()],
+    );
+    let mut cmd = env.exec("demo", &as_strs(&c));
+    cmd.stdout(Stdio::piped());
+    let mut agent = Proc::spawn("200 connections", cmd).unwrap();
+    let line: Value = serde_json::from_str(&agent.read_line().unwrap()).unwrap();
+    assert_eq!(line["echoed"].as_u64(), Some(200));
+    let s = env
+        .wait_status(Duration::from_secs(5), |s| {
+            s["connections"].as_array().is_some_and(|c| c.len() == 200)
+        })
+        .unwrap();
+    assert_eq!(s["maps"]["by_peer"].as_u64(), Some(200));
+    fs::write(&hold, "").unwrap();
+    assert!(agent.child.wait().unwrap().success());
+    let after = env
+        .wait_status(Duration::from_secs(10), |s| {
+            s["maps"] == before && s["connections"].as_array().is_some_and(Vec::is_empty)
+        })
+        .unwrap();
+    assert_eq!(after["counters"]["closed"].as_u64(), Some(200));
+}
+
+#[test]
+fn cli_errors_are_usage_errors() {
+    let env = Env::new("cli", DaemonOptions::default()).unwrap();
+    // Unknown cgroup path.
+    let out = env
+        .agentgate(&["tag", "--cgroup", "no/such/cgroup", "--identity", "demo"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+    // Paths may not leave the hierarchy.
+    let out = env
+        .agentgate(&["tag", "--cgroup", "../../etc", "--identity", "demo"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    // Non-root caller.
+    let mut c = env.netns.command("setpriv");
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(agentgate_e2e::agentgate_bin())
+        .arg("--config")
+        .arg(&env.config)
+        .arg("status");
+    let out = c.output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("root"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Tag and untag an existing cgroup.
+    let target = env.cgroup.child("svc").unwrap();
+    let p = target.to_str().unwrap();
+    run_ok(&mut env.agentgate(&["tag", "--cgroup", p, "--identity", "svc-reporting"])).unwrap();
+    let out = env
+        .agentgate(&["tag", "--cgroup", p, "--identity", "other"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "double tag is refused");
+    assert_eq!(
+        env.status().unwrap()["tagged"][0]["identity"],
+        "svc-reporting"
+    );
+    run_ok(&mut env.agentgate(&["untag", "--cgroup", p])).unwrap();
+    assert_eq!(
+        env.status().unwrap()["tagged"].as_array().map(Vec::len),
+        Some(0)
+    );
+}
+
+#[test]
+fn daemon_not_running_is_a_usage_error() {
+    agentgate_e2e::require_root();
+    let dir = std::env::temp_dir().join(agentgate_e2e::unique("norun"));
+    fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("agentgate.toml");
+    fs::write(
+        &cfg,
+        format!(
+            "[daemon]\ncontrol_socket = \"{}/control.sock\"\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(agentgate_e2e::agentgate_bin())
+        .arg("--config")
+        .arg(&cfg)
+        .arg("status")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not running"));
+    let out = Command::new(agentgate_e2e::agentgate_bin())
+        .args(["--config", "/nonexistent/agentgate.toml", "status"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a named config that does not exist is a usage error"
+    );
+    fs::remove_dir_all(dir).unwrap();
+}
+
+/// An untagged command inside the test's netns.
+fn netns_run(env: &Env, argv: &[String]) -> Command {
+    let mut c = env.netns.command(&argv[0]);
+    c.args(&argv[1..]);
+    c
+}
