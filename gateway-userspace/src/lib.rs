@@ -23,6 +23,7 @@ pub mod daemon;
 pub mod identity;
 pub mod mask;
 pub mod policy;
+pub mod protocol;
 pub mod provenance;
 pub mod proxy;
 pub mod redirect;

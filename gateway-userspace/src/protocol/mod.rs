@@ -1,0 +1,6 @@
+//! Protocol handlers' sans-IO layers: decoders, encoders and pure session state.
+//!
+//! Nothing under this module touches a socket or tokio: bytes go in, messages (or
+//! "need more bytes") come out. The proxy loop owns I/O and drives these.
+
+pub mod postgres;

@@ -1,0 +1,811 @@
+//! Pure rewriting of result rows (`DataRow`, `COPY TO STDOUT` data) for masking.
+//!
+//! The policy side supplies a [`RowMasker`]: which strategy applies to a column
+//! (by table and column name) and how to mask a text value (by that strategy,
+//! and/or by value detectors). This module knows the wire: field framing, text vs
+//! binary formats, type OIDs, COPY text escaping. A [`RowPlan`] is built once per
+//! `RowDescription`; each row is then rewritten with no allocation unless a value
+//! changes, and the original bytes are passed on untouched when nothing does.
+//!
+//! # Fails closed
+//!
+//! Every error here means "do not send this row": the proxy ends the statement
+//! with an error instead of passing data it could not mask.
+//!
+//! - A column from a table whose OID cannot be resolved to a name is an error
+//!   ([`MaskError::UnresolvedTable`]): a rule for that table might apply.
+//! - Text values (text format, or binary text-like types) that are not UTF-8
+//!   cannot be matched or masked: refused when a rule or detector applies.
+//! - Binary values of types that cannot carry masked text (integers, numeric,
+//!   dates, ...) with a column rule are replaced by NULL, or the row is refused,
+//!   per [`Unmaskable`]. NULL is the default: the session stays usable and the
+//!   client sees a well-typed value; the audit record counts it in `values_nulled`.
+//!   Detectors scan binary integers and numerics (a card number fits in an
+//!   `int8`); a hit is handled the same way. Binary values of other types (bool,
+//!   floats, dates, timestamps, uuid, arrays, composites) are not scanned by
+//!   detectors: nothing in them is text a detector could match, except arrays and
+//!   composites, a known gap (they are scanned in text format).
+//! - `COPY TO STDOUT` in binary or CSV format is refused when anything applies;
+//!   text format is parsed (tab-separated, backslash escapes, `\N`), one row per
+//!   `CopyData` as the server sends it (a partial row is refused).
+//! - The masker itself may refuse a value ([`MaskResult::Refuse`]).
+//!
+//! [`MaskReport`] names masked columns, counts values and names detectors; it
+//! never holds a value.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::codec::{CopyFormat, DataRow, RowDescription};
+
+/// Type OIDs this module handles in binary format.
+pub mod oid {
+    pub const BOOL: u32 = 16;
+    pub const BYTEA: u32 = 17;
+    pub const NAME: u32 = 19;
+    pub const INT8: u32 = 20;
+    pub const INT2: u32 = 21;
+    pub const INT4: u32 = 23;
+    pub const TEXT: u32 = 25;
+    pub const JSON: u32 = 114;
+    pub const XML: u32 = 142;
+    pub const BPCHAR: u32 = 1042;
+    pub const VARCHAR: u32 = 1043;
+    pub const NUMERIC: u32 = 1700;
+    pub const JSONB: u32 = 3802;
+    pub const UNKNOWN: u32 = 705;
+}
+
+/// The policy side of masking. `Strategy` is the policy's own strategy type
+/// (e.g. `crate::mask::Strategy`); this module only passes it back.
+pub trait RowMasker {
+    type Strategy: Copy;
+
+    /// The strategy for a column, if a rule names it. `table` is `None` for a
+    /// computed column (no table OID).
+    fn column_strategy(&self, table: Option<&str>, column: &str) -> Option<Self::Strategy>;
+
+    /// Whether value detectors are configured (if not, columns without a rule are
+    /// not looked at).
+    fn has_detectors(&self) -> bool;
+
+    /// Mask `value`: with `strategy` for a rule column, and/or by detectors. On
+    /// [`MaskResult::Masked`] the replacement is in `out` (cleared by the caller).
+    fn mask_text(
+        &self,
+        value: &str,
+        strategy: Option<Self::Strategy>,
+        out: &mut String,
+    ) -> MaskResult;
+}
+
+/// What [`RowMasker::mask_text`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MaskResult {
+    Unchanged,
+    /// Replacement written to `out`; detector names that fired (empty for a rule).
+    Masked {
+        detectors: Vec<&'static str>,
+    },
+    /// The value cannot be masked: the row must not be sent.
+    Refuse,
+}
+
+/// What to do with a binary value whose type cannot carry masked text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Unmaskable {
+    /// Send SQL NULL in its place.
+    #[default]
+    Null,
+    /// Refuse the row (the statement fails).
+    RefuseRow,
+}
+
+/// Why a row could not be masked. The proxy must not send the row.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MaskError {
+    #[error("proxy: table OID {table_oid} of column {column:?} is not resolved")]
+    UnresolvedTable { table_oid: u32, column: String },
+    #[error("server (upstream): row has {got} fields, its description {expected}")]
+    FieldCount { expected: usize, got: usize },
+    #[error("proxy: value in column {column:?} cannot be masked: {reason}")]
+    Refused {
+        column: String,
+        reason: &'static str,
+    },
+    #[error("proxy: COPY data cannot be masked: {reason}")]
+    Copy { reason: &'static str },
+}
+
+/// What masking did to a statement's results: names and counts, never values.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MaskReport {
+    pub columns_masked: Vec<String>,
+    pub values_masked: u64,
+    /// Of `values_masked`, those replaced by NULL (binary types that cannot
+    /// carry masked text).
+    pub values_nulled: u64,
+    pub detectors: BTreeSet<&'static str>,
+}
+
+impl MaskReport {
+    fn note(&mut self, column: &str, detectors: &[&'static str], nulled: bool) {
+        self.values_masked += 1;
+        if nulled {
+            self.values_nulled += 1;
+        }
+        if !self.columns_masked.iter().any(|c| c == column) {
+            self.columns_masked.push(column.to_owned());
+        }
+        self.detectors.extend(detectors.iter().copied());
+    }
+}
+
+/// Reusable buffers: one per connection keeps the hot path allocation-free.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    text: String,
+    out: String,
+    value: Vec<u8>,
+    row: BytesMut,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Text format (any type), or a binary text-like type: the bytes are the text.
+    Text,
+    Jsonb,
+    Bytea,
+    Int2,
+    Int4,
+    Int8,
+    Numeric,
+    /// Binary of any other type.
+    Opaque,
+}
+
+#[derive(Debug, Clone)]
+struct Col<S> {
+    name: String,
+    strategy: Option<S>,
+    kind: Kind,
+    detect: bool,
+}
+
+impl<S> Col<S> {
+    fn active(&self) -> bool {
+        self.strategy.is_some() || self.detect
+    }
+}
+
+/// Per-column masking decisions for one `RowDescription`.
+#[derive(Debug, Clone)]
+pub struct RowPlan<S> {
+    cols: Vec<Col<S>>,
+    unmaskable: Unmaskable,
+    active: bool,
+}
+
+enum Outcome {
+    Keep,
+    /// New value in `scratch.value`.
+    Replace,
+    Null,
+}
+
+impl<S: Copy> RowPlan<S> {
+    /// Decide per column. `table_name` resolves a table OID (from the proxy's
+    /// catalog cache); a nonzero OID it cannot resolve is an error.
+    pub fn new<M, F>(
+        desc: &RowDescription,
+        masker: &M,
+        mut table_name: F,
+        unmaskable: Unmaskable,
+    ) -> Result<Self, MaskError>
+    where
+        M: RowMasker<Strategy = S>,
+        F: FnMut(u32) -> Option<String>,
+    {
+        let detectors = masker.has_detectors();
+        let mut cols = Vec::with_capacity(desc.fields.len());
+        for f in &desc.fields {
+            let name = String::from_utf8_lossy(&f.name).into_owned();
+            let table = if f.table_oid == 0 {
+                None
+            } else {
+                Some(
+                    table_name(f.table_oid).ok_or_else(|| MaskError::UnresolvedTable {
+                        table_oid: f.table_oid,
+                        column: name.clone(),
+                    })?,
+                )
+            };
+            let strategy = masker.column_strategy(table.as_deref(), &name);
+            let kind = if f.format == 0 {
+                Kind::Text
+            } else {
+                match f.type_oid {
+                    oid::TEXT
+                    | oid::VARCHAR
+                    | oid::BPCHAR
+                    | oid::NAME
+                    | oid::JSON
+                    | oid::XML
+                    | oid::UNKNOWN => Kind::Text,
+                    oid::JSONB => Kind::Jsonb,
+                    oid::BYTEA => Kind::Bytea,
+                    oid::INT2 => Kind::Int2,
+                    oid::INT4 => Kind::Int4,
+                    oid::INT8 => Kind::Int8,
+                    oid::NUMERIC => Kind::Numeric,
+                    _ => Kind::Opaque,
+                }
+            };
+            let detect = detectors && kind != Kind::Opaque;
+            cols.push(Col {
+                name,
+                strategy,
+                kind,
+                detect,
+            });
+        }
+        let active = cols.iter().any(Col::active);
+        Ok(Self {
+            cols,
+            unmaskable,
+            active,
+        })
+    }
+
+    /// False when no column has a rule or detectors: rows pass untouched.
+    pub fn is_active(&self) -> bool {
+        self.active
+    }
+
+    /// Names of the columns a rule applies to.
+    pub fn ruled_columns(&self) -> impl Iterator<Item = &str> {
+        self.cols
+            .iter()
+            .filter(|c| c.strategy.is_some())
+            .map(|c| c.name.as_str())
+    }
+
+    /// Mask one row. `Ok(None)`: nothing changed, send the original.
+    pub fn mask_row<M>(
+        &self,
+        masker: &M,
+        row: &DataRow,
+        scratch: &mut Scratch,
+        report: &mut MaskReport,
+    ) -> Result<Option<DataRow>, MaskError>
+    where
+        M: RowMasker<Strategy = S>,
+    {
+        if row.len() != self.cols.len() {
+            return Err(MaskError::FieldCount {
+                expected: self.cols.len(),
+                got: row.len(),
+            });
+        }
+        if !self.active {
+            return Ok(None);
+        }
+        let body = row.body();
+        // Lazily started output: `copied` is how much of `body` is already in it.
+        let mut started = false;
+        let mut pos = 2usize;
+        for (col, value) in self.cols.iter().zip(row.fields()) {
+            let field_start = pos;
+            pos += 4 + value.map_or(0, <[u8]>::len);
+            let outcome = match value {
+                Some(v) if col.active() => self.mask_value(masker, col, v, scratch, report)?,
+                _ => Outcome::Keep,
+            };
+            if matches!(outcome, Outcome::Keep) {
+                if started {
+                    scratch.row.put_slice(&body[field_start..pos]);
+                }
+                continue;
+            }
+            if !started {
+                scratch.row.clear();
+                scratch.row.reserve(body.len() + 16);
+                scratch.row.put_slice(&body[..field_start]);
+                started = true;
+            }
+            if let Outcome::Null = outcome {
+                scratch.row.put_i32(-1);
+            } else {
+                scratch.row.put_i32(scratch.value.len() as i32);
+                scratch.row.put_slice(&scratch.value);
+            }
+        }
+        if !started {
+            return Ok(None);
+        }
+        // Fields after the last changed one were appended as they were walked.
+        let new = scratch.row.split().freeze();
+        Ok(Some(DataRow::from_valid_body(row.len() as u16, new)))
+    }
+
+    fn mask_value<M>(
+        &self,
+        masker: &M,
+        col: &Col<S>,
+        value: &[u8],
+        scratch: &mut Scratch,
+        report: &mut MaskReport,
+    ) -> Result<Outcome, MaskError>
+    where
+        M: RowMasker<Strategy = S>,
+    {
+        let refused = |reason| MaskError::Refused {
+            column: col.name.clone(),
+            reason,
+        };
+        match col.kind {
+            Kind::Text | Kind::Jsonb => {
+                let text = if col.kind == Kind::Jsonb {
+                    match value.split_first() {
+                        Some((1, rest)) => rest,
+                        _ => return Err(refused("unknown jsonb version")),
+                    }
+                } else {
+                    value
+                };
+                let text = std::str::from_utf8(text).map_err(|_| refused("not UTF-8"))?;
+                scratch.out.clear();
+                match masker.mask_text(text, col.strategy, &mut scratch.out) {
+                    MaskResult::Unchanged => Ok(Outcome::Keep),
+                    MaskResult::Refuse => Err(refused("refused by masker")),
+                    MaskResult::Masked { detectors } => {
+                        report.note(&col.name, &detectors, false);
+                        scratch.value.clear();
+                        if col.kind == Kind::Jsonb {
+                            scratch.value.push(1);
+                        }
+                        scratch.value.extend_from_slice(scratch.out.as_bytes());
+                        Ok(Outcome::Replace)
+                    }
+                }
+            }
+            Kind::Bytea => {
+                // A rule masks the hex form Postgres would show in text; detectors
+                // look at the bytes when they are text.
+                scratch.text.clear();
+                let text: &str = if col.strategy.is_some() {
+                    scratch.text.push_str("\\x");
+                    for b in value {
+                        let _ = write!(scratch.text, "{b:02x}");
+                    }
+                    &scratch.text
+                } else {
+                    match std::str::from_utf8(value) {
+                        Ok(t) => t,
+                        Err(_) => return Ok(Outcome::Keep),
+                    }
+                };
+                scratch.out.clear();
+                match masker.mask_text(text, col.strategy, &mut scratch.out) {
+                    MaskResult::Unchanged => Ok(Outcome::Keep),
+                    MaskResult::Refuse => Err(refused("refused by masker")),
+                    MaskResult::Masked { detectors } => {
+                        report.note(&col.name, &detectors, false);
+                        scratch.value.clear();
+                        scratch.value.extend_from_slice(scratch.out.as_bytes());
+                        Ok(Outcome::Replace)
+                    }
+                }
+            }
+            Kind::Int2 | Kind::Int4 | Kind::Int8 | Kind::Numeric | Kind::Opaque => {
+                if col.strategy.is_some() {
+                    return self.unmaskable(col, &[], report);
+                }
+                scratch.text.clear();
+                let ok = match (col.kind, value.len()) {
+                    (Kind::Int2, 2) => {
+                        write!(scratch.text, "{}", i16::from_be_bytes([value[0], value[1]])).is_ok()
+                    }
+                    (Kind::Int4, 4) => write!(
+                        scratch.text,
+                        "{}",
+                        i32::from_be_bytes([value[0], value[1], value[2], value[3]])
+                    )
+                    .is_ok(),
+                    (Kind::Int8, 8) => {
+                        let mut a = [0u8; 8];
+                        a.copy_from_slice(value);
+                        write!(scratch.text, "{}", i64::from_be_bytes(a)).is_ok()
+                    }
+                    (Kind::Numeric, _) => numeric_to_text(value, &mut scratch.text),
+                    (Kind::Opaque, _) => return Ok(Outcome::Keep),
+                    _ => false,
+                };
+                if !ok {
+                    return Err(refused("malformed binary value"));
+                }
+                scratch.out.clear();
+                match masker.mask_text(&scratch.text, None, &mut scratch.out) {
+                    MaskResult::Unchanged => Ok(Outcome::Keep),
+                    MaskResult::Refuse => Err(refused("refused by masker")),
+                    MaskResult::Masked { detectors } => self.unmaskable(col, &detectors, report),
+                }
+            }
+        }
+    }
+
+    fn unmaskable(
+        &self,
+        col: &Col<S>,
+        detectors: &[&'static str],
+        report: &mut MaskReport,
+    ) -> Result<Outcome, MaskError> {
+        match self.unmaskable {
+            Unmaskable::Null => {
+                report.note(&col.name, detectors, true);
+                Ok(Outcome::Null)
+            }
+            Unmaskable::RefuseRow => Err(MaskError::Refused {
+                column: col.name.clone(),
+                reason: "binary type cannot carry a masked value",
+            }),
+        }
+    }
+}
+
+/// Render a binary `numeric` as decimal text. False if malformed.
+fn numeric_to_text(v: &[u8], out: &mut String) -> bool {
+    if v.len() < 8 || !(v.len() - 8).is_multiple_of(2) {
+        return false;
+    }
+    let ndigits = i16::from_be_bytes([v[0], v[1]]);
+    let weight = i32::from(i16::from_be_bytes([v[2], v[3]]));
+    let sign = u16::from_be_bytes([v[4], v[5]]);
+    let dscale = usize::from(u16::from_be_bytes([v[6], v[7]]) & 0x3fff);
+    if ndigits < 0 || v.len() != 8 + 2 * ndigits as usize {
+        return false;
+    }
+    let digits: Vec<i16> = v[8..]
+        .chunks_exact(2)
+        .map(|c| i16::from_be_bytes([c[0], c[1]]))
+        .collect();
+    if digits.iter().any(|d| !(0..10_000).contains(d)) {
+        return false;
+    }
+    match sign {
+        0x0000 => {}
+        0x4000 => out.push('-'),
+        0xC000 => {
+            out.push_str("NaN");
+            return true;
+        }
+        0xD000 => {
+            out.push_str("Infinity");
+            return true;
+        }
+        0xF000 => {
+            out.push_str("-Infinity");
+            return true;
+        }
+        _ => return false,
+    }
+    let digit = |i: i32| -> i16 {
+        usize::try_from(i)
+            .ok()
+            .and_then(|i| digits.get(i).copied())
+            .unwrap_or(0)
+    };
+    if weight < 0 {
+        out.push('0');
+    } else {
+        // Weight is bounded by i16, so this loop is at most 32768 groups.
+        for i in 0..=weight {
+            let d = digit(i);
+            let _ = if i == 0 {
+                write!(out, "{d}")
+            } else {
+                write!(out, "{d:04}")
+            };
+        }
+    }
+    if dscale > 0 {
+        out.push('.');
+        let start = out.len();
+        let mut i = weight + 1;
+        while out.len() - start < dscale {
+            let _ = write!(out, "{:04}", digit(i));
+            i += 1;
+        }
+        out.truncate(start + dscale);
+    }
+    true
+}
+
+// ---------------------------------------------------------------------------
+// COPY TO STDOUT
+
+/// How the COPY statement asked for its data (the wire does not say text vs CSV).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyKind {
+    Text,
+    Csv,
+    Binary,
+}
+
+/// Per-column decisions for a `COPY ... TO STDOUT`.
+#[derive(Debug, Clone)]
+pub struct CopyPlan<S> {
+    cols: Vec<Col<S>>,
+    /// Columns unknown: detectors apply to every field, no rules.
+    detect_all: bool,
+    active: bool,
+}
+
+impl<S: Copy> CopyPlan<S> {
+    /// Columns in output order, as the proxy resolved them from the COPY statement
+    /// and the catalog: (table name, column name).
+    pub fn new<M>(columns: &[(Option<&str>, &str)], masker: &M) -> Self
+    where
+        M: RowMasker<Strategy = S>,
+    {
+        let detect = masker.has_detectors();
+        let cols: Vec<Col<S>> = columns
+            .iter()
+            .map(|(t, c)| Col {
+                name: (*c).to_owned(),
+                strategy: masker.column_strategy(*t, c),
+                kind: Kind::Text,
+                detect,
+            })
+            .collect();
+        let active = cols.iter().any(Col::active);
+        Self {
+            cols,
+            detect_all: false,
+            active,
+        }
+    }
+
+    /// Columns not known (e.g. `COPY (SELECT ...) TO STDOUT`): detectors only.
+    /// Column rules cannot apply: the proxy must refuse such a COPY if a rule
+    /// could name its source.
+    pub fn detectors_only<M>(masker: &M) -> Self
+    where
+        M: RowMasker<Strategy = S>,
+    {
+        Self {
+            cols: Vec::new(),
+            detect_all: masker.has_detectors(),
+            active: masker.has_detectors(),
+        }
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.active
+    }
+
+    /// Mask one `CopyData` payload. `Ok(None)`: unchanged, send the original.
+    pub fn mask_copy_data<M>(
+        &self,
+        masker: &M,
+        kind: CopyKind,
+        format: &CopyFormat,
+        data: &[u8],
+        scratch: &mut Scratch,
+        report: &mut MaskReport,
+    ) -> Result<Option<Bytes>, MaskError>
+    where
+        M: RowMasker<Strategy = S>,
+    {
+        if !self.active {
+            return Ok(None);
+        }
+        if kind == CopyKind::Binary || format.overall != 0 {
+            return Err(MaskError::Copy {
+                reason: "binary COPY format",
+            });
+        }
+        if kind == CopyKind::Csv {
+            return Err(MaskError::Copy {
+                reason: "CSV COPY format",
+            });
+        }
+        let Some(line) = data.strip_suffix(b"\n") else {
+            return Err(MaskError::Copy {
+                reason: "CopyData is not one whole row",
+            });
+        };
+        #[allow(clippy::naive_bytecount)] // rows are short; not worth a crate
+        let n_fields = line.iter().filter(|&&b| b == b'\t').count() + 1;
+        if !self.detect_all && n_fields != self.cols.len() {
+            return Err(MaskError::FieldCount {
+                expected: self.cols.len(),
+                got: n_fields,
+            });
+        }
+        let detect_col = Col {
+            name: String::from("?column?"),
+            strategy: None,
+            kind: Kind::Text,
+            detect: true,
+        };
+        let mut out: Option<BytesMut> = None;
+        let mut consumed = 0usize;
+        let mut start = 0usize;
+        for (i, raw) in line.split(|&b| b == b'\t').enumerate() {
+            let field_start = start;
+            start += raw.len() + 1;
+            let col = if self.detect_all {
+                &detect_col
+            } else {
+                &self.cols[i]
+            };
+            if raw == b"\\N" || !col.active() {
+                continue;
+            }
+            let text = copy_unescape(raw, &mut scratch.text).ok_or_else(|| MaskError::Refused {
+                column: col.name.clone(),
+                reason: "bad COPY escape or not UTF-8",
+            })?;
+            scratch.out.clear();
+            match masker.mask_text(text, col.strategy, &mut scratch.out) {
+                MaskResult::Unchanged => {}
+                MaskResult::Refuse => {
+                    return Err(MaskError::Refused {
+                        column: col.name.clone(),
+                        reason: "refused by masker",
+                    });
+                }
+                MaskResult::Masked { detectors } => {
+                    report.note(&col.name, &detectors, false);
+                    let o = out.get_or_insert_with(|| BytesMut::with_capacity(data.len() + 16));
+                    o.put_slice(&line[consumed..field_start]);
+                    copy_escape(&scratch.out, o);
+                    consumed = field_start + raw.len();
+                }
+            }
+        }
+        Ok(out.map(|mut o| {
+            o.put_slice(&line[consumed..]);
+            o.put_u8(b'\n');
+            o.freeze()
+        }))
+    }
+}
+
+/// Decode a COPY text field into `buf` (or borrow it when it has no escapes).
+#[allow(clippy::many_single_char_names)] // i: index, b: byte, e: escape, v: value, n: digits
+fn copy_unescape<'a>(raw: &'a [u8], buf: &'a mut String) -> Option<&'a str> {
+    if !raw.contains(&b'\\') {
+        return std::str::from_utf8(raw).ok();
+    }
+    let mut bytes = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        let b = raw[i];
+        i += 1;
+        if b != b'\\' {
+            bytes.push(b);
+            continue;
+        }
+        let e = *raw.get(i)?;
+        i += 1;
+        match e {
+            b'b' => bytes.push(8),
+            b'f' => bytes.push(12),
+            b'n' => bytes.push(b'\n'),
+            b'r' => bytes.push(b'\r'),
+            b't' => bytes.push(b'\t'),
+            b'v' => bytes.push(11),
+            b'0'..=b'7' => {
+                let mut v = u32::from(e - b'0');
+                for _ in 0..2 {
+                    match raw.get(i) {
+                        Some(d @ b'0'..=b'7') => {
+                            v = v * 8 + u32::from(d - b'0');
+                            i += 1;
+                        }
+                        _ => break,
+                    }
+                }
+                bytes.push((v & 0xff) as u8);
+            }
+            b'x' => {
+                let mut v = 0u8;
+                let mut n = 0;
+                while n < 2 {
+                    match raw.get(i).and_then(|d| char::from(*d).to_digit(16)) {
+                        Some(d) => {
+                            v = v * 16 + d as u8;
+                            i += 1;
+                            n += 1;
+                        }
+                        None => break,
+                    }
+                }
+                if n == 0 {
+                    bytes.push(b'x');
+                } else {
+                    bytes.push(v);
+                }
+            }
+            other => bytes.push(other),
+        }
+    }
+    *buf = String::from_utf8(bytes).ok()?;
+    Some(buf.as_str())
+}
+
+/// Encode text as a COPY text field.
+fn copy_escape(s: &str, out: &mut BytesMut) {
+    for b in s.bytes() {
+        match b {
+            b'\\' => out.put_slice(b"\\\\"),
+            b'\t' => out.put_slice(b"\\t"),
+            b'\n' => out.put_slice(b"\\n"),
+            b'\r' => out.put_slice(b"\\r"),
+            8 => out.put_slice(b"\\b"),
+            12 => out.put_slice(b"\\f"),
+            11 => out.put_slice(b"\\v"),
+            _ => out.put_u8(b),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::numeric_to_text;
+
+    fn numeric(ndigits: i16, weight: i16, sign: u16, dscale: u16, digits: &[i16]) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&ndigits.to_be_bytes());
+        v.extend_from_slice(&weight.to_be_bytes());
+        v.extend_from_slice(&sign.to_be_bytes());
+        v.extend_from_slice(&dscale.to_be_bytes());
+        for d in digits {
+            v.extend_from_slice(&d.to_be_bytes());
+        }
+        v
+    }
+
+    fn text(v: &[u8]) -> Option<String> {
+        let mut s = String::new();
+        numeric_to_text(v, &mut s).then_some(s)
+    }
+
+    #[test]
+    fn binary_numeric_renders_as_postgres_prints_it() {
+        assert_eq!(
+            text(&numeric(2, 0, 0, 2, &[1200, 5000])).as_deref(),
+            Some("1200.50")
+        );
+        assert_eq!(
+            text(&numeric(2, 0, 0x4000, 2, &[3, 2500])).as_deref(),
+            Some("-3.25")
+        );
+        assert_eq!(text(&numeric(0, 0, 0, 2, &[])).as_deref(), Some("0.00"));
+        assert_eq!(
+            text(&numeric(2, -1, 0, 7, &[1, 2340])).as_deref(),
+            Some("0.0001234")
+        );
+        assert_eq!(
+            text(&numeric(1, 2, 0, 0, &[12])).as_deref(),
+            Some("1200000000")
+        );
+        assert_eq!(text(&numeric(0, 0, 0xC000, 0, &[])).as_deref(), Some("NaN"));
+        assert_eq!(
+            text(&numeric(1, 0, 0, 0, &[10_000])),
+            None,
+            "digit out of range"
+        );
+        assert_eq!(
+            text(&numeric(2, 0, 0, 0, &[1])),
+            None,
+            "digit count mismatch"
+        );
+        assert_eq!(text(&numeric(0, 0, 0x1234, 0, &[])), None, "bad sign");
+        assert_eq!(text(&[0, 0, 0]), None, "short header");
+    }
+}

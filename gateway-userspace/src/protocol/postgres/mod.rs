@@ -1,0 +1,56 @@
+//! Postgres v3 wire protocol for the L7 proxy: codec, session state, row masking.
+//!
+//! - [`codec`]: sans-IO decoder/encoder for startup packets and frontend/backend
+//!   messages, with explicit [`codec::Limits`].
+//! - [`session`]: pure state the proxy loop drives (transaction status, prepared
+//!   statements and portals, request/response matching, skip-until-Sync, how a
+//!   denial is placed).
+//! - [`mask`]: rewriting `DataRow` and `COPY TO STDOUT` data per masking rules.
+//!
+//! What fails closed here, and why:
+//!
+//! - Malformed or oversize client input is a [`codec::ProtocolError`]; the proxy
+//!   answers `ErrorResponse` 08P01 and closes, sending nothing upstream: bytes it
+//!   cannot frame cannot be judged.
+//! - A server stream that stops matching the requests sent is a
+//!   [`session::SessionError`]: rows could no longer be tied to their columns.
+//! - Rows that cannot be masked are not sent ([`mask::MaskError`]).
+//!
+//! Authentication is passed through (cleartext, MD5, SCRAM-SHA-256): the proxy
+//! never sees a usable password hash for SCRAM and does not need one. SCRAM
+//! channel binding (`SCRAM-SHA-256-PLUS`) binds the exchange to the TLS channel
+//! the client sees; when the proxy terminates TLS that is not the server's
+//! channel, so binding cannot pass. The proxy offers the client only the
+//! mechanisms without `-PLUS` ([`strip_channel_binding`]) and authentication runs
+//! without channel binding. The GS2 flag the client then sends is signed into the
+//! SCRAM proof and cannot be rewritten: a client that talks TLS to the proxy and
+//! supports binding sends `y` ("I could bind, you did not offer it"), which a
+//! server that itself offers `-PLUS` (TLS upstream) rejects as a downgrade. So:
+//! with TLS upstream, the client leg must be plain (the proxy answers
+//! `SSLRequest` with `N`; the leg is loopback on the same host) for SCRAM to work;
+//! a client set to `channel_binding=require` cannot connect through the proxy.
+//!
+//! `GSSENCRequest` is answered `N` by the proxy itself (an encrypted stream cannot
+//! be inspected); it is never forwarded. `SSLRequest` is answered by the proxy per
+//! its own TLS configuration.
+
+pub mod codec;
+pub mod mask;
+pub mod session;
+
+use bytes::Bytes;
+
+use codec::Authentication;
+
+/// Remove channel-binding SASL mechanisms (`*-PLUS`) from an
+/// `AuthenticationSASL` before it reaches the client. Returns whether a usable
+/// mechanism is left.
+pub fn strip_channel_binding(auth: &mut Authentication) -> bool {
+    match auth {
+        Authentication::Sasl { mechanisms } => {
+            mechanisms.retain(|m: &Bytes| !m.ends_with(b"-PLUS"));
+            !mechanisms.is_empty()
+        }
+        _ => true,
+    }
+}
