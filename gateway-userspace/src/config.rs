@@ -32,8 +32,8 @@ pub enum ConfigError {
 pub struct Config {
     pub daemon: DaemonConfig,
     pub proxy: ProxyConfig,
+    pub policy: PolicyConfig,
     /// Sections owned by other components, checked by them.
-    pub policy: Option<toml::Table>,
     pub audit: Option<toml::Table>,
     pub identity: Option<toml::Table>,
 }
@@ -62,6 +62,39 @@ pub struct DaemonConfig {
     pub fail_mode: FailMode,
     /// bpffs directory for pinned links (fail-closed mode).
     pub bpffs_dir: PathBuf,
+    /// Identities accepted without OIDC verification, for local trials and
+    /// tests. Audit records mark them `kind = "label"`. Production configs
+    /// should list none: then only verified identities can be bound.
+    pub label_identities: Vec<LabelIdentity>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LabelIdentity {
+    pub name: String,
+    #[serde(default)]
+    pub groups: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// Directory of policy files (`agentgate policy check DIR` validates it).
+    pub dir: PathBuf,
+    /// How often the directory is checked for changes (SIGHUP reloads at once).
+    pub watch_interval_secs: u64,
+    /// How often DNS names in resource addresses are resolved again.
+    pub dns_refresh_secs: u64,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            dir: "/etc/agentgate/policies".into(),
+            watch_interval_secs: 2,
+            dns_refresh_secs: 60,
+        }
+    }
 }
 
 impl Default for DaemonConfig {
@@ -73,6 +106,7 @@ impl Default for DaemonConfig {
             exec_cgroup: "agentgate".into(),
             fail_mode: FailMode::Closed,
             bpffs_dir: "/sys/fs/bpf/agentgate".into(),
+            label_identities: Vec::new(),
         }
     }
 }
@@ -152,6 +186,11 @@ impl Config {
         if self.proxy.port == 0 {
             return Err(invalid(
                 "proxy.port must not be 0: the kernel programs need a fixed port".into(),
+            ));
+        }
+        if self.policy.watch_interval_secs == 0 || self.policy.dns_refresh_secs == 0 {
+            return Err(invalid(
+                "policy.watch_interval_secs and policy.dns_refresh_secs must be at least 1".into(),
             ));
         }
         if self.proxy.max_connections == 0 {

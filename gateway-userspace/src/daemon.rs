@@ -27,7 +27,9 @@ use crate::{
     binding::{BindingKind, Bindings},
     cgroup::{self, Hierarchy},
     config::Config,
+    config::PolicyConfig,
     control::{ErrorKind, MAX_REQUEST, Request, Response},
+    policy::{PolicyStore, WatchEvent, WatchOptions},
     proxy::{self, Registry, Shared},
     redirect::{RedirectConfig, Redirector},
 };
@@ -42,6 +44,8 @@ pub enum DaemonError {
     Redirect(#[from] crate::redirect::RedirectError),
     #[error(transparent)]
     Binding(#[from] crate::binding::BindingError),
+    #[error("policy is invalid; not starting:\n{errors}")]
+    Policy { errors: crate::policy::PolicyErrors },
     #[error("binding proxy listener {addr}")]
     Listen {
         addr: SocketAddr,
@@ -121,6 +125,22 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         .map(|b| (b.id, b.cgroup.clone()))
         .collect();
 
+    let mask_key_path = state_dir.join("mask.key");
+    let mask_key =
+        crate::keyfile::load_or_create(&mask_key_path).map_err(|source| DaemonError::Io {
+            what: "loading masking key",
+            path: mask_key_path,
+            source,
+        })?;
+    let policy = Arc::new(
+        PolicyStore::open(
+            &cfg.policy.dir,
+            Some(Arc::new(crate::mask::MaskKey::new(mask_key))),
+        )
+        .map_err(|errors| DaemonError::Policy { errors })?,
+    );
+    policy.refresh_dns().await;
+
     let shared = Arc::new(Shared {
         redirector: Mutex::new(redirector),
         bindings: Mutex::new(bindings),
@@ -129,6 +149,9 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         registry: Registry::default(),
         limit: Arc::new(Semaphore::new(cfg.proxy.max_connections)),
         netns_cookie,
+        policy: policy.clone(),
+        approvals: crate::approval::Broker::default(),
+        labels: cfg.daemon.label_identities.clone(),
     });
     let daemon = Arc::new(Daemon {
         shared: shared.clone(),
@@ -156,6 +179,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         tasks.spawn(proxy::serve(l6, shared.clone(), shutdown.clone()));
     }
     tasks.spawn(daemon.clone().serve_control(control, shutdown.clone()));
+    tasks.spawn(watch_policy(policy, &cfg.policy, shutdown.clone()));
     let _ = shutdown.wait_for(|stop| *stop).await;
     tasks.shutdown().await;
     let _ = std::fs::remove_file(&cfg.daemon.control_socket);
@@ -181,6 +205,56 @@ fn restore_bindings(path: &Path, redirector: &mut Redirector) -> Result<Bindings
     }
     bindings.save(path)?;
     Ok(bindings)
+}
+
+/// Reloads the policy on SIGHUP and when its files change. A rejected policy
+/// leaves the previous one in force; both outcomes are logged.
+fn watch_policy(
+    store: Arc<PolicyStore>,
+    cfg: &PolicyConfig,
+    mut shutdown: watch::Receiver<bool>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let opts = WatchOptions {
+        poll: Duration::from_secs(cfg.watch_interval_secs),
+        dns_refresh: Duration::from_secs(cfg.dns_refresh_secs),
+    };
+    async move {
+        let on_event = |event: WatchEvent| match event {
+            WatchEvent::Reloaded(o) => {
+                tracing::info!(event = "policy.reload", outcome = "accepted", digest = %o.digest, previous = %o.previous_digest);
+            }
+            WatchEvent::Rejected(errors) => {
+                tracing::error!(event = "policy.reload", outcome = "rejected", errors = %errors, "new policy rejected; the previous policy stays in force");
+            }
+        };
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGHUP; policy reloads on file change only");
+                return crate::policy::watch(store, opts, on_event, async move {
+                    let _ = shutdown.wait_for(|s| *s).await;
+                })
+                .await;
+            }
+        };
+        let sighup_store = store.clone();
+        let mut stop = shutdown.clone();
+        let sighup = async move {
+            loop {
+                tokio::select! {
+                    _ = hup.recv() => match sighup_store.reload(sighup_store.dir()) {
+                        Ok(o) => tracing::info!(event = "policy.reload", trigger = "SIGHUP", outcome = "accepted", digest = %o.digest),
+                        Err(errors) => tracing::error!(event = "policy.reload", trigger = "SIGHUP", outcome = "rejected", errors = %errors),
+                    },
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        };
+        let watcher = crate::policy::watch(store, opts, on_event, async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        });
+        tokio::join!(sighup, watcher);
+    }
 }
 
 fn listen(addr: SocketAddr) -> Result<TcpListener, DaemonError> {
@@ -320,24 +394,33 @@ impl Daemon {
         })
     }
 
-    fn validate_identity(identity: &str) -> Result<(), Response> {
+    /// Only identities the daemon can vouch for may be bound: a verified OIDC
+    /// session or service account, or a label the config declares.
+    fn validate_identity(&self, identity: &str) -> Result<(), Response> {
         let ok = !identity.is_empty()
             && identity.len() <= 256
             && identity
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "._@-+:".contains(c));
-        if ok {
-            Ok(())
-        } else {
-            Err(Response::err(
+        if !ok {
+            return Err(Response::err(
                 ErrorKind::Usage,
                 format!("invalid identity {identity:?}: use letters, digits and ._@-+:"),
-            ))
+            ));
         }
+        if self.shared.subject(identity).is_none() {
+            return Err(Response::err(
+                ErrorKind::Usage,
+                format!(
+                    "unknown identity {identity:?}: log in with `agentgate login`, or configure it as a service account"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn exec(&self, identity: String) -> Result<(u32, PathBuf), Response> {
-        Self::validate_identity(&identity)?;
+        self.validate_identity(&identity)?;
         let failure = |e: &dyn std::fmt::Display| Response::err(ErrorKind::Failure, e.to_string());
         let name = format!(
             "exec-{}-{}",
@@ -355,7 +438,7 @@ impl Daemon {
     }
 
     fn tag(&self, user_path: &Path, identity: String) -> Result<Response, Response> {
-        Self::validate_identity(&identity)?;
+        self.validate_identity(&identity)?;
         let path = self
             .shared
             .hierarchy

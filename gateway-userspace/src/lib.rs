@@ -21,6 +21,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod identity;
+pub mod keyfile;
 pub mod mask;
 pub mod policy;
 pub mod protocol;

@@ -8,10 +8,14 @@
 //! 3. resolve the binding (cgroup -> identity); a binding that is gone (untagged,
 //!    logged out) refuses the connection;
 //! 4. enrich the workload from /proc;
-//! 5. connect to the original destination from the daemon's own, untagged
-//!    context (the connect hook skips the daemon's pid), bounded by a timeout;
-//! 6. relay both ways with half-close: EOF from one side becomes a write
-//!    shutdown on the other, and the other direction keeps flowing.
+//! 5. ask the policy about the destination: an unknown destination or a denied
+//!    connection is closed (fails closed);
+//! 6. hand the connection to the resource's protocol handler. Plain `tcp`
+//!    resources are relayed: connect to the original destination from the
+//!    daemon's own, untagged context (the connect hook skips the daemon's pid),
+//!    bounded by a timeout, and copy both ways with half-close: EOF from one
+//!    side becomes a write shutdown on the other, and the other direction keeps
+//!    flowing. Protocols without a handler yet are refused, not relayed blind.
 //!
 //! Limits: `max_connections` live connections (more are refused), one relay
 //! buffer per direction, a connect timeout.
@@ -35,9 +39,11 @@ use tokio::{
 };
 
 use crate::{
+    approval::Broker,
     binding::Bindings,
     cgroup::Hierarchy,
-    config::ProxyConfig,
+    config::{LabelIdentity, ProxyConfig},
+    policy::{PolicyStore, Protocol, Subject, Verdict},
     provenance::Workload,
     redirect::{self, Redirector},
 };
@@ -52,6 +58,23 @@ pub struct Shared {
     pub limit: Arc<Semaphore>,
     /// The listeners' network namespace, as the kernel keys its records.
     pub netns_cookie: u64,
+    pub policy: Arc<PolicyStore>,
+    pub approvals: Broker,
+    pub labels: Vec<LabelIdentity>,
+}
+
+impl Shared {
+    /// The policy subject for an identity name: its groups come from the
+    /// verified identity (or the configured label).
+    pub fn subject(&self, identity: &str) -> Option<Subject> {
+        self.labels
+            .iter()
+            .find(|l| l.name == identity)
+            .map(|l| Subject {
+                identity: l.name.clone(),
+                groups: l.groups.clone(),
+            })
+    }
 }
 
 /// Live connections, for `agentgate status`.
@@ -157,6 +180,26 @@ async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<
         .ok_or("cgroup binding is gone")?;
     let workload = Workload::from_kernel(&prov, &shared.hierarchy);
     let destination = redirect::socket_addr(&prov.orig_dst);
+    let subject = shared
+        .subject(&identity)
+        .ok_or("identity is no longer valid")?;
+    let policy = shared.policy.current();
+    let decision = policy.decide_connect(&subject, destination);
+    if !matches!(decision.verdict, Verdict::Allow) {
+        tracing::info!(
+            event = "connection.denied",
+            identity = %identity,
+            pid = workload.pid,
+            exe = workload.exe.as_deref().unwrap_or("?"),
+            %destination,
+            rule = %decision.rule,
+            verdict = ?decision.verdict,
+        );
+        return Err("denied by policy");
+    }
+    let protocol = policy
+        .resource_for(destination)
+        .map_or(Protocol::Tcp, |r| r.protocol);
 
     let conn = Arc::new(LiveConnection {
         id: shared.registry.next_id(),
@@ -179,7 +222,15 @@ async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<
     );
     shared.registry.insert(conn.clone());
     let started = Instant::now();
-    let result = connect_and_relay(client, &conn, &shared.config).await;
+    let result = match protocol {
+        // Postgres is relayed at L4 until its L7 handler is wired in.
+        Protocol::Tcp | Protocol::Postgres => {
+            connect_and_relay(client, &conn, &shared.config).await
+        }
+        Protocol::Mysql | Protocol::Http => Err(std::io::Error::other(format!(
+            "no handler for {protocol:?} resources yet"
+        ))),
+    };
     shared.registry.remove(conn.id);
     drop(permit);
     tracing::info!(

@@ -253,7 +253,28 @@ pub struct DaemonOptions {
     pub port: u16,
     /// Extra TOML appended to the config.
     pub extra: String,
+    /// Policy files (name, text) for the daemon's policy directory; by
+    /// default one that lets the label `demo` reach any loopback TCP port.
+    pub policies: Vec<(String, String)>,
 }
+
+/// Loopback TCP for the label identity `demo`; nothing else.
+pub const LOOPBACK_POLICY: &str = r#"
+[defaults]
+unknown_destination = "deny"
+
+[[resource]]
+name = "loopback"
+protocol = "tcp"
+addresses = ["127.0.0.0/8:*", "[::1/128]:*"]
+default_action = "deny"
+
+[[rule]]
+name = "demo-loopback"
+identities = ["demo"]
+resources = ["loopback"]
+action = "allow"
+"#;
 
 impl Default for DaemonOptions {
     fn default() -> Self {
@@ -262,6 +283,7 @@ impl Default for DaemonOptions {
             fail_closed: false,
             port: 15001,
             extra: String::new(),
+            policies: vec![("loopback.toml".into(), LOOPBACK_POLICY.into())],
         }
     }
 }
@@ -291,6 +313,11 @@ impl Env {
         fs::create_dir_all(&state)?;
         let bpffs = PathBuf::from(format!("/sys/fs/bpf/agentgate-e2e-{name}"));
         let config = state.join("agentgate.toml");
+        let policy_dir = state.join("policy");
+        fs::create_dir_all(&policy_dir)?;
+        for (file, text) in &opts.policies {
+            fs::write(policy_dir.join(file), text)?;
+        }
         let rel = |p: &Path| {
             p.strip_prefix(cgroup2_mount())
                 .expect("under the mount")
@@ -300,8 +327,11 @@ impl Env {
         let config_text = format!(
             "[daemon]\nstate_dir = \"{state}\"\ncontrol_socket = \"{state}/control.sock\"\n\
              attach_cgroup = \"{attach}\"\nexec_cgroup = \"{attach}/agents\"\n\
-             fail_mode = \"{mode}\"\nbpffs_dir = \"{bpffs}\"\n\n\
+             fail_mode = \"{mode}\"\nbpffs_dir = \"{bpffs}\"\n\
+             label_identities = [{{ name = \"demo\", groups = [\"demo\"] }}, {{ name = \"svc-reporting\", groups = [\"reporting\"] }}]\n\n\
+             [policy]\ndir = \"{policy}\"\nwatch_interval_secs = 1\n\n\
              [proxy]\nport = {port}\nfast_path = {fast}\n{extra}\n",
+            policy = policy_dir.display(),
             state = state.display(),
             attach = rel(&cgroup.path),
             mode = if opts.fail_closed { "closed" } else { "open" },

@@ -464,3 +464,60 @@ fn netns_run(env: &Env, argv: &[String]) -> Command {
     c.args(&argv[1..]);
     c
 }
+
+#[test]
+fn destinations_outside_the_policy_are_denied() {
+    // Only one echo server's port is a resource.
+    let mut opts = DaemonOptions::default();
+    let env_probe = Env::new("denyprobe", DaemonOptions::default()).unwrap();
+    let (_a, allowed) = env_probe.echo_server("127.0.0.1").unwrap();
+    drop(env_probe);
+    opts.policies = vec![(
+        "one.toml".into(),
+        format!(
+            "[defaults]\nunknown_destination = \"deny\"\n[[resource]]\nname = \"echo\"\nprotocol = \"tcp\"\n\
+             addresses = [\"127.0.0.1:{allowed}\"]\ndefault_action = \"deny\"\n\
+             [[rule]]\nname = \"demo-echo\"\nidentities = [\"demo\"]\nresources = [\"echo\"]\naction = \"allow\"\n"
+        ),
+    )];
+    opts.port = 15002;
+    let env = Env::new("deny", opts).unwrap();
+    let spawn_echo_on = |port: u16| {
+        let script = format!(
+            "import socket,threading\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('127.0.0.1',{port}));s.listen()\nprint('up',flush=True)\n\
+             def h(c):\n  d=c.recv(100)\n  c.sendall(d);c.close()\nwhile True:\n  c,_=s.accept();threading.Thread(target=h,args=(c,)).start()\n"
+        );
+        let mut c = env.netns.command("python3");
+        c.args(["-c", &script]).stdout(Stdio::piped());
+        let mut p = Proc::spawn("echo", c).unwrap();
+        assert_eq!(p.read_line().unwrap(), "up");
+        p
+    };
+    let _allowed_srv = spawn_echo_on(allowed);
+    let other = allowed.wrapping_add(1).max(1024);
+    let _other_srv = spawn_echo_on(other);
+    let probe = |port: u16| -> String {
+        let code = format!(
+            "import socket\ns=socket.create_connection(('127.0.0.1',{port})); s.sendall(b'hi')\n\
+             try:\n  print(repr(s.recv(10)))\nexcept ConnectionResetError:\n  print('reset')"
+        );
+        let out = run_ok(&mut env.exec("demo", &["python3", "-c", &code])).unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(probe(allowed), "b'hi'");
+    let denied = probe(other);
+    assert!(
+        denied == "b''" || denied == "reset",
+        "a destination that is not a resource gets nothing: {denied}"
+    );
+    assert!(
+        env.daemon_log().contains("default:unknown-destination"),
+        "{}",
+        env.daemon_log()
+    );
+
+    // Identities the daemon cannot vouch for cannot be bound.
+    let out = env.exec("mallory", &["true"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown identity"));
+}

@@ -244,11 +244,19 @@ fn local_config(root: &Path) -> Result<PathBuf> {
          control_socket = \"{state}/control.sock\"\n\
          exec_cgroup = \"agentgate-local\"\n\
          fail_mode = \"closed\"\n\
-         bpffs_dir = \"/sys/fs/bpf/agentgate-local\"\n\n\
+         bpffs_dir = \"/sys/fs/bpf/agentgate-local\"\n\
+         # Unverified identities for trying agentgate without an OpenID provider.\n\
+         label_identities = [\n\
+         \x20 {{ name = \"demo\", groups = [\"demo\"] }},\n\
+         \x20 {{ name = \"approver\", groups = [\"approvers\"] }},\n\
+         ]\n\n\
+         [policy]\n\
+         dir = \"{policies}\"\n\n\
          [proxy]\n\
          port = 15001\n\
          fast_path = false\n",
-        state = state.display()
+        state = state.display(),
+        policies = root.join("policies/local").display(),
     );
     if !path.exists() {
         fs::write(&path, text)?;
