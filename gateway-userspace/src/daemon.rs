@@ -91,17 +91,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
     })?;
 
     let p = &cfg.proxy;
-    let addr4 = SocketAddr::new(p.listen_v4.into(), p.port);
-    let addr6 = SocketAddr::V6(SocketAddrV6::new(p.listen_v6, p.port, 0, 0));
-    let listener4 = listen(addr4)?;
-    let listener6 = match listen(addr6) {
-        Ok(l) => Some(l),
-        Err(e) => {
-            // Tagged IPv6 connects still go to addr6 and are refused there: fails closed.
-            tracing::warn!(error = %e, "no IPv6 listener; IPv6 connections of tagged processes will be refused");
-            None
-        }
-    };
+    let (listener4, listener6, addr4, addr6) = listeners(p)?;
     let netns_cookie = crate::sys::netns_cookie(&listener4).map_err(|source| DaemonError::Io {
         what: "reading netns cookie of",
         path: "proxy listener".into(),
@@ -255,6 +245,24 @@ fn watch_policy(
         });
         tokio::join!(sighup, watcher);
     }
+}
+
+/// The IPv4 listener (required) and the IPv6 one (if the host has IPv6).
+fn listeners(
+    p: &crate::config::ProxyConfig,
+) -> Result<(TcpListener, Option<TcpListener>, SocketAddr, SocketAddr), DaemonError> {
+    let addr4 = SocketAddr::new(p.listen_v4.into(), p.port);
+    let addr6 = SocketAddr::V6(SocketAddrV6::new(p.listen_v6, p.port, 0, 0));
+    let listener4 = listen(addr4)?;
+    let listener6 = match listen(addr6) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            // Tagged IPv6 connects still go to addr6 and are refused there: fails closed.
+            tracing::warn!(error = %e, "no IPv6 listener; IPv6 connections of tagged processes will be refused");
+            None
+        }
+    };
+    Ok((listener4, listener6, addr4, addr6))
 }
 
 fn listen(addr: SocketAddr) -> Result<TcpListener, DaemonError> {
