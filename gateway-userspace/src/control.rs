@@ -31,6 +31,19 @@ pub enum Request {
     Untag {
         cgroup: PathBuf,
     },
+    ApprovalsList,
+    ApprovalsShow {
+        id: String,
+    },
+    /// Approve or deny a held command. `approver` names who decides (recorded
+    /// in the audit log); it can never be the requester.
+    ApprovalsDecide {
+        id: String,
+        approve: bool,
+        approver: String,
+        #[serde(default)]
+        reason: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

@@ -374,6 +374,55 @@ impl Daemon {
                 (self.tag(&cgroup, identity).unwrap_or_else(|r| r), None)
             }
             Request::Untag { cgroup } => (self.untag(&cgroup).unwrap_or_else(|r| r), None),
+            Request::ApprovalsList => (Response::ok(json!(self.shared.approvals.list())), None),
+            Request::ApprovalsShow { id } => match self.shared.approvals.get(&id) {
+                Some(r) => (Response::ok(json!(r)), None),
+                None => (
+                    Response::err(
+                        ErrorKind::Usage,
+                        format!("no pending approval request {id}"),
+                    ),
+                    None,
+                ),
+            },
+            Request::ApprovalsDecide {
+                id,
+                approve,
+                approver,
+                reason,
+            } => (self.decide(&id, approve, approver, reason), None),
+        }
+    }
+
+    /// Root on the control socket decides for any approver group, under the
+    /// approver name it gives; the broker still refuses self-approval.
+    fn decide(
+        &self,
+        id: &str,
+        approve: bool,
+        approver: String,
+        reason: Option<String>,
+    ) -> Response {
+        if approver.is_empty() || approver.len() > 256 {
+            return Response::err(
+                ErrorKind::Usage,
+                "approver name must be 1 to 256 characters",
+            );
+        }
+        if reason.as_ref().is_some_and(|r| r.len() > 4096) {
+            return Response::err(ErrorKind::Usage, "reason is longer than 4096 bytes");
+        }
+        let who = crate::approval::Approver {
+            name: approver,
+            groups: Vec::new(),
+            any_group: true,
+        };
+        match self.shared.approvals.decide(id, &who, approve, reason) {
+            Ok(d) => {
+                tracing::info!(event = if approve { "approval.granted" } else { "approval.denied" }, id, approver = %who.name, result = ?d);
+                Response::ok(json!(d))
+            }
+            Err(e) => Response::err(ErrorKind::Usage, e.to_string()),
         }
     }
 

@@ -404,6 +404,18 @@ fn cli_errors_are_usage_errors() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Approvals: none pending; deciding on an unknown request is the caller's error.
+    let out = run_ok(&mut env.agentgate(&["approvals", "list"])).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().next(),
+        Some("pending approvals: 0")
+    );
+    let out = env
+        .agentgate(&["approvals", "approve", "apr-nope"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no pending approval request apr-nope"));
     // Tag and untag an existing cgroup.
     let target = env.cgroup.child("svc").unwrap();
     let p = target.to_str().unwrap();

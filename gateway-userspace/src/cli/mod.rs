@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod approvals;
 mod audit;
 mod daemon;
 mod identity;
@@ -43,6 +44,9 @@ pub enum Command {
     Untag(daemon::UntagArgs),
     /// Log in with OIDC (device authorization flow).
     Login(identity::LoginArgs),
+    /// Decide on commands held for approval.
+    #[command(subcommand)]
+    Approvals(approvals::ApprovalsCommand),
     /// Validate and explain policies.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
@@ -67,6 +71,7 @@ pub fn main() -> ExitCode {
         Command::Untag(args) => daemon::untag(&cli.config, args),
         Command::Login(args) => identity::login(&cli.config, args),
         Command::Policy(cmd) => policy::run(&cli.config, cmd),
+        Command::Approvals(cmd) => approvals::run(&cli.config, &cmd),
         Command::Audit(cmd) => audit::run(&cli.config, cmd),
     };
     match result {
