@@ -35,7 +35,8 @@ pub struct Config {
     pub policy: PolicyConfig,
     /// Sections owned by other components, checked by them.
     pub audit: Option<toml::Table>,
-    pub identity: Option<toml::Table>,
+    /// `OpenID` provider and service accounts; without it only label identities exist.
+    pub identity: Option<crate::identity::IdentityConfig>,
 }
 
 /// What happens to tagged cgroups when the daemon is not running.

@@ -44,6 +44,8 @@ pub enum DaemonError {
     Redirect(#[from] crate::redirect::RedirectError),
     #[error(transparent)]
     Binding(#[from] crate::binding::BindingError),
+    #[error("[identity]: {0}")]
+    Identity(String),
     #[error("policy is invalid; not starting:\n{errors}")]
     Policy { errors: crate::policy::PolicyErrors },
     #[error("binding proxy listener {addr}")]
@@ -115,22 +117,10 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         .map(|b| (b.id, b.cgroup.clone()))
         .collect();
 
-    let mask_key_path = state_dir.join("mask.key");
-    let mask_key =
-        crate::keyfile::load_or_create(&mask_key_path).map_err(|source| DaemonError::Io {
-            what: "loading masking key",
-            path: mask_key_path,
-            source,
-        })?;
-    let policy = Arc::new(
-        PolicyStore::open(
-            &cfg.policy.dir,
-            Some(Arc::new(crate::mask::MaskKey::new(mask_key))),
-        )
-        .map_err(|errors| DaemonError::Policy { errors })?,
-    );
+    let policy = load_policy(&cfg.policy, state_dir)?;
     policy.refresh_dns().await;
 
+    let identities = identities(cfg.identity.as_ref())?;
     let shared = Arc::new(Shared {
         redirector: Mutex::new(redirector),
         bindings: Mutex::new(bindings),
@@ -142,6 +132,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         policy: policy.clone(),
         approvals: crate::approval::Broker::default(),
         labels: cfg.daemon.label_identities.clone(),
+        identities,
     });
     let daemon = Arc::new(Daemon {
         shared: shared.clone(),
@@ -170,11 +161,43 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
     }
     tasks.spawn(daemon.clone().serve_control(control, shutdown.clone()));
     tasks.spawn(watch_policy(policy, &cfg.policy, shutdown.clone()));
+    tasks.spawn(daemon.clone().maintain_identities(shutdown.clone()));
     let _ = shutdown.wait_for(|stop| *stop).await;
     tasks.shutdown().await;
     let _ = std::fs::remove_file(&cfg.daemon.control_socket);
     tracing::info!("agentgate stopped");
     Ok(())
+}
+
+/// The policy in force at start, with the masking key (made on first start).
+/// An invalid policy refuses the start.
+fn load_policy(cfg: &PolicyConfig, state_dir: &Path) -> Result<Arc<PolicyStore>, DaemonError> {
+    let mask_key_path = state_dir.join("mask.key");
+    let mask_key =
+        crate::keyfile::load_or_create(&mask_key_path).map_err(|source| DaemonError::Io {
+            what: "loading masking key",
+            path: mask_key_path,
+            source,
+        })?;
+    let store = PolicyStore::open(
+        &cfg.dir,
+        Some(Arc::new(crate::mask::MaskKey::new(mask_key))),
+    )
+    .map_err(|errors| DaemonError::Policy { errors })?;
+    Ok(Arc::new(store))
+}
+
+fn identities(
+    cfg: Option<&crate::identity::IdentityConfig>,
+) -> Result<Option<Arc<proxy::Identities>>, DaemonError> {
+    let Some(icfg) = cfg else { return Ok(None) };
+    let client = crate::identity::OidcClient::new(icfg.clone())
+        .map_err(|e| DaemonError::Identity(e.to_string()))?;
+    let store = crate::identity::IdentityStore::for_config(icfg);
+    Ok(Some(Arc::new(proxy::Identities {
+        client,
+        store: tokio::sync::Mutex::new(store),
+    })))
 }
 
 /// Loads persisted bindings and re-tags the cgroups that still exist (same
@@ -343,7 +366,7 @@ impl Daemon {
                         Response::err(ErrorKind::Usage, "one exec per connection")
                     }
                     Ok(req) => {
-                        let (resp, exec) = self.handle(req);
+                        let (resp, exec) = self.handle(req).await;
                         owned_exec = owned_exec.or(exec);
                         resp
                     }
@@ -360,19 +383,22 @@ impl Daemon {
         }
     }
 
-    fn handle(&self, req: Request) -> (Response, Option<(u32, PathBuf)>) {
+    async fn handle(&self, req: Request) -> (Response, Option<(u32, PathBuf)>) {
         match req {
             Request::Status => (Response::ok(self.status()), None),
-            Request::Exec { identity } => match self.exec(identity) {
+            Request::Login { handoff } => (self.login(handoff).await, None),
+            Request::Logout { identity } => (self.logout(&identity).await, None),
+            Request::Exec { identity } => match self.exec(identity).await {
                 Ok((id, path)) => (
                     Response::ok(json!({ "cgroup": path, "binding": id })),
                     Some((id, path)),
                 ),
                 Err(r) => (r, None),
             },
-            Request::Tag { cgroup, identity } => {
-                (self.tag(&cgroup, identity).unwrap_or_else(|r| r), None)
-            }
+            Request::Tag { cgroup, identity } => (
+                self.tag(&cgroup, identity).await.unwrap_or_else(|r| r),
+                None,
+            ),
             Request::Untag { cgroup } => (self.untag(&cgroup).unwrap_or_else(|r| r), None),
             Request::ApprovalsList => (Response::ok(json!(self.shared.approvals.list())), None),
             Request::ApprovalsShow { id } => match self.shared.approvals.get(&id) {
@@ -391,6 +417,88 @@ impl Daemon {
                 approver,
                 reason,
             } => (self.decide(&id, approve, approver, reason), None),
+        }
+    }
+
+    async fn login(&self, handoff: crate::identity::LoginHandoff) -> Response {
+        let Some(ids) = &self.shared.identities else {
+            return Response::err(
+                ErrorKind::Usage,
+                "this daemon has no [identity] provider configured",
+            );
+        };
+        let session = match crate::identity::Session::from_handoff(&ids.client, handoff).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(event = "identity.failure", stage = "handoff", error = %e);
+                return Response::err(ErrorKind::Usage, format!("login refused: {e}"));
+            }
+        };
+        let v = session.identity().clone();
+        match ids
+            .store
+            .lock()
+            .await
+            .insert(session, crate::identity::LoginMethod::DeviceFlow)
+        {
+            Ok(event) => {
+                tracing::info!(event = "identity.login", detail = %serde_json::to_string(&event).unwrap_or_default());
+                Response::ok(json!({
+                    "name": v.name,
+                    "groups": v.groups,
+                    "expires_at": crate::time::rfc3339(v.expires_at),
+                }))
+            }
+            Err(e) => Response::err(ErrorKind::Usage, format!("login refused: {e}")),
+        }
+    }
+
+    async fn logout(&self, identity: &str) -> Response {
+        let Some(ids) = &self.shared.identities else {
+            return Response::err(
+                ErrorKind::Usage,
+                "this daemon has no [identity] provider configured",
+            );
+        };
+        let result = ids.store.lock().await.logout(identity);
+        match result {
+            Ok((session, event)) => {
+                tracing::info!(event = "identity.logout", detail = %serde_json::to_string(&event).unwrap_or_default());
+                let closed = self.shared.registry.close_identity(identity);
+                if let Some(s) = session
+                    && let Err(e) = s.revoke_at_provider(&ids.client).await
+                {
+                    tracing::warn!(identity, error = %e, "revoking the refresh token at the provider failed");
+                }
+                Response::ok(json!({ "identity": identity, "connections_closed": closed }))
+            }
+            Err(e) => Response::err(ErrorKind::Usage, e.to_string()),
+        }
+    }
+
+    /// Expires, refreshes and logs in service accounts; an identity that ends
+    /// loses its live connections (new ones already fail its subject lookup).
+    async fn maintain_identities(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let Some(ids) = self.shared.identities.clone() else {
+            return;
+        };
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+            for event in crate::identity::maintain(&ids.store, &ids.client).await {
+                let detail = serde_json::to_string(&event).unwrap_or_default();
+                tracing::info!(event = "identity.event", %detail);
+                if event.ends_identity()
+                    && let Some(name) = event.name()
+                {
+                    let n = self.shared.registry.close_identity(name);
+                    tracing::info!(identity = name, connections_closed = n, "identity ended");
+                }
+            }
         }
     }
 
@@ -453,7 +561,7 @@ impl Daemon {
 
     /// Only identities the daemon can vouch for may be bound: a verified OIDC
     /// session or service account, or a label the config declares.
-    fn validate_identity(&self, identity: &str) -> Result<(), Response> {
+    async fn validate_identity(&self, identity: &str) -> Result<(), Response> {
         let ok = !identity.is_empty()
             && identity.len() <= 256
             && identity
@@ -465,7 +573,7 @@ impl Daemon {
                 format!("invalid identity {identity:?}: use letters, digits and ._@-+:"),
             ));
         }
-        if self.shared.subject(identity).is_none() {
+        if self.shared.subject(identity).await.is_none() {
             return Err(Response::err(
                 ErrorKind::Usage,
                 format!(
@@ -476,8 +584,8 @@ impl Daemon {
         Ok(())
     }
 
-    fn exec(&self, identity: String) -> Result<(u32, PathBuf), Response> {
-        self.validate_identity(&identity)?;
+    async fn exec(&self, identity: String) -> Result<(u32, PathBuf), Response> {
+        self.validate_identity(&identity).await?;
         let failure = |e: &dyn std::fmt::Display| Response::err(ErrorKind::Failure, e.to_string());
         let name = format!(
             "exec-{}-{}",
@@ -494,8 +602,8 @@ impl Daemon {
         Ok((id, path))
     }
 
-    fn tag(&self, user_path: &Path, identity: String) -> Result<Response, Response> {
-        self.validate_identity(&identity)?;
+    async fn tag(&self, user_path: &Path, identity: String) -> Result<Response, Response> {
+        self.validate_identity(&identity).await?;
         let path = self
             .shared
             .hierarchy

@@ -61,19 +61,32 @@ pub struct Shared {
     pub policy: Arc<PolicyStore>,
     pub approvals: Broker,
     pub labels: Vec<LabelIdentity>,
+    /// Verified OIDC identities, when `[identity]` is configured.
+    pub identities: Option<Arc<Identities>>,
+}
+
+/// The `OpenID` provider client and the sessions the daemon holds.
+pub struct Identities {
+    pub client: crate::identity::OidcClient,
+    pub store: tokio::sync::Mutex<crate::identity::IdentityStore>,
 }
 
 impl Shared {
     /// The policy subject for an identity name: its groups come from the
     /// verified identity (or the configured label).
-    pub fn subject(&self, identity: &str) -> Option<Subject> {
-        self.labels
-            .iter()
-            .find(|l| l.name == identity)
-            .map(|l| Subject {
+    pub async fn subject(&self, identity: &str) -> Option<Subject> {
+        if let Some(l) = self.labels.iter().find(|l| l.name == identity) {
+            return Some(Subject {
                 identity: l.name.clone(),
                 groups: l.groups.clone(),
-            })
+            });
+        }
+        let ids = self.identities.as_ref()?;
+        let verified = ids.store.lock().await.get_verified(identity).ok()?;
+        Some(Subject {
+            identity: identity.to_owned(),
+            groups: verified.groups,
+        })
     }
 }
 
@@ -95,6 +108,9 @@ pub struct LiveConnection {
     pub bytes_up: AtomicU64,
     #[serde(serialize_with = "ser_atomic")]
     pub bytes_down: AtomicU64,
+    /// Signalled to end the connection (its identity expired or logged out).
+    #[serde(skip)]
+    pub close: tokio::sync::Notify,
 }
 
 fn ser_atomic<S: serde::Serializer>(v: &AtomicU64, s: S) -> Result<S::Ok, S::Error> {
@@ -117,6 +133,17 @@ impl Registry {
 
     fn insert(&self, c: Arc<LiveConnection>) {
         self.live.lock().expect("registry lock").insert(c.id, c);
+    }
+
+    /// Ends every live connection of `identity`; returns how many.
+    pub fn close_identity(&self, identity: &str) -> usize {
+        let live = self.live.lock().expect("registry lock");
+        let mut n = 0;
+        for c in live.values().filter(|c| c.identity == identity) {
+            c.close.notify_one();
+            n += 1;
+        }
+        n
     }
 
     fn remove(&self, id: u64) {
@@ -182,6 +209,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<
     let destination = redirect::socket_addr(&prov.orig_dst);
     let subject = shared
         .subject(&identity)
+        .await
         .ok_or("identity is no longer valid")?;
     let policy = shared.policy.current();
     let decision = policy.decide_connect(&subject, destination);
@@ -209,6 +237,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<
         since: crate::time::now_rfc3339(),
         bytes_up: AtomicU64::new(0),
         bytes_down: AtomicU64::new(0),
+        close: tokio::sync::Notify::new(),
     });
     tracing::info!(
         event = "connection.open",
@@ -222,14 +251,21 @@ async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<
     );
     shared.registry.insert(conn.clone());
     let started = Instant::now();
-    let result = match protocol {
-        // Postgres is relayed at L4 until its L7 handler is wired in.
-        Protocol::Tcp | Protocol::Postgres => {
-            connect_and_relay(client, &conn, &shared.config).await
+    let serve = async {
+        match protocol {
+            // Postgres is relayed at L4 until its L7 handler is wired in.
+            Protocol::Tcp | Protocol::Postgres => {
+                connect_and_relay(client, &conn, &shared.config).await
+            }
+            Protocol::Mysql | Protocol::Http => Err(std::io::Error::other(format!(
+                "no handler for {protocol:?} resources yet"
+            ))),
         }
-        Protocol::Mysql | Protocol::Http => Err(std::io::Error::other(format!(
-            "no handler for {protocol:?} resources yet"
-        ))),
+    };
+    // Dropping the handler closes both sockets.
+    let result = tokio::select! {
+        r = serve => r,
+        () = conn.close.notified() => Err(std::io::Error::other("closed: the identity's session ended")),
     };
     shared.registry.remove(conn.id);
     drop(permit);

@@ -419,16 +419,14 @@ fn cli_errors_are_usage_errors() {
     // Tag and untag an existing cgroup.
     let target = env.cgroup.child("svc").unwrap();
     let p = target.to_str().unwrap();
-    run_ok(&mut env.agentgate(&["tag", "--cgroup", p, "--identity", "svc-reporting"])).unwrap();
+    run_ok(&mut env.agentgate(&["tag", "--cgroup", p, "--identity", "demo"])).unwrap();
     let out = env
-        .agentgate(&["tag", "--cgroup", p, "--identity", "other"])
+        .agentgate(&["tag", "--cgroup", p, "--identity", "demo"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "double tag is refused");
-    assert_eq!(
-        env.status().unwrap()["tagged"][0]["identity"],
-        "svc-reporting"
-    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already tagged"));
+    assert_eq!(env.status().unwrap()["tagged"][0]["identity"], "demo");
     run_ok(&mut env.agentgate(&["untag", "--cgroup", p])).unwrap();
     assert_eq!(
         env.status().unwrap()["tagged"].as_array().map(Vec::len),
