@@ -14,4 +14,4 @@
 //! Everything here fails closed unless its module doc says otherwise.
 #![deny(unsafe_code)]
 
-
+pub mod audit;

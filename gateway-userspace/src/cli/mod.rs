@@ -18,7 +18,12 @@ mod policy;
 #[command(name = "agentgate", version, propagate_version = true)]
 pub struct Cli {
     /// Daemon configuration file.
-    #[arg(long, global = true, env = "AGENTGATE_CONFIG", default_value = "/etc/agentgate/agentgate.toml")]
+    #[arg(
+        long,
+        global = true,
+        env = "AGENTGATE_CONFIG",
+        default_value = "/etc/agentgate/agentgate.toml"
+    )]
     pub config: std::path::PathBuf,
     #[command(subcommand)]
     pub command: Command,
@@ -79,7 +84,8 @@ pub fn main() -> ExitCode {
 
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("AGENTGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_env("AGENTGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
