@@ -68,7 +68,8 @@ pub use record::{
     SCHEMA_VERSION, Workload, now_rfc3339, parse_line, parse_time, record_hash, split_line,
 };
 pub use segment::{
-    ANCHOR_FILE, Anchor, LOCK_FILE, QUARANTINE_DIR, list_segments, quarantine_files, segment_name,
+    ANCHOR_FILE, Anchor, LOCK_FILE, LineEnd, LineReader, QUARANTINE_DIR, SegmentFile,
+    list_segments, quarantine_files, segment_name,
 };
 pub use spool::{INGESTING_FILE, SPOOL_FILE, spool_access_request};
 pub use verify::{Broken, VerifyFailure, VerifyReport, read_records, verify_dir};
