@@ -54,7 +54,7 @@ fn twenty_sigkills_under_load_lose_no_acknowledged_record() {
     for round in 0..20 {
         let batched = round % 4 == 3;
         let mut cmd = agentgate();
-        cmd.args(["audit", "stress", "--writers", "32", "--dir"])
+        cmd.args(["audit", "stress", "--writers", "16", "--dir"])
             .arg(&t.dir);
         if batched {
             // Batched mode acknowledges before fsync; a process kill (not a power cut)
@@ -67,10 +67,14 @@ fn twenty_sigkills_under_load_lose_no_acknowledged_record() {
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let reader = std::thread::spawn(move || {
             let mut got = Vec::new();
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
+                if line == "READY" {
+                    let _ = ready_tx.send(());
+                }
                 let mut parts = line.split(' ');
                 if let (Some("ACK"), Some(seq), Some(hash)) =
                     (parts.next(), parts.next(), parts.next())
@@ -80,14 +84,15 @@ fn twenty_sigkills_under_load_lose_no_acknowledged_record() {
             }
             got
         });
-        std::thread::sleep(Duration::from_millis(150 + rng.next() % 400));
+        // Opening verifies the whole log first; kill only once it is appending.
+        ready_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the writer did not open");
+        std::thread::sleep(Duration::from_millis(5 + rng.next() % 120));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         let got = reader.join().unwrap();
-        assert!(
-            !got.is_empty() || round > 0,
-            "round {round}: the writer acknowledged nothing"
-        );
+        let n = got.len();
         acked.extend(got);
 
         let torn = torn_tail(&t.dir);
@@ -133,13 +138,17 @@ fn twenty_sigkills_under_load_lose_no_acknowledged_record() {
             );
         }
         eprintln!(
-            "round {round}: {} acked so far, log size {}, torn tail {} bytes",
+            "round {round}: {n} acked this round, {} in all, log size {}, torn tail {} bytes",
             acked.len(),
             report.size,
             torn.len()
         );
     }
     eprintln!("{torn_rounds} of 20 kills left a torn tail");
+    assert!(
+        acked.len() > 20 * 10,
+        "the writers made too little progress to test anything"
+    );
     let out = agentgate()
         .args(["audit", "verify", "--dir"])
         .arg(&t.dir)

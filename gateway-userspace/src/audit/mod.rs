@@ -64,8 +64,9 @@ pub use checkpoint::{Checkpoint, KEY_FILE, KeyRotation, PUB_FILE, read_public_ke
 pub use config::{AuditConfig, Durability};
 pub use proof::{InclusionProof, prove_inclusion, verify_inclusion_proof};
 pub use record::{
-    GENESIS_PREV, Hash, IdentityRef, Kind, MAX_LINE_BYTES, NewRecord, ParsedLine, Record,
-    SCHEMA_VERSION, Workload, now_rfc3339, parse_line, parse_time, record_hash, split_line,
+    EncodeError, GENESIS_PREV, Hash, IdentityRef, Kind, MAX_LINE_BYTES, NewRecord, ParsedLine,
+    Record, SCHEMA_VERSION, Workload, encode_line, now_rfc3339, parse_line, parse_time,
+    record_hash, split_line,
 };
 pub use segment::{
     ANCHOR_FILE, Anchor, LOCK_FILE, LineEnd, LineReader, QUARANTINE_DIR, SegmentFile,

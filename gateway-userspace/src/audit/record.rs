@@ -352,14 +352,15 @@ pub fn record_hash(canonical: &[u8], prev: &Hash) -> Hash {
 
 /// Why an encode failed.
 #[derive(Debug)]
-pub(crate) enum EncodeError {
+pub enum EncodeError {
     Json(serde_json::Error),
     TooLarge(usize),
 }
 
 /// Appends one complete line (with `\n`) for `rec` to `out` and returns its hash.
-/// On error `out` is left as it was.
-pub(crate) fn encode_line(
+/// On error `out` is left as it was. (Public for the benchmark; the writer is
+/// the only caller that assigns seqs.)
+pub fn encode_line(
     rec: &NewRecord,
     seq: u64,
     time: &str,

@@ -78,7 +78,7 @@ pub enum AuditCommand {
         #[arg(long)]
         key: Option<String>,
     },
-    /// Test helper: append records from many tasks, printing `ACK <seq> <hash>` per durable append.
+    /// Test helper: append records from many tasks, printing `READY` once open, then `ACK <seq> <hash>` per durable append.
     #[command(hide = true)]
     Stress {
         #[arg(long)]
@@ -447,6 +447,11 @@ fn stress(
     rt.block_on(async move {
         let log = AuditLog::open(cfg).await?;
         let out = Arc::new(std::sync::Mutex::new(std::io::stdout()));
+        {
+            let mut o = out.lock().expect("stdout lock");
+            writeln!(o, "READY")?;
+            o.flush()?;
+        }
         let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut tasks = Vec::new();
         for w in 0..writers.max(1) {
