@@ -50,7 +50,7 @@ pub struct AuditConfig {
     pub checkpoint_every_secs: u64,
     /// Appended with one checkpoint per line (meant to be another mount or host).
     pub checkpoint_file: Option<PathBuf>,
-    /// `http://host:port/path`: each checkpoint is POSTed as JSON (plain HTTP/1.1,
+    /// `http://host:port/path`: each checkpoint is `POST`ed as JSON (plain HTTP/1.1,
     /// no TLS; put a local relay in front of anything remote).
     pub checkpoint_webhook: Option<String>,
     pub segment_max_bytes: u64,

@@ -122,7 +122,7 @@ pub struct Anchor {
     pub first_seq: u64,
     /// Hash of the last record deleted (the kept log's first prev).
     pub prev: String,
-    /// Merkle frontier over the deleted records (size == first_seq).
+    /// Merkle frontier over the deleted records (its size is `first_seq`).
     pub frontier: Frontier,
 }
 

@@ -100,7 +100,7 @@ fn bump(c: &AtomicU64) {
 type Reply<T> = oneshot::Sender<Result<T, AuditError>>;
 
 enum Msg {
-    Append(NewRecord, Reply<Appended>),
+    Append(Box<NewRecord>, Reply<Appended>),
     Checkpoint(Reply<Checkpoint>),
     RotateKey(Reply<String>),
     Retain(OffsetDateTime, Reply<RetentionReport>),
@@ -197,7 +197,7 @@ impl AuditLog {
 
     async fn append_any(&self, rec: NewRecord) -> Result<Appended, AuditError> {
         let (tx, rx) = oneshot::channel();
-        self.send(Msg::Append(rec, tx)).await?;
+        self.send(Msg::Append(Box::new(rec), tx)).await?;
         rx.await.map_err(|_| AuditError::Closed)?
     }
 
@@ -401,37 +401,13 @@ fn open_blocking(cfg: &AuditConfig, repair: bool) -> Result<Opened, AuditError> 
         recovered = Some(quarantine(dir, &torn.segment, torn.offset)?);
     }
     let seg = match scan.segments.last() {
-        Some(last) => {
-            let file = fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&last.file.path)
-                .map_err(io_err(&last.file.path, "open segment"))?;
-            let opened_at = last
-                .first_time
-                .as_deref()
-                .and_then(record::parse_time)
-                .unwrap_or_else(OffsetDateTime::now_utc);
-            OpenSegment {
-                path: last.file.path.clone(),
-                file: Arc::new(file),
-                first_seq: last.file.first_seq,
-                len: last.valid_len,
-                opened_at,
-                tail_dirty: false,
-                frontier_at_start: last.frontier_at_start.clone(),
-                prev_at_start: last.prev_at_start,
-                first_time: last.first_time.clone(),
-            }
-        }
+        Some(last) => reopen_segment(last)?,
+        None if repair => create_segment(dir, scan.next_seq, scan.frontier.clone(), scan.prev)?,
         None => {
-            if !repair {
-                return Err(AuditError::NeedsRepair {
-                    dir: dir.to_path_buf(),
-                    reason: "no segments".into(),
-                });
-            }
-            create_segment(dir, scan.next_seq, scan.frontier.clone(), scan.prev)?
+            return Err(AuditError::NeedsRepair {
+                dir: dir.to_path_buf(),
+                reason: "no segments".into(),
+            });
         }
     };
     Ok(Opened {
@@ -441,6 +417,30 @@ fn open_blocking(cfg: &AuditConfig, repair: bool) -> Result<Opened, AuditError> 
         key_dir,
         seg,
         recovered,
+    })
+}
+
+fn reopen_segment(last: &SegmentState) -> Result<OpenSegment, AuditError> {
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&last.file.path)
+        .map_err(io_err(&last.file.path, "open segment"))?;
+    let opened_at = last
+        .first_time
+        .as_deref()
+        .and_then(record::parse_time)
+        .unwrap_or_else(OffsetDateTime::now_utc);
+    Ok(OpenSegment {
+        path: last.file.path.clone(),
+        file: Arc::new(file),
+        first_seq: last.file.first_seq,
+        len: last.valid_len,
+        opened_at,
+        tail_dirty: false,
+        frontier_at_start: last.frontier_at_start.clone(),
+        prev_at_start: last.prev_at_start,
+        first_time: last.first_time.clone(),
     })
 }
 
@@ -670,7 +670,7 @@ impl Writer {
         let mut cp_waiters: Vec<Reply<Checkpoint>> = Vec::new();
         for msg in msgs {
             match msg {
-                Msg::Append(rec, reply) => appends.push((rec, Some(reply))),
+                Msg::Append(rec, reply) => appends.push((*rec, Some(reply))),
                 Msg::Checkpoint(reply) => cp_waiters.push(reply),
                 control => {
                     if !appends.is_empty() || !cp_waiters.is_empty() {
@@ -864,32 +864,7 @@ impl Writer {
                 .is_some_and(|t| t.elapsed() >= Duration::from_millis(self.cfg.batch_interval_ms));
         match self.write(std::mem::take(&mut st.buf), sync).await {
             Ok(()) => {
-                self.next_seq = st.next_seq;
-                self.prev = st.prev;
-                self.frontier = st.frontier;
-                self.since_checkpoint = st.since_checkpoint;
-                self.failure = None;
-                self.stats
-                    .appends
-                    .fetch_add(acks.len() as u64, Ordering::Relaxed);
-                for (a, reply) in acks {
-                    if let Some(r) = reply {
-                        let _ = r.send(Ok(a));
-                    }
-                }
-                if let Some(cp) = st.checkpoints.last() {
-                    self.last_checkpoint = Some(cp.clone());
-                    self.last_checkpoint_at = Instant::now();
-                    for r in cp_waiters {
-                        let _ = r.send(Ok(cp.clone()));
-                    }
-                }
-                for cp in st.checkpoints {
-                    self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
-                    if let Some(tx) = &self.sink_tx {
-                        let _ = tx.send(cp);
-                    }
-                }
+                self.committed(st, acks, cp_waiters);
                 Ok(())
             }
             Err(e) => {
@@ -903,6 +878,41 @@ impl Writer {
                     let _ = r.send(Err(e.clone()));
                 }
                 Err(e)
+            }
+        }
+    }
+
+    /// The group is on disk: advance the chain, answer the waiters, export checkpoints.
+    fn committed(
+        &mut self,
+        st: Staged,
+        acks: Vec<(Appended, Option<Reply<Appended>>)>,
+        cp_waiters: Vec<Reply<Checkpoint>>,
+    ) {
+        self.next_seq = st.next_seq;
+        self.prev = st.prev;
+        self.frontier = st.frontier;
+        self.since_checkpoint = st.since_checkpoint;
+        self.failure = None;
+        self.stats
+            .appends
+            .fetch_add(acks.len() as u64, Ordering::Relaxed);
+        for (a, reply) in acks {
+            if let Some(r) = reply {
+                let _ = r.send(Ok(a));
+            }
+        }
+        if let Some(cp) = st.checkpoints.last() {
+            self.last_checkpoint = Some(cp.clone());
+            self.last_checkpoint_at = Instant::now();
+            for r in cp_waiters {
+                let _ = r.send(Ok(cp.clone()));
+            }
+        }
+        for cp in st.checkpoints {
+            self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+            if let Some(tx) = &self.sink_tx {
+                let _ = tx.send(cp);
             }
         }
     }
@@ -1101,25 +1111,11 @@ impl Writer {
         let dir = self.cfg.dir.clone();
         let paths: Vec<PathBuf> = gone.iter().map(|s| s.file.path.clone()).collect();
         let to_delete = paths.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), AuditError> {
-            let tmp = dir.join(format!("{ANCHOR_FILE}.new"));
-            let body = serde_json::to_vec_pretty(&anchor).expect("anchor serializes");
-            fs::write(&tmp, body).map_err(io_err(&tmp, "write anchor"))?;
-            File::open(&tmp)
-                .and_then(|f| f.sync_all())
-                .map_err(io_err(&tmp, "fsync anchor"))?;
-            let dst = dir.join(ANCHOR_FILE);
-            fs::rename(&tmp, &dst).map_err(io_err(&dst, "install anchor"))?;
-            checkpoint::sync_dir(&dir)?;
-            for p in &to_delete {
-                fs::remove_file(p).map_err(io_err(p, "delete segment"))?;
-            }
-            checkpoint::sync_dir(&dir)
-        })
-        .await
-        .map_err(|e| AuditError::Internal {
-            reason: format!("retention task: {e}"),
-        })??;
+        tokio::task::spawn_blocking(move || install_anchor_and_delete(&dir, &anchor, &to_delete))
+            .await
+            .map_err(|e| AuditError::Internal {
+                reason: format!("retention task: {e}"),
+            })??;
         self.closed_segments.drain(..deletable);
         tracing::info!(
             segments = paths.len(),
@@ -1158,6 +1154,27 @@ impl Writer {
         tracing::info!(old = %rotation.old_key, new = %rotation.new_key, "audit: signing key rotated");
         Ok(rotation.new_key)
     }
+}
+
+/// Retention's last step, after its record is durable: anchor first, then delete.
+fn install_anchor_and_delete(
+    dir: &Path,
+    anchor: &Anchor,
+    segments: &[PathBuf],
+) -> Result<(), AuditError> {
+    let tmp = dir.join(format!("{ANCHOR_FILE}.new"));
+    let body = serde_json::to_vec_pretty(anchor).expect("anchor serializes");
+    fs::write(&tmp, body).map_err(io_err(&tmp, "write anchor"))?;
+    File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(&tmp, "fsync anchor"))?;
+    let dst = dir.join(ANCHOR_FILE);
+    fs::rename(&tmp, &dst).map_err(io_err(&dst, "install anchor"))?;
+    checkpoint::sync_dir(dir)?;
+    for p in segments {
+        fs::remove_file(p).map_err(io_err(p, "delete segment"))?;
+    }
+    checkpoint::sync_dir(dir)
 }
 
 async fn sleep_until_opt(t: Option<Instant>) {

@@ -102,64 +102,11 @@ const MAX_PROOF_FILE: u64 = 16 << 20;
 
 pub fn run(config: &Path, cmd: AuditCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        AuditCommand::Verify { dir, checkpoint } => {
-            let cfg = load_config(config, dir)?;
-            existing_dir(&cfg)?;
-            if let Some(cp) = &checkpoint
-                && !cp.is_file()
-            {
-                return Err(UsageError(format!("no checkpoint file at {}", cp.display())).into());
-            }
-            let result = verify_dir(&cfg.dir, checkpoint.as_deref());
-            record_access(
-                &cfg,
-                "verify",
-                json!({"checkpoint": checkpoint.map(|p| p.display().to_string())}),
-            )?;
-            match result {
-                Ok(r) => {
-                    println!(
-                        "ok: {} intact: seqs {}..{} ({} records) in {} segment(s), {} checkpoint(s), root {}",
-                        cfg.dir.display(),
-                        r.first_seq,
-                        r.size,
-                        r.size - r.first_seq,
-                        r.segments,
-                        r.checkpoints,
-                        r.root
-                    );
-                    if !r.keys.is_empty() {
-                        println!("signing keys: {}", r.keys.join(" -> "));
-                    }
-                    if r.older_checked + r.older_predating_retention > 0 {
-                        println!(
-                            "consistent with {} older checkpoint(s){}",
-                            r.older_checked,
-                            if r.older_predating_retention > 0 {
-                                format!(
-                                    "; {} predate retained data and were not compared",
-                                    r.older_predating_retention
-                                )
-                            } else {
-                                String::new()
-                            }
-                        );
-                    }
-                    for q in &r.quarantined {
-                        println!("quarantined torn tail kept: {}", q.display());
-                    }
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(f) => {
-                    println!("FAILED: {} is not intact: {f}", cfg.dir.display());
-                    Ok(ExitCode::from(1))
-                }
-            }
-        }
+        AuditCommand::Verify { dir, checkpoint } => verify(config, dir, checkpoint),
         AuditCommand::Tail { dir, lines, follow } => {
             let cfg = load_config(config, dir)?;
             existing_dir(&cfg)?;
-            record_access(&cfg, "tail", json!({"lines": lines, "follow": follow}))?;
+            record_access(&cfg, "tail", &json!({"lines": lines, "follow": follow}))?;
             tail(&cfg.dir, lines, follow)
         }
         AuditCommand::Export {
@@ -168,54 +115,17 @@ pub fn run(config: &Path, cmd: AuditCommand) -> anyhow::Result<ExitCode> {
             from,
             to,
             identity,
-        } => {
-            let cfg = load_config(config, dir)?;
-            existing_dir(&cfg)?;
-            let time_arg =
-                |s: &Option<String>, name: &str| -> anyhow::Result<Option<time::OffsetDateTime>> {
-                    s.as_deref()
-                        .map(|v| {
-                            parse_time(v).ok_or_else(|| {
-                                UsageError(format!("--{name} {v:?} is not an RFC 3339 time"))
-                            })
-                        })
-                        .transpose()
-                        .map_err(Into::into)
-                };
-            let (t_from, t_to) = (time_arg(&from, "from")?, time_arg(&to, "to")?);
-            record_access(
-                &cfg,
-                "export",
-                json!({"format": "jsonl", "from": from, "to": to, "identity": identity}),
-            )?;
-            let mut out = std::io::stdout().lock();
-            let mut write_err = None;
-            read_records(&cfg.dir, |_, _, p, raw| {
-                let t = parse_time(&p.record.time);
-                let in_window =
-                    t.is_some_and(|t| t_from.is_none_or(|f| t >= f) && t_to.is_none_or(|e| t < e));
-                let who = identity
-                    .as_deref()
-                    .is_none_or(|id| p.record.identity.as_ref().is_some_and(|i| i.subject == id));
-                if in_window
-                    && who
-                    && let Err(e) = out.write_all(raw).and_then(|()| out.write_all(b"\n"))
-                {
-                    write_err = Some(e);
-                    return false;
-                }
-                true
-            })
-            .with_context(|| format!("reading {}", cfg.dir.display()))?;
-            if let Some(e) = write_err {
-                return Err(e).context("writing the export");
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        } => export(
+            config,
+            dir,
+            from.as_deref(),
+            to.as_deref(),
+            identity.as_deref(),
+        ),
         AuditCommand::Prove { dir, seq } => {
             let cfg = load_config(config, dir)?;
             existing_dir(&cfg)?;
-            record_access(&cfg, "prove", json!({"seq": seq}))?;
+            record_access(&cfg, "prove", &json!({"seq": seq}))?;
             match prove_inclusion(&cfg.dir, seq) {
                 Ok(p) => {
                     println!("{}", serde_json::to_string_pretty(&p)?);
@@ -225,55 +135,162 @@ pub fn run(config: &Path, cmd: AuditCommand) -> anyhow::Result<ExitCode> {
                 Err(e) => Err(e.into()),
             }
         }
-        AuditCommand::VerifyProof { file, key } => {
-            let meta = std::fs::metadata(&file)
-                .map_err(|e| UsageError(format!("{}: {e}", file.display())))?;
-            if meta.len() > MAX_PROOF_FILE {
-                return Err(UsageError(format!(
-                    "{} is larger than {MAX_PROOF_FILE} bytes",
-                    file.display()
-                ))
-                .into());
-            }
-            let raw = std::fs::read(&file).with_context(|| file.display().to_string())?;
-            let proof: InclusionProof = serde_json::from_slice(&raw).map_err(|e| {
-                UsageError(format!("{}: not an inclusion proof: {e}", file.display()))
-            })?;
-            let key = key
-                .map(|k| {
-                    if Path::new(&k).is_file() {
-                        std::fs::read_to_string(&k).map(|s| s.trim().to_owned())
-                    } else {
-                        Ok(k)
-                    }
-                })
-                .transpose()?;
-            match verify_inclusion_proof(&proof, key.as_deref()) {
-                Ok(()) => {
-                    println!(
-                        "ok: seq {} is record {} of {} in the log of {}, root {} signed by {} at {}",
-                        proof.seq,
-                        proof.seq,
-                        proof.checkpoint.size,
-                        proof.checkpoint.origin,
-                        proof.checkpoint.root,
-                        proof.checkpoint.key,
-                        proof.checkpoint.time
-                    );
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(e) => {
-                    println!("FAILED: proof for seq {}: {e}", proof.seq);
-                    Ok(ExitCode::from(1))
-                }
-            }
-        }
+        AuditCommand::VerifyProof { file, key } => verify_proof(&file, key),
         AuditCommand::Stress {
             dir,
             writers,
             count,
             batched,
         } => stress(dir, writers, count, batched),
+    }
+}
+
+fn verify(
+    config: &Path,
+    dir: Option<PathBuf>,
+    checkpoint: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let cfg = load_config(config, dir)?;
+    existing_dir(&cfg)?;
+    if let Some(cp) = &checkpoint
+        && !cp.is_file()
+    {
+        return Err(UsageError(format!("no checkpoint file at {}", cp.display())).into());
+    }
+    let result = verify_dir(&cfg.dir, checkpoint.as_deref());
+    record_access(
+        &cfg,
+        "verify",
+        &json!({"checkpoint": checkpoint.map(|p| p.display().to_string())}),
+    )?;
+    match result {
+        Ok(r) => {
+            println!(
+                "ok: {} intact: seqs {}..{} ({} records) in {} segment(s), {} checkpoint(s), root {}",
+                cfg.dir.display(),
+                r.first_seq,
+                r.size,
+                r.size - r.first_seq,
+                r.segments,
+                r.checkpoints,
+                r.root
+            );
+            if !r.keys.is_empty() {
+                println!("signing keys: {}", r.keys.join(" -> "));
+            }
+            if r.older_checked + r.older_predating_retention > 0 {
+                println!(
+                    "consistent with {} older checkpoint(s){}",
+                    r.older_checked,
+                    if r.older_predating_retention > 0 {
+                        format!(
+                            "; {} predate retained data and were not compared",
+                            r.older_predating_retention
+                        )
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+            for q in &r.quarantined {
+                println!("quarantined torn tail kept: {}", q.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(f) => {
+            println!("FAILED: {} is not intact: {f}", cfg.dir.display());
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+fn export(
+    config: &Path,
+    dir: Option<PathBuf>,
+    from: Option<&str>,
+    to: Option<&str>,
+    identity: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    let cfg = load_config(config, dir)?;
+    existing_dir(&cfg)?;
+    let time_arg = |s: Option<&str>, name: &str| -> anyhow::Result<Option<time::OffsetDateTime>> {
+        s.map(|v| {
+            parse_time(v)
+                .ok_or_else(|| UsageError(format!("--{name} {v:?} is not an RFC 3339 time")))
+        })
+        .transpose()
+        .map_err(Into::into)
+    };
+    let (t_from, t_to) = (time_arg(from, "from")?, time_arg(to, "to")?);
+    record_access(
+        &cfg,
+        "export",
+        &json!({"format": "jsonl", "from": from, "to": to, "identity": identity}),
+    )?;
+    let mut out = std::io::stdout().lock();
+    let mut write_err = None;
+    read_records(&cfg.dir, |_, _, p, raw| {
+        let t = parse_time(&p.record.time);
+        let in_window =
+            t.is_some_and(|t| t_from.is_none_or(|f| t >= f) && t_to.is_none_or(|e| t < e));
+        let who =
+            identity.is_none_or(|id| p.record.identity.as_ref().is_some_and(|i| i.subject == id));
+        if in_window
+            && who
+            && let Err(e) = out.write_all(raw).and_then(|()| out.write_all(b"\n"))
+        {
+            write_err = Some(e);
+            return false;
+        }
+        true
+    })
+    .with_context(|| format!("reading {}", cfg.dir.display()))?;
+    if let Some(e) = write_err {
+        return Err(e).context("writing the export");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn verify_proof(file: &Path, key: Option<String>) -> anyhow::Result<ExitCode> {
+    let meta =
+        std::fs::metadata(file).map_err(|e| UsageError(format!("{}: {e}", file.display())))?;
+    if meta.len() > MAX_PROOF_FILE {
+        return Err(UsageError(format!(
+            "{} is larger than {MAX_PROOF_FILE} bytes",
+            file.display()
+        ))
+        .into());
+    }
+    let raw = std::fs::read(file).with_context(|| file.display().to_string())?;
+    let proof: InclusionProof = serde_json::from_slice(&raw)
+        .map_err(|e| UsageError(format!("{}: not an inclusion proof: {e}", file.display())))?;
+    let key = key
+        .map(|k| {
+            if Path::new(&k).is_file() {
+                std::fs::read_to_string(&k).map(|s| s.trim().to_owned())
+            } else {
+                Ok(k)
+            }
+        })
+        .transpose()?;
+    match verify_inclusion_proof(&proof, key.as_deref()) {
+        Ok(()) => {
+            println!(
+                "ok: seq {} is record {} of {} in the log of {}, root {} signed by {} at {}",
+                proof.seq,
+                proof.seq,
+                proof.checkpoint.size,
+                proof.checkpoint.origin,
+                proof.checkpoint.root,
+                proof.checkpoint.key,
+                proof.checkpoint.time
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            println!("FAILED: proof for seq {}: {e}", proof.seq);
+            Ok(ExitCode::from(1))
+        }
     }
 }
 
@@ -324,7 +341,8 @@ fn reader_identity(uid: u32) -> IdentityRef {
         && !sudo.is_empty()
         && sudo.len() <= 64
     {
-        subject.push_str(&format!(" sudo_user:{sudo}"));
+        subject.push_str(" sudo_user:");
+        subject.push_str(&sudo);
     }
     IdentityRef {
         subject,
@@ -334,7 +352,7 @@ fn reader_identity(uid: u32) -> IdentityRef {
 }
 
 /// Appends `audit.access` directly, or spools it; refuses (error) if neither works.
-fn record_access(cfg: &AuditConfig, command: &str, args: serde_json::Value) -> anyhow::Result<()> {
+fn record_access(cfg: &AuditConfig, command: &str, args: &serde_json::Value) -> anyhow::Result<()> {
     let workload = Workload::current_process();
     let rec = NewRecord::new(Kind::AuditAccess)
         .identity(reader_identity(workload.uid))

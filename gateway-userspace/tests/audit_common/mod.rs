@@ -61,9 +61,7 @@ pub fn lines(dir: &Path) -> Vec<Line> {
         let mut off = 0u64;
         for l in raw.split_inclusive(|b| *b == b'\n') {
             let body = l.strip_suffix(b"\n").unwrap_or(l).to_vec();
-            let seq = agentgate::audit::parse_line(&body)
-                .map(|p| p.record.seq)
-                .unwrap_or(u64::MAX);
+            let seq = agentgate::audit::parse_line(&body).map_or(u64::MAX, |p| p.record.seq);
             out.push(Line {
                 segment: seg.path.clone(),
                 offset: off,
