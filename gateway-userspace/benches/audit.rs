@@ -21,8 +21,6 @@ use agentgate::audit::{
     encode_line, now_rfc3339,
 };
 
-const RUN: Duration = Duration::from_secs(3);
-
 fn record(i: u64) -> NewRecord {
     NewRecord::new(Kind::Statement)
         .session("5f1c0e2a-sess")
@@ -66,7 +64,7 @@ fn fsync_latency(dir: &Path) -> (f64, f64) {
     )
 }
 
-fn encode_cost() -> f64 {
+fn encode_cost(run: Duration) -> f64 {
     let host = "gw-01";
     let mut prev = GENESIS_PREV;
     let mut buf = Vec::with_capacity(1 << 20);
@@ -74,7 +72,7 @@ fn encode_cost() -> f64 {
     // Warm up, then measure time formatting + serialization + hashing as the writer does.
     let mut n = 0u64;
     let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(2) {
+    while t.elapsed() < run {
         for r in &recs {
             buf.clear();
             let time = now_rfc3339();
@@ -85,7 +83,7 @@ fn encode_cost() -> f64 {
     t.elapsed().as_secs_f64() * 1e6 / n as f64
 }
 
-async fn throughput(base: &Path, writers: usize, durability: Durability) -> f64 {
+async fn throughput(base: &Path, writers: usize, durability: Durability, run: Duration) -> f64 {
     let dir = base.join(format!("{durability:?}-{writers}"));
     let _ = std::fs::remove_dir_all(&dir);
     let mut cfg = AuditConfig::with_dir(&dir);
@@ -108,7 +106,7 @@ async fn throughput(base: &Path, writers: usize, durability: Durability) -> f64 
         }));
     }
     let t = Instant::now();
-    tokio::time::sleep(RUN).await;
+    tokio::time::sleep(run).await;
     stop.store(true, Ordering::Relaxed);
     let n = count.load(Ordering::Relaxed);
     let secs = t.elapsed().as_secs_f64();
@@ -122,7 +120,13 @@ async fn throughput(base: &Path, writers: usize, durability: Durability) -> f64 
 }
 
 fn main() {
-    // `cargo bench` passes --bench; `cargo test --benches` passes nothing useful: run quickly then.
+    // `cargo bench` passes --bench; under `cargo test --all-targets` this is a short smoke run.
+    let full = std::env::args().any(|a| a == "--bench");
+    let run = if full {
+        Duration::from_secs(3)
+    } else {
+        Duration::from_millis(100)
+    };
     let base = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let (fs_median, fs_mean) = fsync_latency(base.path());
     println!(
@@ -130,7 +134,7 @@ fn main() {
         env!("CARGO_TARGET_TMPDIR")
     );
     println!("fsync (fdatasync of a 512 B append): median {fs_median:.0} µs, mean {fs_mean:.0} µs");
-    let us = encode_cost();
+    let us = encode_cost(if full { Duration::from_secs(2) } else { run });
     println!("serialization + hashing: {us:.2} µs/record");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -140,7 +144,7 @@ fn main() {
     println!("{:<10} {:>8} {:>16}", "mode", "writers", "appends/s");
     for durability in [Durability::Strict, Durability::Batched] {
         for writers in [1, 8, 64] {
-            let r = rt.block_on(throughput(base.path(), writers, durability));
+            let r = rt.block_on(throughput(base.path(), writers, durability, run));
             println!(
                 "{:<10} {:>8} {:>16.0}",
                 format!("{durability:?}").to_lowercase(),
@@ -151,6 +155,10 @@ fn main() {
                 strict.push(r);
             }
         }
+    }
+    if !full {
+        println!("(smoke run; `cargo bench -p agentgate --bench audit` for real figures)");
+        return;
     }
     let ratio = strict[2] / strict[0];
     println!(

@@ -199,6 +199,12 @@ fn verify(
         }
         Err(f) => {
             println!("FAILED: {} is not intact: {f}", cfg.dir.display());
+            if f.what == agentgate::audit::Broken::TornLine {
+                println!(
+                    "note: if this is the last segment, a crash can leave a torn last line; \
+                     starting the daemon moves it to quarantine/ and records log.recovered"
+                );
+            }
             Ok(ExitCode::from(1))
         }
     }
