@@ -24,6 +24,7 @@ use tokio::{
 };
 
 use crate::{
+    audit::{AuditLog, Kind, NewRecord},
     binding::{BindingKind, Bindings},
     cgroup::{self, Hierarchy},
     config::Config,
@@ -44,6 +45,8 @@ pub enum DaemonError {
     Redirect(#[from] crate::redirect::RedirectError),
     #[error(transparent)]
     Binding(#[from] crate::binding::BindingError),
+    #[error("audit log")]
+    Audit(#[source] crate::audit::AuditError),
     #[error("[identity]: {0}")]
     Identity(String),
     #[error("policy is invalid; not starting:\n{errors}")]
@@ -121,6 +124,25 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
     policy.refresh_dns().await;
 
     let identities = identities(cfg.identity.as_ref())?;
+    // The log is opened (and verified) before anything is served: no log, no start.
+    let audit = AuditLog::open(cfg.audit.clone())
+        .await
+        .map_err(DaemonError::Audit)?;
+    let correlation_key =
+        crate::audit::load_or_create_correlation_key(state_dir).map_err(DaemonError::Audit)?;
+    audit
+        .append(
+            NewRecord::new(Kind::DaemonStart)
+                .workload(crate::audit::Workload::current_process())
+                .action(json!({
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "fail_mode": format!("{:?}", cfg.daemon.fail_mode).to_lowercase(),
+                    "fast_path": cfg.proxy.fast_path,
+                    "policy_digest": policy.current().digest(),
+                })),
+        )
+        .await
+        .map_err(DaemonError::Audit)?;
     let shared = Arc::new(Shared {
         redirector: Mutex::new(redirector),
         bindings: Mutex::new(bindings),
@@ -133,6 +155,8 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         approvals: crate::approval::Broker::default(),
         labels: cfg.daemon.label_identities.clone(),
         identities,
+        audit: audit.clone(),
+        correlation_key,
     });
     let daemon = Arc::new(Daemon {
         shared: shared.clone(),
@@ -160,13 +184,58 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         tasks.spawn(proxy::serve(l6, shared.clone(), shutdown.clone()));
     }
     tasks.spawn(daemon.clone().serve_control(control, shutdown.clone()));
-    tasks.spawn(watch_policy(policy, &cfg.policy, shutdown.clone()));
+    tasks.spawn(watch_policy(
+        policy,
+        audit.clone(),
+        &cfg.policy,
+        shutdown.clone(),
+    ));
     tasks.spawn(daemon.clone().maintain_identities(shutdown.clone()));
     let _ = shutdown.wait_for(|stop| *stop).await;
     tasks.shutdown().await;
     let _ = std::fs::remove_file(&cfg.daemon.control_socket);
+    let stop = NewRecord::new(Kind::DaemonStop).workload(crate::audit::Workload::current_process());
+    if let Err(e) = audit.append(stop).await {
+        tracing::error!(event = "log.failure", error = %e, "cannot record daemon.stop");
+    }
+    drop(shared);
+    drop(daemon);
+    if let Err(e) = audit.close().await {
+        tracing::error!(error = %e, "closing the audit log");
+    }
     tracing::info!("agentgate stopped");
     Ok(())
+}
+
+/// An identity event as an audit record. Logout and revocation end the
+/// identity's session, so they are recorded as `identity.expiry` with the cause.
+fn identity_record(event: &crate::identity::IdentityEvent) -> NewRecord {
+    use crate::identity::IdentityEvent as E;
+    let kind = match event {
+        E::Login { .. } => Kind::IdentityLogin,
+        E::Refresh { .. } => Kind::IdentityRefresh,
+        E::Failure { .. } => Kind::IdentityFailure,
+        E::Bind { .. } => Kind::IdentityBind,
+        E::Unbind { .. } => Kind::IdentityUnbind,
+        _ => Kind::IdentityExpiry,
+    };
+    let mut rec = NewRecord::new(kind)
+        .workload(crate::audit::Workload::current_process())
+        .action(json!(event));
+    if let Some(name) = event.name() {
+        rec = rec.identity(crate::audit::IdentityRef {
+            subject: name.to_owned(),
+            kind: "oidc".into(),
+            groups: Vec::new(),
+        });
+    }
+    rec
+}
+
+async fn audit_identity_event(audit: &AuditLog, event: &crate::identity::IdentityEvent) {
+    if let Err(e) = audit.append(identity_record(event)).await {
+        tracing::error!(event = "log.failure", error = %e, "cannot record an identity event");
+    }
 }
 
 /// The policy in force at start, with the masking key (made on first start).
@@ -221,9 +290,10 @@ fn restore_bindings(path: &Path, redirector: &mut Redirector) -> Result<Bindings
 }
 
 /// Reloads the policy on SIGHUP and when its files change. A rejected policy
-/// leaves the previous one in force; both outcomes are logged.
+/// leaves the previous one in force; both outcomes are logged and audited.
 fn watch_policy(
     store: Arc<PolicyStore>,
+    audit: AuditLog,
     cfg: &PolicyConfig,
     mut shutdown: watch::Receiver<bool>,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
@@ -232,33 +302,29 @@ fn watch_policy(
         dns_refresh: Duration::from_secs(cfg.dns_refresh_secs),
     };
     async move {
-        let on_event = |event: WatchEvent| match event {
-            WatchEvent::Reloaded(o) => {
-                tracing::info!(event = "policy.reload", outcome = "accepted", digest = %o.digest, previous = %o.previous_digest);
-            }
-            WatchEvent::Rejected(errors) => {
-                tracing::error!(event = "policy.reload", outcome = "rejected", errors = %errors, "new policy rejected; the previous policy stays in force");
-            }
-        };
-        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGHUP; policy reloads on file change only");
-                return crate::policy::watch(store, opts, on_event, async move {
-                    let _ = shutdown.wait_for(|s| *s).await;
-                })
-                .await;
-            }
+        let file_audit = audit.clone();
+        let on_event = move |event: WatchEvent| match event {
+            WatchEvent::Reloaded(o) => record_reload(&file_audit, "file-change", Ok(&o)),
+            WatchEvent::Rejected(errors) => record_reload(&file_audit, "file-change", Err(&errors)),
         };
         let sighup_store = store.clone();
         let mut stop = shutdown.clone();
         let sighup = async move {
+            let mut hup = match tokio::signal::unix::signal(
+                tokio::signal::unix::SignalKind::hangup(),
+            ) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGHUP; policy reloads on file change only");
+                    return;
+                }
+            };
             loop {
                 tokio::select! {
-                    _ = hup.recv() => match sighup_store.reload(sighup_store.dir()) {
-                        Ok(o) => tracing::info!(event = "policy.reload", trigger = "SIGHUP", outcome = "accepted", digest = %o.digest),
-                        Err(errors) => tracing::error!(event = "policy.reload", trigger = "SIGHUP", outcome = "rejected", errors = %errors),
-                    },
+                    _ = hup.recv() => {
+                        let r = sighup_store.reload(sighup_store.dir());
+                        record_reload(&audit, "SIGHUP", r.as_ref());
+                    }
                     _ = stop.wait_for(|s| *s) => return,
                 }
             }
@@ -268,6 +334,33 @@ fn watch_policy(
         });
         tokio::join!(sighup, watcher);
     }
+}
+
+fn record_reload(
+    audit: &AuditLog,
+    trigger: &'static str,
+    outcome: Result<&crate::policy::ReloadOutcome, &crate::policy::PolicyErrors>,
+) {
+    let result = match outcome {
+        Ok(o) => {
+            tracing::info!(event = "policy.reload", trigger, outcome = "accepted", digest = %o.digest, previous = %o.previous_digest);
+            json!({ "outcome": "accepted", "digest": o.digest, "previous_digest": o.previous_digest, "files": o.files, "rules": o.rules })
+        }
+        Err(errors) => {
+            tracing::error!(event = "policy.reload", trigger, outcome = "rejected", errors = %errors, "new policy rejected; the previous policy stays in force");
+            json!({ "outcome": "rejected", "errors": errors.to_string() })
+        }
+    };
+    let rec = NewRecord::new(Kind::PolicyReload)
+        .workload(crate::audit::Workload::current_process())
+        .action(json!({ "trigger": trigger }))
+        .result(result);
+    let audit = audit.clone();
+    tokio::spawn(async move {
+        if let Err(e) = audit.append(rec).await {
+            tracing::error!(event = "log.failure", error = %e, "cannot record a policy reload");
+        }
+    });
 }
 
 /// The IPv4 listener (required) and the IPv6 one (if the host has IPv6).
@@ -399,7 +492,7 @@ impl Daemon {
                 self.tag(&cgroup, identity).await.unwrap_or_else(|r| r),
                 None,
             ),
-            Request::Untag { cgroup } => (self.untag(&cgroup).unwrap_or_else(|r| r), None),
+            Request::Untag { cgroup } => (self.untag(&cgroup).await.unwrap_or_else(|r| r), None),
             Request::ApprovalsList => (Response::ok(json!(self.shared.approvals.list())), None),
             Request::ApprovalsShow { id } => match self.shared.approvals.get(&id) {
                 Some(r) => (Response::ok(json!(r)), None),
@@ -416,7 +509,7 @@ impl Daemon {
                 approve,
                 approver,
                 reason,
-            } => (self.decide(&id, approve, approver, reason), None),
+            } => (self.decide(&id, approve, approver, reason).await, None),
         }
     }
 
@@ -431,6 +524,10 @@ impl Daemon {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(event = "identity.failure", stage = "handoff", error = %e);
+                let rec = NewRecord::new(Kind::IdentityFailure)
+                    .workload(crate::audit::Workload::current_process())
+                    .action(json!({ "stage": "handoff", "error": e.to_string() }));
+                let _ = self.record(rec).await;
                 return Response::err(ErrorKind::Usage, format!("login refused: {e}"));
             }
         };
@@ -443,6 +540,7 @@ impl Daemon {
         {
             Ok(event) => {
                 tracing::info!(event = "identity.login", detail = %serde_json::to_string(&event).unwrap_or_default());
+                audit_identity_event(&self.shared.audit, &event).await;
                 Response::ok(json!({
                     "name": v.name,
                     "groups": v.groups,
@@ -464,6 +562,7 @@ impl Daemon {
         match result {
             Ok((session, event)) => {
                 tracing::info!(event = "identity.logout", detail = %serde_json::to_string(&event).unwrap_or_default());
+                audit_identity_event(&self.shared.audit, &event).await;
                 let closed = self.shared.registry.close_identity(identity);
                 if let Some(s) = session
                     && let Err(e) = s.revoke_at_provider(&ids.client).await
@@ -492,6 +591,7 @@ impl Daemon {
             for event in crate::identity::maintain(&ids.store, &ids.client).await {
                 let detail = serde_json::to_string(&event).unwrap_or_default();
                 tracing::info!(event = "identity.event", %detail);
+                audit_identity_event(&self.shared.audit, &event).await;
                 if event.ends_identity()
                     && let Some(name) = event.name()
                 {
@@ -504,7 +604,7 @@ impl Daemon {
 
     /// Root on the control socket decides for any approver group, under the
     /// approver name it gives; the broker still refuses self-approval.
-    fn decide(
+    async fn decide(
         &self,
         id: &str,
         approve: bool,
@@ -525,9 +625,31 @@ impl Daemon {
             groups: Vec::new(),
             any_group: true,
         };
-        match self.shared.approvals.decide(id, &who, approve, reason) {
+        let request = self.shared.approvals.get(id);
+        match self
+            .shared
+            .approvals
+            .decide(id, &who, approve, reason.clone())
+        {
             Ok(d) => {
                 tracing::info!(event = if approve { "approval.granted" } else { "approval.denied" }, id, approver = %who.name, result = ?d);
+                // The held command's own record (written before it runs) names
+                // this approval too; this one is the approver's act.
+                let kind = if approve {
+                    Kind::ApprovalGranted
+                } else {
+                    Kind::ApprovalDenied
+                };
+                let mut rec = NewRecord::new(kind)
+                    .identity(crate::audit::IdentityRef { subject: who.name.clone(), kind: "approver".into(), groups: Vec::new() })
+                    .workload(crate::audit::Workload::current_process())
+                    .approval(json!({ "id": id, "approver": who.name, "reason": reason, "result": d, "via": "control-socket" }));
+                if let Some(r) = request {
+                    rec = rec.resource(r.resource.clone()).action(json!({ "requester": r.identity, "summary": r.summary, "statement_hash": r.statement_hash, "rule": r.rule }));
+                }
+                if let Err(e) = self.shared.audit.append(rec).await {
+                    tracing::error!(event = "log.failure", error = %e, "cannot record an approval decision");
+                }
                 Response::ok(json!(d))
             }
             Err(e) => Response::err(ErrorKind::Usage, e.to_string()),
@@ -596,6 +718,7 @@ impl Daemon {
         cgroup::create(&path).map_err(|e| failure(&e))?;
         let id = self
             .bind(identity, &path, BindingKind::Exec)
+            .await
             .inspect_err(|_| {
                 let _ = cgroup::remove(&path);
             })?;
@@ -609,11 +732,33 @@ impl Daemon {
             .hierarchy
             .resolve(user_path)
             .map_err(|e| Response::err(ErrorKind::Usage, e.to_string()))?;
-        let id = self.bind(identity, &path, BindingKind::Tag)?;
+        let id = self.bind(identity, &path, BindingKind::Tag).await?;
         Ok(Response::ok(json!({ "cgroup": path, "binding": id })))
     }
 
-    fn bind(&self, identity: String, path: &Path, kind: BindingKind) -> Result<u32, Response> {
+    /// Records the binding, then makes it: a binding that cannot be audited is refused.
+    async fn bind(
+        &self,
+        identity: String,
+        path: &Path,
+        kind: BindingKind,
+    ) -> Result<u32, Response> {
+        let rec = NewRecord::new(Kind::IdentityBind)
+            .identity(self.shared.identity_ref(&identity).await)
+            .workload(crate::audit::Workload::current_process())
+            .action(json!({ "cgroup": path, "kind": kind }));
+        self.record(rec).await?;
+        self.bind_now(identity, path, kind)
+    }
+
+    async fn record(&self, rec: NewRecord) -> Result<(), Response> {
+        self.shared.audit.append(rec).await.map(|_| ()).map_err(|e| {
+            tracing::error!(event = "log.failure", error = %e, "cannot write the audit log; refusing");
+            Response::err(ErrorKind::Failure, format!("audit log unavailable: {e}"))
+        })
+    }
+
+    fn bind_now(&self, identity: String, path: &Path, kind: BindingKind) -> Result<u32, Response> {
         let failure = |e: &dyn std::fmt::Display| Response::err(ErrorKind::Failure, e.to_string());
         let cgroup_id = cgroup::id(path).map_err(|e| failure(&e))?;
         let mut bindings = self.shared.bindings.lock().expect("bindings lock");
@@ -647,7 +792,7 @@ impl Daemon {
         Ok(b.id)
     }
 
-    fn untag(&self, user_path: &Path) -> Result<Response, Response> {
+    async fn untag(&self, user_path: &Path) -> Result<Response, Response> {
         let path = self
             .shared
             .hierarchy
@@ -674,24 +819,37 @@ impl Daemon {
             }
         };
         self.unbind(id, cgroup_id)
+            .await
             .map_err(|e| Response::err(ErrorKind::Failure, e))?;
         Ok(Response::ok(json!({ "cgroup": path })))
     }
 
-    fn unbind(&self, id: u32, cgroup_id: u64) -> Result<(), String> {
+    async fn unbind(&self, id: u32, cgroup_id: u64) -> Result<(), String> {
         self.shared
             .redirector
             .lock()
             .expect("redirector lock")
             .untag(cgroup_id)
             .map_err(|e| e.to_string())?;
-        let mut bindings = self.shared.bindings.lock().expect("bindings lock");
-        if let Some(b) = bindings.remove(id) {
+        let removed = {
+            let mut bindings = self.shared.bindings.lock().expect("bindings lock");
+            let removed = bindings.remove(id);
+            bindings
+                .save(&self.bindings_path)
+                .map_err(|e| e.to_string())?;
+            removed
+        };
+        if let Some(b) = removed {
             tracing::info!(event = "identity.unbind", identity = %b.identity, cgroup = %b.cgroup.display(), binding = id);
+            let rec = NewRecord::new(Kind::IdentityUnbind)
+                .identity(self.shared.identity_ref(&b.identity).await)
+                .workload(crate::audit::Workload::current_process())
+                .action(json!({ "cgroup": b.cgroup, "kind": b.kind }));
+            if let Err(e) = self.shared.audit.append(rec).await {
+                tracing::error!(event = "log.failure", error = %e, "cannot record an unbind");
+            }
         }
-        bindings
-            .save(&self.bindings_path)
-            .map_err(|e| e.to_string())
+        Ok(())
     }
 
     /// Waits until the exec cgroup is empty, then untags and removes it. The tag
@@ -703,10 +861,10 @@ impl Daemon {
                 match cgroup::remove(&path) {
                     Ok(true) => {
                         if let Some(cid) = cgroup_id {
-                            if let Err(e) = self.unbind(id, cid) {
+                            if let Err(e) = self.unbind(id, cid).await {
                                 tracing::error!(error = %e, "removing exec binding");
                             }
-                        } else if let Err(e) = self.unbind(id, 0) {
+                        } else if let Err(e) = self.unbind(id, 0).await {
                             tracing::error!(error = %e, "removing exec binding");
                         }
                         return;

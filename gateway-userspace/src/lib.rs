@@ -14,7 +14,6 @@
 //! Everything here fails closed unless its module doc says otherwise.
 #![deny(unsafe_code)]
 
-mod sys;
 pub mod approval;
 pub mod audit;
 pub mod binding;
@@ -31,4 +30,5 @@ pub mod provenance;
 pub mod proxy;
 pub mod redirect;
 pub mod sql;
+mod sys;
 pub mod time;

@@ -40,6 +40,7 @@ use tokio::{
 
 use crate::{
     approval::Broker,
+    audit::{AuditLog, IdentityRef, Kind, NewRecord},
     binding::Bindings,
     cgroup::Hierarchy,
     config::{LabelIdentity, ProxyConfig},
@@ -63,6 +64,10 @@ pub struct Shared {
     pub labels: Vec<LabelIdentity>,
     /// Verified OIDC identities, when `[identity]` is configured.
     pub identities: Option<Arc<Identities>>,
+    /// Every connection and command is recorded here before it proceeds.
+    pub audit: AuditLog,
+    /// Key of the keyed hashes that correlate redacted statements.
+    pub correlation_key: [u8; 32],
 }
 
 /// The `OpenID` provider client and the sessions the daemon holds.
@@ -88,6 +93,35 @@ impl Shared {
             groups: verified.groups,
         })
     }
+
+    /// The identity as audit records name it: label, human or service, with groups.
+    pub async fn identity_ref(&self, identity: &str) -> IdentityRef {
+        if let Some(l) = self.labels.iter().find(|l| l.name == identity) {
+            return IdentityRef {
+                subject: l.name.clone(),
+                kind: "label".into(),
+                groups: l.groups.clone(),
+            };
+        }
+        if let Some(ids) = &self.identities
+            && let Ok(v) = ids.store.lock().await.get_verified(identity)
+        {
+            let kind = match v.kind {
+                crate::identity::IdentityKind::Human => "human",
+                crate::identity::IdentityKind::Service => "service",
+            };
+            return IdentityRef {
+                subject: format!("{} ({}#{})", identity, v.issuer, v.subject),
+                kind: kind.into(),
+                groups: v.groups,
+            };
+        }
+        IdentityRef {
+            subject: identity.to_owned(),
+            kind: "unknown".into(),
+            groups: Vec::new(),
+        }
+    }
 }
 
 /// Live connections, for `agentgate status`.
@@ -111,6 +145,26 @@ pub struct LiveConnection {
     /// Signalled to end the connection (its identity expired or logged out).
     #[serde(skip)]
     pub close: tokio::sync::Notify,
+    /// The policy resource the destination belongs to.
+    pub resource: Option<String>,
+    /// The identity as audit records name it.
+    #[serde(skip)]
+    pub audit_identity: IdentityRef,
+}
+
+impl LiveConnection {
+    /// A record about this connection, with who, from where and to what filled in.
+    pub fn record(&self, kind: Kind) -> NewRecord {
+        let mut rec = NewRecord::new(kind)
+            .connection(self.id)
+            .session(format!("conn-{}", self.id))
+            .identity(self.audit_identity.clone())
+            .workload(self.workload.to_audit());
+        if let Some(r) = &self.resource {
+            rec = rec.resource(r.clone());
+        }
+        rec
+    }
 }
 
 fn ser_atomic<S: serde::Serializer>(v: &AtomicU64, s: S) -> Result<S::Ok, S::Error> {
@@ -213,24 +267,11 @@ async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<
         .ok_or("identity is no longer valid")?;
     let policy = shared.policy.current();
     let decision = policy.decide_connect(&subject, destination);
-    if !matches!(decision.verdict, Verdict::Allow) {
-        tracing::info!(
-            event = "connection.denied",
-            identity = %identity,
-            pid = workload.pid,
-            exe = workload.exe.as_deref().unwrap_or("?"),
-            %destination,
-            rule = %decision.rule,
-            verdict = ?decision.verdict,
-        );
-        return Err("denied by policy");
-    }
-    let protocol = policy
-        .resource_for(destination)
-        .map_or(Protocol::Tcp, |r| r.protocol);
-
+    let resource = policy.resource_for(destination);
+    let protocol = resource.map_or(Protocol::Tcp, |r| r.protocol);
     let conn = Arc::new(LiveConnection {
         id: shared.registry.next_id(),
+        audit_identity: shared.identity_ref(&identity).await,
         identity,
         workload,
         destination,
@@ -238,7 +279,32 @@ async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<
         bytes_up: AtomicU64::new(0),
         bytes_down: AtomicU64::new(0),
         close: tokio::sync::Notify::new(),
+        resource: resource.map(|r| r.name.clone()),
     });
+    let allowed = matches!(decision.verdict, Verdict::Allow);
+    // Write-ahead: the connection is recorded before anything reaches the
+    // destination; if it cannot be recorded it does not happen.
+    let open = conn
+        .record(Kind::ConnectionOpen)
+        .action(serde_json::json!({ "destination": destination.to_string(), "protocol": format!("{protocol:?}").to_lowercase() }))
+        .decision(serde_json::json!({ "verdict": if allowed { "allow" } else { "deny" }, "rule": decision.rule, "detail": format!("{:?}", decision.verdict) }));
+    if let Err(e) = shared.audit.append(open).await {
+        tracing::error!(event = "log.failure", conn = conn.id, error = %e, "cannot record the connection; refusing it");
+        return Err("audit log unavailable");
+    }
+    if !allowed {
+        tracing::info!(
+            event = "connection.denied",
+            conn = conn.id,
+            identity = %conn.identity,
+            pid = conn.workload.pid,
+            exe = conn.workload.exe.as_deref().unwrap_or("?"),
+            %destination,
+            rule = %decision.rule,
+            verdict = ?decision.verdict,
+        );
+        return Err("denied by policy");
+    }
     tracing::info!(
         event = "connection.open",
         conn = conn.id,
@@ -277,6 +343,17 @@ async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<
         duration_ms = started.elapsed().as_millis() as u64,
         error = result.as_ref().err().map(ToString::to_string),
     );
+    let close = conn
+        .record(Kind::ConnectionClose)
+        .result(serde_json::json!({
+            "bytes_up": conn.bytes_up.load(Ordering::Relaxed),
+            "bytes_down": conn.bytes_down.load(Ordering::Relaxed),
+            "duration_ms": started.elapsed().as_millis() as u64,
+            "error": result.as_ref().err().map(ToString::to_string),
+        }));
+    if let Err(e) = shared.audit.append(close).await {
+        tracing::error!(event = "log.failure", conn = conn.id, error = %e, "cannot record the connection's close");
+    }
     Ok(())
 }
 

@@ -338,6 +338,7 @@ impl Env {
              fail_mode = \"{mode}\"\nbpffs_dir = \"{bpffs}\"\n\
              label_identities = [{{ name = \"demo\", groups = [\"demo\"] }}]\n\n\
              [policy]\ndir = \"{policy}\"\nwatch_interval_secs = 1\n\n\
+             [audit]\ndir = \"{state}/audit\"\n\n\
              [proxy]\nport = {port}\nfast_path = {fast}\n{extra}\n",
             policy = policy_dir.display(),
             state = state.display(),
