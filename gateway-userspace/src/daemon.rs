@@ -124,25 +124,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
     policy.refresh_dns().await;
 
     let identities = identities(cfg.identity.as_ref())?;
-    // The log is opened (and verified) before anything is served: no log, no start.
-    let audit = AuditLog::open(cfg.audit.clone())
-        .await
-        .map_err(DaemonError::Audit)?;
-    let correlation_key =
-        crate::audit::load_or_create_correlation_key(state_dir).map_err(DaemonError::Audit)?;
-    audit
-        .append(
-            NewRecord::new(Kind::DaemonStart)
-                .workload(crate::audit::Workload::current_process())
-                .action(json!({
-                    "version": env!("CARGO_PKG_VERSION"),
-                    "fail_mode": format!("{:?}", cfg.daemon.fail_mode).to_lowercase(),
-                    "fast_path": cfg.proxy.fast_path,
-                    "policy_digest": policy.current().digest(),
-                })),
-        )
-        .await
-        .map_err(DaemonError::Audit)?;
+    let (audit, correlation_key) = open_audit(&cfg, &policy).await?;
     let shared = Arc::new(Shared {
         redirector: Mutex::new(redirector),
         bindings: Mutex::new(bindings),
@@ -194,17 +176,22 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
     let _ = shutdown.wait_for(|stop| *stop).await;
     tasks.shutdown().await;
     let _ = std::fs::remove_file(&cfg.daemon.control_socket);
+    drop(shared);
+    drop(daemon);
+    close_audit(audit).await;
+    tracing::info!("agentgate stopped");
+    Ok(())
+}
+
+/// Records the stop, then flushes and writes the final checkpoint.
+async fn close_audit(audit: AuditLog) {
     let stop = NewRecord::new(Kind::DaemonStop).workload(crate::audit::Workload::current_process());
     if let Err(e) = audit.append(stop).await {
         tracing::error!(event = "log.failure", error = %e, "cannot record daemon.stop");
     }
-    drop(shared);
-    drop(daemon);
     if let Err(e) = audit.close().await {
         tracing::error!(error = %e, "closing the audit log");
     }
-    tracing::info!("agentgate stopped");
-    Ok(())
 }
 
 /// An identity event as an audit record. Logout and revocation end the
@@ -287,6 +274,28 @@ fn restore_bindings(path: &Path, redirector: &mut Redirector) -> Result<Bindings
     }
     bindings.save(path)?;
     Ok(bindings)
+}
+
+/// Opens (and verifies) the audit log and records the start: no log, no start.
+async fn open_audit(
+    cfg: &Config,
+    policy: &PolicyStore,
+) -> Result<(AuditLog, [u8; 32]), DaemonError> {
+    let audit = AuditLog::open(cfg.audit.clone())
+        .await
+        .map_err(DaemonError::Audit)?;
+    let correlation_key = crate::audit::load_or_create_correlation_key(&cfg.daemon.state_dir)
+        .map_err(DaemonError::Audit)?;
+    let start = NewRecord::new(Kind::DaemonStart)
+        .workload(crate::audit::Workload::current_process())
+        .action(json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "fail_mode": format!("{:?}", cfg.daemon.fail_mode).to_lowercase(),
+            "fast_path": cfg.proxy.fast_path,
+            "policy_digest": policy.current().digest(),
+        }));
+    audit.append(start).await.map_err(DaemonError::Audit)?;
+    Ok((audit, correlation_key))
 }
 
 /// Reloads the policy on SIGHUP and when its files change. A rejected policy

@@ -150,6 +150,8 @@ pub struct LiveConnection {
     /// The identity as audit records name it.
     #[serde(skip)]
     pub audit_identity: IdentityRef,
+    #[serde(skip)]
+    pub started: Instant,
 }
 
 impl LiveConnection {
@@ -232,7 +234,13 @@ pub async fn serve(
     }
 }
 
-async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<(), &'static str> {
+/// Phase 2 and 3: the kernel's record of this connection and the identity
+/// its cgroup is bound to. No record, or no binding: not ours to serve.
+fn attribute(
+    client: &TcpStream,
+    peer: SocketAddr,
+    shared: &Shared,
+) -> Result<(agentgate_common::Provenance, String), &'static str> {
     let local = client.local_addr().map_err(|_| "no local address")?;
     let key = PeerKey {
         peer: redirect::sock_addr(peer),
@@ -245,13 +253,6 @@ async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<
         .expect("redirector lock")
         .provenance(&key)
         .ok_or("not redirected: no provenance record")?;
-    let Ok(permit) = shared.limit.clone().try_acquire_owned() else {
-        tracing::warn!(
-            max = shared.config.max_connections,
-            "connection limit reached"
-        );
-        return Err("connection limit reached");
-    };
     let identity = shared
         .bindings
         .lock()
@@ -259,6 +260,18 @@ async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<
         .get(prov.binding)
         .map(|b| b.identity.clone())
         .ok_or("cgroup binding is gone")?;
+    Ok((prov, identity))
+}
+
+async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<(), &'static str> {
+    let (prov, identity) = attribute(&client, peer, shared)?;
+    let Ok(permit) = shared.limit.clone().try_acquire_owned() else {
+        tracing::warn!(
+            max = shared.config.max_connections,
+            "connection limit reached"
+        );
+        return Err("connection limit reached");
+    };
     let workload = Workload::from_kernel(&prov, &shared.hierarchy);
     let destination = redirect::socket_addr(&prov.orig_dst);
     let subject = shared
@@ -280,6 +293,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<
         bytes_down: AtomicU64::new(0),
         close: tokio::sync::Notify::new(),
         resource: resource.map(|r| r.name.clone()),
+        started: Instant::now(),
     });
     let allowed = matches!(decision.verdict, Verdict::Allow);
     // Write-ahead: the connection is recorded before anything reaches the
@@ -316,45 +330,61 @@ async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<
         %destination,
     );
     shared.registry.insert(conn.clone());
-    let started = Instant::now();
-    let serve = async {
+    let result = dispatch(client, &conn, protocol, shared).await;
+    shared.registry.remove(conn.id);
+    drop(permit);
+    record_close(&conn, &result, shared).await;
+    Ok(())
+}
+
+/// Phase 6: the resource's protocol handler, until it ends or the identity's
+/// session does (dropping the handler closes both sockets).
+async fn dispatch(
+    client: TcpStream,
+    conn: &Arc<LiveConnection>,
+    protocol: Protocol,
+    shared: &Shared,
+) -> std::io::Result<()> {
+    let handler = async {
         match protocol {
             // Postgres is relayed at L4 until its L7 handler is wired in.
             Protocol::Tcp | Protocol::Postgres => {
-                connect_and_relay(client, &conn, &shared.config).await
+                connect_and_relay(client, conn, &shared.config).await
             }
             Protocol::Mysql | Protocol::Http => Err(std::io::Error::other(format!(
                 "no handler for {protocol:?} resources yet"
             ))),
         }
     };
-    // Dropping the handler closes both sockets.
-    let result = tokio::select! {
-        r = serve => r,
+    tokio::select! {
+        r = handler => r,
         () = conn.close.notified() => Err(std::io::Error::other("closed: the identity's session ended")),
-    };
-    shared.registry.remove(conn.id);
-    drop(permit);
+    }
+}
+
+async fn record_close(conn: &LiveConnection, result: &std::io::Result<()>, shared: &Shared) {
+    let (up, down) = (
+        conn.bytes_up.load(Ordering::Relaxed),
+        conn.bytes_down.load(Ordering::Relaxed),
+    );
+    let duration_ms = conn.started.elapsed().as_millis() as u64;
+    let error = result.as_ref().err().map(ToString::to_string);
     tracing::info!(
         event = "connection.close",
         conn = conn.id,
-        bytes_up = conn.bytes_up.load(Ordering::Relaxed),
-        bytes_down = conn.bytes_down.load(Ordering::Relaxed),
-        duration_ms = started.elapsed().as_millis() as u64,
-        error = result.as_ref().err().map(ToString::to_string),
+        bytes_up = up,
+        bytes_down = down,
+        duration_ms,
+        error
     );
     let close = conn
         .record(Kind::ConnectionClose)
         .result(serde_json::json!({
-            "bytes_up": conn.bytes_up.load(Ordering::Relaxed),
-            "bytes_down": conn.bytes_down.load(Ordering::Relaxed),
-            "duration_ms": started.elapsed().as_millis() as u64,
-            "error": result.as_ref().err().map(ToString::to_string),
+            "bytes_up": up, "bytes_down": down, "duration_ms": duration_ms, "error": error,
         }));
     if let Err(e) = shared.audit.append(close).await {
         tracing::error!(event = "log.failure", conn = conn.id, error = %e, "cannot record the connection's close");
     }
-    Ok(())
 }
 
 async fn connect_and_relay(
