@@ -253,6 +253,9 @@ pub struct DaemonOptions {
     pub port: u16,
     /// Extra TOML appended to the config.
     pub extra: String,
+    /// Extra TOML keys written inside the `[audit]` table (e.g.
+    /// `durability = "batched"`).
+    pub audit_extra: String,
     /// Policy files (name, text) for the daemon's policy directory; by
     /// default one that lets the label `demo` reach any loopback TCP port.
     pub policies: Vec<(String, String)>,
@@ -283,6 +286,7 @@ impl Default for DaemonOptions {
             fail_closed: false,
             port: 15001,
             extra: String::new(),
+            audit_extra: String::new(),
             policies: vec![("loopback.toml".into(), LOOPBACK_POLICY.into())],
         }
     }
@@ -326,6 +330,23 @@ impl Env {
         for (file, text) in &opts.policies {
             fs::write(policy_dir.join(file), text)?;
         }
+        let env = Self {
+            daemon: None,
+            bpffs,
+            state,
+            config,
+            opts,
+            cgroup,
+            netns,
+            name,
+        };
+        env.write_config()?;
+        Ok(env)
+    }
+
+    /// (Re)writes the daemon config from `self.opts`; a running daemon reads
+    /// it at its next start.
+    pub fn write_config(&self) -> Result<()> {
         let rel = |p: &Path| {
             p.strip_prefix(cgroup2_mount())
                 .expect("under the mount")
@@ -338,28 +359,24 @@ impl Env {
              fail_mode = \"{mode}\"\nbpffs_dir = \"{bpffs}\"\n\
              label_identities = [{{ name = \"demo\", groups = [\"demo\"] }}]\n\n\
              [policy]\ndir = \"{policy}\"\nwatch_interval_secs = 1\n\n\
-             [audit]\ndir = \"{state}/audit\"\n\n\
+             [audit]\ndir = \"{state}/audit\"\n{audit_extra}\n\n\
              [proxy]\nport = {port}\nfast_path = {fast}\n{extra}\n",
-            policy = policy_dir.display(),
-            state = state.display(),
-            attach = rel(&cgroup.path),
-            mode = if opts.fail_closed { "closed" } else { "open" },
-            bpffs = bpffs.display(),
-            port = opts.port,
-            fast = opts.fast_path,
-            extra = opts.extra,
+            policy = self.state.join("policy").display(),
+            state = self.state.display(),
+            attach = rel(&self.cgroup.path),
+            mode = if self.opts.fail_closed {
+                "closed"
+            } else {
+                "open"
+            },
+            bpffs = self.bpffs.display(),
+            port = self.opts.port,
+            fast = self.opts.fast_path,
+            audit_extra = self.opts.audit_extra,
+            extra = self.opts.extra,
         );
-        fs::write(&config, config_text)?;
-        Ok(Self {
-            daemon: None,
-            bpffs,
-            state,
-            config,
-            opts,
-            cgroup,
-            netns,
-            name,
-        })
+        fs::write(&self.config, config_text)?;
+        Ok(())
     }
 
     /// Starts the daemon inside the test's netns, in the `daemon` child cgroup

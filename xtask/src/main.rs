@@ -43,7 +43,12 @@ enum Task {
         no_lint: bool,
     },
     /// Benchmarks: `audit`, `policy`, `pg`, or all when omitted.
-    Bench { which: Option<String> },
+    Bench {
+        which: Option<String>,
+        /// `pg` only: one short round, to check that it runs.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 /// Debian packages the build and the tests need.
@@ -82,7 +87,7 @@ fn run(cli: Cli) -> Result<()> {
         Task::BuildEbpf => build_ebpf(&root),
         Task::Run { args } => run_daemon(&root, &args),
         Task::Test { filter, no_lint } => test(&root, filter.as_deref(), no_lint),
-        Task::Bench { which } => bench(&root, which.as_deref()),
+        Task::Bench { which, quick } => bench(&root, which.as_deref(), quick),
     }
 }
 
@@ -348,12 +353,17 @@ fn run_counting(c: &mut Command) -> Result<(u64, u64)> {
     Ok((passed, failed))
 }
 
-fn bench(root: &Path, which: Option<&str>) -> Result<()> {
+fn bench(root: &Path, which: Option<&str>, quick: bool) -> Result<()> {
     setup(root)?;
     let all = which.is_none();
     let mut ran = false;
     for name in ["audit", "policy", "pg"] {
         if !(all || which == Some(name)) {
+            continue;
+        }
+        if name == "pg" {
+            bench_pg(root, quick)?;
+            ran = true;
             continue;
         }
         let bench_file = root.join(format!("gateway-userspace/benches/{name}.rs"));
@@ -368,4 +378,28 @@ fn bench(root: &Path, which: Option<&str>) -> Result<()> {
         bail!("no benchmarks ran");
     }
     Ok(())
+}
+
+/// pgbench against Postgres directly, through agentgate and through pgbouncer
+/// (`tests/src/bin/pg_bench.rs`): the release daemon, as root.
+fn bench_pg(root: &Path, quick: bool) -> Result<()> {
+    if !is_root() {
+        bail!("`bench pg` runs the daemon with its eBPF programs: run it as root");
+    }
+    status(cmd("cargo").args(["build", "--release", "-p", "agentgate"]))?;
+    let mut c = cmd("cargo");
+    c.args([
+        "run",
+        "--release",
+        "-p",
+        "agentgate-e2e",
+        "--bin",
+        "pg_bench",
+        "--",
+    ])
+    .env("AGENTGATE_BIN", root.join("target/release/agentgate"));
+    if quick {
+        c.arg("--quick");
+    }
+    status(&mut c)
 }
