@@ -84,14 +84,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
     }
     let hierarchy = Hierarchy::discover()?;
     let attach = hierarchy.resolve(&cfg.daemon.attach_cgroup)?;
-    let exec_root = hierarchy.mount().join(
-        cfg.daemon
-            .exec_cgroup
-            .strip_prefix("/")
-            .unwrap_or(&cfg.daemon.exec_cgroup),
-    );
-    cgroup::create(&exec_root)?;
-    let exec_root = hierarchy.resolve(&exec_root)?;
+    let exec_root = exec_root(&hierarchy, &cfg.daemon.exec_cgroup)?;
     let state_dir = &cfg.daemon.state_dir;
     std::fs::create_dir_all(state_dir).map_err(|source| DaemonError::Io {
         what: "creating",
@@ -176,12 +169,9 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         &cfg.policy,
         shutdown.clone(),
     ));
-    tasks.spawn(daemon.clone().maintain_identities(shutdown.clone()));
-    tasks.spawn(
-        daemon
-            .clone()
-            .follow_policy_bindings(attach, shutdown.clone()),
-    );
+    daemon
+        .clone()
+        .spawn_background(&mut tasks, attach, &shutdown);
     let _ = shutdown.wait_for(|stop| *stop).await;
     tasks.shutdown().await;
     let _ = std::fs::remove_file(&cfg.daemon.control_socket);
@@ -283,6 +273,15 @@ fn restore_bindings(path: &Path, redirector: &mut Redirector) -> Result<Bindings
     }
     bindings.save(path)?;
     Ok(bindings)
+}
+
+/// The cgroup `agentgate exec` creates its cgroups in (made if missing).
+fn exec_root(hierarchy: &Hierarchy, configured: &Path) -> Result<PathBuf, DaemonError> {
+    let path = hierarchy
+        .mount()
+        .join(configured.strip_prefix("/").unwrap_or(configured));
+    cgroup::create(&path)?;
+    Ok(hierarchy.resolve(&path)?)
 }
 
 /// Opens (and verifies) the audit log and records the start: no log, no start.
@@ -620,6 +619,17 @@ impl Daemon {
         }
     }
 
+    /// Identity upkeep and policy bindings.
+    fn spawn_background(
+        self: Arc<Self>,
+        tasks: &mut tokio::task::JoinSet<()>,
+        attach: PathBuf,
+        shutdown: &watch::Receiver<bool>,
+    ) {
+        tasks.spawn(self.clone().maintain_identities(shutdown.clone()));
+        tasks.spawn(self.follow_policy_bindings(attach, shutdown.clone()));
+    }
+
     /// Keeps the cgroups that the policy's `[[binding]]`s match tagged with their
     /// service account, and untags them when the policy stops matching. A
     /// matched cgroup is tagged even before its identity is verified: its
@@ -665,10 +675,11 @@ impl Daemon {
                 let still = desired
                     .get(cgroup_id)
                     .is_some_and(|(_, want)| want == identity);
-                if *kind == BindingKind::Policy && !still {
-                    if let Err(e) = self.unbind(*id, *cgroup_id).await {
-                        tracing::error!(error = %e, "removing a policy binding");
-                    }
+                if *kind == BindingKind::Policy
+                    && !still
+                    && let Err(e) = self.unbind(*id, *cgroup_id).await
+                {
+                    tracing::error!(error = %e, "removing a policy binding");
                 }
             }
             for (cgroup_id, (path, identity)) in desired {
