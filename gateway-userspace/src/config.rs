@@ -33,9 +33,9 @@ pub struct Config {
     pub daemon: DaemonConfig,
     pub proxy: ProxyConfig,
     pub policy: PolicyConfig,
-    /// Sections owned by other components, checked by them.
-    pub audit: Option<toml::Table>,
-    pub identity: Option<toml::Table>,
+    pub audit: crate::audit::AuditConfig,
+    /// `OpenID` provider and service accounts; without it only label identities exist.
+    pub identity: Option<crate::identity::IdentityConfig>,
 }
 
 /// What happens to tagged cgroups when the daemon is not running.
@@ -183,6 +183,9 @@ impl Config {
             path: path.into(),
             message,
         };
+        self.audit
+            .validate()
+            .map_err(|e| invalid(format!("[audit] {e}")))?;
         if self.proxy.port == 0 {
             return Err(invalid(
                 "proxy.port must not be 0: the kernel programs need a fixed port".into(),
@@ -202,15 +205,6 @@ impl Config {
             ));
         }
         Ok(())
-    }
-
-    /// The audit log directory: `[audit] dir`, else `<state_dir>/audit`.
-    pub fn audit_dir(&self) -> PathBuf {
-        self.audit
-            .as_ref()
-            .and_then(|t| t.get("dir"))
-            .and_then(toml::Value::as_str)
-            .map_or_else(|| self.daemon.state_dir.join("audit"), PathBuf::from)
     }
 }
 

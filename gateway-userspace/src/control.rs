@@ -14,7 +14,7 @@ use tokio::{
 };
 
 /// Longest request line accepted, in bytes.
-pub const MAX_REQUEST: usize = 64 * 1024;
+pub const MAX_REQUEST: usize = crate::identity::MAX_HANDOFF_LINE + 4096;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
@@ -30,6 +30,28 @@ pub enum Request {
     },
     Untag {
         cgroup: PathBuf,
+    },
+    /// Hand a session from `agentgate login` to the daemon, which verifies
+    /// the ID token itself before holding it.
+    Login {
+        handoff: crate::identity::LoginHandoff,
+    },
+    /// End a verified identity's session (revoked at the provider too).
+    Logout {
+        identity: String,
+    },
+    ApprovalsList,
+    ApprovalsShow {
+        id: String,
+    },
+    /// Approve or deny a held command. `approver` names who decides (recorded
+    /// in the audit log); it can never be the requester.
+    ApprovalsDecide {
+        id: String,
+        approve: bool,
+        approver: String,
+        #[serde(default)]
+        reason: Option<String>,
     },
 }
 

@@ -24,6 +24,7 @@ use tokio::{
 };
 
 use crate::{
+    audit::{AuditLog, Kind, NewRecord},
     binding::{BindingKind, Bindings},
     cgroup::{self, Hierarchy},
     config::Config,
@@ -44,6 +45,10 @@ pub enum DaemonError {
     Redirect(#[from] crate::redirect::RedirectError),
     #[error(transparent)]
     Binding(#[from] crate::binding::BindingError),
+    #[error("audit log")]
+    Audit(#[source] crate::audit::AuditError),
+    #[error("[identity]: {0}")]
+    Identity(String),
     #[error("policy is invalid; not starting:\n{errors}")]
     Policy { errors: crate::policy::PolicyErrors },
     #[error("binding proxy listener {addr}")]
@@ -115,22 +120,11 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         .map(|b| (b.id, b.cgroup.clone()))
         .collect();
 
-    let mask_key_path = state_dir.join("mask.key");
-    let mask_key =
-        crate::keyfile::load_or_create(&mask_key_path).map_err(|source| DaemonError::Io {
-            what: "loading masking key",
-            path: mask_key_path,
-            source,
-        })?;
-    let policy = Arc::new(
-        PolicyStore::open(
-            &cfg.policy.dir,
-            Some(Arc::new(crate::mask::MaskKey::new(mask_key))),
-        )
-        .map_err(|errors| DaemonError::Policy { errors })?,
-    );
+    let policy = load_policy(&cfg.policy, state_dir)?;
     policy.refresh_dns().await;
 
+    let identities = identities(cfg.identity.as_ref())?;
+    let (audit, correlation_key) = open_audit(&cfg, &policy).await?;
     let shared = Arc::new(Shared {
         redirector: Mutex::new(redirector),
         bindings: Mutex::new(bindings),
@@ -142,6 +136,9 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         policy: policy.clone(),
         approvals: crate::approval::Broker::default(),
         labels: cfg.daemon.label_identities.clone(),
+        identities,
+        audit: audit.clone(),
+        correlation_key,
     });
     let daemon = Arc::new(Daemon {
         shared: shared.clone(),
@@ -169,12 +166,94 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         tasks.spawn(proxy::serve(l6, shared.clone(), shutdown.clone()));
     }
     tasks.spawn(daemon.clone().serve_control(control, shutdown.clone()));
-    tasks.spawn(watch_policy(policy, &cfg.policy, shutdown.clone()));
+    tasks.spawn(watch_policy(
+        policy,
+        audit.clone(),
+        &cfg.policy,
+        shutdown.clone(),
+    ));
+    tasks.spawn(daemon.clone().maintain_identities(shutdown.clone()));
     let _ = shutdown.wait_for(|stop| *stop).await;
     tasks.shutdown().await;
     let _ = std::fs::remove_file(&cfg.daemon.control_socket);
+    drop(shared);
+    drop(daemon);
+    close_audit(audit).await;
     tracing::info!("agentgate stopped");
     Ok(())
+}
+
+/// Records the stop, then flushes and writes the final checkpoint.
+async fn close_audit(audit: AuditLog) {
+    let stop = NewRecord::new(Kind::DaemonStop).workload(crate::audit::Workload::current_process());
+    if let Err(e) = audit.append(stop).await {
+        tracing::error!(event = "log.failure", error = %e, "cannot record daemon.stop");
+    }
+    if let Err(e) = audit.close().await {
+        tracing::error!(error = %e, "closing the audit log");
+    }
+}
+
+/// An identity event as an audit record. Logout and revocation end the
+/// identity's session, so they are recorded as `identity.expiry` with the cause.
+fn identity_record(event: &crate::identity::IdentityEvent) -> NewRecord {
+    use crate::identity::IdentityEvent as E;
+    let kind = match event {
+        E::Login { .. } => Kind::IdentityLogin,
+        E::Refresh { .. } => Kind::IdentityRefresh,
+        E::Failure { .. } => Kind::IdentityFailure,
+        E::Bind { .. } => Kind::IdentityBind,
+        E::Unbind { .. } => Kind::IdentityUnbind,
+        _ => Kind::IdentityExpiry,
+    };
+    let mut rec = NewRecord::new(kind)
+        .workload(crate::audit::Workload::current_process())
+        .action(json!(event));
+    if let Some(name) = event.name() {
+        rec = rec.identity(crate::audit::IdentityRef {
+            subject: name.to_owned(),
+            kind: "oidc".into(),
+            groups: Vec::new(),
+        });
+    }
+    rec
+}
+
+async fn audit_identity_event(audit: &AuditLog, event: &crate::identity::IdentityEvent) {
+    if let Err(e) = audit.append(identity_record(event)).await {
+        tracing::error!(event = "log.failure", error = %e, "cannot record an identity event");
+    }
+}
+
+/// The policy in force at start, with the masking key (made on first start).
+/// An invalid policy refuses the start.
+fn load_policy(cfg: &PolicyConfig, state_dir: &Path) -> Result<Arc<PolicyStore>, DaemonError> {
+    let mask_key_path = state_dir.join("mask.key");
+    let mask_key =
+        crate::keyfile::load_or_create(&mask_key_path).map_err(|source| DaemonError::Io {
+            what: "loading masking key",
+            path: mask_key_path,
+            source,
+        })?;
+    let store = PolicyStore::open(
+        &cfg.dir,
+        Some(Arc::new(crate::mask::MaskKey::new(mask_key))),
+    )
+    .map_err(|errors| DaemonError::Policy { errors })?;
+    Ok(Arc::new(store))
+}
+
+fn identities(
+    cfg: Option<&crate::identity::IdentityConfig>,
+) -> Result<Option<Arc<proxy::Identities>>, DaemonError> {
+    let Some(icfg) = cfg else { return Ok(None) };
+    let client = crate::identity::OidcClient::new(icfg.clone())
+        .map_err(|e| DaemonError::Identity(e.to_string()))?;
+    let store = crate::identity::IdentityStore::for_config(icfg);
+    Ok(Some(Arc::new(proxy::Identities {
+        client,
+        store: tokio::sync::Mutex::new(store),
+    })))
 }
 
 /// Loads persisted bindings and re-tags the cgroups that still exist (same
@@ -197,10 +276,33 @@ fn restore_bindings(path: &Path, redirector: &mut Redirector) -> Result<Bindings
     Ok(bindings)
 }
 
+/// Opens (and verifies) the audit log and records the start: no log, no start.
+async fn open_audit(
+    cfg: &Config,
+    policy: &PolicyStore,
+) -> Result<(AuditLog, [u8; 32]), DaemonError> {
+    let audit = AuditLog::open(cfg.audit.clone())
+        .await
+        .map_err(DaemonError::Audit)?;
+    let correlation_key = crate::audit::load_or_create_correlation_key(&cfg.daemon.state_dir)
+        .map_err(DaemonError::Audit)?;
+    let start = NewRecord::new(Kind::DaemonStart)
+        .workload(crate::audit::Workload::current_process())
+        .action(json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "fail_mode": format!("{:?}", cfg.daemon.fail_mode).to_lowercase(),
+            "fast_path": cfg.proxy.fast_path,
+            "policy_digest": policy.current().digest(),
+        }));
+    audit.append(start).await.map_err(DaemonError::Audit)?;
+    Ok((audit, correlation_key))
+}
+
 /// Reloads the policy on SIGHUP and when its files change. A rejected policy
-/// leaves the previous one in force; both outcomes are logged.
+/// leaves the previous one in force; both outcomes are logged and audited.
 fn watch_policy(
     store: Arc<PolicyStore>,
+    audit: AuditLog,
     cfg: &PolicyConfig,
     mut shutdown: watch::Receiver<bool>,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
@@ -209,33 +311,29 @@ fn watch_policy(
         dns_refresh: Duration::from_secs(cfg.dns_refresh_secs),
     };
     async move {
-        let on_event = |event: WatchEvent| match event {
-            WatchEvent::Reloaded(o) => {
-                tracing::info!(event = "policy.reload", outcome = "accepted", digest = %o.digest, previous = %o.previous_digest);
-            }
-            WatchEvent::Rejected(errors) => {
-                tracing::error!(event = "policy.reload", outcome = "rejected", errors = %errors, "new policy rejected; the previous policy stays in force");
-            }
-        };
-        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGHUP; policy reloads on file change only");
-                return crate::policy::watch(store, opts, on_event, async move {
-                    let _ = shutdown.wait_for(|s| *s).await;
-                })
-                .await;
-            }
+        let file_audit = audit.clone();
+        let on_event = move |event: WatchEvent| match event {
+            WatchEvent::Reloaded(o) => record_reload(&file_audit, "file-change", Ok(&o)),
+            WatchEvent::Rejected(errors) => record_reload(&file_audit, "file-change", Err(&errors)),
         };
         let sighup_store = store.clone();
         let mut stop = shutdown.clone();
         let sighup = async move {
+            let mut hup = match tokio::signal::unix::signal(
+                tokio::signal::unix::SignalKind::hangup(),
+            ) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGHUP; policy reloads on file change only");
+                    return;
+                }
+            };
             loop {
                 tokio::select! {
-                    _ = hup.recv() => match sighup_store.reload(sighup_store.dir()) {
-                        Ok(o) => tracing::info!(event = "policy.reload", trigger = "SIGHUP", outcome = "accepted", digest = %o.digest),
-                        Err(errors) => tracing::error!(event = "policy.reload", trigger = "SIGHUP", outcome = "rejected", errors = %errors),
-                    },
+                    _ = hup.recv() => {
+                        let r = sighup_store.reload(sighup_store.dir());
+                        record_reload(&audit, "SIGHUP", r.as_ref());
+                    }
                     _ = stop.wait_for(|s| *s) => return,
                 }
             }
@@ -245,6 +343,33 @@ fn watch_policy(
         });
         tokio::join!(sighup, watcher);
     }
+}
+
+fn record_reload(
+    audit: &AuditLog,
+    trigger: &'static str,
+    outcome: Result<&crate::policy::ReloadOutcome, &crate::policy::PolicyErrors>,
+) {
+    let result = match outcome {
+        Ok(o) => {
+            tracing::info!(event = "policy.reload", trigger, outcome = "accepted", digest = %o.digest, previous = %o.previous_digest);
+            json!({ "outcome": "accepted", "digest": o.digest, "previous_digest": o.previous_digest, "files": o.files, "rules": o.rules })
+        }
+        Err(errors) => {
+            tracing::error!(event = "policy.reload", trigger, outcome = "rejected", errors = %errors, "new policy rejected; the previous policy stays in force");
+            json!({ "outcome": "rejected", "errors": errors.to_string() })
+        }
+    };
+    let rec = NewRecord::new(Kind::PolicyReload)
+        .workload(crate::audit::Workload::current_process())
+        .action(json!({ "trigger": trigger }))
+        .result(result);
+    let audit = audit.clone();
+    tokio::spawn(async move {
+        if let Err(e) = audit.append(rec).await {
+            tracing::error!(event = "log.failure", error = %e, "cannot record a policy reload");
+        }
+    });
 }
 
 /// The IPv4 listener (required) and the IPv6 one (if the host has IPv6).
@@ -343,7 +468,7 @@ impl Daemon {
                         Response::err(ErrorKind::Usage, "one exec per connection")
                     }
                     Ok(req) => {
-                        let (resp, exec) = self.handle(req);
+                        let (resp, exec) = self.handle(req).await;
                         owned_exec = owned_exec.or(exec);
                         resp
                     }
@@ -360,20 +485,183 @@ impl Daemon {
         }
     }
 
-    fn handle(&self, req: Request) -> (Response, Option<(u32, PathBuf)>) {
+    async fn handle(&self, req: Request) -> (Response, Option<(u32, PathBuf)>) {
         match req {
             Request::Status => (Response::ok(self.status()), None),
-            Request::Exec { identity } => match self.exec(identity) {
+            Request::Login { handoff } => (self.login(handoff).await, None),
+            Request::Logout { identity } => (self.logout(&identity).await, None),
+            Request::Exec { identity } => match self.exec(identity).await {
                 Ok((id, path)) => (
                     Response::ok(json!({ "cgroup": path, "binding": id })),
                     Some((id, path)),
                 ),
                 Err(r) => (r, None),
             },
-            Request::Tag { cgroup, identity } => {
-                (self.tag(&cgroup, identity).unwrap_or_else(|r| r), None)
+            Request::Tag { cgroup, identity } => (
+                self.tag(&cgroup, identity).await.unwrap_or_else(|r| r),
+                None,
+            ),
+            Request::Untag { cgroup } => (self.untag(&cgroup).await.unwrap_or_else(|r| r), None),
+            Request::ApprovalsList => (Response::ok(json!(self.shared.approvals.list())), None),
+            Request::ApprovalsShow { id } => match self.shared.approvals.get(&id) {
+                Some(r) => (Response::ok(json!(r)), None),
+                None => (
+                    Response::err(
+                        ErrorKind::Usage,
+                        format!("no pending approval request {id}"),
+                    ),
+                    None,
+                ),
+            },
+            Request::ApprovalsDecide {
+                id,
+                approve,
+                approver,
+                reason,
+            } => (self.decide(&id, approve, approver, reason).await, None),
+        }
+    }
+
+    async fn login(&self, handoff: crate::identity::LoginHandoff) -> Response {
+        let Some(ids) = &self.shared.identities else {
+            return Response::err(
+                ErrorKind::Usage,
+                "this daemon has no [identity] provider configured",
+            );
+        };
+        let session = match crate::identity::Session::from_handoff(&ids.client, handoff).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(event = "identity.failure", stage = "handoff", error = %e);
+                let rec = NewRecord::new(Kind::IdentityFailure)
+                    .workload(crate::audit::Workload::current_process())
+                    .action(json!({ "stage": "handoff", "error": e.to_string() }));
+                let _ = self.record(rec).await;
+                return Response::err(ErrorKind::Usage, format!("login refused: {e}"));
             }
-            Request::Untag { cgroup } => (self.untag(&cgroup).unwrap_or_else(|r| r), None),
+        };
+        let v = session.identity().clone();
+        match ids
+            .store
+            .lock()
+            .await
+            .insert(session, crate::identity::LoginMethod::DeviceFlow)
+        {
+            Ok(event) => {
+                tracing::info!(event = "identity.login", detail = %serde_json::to_string(&event).unwrap_or_default());
+                audit_identity_event(&self.shared.audit, &event).await;
+                Response::ok(json!({
+                    "name": v.name,
+                    "groups": v.groups,
+                    "expires_at": crate::time::rfc3339(v.expires_at),
+                }))
+            }
+            Err(e) => Response::err(ErrorKind::Usage, format!("login refused: {e}")),
+        }
+    }
+
+    async fn logout(&self, identity: &str) -> Response {
+        let Some(ids) = &self.shared.identities else {
+            return Response::err(
+                ErrorKind::Usage,
+                "this daemon has no [identity] provider configured",
+            );
+        };
+        let result = ids.store.lock().await.logout(identity);
+        match result {
+            Ok((session, event)) => {
+                tracing::info!(event = "identity.logout", detail = %serde_json::to_string(&event).unwrap_or_default());
+                audit_identity_event(&self.shared.audit, &event).await;
+                let closed = self.shared.registry.close_identity(identity);
+                if let Some(s) = session
+                    && let Err(e) = s.revoke_at_provider(&ids.client).await
+                {
+                    tracing::warn!(identity, error = %e, "revoking the refresh token at the provider failed");
+                }
+                Response::ok(json!({ "identity": identity, "connections_closed": closed }))
+            }
+            Err(e) => Response::err(ErrorKind::Usage, e.to_string()),
+        }
+    }
+
+    /// Expires, refreshes and logs in service accounts; an identity that ends
+    /// loses its live connections (new ones already fail its subject lookup).
+    async fn maintain_identities(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let Some(ids) = self.shared.identities.clone() else {
+            return;
+        };
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+            for event in crate::identity::maintain(&ids.store, &ids.client).await {
+                let detail = serde_json::to_string(&event).unwrap_or_default();
+                tracing::info!(event = "identity.event", %detail);
+                audit_identity_event(&self.shared.audit, &event).await;
+                if event.ends_identity()
+                    && let Some(name) = event.name()
+                {
+                    let n = self.shared.registry.close_identity(name);
+                    tracing::info!(identity = name, connections_closed = n, "identity ended");
+                }
+            }
+        }
+    }
+
+    /// Root on the control socket decides for any approver group, under the
+    /// approver name it gives; the broker still refuses self-approval.
+    async fn decide(
+        &self,
+        id: &str,
+        approve: bool,
+        approver: String,
+        reason: Option<String>,
+    ) -> Response {
+        if approver.is_empty() || approver.len() > 256 {
+            return Response::err(
+                ErrorKind::Usage,
+                "approver name must be 1 to 256 characters",
+            );
+        }
+        if reason.as_ref().is_some_and(|r| r.len() > 4096) {
+            return Response::err(ErrorKind::Usage, "reason is longer than 4096 bytes");
+        }
+        let who = crate::approval::Approver {
+            name: approver,
+            groups: Vec::new(),
+            any_group: true,
+        };
+        let request = self.shared.approvals.get(id);
+        match self
+            .shared
+            .approvals
+            .decide(id, &who, approve, reason.clone())
+        {
+            Ok(d) => {
+                tracing::info!(event = if approve { "approval.granted" } else { "approval.denied" }, id, approver = %who.name, result = ?d);
+                // The held command's own record (written before it runs) names
+                // this approval too; this one is the approver's act.
+                let kind = if approve {
+                    Kind::ApprovalGranted
+                } else {
+                    Kind::ApprovalDenied
+                };
+                let mut rec = NewRecord::new(kind)
+                    .identity(crate::audit::IdentityRef { subject: who.name.clone(), kind: "approver".into(), groups: Vec::new() })
+                    .workload(crate::audit::Workload::current_process())
+                    .approval(json!({ "id": id, "approver": who.name, "reason": reason, "result": d, "via": "control-socket" }));
+                if let Some(r) = request {
+                    rec = rec.resource(r.resource.clone()).action(json!({ "requester": r.identity, "summary": r.summary, "statement_hash": r.statement_hash, "rule": r.rule }));
+                }
+                if let Err(e) = self.shared.audit.append(rec).await {
+                    tracing::error!(event = "log.failure", error = %e, "cannot record an approval decision");
+                }
+                Response::ok(json!(d))
+            }
+            Err(e) => Response::err(ErrorKind::Usage, e.to_string()),
         }
     }
 
@@ -404,7 +692,7 @@ impl Daemon {
 
     /// Only identities the daemon can vouch for may be bound: a verified OIDC
     /// session or service account, or a label the config declares.
-    fn validate_identity(&self, identity: &str) -> Result<(), Response> {
+    async fn validate_identity(&self, identity: &str) -> Result<(), Response> {
         let ok = !identity.is_empty()
             && identity.len() <= 256
             && identity
@@ -416,7 +704,7 @@ impl Daemon {
                 format!("invalid identity {identity:?}: use letters, digits and ._@-+:"),
             ));
         }
-        if self.shared.subject(identity).is_none() {
+        if self.shared.subject(identity).await.is_none() {
             return Err(Response::err(
                 ErrorKind::Usage,
                 format!(
@@ -427,8 +715,8 @@ impl Daemon {
         Ok(())
     }
 
-    fn exec(&self, identity: String) -> Result<(u32, PathBuf), Response> {
-        self.validate_identity(&identity)?;
+    async fn exec(&self, identity: String) -> Result<(u32, PathBuf), Response> {
+        self.validate_identity(&identity).await?;
         let failure = |e: &dyn std::fmt::Display| Response::err(ErrorKind::Failure, e.to_string());
         let name = format!(
             "exec-{}-{}",
@@ -439,24 +727,47 @@ impl Daemon {
         cgroup::create(&path).map_err(|e| failure(&e))?;
         let id = self
             .bind(identity, &path, BindingKind::Exec)
+            .await
             .inspect_err(|_| {
                 let _ = cgroup::remove(&path);
             })?;
         Ok((id, path))
     }
 
-    fn tag(&self, user_path: &Path, identity: String) -> Result<Response, Response> {
-        self.validate_identity(&identity)?;
+    async fn tag(&self, user_path: &Path, identity: String) -> Result<Response, Response> {
+        self.validate_identity(&identity).await?;
         let path = self
             .shared
             .hierarchy
             .resolve(user_path)
             .map_err(|e| Response::err(ErrorKind::Usage, e.to_string()))?;
-        let id = self.bind(identity, &path, BindingKind::Tag)?;
+        let id = self.bind(identity, &path, BindingKind::Tag).await?;
         Ok(Response::ok(json!({ "cgroup": path, "binding": id })))
     }
 
-    fn bind(&self, identity: String, path: &Path, kind: BindingKind) -> Result<u32, Response> {
+    /// Records the binding, then makes it: a binding that cannot be audited is refused.
+    async fn bind(
+        &self,
+        identity: String,
+        path: &Path,
+        kind: BindingKind,
+    ) -> Result<u32, Response> {
+        let rec = NewRecord::new(Kind::IdentityBind)
+            .identity(self.shared.identity_ref(&identity).await)
+            .workload(crate::audit::Workload::current_process())
+            .action(json!({ "cgroup": path, "kind": kind }));
+        self.record(rec).await?;
+        self.bind_now(identity, path, kind)
+    }
+
+    async fn record(&self, rec: NewRecord) -> Result<(), Response> {
+        self.shared.audit.append(rec).await.map(|_| ()).map_err(|e| {
+            tracing::error!(event = "log.failure", error = %e, "cannot write the audit log; refusing");
+            Response::err(ErrorKind::Failure, format!("audit log unavailable: {e}"))
+        })
+    }
+
+    fn bind_now(&self, identity: String, path: &Path, kind: BindingKind) -> Result<u32, Response> {
         let failure = |e: &dyn std::fmt::Display| Response::err(ErrorKind::Failure, e.to_string());
         let cgroup_id = cgroup::id(path).map_err(|e| failure(&e))?;
         let mut bindings = self.shared.bindings.lock().expect("bindings lock");
@@ -490,7 +801,7 @@ impl Daemon {
         Ok(b.id)
     }
 
-    fn untag(&self, user_path: &Path) -> Result<Response, Response> {
+    async fn untag(&self, user_path: &Path) -> Result<Response, Response> {
         let path = self
             .shared
             .hierarchy
@@ -517,24 +828,37 @@ impl Daemon {
             }
         };
         self.unbind(id, cgroup_id)
+            .await
             .map_err(|e| Response::err(ErrorKind::Failure, e))?;
         Ok(Response::ok(json!({ "cgroup": path })))
     }
 
-    fn unbind(&self, id: u32, cgroup_id: u64) -> Result<(), String> {
+    async fn unbind(&self, id: u32, cgroup_id: u64) -> Result<(), String> {
         self.shared
             .redirector
             .lock()
             .expect("redirector lock")
             .untag(cgroup_id)
             .map_err(|e| e.to_string())?;
-        let mut bindings = self.shared.bindings.lock().expect("bindings lock");
-        if let Some(b) = bindings.remove(id) {
+        let removed = {
+            let mut bindings = self.shared.bindings.lock().expect("bindings lock");
+            let removed = bindings.remove(id);
+            bindings
+                .save(&self.bindings_path)
+                .map_err(|e| e.to_string())?;
+            removed
+        };
+        if let Some(b) = removed {
             tracing::info!(event = "identity.unbind", identity = %b.identity, cgroup = %b.cgroup.display(), binding = id);
+            let rec = NewRecord::new(Kind::IdentityUnbind)
+                .identity(self.shared.identity_ref(&b.identity).await)
+                .workload(crate::audit::Workload::current_process())
+                .action(json!({ "cgroup": b.cgroup, "kind": b.kind }));
+            if let Err(e) = self.shared.audit.append(rec).await {
+                tracing::error!(event = "log.failure", error = %e, "cannot record an unbind");
+            }
         }
-        bindings
-            .save(&self.bindings_path)
-            .map_err(|e| e.to_string())
+        Ok(())
     }
 
     /// Waits until the exec cgroup is empty, then untags and removes it. The tag
@@ -546,10 +870,10 @@ impl Daemon {
                 match cgroup::remove(&path) {
                     Ok(true) => {
                         if let Some(cid) = cgroup_id {
-                            if let Err(e) = self.unbind(id, cid) {
+                            if let Err(e) = self.unbind(id, cid).await {
                                 tracing::error!(error = %e, "removing exec binding");
                             }
-                        } else if let Err(e) = self.unbind(id, 0) {
+                        } else if let Err(e) = self.unbind(id, 0).await {
                             tracing::error!(error = %e, "removing exec binding");
                         }
                         return;

@@ -15,6 +15,7 @@
 #![deny(unsafe_code)]
 
 pub mod approval;
+pub mod audit;
 pub mod binding;
 pub mod cgroup;
 pub mod config;

@@ -57,6 +57,19 @@ impl Workload {
     }
 }
 
+impl Workload {
+    /// The fields an audit record carries.
+    pub fn to_audit(&self) -> crate::audit::Workload {
+        crate::audit::Workload {
+            pid: self.pid,
+            exe: self.exe.clone(),
+            cmdline: self.cmdline.clone(),
+            uid: self.uid,
+            cgroup: self.cgroup.clone(),
+        }
+    }
+}
+
 fn read_cmdline(pid: u32) -> Option<String> {
     let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     if raw.is_empty() {

@@ -40,6 +40,7 @@ use tokio::{
 
 use crate::{
     approval::Broker,
+    audit::{AuditLog, IdentityRef, Kind, NewRecord},
     binding::Bindings,
     cgroup::Hierarchy,
     config::{LabelIdentity, ProxyConfig},
@@ -61,19 +62,65 @@ pub struct Shared {
     pub policy: Arc<PolicyStore>,
     pub approvals: Broker,
     pub labels: Vec<LabelIdentity>,
+    /// Verified OIDC identities, when `[identity]` is configured.
+    pub identities: Option<Arc<Identities>>,
+    /// Every connection and command is recorded here before it proceeds.
+    pub audit: AuditLog,
+    /// Key of the keyed hashes that correlate redacted statements.
+    pub correlation_key: [u8; 32],
+}
+
+/// The `OpenID` provider client and the sessions the daemon holds.
+pub struct Identities {
+    pub client: crate::identity::OidcClient,
+    pub store: tokio::sync::Mutex<crate::identity::IdentityStore>,
 }
 
 impl Shared {
     /// The policy subject for an identity name: its groups come from the
     /// verified identity (or the configured label).
-    pub fn subject(&self, identity: &str) -> Option<Subject> {
-        self.labels
-            .iter()
-            .find(|l| l.name == identity)
-            .map(|l| Subject {
+    pub async fn subject(&self, identity: &str) -> Option<Subject> {
+        if let Some(l) = self.labels.iter().find(|l| l.name == identity) {
+            return Some(Subject {
                 identity: l.name.clone(),
                 groups: l.groups.clone(),
-            })
+            });
+        }
+        let ids = self.identities.as_ref()?;
+        let verified = ids.store.lock().await.get_verified(identity).ok()?;
+        Some(Subject {
+            identity: identity.to_owned(),
+            groups: verified.groups,
+        })
+    }
+
+    /// The identity as audit records name it: label, human or service, with groups.
+    pub async fn identity_ref(&self, identity: &str) -> IdentityRef {
+        if let Some(l) = self.labels.iter().find(|l| l.name == identity) {
+            return IdentityRef {
+                subject: l.name.clone(),
+                kind: "label".into(),
+                groups: l.groups.clone(),
+            };
+        }
+        if let Some(ids) = &self.identities
+            && let Ok(v) = ids.store.lock().await.get_verified(identity)
+        {
+            let kind = match v.kind {
+                crate::identity::IdentityKind::Human => "human",
+                crate::identity::IdentityKind::Service => "service",
+            };
+            return IdentityRef {
+                subject: format!("{} ({}#{})", identity, v.issuer, v.subject),
+                kind: kind.into(),
+                groups: v.groups,
+            };
+        }
+        IdentityRef {
+            subject: identity.to_owned(),
+            kind: "unknown".into(),
+            groups: Vec::new(),
+        }
     }
 }
 
@@ -95,6 +142,31 @@ pub struct LiveConnection {
     pub bytes_up: AtomicU64,
     #[serde(serialize_with = "ser_atomic")]
     pub bytes_down: AtomicU64,
+    /// Signalled to end the connection (its identity expired or logged out).
+    #[serde(skip)]
+    pub close: tokio::sync::Notify,
+    /// The policy resource the destination belongs to.
+    pub resource: Option<String>,
+    /// The identity as audit records name it.
+    #[serde(skip)]
+    pub audit_identity: IdentityRef,
+    #[serde(skip)]
+    pub started: Instant,
+}
+
+impl LiveConnection {
+    /// A record about this connection, with who, from where and to what filled in.
+    pub fn record(&self, kind: Kind) -> NewRecord {
+        let mut rec = NewRecord::new(kind)
+            .connection(self.id)
+            .session(format!("conn-{}", self.id))
+            .identity(self.audit_identity.clone())
+            .workload(self.workload.to_audit());
+        if let Some(r) = &self.resource {
+            rec = rec.resource(r.clone());
+        }
+        rec
+    }
 }
 
 fn ser_atomic<S: serde::Serializer>(v: &AtomicU64, s: S) -> Result<S::Ok, S::Error> {
@@ -117,6 +189,17 @@ impl Registry {
 
     fn insert(&self, c: Arc<LiveConnection>) {
         self.live.lock().expect("registry lock").insert(c.id, c);
+    }
+
+    /// Ends every live connection of `identity`; returns how many.
+    pub fn close_identity(&self, identity: &str) -> usize {
+        let live = self.live.lock().expect("registry lock");
+        let mut n = 0;
+        for c in live.values().filter(|c| c.identity == identity) {
+            c.close.notify_one();
+            n += 1;
+        }
+        n
     }
 
     fn remove(&self, id: u64) {
@@ -151,7 +234,13 @@ pub async fn serve(
     }
 }
 
-async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<(), &'static str> {
+/// Phase 2 and 3: the kernel's record of this connection and the identity
+/// its cgroup is bound to. No record, or no binding: not ours to serve.
+fn attribute(
+    client: &TcpStream,
+    peer: SocketAddr,
+    shared: &Shared,
+) -> Result<(agentgate_common::Provenance, String), &'static str> {
     let local = client.local_addr().map_err(|_| "no local address")?;
     let key = PeerKey {
         peer: redirect::sock_addr(peer),
@@ -164,13 +253,6 @@ async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<
         .expect("redirector lock")
         .provenance(&key)
         .ok_or("not redirected: no provenance record")?;
-    let Ok(permit) = shared.limit.clone().try_acquire_owned() else {
-        tracing::warn!(
-            max = shared.config.max_connections,
-            "connection limit reached"
-        );
-        return Err("connection limit reached");
-    };
     let identity = shared
         .bindings
         .lock()
@@ -178,38 +260,65 @@ async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<
         .get(prov.binding)
         .map(|b| b.identity.clone())
         .ok_or("cgroup binding is gone")?;
+    Ok((prov, identity))
+}
+
+async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<(), &'static str> {
+    let (prov, identity) = attribute(&client, peer, shared)?;
+    let Ok(permit) = shared.limit.clone().try_acquire_owned() else {
+        tracing::warn!(
+            max = shared.config.max_connections,
+            "connection limit reached"
+        );
+        return Err("connection limit reached");
+    };
     let workload = Workload::from_kernel(&prov, &shared.hierarchy);
     let destination = redirect::socket_addr(&prov.orig_dst);
     let subject = shared
         .subject(&identity)
+        .await
         .ok_or("identity is no longer valid")?;
     let policy = shared.policy.current();
     let decision = policy.decide_connect(&subject, destination);
-    if !matches!(decision.verdict, Verdict::Allow) {
-        tracing::info!(
-            event = "connection.denied",
-            identity = %identity,
-            pid = workload.pid,
-            exe = workload.exe.as_deref().unwrap_or("?"),
-            %destination,
-            rule = %decision.rule,
-            verdict = ?decision.verdict,
-        );
-        return Err("denied by policy");
-    }
-    let protocol = policy
-        .resource_for(destination)
-        .map_or(Protocol::Tcp, |r| r.protocol);
-
+    let resource = policy.resource_for(destination);
+    let protocol = resource.map_or(Protocol::Tcp, |r| r.protocol);
     let conn = Arc::new(LiveConnection {
         id: shared.registry.next_id(),
+        audit_identity: shared.identity_ref(&identity).await,
         identity,
         workload,
         destination,
         since: crate::time::now_rfc3339(),
         bytes_up: AtomicU64::new(0),
         bytes_down: AtomicU64::new(0),
+        close: tokio::sync::Notify::new(),
+        resource: resource.map(|r| r.name.clone()),
+        started: Instant::now(),
     });
+    let allowed = matches!(decision.verdict, Verdict::Allow);
+    // Write-ahead: the connection is recorded before anything reaches the
+    // destination; if it cannot be recorded it does not happen.
+    let open = conn
+        .record(Kind::ConnectionOpen)
+        .action(serde_json::json!({ "destination": destination.to_string(), "protocol": format!("{protocol:?}").to_lowercase() }))
+        .decision(serde_json::json!({ "verdict": if allowed { "allow" } else { "deny" }, "rule": decision.rule, "detail": format!("{:?}", decision.verdict) }));
+    if let Err(e) = shared.audit.append(open).await {
+        tracing::error!(event = "log.failure", conn = conn.id, error = %e, "cannot record the connection; refusing it");
+        return Err("audit log unavailable");
+    }
+    if !allowed {
+        tracing::info!(
+            event = "connection.denied",
+            conn = conn.id,
+            identity = %conn.identity,
+            pid = conn.workload.pid,
+            exe = conn.workload.exe.as_deref().unwrap_or("?"),
+            %destination,
+            rule = %decision.rule,
+            verdict = ?decision.verdict,
+        );
+        return Err("denied by policy");
+    }
     tracing::info!(
         event = "connection.open",
         conn = conn.id,
@@ -221,27 +330,61 @@ async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<
         %destination,
     );
     shared.registry.insert(conn.clone());
-    let started = Instant::now();
-    let result = match protocol {
-        // Postgres is relayed at L4 until its L7 handler is wired in.
-        Protocol::Tcp | Protocol::Postgres => {
-            connect_and_relay(client, &conn, &shared.config).await
-        }
-        Protocol::Mysql | Protocol::Http => Err(std::io::Error::other(format!(
-            "no handler for {protocol:?} resources yet"
-        ))),
-    };
+    let result = dispatch(client, &conn, protocol, shared).await;
     shared.registry.remove(conn.id);
     drop(permit);
+    record_close(&conn, &result, shared).await;
+    Ok(())
+}
+
+/// Phase 6: the resource's protocol handler, until it ends or the identity's
+/// session does (dropping the handler closes both sockets).
+async fn dispatch(
+    client: TcpStream,
+    conn: &Arc<LiveConnection>,
+    protocol: Protocol,
+    shared: &Shared,
+) -> std::io::Result<()> {
+    let handler = async {
+        match protocol {
+            // Postgres is relayed at L4 until its L7 handler is wired in.
+            Protocol::Tcp | Protocol::Postgres => {
+                connect_and_relay(client, conn, &shared.config).await
+            }
+            Protocol::Mysql | Protocol::Http => Err(std::io::Error::other(format!(
+                "no handler for {protocol:?} resources yet"
+            ))),
+        }
+    };
+    tokio::select! {
+        r = handler => r,
+        () = conn.close.notified() => Err(std::io::Error::other("closed: the identity's session ended")),
+    }
+}
+
+async fn record_close(conn: &LiveConnection, result: &std::io::Result<()>, shared: &Shared) {
+    let (up, down) = (
+        conn.bytes_up.load(Ordering::Relaxed),
+        conn.bytes_down.load(Ordering::Relaxed),
+    );
+    let duration_ms = conn.started.elapsed().as_millis() as u64;
+    let error = result.as_ref().err().map(ToString::to_string);
     tracing::info!(
         event = "connection.close",
         conn = conn.id,
-        bytes_up = conn.bytes_up.load(Ordering::Relaxed),
-        bytes_down = conn.bytes_down.load(Ordering::Relaxed),
-        duration_ms = started.elapsed().as_millis() as u64,
-        error = result.as_ref().err().map(ToString::to_string),
+        bytes_up = up,
+        bytes_down = down,
+        duration_ms,
+        error
     );
-    Ok(())
+    let close = conn
+        .record(Kind::ConnectionClose)
+        .result(serde_json::json!({
+            "bytes_up": up, "bytes_down": down, "duration_ms": duration_ms, "error": error,
+        }));
+    if let Err(e) = shared.audit.append(close).await {
+        tracing::error!(event = "log.failure", conn = conn.id, error = %e, "cannot record the connection's close");
+    }
 }
 
 async fn connect_and_relay(

@@ -1088,11 +1088,17 @@ async fn agentgate_login_command_hands_a_verifiable_session_to_the_daemon() {
     assert!(output.contains("enter the code"), "{output}");
     browser(url, Choice::Approve("bob"), None).await;
 
-    // The "daemon": read the one line and verify it independently.
+    // The "daemon": read the login request, answer it, and verify it independently.
     let line = tokio::task::spawn_blocking(move || {
+        use std::io::Write as _;
         let (stream, _) = listener.accept().unwrap();
         let mut line = String::new();
-        BufReader::new(stream).read_line(&mut line).unwrap();
+        let mut reader = BufReader::new(stream);
+        reader.read_line(&mut line).unwrap();
+        reader
+            .get_mut()
+            .write_all(b"{\"ok\":true,\"data\":{\"name\":\"bob\",\"expires_at\":\"soon\"}}\n")
+            .unwrap();
         line
     })
     .await
@@ -1110,7 +1116,9 @@ async fn agentgate_login_command_hands_a_verifiable_session_to_the_daemon() {
         "{output}"
     );
 
-    let handoff: LoginHandoff = serde_json::from_str(line.trim_end()).unwrap();
+    let request: serde_json::Value = serde_json::from_str(line.trim_end()).unwrap();
+    assert_eq!(request["op"], "login", "{line}");
+    let handoff: LoginHandoff = serde_json::from_value(request["handoff"].clone()).unwrap();
     let daemon = OidcClient::new(config(&p, "agentgate-cli")).unwrap();
     let session = agentgate::identity::Session::from_handoff(&daemon, handoff)
         .await
@@ -1118,7 +1126,7 @@ async fn agentgate_login_command_hands_a_verifiable_session_to_the_daemon() {
     assert_eq!(session.identity().name, "bob");
     let wire: serde_json::Value = serde_json::from_str(&line).unwrap();
     for token in ["id_token", "refresh_token"] {
-        let value = wire[token].as_str().unwrap();
+        let value = wire["handoff"][token].as_str().unwrap();
         assert!(!output.contains(value), "{token} printed by the CLI");
     }
 

@@ -303,6 +303,14 @@ pub struct Env {
 
 impl Env {
     pub fn new(test: &str, opts: DaemonOptions) -> Result<Self> {
+        let mut env = Self::prepare(test, opts)?;
+        env.start_daemon()?;
+        Ok(env)
+    }
+
+    /// Everything but the daemon: start it with [`Env::start_daemon`] once the
+    /// test has started what the daemon needs (an `OpenID` provider, say).
+    pub fn prepare(test: &str, opts: DaemonOptions) -> Result<Self> {
         require_root();
         let name = unique(test);
         let netns = Netns::new(&name)?;
@@ -328,8 +336,9 @@ impl Env {
             "[daemon]\nstate_dir = \"{state}\"\ncontrol_socket = \"{state}/control.sock\"\n\
              attach_cgroup = \"{attach}\"\nexec_cgroup = \"{attach}/agents\"\n\
              fail_mode = \"{mode}\"\nbpffs_dir = \"{bpffs}\"\n\
-             label_identities = [{{ name = \"demo\", groups = [\"demo\"] }}, {{ name = \"svc-reporting\", groups = [\"reporting\"] }}]\n\n\
+             label_identities = [{{ name = \"demo\", groups = [\"demo\"] }}]\n\n\
              [policy]\ndir = \"{policy}\"\nwatch_interval_secs = 1\n\n\
+             [audit]\ndir = \"{state}/audit\"\n\n\
              [proxy]\nport = {port}\nfast_path = {fast}\n{extra}\n",
             policy = policy_dir.display(),
             state = state.display(),
@@ -341,7 +350,7 @@ impl Env {
             extra = opts.extra,
         );
         fs::write(&config, config_text)?;
-        let mut env = Self {
+        Ok(Self {
             daemon: None,
             bpffs,
             state,
@@ -350,9 +359,7 @@ impl Env {
             cgroup,
             netns,
             name,
-        };
-        env.start_daemon()?;
-        Ok(env)
+        })
     }
 
     /// Starts the daemon inside the test's netns, in the `daemon` child cgroup

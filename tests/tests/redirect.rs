@@ -87,6 +87,25 @@ fn exec_round_trips_and_reports_provenance() {
         st.success(),
         "agentgate exec passes the command's exit status"
     );
+    // The audit log holds the connection with who, from where and to what, and verifies.
+    let audit_dir = env.state.join("audit");
+    let dir = audit_dir.to_str().unwrap();
+    run_ok(&mut env.agentgate(&["audit", "verify", "--dir", dir])).unwrap();
+    let out = run_ok(&mut env.agentgate(&["audit", "export", "--format", "jsonl", "--dir", dir]))
+        .unwrap();
+    let records: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let open = records
+        .iter()
+        .find(|r| r["kind"] == "connection.open")
+        .expect("a connection.open record");
+    assert_eq!(open["identity"]["subject"], "demo");
+    assert_eq!(open["workload"]["pid"].as_u64(), Some(pid));
+    assert_eq!(open["decision"]["verdict"], "allow");
+    assert!(records.iter().any(|r| r["kind"] == "identity.bind"));
+    assert!(records.iter().any(|r| r["kind"] == "daemon.start"));
     // The exec cgroup goes away with its last process.
     env.wait_status(Duration::from_secs(5), |s| {
         s["tagged"].as_array().is_some_and(Vec::is_empty)
@@ -404,19 +423,29 @@ fn cli_errors_are_usage_errors() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Approvals: none pending; deciding on an unknown request is the caller's error.
+    let out = run_ok(&mut env.agentgate(&["approvals", "list"])).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().next(),
+        Some("pending approvals: 0")
+    );
+    let out = env
+        .agentgate(&["approvals", "approve", "apr-nope"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no pending approval request apr-nope"));
     // Tag and untag an existing cgroup.
     let target = env.cgroup.child("svc").unwrap();
     let p = target.to_str().unwrap();
-    run_ok(&mut env.agentgate(&["tag", "--cgroup", p, "--identity", "svc-reporting"])).unwrap();
+    run_ok(&mut env.agentgate(&["tag", "--cgroup", p, "--identity", "demo"])).unwrap();
     let out = env
-        .agentgate(&["tag", "--cgroup", p, "--identity", "other"])
+        .agentgate(&["tag", "--cgroup", p, "--identity", "demo"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "double tag is refused");
-    assert_eq!(
-        env.status().unwrap()["tagged"][0]["identity"],
-        "svc-reporting"
-    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already tagged"));
+    assert_eq!(env.status().unwrap()["tagged"][0]["identity"], "demo");
     run_ok(&mut env.agentgate(&["untag", "--cgroup", p])).unwrap();
     assert_eq!(
         env.status().unwrap()["tagged"].as_array().map(Vec::len),

@@ -252,6 +252,8 @@ fn local_config(root: &Path) -> Result<PathBuf> {
          ]\n\n\
          [policy]\n\
          dir = \"{policies}\"\n\n\
+         [audit]\n\
+         dir = \"{state}/audit\"\n\n\
          [proxy]\n\
          port = 15001\n\
          fast_path = false\n",

@@ -70,7 +70,7 @@ pub fn load_config(path: &Path, required: bool) -> anyhow::Result<Config> {
     Ok(Config::load(path)?)
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -85,7 +85,7 @@ fn control_err(e: ControlError) -> anyhow::Error {
     }
 }
 
-async fn request(cfg: &Config, req: &Request) -> anyhow::Result<serde_json::Value> {
+pub async fn request(cfg: &Config, req: &Request) -> anyhow::Result<serde_json::Value> {
     let mut client = Client::connect(&cfg.daemon.control_socket)
         .await
         .map_err(control_err)?;

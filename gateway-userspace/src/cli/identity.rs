@@ -8,14 +8,13 @@
 //! ever written to a file or printed.
 
 use std::{
-    io::Write,
-    os::unix::net::UnixStream,
     path::{Path, PathBuf},
     process::ExitCode,
 };
 
-use agentgate::identity::{
-    DevicePrompt, IdentityConfig, LoginHandoff, OidcClient, Session, device_login,
+use agentgate::{
+    control::{Client, Request},
+    identity::{DevicePrompt, IdentityConfig, OidcClient, Session, device_login},
 };
 use anyhow::Context as _;
 
@@ -52,8 +51,12 @@ pub fn login(config: &Path, args: LoginArgs) -> anyhow::Result<ExitCode> {
         id.groups.join(", ")
     };
     eprintln!("Logged in as {} (groups: {groups}).", id.name);
-    hand_to_daemon(&session)?;
-    eprintln!("The daemon now holds the session for {}.", id.name);
+    let held = hand_to_daemon(&session)?;
+    eprintln!(
+        "The daemon now holds the session for {} (until {}).",
+        held["name"].as_str().unwrap_or(&id.name),
+        held["expires_at"].as_str().unwrap_or("?")
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -126,39 +129,40 @@ fn identity_config(path: &Path, args: LoginArgs) -> anyhow::Result<IdentityConfi
     Ok(cfg)
 }
 
-/// Gives the verified session to the daemon: one [`LoginHandoff`] JSON line on its
-/// control socket. The daemon must read at most `MAX_HANDOFF_LINE` bytes, verify
-/// with `Session::from_handoff`, and insert the session in its `IdentityStore`.
-fn hand_to_daemon(session: &Session) -> anyhow::Result<()> {
+/// Gives the verified session to the daemon: a `login` request on its control
+/// socket carrying the [`LoginHandoff`]. The daemon verifies the ID token again
+/// and answers with the identity it now holds.
+fn hand_to_daemon(session: &Session) -> anyhow::Result<serde_json::Value> {
     let handoff = session
         .handoff()
         .context("the login produced no ID token to hand over")?;
     let socket = std::env::var_os("AGENTGATE_CONTROL_SOCKET")
         .map_or_else(|| PathBuf::from(DEFAULT_CONTROL_SOCKET), PathBuf::from);
-    let mut stream = UnixStream::connect(&socket).map_err(|e| {
-        UsageError(format!(
-            "cannot reach the daemon at {}: {e} (is `agentgate run` running?)",
-            socket.display()
-        ))
-    })?;
-    write_handoff(&handoff, &mut stream)
-        .with_context(|| format!("sending the session to {}", socket.display()))?;
-    stream.shutdown(std::net::Shutdown::Write).ok();
-    Ok(())
-}
-
-/// The wire form: the handoff as one line of JSON, newline-terminated.
-fn write_handoff(handoff: &LoginHandoff, out: &mut impl Write) -> anyhow::Result<()> {
-    let mut line = serde_json::to_vec(handoff).context("encoding the handoff")?;
-    line.push(b'\n');
-    out.write_all(&line)?;
-    out.flush()?;
-    Ok(())
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let mut client = Client::connect(&socket)
+            .await
+            .map_err(|e| UsageError(format!("{e}")))?;
+        client
+            .request(&Request::Login { handoff })
+            .await
+            .map_err(|e| {
+                if e.is_usage() {
+                    UsageError(e.to_string()).into()
+                } else {
+                    anyhow::Error::new(e)
+                }
+            })
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use agentgate::identity::LoginHandoff;
 
     fn handoff() -> LoginHandoff {
         LoginHandoff {
@@ -172,15 +176,15 @@ mod tests {
     }
 
     #[test]
-    fn handoff_is_one_json_line_and_round_trips() {
-        let mut out = Vec::new();
-        write_handoff(&handoff(), &mut out).unwrap();
-        let text = String::from_utf8(out).unwrap();
-        assert_eq!(text.matches('\n').count(), 1);
-        assert!(text.ends_with('\n'));
-        let back: LoginHandoff = serde_json::from_str(text.trim_end()).unwrap();
+    fn login_request_carries_the_handoff_and_hides_it_in_debug() {
+        let req = Request::Login { handoff: handoff() };
+        let text = serde_json::to_string(&req).unwrap();
+        let back: Request = serde_json::from_str(&text).unwrap();
+        let Request::Login { handoff: back } = back else {
+            panic!("not a login: {text}")
+        };
         assert_eq!(back.client_id, "agentgate-cli");
-        assert!(!format!("{back:?}").contains("refresh-secret"));
+        assert!(!format!("{req:?}").contains("refresh-secret"));
     }
 
     #[test]
@@ -216,4 +220,27 @@ mod tests {
             "{err}"
         );
     }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct LogoutArgs {
+    /// The identity whose session ends (its refresh token is revoked at the provider).
+    #[arg(long)]
+    pub identity: String,
+}
+
+pub fn logout(config: &Path, args: &LogoutArgs) -> anyhow::Result<ExitCode> {
+    let cfg = super::daemon::load_config(config, false)?;
+    let v = super::daemon::runtime()?.block_on(super::daemon::request(
+        &cfg,
+        &Request::Logout {
+            identity: args.identity.clone(),
+        },
+    ))?;
+    println!(
+        "logged out {} ({} live connections closed)",
+        args.identity,
+        v["connections_closed"].as_u64().unwrap_or(0)
+    );
+    Ok(ExitCode::SUCCESS)
 }

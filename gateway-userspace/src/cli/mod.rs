@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod approvals;
 mod audit;
 mod daemon;
 mod identity;
@@ -43,6 +44,11 @@ pub enum Command {
     Untag(daemon::UntagArgs),
     /// Log in with OIDC (device authorization flow).
     Login(identity::LoginArgs),
+    /// End an identity's session: new connections are refused, live ones closed.
+    Logout(identity::LogoutArgs),
+    /// Decide on commands held for approval.
+    #[command(subcommand)]
+    Approvals(approvals::ApprovalsCommand),
     /// Validate and explain policies.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
@@ -66,7 +72,9 @@ pub fn main() -> ExitCode {
         Command::Tag(args) => daemon::tag(&cli.config, args),
         Command::Untag(args) => daemon::untag(&cli.config, args),
         Command::Login(args) => identity::login(&cli.config, args),
+        Command::Logout(args) => identity::logout(&cli.config, &args),
         Command::Policy(cmd) => policy::run(&cli.config, cmd),
+        Command::Approvals(cmd) => approvals::run(&cli.config, &cmd),
         Command::Audit(cmd) => audit::run(&cli.config, cmd),
     };
     match result {

@@ -68,7 +68,7 @@ pub(crate) struct TokenResponse {
 /// What `agentgate login` hands to the daemon, as one JSON line. The daemon
 /// re-verifies `id_token` itself ([`Session::from_handoff`]); nothing else here is
 /// trusted. `Debug` redacts the tokens; `Serialize` writes them (it is the wire form).
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoginHandoff {
     /// Format version, currently 1.

@@ -1,0 +1,1185 @@
+//! The writer: one task owns the open segment; appends from any number of
+//! tasks are sequenced, hashed, written and made durable in groups.
+//!
+//! Fails closed: an append returns `Ok` only once its record is durable (per
+//! [`Durability`]); if the record cannot be written the append returns an error
+//! and the caller must deny what it wanted to log. A write failure is a
+//! `tracing` error and a counter (`AuditStats::log_failures`), the partial
+//! write is cut off again, and a `log.failure` record goes into the log ahead
+//! of the next record that can be written (tried every second).
+//!
+//! Group commit: the task takes one message, drains whatever else is queued
+//! (up to [`MAX_BATCH`]), encodes them all into one buffer, writes it with one
+//! `pwrite` and one `fdatasync`, then answers every waiter. While one fsync
+//! runs, the next group queues up, so throughput grows with concurrency.
+//!
+//! Crash safety: a kill at any moment leaves at most a torn last line. Open
+//! scans the whole log (the verifier's pass), moves a torn last line into
+//! `quarantine/` (never dropping it), cuts it off, records `log.recovered`,
+//! and continues the chain from the last good record. A log that fails any
+//! other check is refused: appending to a log the gateway cannot vouch for
+//! would hide the damage.
+
+use std::{
+    fs::{self, File},
+    os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt},
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use ed25519_dalek::SigningKey;
+use serde_json::json;
+use time::OffsetDateTime;
+use tokio::{
+    sync::{mpsc, oneshot},
+    time::{Instant, MissedTickBehavior},
+};
+
+use super::{
+    AuditError,
+    checkpoint::{self, Checkpoint, KEY_FILE, KeyRotation},
+    config::{AuditConfig, Durability},
+    merkle::Frontier,
+    record::{self, EncodeError, Hash, Kind, MAX_LINE_BYTES, NewRecord, now_rfc3339},
+    segment::{self, ANCHOR_FILE, Anchor, LOCK_FILE, QUARANTINE_DIR, SegmentFile, segment_name},
+    sink::{self, Sinks},
+    spool,
+    verify::{ScanOptions, ScanState, SegmentState, scan},
+};
+
+/// Most messages folded into one write.
+pub const MAX_BATCH: usize = 4096;
+const QUEUE_DEPTH: usize = 8192;
+const HOUSEKEEPING: Duration = Duration::from_secs(1);
+
+/// An acknowledged append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub seq: u64,
+    pub hash: Hash,
+}
+
+/// What `retain` deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetentionReport {
+    pub deleted_segments: Vec<PathBuf>,
+    /// Seqs `first..last_plus_one` were deleted.
+    pub first_seq: u64,
+    pub last_plus_one: u64,
+}
+
+/// Counters (monotonic since open).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AuditStats {
+    pub appends: u64,
+    pub batches: u64,
+    pub fsyncs: u64,
+    pub log_failures: u64,
+    pub sink_failures: u64,
+    pub checkpoints: u64,
+}
+
+#[derive(Default)]
+struct Stats {
+    appends: AtomicU64,
+    batches: AtomicU64,
+    fsyncs: AtomicU64,
+    log_failures: AtomicU64,
+    sink_failures: AtomicU64,
+    checkpoints: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+type Reply<T> = oneshot::Sender<Result<T, AuditError>>;
+
+enum Msg {
+    Append(Box<NewRecord>, Reply<Appended>),
+    Checkpoint(Reply<Checkpoint>),
+    RotateKey(Reply<String>),
+    Retain(OffsetDateTime, Reply<RetentionReport>),
+    Close(Reply<()>),
+}
+
+/// Handle to the audit log. Cheap to clone; every clone appends to the same writer.
+#[derive(Clone)]
+pub struct AuditLog {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tx: mpsc::Sender<Msg>,
+    stats: Arc<Stats>,
+    dir: PathBuf,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("dir", &self.inner.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) fn io_err(
+    path: &Path,
+    op: &'static str,
+) -> impl FnOnce(std::io::Error) -> AuditError + use<> {
+    let path = path.to_path_buf();
+    move |e| AuditError::Io {
+        path,
+        op,
+        source: Arc::new(e),
+    }
+}
+
+impl AuditLog {
+    /// Opens (or creates) the log for the daemon: verifies it, recovers a torn
+    /// tail, makes the signing key at first start, and starts the writer task.
+    /// Must be called inside a tokio runtime.
+    pub async fn open(cfg: AuditConfig) -> Result<AuditLog, AuditError> {
+        Self::open_inner(cfg, true).await
+    }
+
+    /// Opens an existing, intact log to append a few records (the CLI's
+    /// `audit.access`): never creates the log or a key and never repairs a torn
+    /// tail (`NeedsRepair`); `Locked` while the daemon holds the writer lock.
+    pub async fn open_for_reader(cfg: AuditConfig) -> Result<AuditLog, AuditError> {
+        Self::open_inner(cfg, false).await
+    }
+
+    async fn open_inner(cfg: AuditConfig, repair: bool) -> Result<AuditLog, AuditError> {
+        cfg.validate()?;
+        let dir = cfg.dir.clone();
+        let blocking_cfg = cfg.clone();
+        let opened = tokio::task::spawn_blocking(move || open_blocking(&blocking_cfg, repair))
+            .await
+            .map_err(|e| AuditError::Internal {
+                reason: format!("open task: {e}"),
+            })??;
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let stats = Arc::new(Stats::default());
+        let sink_tx = spawn_sinks(&cfg, &stats)?;
+        let recovered = opened.recovered.clone();
+        let writer = Writer::new(cfg, opened, Arc::clone(&stats), sink_tx);
+        tokio::spawn(writer.run(rx));
+        let log = AuditLog {
+            inner: Arc::new(Inner { tx, stats, dir }),
+        };
+        if let Some(result) = recovered {
+            tracing::warn!(?result, "audit log: torn tail quarantined");
+            log.append_any(NewRecord::new(Kind::LogRecovered).result(result))
+                .await?;
+        }
+        Ok(log)
+    }
+
+    /// The log directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Appends a record; returns once it is durable. Reserved kinds
+    /// (checkpoint, key.rotation, retention, log.failure, log.recovered) are
+    /// written by the log itself and refused here.
+    pub async fn append(&self, rec: NewRecord) -> Result<Appended, AuditError> {
+        if rec.kind.is_reserved() {
+            return Err(AuditError::ReservedKind { kind: rec.kind });
+        }
+        self.append_any(rec).await
+    }
+
+    async fn append_any(&self, rec: NewRecord) -> Result<Appended, AuditError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Msg::Append(Box::new(rec), tx)).await?;
+        rx.await.map_err(|_| AuditError::Closed)?
+    }
+
+    /// Writes a signed checkpoint now and returns it once durable (it is also
+    /// handed to the external sinks).
+    pub async fn checkpoint(&self) -> Result<Checkpoint, AuditError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Msg::Checkpoint(tx)).await?;
+        rx.await.map_err(|_| AuditError::Closed)?
+    }
+
+    /// Replaces the signing key: a `key.rotation` record signed by both keys,
+    /// then a checkpoint under the new key. Returns the new public key (hex).
+    pub async fn rotate_key(&self) -> Result<String, AuditError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Msg::RotateKey(tx)).await?;
+        rx.await.map_err(|_| AuditError::Closed)?
+    }
+
+    /// Deletes closed segments whose records all precede `keep_after` and are
+    /// covered by a checkpoint in the log; records a `retention` record first.
+    /// Never called by the log itself.
+    pub async fn retain(&self, keep_after: OffsetDateTime) -> Result<RetentionReport, AuditError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Msg::Retain(keep_after, tx)).await?;
+        rx.await.map_err(|_| AuditError::Closed)?
+    }
+
+    /// Flushes, writes a final checkpoint and stops the writer (for every clone).
+    pub async fn close(self) -> Result<(), AuditError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Msg::Close(tx)).await?;
+        rx.await.map_err(|_| AuditError::Closed)?
+    }
+
+    pub fn stats(&self) -> AuditStats {
+        let s = &self.inner.stats;
+        AuditStats {
+            appends: s.appends.load(Ordering::Relaxed),
+            batches: s.batches.load(Ordering::Relaxed),
+            fsyncs: s.fsyncs.load(Ordering::Relaxed),
+            log_failures: s.log_failures.load(Ordering::Relaxed),
+            sink_failures: s.sink_failures.load(Ordering::Relaxed),
+            checkpoints: s.checkpoints.load(Ordering::Relaxed),
+        }
+    }
+
+    async fn send(&self, msg: Msg) -> Result<(), AuditError> {
+        self.inner
+            .tx
+            .send(msg)
+            .await
+            .map_err(|_| AuditError::Closed)
+    }
+}
+
+fn spawn_sinks(
+    cfg: &AuditConfig,
+    stats: &Arc<Stats>,
+) -> Result<Option<mpsc::UnboundedSender<Checkpoint>>, AuditError> {
+    let sinks = Sinks {
+        file: cfg.checkpoint_file.clone(),
+        webhook: cfg
+            .checkpoint_webhook
+            .as_deref()
+            .map(sink::parse_http_url)
+            .transpose()
+            .map_err(|reason| AuditError::Config { reason })?,
+    };
+    if sinks.is_empty() {
+        return Ok(None);
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel::<Checkpoint>();
+    let stats = Arc::clone(stats);
+    tokio::spawn(async move {
+        while let Some(cp) = rx.recv().await {
+            if let Some(path) = sinks.file.clone() {
+                let c = cp.clone();
+                let res = tokio::task::spawn_blocking(move || sink::write_file(&path, &c)).await;
+                if !matches!(res, Ok(Ok(()))) {
+                    bump(&stats.sink_failures);
+                    tracing::error!(size = cp.size, error = ?res, "audit checkpoint: file sink failed");
+                }
+            }
+            if let Some(url) = &sinks.webhook
+                && let Err(error) = sink::post(url, &cp).await
+            {
+                bump(&stats.sink_failures);
+                tracing::error!(size = cp.size, %error, "audit checkpoint: webhook failed");
+            }
+        }
+    });
+    Ok(Some(tx))
+}
+
+/// What opening found, handed to the writer task.
+struct Opened {
+    lock: File,
+    scan: ScanState,
+    key: SigningKey,
+    key_dir: PathBuf,
+    seg: OpenSegment,
+    recovered: Option<serde_json::Value>,
+}
+
+struct OpenSegment {
+    path: PathBuf,
+    file: Arc<File>,
+    first_seq: u64,
+    len: u64,
+    opened_at: OffsetDateTime,
+    /// A failed write may have left bytes past `len`.
+    tail_dirty: bool,
+    /// Merkle frontier and prev hash before the segment's first record: the
+    /// retention anchor if everything before this segment is deleted.
+    frontier_at_start: Frontier,
+    prev_at_start: Hash,
+    first_time: Option<String>,
+}
+
+fn open_blocking(cfg: &AuditConfig, repair: bool) -> Result<Opened, AuditError> {
+    let dir = cfg.dir.as_path();
+    if repair {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io_err(dir, "create log dir"))?;
+    } else if !dir.is_dir() {
+        return Err(AuditError::NeedsRepair {
+            dir: dir.to_path_buf(),
+            reason: "no audit log here".into(),
+        });
+    }
+    let lock_path = dir.join(LOCK_FILE);
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(io_err(&lock_path, "open lock file"))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            return Err(AuditError::Locked {
+                dir: dir.to_path_buf(),
+            });
+        }
+        Err(fs::TryLockError::Error(e)) => return Err(io_err(&lock_path, "lock")(e)),
+    }
+    let scan = scan(
+        dir,
+        &ScanOptions {
+            allow_torn_tail: true,
+            older: &[],
+        },
+        |_, _, _, _| {},
+    )
+    .map_err(|f| AuditError::Tampered {
+        dir: dir.to_path_buf(),
+        failure: Box::new(f),
+    })?;
+
+    let key_dir = cfg.key_dir();
+    let (key, created) = match checkpoint::load_or_create_key(&key_dir, repair) {
+        Ok(k) => k,
+        Err(AuditError::Io { source, .. })
+            if !repair && source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            return Err(AuditError::NeedsRepair {
+                dir: dir.to_path_buf(),
+                reason: "no signing key".into(),
+            });
+        }
+        Err(e) => return Err(e),
+    };
+    let key = finish_interrupted_rotation(&key_dir, key, scan.current_key(), repair)?;
+    let pub_hex = hex::encode(key.verifying_key().as_bytes());
+    if let Some(log_key) = scan.current_key()
+        && log_key != pub_hex
+    {
+        return Err(AuditError::KeyMismatch {
+            path: key_dir.join(KEY_FILE),
+            log_key: log_key.to_owned(),
+        });
+    }
+    if created {
+        tracing::info!(key = %pub_hex, "audit log: made a new signing key");
+    }
+    checkpoint::export_public_key(dir, &key)?;
+
+    let mut recovered = None;
+    if let Some(torn) = &scan.torn_tail {
+        if !repair {
+            return Err(AuditError::NeedsRepair {
+                dir: dir.to_path_buf(),
+                reason: "torn last line".into(),
+            });
+        }
+        recovered = Some(quarantine(dir, &torn.segment, torn.offset)?);
+    }
+    let seg = match scan.segments.last() {
+        Some(last) => reopen_segment(last)?,
+        None if repair => create_segment(dir, scan.next_seq, scan.frontier.clone(), scan.prev)?,
+        None => {
+            return Err(AuditError::NeedsRepair {
+                dir: dir.to_path_buf(),
+                reason: "no segments".into(),
+            });
+        }
+    };
+    Ok(Opened {
+        lock,
+        scan,
+        key,
+        key_dir,
+        seg,
+        recovered,
+    })
+}
+
+fn reopen_segment(last: &SegmentState) -> Result<OpenSegment, AuditError> {
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&last.file.path)
+        .map_err(io_err(&last.file.path, "open segment"))?;
+    let opened_at = last
+        .first_time
+        .as_deref()
+        .and_then(record::parse_time)
+        .unwrap_or_else(OffsetDateTime::now_utc);
+    Ok(OpenSegment {
+        path: last.file.path.clone(),
+        file: Arc::new(file),
+        first_seq: last.file.first_seq,
+        len: last.valid_len,
+        opened_at,
+        tail_dirty: false,
+        frontier_at_start: last.frontier_at_start.clone(),
+        prev_at_start: last.prev_at_start,
+        first_time: last.first_time.clone(),
+    })
+}
+
+/// A rotation writes `KEY_FILE.next` before its records; if the log already
+/// names the new key, install it, otherwise the rotation never happened.
+fn finish_interrupted_rotation(
+    key_dir: &Path,
+    key: SigningKey,
+    log_key: Option<&str>,
+    repair: bool,
+) -> Result<SigningKey, AuditError> {
+    let next_path = key_dir.join(format!("{KEY_FILE}.next"));
+    let Ok(text) = fs::read_to_string(&next_path) else {
+        return Ok(key);
+    };
+    let mut seed = [0u8; 32];
+    if hex::decode_to_slice(text.trim(), &mut seed).is_err() {
+        return Ok(key);
+    }
+    let next = SigningKey::from_bytes(&seed);
+    if log_key == Some(hex::encode(next.verifying_key().as_bytes()).as_str()) {
+        if repair {
+            checkpoint::replace_key(key_dir, &next)?;
+            let _ = fs::remove_file(&next_path);
+        }
+        Ok(next)
+    } else {
+        if repair {
+            let _ = fs::remove_file(&next_path);
+        }
+        Ok(key)
+    }
+}
+
+fn create_segment(
+    dir: &Path,
+    first_seq: u64,
+    frontier_at_start: Frontier,
+    prev_at_start: Hash,
+) -> Result<OpenSegment, AuditError> {
+    let path = dir.join(segment_name(first_seq));
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io_err(&path, "create segment"))?;
+    let len = file
+        .metadata()
+        .map_err(io_err(&path, "stat segment"))?
+        .len();
+    if len != 0 {
+        return Err(AuditError::Internal {
+            reason: format!("{} exists and is not empty", path.display()),
+        });
+    }
+    file.sync_all().map_err(io_err(&path, "fsync segment"))?;
+    checkpoint::sync_dir(dir)?;
+    Ok(OpenSegment {
+        path,
+        file: Arc::new(file),
+        first_seq,
+        len: 0,
+        opened_at: OffsetDateTime::now_utc(),
+        tail_dirty: false,
+        frontier_at_start,
+        prev_at_start,
+        first_time: None,
+    })
+}
+
+/// Moves `segment[offset..]` into `quarantine/` (fsynced) and cuts it off.
+fn quarantine(dir: &Path, segment: &Path, offset: u64) -> Result<serde_json::Value, AuditError> {
+    let raw = fs::read(segment).map_err(io_err(segment, "read torn tail"))?;
+    let torn = &raw[(offset as usize).min(raw.len())..];
+    let qdir = dir.join(QUARANTINE_DIR);
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&qdir)
+        .map_err(io_err(&qdir, "create quarantine dir"))?;
+    let nanos = OffsetDateTime::now_utc().unix_timestamp_nanos();
+    let qpath = qdir.join(segment::quarantine_name(segment, offset, nanos));
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&qpath)
+        .and_then(|mut f| {
+            std::io::Write::write_all(&mut f, torn)?;
+            f.sync_all()
+        })
+        .map_err(io_err(&qpath, "write quarantine"))?;
+    checkpoint::sync_dir(&qdir)?;
+    checkpoint::sync_dir(dir)?;
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(segment)
+        .map_err(io_err(segment, "open segment"))?;
+    f.set_len(offset)
+        .and_then(|()| f.sync_all())
+        .map_err(io_err(segment, "cut torn tail"))?;
+    Ok(json!({
+        "segment": segment.file_name().map(|n| n.to_string_lossy().into_owned()),
+        "offset": offset,
+        "quarantined_bytes": torn.len(),
+        "quarantine_file": qpath.file_name().map(|n| n.to_string_lossy().into_owned()),
+        "quarantine_blake3": hex::encode(blake3::hash(torn).as_bytes()),
+    }))
+}
+
+/// A failure not yet recorded in the log.
+struct PendingFailure {
+    since: String,
+    error: String,
+    failed_batches: u64,
+    failed_records: u64,
+}
+
+/// Records encoded but not yet written.
+struct Staged {
+    buf: Vec<u8>,
+    next_seq: u64,
+    prev: Hash,
+    frontier: Frontier,
+    since_checkpoint: u64,
+    checkpoints: Vec<Checkpoint>,
+    records: u64,
+}
+
+struct Writer {
+    cfg: AuditConfig,
+    host: String,
+    origin: String,
+    key: SigningKey,
+    key_dir: PathBuf,
+    seg: OpenSegment,
+    closed_segments: Vec<SegmentState>,
+    next_seq: u64,
+    prev: Hash,
+    frontier: Frontier,
+    since_checkpoint: u64,
+    last_checkpoint: Option<Checkpoint>,
+    last_checkpoint_at: Instant,
+    failure: Option<PendingFailure>,
+    unsynced_since: Option<Instant>,
+    stats: Arc<Stats>,
+    sink_tx: Option<mpsc::UnboundedSender<Checkpoint>>,
+    _lock: File,
+}
+
+fn hostname() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown-host".into())
+}
+
+impl Writer {
+    fn new(
+        cfg: AuditConfig,
+        o: Opened,
+        stats: Arc<Stats>,
+        sink_tx: Option<mpsc::UnboundedSender<Checkpoint>>,
+    ) -> Writer {
+        let host = cfg.host.clone().unwrap_or_else(hostname);
+        let mut closed = o.scan.segments;
+        if closed.last().is_some_and(|s| s.file.path == o.seg.path) {
+            closed.pop();
+        }
+        Writer {
+            origin: format!("agentgate/{host}"),
+            host,
+            key: o.key,
+            key_dir: o.key_dir,
+            seg: o.seg,
+            closed_segments: closed,
+            next_seq: o.scan.next_seq,
+            prev: o.scan.prev,
+            frontier: o.scan.frontier,
+            since_checkpoint: o.scan.since_checkpoint,
+            last_checkpoint: o.scan.last_checkpoint,
+            last_checkpoint_at: Instant::now(),
+            failure: None,
+            unsynced_since: None,
+            stats,
+            sink_tx,
+            _lock: o.lock,
+            cfg,
+        }
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+        let mut tick = tokio::time::interval(HOUSEKEEPING);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let batch_interval = Duration::from_millis(self.cfg.batch_interval_ms);
+        loop {
+            let fsync_due = self.unsynced_since.map(|t| t + batch_interval);
+            tokio::select! {
+                msg = rx.recv() => {
+                    let Some(first) = msg else { break };
+                    let mut msgs = vec![first];
+                    while msgs.len() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(m) => msgs.push(m),
+                            Err(_) => break,
+                        }
+                    }
+                    if self.handle(msgs).await {
+                        return;
+                    }
+                }
+                () = sleep_until_opt(fsync_due) => self.sync_now().await,
+                _ = tick.tick() => self.housekeeping().await,
+            }
+        }
+        // Every handle dropped without close(): make what was written durable.
+        self.sync_now().await;
+    }
+
+    /// Handles one drained group in order; returns true after `Close`.
+    async fn handle(&mut self, msgs: Vec<Msg>) -> bool {
+        let mut appends: Vec<(NewRecord, Option<Reply<Appended>>)> = Vec::new();
+        let mut cp_waiters: Vec<Reply<Checkpoint>> = Vec::new();
+        for msg in msgs {
+            match msg {
+                Msg::Append(rec, reply) => appends.push((*rec, Some(reply))),
+                Msg::Checkpoint(reply) => cp_waiters.push(reply),
+                control => {
+                    if !appends.is_empty() || !cp_waiters.is_empty() {
+                        let force = !cp_waiters.is_empty();
+                        let _ = self
+                            .commit(
+                                std::mem::take(&mut appends),
+                                std::mem::take(&mut cp_waiters),
+                                force,
+                            )
+                            .await;
+                    }
+                    if self.control(control).await {
+                        return true;
+                    }
+                }
+            }
+        }
+        if !appends.is_empty() || !cp_waiters.is_empty() {
+            let force = !cp_waiters.is_empty();
+            let _ = self.commit(appends, cp_waiters, force).await;
+        }
+        false
+    }
+
+    async fn control(&mut self, msg: Msg) -> bool {
+        match msg {
+            Msg::RotateKey(reply) => {
+                let r = self.rotate_key().await;
+                let _ = reply.send(r);
+            }
+            Msg::Retain(keep_after, reply) => {
+                let r = self.retain(keep_after).await;
+                let _ = reply.send(r);
+            }
+            Msg::Close(reply) => {
+                let r = self.commit(Vec::new(), Vec::new(), true).await;
+                let _ = reply.send(r);
+                return true;
+            }
+            Msg::Append(..) | Msg::Checkpoint(_) => unreachable!("handled by the caller"),
+        }
+        false
+    }
+
+    async fn housekeeping(&mut self) {
+        if self.failure.is_some() {
+            // Try to record the failure now that time has passed.
+            let _ = self.commit(Vec::new(), Vec::new(), false).await;
+        }
+        if self.since_checkpoint > 0
+            && self.last_checkpoint_at.elapsed()
+                >= Duration::from_secs(self.cfg.checkpoint_every_secs)
+        {
+            let _ = self.commit(Vec::new(), Vec::new(), true).await;
+        }
+        self.ingest_spool().await;
+    }
+
+    async fn ingest_spool(&mut self) {
+        let dir = self.cfg.dir.clone();
+        let taken = match tokio::task::spawn_blocking(move || spool::take(&dir)).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(error)) => {
+                tracing::error!(%error, "audit: cannot read the access-request spool");
+                return;
+            }
+            Err(_) => return,
+        };
+        let Some((records, path)) = taken else { return };
+        let n = records.len();
+        let items = records.into_iter().map(|r| (r, None)).collect();
+        if self.commit(items, Vec::new(), false).await.is_ok() {
+            self.sync_now().await;
+            if let Err(error) = fs::remove_file(&path) {
+                tracing::error!(%error, path = %path.display(), "audit: cannot remove the ingested spool");
+            }
+            tracing::info!(requests = n, "audit: ingested spooled access requests");
+        }
+    }
+
+    fn stage_start(&self) -> Staged {
+        Staged {
+            buf: Vec::with_capacity(4096),
+            next_seq: self.next_seq,
+            prev: self.prev,
+            frontier: self.frontier.clone(),
+            since_checkpoint: self.since_checkpoint,
+            checkpoints: Vec::new(),
+            records: 0,
+        }
+    }
+
+    fn stage(&self, st: &mut Staged, rec: &NewRecord) -> Result<Appended, EncodeError> {
+        let time = now_rfc3339();
+        let hash = record::encode_line(rec, st.next_seq, &time, &self.host, &st.prev, &mut st.buf)?;
+        let seq = st.next_seq;
+        st.frontier.push(&hash);
+        st.prev = hash;
+        st.next_seq += 1;
+        st.records += 1;
+        if rec.kind == Kind::Checkpoint {
+            st.since_checkpoint = 0;
+        } else {
+            st.since_checkpoint += 1;
+        }
+        Ok(Appended { seq, hash })
+    }
+
+    fn stage_checkpoint(&self, st: &mut Staged) {
+        let cp = Checkpoint::sign(
+            &self.key,
+            &self.origin,
+            st.next_seq,
+            &st.frontier.root(),
+            &st.prev,
+            now_rfc3339(),
+        );
+        let rec = NewRecord::new(Kind::Checkpoint)
+            .result(serde_json::to_value(&cp).expect("checkpoint serializes"));
+        self.stage(st, &rec).expect("a checkpoint record is small");
+        st.checkpoints.push(cp);
+    }
+
+    /// Stages, writes and acknowledges one group. `Err` when nothing was written.
+    async fn commit(
+        &mut self,
+        appends: Vec<(NewRecord, Option<Reply<Appended>>)>,
+        cp_waiters: Vec<Reply<Checkpoint>>,
+        force_checkpoint: bool,
+    ) -> Result<(), AuditError> {
+        if let Err(e) = self.rotate_if_due().await {
+            self.note_failure(&e, appends.len() as u64);
+            for (_, reply) in appends {
+                if let Some(r) = reply {
+                    let _ = r.send(Err(e.clone()));
+                }
+            }
+            for r in cp_waiters {
+                let _ = r.send(Err(e.clone()));
+            }
+            return Err(e);
+        }
+        let mut st = self.stage_start();
+        if let Some(f) = &self.failure {
+            let rec = NewRecord::new(Kind::LogFailure).result(json!({
+                "since": f.since, "error": f.error,
+                "failed_batches": f.failed_batches, "failed_records": f.failed_records,
+            }));
+            self.stage(&mut st, &rec)
+                .expect("a failure record is small");
+        }
+        let mut acks = Vec::with_capacity(appends.len());
+        for (rec, reply) in appends {
+            match self.stage(&mut st, &rec) {
+                Ok(a) => acks.push((a, reply)),
+                Err(e) => {
+                    let err = match e {
+                        EncodeError::TooLarge(bytes) => AuditError::TooLarge {
+                            bytes,
+                            limit: MAX_LINE_BYTES,
+                        },
+                        EncodeError::Json(e) => AuditError::Internal {
+                            reason: format!("encode: {e}"),
+                        },
+                    };
+                    if let Some(r) = reply {
+                        let _ = r.send(Err(err));
+                    }
+                    continue;
+                }
+            }
+            if st.since_checkpoint >= self.cfg.checkpoint_every_records {
+                self.stage_checkpoint(&mut st);
+            }
+        }
+        let last_is_checkpoint = st
+            .checkpoints
+            .last()
+            .is_some_and(|c| c.size + 1 == st.next_seq);
+        if (force_checkpoint || !cp_waiters.is_empty()) && !last_is_checkpoint {
+            self.stage_checkpoint(&mut st);
+        }
+        if st.records == 0 {
+            return Ok(());
+        }
+        let sync = self.cfg.durability == Durability::Strict
+            || !st.checkpoints.is_empty()
+            || self
+                .unsynced_since
+                .is_some_and(|t| t.elapsed() >= Duration::from_millis(self.cfg.batch_interval_ms));
+        match self.write(std::mem::take(&mut st.buf), sync).await {
+            Ok(()) => {
+                self.committed(st, acks, cp_waiters);
+                Ok(())
+            }
+            Err(e) => {
+                self.note_failure(&e, acks.len() as u64);
+                for (_, reply) in acks {
+                    if let Some(r) = reply {
+                        let _ = r.send(Err(e.clone()));
+                    }
+                }
+                for r in cp_waiters {
+                    let _ = r.send(Err(e.clone()));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The group is on disk: advance the chain, answer the waiters, export checkpoints.
+    fn committed(
+        &mut self,
+        st: Staged,
+        acks: Vec<(Appended, Option<Reply<Appended>>)>,
+        cp_waiters: Vec<Reply<Checkpoint>>,
+    ) {
+        self.next_seq = st.next_seq;
+        self.prev = st.prev;
+        self.frontier = st.frontier;
+        self.since_checkpoint = st.since_checkpoint;
+        self.failure = None;
+        self.stats
+            .appends
+            .fetch_add(acks.len() as u64, Ordering::Relaxed);
+        for (a, reply) in acks {
+            if let Some(r) = reply {
+                let _ = r.send(Ok(a));
+            }
+        }
+        if let Some(cp) = st.checkpoints.last() {
+            self.last_checkpoint = Some(cp.clone());
+            self.last_checkpoint_at = Instant::now();
+            for r in cp_waiters {
+                let _ = r.send(Ok(cp.clone()));
+            }
+        }
+        for cp in st.checkpoints {
+            self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+            if let Some(tx) = &self.sink_tx {
+                let _ = tx.send(cp);
+            }
+        }
+    }
+
+    fn note_failure(&mut self, e: &AuditError, records: u64) {
+        bump(&self.stats.log_failures);
+        tracing::error!(error = %e, records, "audit log write failed; appends are refused until it can be written");
+        let f = self.failure.get_or_insert_with(|| PendingFailure {
+            since: now_rfc3339(),
+            error: String::new(),
+            failed_batches: 0,
+            failed_records: 0,
+        });
+        f.error = e.to_string();
+        f.failed_batches += 1;
+        f.failed_records += records;
+    }
+
+    /// One positioned write of the whole group, then (if `sync`) one fdatasync.
+    /// On failure the partial write is cut off again.
+    async fn write(&mut self, buf: Vec<u8>, sync: bool) -> Result<(), AuditError> {
+        let file = Arc::clone(&self.seg.file);
+        let path = self.seg.path.clone();
+        let at = self.seg.len;
+        let dirty = self.seg.tail_dirty;
+        let n = buf.len() as u64;
+        let res = tokio::task::spawn_blocking(move || {
+            let r = (|| {
+                file.write_all_at(&buf, at)
+                    .map_err(io_err(&path, "write"))?;
+                if dirty {
+                    file.set_len(at + n)
+                        .map_err(io_err(&path, "cut stale tail"))?;
+                }
+                if sync {
+                    file.sync_data().map_err(io_err(&path, "fdatasync"))?;
+                }
+                Ok(())
+            })();
+            let cut = r.is_err() && file.set_len(at).is_ok();
+            (r, cut)
+        })
+        .await
+        .map_err(|e| AuditError::Internal {
+            reason: format!("write task: {e}"),
+        })?;
+        bump(&self.stats.batches);
+        match res {
+            (Ok(()), _) => {
+                self.seg.len += n;
+                self.seg.tail_dirty = false;
+                if sync {
+                    bump(&self.stats.fsyncs);
+                    self.unsynced_since = None;
+                } else if self.unsynced_since.is_none() {
+                    self.unsynced_since = Some(Instant::now());
+                }
+                Ok(())
+            }
+            (Err(e), cut) => {
+                self.seg.tail_dirty = !cut;
+                Err(e)
+            }
+        }
+    }
+
+    /// Batched mode: fsync what was written.
+    async fn sync_now(&mut self) {
+        if self.unsynced_since.is_none() {
+            return;
+        }
+        let file = Arc::clone(&self.seg.file);
+        let path = self.seg.path.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            file.sync_data().map_err(io_err(&path, "fdatasync"))
+        })
+        .await;
+        match r {
+            Ok(Ok(())) => {
+                bump(&self.stats.fsyncs);
+                self.unsynced_since = None;
+            }
+            Ok(Err(e)) => self.note_failure(&e, 0),
+            Err(e) => tracing::error!(error = %e, "audit: fsync task failed"),
+        }
+    }
+
+    async fn rotate_if_due(&mut self) -> Result<(), AuditError> {
+        if self.seg.len == 0 {
+            return Ok(());
+        }
+        let age = OffsetDateTime::now_utc() - self.seg.opened_at;
+        let too_old =
+            age.whole_seconds() >= i64::try_from(self.cfg.segment_max_age_secs).unwrap_or(i64::MAX);
+        if self.seg.len < self.cfg.segment_max_bytes && !too_old {
+            return Ok(());
+        }
+        self.sync_now().await;
+        if self.unsynced_since.is_some() {
+            return Err(AuditError::Internal {
+                reason: "cannot fsync the segment before rotating".into(),
+            });
+        }
+        let dir = self.cfg.dir.clone();
+        let next = self.next_seq;
+        let (frontier, prev) = (self.frontier.clone(), self.prev);
+        let new = tokio::task::spawn_blocking(move || create_segment(&dir, next, frontier, prev))
+            .await
+            .map_err(|e| AuditError::Internal {
+                reason: format!("rotate task: {e}"),
+            })??;
+        let old = std::mem::replace(&mut self.seg, new);
+        tracing::info!(closed = %old.path.display(), opened = %self.seg.path.display(), "audit: segment rotated");
+        self.closed_segments.push(SegmentState {
+            file: SegmentFile {
+                path: old.path,
+                first_seq: old.first_seq,
+            },
+            valid_len: old.len,
+            records: next - old.first_seq,
+            frontier_at_start: old.frontier_at_start,
+            prev_at_start: old.prev_at_start,
+            first_time: old.first_time,
+            // At or after the segment's last record: keeps retention conservative.
+            last_time: Some(now_rfc3339()),
+        });
+        Ok(())
+    }
+
+    async fn retain(&mut self, keep_after: OffsetDateTime) -> Result<RetentionReport, AuditError> {
+        let covered = self.last_checkpoint.as_ref().map_or(0, |c| c.size);
+        let deletable = self
+            .closed_segments
+            .iter()
+            .take_while(|s| {
+                s.records > 0
+                    && s.file.first_seq + s.records <= covered
+                    && s.last_time
+                        .as_deref()
+                        .and_then(record::parse_time)
+                        .is_some_and(|t| t < keep_after)
+            })
+            .count();
+        if deletable == 0 {
+            return Ok(RetentionReport {
+                deleted_segments: Vec::new(),
+                first_seq: 0,
+                last_plus_one: 0,
+            });
+        }
+        let (first_kept, frontier, prev) = match self.closed_segments.get(deletable) {
+            Some(s) => (
+                s.file.first_seq,
+                s.frontier_at_start.clone(),
+                s.prev_at_start,
+            ),
+            None => (
+                self.seg.first_seq,
+                self.seg.frontier_at_start.clone(),
+                self.seg.prev_at_start,
+            ),
+        };
+        let anchor = Anchor {
+            first_seq: first_kept,
+            prev: hex::encode(prev),
+            frontier,
+        };
+        let gone: Vec<SegmentState> = self.closed_segments[..deletable].to_vec();
+        let first_deleted = gone[0].file.first_seq;
+        let list: Vec<serde_json::Value> = gone
+            .iter()
+            .map(|s| {
+                json!({
+                    "segment": s.file.path.file_name().map(|n| n.to_string_lossy().into_owned()),
+                    "first_seq": s.file.first_seq,
+                    "records": s.records,
+                })
+            })
+            .collect();
+        let rec = NewRecord::new(Kind::Retention).result(json!({
+            "anchor": anchor,
+            "deleted": list,
+            "covered_by_checkpoint": self.last_checkpoint.as_ref().map(|c| json!({"size": c.size, "root": c.root})),
+            "keep_after": record::format_time(keep_after),
+        }));
+        let (tx, rx) = oneshot::channel();
+        self.commit(vec![(rec, Some(tx))], Vec::new(), false)
+            .await?;
+        rx.await.map_err(|_| AuditError::Closed)??;
+        self.sync_now().await;
+        if self.unsynced_since.is_some() {
+            return Err(AuditError::Internal {
+                reason: "retention record not durable; nothing deleted".into(),
+            });
+        }
+        let dir = self.cfg.dir.clone();
+        let paths: Vec<PathBuf> = gone.iter().map(|s| s.file.path.clone()).collect();
+        let to_delete = paths.clone();
+        tokio::task::spawn_blocking(move || install_anchor_and_delete(&dir, &anchor, &to_delete))
+            .await
+            .map_err(|e| AuditError::Internal {
+                reason: format!("retention task: {e}"),
+            })??;
+        self.closed_segments.drain(..deletable);
+        tracing::info!(
+            segments = paths.len(),
+            first_seq = first_deleted,
+            until = first_kept,
+            "audit: retention deleted segments"
+        );
+        Ok(RetentionReport {
+            deleted_segments: paths,
+            first_seq: first_deleted,
+            last_plus_one: first_kept,
+        })
+    }
+
+    async fn rotate_key(&mut self) -> Result<String, AuditError> {
+        let new = SigningKey::generate(&mut rand_core::OsRng);
+        let next_path = self.key_dir.join(format!("{KEY_FILE}.next"));
+        let _ = fs::remove_file(&next_path);
+        checkpoint::write_key_file(&next_path, &new, true)?;
+        let rotation = KeyRotation::sign(&self.key, &new, now_rfc3339());
+        let rec = NewRecord::new(Kind::KeyRotation)
+            .result(serde_json::to_value(&rotation).expect("serializes"));
+        let old = std::mem::replace(&mut self.key, new.clone());
+        // The rotation record and the first checkpoint under the new key are one write.
+        let (tx, rx) = oneshot::channel();
+        let res = self.commit(vec![(rec, Some(tx))], Vec::new(), true).await;
+        let res = res.and(rx.await.map_err(|_| AuditError::Closed)?.map(|_| ()));
+        if let Err(e) = res {
+            self.key = old;
+            let _ = fs::remove_file(&next_path);
+            return Err(e);
+        }
+        checkpoint::replace_key(&self.key_dir, &new)?;
+        let _ = fs::remove_file(&next_path);
+        checkpoint::export_public_key(&self.cfg.dir, &new)?;
+        tracing::info!(old = %rotation.old_key, new = %rotation.new_key, "audit: signing key rotated");
+        Ok(rotation.new_key)
+    }
+}
+
+/// Retention's last step, after its record is durable: anchor first, then delete.
+fn install_anchor_and_delete(
+    dir: &Path,
+    anchor: &Anchor,
+    segments: &[PathBuf],
+) -> Result<(), AuditError> {
+    let tmp = dir.join(format!("{ANCHOR_FILE}.new"));
+    let body = serde_json::to_vec_pretty(anchor).expect("anchor serializes");
+    fs::write(&tmp, body).map_err(io_err(&tmp, "write anchor"))?;
+    File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(&tmp, "fsync anchor"))?;
+    let dst = dir.join(ANCHOR_FILE);
+    fs::rename(&tmp, &dst).map_err(io_err(&dst, "install anchor"))?;
+    checkpoint::sync_dir(dir)?;
+    for p in segments {
+        fs::remove_file(p).map_err(io_err(p, "delete segment"))?;
+    }
+    checkpoint::sync_dir(dir)
+}
+
+async fn sleep_until_opt(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,382 @@
+//! The log's life beyond appends: readers recording their access (directly
+//! and through the spool), key rotation, retention, the webhook sink,
+//! batched durability with time-based checkpoints, proofs, refusals.
+
+// Tests read as scenarios: long bodies and short local names are clearer here.
+#![allow(clippy::too_many_lines, clippy::many_single_char_names)]
+
+mod audit_common;
+
+use std::time::Duration;
+
+use agentgate::audit::{
+    AuditError, AuditLog, Broken, Checkpoint, Durability, Kind, NewRecord, PUB_FILE, SPOOL_FILE,
+    parse_line, verify_dir,
+};
+use audit_common::{TempLog, agentgate, lines, statement, write_log};
+
+fn records(dir: &std::path::Path) -> Vec<agentgate::audit::Record> {
+    lines(dir)
+        .into_iter()
+        .map(|l| parse_line(&l.bytes).unwrap().record)
+        .collect()
+}
+
+fn access_records(dir: &std::path::Path, command: &str) -> usize {
+    records(dir)
+        .iter()
+        .filter(|r| {
+            r.kind == Kind::AuditAccess
+                && r.action.as_ref().is_some_and(|a| a["command"] == command)
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_while_the_daemon_runs_is_spooled_and_ingested() {
+    let t = TempLog::new();
+    let log = AuditLog::open(t.cfg()).await.unwrap();
+    for i in 0..5 {
+        log.append(statement(i)).await.unwrap();
+    }
+    let out = agentgate()
+        .args(["audit", "tail", "-n", "3", "--dir"])
+        .arg(&t.dir)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 3);
+    // The writer ingests the spool within a housekeeping tick or two.
+    let mut found = 0;
+    for _ in 0..50 {
+        found = access_records(&t.dir, "tail");
+        if found > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        found, 1,
+        "the spooled access request became one audit.access record"
+    );
+    assert!(!t.dir.join(SPOOL_FILE).exists());
+    let rec = records(&t.dir)
+        .into_iter()
+        .find(|r| r.kind == Kind::AuditAccess)
+        .unwrap();
+    assert!(rec.identity.unwrap().subject.starts_with("uid:"));
+    assert!(
+        rec.workload
+            .unwrap()
+            .cmdline
+            .unwrap()
+            .contains("audit tail")
+    );
+    log.close().await.unwrap();
+    verify_dir(&t.dir, None).unwrap();
+}
+
+#[tokio::test]
+async fn reading_with_the_daemon_stopped_appends_directly_and_export_filters() {
+    let t = TempLog::new();
+    write_log(t.cfg(), 12).await;
+    let out = agentgate()
+        .args([
+            "audit",
+            "export",
+            "--format",
+            "jsonl",
+            "--identity",
+            "alice-1",
+            "--dir",
+        ])
+        .arg(&t.dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let exported: Vec<_> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(exported.len(), 6, "odd statements belong to alice-1");
+    for l in &exported {
+        let p = parse_line(l.as_bytes()).unwrap();
+        assert_eq!(p.hash, p.computed, "exported lines stay verifiable");
+        assert_eq!(p.record.identity.unwrap().subject, "alice-1");
+    }
+    assert_eq!(access_records(&t.dir, "export"), 1);
+    assert!(
+        !t.dir.join(SPOOL_FILE).exists(),
+        "no daemon: appended directly"
+    );
+    // A time window that excludes everything.
+    let out = agentgate()
+        .args([
+            "audit",
+            "export",
+            "--format",
+            "jsonl",
+            "--to",
+            "2000-01-01T00:00:00Z",
+            "--dir",
+        ])
+        .arg(&t.dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(out.stdout.is_empty());
+    let out = agentgate()
+        .args([
+            "audit",
+            "export",
+            "--format",
+            "jsonl",
+            "--from",
+            "yesterday",
+            "--dir",
+        ])
+        .arg(&t.dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    verify_dir(&t.dir, None).unwrap();
+}
+
+#[tokio::test]
+async fn key_rotation_is_logged_and_verifies() {
+    let t = TempLog::new();
+    let log = AuditLog::open(t.cfg()).await.unwrap();
+    log.append(statement(0)).await.unwrap();
+    let before = log.checkpoint().await.unwrap();
+    let new_key = log.rotate_key().await.unwrap();
+    assert_ne!(new_key, before.key);
+    log.append(statement(1)).await.unwrap();
+    log.close().await.unwrap();
+    let cp_file = t.tmp.path().join("before.json");
+    std::fs::write(&cp_file, serde_json::to_vec(&before).unwrap()).unwrap();
+    let r = verify_dir(&t.dir, Some(&cp_file)).unwrap();
+    assert_eq!(r.keys, vec![before.key.clone(), new_key.clone()]);
+    assert_eq!(r.older_checked, 1);
+    assert_eq!(
+        std::fs::read_to_string(t.dir.join(PUB_FILE))
+            .unwrap()
+            .trim(),
+        new_key
+    );
+    assert!(records(&t.dir).iter().any(|r| r.kind == Kind::KeyRotation));
+    // The new key is installed: the log reopens and signs with it.
+    let log = AuditLog::open(t.cfg()).await.unwrap();
+    let cp = log.checkpoint().await.unwrap();
+    assert_eq!(cp.key, new_key);
+    log.close().await.unwrap();
+    verify_dir(&t.dir, None).unwrap();
+}
+
+#[tokio::test]
+async fn retention_deletes_only_checkpointed_segments_and_the_rest_verifies() {
+    let t = TempLog::new();
+    let log = AuditLog::open(t.cfg()).await.unwrap();
+    for i in 0..60 {
+        log.append(statement(i)).await.unwrap();
+    }
+    log.checkpoint().await.unwrap();
+    let segments_before = agentgate::audit::list_segments(&t.dir).unwrap().len();
+    let report = log
+        .retain(time::OffsetDateTime::now_utc() + time::Duration::days(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        report.deleted_segments.len(),
+        segments_before - 1,
+        "every closed segment is covered"
+    );
+    log.append(statement(99)).await.unwrap();
+    log.close().await.unwrap();
+    let r = verify_dir(&t.dir, None).unwrap();
+    assert_eq!(r.first_seq, report.last_plus_one);
+    let ret = records(&t.dir)
+        .into_iter()
+        .find(|r| r.kind == Kind::Retention)
+        .expect("retention is logged");
+    assert_eq!(
+        ret.result.unwrap()["deleted"].as_array().unwrap().len(),
+        report.deleted_segments.len()
+    );
+    // Removing the anchor (or more segments) is detected.
+    let anchor = t.dir.join(agentgate::audit::ANCHOR_FILE);
+    let saved = std::fs::read(&anchor).unwrap();
+    std::fs::remove_file(&anchor).unwrap();
+    let f = verify_dir(&t.dir, None).unwrap_err();
+    assert!(matches!(f.what, Broken::Anchor(_)), "{f}");
+    std::fs::write(&anchor, saved).unwrap();
+    verify_dir(&t.dir, None).unwrap();
+}
+
+#[tokio::test]
+async fn retention_keeps_what_no_checkpoint_covers() {
+    let t = TempLog::new();
+    let mut cfg = t.cfg();
+    cfg.checkpoint_every_records = 1_000_000;
+    let log = AuditLog::open(cfg).await.unwrap();
+    for i in 0..60 {
+        log.append(statement(i)).await.unwrap();
+    }
+    let report = log
+        .retain(time::OffsetDateTime::now_utc() + time::Duration::days(1))
+        .await
+        .unwrap();
+    assert!(
+        report.deleted_segments.is_empty(),
+        "nothing is checkpointed yet"
+    );
+    log.close().await.unwrap();
+    assert_eq!(verify_dir(&t.dir, None).unwrap().first_seq, 0);
+}
+
+#[tokio::test]
+async fn checkpoints_are_posted_to_the_webhook() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut req = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = s.read(&mut buf).await.unwrap();
+            req.extend_from_slice(&buf[..n]);
+            if let Some(i) = req.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&req[..i]).to_string();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Content-Length: "))
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                if req.len() >= i + 4 + len {
+                    s.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                        .await
+                        .unwrap();
+                    return (head, req[i + 4..i + 4 + len].to_vec());
+                }
+            }
+            assert!(n > 0, "client closed early");
+        }
+    });
+    let t = TempLog::new();
+    let mut cfg = t.cfg();
+    cfg.checkpoint_webhook = Some(format!("http://127.0.0.1:{port}/agentgate/checkpoint"));
+    let log = AuditLog::open(cfg).await.unwrap();
+    log.append(statement(0)).await.unwrap();
+    let cp = log.checkpoint().await.unwrap();
+    let (head, body) = tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        head.starts_with("POST /agentgate/checkpoint HTTP/1.1"),
+        "{head}"
+    );
+    let got: Checkpoint = serde_json::from_slice(&body).unwrap();
+    assert_eq!(got, cp);
+    got.verify_signature().unwrap();
+    assert_eq!(log.stats().sink_failures, 0);
+    log.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn batched_mode_checkpoints_on_time() {
+    let t = TempLog::new();
+    let mut cfg = t.cfg();
+    cfg.durability = Durability::Batched;
+    cfg.batch_interval_ms = 20;
+    cfg.checkpoint_every_records = 1_000_000;
+    cfg.checkpoint_every_secs = 1;
+    let log = AuditLog::open(cfg).await.unwrap();
+    for i in 0..5 {
+        log.append(statement(i)).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let s = log.stats();
+    assert!(s.checkpoints >= 1, "{s:?}");
+    assert!(s.fsyncs >= 1, "{s:?}");
+    assert!(records(&t.dir).iter().any(|r| r.kind == Kind::Checkpoint));
+    verify_dir(&t.dir, None).unwrap();
+    log.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn reserved_kinds_and_oversized_records_are_refused_and_the_log_continues() {
+    let t = TempLog::new();
+    let log = AuditLog::open(t.cfg()).await.unwrap();
+    let e = log
+        .append(NewRecord::new(Kind::Checkpoint))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, AuditError::ReservedKind { .. }));
+    let huge =
+        NewRecord::new(Kind::Statement).action(serde_json::json!({"sql": "x".repeat(2 << 20)}));
+    let e = log.append(huge).await.unwrap_err();
+    assert!(matches!(e, AuditError::TooLarge { .. }), "{e}");
+    let a = log.append(statement(1)).await.unwrap();
+    assert_eq!(a.seq, 0);
+    // A second writer is refused while the first holds the lock.
+    let e = AuditLog::open(t.cfg()).await.unwrap_err();
+    assert!(matches!(e, AuditError::Locked { .. }), "{e}");
+    log.close().await.unwrap();
+    verify_dir(&t.dir, None).unwrap();
+}
+
+#[tokio::test]
+async fn inclusion_proofs_from_the_cli_verify_and_tampered_ones_fail() {
+    let t = TempLog::new();
+    write_log(t.cfg(), 25).await;
+    let out = agentgate()
+        .args(["audit", "prove", "--seq", "7", "--dir"])
+        .arg(&t.dir)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let proof_file = t.tmp.path().join("proof.json");
+    std::fs::write(&proof_file, &out.stdout).unwrap();
+    let pub_file = t.dir.join(PUB_FILE);
+    let ok = agentgate()
+        .args(["audit", "verify-proof", "--key"])
+        .arg(&pub_file)
+        .arg(&proof_file)
+        .output()
+        .unwrap();
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
+
+    let mut proof: agentgate::audit::InclusionProof = serde_json::from_slice(&out.stdout).unwrap();
+    proof.path[0] = hex::encode([0u8; 32]);
+    std::fs::write(&proof_file, serde_json::to_vec(&proof).unwrap()).unwrap();
+    let bad = agentgate()
+        .args(["audit", "verify-proof"])
+        .arg(&proof_file)
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stdout).contains("does not lead"));
+    assert_eq!(
+        access_records(&t.dir, "prove"),
+        1,
+        "prove reads the log and is recorded"
+    );
+}
