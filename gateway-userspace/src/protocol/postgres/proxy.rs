@@ -95,7 +95,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::Ordering,
     },
     time::{Duration, Instant},
 };
@@ -119,9 +119,10 @@ use super::{
 };
 use crate::{
     approval::{self, Broker, NewApproval, Outcome},
+    audit::{AuditLog, Kind, NewRecord},
+    proxy::LiveConnection,
     mask::{MaskPolicy, Strategy},
     policy::{Action, Decision, PolicySet, PolicyStore, Resource, Subject, TlsMode, Verdict},
-    provenance::Workload,
     sql::{self, Classification, Dialect},
 };
 
@@ -164,45 +165,6 @@ impl Default for PgSettings {
 // ---------------------------------------------------------------------------
 // Audit
 
-/// Kinds of records this handler writes (names as in the audit log).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EventKind {
-    ConnectionOpen,
-    ConnectionClose,
-    Statement,
-    ApprovalRequested,
-    MaskingFailure,
-}
-
-impl EventKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EventKind::ConnectionOpen => "connection.open",
-            EventKind::ConnectionClose => "connection.close",
-            EventKind::Statement => "statement",
-            EventKind::ApprovalRequested => "approval.requested",
-            EventKind::MaskingFailure => "masking.failure",
-        }
-    }
-}
-
-/// One record, with the connection's common fields filled in.
-#[derive(Debug, Clone)]
-pub struct AuditEvent {
-    pub kind: EventKind,
-    pub session_id: String,
-    pub connection_id: u64,
-    pub identity: String,
-    pub groups: Vec<String>,
-    pub workload: Workload,
-    pub resource: String,
-    pub action: Value,
-    pub decision: Option<Value>,
-    pub transform: Option<Value>,
-    pub approval: Option<Value>,
-    pub result: Option<Value>,
-}
-
 /// The audit log could not take a record.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("audit log unavailable: {reason}")]
@@ -210,38 +172,27 @@ pub struct AuditUnavailable {
     pub reason: String,
 }
 
-/// Where records go. `append` returns once the record is durable.
+/// Where records go; `append` returns once the record is durable. The daemon
+/// passes its [`AuditLog`]; tests pass sinks that collect or fail.
 pub trait AuditSink: Send + Sync {
     fn append(
         &self,
-        event: AuditEvent,
+        record: NewRecord,
     ) -> Pin<Box<dyn Future<Output = Result<(), AuditUnavailable>> + Send + '_>>;
 }
 
-/// Writes records to `tracing` only: for a daemon without an audit log.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct TracingAudit;
-
-impl AuditSink for TracingAudit {
+impl AuditSink for AuditLog {
     fn append(
         &self,
-        e: AuditEvent,
+        record: NewRecord,
     ) -> Pin<Box<dyn Future<Output = Result<(), AuditUnavailable>> + Send + '_>> {
         Box::pin(async move {
-            tracing::info!(
-                event = e.kind.as_str(),
-                session = %e.session_id,
-                conn = e.connection_id,
-                identity = %e.identity,
-                resource = %e.resource,
-                action = %e.action,
-                decision = %e.decision.unwrap_or(serde_json::Value::Null),
-                transform = %e.transform.unwrap_or(serde_json::Value::Null),
-                approval = %e.approval.unwrap_or(serde_json::Value::Null),
-                result = %e.result.unwrap_or(serde_json::Value::Null),
-                "audit"
-            );
-            Ok(())
+            AuditLog::append(self, record)
+                .await
+                .map(|_| ())
+                .map_err(|e| AuditUnavailable {
+                    reason: e.to_string(),
+                })
         })
     }
 }
@@ -251,11 +202,10 @@ impl AuditSink for TracingAudit {
 
 /// Everything [`serve`] needs about one attributed connection.
 pub struct PgContext {
-    pub connection_id: u64,
-    pub session_id: String,
+    /// Id, identity, workload, original destination, live byte counters; its
+    /// `record()` fills in who and from where for every audit record.
+    pub conn: Arc<LiveConnection>,
     pub subject: Subject,
-    pub workload: Workload,
-    pub destination: SocketAddr,
     /// The resource the destination belongs to (from the policy in force at accept).
     pub resource: Resource,
     pub policy: Arc<PolicyStore>,
@@ -264,9 +214,6 @@ pub struct PgContext {
     /// Key for the keyed hash of statements (correlation without the text).
     pub correlation_key: [u8; 32],
     pub settings: PgSettings,
-    /// Live counters (`agentgate status`): client→server and server→client bytes.
-    pub bytes_up: Arc<AtomicU64>,
-    pub bytes_down: Arc<AtomicU64>,
 }
 
 /// Why a proxied Postgres connection ended abnormally; says which side.
@@ -401,7 +348,7 @@ pub async fn refuse(mut client: TcpStream, rule: &str, reason: &str) -> Result<(
 }
 
 async fn connect_upstream(ctx: &PgContext) -> Result<(Box<dyn Io>, bool), PgProxyError> {
-    let addr = ctx.destination;
+    let addr = ctx.conn.destination;
     let mut tcp = tokio::time::timeout(ctx.settings.connect_timeout, TcpStream::connect(addr))
         .await
         .map_err(|_| PgProxyError::Connect {
@@ -591,7 +538,7 @@ async fn forward_cancel(ctx: &PgContext, pid: i32, secret: Bytes) -> Result<(), 
     // The server closes after reading it; wait briefly so the request is read.
     let mut sink = [0u8; 16];
     let _ = tokio::time::timeout(Duration::from_secs(2), up.read(&mut sink)).await;
-    tracing::info!(event = "postgres.cancel", conn = ctx.connection_id, "cancel request forwarded");
+    tracing::info!(event = "postgres.cancel", conn = ctx.conn.id, "cancel request forwarded");
     Ok(())
 }
 
@@ -604,7 +551,7 @@ struct Held {
     stmt: StmtRecord,
     decision: Decision,
     request_id: String,
-    outcome: Pin<Box<dyn Future<Output = Outcome> + Send>>,
+    outcome: Pin<Box<dyn Future<Output = Outcome> + Send + Sync>>,
 }
 
 /// What the records say about one decided statement.
@@ -718,21 +665,8 @@ fn truncate_chars(s: &str, max: usize) -> String {
 }
 
 impl<'a> Pg<'a> {
-    fn event(&self, kind: EventKind, action: Value) -> AuditEvent {
-        AuditEvent {
-            kind,
-            session_id: self.ctx.session_id.clone(),
-            connection_id: self.ctx.connection_id,
-            identity: self.ctx.subject.identity.clone(),
-            groups: self.ctx.subject.groups.clone(),
-            workload: self.ctx.workload.clone(),
-            resource: self.ctx.resource.name.clone(),
-            action,
-            decision: None,
-            transform: None,
-            approval: None,
-            result: None,
-        }
+    fn event(&self, kind: Kind, action: Value) -> NewRecord {
+        self.ctx.conn.record(kind).action(action)
     }
 
     fn masking(&self) -> &MaskPolicy {
@@ -797,11 +731,11 @@ impl<'a> Pg<'a> {
                 Event::UpstreamRead(Err(e)) => {
                     self.upstream_eof = true;
                     self.fatal("08006", "agentgate: connection to the server lost");
-                    tracing::info!(conn = self.ctx.connection_id, error = %e, "upstream read failed");
+                    tracing::info!(conn = self.ctx.conn.id, error = %e, "upstream read failed");
                 }
                 Event::ClientWrote(Ok(n)) => {
                     self.cout.advance(n);
-                    self.ctx.bytes_down.fetch_add(n as u64, Ordering::Relaxed);
+                    self.ctx.conn.bytes_down.fetch_add(n as u64, Ordering::Relaxed);
                 }
                 Event::ClientWrote(Err(e)) => {
                     self.client_gone().await;
@@ -809,12 +743,12 @@ impl<'a> Pg<'a> {
                 }
                 Event::UpstreamWrote(Ok(n)) => {
                     self.uout.advance(n);
-                    self.ctx.bytes_up.fetch_add(n as u64, Ordering::Relaxed);
+                    self.ctx.conn.bytes_up.fetch_add(n as u64, Ordering::Relaxed);
                 }
                 Event::UpstreamWrote(Err(e)) => {
                     self.upstream_eof = true;
                     self.fatal("08006", "agentgate: connection to the server lost");
-                    tracing::info!(conn = self.ctx.connection_id, error = %e, "upstream write failed");
+                    tracing::info!(conn = self.ctx.conn.id, error = %e, "upstream write failed");
                 }
                 Event::Approval(o) => self.approval_outcome(o).await,
                 Event::AuthTimeout => {
@@ -828,6 +762,7 @@ impl<'a> Pg<'a> {
         if !self.cout.is_empty() {
             let _ = tokio::time::timeout(Duration::from_secs(5), cw.write_all(&self.cout)).await;
             self.ctx
+                .conn
                 .bytes_down
                 .fetch_add(self.cout.len() as u64, Ordering::Relaxed);
             self.cout.clear();
@@ -852,14 +787,14 @@ impl<'a> Pg<'a> {
         if let Some(h) = self.held.take() {
             let id = h.request_id.clone();
             drop(h.outcome);
-            let mut ev = self.event(EventKind::Statement, h.stmt.action);
+            let mut ev = self.event(Kind::Statement, h.stmt.action);
             ev.decision = Some(decision_json(&h.decision, "require_approval"));
             ev.approval = Some(json!({"id": id, "outcome": "withdrawn"}));
             ev.result = Some(json!({"status": "not_run", "reason": "client disconnected while held"}));
             if let Err(e) = self.ctx.audit.append(ev).await {
                 tracing::error!(error = %e, "audit append failed for a withdrawn statement");
             }
-            tracing::info!(conn = self.ctx.connection_id, request = %id, "client left; approval request withdrawn");
+            tracing::info!(conn = self.ctx.conn.id, request = %id, "client left; approval request withdrawn");
         }
         // Nothing the client still had queued is processed.
         self.cin.clear();
@@ -1069,13 +1004,13 @@ impl<'a> Pg<'a> {
         self.session.backend(&m)?;
         if is_ready {
             let mut ev = self.event(
-                EventKind::ConnectionOpen,
+                Kind::ConnectionOpen,
                 json!({
                     "protocol": "postgres",
                     "database": self.database,
                     "user": self.user,
                     "application_name": self.application_name,
-                    "destination": self.ctx.destination.to_string(),
+                    "destination": self.ctx.conn.destination.to_string(),
                     "tls_upstream": self.tls_upstream,
                 }),
             );
@@ -1100,7 +1035,7 @@ impl<'a> Pg<'a> {
             BackendMessage::DataRow(r) => self.catalog.row(r),
             BackendMessage::ErrorResponse(f) => {
                 tracing::warn!(
-                    conn = self.ctx.connection_id,
+                    conn = self.ctx.conn.id,
                     sqlstate = %String::from_utf8_lossy(f.sqlstate().unwrap_or_default()),
                     "catalog query failed; unknown tables are treated as unknown (every rule naming a column applies)"
                 );
@@ -1112,7 +1047,7 @@ impl<'a> Pg<'a> {
                 } else {
                     self.catalog.finish();
                     tracing::debug!(
-                        conn = self.ctx.connection_id,
+                        conn = self.ctx.conn.id,
                         relations = self.catalog.len(),
                         truncated = self.catalog.is_truncated(),
                         "catalog loaded"
@@ -1223,9 +1158,9 @@ impl<'a> Pg<'a> {
     }
 
     fn mask_failed(&mut self, e: &MaskError) -> Result<(), PgProxyError> {
-        tracing::warn!(conn = self.ctx.connection_id, error = %e, "masking failed; closing the connection");
+        tracing::warn!(conn = self.ctx.conn.id, error = %e, "masking failed; closing the connection");
         let mut ev = self.event(
-            EventKind::MaskingFailure,
+            Kind::MaskingFailure,
             json!({"protocol": "postgres", "database": self.database}),
         );
         ev.result = Some(json!({"error": e.to_string()}));
@@ -1262,7 +1197,7 @@ impl<'a> Pg<'a> {
         let command = tag.map(|t| String::from_utf8_lossy(t).into_owned());
         let bind = self.last_bind.take();
         let mut ev = self.event(
-            EventKind::Statement,
+            Kind::Statement,
             json!({
                 "protocol": "postgres",
                 "phase": "completed",
@@ -1471,7 +1406,7 @@ impl<'a> Pg<'a> {
         decision: &Decision,
         approval: Option<Value>,
     ) -> Result<(), AuditUnavailable> {
-        let mut ev = self.event(EventKind::Statement, stmt.action.clone());
+        let mut ev = self.event(Kind::Statement, stmt.action.clone());
         let verdict = match &decision.verdict {
             Verdict::Allow => "allow",
             Verdict::Deny { .. } => "deny",
@@ -1481,7 +1416,7 @@ impl<'a> Pg<'a> {
         ev.approval = approval;
         let r = self.ctx.audit.append(ev).await;
         if let Err(e) = &r {
-            tracing::error!(conn = self.ctx.connection_id, error = %e, "audit append failed");
+            tracing::error!(conn = self.ctx.conn.id, error = %e, "audit append failed");
         }
         r
     }
@@ -1548,7 +1483,7 @@ impl<'a> Pg<'a> {
                 Ok(())
             }
             Ok((req, waiter)) => {
-                let mut ev = self.event(EventKind::ApprovalRequested, stmt.action.clone());
+                let mut ev = self.event(Kind::ApprovalRequested, stmt.action.clone());
                 ev.decision = Some(decision_json(&decision, "require_approval"));
                 ev.approval = Some(json!({
                     "id": req.id,
@@ -1570,7 +1505,7 @@ impl<'a> Pg<'a> {
                 }
                 BackendMessage::NoticeResponse(session::approval_notice(&req.id, &req.deadline))
                     .encode(&mut self.cout);
-                tracing::info!(conn = self.ctx.connection_id, request = %req.id, rule = %decision.rule, "statement held for approval");
+                tracing::info!(conn = self.ctx.conn.id, request = %req.id, rule = %decision.rule, "statement held for approval");
                 self.held = Some(Held {
                     msg: m,
                     stmt,
@@ -1681,13 +1616,13 @@ impl<'a> Pg<'a> {
             return;
         }
         let mut ev = self.event(
-            EventKind::ConnectionClose,
+            Kind::ConnectionClose,
             json!({"protocol": "postgres", "database": self.database, "user": self.user}),
         );
         ev.result = Some(json!({
             "statements": self.statements,
-            "bytes_up": self.ctx.bytes_up.load(Ordering::Relaxed),
-            "bytes_down": self.ctx.bytes_down.load(Ordering::Relaxed),
+            "bytes_up": self.ctx.conn.bytes_up.load(Ordering::Relaxed),
+            "bytes_down": self.ctx.conn.bytes_down.load(Ordering::Relaxed),
             "duration_ms": self.opened_at.elapsed().as_millis() as u64,
             "error": error.map(ToString::to_string),
         }));
