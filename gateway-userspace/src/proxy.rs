@@ -311,7 +311,8 @@ async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<
             // A protocol-native refusal: the client sees which rule, not a reset.
             let reason = match &decision.verdict {
                 Verdict::Deny { reason } => reason.clone(),
-                _ => "the connection needs an approval, which Postgres connections cannot wait for".into(),
+                _ => "the connection needs an approval, which Postgres connections cannot wait for"
+                    .into(),
             };
             let _ = crate::protocol::postgres::proxy::refuse(client, &decision.rule, &reason).await;
         }

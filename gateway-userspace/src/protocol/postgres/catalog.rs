@@ -130,14 +130,19 @@ impl Catalog {
             return;
         }
         let f: Vec<Option<&[u8]>> = row.fields().collect();
-        let (Some(Some(oid)), Some(Some(schema)), Some(Some(name))) = (f.first(), f.get(1), f.get(2))
+        let (Some(Some(oid)), Some(Some(schema)), Some(Some(name))) =
+            (f.first(), f.get(1), f.get(2))
         else {
             return;
         };
-        let Some(oid) = std::str::from_utf8(oid).ok().and_then(|s| s.parse::<u32>().ok()) else {
+        let Some(oid) = std::str::from_utf8(oid)
+            .ok()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             return;
         };
-        let (Ok(schema), Ok(name)) = (std::str::from_utf8(schema), std::str::from_utf8(name)) else {
+        let (Ok(schema), Ok(name)) = (std::str::from_utf8(schema), std::str::from_utf8(name))
+        else {
             return;
         };
         let rel = map.entry(oid).or_insert_with(|| Relation {
@@ -201,9 +206,10 @@ impl Catalog {
     /// refers to. `None` when unknown or ambiguous (same name in two schemas
     /// and no schema given).
     pub fn resolve(&self, name: &SqlName) -> Option<&Relation> {
-        let mut found = self.relations.values().filter(|r| {
-            r.name == name.name && name.schema.as_ref().is_none_or(|s| *s == r.schema)
-        });
+        let mut found = self
+            .relations
+            .values()
+            .filter(|r| r.name == name.name && name.schema.as_ref().is_none_or(|s| *s == r.schema));
         let first = found.next()?;
         match found.next() {
             Some(_) => None,
@@ -229,11 +235,10 @@ fn ident(i: &Ident) -> String {
 }
 
 fn sql_name(o: &ObjectName) -> Option<SqlName> {
-    let parts: Vec<String> = o
-        .0
-        .iter()
-        .map(|p| p.as_ident().map(ident))
-        .collect::<Option<_>>()?;
+    let parts: Vec<String> =
+        o.0.iter()
+            .map(|p| p.as_ident().map(ident))
+            .collect::<Option<_>>()?;
     match parts.as_slice() {
         [name] => Some(SqlName {
             schema: None,
@@ -345,9 +350,24 @@ mod tests {
         assert!(c.wants_load());
         assert_eq!(c.table(42), TableName::Pending, "unknown before any load");
         c.begin();
-        c.row(&row(&[Some("16384"), Some("public"), Some("customers"), Some("id")]));
-        c.row(&row(&[Some("16384"), Some("public"), Some("customers"), Some("ssn")]));
-        c.row(&row(&[Some("1259"), Some("pg_catalog"), Some("pg_class"), None]));
+        c.row(&row(&[
+            Some("16384"),
+            Some("public"),
+            Some("customers"),
+            Some("id"),
+        ]));
+        c.row(&row(&[
+            Some("16384"),
+            Some("public"),
+            Some("customers"),
+            Some("ssn"),
+        ]));
+        c.row(&row(&[
+            Some("1259"),
+            Some("pg_catalog"),
+            Some("pg_class"),
+            None,
+        ]));
         c.row(&row(&[Some("junk"), Some("x"), Some("y"), None]));
         c.finish();
         assert!(c.is_loaded() && !c.wants_load());

@@ -93,10 +93,7 @@ use std::{
     future::Future,
     net::SocketAddr,
     pin::Pin,
-    sync::{
-        Arc,
-        atomic::Ordering,
-    },
+    sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -110,8 +107,8 @@ use tokio::{
 use super::{
     catalog::{self, Catalog, CopyOut, TableName},
     codec::{
-        self, Authentication, BackendMessage, ErrorFields, FrontendMessage, Limits,
-        ProtocolError, RowDescription, StartupPacket, TxStatus,
+        self, Authentication, BackendMessage, ErrorFields, FrontendMessage, Limits, ProtocolError,
+        RowDescription, StartupPacket, TxStatus,
     },
     mask::{CopyPlan, MaskError, MaskReport, MaskResult, RowMasker, RowPlan, Scratch, Unmaskable},
     session::{self, BackendAction, Disposition, Session, SessionError},
@@ -120,9 +117,9 @@ use super::{
 use crate::{
     approval::{self, Broker, NewApproval, Outcome},
     audit::{AuditLog, Kind, NewRecord},
-    proxy::LiveConnection,
     mask::{MaskPolicy, Strategy},
     policy::{Action, Decision, PolicySet, PolicyStore, Resource, Subject, TlsMode, Verdict},
+    proxy::LiveConnection,
     sql::{self, Classification, Dialect},
 };
 
@@ -443,7 +440,10 @@ pub async fn serve(mut client: TcpStream, ctx: PgContext) -> Result<(), PgProxyE
         Ok(Some(p)) => p,
         Ok(None) => return Ok(()),
         Err(e) => {
-            if matches!(e, PgProxyError::Protocol { .. } | PgProxyError::Client { .. }) {
+            if matches!(
+                e,
+                PgProxyError::Protocol { .. } | PgProxyError::Client { .. }
+            ) {
                 let _ = client
                     .write_all(&fatal_bytes("08P01", &format!("agentgate: {e}")))
                     .await;
@@ -458,12 +458,7 @@ pub async fn serve(mut client: TcpStream, ctx: PgContext) -> Result<(), PgProxyE
         StartupPacket::Startup { ref params, .. } => params.clone(),
         _ => unreachable!("read_startup answers encryption requests itself"),
     };
-    let param = |k: &str| {
-        params
-            .iter()
-            .find(|(n, _)| n == k)
-            .map(|(_, v)| v.clone())
-    };
+    let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     if param("replication").is_some_and(|v| !matches!(v.as_str(), "false" | "off" | "no" | "0")) {
         let _ = client
             .write_all(&fatal_bytes(
@@ -538,7 +533,11 @@ async fn forward_cancel(ctx: &PgContext, pid: i32, secret: Bytes) -> Result<(), 
     // The server closes after reading it; wait briefly so the request is read.
     let mut sink = [0u8; 16];
     let _ = tokio::time::timeout(Duration::from_secs(2), up.read(&mut sink)).await;
-    tracing::info!(event = "postgres.cancel", conn = ctx.conn.id, "cancel request forwarded");
+    tracing::info!(
+        event = "postgres.cancel",
+        conn = ctx.conn.id,
+        "cancel request forwarded"
+    );
     Ok(())
 }
 
@@ -687,7 +686,10 @@ impl<'a> Pg<'a> {
         UW: AsyncWrite + Unpin,
     {
         let limits = self.ctx.settings.limits.clone();
-        let client_cap = limits.max_message_len.max(limits.max_sql_len + 64 * 1024 + 65_535 * 4) + 64 * 1024;
+        let client_cap = limits
+            .max_message_len
+            .max(limits.max_sql_len + 64 * 1024 + 65_535 * 4)
+            + 64 * 1024;
         let upstream_cap = limits.max_message_len + 64 * 1024;
         let auth_deadline = tokio::time::Instant::now() + self.ctx.settings.auth_timeout;
         let outcome = loop {
@@ -735,7 +737,10 @@ impl<'a> Pg<'a> {
                 }
                 Event::ClientWrote(Ok(n)) => {
                     self.cout.advance(n);
-                    self.ctx.conn.bytes_down.fetch_add(n as u64, Ordering::Relaxed);
+                    self.ctx
+                        .conn
+                        .bytes_down
+                        .fetch_add(n as u64, Ordering::Relaxed);
                 }
                 Event::ClientWrote(Err(e)) => {
                     self.client_gone().await;
@@ -743,7 +748,10 @@ impl<'a> Pg<'a> {
                 }
                 Event::UpstreamWrote(Ok(n)) => {
                     self.uout.advance(n);
-                    self.ctx.conn.bytes_up.fetch_add(n as u64, Ordering::Relaxed);
+                    self.ctx
+                        .conn
+                        .bytes_up
+                        .fetch_add(n as u64, Ordering::Relaxed);
                 }
                 Event::UpstreamWrote(Err(e)) => {
                     self.upstream_eof = true;
@@ -753,7 +761,9 @@ impl<'a> Pg<'a> {
                 Event::Approval(o) => self.approval_outcome(o).await,
                 Event::AuthTimeout => {
                     self.fatal("08006", "agentgate: authentication timed out");
-                    break Err(PgProxyError::Timeout { phase: "authentication" });
+                    break Err(PgProxyError::Timeout {
+                        phase: "authentication",
+                    });
                 }
                 Event::Stalled => break Ok(()),
             }
@@ -790,7 +800,8 @@ impl<'a> Pg<'a> {
             let mut ev = self.event(Kind::Statement, h.stmt.action);
             ev.decision = Some(decision_json(&h.decision, "require_approval"));
             ev.approval = Some(json!({"id": id, "outcome": "withdrawn"}));
-            ev.result = Some(json!({"status": "not_run", "reason": "client disconnected while held"}));
+            ev.result =
+                Some(json!({"status": "not_run", "reason": "client disconnected while held"}));
             if let Err(e) = self.ctx.audit.append(ev).await {
                 tracing::error!(error = %e, "audit append failed for a withdrawn statement");
             }
@@ -836,15 +847,20 @@ impl<'a> Pg<'a> {
                 }
                 let msg = match self.deferred.take() {
                     Some(m) => m,
-                    None => match codec::decode_frontend(&mut self.cin, &self.ctx.settings.limits) {
-                        Ok(Some(m)) => m,
-                        Ok(None) => break,
-                        Err(source) => {
-                            self.fatal("08P01", &format!("agentgate: protocol error: {source}"));
-                            self.cin.clear();
-                            return Err(PgProxyError::Protocol { source });
+                    None => {
+                        match codec::decode_frontend(&mut self.cin, &self.ctx.settings.limits) {
+                            Ok(Some(m)) => m,
+                            Ok(None) => break,
+                            Err(source) => {
+                                self.fatal(
+                                    "08P01",
+                                    &format!("agentgate: protocol error: {source}"),
+                                );
+                                self.cin.clear();
+                                return Err(PgProxyError::Protocol { source });
+                            }
                         }
-                    },
+                    }
                 };
                 progressed = true;
                 self.on_client(msg).await?;
@@ -911,7 +927,9 @@ impl<'a> Pg<'a> {
                         self.completed(running_sql.as_ref(), "ok", None, None);
                     }
                     BackendMessage::ErrorResponse(f) if running_sql.is_some() => {
-                        let state = f.sqlstate().map(|s| String::from_utf8_lossy(s).into_owned());
+                        let state = f
+                            .sqlstate()
+                            .map(|s| String::from_utf8_lossy(s).into_owned());
                         self.completed(running_sql.as_ref(), "error", None, state);
                     }
                     BackendMessage::CopyOutResponse(_) => {
@@ -1078,7 +1096,12 @@ impl<'a> Pg<'a> {
         let masker = Masker(policy);
         let plan = if policy.columns().is_empty() {
             // Detectors only: table names do not matter.
-            RowPlan::new(desc, &masker, |_| Some(String::new()), self.ctx.settings.unmaskable)?
+            RowPlan::new(
+                desc,
+                &masker,
+                |_| Some(String::new()),
+                self.ctx.settings.unmaskable,
+            )?
         } else {
             // Pending OIDs are masked as "table unknown" (every rule naming the
             // column applies); unresolvable ones refuse the row.
@@ -1181,7 +1204,13 @@ impl<'a> Pg<'a> {
 
     /// A statement's results ended: its result record (not awaited: the
     /// statement already ran).
-    fn completed(&mut self, sql: Option<&Bytes>, status: &str, tag: Option<&Bytes>, sqlstate: Option<String>) {
+    fn completed(
+        &mut self,
+        sql: Option<&Bytes>,
+        status: &str,
+        tag: Option<&Bytes>,
+        sqlstate: Option<String>,
+    ) {
         let cur = std::mem::replace(&mut self.cur, Running::new());
         let report = &cur.report;
         let transform = (report.values_masked > 0).then(|| {
@@ -1244,7 +1273,10 @@ impl<'a> Pg<'a> {
                         "agentgate: protocol error: only authentication messages are allowed before the server is ready",
                     );
                     Err(PgProxyError::Client {
-                        what: format!("message {:?} before authentication completed", char::from(other.tag())),
+                        what: format!(
+                            "message {:?} before authentication completed",
+                            char::from(other.tag())
+                        ),
                     })
                 }
             };
@@ -1279,7 +1311,10 @@ impl<'a> Pg<'a> {
         }
         m.encode(&mut self.uout);
         self.idle_point = false;
-        if matches!(m, FrontendMessage::Query { .. } | FrontendMessage::Execute { .. }) {
+        if matches!(
+            m,
+            FrontendMessage::Query { .. } | FrontendMessage::Execute { .. }
+        ) {
             self.cur = Running::new();
         }
     }
@@ -1366,7 +1401,9 @@ impl<'a> Pg<'a> {
                 self.deny_with(&m, session::denial_error(&decision.rule));
                 Ok(())
             }
-            Verdict::RequireApproval(spec) => self.request_approval(m, stmt, decision, &spec, &text).await,
+            Verdict::RequireApproval(spec) => {
+                self.request_approval(m, stmt, decision, &spec, &text).await
+            }
         }
     }
 
@@ -1378,7 +1415,10 @@ impl<'a> Pg<'a> {
         message: &str,
         name: Option<String>,
     ) -> StmtRecord {
-        let redacted = truncate_chars(&sql::redact_for_log(text, Dialect::Postgres), MAX_RECORD_SQL_CHARS);
+        let redacted = truncate_chars(
+            &sql::redact_for_log(text, Dialect::Postgres),
+            MAX_RECORD_SQL_CHARS,
+        );
         let hash = keyed_hash(&self.ctx.correlation_key, raw);
         StmtRecord {
             action: json!({
@@ -1469,7 +1509,10 @@ impl<'a> Pg<'a> {
         let new = NewApproval {
             identity: self.ctx.subject.identity.clone(),
             resource: self.ctx.resource.name.clone(),
-            summary: truncate_chars(&sql::redact_for_log(text, Dialect::Postgres), MAX_SUMMARY_CHARS),
+            summary: truncate_chars(
+                &sql::redact_for_log(text, Dialect::Postgres),
+                MAX_SUMMARY_CHARS,
+            ),
             statement_hash: stmt.hash.clone(),
             rule: decision.rule.clone(),
         };
@@ -1479,7 +1522,8 @@ impl<'a> Pg<'a> {
                 self.allow(m, &stmt, &decision, Some(a)).await
             }
             Err(other) => {
-                self.approval_denied(&m, &stmt, &decision, "?", &other).await;
+                self.approval_denied(&m, &stmt, &decision, "?", &other)
+                    .await;
                 Ok(())
             }
             Ok((req, waiter)) => {
@@ -1546,7 +1590,10 @@ impl<'a> Pg<'a> {
             Outcome::Denied { by, reason } => (
                 format!(
                     "denied by {by}{}",
-                    reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
+                    reason
+                        .as_deref()
+                        .map(|r| format!(" ({r})"))
+                        .unwrap_or_default()
                 ),
                 json!({"id": id, "outcome": "denied", "by": by, "reason": reason}),
             ),
@@ -1601,7 +1648,8 @@ impl<'a> Pg<'a> {
                             return CopyCheck::NeedCatalog;
                         }
                         return CopyCheck::Deny(
-                            "the COPY table is unknown or ambiguous; qualify it with its schema".into(),
+                            "the COPY table is unknown or ambiguous; qualify it with its schema"
+                                .into(),
                         );
                     }
                 }
