@@ -5,9 +5,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agentgate_e2e::{
-    DaemonOptions, Env, Proc, json_output, pg::PASSWORD, pg::PgServer, run_ok, scripts_dir,
-};
+use agentgate_e2e::{DaemonOptions, Env, Proc, pg::PASSWORD, pg::PgServer, run_ok, scripts_dir};
 
 const PSQL: &str = "/usr/lib/postgresql/15/bin/psql";
 
@@ -243,7 +241,8 @@ print(json.dumps(res))
 }
 
 fn pending(env: &Env) -> Vec<serde_json::Value> {
-    let v = json_output(&mut env.agentgate(&["approvals", "list", "--json"])).unwrap();
+    let out = run_ok(&mut env.agentgate(&["approvals", "list", "--json"])).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     v.as_array().cloned().unwrap_or_default()
 }
 
@@ -413,11 +412,17 @@ c.execute("UPDATE customers SET name = 'gone-x' WHERE id = 1")
         );
     }
     assert!(recs.iter().any(|r| r["kind"] == "approval.requested"));
-    let all = recs.iter().map(ToString::to_string).collect::<String>();
-    assert!(
-        !all.contains("approved-x") && !all.contains("rejected-x"),
-        "no literals in the log"
-    );
+    // (The workload's command line is recorded as the process gave it; psql
+    // -c puts SQL there. What this handler writes must hold no literal.)
+    for r in &recs {
+        for field in ["action", "decision", "approval", "result", "transform"] {
+            let text = r[field].to_string();
+            assert!(
+                !text.contains("approved-x") && !text.contains("rejected-x"),
+                "no literals in {field}: {text}"
+            );
+        }
+    }
 }
 
 /// Raw values the policy protects, read directly from the server.
@@ -683,8 +688,9 @@ fn tls_upstream_is_verified_with_the_resource_ca() {
 #[test]
 fn hostile_client_input_gets_a_protocol_error_and_nothing_runs() {
     let (env, pg) = l7_env("pghostile", "30s");
-    pg.admin_sql("ALTER SYSTEM SET log_statement = 'all'; SELECT pg_reload_conf();")
+    pg.admin_sql("ALTER SYSTEM SET log_statement = 'all'")
         .unwrap();
+    pg.admin_sql("SELECT pg_reload_conf()").unwrap();
     for case in [
         "garbage-before-startup",
         "bad-length",
@@ -735,10 +741,19 @@ fn hostile_client_input_gets_a_protocol_error_and_nothing_runs() {
 
 #[test]
 fn a_denied_connection_gets_a_postgres_error_naming_the_rule() {
-    let policy = l7_policy(5432, "30s", None).replace(
-        "[masking]",
-        "[[rule]]\nname = \"svc-no-pg\"\nidentities = [\"svc-reporting\"]\nresources = [\"pg\"]\naction = \"deny\"\n\n[masking]",
-    );
+    let policy = r#"
+[[resource]]
+name = "pg"
+protocol = "postgres"
+addresses = ["127.0.0.1:5432"]
+
+[[rule]]
+name = "demo-no-pg"
+identities = ["demo"]
+resources = ["pg"]
+action = "deny"
+"#
+    .to_owned();
     let opts = DaemonOptions {
         policies: vec![("pg.toml".into(), policy)],
         ..DaemonOptions::default()
@@ -747,13 +762,13 @@ fn a_denied_connection_gets_a_postgres_error_naming_the_rule() {
     let pg = PgServer::start(&env.netns, 5432, false).unwrap();
     let url = pg.url("127.0.0.1", "postgres", "postgres");
     let out = env
-        .exec("svc-reporting", &[PSQL, &url, "-Atc", "SELECT 1"])
+        .exec("demo", &[PSQL, &url, "-Atc", "SELECT 1"])
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = text(&out.stderr);
     assert!(
-        err.contains("connection denied by policy rule \"svc-no-pg\""),
+        err.contains("connection denied by policy rule \"demo-no-pg\""),
         "{err}"
     );
 }
