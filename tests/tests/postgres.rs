@@ -268,6 +268,7 @@ fn spawn_psql(env: &Env, url: &str, sql: &str) -> Proc {
 }
 
 fn finish(p: Proc) -> std::process::Output {
+    use std::io::Read as _;
     let mut p = p;
     let deadline = Instant::now() + Duration::from_secs(30);
     while p.child.try_wait().unwrap().is_none() {
@@ -276,7 +277,6 @@ fn finish(p: Proc) -> std::process::Output {
     }
     let mut out = String::new();
     let mut err = String::new();
-    use std::io::Read as _;
     p.child
         .stdout
         .take()
@@ -297,6 +297,7 @@ fn finish(p: Proc) -> std::process::Output {
 }
 
 #[test]
+#[allow(clippy::too_many_lines)] // one approval story, told in order
 fn writes_wait_for_approval_and_denials_and_timeouts_are_native_errors() {
     let (env, pg) = l7_env("pgapprove", "6s");
     let url = pg.url("127.0.0.1", "postgres", "postgres");

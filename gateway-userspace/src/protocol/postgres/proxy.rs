@@ -41,7 +41,7 @@
 //!      grant → forwarded; denied or expired → denied as above. A client that
 //!      disconnects while held withdraws the request; nothing is forwarded.
 //!    - fast-path `FunctionCall` is always denied (it bypasses SQL).
-//!    `Bind` parameters never enter a record: only their count and formats.
+//!    - `Bind` parameters never enter a record: only their count and formats.
 //! 6. **Results**: rows are masked per the resource's masking policy (column
 //!    rules by `schema.table.column`, value detectors), text and binary;
 //!    `COPY ... TO STDOUT` data is masked in text format (CSV, binary and custom
@@ -126,7 +126,7 @@ use crate::{
 /// How long a client may take to send its startup packet.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long authentication may take, until the server's first `ReadyForQuery`.
-pub const AUTH_TIMEOUT: Duration = Duration::from_secs(60);
+pub const AUTH_TIMEOUT: Duration = Duration::from_mins(1);
 /// Bytes queued towards one side before the proxy stops reading the other.
 pub const HIGH_WATER: usize = 1024 * 1024;
 /// Redacted SQL kept in an approval request's summary.
@@ -399,22 +399,18 @@ fn tls_client_config(
     use rustls_pki_types::{CertificateDer, pem::PemObject as _};
     use tokio_rustls::rustls;
     let mut roots = rustls::RootCertStore::empty();
-    match ca_file {
-        Some(path) => {
-            let certs = CertificateDer::pem_file_iter(path)
+    if let Some(path) = ca_file {
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+        for c in certs {
+            let c = c.map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+            roots
+                .add(c)
                 .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
-            for c in certs {
-                let c = c.map_err(|e| format!("ca_file {}: {e}", path.display()))?;
-                roots
-                    .add(c)
-                    .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
-            }
         }
-        None => {
-            let native = rustls_native_certs::load_native_certs();
-            for c in native.certs {
-                let _ = roots.add(c);
-            }
+    } else {
+        for c in rustls_native_certs::load_native_certs().certs {
+            let _ = roots.add(c);
         }
     }
     if roots.is_empty() {
@@ -589,6 +585,7 @@ enum Event {
     Stalled,
 }
 
+#[allow(clippy::struct_excessive_bools)] // independent connection flags, not a mode in disguise
 struct Pg<'a> {
     ctx: &'a PgContext,
     set: Arc<PolicySet>,
@@ -663,7 +660,7 @@ fn truncate_chars(s: &str, max: usize) -> String {
     }
 }
 
-impl<'a> Pg<'a> {
+impl Pg<'_> {
     fn event(&self, kind: Kind, action: Value) -> NewRecord {
         self.ctx.conn.record(kind).action(action)
     }
@@ -723,13 +720,12 @@ impl<'a> Pg<'a> {
             };
             match ev {
                 Event::ClientRead(Ok(0)) => self.client_gone().await,
-                Event::ClientRead(Ok(_)) => {}
-                Event::ClientRead(Err(e)) => {
+                Event::UpstreamRead(Ok(0)) => self.upstream_eof = true,
+                Event::ClientRead(Ok(_)) | Event::UpstreamRead(Ok(_)) => {}
+                Event::ClientRead(Err(e)) | Event::ClientWrote(Err(e)) => {
                     self.client_gone().await;
                     break Err(PgProxyError::ClientIo { source: e });
                 }
-                Event::UpstreamRead(Ok(0)) => self.upstream_eof = true,
-                Event::UpstreamRead(Ok(_)) => {}
                 Event::UpstreamRead(Err(e)) => {
                     self.upstream_eof = true;
                     self.fatal("08006", "agentgate: connection to the server lost");
@@ -741,10 +737,6 @@ impl<'a> Pg<'a> {
                         .conn
                         .bytes_down
                         .fetch_add(n as u64, Ordering::Relaxed);
-                }
-                Event::ClientWrote(Err(e)) => {
-                    self.client_gone().await;
-                    break Err(PgProxyError::ClientIo { source: e });
                 }
                 Event::UpstreamWrote(Ok(n)) => {
                     self.uout.advance(n);
@@ -902,9 +894,10 @@ impl<'a> Pg<'a> {
     // -----------------------------------------------------------------------
     // Server → client
 
+    #[allow(clippy::too_many_lines)] // one arm per session action reads best as one match
     async fn on_backend(&mut self, m: BackendMessage) -> Result<(), PgProxyError> {
         if let Some(failed) = self.catalog_inflight {
-            return self.on_catalog(m, failed);
+            return self.on_catalog(&m, failed);
         }
         if !self.ready {
             return self.on_auth_backend(m).await;
@@ -930,7 +923,7 @@ impl<'a> Pg<'a> {
                         let state = f
                             .sqlstate()
                             .map(|s| String::from_utf8_lossy(s).into_owned());
-                        self.completed(running_sql.as_ref(), "error", None, state);
+                        self.completed(running_sql.as_ref(), "error", None, state.as_deref());
                     }
                     BackendMessage::CopyOutResponse(_) => {
                         if let Err(reason) = self.copy_plan(running_sql.as_ref()) {
@@ -1047,9 +1040,9 @@ impl<'a> Pg<'a> {
         Ok(())
     }
 
-    fn on_catalog(&mut self, m: BackendMessage, failed: bool) -> Result<(), PgProxyError> {
-        self.session.backend(&m)?;
-        match &m {
+    fn on_catalog(&mut self, m: &BackendMessage, failed: bool) -> Result<(), PgProxyError> {
+        self.session.backend(m)?;
+        match m {
             BackendMessage::DataRow(r) => self.catalog.row(r),
             BackendMessage::ErrorResponse(f) => {
                 tracing::warn!(
@@ -1180,6 +1173,7 @@ impl<'a> Pg<'a> {
         Ok(())
     }
 
+    #[allow(clippy::unnecessary_wraps)] // the row paths return it as their own result
     fn mask_failed(&mut self, e: &MaskError) -> Result<(), PgProxyError> {
         tracing::warn!(conn = self.ctx.conn.id, error = %e, "masking failed; closing the connection");
         let mut ev = self.event(
@@ -1209,7 +1203,7 @@ impl<'a> Pg<'a> {
         sql: Option<&Bytes>,
         status: &str,
         tag: Option<&Bytes>,
-        sqlstate: Option<String>,
+        sqlstate: Option<&str>,
     ) {
         let cur = std::mem::replace(&mut self.cur, Running::new());
         let report = &cur.report;
@@ -1356,7 +1350,7 @@ impl<'a> Pg<'a> {
         };
         let text = String::from_utf8_lossy(&sql);
         let classification = Arc::new(sql::classify(&text, Dialect::Postgres));
-        let stmt = self.stmt_record(&text, &sql, &classification, message, name);
+        let stmt = self.stmt_record(&text, &sql, &classification, message, name.as_deref());
         // COPY TO STDOUT the masker could not follow is refused up front.
         match self.copy_precheck(&text) {
             CopyCheck::Ok => {}
@@ -1413,7 +1407,7 @@ impl<'a> Pg<'a> {
         raw: &Bytes,
         c: &Classification,
         message: &str,
-        name: Option<String>,
+        name: Option<&str>,
     ) -> StmtRecord {
         let redacted = truncate_chars(
             &sql::redact_for_log(text, Dialect::Postgres),
@@ -1473,23 +1467,23 @@ impl<'a> Pg<'a> {
             verdict: Verdict::Allow,
             rule: decision.rule.clone(),
         };
-        match self.record_statement(stmt, &effective, approval).await {
-            Ok(()) => {
-                self.forward(&m);
-                Ok(())
-            }
-            Err(_) => {
-                self.deny_with(
-                    &m,
-                    ErrorFields::new(
-                        "ERROR",
-                        "58030",
-                        "agentgate: audit log unavailable; the statement was not run (fails closed)",
-                    ),
-                );
-                Ok(())
-            }
+        if self
+            .record_statement(stmt, &effective, approval)
+            .await
+            .is_ok()
+        {
+            self.forward(&m);
+        } else {
+            self.deny_with(
+                &m,
+                ErrorFields::new(
+                    "ERROR",
+                    "58030",
+                    "agentgate: audit log unavailable; the statement was not run (fails closed)",
+                ),
+            );
         }
+        Ok(())
     }
 
     async fn request_approval(
@@ -1642,16 +1636,15 @@ impl<'a> Pg<'a> {
                         "COPY (query) TO STDOUT cannot be masked by column; COPY a table or SELECT instead".into(),
                     );
                 }
-                CopyOut::Table { table, .. } if !policy.columns().is_empty() => {
-                    if self.catalog.resolve(&table).is_none() {
-                        if self.catalog.wants_load() || !self.catalog.is_loaded() {
-                            return CopyCheck::NeedCatalog;
-                        }
-                        return CopyCheck::Deny(
-                            "the COPY table is unknown or ambiguous; qualify it with its schema"
-                                .into(),
-                        );
+                CopyOut::Table { table, .. }
+                    if !policy.columns().is_empty() && self.catalog.resolve(&table).is_none() =>
+                {
+                    if self.catalog.wants_load() || !self.catalog.is_loaded() {
+                        return CopyCheck::NeedCatalog;
                     }
+                    return CopyCheck::Deny(
+                        "the COPY table is unknown or ambiguous; qualify it with its schema".into(),
+                    );
                 }
                 _ => {}
             }
