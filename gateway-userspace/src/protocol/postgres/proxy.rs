@@ -1691,3 +1691,288 @@ fn decision_json(d: &Decision, verdict: &str) -> Value {
 pub fn keyed_hash(key: &[u8; 32], data: &[u8]) -> String {
     blake3::keyed_hash(key, data).to_hex().to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Mutex, atomic::AtomicU64};
+
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::policy::{PolicyStore, load_str};
+
+    const POLICY: &str = r#"
+[[resource]]
+name = "db"
+protocol = "postgres"
+addresses = ["127.0.0.1:1"]
+[[rule]]
+name = "reads"
+identities = ["agent"]
+resources = ["db"]
+action = "allow"
+match = { sql = ["read"] }
+[[rule]]
+name = "writes"
+identities = ["agent"]
+resources = ["db"]
+action = "allow"
+match = { sql = ["write"] }
+"#;
+
+    /// A minimal server: trust auth, and every `Query` answered with a
+    /// syntax error (for the proxy's denial statement) or `SELECT 0`. Records
+    /// the SQL it received.
+    async fn fake_server(l: TcpListener, seen: Arc<Mutex<Vec<String>>>) {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).await.unwrap();
+        let mut rest = vec![0u8; u32::from_be_bytes(len) as usize - 4];
+        s.read_exact(&mut rest).await.unwrap();
+        s.write_all(b"R\0\0\0\x08\0\0\0\0Z\0\0\0\x05I")
+            .await
+            .unwrap();
+        loop {
+            let mut hdr = [0u8; 5];
+            if s.read_exact(&mut hdr).await.is_err() {
+                return;
+            }
+            let n = u32::from_be_bytes([hdr[1], hdr[2], hdr[3], hdr[4]]) as usize - 4;
+            let mut body = vec![0u8; n];
+            s.read_exact(&mut body).await.unwrap();
+            if hdr[0] != b'Q' {
+                continue;
+            }
+            let sql = String::from_utf8_lossy(&body[..n - 1]).into_owned();
+            let reply = if sql.as_bytes() == session::DENIED_SQL {
+                BackendMessage::ErrorResponse(ErrorFields::new("ERROR", "42601", "syntax error"))
+            } else {
+                BackendMessage::CommandComplete {
+                    tag: Bytes::from_static(b"SELECT 0"),
+                }
+            };
+            seen.lock().unwrap().push(sql);
+            let mut out = BytesMut::new();
+            reply.encode(&mut out);
+            BackendMessage::ReadyForQuery(TxStatus::Idle).encode(&mut out);
+            s.write_all(&out).await.unwrap();
+        }
+    }
+
+    struct Failing;
+    impl AuditSink for Failing {
+        fn append(
+            &self,
+            _: NewRecord,
+        ) -> Pin<Box<dyn Future<Output = Result<(), AuditUnavailable>> + Send + '_>> {
+            Box::pin(async {
+                Err(AuditUnavailable {
+                    reason: "disk full".into(),
+                })
+            })
+        }
+    }
+
+    /// Fails only statement records of a write (so the connection opens).
+    struct FailWrites;
+    impl AuditSink for FailWrites {
+        fn append(
+            &self,
+            r: NewRecord,
+        ) -> Pin<Box<dyn Future<Output = Result<(), AuditUnavailable>> + Send + '_>> {
+            let write = r.action.as_ref().is_some_and(|a| a["class"] == "write");
+            Box::pin(async move {
+                if write {
+                    Err(AuditUnavailable {
+                        reason: "disk full".into(),
+                    })
+                } else {
+                    Ok(())
+                }
+            })
+        }
+    }
+
+    fn ctx(dest: SocketAddr, audit: Arc<dyn AuditSink>) -> PgContext {
+        let set = load_str(&[("p.toml", POLICY)]).unwrap();
+        let resource = set.resource("db").unwrap().clone();
+        let policy = Arc::new(PolicyStore::from_set(
+            std::path::Path::new("/nonexistent"),
+            set,
+            None,
+        ));
+        let conn = Arc::new(LiveConnection {
+            id: 1,
+            identity: "agent".into(),
+            workload: crate::provenance::Workload {
+                pid: 1,
+                tid: 1,
+                uid: 0,
+                gid: 0,
+                comm: "test".into(),
+                exe: None,
+                cmdline: None,
+                ppid: None,
+                cgroup: None,
+                cgroup_id: 0,
+                tagged_cgroup_id: 0,
+            },
+            destination: dest,
+            since: String::new(),
+            bytes_up: AtomicU64::new(0),
+            bytes_down: AtomicU64::new(0),
+            close: tokio::sync::Notify::new(),
+            resource: Some("db".into()),
+            audit_identity: crate::audit::IdentityRef::default(),
+            started: Instant::now(),
+        });
+        PgContext {
+            conn,
+            subject: Subject {
+                identity: "agent".into(),
+                groups: vec![],
+            },
+            resource,
+            policy,
+            approvals: Broker::default(),
+            audit,
+            correlation_key: [7; 32],
+            settings: PgSettings::default(),
+        }
+    }
+
+    fn startup() -> BytesMut {
+        let mut b = BytesMut::new();
+        StartupPacket::Startup {
+            version: codec::ProtocolVersion { major: 3, minor: 0 },
+            params: vec![("user".into(), "u".into()), ("database".into(), "d".into())],
+        }
+        .encode(&mut b);
+        b
+    }
+
+    fn query(sql: &str) -> BytesMut {
+        let mut b = BytesMut::new();
+        FrontendMessage::Query {
+            sql: Bytes::copy_from_slice(sql.as_bytes()),
+        }
+        .encode(&mut b);
+        b
+    }
+
+    /// Reads backend messages until `ReadyForQuery` or EOF; returns the SQLSTATEs seen.
+    async fn until_ready(c: &mut TcpStream, buf: &mut BytesMut) -> (Vec<String>, bool) {
+        let mut states = Vec::new();
+        loop {
+            while let Some(m) = codec::decode_backend(buf, &Limits::default()).unwrap() {
+                match m {
+                    BackendMessage::ErrorResponse(f) => {
+                        states.push(String::from_utf8_lossy(f.sqlstate().unwrap()).into_owned());
+                    }
+                    BackendMessage::ReadyForQuery(_) => return (states, false),
+                    _ => {}
+                }
+            }
+            if c.read_buf(buf).await.unwrap() == 0 {
+                return (states, true);
+            }
+        }
+    }
+
+    async fn harness(audit: Arc<dyn AuditSink>) -> (TcpStream, Arc<Mutex<Vec<String>>>, BytesMut) {
+        let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let ctx = ctx(upstream.local_addr().unwrap(), audit);
+        tokio::spawn(fake_server(upstream, seen.clone()));
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = front.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (s, _) = front.accept().await.unwrap();
+            let _ = serve(s, ctx).await;
+        });
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(&startup()).await.unwrap();
+        let mut buf = BytesMut::new();
+        let (errs, eof) = until_ready(&mut c, &mut buf).await;
+        assert!(errs.is_empty() && !eof);
+        (c, seen, buf)
+    }
+
+    #[tokio::test]
+    async fn an_unloggable_statement_is_denied_and_never_reaches_the_server() {
+        let (mut c, seen, mut buf) = harness(Arc::new(FailWrites)).await;
+        c.write_all(&query("DELETE FROM t WHERE id = 1"))
+            .await
+            .unwrap();
+        let (errs, _) = until_ready(&mut c, &mut buf).await;
+        assert_eq!(errs, vec!["58030"]);
+        c.write_all(&query("SELECT 1")).await.unwrap();
+        let (errs, _) = until_ready(&mut c, &mut buf).await;
+        assert!(errs.is_empty(), "the session stays usable");
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(
+            seen,
+            vec!["AGENTGATE DENIED".to_owned(), "SELECT 1".to_owned()]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unloggable_connection_is_closed_after_authentication() {
+        let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let ctx = ctx(upstream.local_addr().unwrap(), Arc::new(Failing));
+        tokio::spawn(fake_server(upstream, seen.clone()));
+        let (mut c, s) = {
+            let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let c = TcpStream::connect(front.local_addr().unwrap())
+                .await
+                .unwrap();
+            (c, front.accept().await.unwrap().0)
+        };
+        let task = tokio::spawn(serve(s, ctx));
+        c.write_all(&startup()).await.unwrap();
+        let mut buf = BytesMut::new();
+        let (errs, eof) = until_ready(&mut c, &mut buf).await;
+        assert_eq!(errs, vec!["58030"]);
+        assert!(eof);
+        assert!(matches!(
+            task.await.unwrap(),
+            Err(PgProxyError::Audit { .. })
+        ));
+        assert!(seen.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_malformed_message_is_a_protocol_error_and_is_not_forwarded() {
+        let (mut c, seen, mut buf) = harness(Arc::new(FailWrites)).await;
+        let mut bad = BytesMut::from(&b"Q\0\0\0\x02"[..]);
+        bad.extend_from_slice(b"SELECT 1\0");
+        c.write_all(&bad).await.unwrap();
+        let (errs, eof) = until_ready(&mut c, &mut buf).await;
+        assert_eq!(errs, vec!["08P01"]);
+        assert!(eof, "the proxy closes");
+        assert!(seen.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn refuse_answers_the_startup_with_28000_naming_the_rule() {
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut c = TcpStream::connect(front.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (s, _) = front.accept().await.unwrap();
+        let task = tokio::spawn(async move { refuse(s, "no-prod", "not on call").await });
+        let mut ssl = BytesMut::new();
+        StartupPacket::SslRequest.encode(&mut ssl);
+        c.write_all(&ssl).await.unwrap();
+        let mut n = [0u8; 1];
+        c.read_exact(&mut n).await.unwrap();
+        assert_eq!(&n, b"N");
+        c.write_all(&startup()).await.unwrap();
+        let mut buf = BytesMut::new();
+        let (errs, eof) = until_ready(&mut c, &mut buf).await;
+        assert_eq!(errs, vec!["28000"]);
+        assert!(eof);
+        task.await.unwrap().unwrap();
+    }
+}
