@@ -41,6 +41,8 @@ pub enum BindingKind {
     Exec,
     /// An existing cgroup tagged by `agentgate tag`.
     Tag,
+    /// A cgroup matched by a `[[binding]]` of the policy; it follows the policy.
+    Policy,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

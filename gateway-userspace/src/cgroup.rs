@@ -123,6 +123,36 @@ impl Hierarchy {
     }
 }
 
+/// The cgroups at and below `root`, breadth first, at most `max_depth` levels
+/// down and `max` in all (a bound on work per scan, not a correctness limit:
+/// deeper or later cgroups are simply not seen by this scan).
+pub fn walk(root: &Path, max_depth: usize, max: usize) -> Vec<PathBuf> {
+    let mut out = vec![root.to_path_buf()];
+    let mut frontier = vec![root.to_path_buf()];
+    for _ in 0..max_depth {
+        let mut next = Vec::new();
+        for dir in &frontier {
+            let Ok(entries) = fs::read_dir(dir) else {
+                continue;
+            };
+            for e in entries.filter_map(Result::ok) {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    if out.len() >= max {
+                        return out;
+                    }
+                    out.push(e.path());
+                    next.push(e.path());
+                }
+            }
+        }
+        if next.is_empty() {
+            break;
+        }
+        frontier = next;
+    }
+    out
+}
+
 /// The kernel's id of a cgroup: its inode number in cgroup2fs, the value
 /// `bpf_get_current_cgroup_id` returns.
 pub fn id(path: &Path) -> Result<u64, CgroupError> {

@@ -66,6 +66,10 @@ pub enum DaemonError {
     },
 }
 
+/// Bounds of the walk that looks for cgroups the policy binds.
+const POLICY_BINDING_MAX_DEPTH: usize = 8;
+const POLICY_BINDING_MAX_CGROUPS: usize = 10_000;
+
 struct Daemon {
     shared: Arc<Shared>,
     exec_root: PathBuf,
@@ -80,14 +84,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
     }
     let hierarchy = Hierarchy::discover()?;
     let attach = hierarchy.resolve(&cfg.daemon.attach_cgroup)?;
-    let exec_root = hierarchy.mount().join(
-        cfg.daemon
-            .exec_cgroup
-            .strip_prefix("/")
-            .unwrap_or(&cfg.daemon.exec_cgroup),
-    );
-    cgroup::create(&exec_root)?;
-    let exec_root = hierarchy.resolve(&exec_root)?;
+    let exec_root = exec_root(&hierarchy, &cfg.daemon.exec_cgroup)?;
     let state_dir = &cfg.daemon.state_dir;
     std::fs::create_dir_all(state_dir).map_err(|source| DaemonError::Io {
         what: "creating",
@@ -172,7 +169,9 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         &cfg.policy,
         shutdown.clone(),
     ));
-    tasks.spawn(daemon.clone().maintain_identities(shutdown.clone()));
+    daemon
+        .clone()
+        .spawn_background(&mut tasks, attach, &shutdown);
     let _ = shutdown.wait_for(|stop| *stop).await;
     tasks.shutdown().await;
     let _ = std::fs::remove_file(&cfg.daemon.control_socket);
@@ -274,6 +273,15 @@ fn restore_bindings(path: &Path, redirector: &mut Redirector) -> Result<Bindings
     }
     bindings.save(path)?;
     Ok(bindings)
+}
+
+/// The cgroup `agentgate exec` creates its cgroups in (made if missing).
+fn exec_root(hierarchy: &Hierarchy, configured: &Path) -> Result<PathBuf, DaemonError> {
+    let path = hierarchy
+        .mount()
+        .join(configured.strip_prefix("/").unwrap_or(configured));
+    cgroup::create(&path)?;
+    Ok(hierarchy.resolve(&path)?)
 }
 
 /// Opens (and verifies) the audit log and records the start: no log, no start.
@@ -606,6 +614,80 @@ impl Daemon {
                 {
                     let n = self.shared.registry.close_identity(name);
                     tracing::info!(identity = name, connections_closed = n, "identity ended");
+                }
+            }
+        }
+    }
+
+    /// Identity upkeep and policy bindings.
+    fn spawn_background(
+        self: Arc<Self>,
+        tasks: &mut tokio::task::JoinSet<()>,
+        attach: PathBuf,
+        shutdown: &watch::Receiver<bool>,
+    ) {
+        tasks.spawn(self.clone().maintain_identities(shutdown.clone()));
+        tasks.spawn(self.follow_policy_bindings(attach, shutdown.clone()));
+    }
+
+    /// Keeps the cgroups that the policy's `[[binding]]`s match tagged with their
+    /// service account, and untags them when the policy stops matching. A
+    /// matched cgroup is tagged even before its identity is verified: its
+    /// connections are then refused (fail closed), never let through unseen.
+    async fn follow_policy_bindings(
+        self: Arc<Self>,
+        attach: PathBuf,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+            let policy = self.shared.policy.current();
+            let mut desired: std::collections::BTreeMap<u64, (PathBuf, String)> =
+                std::collections::BTreeMap::new();
+            if !policy.bindings().is_empty() {
+                for path in cgroup::walk(
+                    &attach,
+                    POLICY_BINDING_MAX_DEPTH,
+                    POLICY_BINDING_MAX_CGROUPS,
+                ) {
+                    let rel = self.shared.hierarchy.relative(&path);
+                    if let Some(b) = policy.binding_for(&rel)
+                        && let Ok(id) = cgroup::id(&path)
+                    {
+                        desired.insert(id, (path, b.identity.clone()));
+                    }
+                }
+            }
+            let current: Vec<(u32, u64, String, BindingKind)> = self
+                .shared
+                .bindings
+                .lock()
+                .expect("bindings lock")
+                .iter()
+                .map(|b| (b.id, b.cgroup_id, b.identity.clone(), b.kind))
+                .collect();
+            for (id, cgroup_id, identity, kind) in &current {
+                let still = desired
+                    .get(cgroup_id)
+                    .is_some_and(|(_, want)| want == identity);
+                if *kind == BindingKind::Policy
+                    && !still
+                    && let Err(e) = self.unbind(*id, *cgroup_id).await
+                {
+                    tracing::error!(error = %e, "removing a policy binding");
+                }
+            }
+            for (cgroup_id, (path, identity)) in desired {
+                let bound = current.iter().any(|(_, c, who, kind)| {
+                    *c == cgroup_id && (*kind != BindingKind::Policy || *who == identity)
+                });
+                if !bound && let Err(r) = self.bind(identity, &path, BindingKind::Policy).await {
+                    tracing::error!(cgroup = %path.display(), error = ?r.error, "applying a policy binding");
                 }
             }
         }

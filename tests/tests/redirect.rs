@@ -550,3 +550,63 @@ fn destinations_outside_the_policy_are_denied() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown identity"));
 }
+
+#[test]
+fn policy_bindings_tag_matching_cgroups_and_follow_the_policy() {
+    let mut env = Env::prepare("binding", DaemonOptions::default()).unwrap();
+    let svc = env.cgroup.child("svc-agent.service").unwrap();
+    let rel = format!(
+        "/{}",
+        svc.strip_prefix(svc.ancestors().nth(2).unwrap())
+            .unwrap()
+            .display()
+    );
+    let policy_dir = env.state.join("policy");
+    let binding = format!(
+        "{}\n[[binding]]\ncgroup = \"{rel}\"\nidentity = \"demo\"\n",
+        agentgate_e2e::LOOPBACK_POLICY
+    );
+    fs::write(policy_dir.join("loopback.toml"), &binding).unwrap();
+    env.start_daemon().unwrap();
+    let (_echo, port) = env.echo_server("127.0.0.1").unwrap();
+
+    let s = env
+        .wait_status(Duration::from_secs(10), |s| {
+            s["tagged"]
+                .as_array()
+                .is_some_and(|t| t.iter().any(|b| b["kind"] == "policy"))
+        })
+        .unwrap();
+    assert_eq!(s["tagged"][0]["identity"], "demo");
+    // A process started in that cgroup (as systemd would) is redirected.
+    let run_in_svc = || {
+        let script = format!(
+            "echo $$ > {}/cgroup.procs && exec python3 {} blocking 127.0.0.1 {port} --bytes 100",
+            svc.display(),
+            scripts_dir().join("client.py").display()
+        );
+        json_output(env.netns.command("sh").args(["-c", &script])).unwrap()
+    };
+    assert_eq!(run_in_svc()["received"].as_u64(), Some(100));
+    assert_eq!(
+        env.status().unwrap()["counters"]["redirected"].as_u64(),
+        Some(1)
+    );
+
+    // The policy drops the binding: the cgroup is untagged within a few seconds.
+    fs::write(
+        policy_dir.join("loopback.toml"),
+        agentgate_e2e::LOOPBACK_POLICY,
+    )
+    .unwrap();
+    env.wait_status(Duration::from_secs(10), |s| {
+        s["tagged"].as_array().is_some_and(Vec::is_empty)
+    })
+    .unwrap();
+    assert_eq!(run_in_svc()["received"].as_u64(), Some(100));
+    assert_eq!(
+        env.status().unwrap()["counters"]["redirected"].as_u64(),
+        Some(1),
+        "no longer redirected"
+    );
+}

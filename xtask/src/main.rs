@@ -201,7 +201,11 @@ fn setup(root: &Path) -> Result<()> {
             ]))?;
         }
     }
-    // 6. Node packages of the test OpenID provider.
+    // 6. cargo-fuzz, for the decoder fuzz smoke run.
+    if !succeeds(cmd("cargo").args(["fuzz", "--version"])) {
+        status(cmd("cargo").args(["install", "cargo-fuzz", "--version", "0.13.2", "--locked"]))?;
+    }
+    // 7. Node packages of the test OpenID provider.
     let oidc = root.join("tests/oidc");
     if oidc.join("package.json").exists() && !oidc.join("node_modules").exists() {
         status(
@@ -309,10 +313,38 @@ fn test(root: &Path, filter: Option<&str>, no_lint: bool) -> Result<()> {
     // Two at a time: the end-to-end tests move hundreds of MiB through the
     // kernel each, and this machine has two cores.
     c.args(["--", "--test-threads=2"]);
-    let (passed, failed) = run_counting(&mut c)?;
+    let (passed, mut failed) = run_counting(&mut c)?;
+    if filter.is_none() {
+        match fuzz_smoke(root) {
+            Ok(()) => println!("fuzz smoke: no crash"),
+            Err(e) => {
+                eprintln!("xtask: fuzz smoke failed: {e:#}");
+                failed += 1;
+            }
+        }
+    }
     println!("{passed} passed, {failed} failed");
     if failed > 0 {
         bail!("{failed} tests failed");
+    }
+    Ok(())
+}
+
+/// The Postgres decoder fuzz targets, 20 s each (60 s in all). A crash fails
+/// the run; its input is left in gateway-userspace/fuzz/artifacts.
+fn fuzz_smoke(root: &Path) -> Result<()> {
+    let dir = root.join("gateway-userspace");
+    for target in ["pg_frontend", "pg_backend", "pg_mask_row"] {
+        let corpus = dir.join("fuzz/corpus").join(target);
+        fs::create_dir_all(&corpus)?;
+        status(
+            cmd("rustup")
+                .args(["run", "nightly", "cargo", "fuzz", "run", "-O", target])
+                .arg(&corpus)
+                .arg(dir.join("fuzz/seeds").join(target))
+                .args(["--", "-max_total_time=20"])
+                .current_dir(&dir),
+        )?;
     }
     Ok(())
 }
