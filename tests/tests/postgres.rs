@@ -644,7 +644,7 @@ fn tls_upstream_is_verified_with_the_resource_ca() {
     let recs = audit_records(&env);
     assert!(
         recs.iter()
-            .any(|r| r["kind"] == "connection.open" && r["action"]["tls_upstream"] == true)
+            .any(|r| r["kind"] == "session.start" && r["action"]["tls_upstream"] == true)
     );
 
     // A CA that did not sign the server's certificate: refused, natively.

@@ -1015,7 +1015,7 @@ impl Pg<'_> {
         self.session.backend(&m)?;
         if is_ready {
             let mut ev = self.event(
-                Kind::ConnectionOpen,
+                Kind::SessionStart,
                 json!({
                     "protocol": "postgres",
                     "database": self.database,
@@ -1657,7 +1657,7 @@ impl Pg<'_> {
             return;
         }
         let mut ev = self.event(
-            Kind::ConnectionClose,
+            Kind::SessionEnd,
             json!({"protocol": "postgres", "database": self.database, "user": self.user}),
         );
         ev.result = Some(json!({
