@@ -274,12 +274,18 @@ async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<
     };
     let workload = Workload::from_kernel(&prov, &shared.hierarchy);
     let destination = redirect::socket_addr(&prov.orig_dst);
-    let subject = shared
-        .subject(&identity)
-        .await
-        .ok_or("identity is no longer valid")?;
     let policy = shared.policy.current();
-    let decision = policy.decide_connect(&subject, destination);
+    // An identity whose session ended (expired, revoked, logged out) is denied
+    // like any other denial: recorded, and answered in the protocol's own terms.
+    let decision = match shared.subject(&identity).await {
+        Some(subject) => policy.decide_connect(&subject, destination),
+        None => crate::policy::Decision {
+            verdict: Verdict::Deny {
+                reason: format!("{identity} has no valid session; log in again"),
+            },
+            rule: "identity:no-valid-session".into(),
+        },
+    };
     let resource = policy.resource_for(destination);
     let protocol = resource.map_or(Protocol::Tcp, |r| r.protocol);
     let conn = Arc::new(LiveConnection {
