@@ -40,6 +40,8 @@ pub enum Request {
     Logout {
         identity: String,
     },
+    /// Rotate the audit log's checkpoint signing key.
+    AuditRotateKey,
     ApprovalsList,
     ApprovalsShow {
         id: String,

@@ -510,6 +510,10 @@ impl Daemon {
                 None,
             ),
             Request::Untag { cgroup } => (self.untag(&cgroup).await.unwrap_or_else(|r| r), None),
+            Request::AuditRotateKey => match self.shared.audit.rotate_key().await {
+                Ok(public_key) => (Response::ok(json!({ "public_key": public_key })), None),
+                Err(e) => (Response::err(ErrorKind::Failure, e.to_string()), None),
+            },
             Request::ApprovalsList => (Response::ok(json!(self.shared.approvals.list())), None),
             Request::ApprovalsShow { id } => match self.shared.approvals.get(&id) {
                 Some(r) => (Response::ok(json!(r)), None),

@@ -30,5 +30,5 @@ pub mod provenance;
 pub mod proxy;
 pub mod redirect;
 pub mod sql;
-mod sys;
+pub mod sys;
 pub mod time;

@@ -91,9 +91,12 @@ fn read_ppid(pid: u32) -> Option<u32> {
     after.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// Joins arguments with spaces, removing credentials: the password of
-/// `scheme://user:password@host` URLs, the value of `password=`-like
-/// key/value pairs, and the argument after `--password`/`-p`-style flags.
+/// Joins arguments with spaces, removing what must not reach a log: the
+/// password of `scheme://user:password@host` URLs, the value of
+/// `password=`-like key/value pairs, the argument after `--password`-style
+/// flags, any argument holding whitespace or quotes (an inline SQL statement
+/// or script, whose literals may be personal data: `psql -c "..."`), and any
+/// value a PII detector finds (SSN, card number, e-mail, ...).
 pub fn redact_cmdline(args: &[String]) -> String {
     const SECRET_KEYS: [&str; 5] = ["password", "passwd", "pwd", "secret", "token"];
     let mut out = Vec::with_capacity(args.len());
@@ -111,9 +114,36 @@ pub fn redact_cmdline(args: &[String]) -> String {
             hide_next = true;
             continue;
         }
-        out.push(redact_arg(arg, &SECRET_KEYS));
+        if arg.contains(|c: char| c.is_whitespace() || c == '\'' || c == '"') {
+            out.push(format!("<redacted: {} bytes>", arg.len()));
+            continue;
+        }
+        out.push(redact_pii(&redact_arg(arg, &SECRET_KEYS)));
     }
     out.join(" ")
+}
+
+fn redact_pii(arg: &str) -> String {
+    let hits: Vec<_> = crate::mask::scan(arg)
+        .map(|d| (d.range, d.detector))
+        .collect();
+    if hits.is_empty() {
+        return arg.to_owned();
+    }
+    let mut out = String::with_capacity(arg.len());
+    let mut at = 0;
+    for (range, detector) in hits {
+        if range.start < at {
+            continue;
+        }
+        out.push_str(&arg[at..range.start]);
+        out.push('<');
+        out.push_str(detector);
+        out.push('>');
+        at = range.end;
+    }
+    out.push_str(&arg[at..]);
+    out
 }
 
 fn redact_arg(arg: &str, secret_keys: &[&str]) -> String {
@@ -179,13 +209,23 @@ mod tests {
     fn key_value_and_flag_secrets_are_removed() {
         assert_eq!(
             r(&["psql", "host=db password=hunter2 user=a"]),
-            "psql host=db password=<redacted> user=a"
+            "psql <redacted: 31 bytes>"
         );
+        assert_eq!(r(&["psql", "password=hunter2"]), "psql password=<redacted>");
         assert_eq!(
             r(&["mysql", "--password", "hunter2", "-h", "db"]),
             "mysql --password <redacted> -h db"
         );
         assert_eq!(r(&["x", "?token=abc&y=1"]), "x ?token=<redacted>&y=1");
+    }
+
+    #[test]
+    fn inline_statements_and_pii_are_removed() {
+        assert_eq!(
+            r(&["psql", "-c", "UPDATE customers SET ssn = '123-45-6789'"]),
+            "psql -c <redacted: 40 bytes>"
+        );
+        assert_eq!(r(&["agent", "--email=alice@example.com"]), "agent <email>");
     }
 
     #[test]

@@ -274,12 +274,18 @@ async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<
     };
     let workload = Workload::from_kernel(&prov, &shared.hierarchy);
     let destination = redirect::socket_addr(&prov.orig_dst);
-    let subject = shared
-        .subject(&identity)
-        .await
-        .ok_or("identity is no longer valid")?;
     let policy = shared.policy.current();
-    let decision = policy.decide_connect(&subject, destination);
+    // An identity whose session ended (expired, revoked, logged out) is denied
+    // like any other denial: recorded, and answered in the protocol's own terms.
+    let decision = match shared.subject(&identity).await {
+        Some(subject) => policy.decide_connect(&subject, destination),
+        None => crate::policy::Decision {
+            verdict: Verdict::Deny {
+                reason: format!("{identity} has no valid session; log in again"),
+            },
+            rule: "identity:no-valid-session".into(),
+        },
+    };
     let resource = policy.resource_for(destination);
     let protocol = resource.map_or(Protocol::Tcp, |r| r.protocol);
     let conn = Arc::new(LiveConnection {
@@ -307,6 +313,15 @@ async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<
         return Err("audit log unavailable");
     }
     if !allowed {
+        if protocol == Protocol::Postgres {
+            // A protocol-native refusal: the client sees which rule, not a reset.
+            let reason = match &decision.verdict {
+                Verdict::Deny { reason } => reason.clone(),
+                _ => "the connection needs an approval, which Postgres connections cannot wait for"
+                    .into(),
+            };
+            let _ = crate::protocol::postgres::proxy::refuse(client, &decision.rule, &reason).await;
+        }
         tracing::info!(
             event = "connection.denied",
             conn = conn.id,
@@ -347,9 +362,33 @@ async fn dispatch(
 ) -> std::io::Result<()> {
     let handler = async {
         match protocol {
-            // Postgres is relayed at L4 until its L7 handler is wired in.
-            Protocol::Tcp | Protocol::Postgres => {
-                connect_and_relay(client, conn, &shared.config).await
+            Protocol::Tcp => connect_and_relay(client, conn, &shared.config).await,
+            Protocol::Postgres => {
+                let policy = shared.policy.current();
+                let resource = policy
+                    .resource_for(conn.destination)
+                    .cloned()
+                    .ok_or_else(|| std::io::Error::other("the resource left the policy"))?;
+                let subject = shared
+                    .subject(&conn.identity)
+                    .await
+                    .ok_or_else(|| std::io::Error::other("identity is no longer valid"))?;
+                let ctx = crate::protocol::postgres::proxy::PgContext {
+                    conn: conn.clone(),
+                    subject,
+                    resource,
+                    policy: shared.policy.clone(),
+                    approvals: shared.approvals.clone(),
+                    audit: Arc::new(shared.audit.clone()),
+                    correlation_key: shared.correlation_key,
+                    settings: crate::protocol::postgres::proxy::PgSettings {
+                        connect_timeout: shared.config.upstream_connect_timeout(),
+                        ..Default::default()
+                    },
+                };
+                crate::protocol::postgres::proxy::serve(client, ctx)
+                    .await
+                    .map_err(std::io::Error::other)
             }
             Protocol::Mysql | Protocol::Http => Err(std::io::Error::other(format!(
                 "no handler for {protocol:?} resources yet"

@@ -31,3 +31,14 @@ pub fn geteuid() -> u32 {
     // SAFETY: no arguments, cannot fail.
     unsafe { libc::geteuid() }
 }
+
+/// Restores the default SIGPIPE action (the Rust runtime ignores it), so a CLI
+/// writing into a closed pipe (`agentgate audit export | head`) exits quietly
+/// instead of panicking on EPIPE. For the command-line front end only: the
+/// daemon keeps SIGPIPE ignored and handles EPIPE as an error.
+pub fn default_sigpipe() {
+    // SAFETY: installs the default disposition; no handler code runs.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}

@@ -106,6 +106,13 @@ fn exec_round_trips_and_reports_provenance() {
     assert_eq!(open["decision"]["verdict"], "allow");
     assert!(records.iter().any(|r| r["kind"] == "identity.bind"));
     assert!(records.iter().any(|r| r["kind"] == "daemon.start"));
+    // Key rotation goes through the daemon and is itself a record; the log still verifies.
+    let out = run_ok(&mut env.agentgate(&["audit", "rotate-key"])).unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("new checkpoint signing key: "));
+    run_ok(&mut env.agentgate(&["audit", "verify", "--dir", dir])).unwrap();
+    let out = run_ok(&mut env.agentgate(&["audit", "export", "--format", "jsonl", "--dir", dir]))
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"key.rotation\""));
     // The exec cgroup goes away with its last process.
     env.wait_status(Duration::from_secs(5), |s| {
         s["tagged"].as_array().is_some_and(Vec::is_empty)

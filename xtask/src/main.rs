@@ -280,17 +280,125 @@ fn run_daemon(root: &Path, args: &[String]) -> Result<()> {
     status(cmd("cargo").args(["build", "--release", "-p", "agentgate"]))?;
     let config = local_config(root)?;
     let bin = root.join("target/release/agentgate");
+    let demo_pg = DemoPostgres::start(&root.join(".state/pg"))?;
+    let psql = format!("{PG_BIN}/psql");
     eprintln!(
         "\nagentgate is starting with {config}.\n\
+         {pg}\n\
          In another terminal (as root), try:\n\
-         \x20 export AGENTGATE_CONFIG={config}\n\
-         \x20 {bin} exec --identity demo -- curl -sS http://127.0.0.1:8000/   # any TCP client works\n\
+         \x20 export AGENTGATE_CONFIG={config} PGPASSWORD={pw}\n\
+         \x20 # reads are allowed; ssn, card and email come back masked:\n\
+         \x20 {bin} exec --identity demo -- {psql} -h 127.0.0.1 -U postgres -c 'SELECT * FROM customers LIMIT 3'\n\
+         \x20 # writes wait for an approver (see the NOTICE for the request id):\n\
+         \x20 {bin} exec --identity demo -- {psql} -h 127.0.0.1 -U postgres -c \"UPDATE customers SET name = 'x' WHERE id = 1\"\n\
+         \x20 {bin} approvals list\n\
+         \x20 {bin} approvals approve <ID> --approver approver\n\
+         \x20 # plain TCP: the local pack allows 127.0.0.1:7777\n\
+         \x20 python3 -m http.server 7777 --bind 127.0.0.1 &  {bin} exec --identity demo -- curl -sS http://127.0.0.1:7777/ >/dev/null\n\
          \x20 {bin} status\n\
+         \x20 {bin} audit verify --dir {state}/audit\n\
          Stop with Ctrl-C. Tagged processes cannot connect anywhere while it is down (fail-closed).\n",
         config = config.display(),
         bin = bin.display(),
+        pw = DemoPostgres::PASSWORD,
+        state = root.join(".state").display(),
+        pg = demo_pg.as_ref().map_or_else(
+            || "A server already listens on 127.0.0.1:5432; the demo database was not started."
+                .to_owned(),
+            |_| "A demo PostgreSQL with a fake `customers` table listens on 127.0.0.1:5432."
+                .to_owned()
+        ),
     );
-    status(cmd(&bin).arg("--config").arg(&config).arg("run").args(args))
+    // Ctrl-C reaches the whole foreground group: the daemon stops on it, and
+    // this process must outlive the daemon to stop the demo database after.
+    ignore_sigint();
+    let result = status(cmd(&bin).arg("--config").arg(&config).arg("run").args(args));
+    drop(demo_pg);
+    result
+}
+
+#[allow(unsafe_code)]
+fn ignore_sigint() {
+    // SAFETY: setting a signal to SIG_IGN has no handler to run; the daemon
+    // child installs its own handler, which replaces the inherited SIG_IGN.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+    }
+}
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// A throwaway `PostgreSQL` for the local walkthrough, on 127.0.0.1:5432, with a
+/// `customers` table of fake personal data. Stopped on drop.
+struct DemoPostgres {
+    data: PathBuf,
+}
+
+impl DemoPostgres {
+    /// The demo database's password. Local, throwaway, printed on purpose.
+    const PASSWORD: &'static str = "demo";
+
+    fn start(dir: &Path) -> Result<Option<Self>> {
+        if std::net::TcpStream::connect("127.0.0.1:5432").is_ok() {
+            return Ok(None);
+        }
+        let data = dir.join("data");
+        let as_postgres = |program: &str| {
+            let mut c = cmd("runuser");
+            c.args(["-u", "postgres", "--", &format!("{PG_BIN}/{program}")]);
+            c
+        };
+        if !data.join("PG_VERSION").exists() {
+            fs::create_dir_all(dir)?;
+            let pwfile = dir.join("pw");
+            fs::write(&pwfile, Self::PASSWORD)?;
+            status(cmd("chown").args(["-R", "postgres:postgres"]).arg(dir))?;
+            status(
+                as_postgres("initdb")
+                    .args([
+                        "-U",
+                        "postgres",
+                        "--auth=scram-sha-256",
+                        "-E",
+                        "UTF8",
+                        "--locale=C.UTF-8",
+                    ])
+                    .arg(format!("--pwfile={}", pwfile.display()))
+                    .arg("-D")
+                    .arg(&data),
+            )?;
+            fs::remove_file(&pwfile)?;
+        }
+        status(
+            as_postgres("pg_ctl")
+                .arg("-D")
+                .arg(&data)
+                .args(["-o", "-c listen_addresses=127.0.0.1 -p 5432 -k /tmp", "-l"])
+                .arg(dir.join("postgres.log"))
+                .args(["-w", "start"]),
+        )?;
+        let seed = "CREATE TABLE IF NOT EXISTS customers (id int primary key, name text, email text, ssn text, card text, balance numeric);\n\
+                    INSERT INTO customers SELECT i, 'Customer ' || i, 'user' || i || '@example.com', \
+                    lpad((100 + i)::text, 3, '0') || '-' || lpad((10 + i % 89)::text, 2, '0') || '-' || lpad((1000 + i)::text, 4, '0'), \
+                    '4111111111111111', i * 10.5 FROM generate_series(1, 50) i ON CONFLICT DO NOTHING;";
+        status(
+            as_postgres("psql")
+                .args(["-h", "/tmp", "-p", "5432", "-U", "postgres", "-qc", seed])
+                .env("PGPASSWORD", Self::PASSWORD),
+        )?;
+        Ok(Some(Self { data }))
+    }
+}
+
+impl Drop for DemoPostgres {
+    fn drop(&mut self) {
+        let _ = cmd("runuser")
+            .args(["-u", "postgres", "--", &format!("{PG_BIN}/pg_ctl")])
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "fast", "stop"])
+            .status();
+    }
 }
 
 fn test(root: &Path, filter: Option<&str>, no_lint: bool) -> Result<()> {

@@ -47,6 +47,12 @@ pub enum Kind {
     ConnectionOpen,
     #[serde(rename = "connection.close")]
     ConnectionClose,
+    /// A protocol session established on a connection (e.g. a Postgres login:
+    /// database, user, application name, upstream TLS).
+    #[serde(rename = "session.start")]
+    SessionStart,
+    #[serde(rename = "session.end")]
+    SessionEnd,
     /// The common case, hence the `Default`.
     #[default]
     #[serde(rename = "statement")]
@@ -99,6 +105,8 @@ impl Kind {
             Kind::DaemonStop => "daemon.stop",
             Kind::ConnectionOpen => "connection.open",
             Kind::ConnectionClose => "connection.close",
+            Kind::SessionStart => "session.start",
+            Kind::SessionEnd => "session.end",
             Kind::Statement => "statement",
             Kind::Decision => "decision",
             Kind::ApprovalRequested => "approval.requested",

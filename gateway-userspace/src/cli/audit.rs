@@ -28,6 +28,9 @@ use super::UsageError;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum AuditCommand {
+    /// Rotate the checkpoint signing key (through the running daemon). The new
+    /// key is endorsed by the old one in a `key.rotation` record.
+    RotateKey,
     /// Verify chain, tree, signatures and consistency with an older checkpoint.
     Verify {
         /// Audit log directory (default: `[audit] dir` of the config, else /var/lib/agentgate/audit).
@@ -102,6 +105,18 @@ const MAX_PROOF_FILE: u64 = 16 << 20;
 
 pub fn run(config: &Path, cmd: AuditCommand) -> anyhow::Result<ExitCode> {
     match cmd {
+        AuditCommand::RotateKey => {
+            let cfg = super::daemon::load_config(config, false)?;
+            let v = super::daemon::runtime()?.block_on(super::daemon::request(
+                &cfg,
+                &agentgate::control::Request::AuditRotateKey,
+            ))?;
+            println!(
+                "new checkpoint signing key: {}",
+                v["public_key"].as_str().unwrap_or("?")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         AuditCommand::Verify { dir, checkpoint } => verify(config, dir, checkpoint),
         AuditCommand::Tail { dir, lines, follow } => {
             let cfg = load_config(config, dir)?;

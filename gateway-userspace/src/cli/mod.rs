@@ -64,6 +64,9 @@ pub struct UsageError(pub String);
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run(_)) {
+        agentgate::sys::default_sigpipe();
+    }
     init_tracing();
     let result = match cli.command {
         Command::Run(args) => daemon::run(&cli.config, &args),

@@ -6,6 +6,9 @@
 //!   statements and portals, request/response matching, skip-until-Sync, how a
 //!   denial is placed).
 //! - [`mask`]: rewriting `DataRow` and `COPY TO STDOUT` data per masking rules.
+//! - [`catalog`]: table-OID names and `COPY` column lists for the masker (pure).
+//! - [`proxy`]: the tokio connection handler that drives all of the above; the
+//!   only I/O in this module.
 //!
 //! What fails closed here, and why:
 //!
@@ -34,8 +37,10 @@
 //! be inspected); it is never forwarded. `SSLRequest` is answered by the proxy per
 //! its own TLS configuration.
 
+pub mod catalog;
 pub mod codec;
 pub mod mask;
+pub mod proxy;
 pub mod session;
 
 use bytes::Bytes;

@@ -1,0 +1,1978 @@
+//! The Postgres L7 proxy: the only I/O in [`crate::protocol::postgres`].
+//!
+//! [`serve`] takes an accepted, attributed client connection whose connect
+//! decision was allow; [`refuse`] answers one whose decision was deny with a
+//! protocol-native error. The sans-IO pieces it drives are [`super::codec`],
+//! [`super::session`], [`super::mask`] and [`super::catalog`].
+//!
+//! # Lifecycle, in the order the code follows it
+//!
+//! 1. **Startup** (client only, nothing upstream yet): `SSLRequest` and
+//!    `GSSENCRequest` are answered `N` (the agent-to-proxy hop is loopback on the
+//!    same host); a `CancelRequest` is sent to the original destination over a
+//!    fresh connection and both are closed; a `StartupMessage` (replication
+//!    connections refused) opens the upstream. Malformed bytes get `FATAL 08P01`
+//!    and nothing is ever sent upstream.
+//! 2. **Upstream**: TCP to the agent's original destination from the daemon's
+//!    untagged context, then, when the resource's `tls` says so, `SSLRequest`,
+//!    `S`, and TLS with rustls (ring), certificate chain and name verified against
+//!    `ca_file` (else the platform roots) and `server_name` (else the IP dialled).
+//! 3. **Authentication** is relayed unchanged (cleartext, MD5, SCRAM-SHA-256)
+//!    except that `-PLUS` SASL mechanisms are removed: channel binding cannot pass
+//!    a proxy that terminates the client's connection (see the module doc of
+//!    [`super`]). Only authentication responses are accepted from the client.
+//! 4. **First `ReadyForQuery`**: the `connection.open` record must be durable (else
+//!    `FATAL 58030` and close); when the resource has column masking rules the
+//!    proxy runs its catalog query ([`super::catalog`]) before the client's first
+//!    statement, on the same connection, and consumes the result itself.
+//! 5. **Statements**: every `Query` (all statements in the string; the most
+//!    dangerous class wins) and every `Parse` is classified and decided.
+//!    - allow: the statement record (redacted SQL, keyed hash, class, tables,
+//!      decision, rule, approval) is appended and awaited *before* the statement
+//!      is forwarded (write-ahead); if the append fails the statement is denied
+//!      with `42501`/"audit log unavailable" (fails closed);
+//!    - deny: [`Session::deny`] sends a statement upstream that fails in the parser,
+//!      and the server's error is replaced by `42501` naming the rule, so the
+//!      transaction state is exactly Postgres' own (a denial inside a block fails
+//!      the block; `COMMIT` then rolls back);
+//!    - `require_approval`: the request goes to the [`Broker`], the client gets a
+//!      `NoticeResponse` naming it at once, and the statement (and everything the
+//!      client sends after it) is held until the outcome: approved or covered by a
+//!      grant → forwarded; denied or expired → denied as above. A client that
+//!      disconnects while held withdraws the request; nothing is forwarded.
+//!    - fast-path `FunctionCall` is always denied (it bypasses SQL).
+//!    - `Bind` parameters never enter a record: only their count and formats.
+//! 6. **Results**: rows are masked per the resource's masking policy (column
+//!    rules by `schema.table.column`, value detectors), text and binary;
+//!    `COPY ... TO STDOUT` data is masked in text format (CSV, binary and custom
+//!    delimiters are denied up front when masking applies, and so is
+//!    `COPY (query) TO STDOUT` under column rules). Each completed statement gets
+//!    a result record: rows, bytes, duration, SQLSTATE and the [`MaskReport`]
+//!    (column names, counts, detector names; never a value).
+//! 7. **Close**: a `connection.close` record with byte counts and duration.
+//!
+//! # Fails closed
+//!
+//! - A masking failure of any kind (unmaskable value, unknown columns, an OID
+//!   still unresolved after a fresh catalog, a COPY it cannot parse) ends the
+//!   connection with `FATAL XX000` *instead of* the row: the remaining result
+//!   cannot be withheld without desynchronising client and server.
+//! - A server stream the session cannot follow ([`SessionError`]) closes both sides.
+//! - A client protocol error gets `FATAL 08P01`; the bad message is not forwarded.
+//!
+//! # What masking catches, and what it cannot
+//!
+//! Column rules apply to columns the server reports as coming from a table (or
+//! view) column: `SELECT *`, `SELECT ssn AS x`, extended-protocol statements,
+//! binary results (binary integers and numerics a rule names become NULL, text
+//! types are masked as text), cursors, and `COPY table TO STDOUT`. Detectors
+//! apply to every text value, including computed ones: `row_to_json(c)` and
+//! `upper(email)` are caught when the value still *looks* like an SSN, card
+//! number or e-mail address (an upper-cased address still matches the e-mail
+//! detector). Nothing can recognise a value the query re-encoded:
+//! `encode(ssn::bytea, 'hex')`, `md5(ssn)`, `reverse(ssn)`, `substr(ssn, 1, 3)`
+//! concatenated across rows, arithmetic on a card number, or inference through
+//! `WHERE ssn LIKE '123%'` (the rows returned reveal the value). A policy that
+//! protects a table must therefore also deny computed access to it, e.g. a deny
+//! rule with `tables = ["customers"]` and `functions = ["encode", "md5", ...]`,
+//! or allow only named, reviewed statements.
+//!
+//! # Limits (constants; `PgSettings` carries them)
+//!
+//! - codec [`Limits`]: startup packet 10 KiB, SQL text 1 MiB, any other message
+//!   64 MiB (so a 64 MiB result of 1 MiB rows passes; a single row over 64 MiB is a
+//!   protocol error);
+//! - [`STARTUP_TIMEOUT`] for the client's startup packet, [`AUTH_TIMEOUT`] until the
+//!   server's first `ReadyForQuery`;
+//! - [`HIGH_WATER`] bytes queued towards either side before the proxy stops
+//!   reading the other side (backpressure);
+//! - [`super::catalog::MAX_CATALOG_ROWS`] catalog rows; [`MAX_SUMMARY_CHARS`] of
+//!   redacted SQL in an approval request, [`MAX_RECORD_SQL_CHARS`] in a record.
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use bytes::{Buf as _, Bytes, BytesMut};
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    net::TcpStream,
+};
+
+use super::{
+    catalog::{self, Catalog, CopyOut, TableName},
+    codec::{
+        self, Authentication, BackendMessage, ErrorFields, FrontendMessage, Limits, ProtocolError,
+        RowDescription, StartupPacket, TxStatus,
+    },
+    mask::{CopyPlan, MaskError, MaskReport, MaskResult, RowMasker, RowPlan, Scratch, Unmaskable},
+    session::{self, BackendAction, Disposition, Session, SessionError},
+    strip_channel_binding,
+};
+use crate::{
+    approval::{self, Broker, NewApproval, Outcome},
+    audit::{AuditLog, Kind, NewRecord},
+    mask::{MaskPolicy, Strategy},
+    policy::{Action, Decision, PolicySet, PolicyStore, Resource, Subject, TlsMode, Verdict},
+    proxy::LiveConnection,
+    sql::{self, Classification, Dialect},
+};
+
+/// How long a client may take to send its startup packet.
+pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long authentication may take, until the server's first `ReadyForQuery`.
+pub const AUTH_TIMEOUT: Duration = Duration::from_mins(1);
+/// Bytes queued towards one side before the proxy stops reading the other.
+pub const HIGH_WATER: usize = 1024 * 1024;
+/// Redacted SQL kept in an approval request's summary.
+pub const MAX_SUMMARY_CHARS: usize = 2000;
+/// Redacted SQL kept in an audit record.
+pub const MAX_RECORD_SQL_CHARS: usize = 64 * 1024;
+/// `SSLRequest`/`GSSENCRequest` answered before a `StartupMessage` must come.
+const MAX_NEGOTIATIONS: u32 = 2;
+
+/// Tunables of the Postgres handler.
+#[derive(Debug, Clone)]
+pub struct PgSettings {
+    pub limits: Limits,
+    pub startup_timeout: Duration,
+    pub auth_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Binary values of types that cannot carry masked text: NULL, or refuse.
+    pub unmaskable: Unmaskable,
+}
+
+impl Default for PgSettings {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            startup_timeout: STARTUP_TIMEOUT,
+            auth_timeout: AUTH_TIMEOUT,
+            connect_timeout: Duration::from_secs(5),
+            unmaskable: Unmaskable::Null,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Audit
+
+/// The audit log could not take a record.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("audit log unavailable: {reason}")]
+pub struct AuditUnavailable {
+    pub reason: String,
+}
+
+/// Where records go; `append` returns once the record is durable. The daemon
+/// passes its [`AuditLog`]; tests pass sinks that collect or fail.
+pub trait AuditSink: Send + Sync {
+    fn append(
+        &self,
+        record: NewRecord,
+    ) -> Pin<Box<dyn Future<Output = Result<(), AuditUnavailable>> + Send + '_>>;
+}
+
+impl AuditSink for AuditLog {
+    fn append(
+        &self,
+        record: NewRecord,
+    ) -> Pin<Box<dyn Future<Output = Result<(), AuditUnavailable>> + Send + '_>> {
+        Box::pin(async move {
+            AuditLog::append(self, record)
+                .await
+                .map(|_| ())
+                .map_err(|e| AuditUnavailable {
+                    reason: e.to_string(),
+                })
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Context and errors
+
+/// Everything [`serve`] needs about one attributed connection.
+pub struct PgContext {
+    /// Id, identity, workload, original destination, live byte counters; its
+    /// `record()` fills in who and from where for every audit record.
+    pub conn: Arc<LiveConnection>,
+    pub subject: Subject,
+    /// The resource the destination belongs to (from the policy in force at accept).
+    pub resource: Resource,
+    pub policy: Arc<PolicyStore>,
+    pub approvals: Broker,
+    pub audit: Arc<dyn AuditSink>,
+    /// Key for the keyed hash of statements (correlation without the text).
+    pub correlation_key: [u8; 32],
+    pub settings: PgSettings,
+}
+
+/// Why a proxied Postgres connection ended abnormally; says which side.
+#[derive(Debug, thiserror::Error)]
+pub enum PgProxyError {
+    #[error("client (downstream) I/O: {source}")]
+    ClientIo {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("server (upstream) I/O: {source}")]
+    UpstreamIo {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{source}")]
+    Protocol {
+        #[source]
+        source: ProtocolError,
+    },
+    #[error("client (downstream): {what}")]
+    Client { what: String },
+    #[error("server (upstream): connecting to {addr}: {reason}")]
+    Connect { addr: SocketAddr, reason: String },
+    #[error("server (upstream): TLS to {addr}: {reason}")]
+    Tls { addr: SocketAddr, reason: String },
+    #[error("{source}")]
+    Session {
+        #[source]
+        source: SessionError,
+    },
+    #[error("{source}")]
+    Mask {
+        #[source]
+        source: MaskError,
+    },
+    #[error("proxy: {source}")]
+    Audit {
+        #[source]
+        source: AuditUnavailable,
+    },
+    #[error("{phase} timed out")]
+    Timeout { phase: &'static str },
+}
+
+impl From<SessionError> for PgProxyError {
+    fn from(source: SessionError) -> Self {
+        PgProxyError::Session { source }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Startup
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+fn fatal_bytes(sqlstate: &str, message: &str) -> Bytes {
+    BackendMessage::ErrorResponse(ErrorFields::new("FATAL", sqlstate, message)).to_bytes()
+}
+
+/// Reads the client's startup packet, answering `N` to encryption requests.
+/// `Ok(None)`: the client went away before sending one.
+async fn read_startup<S: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut S,
+    buf: &mut BytesMut,
+    limits: &Limits,
+) -> Result<Option<StartupPacket>, PgProxyError> {
+    let mut negotiations = 0;
+    loop {
+        match codec::decode_startup(buf, limits) {
+            Err(source) => return Err(PgProxyError::Protocol { source }),
+            Ok(Some(StartupPacket::SslRequest | StartupPacket::GssEncRequest)) => {
+                negotiations += 1;
+                if negotiations > MAX_NEGOTIATIONS {
+                    return Err(PgProxyError::Client {
+                        what: "too many encryption requests".into(),
+                    });
+                }
+                if !buf.is_empty() {
+                    // Bytes sent before our answer cannot be a sane startup.
+                    return Err(PgProxyError::Client {
+                        what: "data after an encryption request before its answer".into(),
+                    });
+                }
+                client
+                    .write_all(b"N")
+                    .await
+                    .map_err(|source| PgProxyError::ClientIo { source })?;
+            }
+            Ok(Some(p)) => return Ok(Some(p)),
+            Ok(None) => {
+                buf.reserve(1024);
+                let n = client
+                    .read_buf(buf)
+                    .await
+                    .map_err(|source| PgProxyError::ClientIo { source })?;
+                if n == 0 {
+                    return Ok(None);
+                }
+            }
+        }
+    }
+}
+
+/// Answers a connection whose connect decision was deny: reads the startup
+/// packet and sends `FATAL 28000` naming the rule (a `CancelRequest` is just
+/// closed). Never contacts the upstream.
+pub async fn refuse(mut client: TcpStream, rule: &str, reason: &str) -> Result<(), PgProxyError> {
+    let mut buf = BytesMut::new();
+    let limits = Limits::default();
+    let startup = tokio::time::timeout(
+        STARTUP_TIMEOUT,
+        read_startup(&mut client, &mut buf, &limits),
+    )
+    .await
+    .map_err(|_| PgProxyError::Timeout { phase: "startup" })?;
+    let bytes = match startup {
+        Ok(Some(StartupPacket::Startup { .. })) => fatal_bytes(
+            "28000",
+            &format!("agentgate: connection denied by policy rule \"{rule}\": {reason}"),
+        ),
+        Ok(_) => return Ok(()),
+        Err(e @ PgProxyError::Protocol { .. }) => {
+            fatal_bytes("08P01", &format!("agentgate: protocol error: {e}"))
+        }
+        Err(e) => return Err(e),
+    };
+    let _ = client.write_all(&bytes).await;
+    let _ = client.shutdown().await;
+    Ok(())
+}
+
+async fn connect_upstream(ctx: &PgContext) -> Result<(Box<dyn Io>, bool), PgProxyError> {
+    let addr = ctx.conn.destination;
+    let mut tcp = tokio::time::timeout(ctx.settings.connect_timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| PgProxyError::Connect {
+            addr,
+            reason: "timed out".into(),
+        })?
+        .map_err(|e| PgProxyError::Connect {
+            addr,
+            reason: e.to_string(),
+        })?;
+    let _ = tcp.set_nodelay(true);
+    let Some(tls) = ctx
+        .resource
+        .tls
+        .as_ref()
+        .filter(|t| t.mode == TlsMode::VerifyFull)
+    else {
+        return Ok((Box::new(tcp), false));
+    };
+    let tls_err = |reason: String| PgProxyError::Tls { addr, reason };
+    let mut req = BytesMut::new();
+    StartupPacket::SslRequest.encode(&mut req);
+    tcp.write_all(&req)
+        .await
+        .map_err(|source| PgProxyError::UpstreamIo { source })?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer)
+        .await
+        .map_err(|source| PgProxyError::UpstreamIo { source })?;
+    if answer[0] != b'S' {
+        return Err(tls_err(
+            "the server does not accept TLS (answered the SSLRequest with N)".into(),
+        ));
+    }
+    let config = tls_client_config(tls.ca_file.as_deref()).map_err(tls_err)?;
+    let name = match &tls.server_name {
+        Some(n) => rustls_pki_types::ServerName::try_from(n.clone())
+            .map_err(|e| tls_err(format!("server_name {n:?}: {e}")))?,
+        None => rustls_pki_types::ServerName::IpAddress(addr.ip().into()),
+    };
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| tls_err(e.to_string()))?;
+    Ok((Box::new(stream), true))
+}
+
+fn tls_client_config(
+    ca_file: Option<&std::path::Path>,
+) -> Result<tokio_rustls::rustls::ClientConfig, String> {
+    use rustls_pki_types::{CertificateDer, pem::PemObject as _};
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(path) = ca_file {
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+        for c in certs {
+            let c = c.map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+            roots
+                .add(c)
+                .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+        }
+    } else {
+        for c in rustls_native_certs::load_native_certs().certs {
+            let _ = roots.add(c);
+        }
+    }
+    if roots.is_empty() {
+        return Err("no trust anchors".into());
+    }
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())
+        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
+}
+
+/// Serves one allowed client connection until either side closes.
+pub async fn serve(mut client: TcpStream, ctx: PgContext) -> Result<(), PgProxyError> {
+    let _ = client.set_nodelay(true);
+    let mut cin = BytesMut::new();
+    let startup = tokio::time::timeout(
+        ctx.settings.startup_timeout,
+        read_startup(&mut client, &mut cin, &ctx.settings.limits),
+    )
+    .await
+    .map_err(|_| PgProxyError::Timeout { phase: "startup" });
+    let startup = match startup.and_then(|r| r) {
+        Ok(Some(p)) => p,
+        Ok(None) => return Ok(()),
+        Err(e) => {
+            if matches!(
+                e,
+                PgProxyError::Protocol { .. } | PgProxyError::Client { .. }
+            ) {
+                let _ = client
+                    .write_all(&fatal_bytes("08P01", &format!("agentgate: {e}")))
+                    .await;
+            }
+            return Err(e);
+        }
+    };
+    let params = match startup {
+        StartupPacket::CancelRequest { pid, secret } => {
+            return forward_cancel(&ctx, pid, secret).await;
+        }
+        StartupPacket::Startup { ref params, .. } => params.clone(),
+        _ => unreachable!("read_startup answers encryption requests itself"),
+    };
+    let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    if param("replication").is_some_and(|v| !matches!(v.as_str(), "false" | "off" | "no" | "0")) {
+        let _ = client
+            .write_all(&fatal_bytes(
+                "0A000",
+                "agentgate: replication connections are not supported through the proxy",
+            ))
+            .await;
+        return Ok(());
+    }
+    let (upstream, tls) = match connect_upstream(&ctx).await {
+        Ok(u) => u,
+        Err(e) => {
+            let _ = client
+                .write_all(&fatal_bytes(
+                    "08001",
+                    &format!("agentgate: cannot reach the server: {e}"),
+                ))
+                .await;
+            return Err(e);
+        }
+    };
+    let mut uout = BytesMut::new();
+    startup.encode(&mut uout);
+    let set = ctx.policy.current();
+    let mut pg = Pg {
+        set,
+        session: Session::new(true),
+        catalog: Catalog::default(),
+        cin,
+        uin: BytesMut::new(),
+        cout: BytesMut::new(),
+        uout,
+        ready: false,
+        catalog_inflight: None,
+        deferred: None,
+        held: None,
+        idle_point: false,
+        plan: None,
+        copy: None,
+        copies_seen: 0,
+        scratch: Scratch::default(),
+        cur: Running::new(),
+        last_bind: None,
+        statements: 0,
+        user: param("user").unwrap_or_default(),
+        database: param("database")
+            .or_else(|| param("user"))
+            .unwrap_or_default(),
+        application_name: param("application_name").unwrap_or_default(),
+        tls_upstream: tls,
+        closing: false,
+        client_eof: false,
+        upstream_eof: false,
+        opened_at: Instant::now(),
+        ctx: &ctx,
+    };
+    let (cr, cw) = client.into_split();
+    let (ur, uw) = tokio::io::split(upstream);
+    let result = pg.run(cr, cw, ur, uw).await;
+    pg.close_record(result.as_ref().err()).await;
+    result
+}
+
+async fn forward_cancel(ctx: &PgContext, pid: i32, secret: Bytes) -> Result<(), PgProxyError> {
+    let (mut up, _) = connect_upstream(ctx).await?;
+    let mut b = BytesMut::new();
+    StartupPacket::CancelRequest { pid, secret }.encode(&mut b);
+    up.write_all(&b)
+        .await
+        .map_err(|source| PgProxyError::UpstreamIo { source })?;
+    let _ = up.shutdown().await;
+    // The server closes after reading it; wait briefly so the request is read.
+    let mut sink = [0u8; 16];
+    let _ = tokio::time::timeout(Duration::from_secs(2), up.read(&mut sink)).await;
+    tracing::info!(
+        event = "postgres.cancel",
+        conn = ctx.conn.id,
+        "cancel request forwarded"
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// The connection
+
+/// A statement held for approval.
+struct Held {
+    msg: FrontendMessage,
+    stmt: StmtRecord,
+    decision: Decision,
+    request_id: String,
+    outcome: Pin<Box<dyn Future<Output = Outcome> + Send + Sync>>,
+}
+
+/// What the records say about one decided statement.
+#[derive(Clone)]
+struct StmtRecord {
+    action: Value,
+    hash: String,
+}
+
+/// Counters of the statement whose results are flowing.
+struct Running {
+    started: Instant,
+    rows: u64,
+    bytes: u64,
+    report: MaskReport,
+}
+
+impl Running {
+    fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            rows: 0,
+            bytes: 0,
+            report: MaskReport::default(),
+        }
+    }
+}
+
+enum Event {
+    ClientRead(std::io::Result<usize>),
+    UpstreamRead(std::io::Result<usize>),
+    ClientWrote(std::io::Result<usize>),
+    UpstreamWrote(std::io::Result<usize>),
+    Approval(Outcome),
+    AuthTimeout,
+    Stalled,
+}
+
+#[allow(clippy::struct_excessive_bools)] // independent connection flags, not a mode in disguise
+struct Pg<'a> {
+    ctx: &'a PgContext,
+    set: Arc<PolicySet>,
+    session: Session,
+    catalog: Catalog,
+    cin: BytesMut,
+    uin: BytesMut,
+    cout: BytesMut,
+    uout: BytesMut,
+    /// First `ReadyForQuery` seen (authentication done).
+    ready: bool,
+    /// The catalog query is running; `Some(true)` once it reported an error.
+    catalog_inflight: Option<bool>,
+    /// A client message to process again after the catalog loads.
+    deferred: Option<FrontendMessage>,
+    held: Option<Held>,
+    /// `ReadyForQuery` came and nothing was sent upstream since.
+    idle_point: bool,
+    plan: Option<(Arc<RowDescription>, RowPlan<Strategy>)>,
+    copy: Option<CopyPlan<Strategy>>,
+    copies_seen: usize,
+    scratch: Scratch,
+    cur: Running,
+    last_bind: Option<Value>,
+    statements: u64,
+    user: String,
+    database: String,
+    application_name: String,
+    tls_upstream: bool,
+    /// Flush what is queued for the client, then close.
+    closing: bool,
+    client_eof: bool,
+    upstream_eof: bool,
+    opened_at: Instant,
+}
+
+/// The masking policy as the row masker sees it.
+struct Masker<'m>(&'m MaskPolicy);
+
+impl RowMasker for Masker<'_> {
+    type Strategy = Strategy;
+
+    fn column_strategy(&self, table: Option<&str>, column: &str) -> Option<Strategy> {
+        self.0.column_rule(table, column)
+    }
+
+    fn has_detectors(&self) -> bool {
+        self.0.detectors_enabled()
+    }
+
+    fn mask_text(&self, value: &str, strategy: Option<Strategy>, out: &mut String) -> MaskResult {
+        let o = self.0.mask_value(value, strategy);
+        if o.changed {
+            out.push_str(&o.text);
+            MaskResult::Masked {
+                detectors: o.detectors_hit,
+            }
+        } else {
+            MaskResult::Unchanged
+        }
+    }
+}
+
+fn masking_active(m: &MaskPolicy) -> bool {
+    !m.columns().is_empty() || m.detectors_enabled()
+}
+
+fn truncate_chars(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
+    }
+}
+
+impl Pg<'_> {
+    fn event(&self, kind: Kind, action: Value) -> NewRecord {
+        self.ctx.conn.record(kind).action(action)
+    }
+
+    fn masking(&self) -> &MaskPolicy {
+        self.set.masking_for(&self.ctx.resource)
+    }
+
+    async fn run<CR, CW, UR, UW>(
+        &mut self,
+        mut cr: CR,
+        mut cw: CW,
+        mut ur: UR,
+        mut uw: UW,
+    ) -> Result<(), PgProxyError>
+    where
+        CR: AsyncRead + Unpin,
+        CW: AsyncWrite + Unpin,
+        UR: AsyncRead + Unpin,
+        UW: AsyncWrite + Unpin,
+    {
+        let limits = self.ctx.settings.limits.clone();
+        let client_cap = limits
+            .max_message_len
+            .max(limits.max_sql_len + 64 * 1024 + 65_535 * 4)
+            + 64 * 1024;
+        let upstream_cap = limits.max_message_len + 64 * 1024;
+        let auth_deadline = tokio::time::Instant::now() + self.ctx.settings.auth_timeout;
+        let outcome = loop {
+            if let Err(e) = self.pump().await {
+                break Err(e);
+            }
+            if self.finished() {
+                break Ok(());
+            }
+            let read_client = !self.client_eof && !self.closing && self.cin.len() < client_cap;
+            let read_upstream = !self.upstream_eof
+                && !self.closing
+                && self.cout.len() < HIGH_WATER
+                && self.uin.len() < upstream_cap;
+            if read_client {
+                self.cin.reserve(16 * 1024);
+            }
+            if read_upstream {
+                self.uin.reserve(64 * 1024);
+            }
+            let held = self.held.as_mut().map(|h| &mut h.outcome);
+            let ready = self.ready;
+            let ev = tokio::select! {
+                r = cr.read_buf(&mut self.cin), if read_client => Event::ClientRead(r),
+                r = ur.read_buf(&mut self.uin), if read_upstream => Event::UpstreamRead(r),
+                r = cw.write(&self.cout), if !self.cout.is_empty() => Event::ClientWrote(r),
+                r = uw.write(&self.uout), if !self.uout.is_empty() && !self.closing => Event::UpstreamWrote(r),
+                o = async { match held { Some(f) => f.await, None => std::future::pending().await } } => Event::Approval(o),
+                () = tokio::time::sleep_until(auth_deadline), if !ready => Event::AuthTimeout,
+                else => Event::Stalled,
+            };
+            match ev {
+                Event::ClientRead(Ok(0)) => self.client_gone().await,
+                Event::UpstreamRead(Ok(0)) => self.upstream_eof = true,
+                Event::ClientRead(Ok(_)) | Event::UpstreamRead(Ok(_)) => {}
+                Event::ClientRead(Err(e)) | Event::ClientWrote(Err(e)) => {
+                    self.client_gone().await;
+                    break Err(PgProxyError::ClientIo { source: e });
+                }
+                Event::UpstreamRead(Err(e)) => {
+                    self.upstream_eof = true;
+                    self.fatal("08006", "agentgate: connection to the server lost");
+                    tracing::info!(conn = self.ctx.conn.id, error = %e, "upstream read failed");
+                }
+                Event::ClientWrote(Ok(n)) => {
+                    self.cout.advance(n);
+                    self.ctx
+                        .conn
+                        .bytes_down
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Event::UpstreamWrote(Ok(n)) => {
+                    self.uout.advance(n);
+                    self.ctx
+                        .conn
+                        .bytes_up
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Event::UpstreamWrote(Err(e)) => {
+                    self.upstream_eof = true;
+                    self.fatal("08006", "agentgate: connection to the server lost");
+                    tracing::info!(conn = self.ctx.conn.id, error = %e, "upstream write failed");
+                }
+                Event::Approval(o) => self.approval_outcome(o).await,
+                Event::AuthTimeout => {
+                    self.fatal("08006", "agentgate: authentication timed out");
+                    break Err(PgProxyError::Timeout {
+                        phase: "authentication",
+                    });
+                }
+                Event::Stalled => break Ok(()),
+            }
+        };
+        // Best effort: what the client should still see (errors, last results).
+        if !self.cout.is_empty() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), cw.write_all(&self.cout)).await;
+            self.ctx
+                .conn
+                .bytes_down
+                .fetch_add(self.cout.len() as u64, Ordering::Relaxed);
+            self.cout.clear();
+        }
+        let _ = cw.shutdown().await;
+        if !self.closing && !self.uout.is_empty() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), uw.write_all(&self.uout)).await;
+        }
+        let _ = uw.shutdown().await;
+        outcome
+    }
+
+    fn finished(&self) -> bool {
+        (self.closing && self.cout.is_empty())
+            || (self.client_eof && self.uout.is_empty() && self.cin.is_empty())
+            || (self.upstream_eof && self.cout.is_empty() && self.uin.len() < 5)
+    }
+
+    /// The client closed: a held statement is withdrawn (dropping its waiter).
+    async fn client_gone(&mut self) {
+        self.client_eof = true;
+        if let Some(h) = self.held.take() {
+            let id = h.request_id.clone();
+            drop(h.outcome);
+            let mut ev = self.event(Kind::Statement, h.stmt.action);
+            ev.decision = Some(decision_json(&h.decision, "require_approval"));
+            ev.approval = Some(json!({"id": id, "outcome": "withdrawn"}));
+            ev.result =
+                Some(json!({"status": "not_run", "reason": "client disconnected while held"}));
+            if let Err(e) = self.ctx.audit.append(ev).await {
+                tracing::error!(error = %e, "audit append failed for a withdrawn statement");
+            }
+            tracing::info!(conn = self.ctx.conn.id, request = %id, "client left; approval request withdrawn");
+        }
+        // Nothing the client still had queued is processed.
+        self.cin.clear();
+        self.deferred = None;
+    }
+
+    /// Queue a fatal error for the client and stop talking to the server.
+    fn fatal(&mut self, sqlstate: &str, message: &str) {
+        if self.closing {
+            return;
+        }
+        self.cout.extend_from_slice(&fatal_bytes(sqlstate, message));
+        self.closing = true;
+        self.uout.clear();
+    }
+
+    /// Decode and handle everything that can be handled now.
+    async fn pump(&mut self) -> Result<(), PgProxyError> {
+        loop {
+            let mut progressed = false;
+            while !self.closing && self.cout.len() < HIGH_WATER {
+                match codec::decode_backend(&mut self.uin, &self.ctx.settings.limits) {
+                    Ok(Some(m)) => {
+                        progressed = true;
+                        self.on_backend(m).await?;
+                    }
+                    Ok(None) => break,
+                    Err(source) => {
+                        self.fatal("08P01", "agentgate: the server sent a malformed message");
+                        return Err(PgProxyError::Protocol { source });
+                    }
+                }
+            }
+            while self.can_process_client() {
+                if self.ready && self.catalog_wanted() {
+                    self.start_catalog();
+                    progressed = true;
+                    break;
+                }
+                let msg = match self.deferred.take() {
+                    Some(m) => m,
+                    None => {
+                        match codec::decode_frontend(&mut self.cin, &self.ctx.settings.limits) {
+                            Ok(Some(m)) => m,
+                            Ok(None) => break,
+                            Err(source) => {
+                                self.fatal(
+                                    "08P01",
+                                    &format!("agentgate: protocol error: {source}"),
+                                );
+                                self.cin.clear();
+                                return Err(PgProxyError::Protocol { source });
+                            }
+                        }
+                    }
+                };
+                progressed = true;
+                self.on_client(msg).await?;
+            }
+            if !progressed {
+                return Ok(());
+            }
+        }
+    }
+
+    fn can_process_client(&self) -> bool {
+        !self.closing
+            && !self.client_eof
+            && self.held.is_none()
+            && self.catalog_inflight.is_none()
+            && self.uout.len() < HIGH_WATER
+            && (self.deferred.is_some() || !self.cin.is_empty())
+    }
+
+    fn catalog_wanted(&self) -> bool {
+        self.idle_point
+            && self.session.is_idle()
+            && self.session.tx_status() != TxStatus::Failed
+            && !self.masking().columns().is_empty()
+            && self.catalog.wants_load()
+    }
+
+    fn start_catalog(&mut self) {
+        let q = FrontendMessage::Query {
+            sql: Bytes::from_static(catalog::CATALOG_SQL.as_bytes()),
+        };
+        let _ = self.session.forward(&q);
+        q.encode(&mut self.uout);
+        self.catalog.begin();
+        self.catalog_inflight = Some(false);
+        self.idle_point = false;
+    }
+
+    // -----------------------------------------------------------------------
+    // Server → client
+
+    #[allow(clippy::too_many_lines)] // one arm per session action reads best as one match
+    async fn on_backend(&mut self, m: BackendMessage) -> Result<(), PgProxyError> {
+        if let Some(failed) = self.catalog_inflight {
+            return self.on_catalog(&m, failed);
+        }
+        if !self.ready {
+            return self.on_auth_backend(m).await;
+        }
+        let running_sql = self.session.current_sql().cloned();
+        let action = match self.session.backend(&m) {
+            Ok(a) => a,
+            Err(e) => {
+                self.fatal("08P01", &format!("agentgate: {e}"));
+                return Err(e.into());
+            }
+        };
+        match action {
+            BackendAction::Forward => {
+                match &m {
+                    BackendMessage::CommandComplete { tag } => {
+                        self.completed(running_sql.as_ref(), "ok", Some(tag), None);
+                    }
+                    BackendMessage::EmptyQueryResponse | BackendMessage::PortalSuspended => {
+                        self.completed(running_sql.as_ref(), "ok", None, None);
+                    }
+                    BackendMessage::ErrorResponse(f) if running_sql.is_some() => {
+                        let state = f
+                            .sqlstate()
+                            .map(|s| String::from_utf8_lossy(s).into_owned());
+                        self.completed(running_sql.as_ref(), "error", None, state.as_deref());
+                    }
+                    BackendMessage::CopyOutResponse(_) => {
+                        if let Err(reason) = self.copy_plan(running_sql.as_ref()) {
+                            return self.mask_failed(&MaskError::Copy { reason });
+                        }
+                    }
+                    BackendMessage::ReadyForQuery(_) => {
+                        self.idle_point = true;
+                        self.copies_seen = 0;
+                        self.copy = None;
+                    }
+                    _ => {}
+                }
+                m.encode(&mut self.cout);
+            }
+            BackendAction::Row(desc) => {
+                let BackendMessage::DataRow(row) = &m else {
+                    unreachable!("Row is only returned for DataRow")
+                };
+                self.cur.rows += 1;
+                self.cur.bytes += row.body().len() as u64;
+                if !masking_active(self.masking()) {
+                    m.encode(&mut self.cout);
+                    return Ok(());
+                }
+                let Some(desc) = desc else {
+                    return self.mask_failed(&MaskError::Refused {
+                        column: "?".into(),
+                        reason: "the row's columns are not known",
+                    });
+                };
+                if let Err(e) = self.ensure_plan(&desc) {
+                    return self.mask_failed(&e);
+                }
+                let (_, plan) = self.plan.as_ref().expect("ensure_plan set it");
+                let masker = Masker(self.set.masking_for(&self.ctx.resource));
+                match plan.mask_row(&masker, row, &mut self.scratch, &mut self.cur.report) {
+                    Ok(Some(new)) => BackendMessage::DataRow(new).encode(&mut self.cout),
+                    Ok(None) => m.encode(&mut self.cout),
+                    Err(e) => return self.mask_failed(&e),
+                }
+            }
+            BackendAction::CopyOut(format) => {
+                let BackendMessage::CopyData(data) = &m else {
+                    unreachable!("CopyOut is only returned for CopyData")
+                };
+                self.cur.rows += 1;
+                self.cur.bytes += data.len() as u64;
+                if !masking_active(self.masking()) {
+                    m.encode(&mut self.cout);
+                    return Ok(());
+                }
+                let Some(plan) = self.copy.as_ref() else {
+                    return self.mask_failed(&MaskError::Copy {
+                        reason: "COPY columns are not known",
+                    });
+                };
+                let masker = Masker(self.set.masking_for(&self.ctx.resource));
+                match plan.mask_copy_data(
+                    &masker,
+                    super::mask::CopyKind::Text,
+                    &format,
+                    data,
+                    &mut self.scratch,
+                    &mut self.cur.report,
+                ) {
+                    Ok(Some(new)) => BackendMessage::CopyData(new).encode(&mut self.cout),
+                    Ok(None) => m.encode(&mut self.cout),
+                    Err(e) => return self.mask_failed(&e),
+                }
+            }
+            BackendAction::Replace(msg) => msg.encode(&mut self.cout),
+            BackendAction::Drop => {}
+        }
+        Ok(())
+    }
+
+    async fn on_auth_backend(&mut self, mut m: BackendMessage) -> Result<(), PgProxyError> {
+        if let BackendMessage::Authentication(a @ Authentication::Sasl { .. }) = &mut m
+            && !strip_channel_binding(a)
+        {
+            self.fatal(
+                "28000",
+                "agentgate: the server offers only SCRAM with channel binding, which cannot pass a proxy",
+            );
+            return Ok(());
+        }
+        let is_ready = matches!(m, BackendMessage::ReadyForQuery(_));
+        self.session.backend(&m)?;
+        if is_ready {
+            let mut ev = self.event(
+                Kind::SessionStart,
+                json!({
+                    "protocol": "postgres",
+                    "database": self.database,
+                    "user": self.user,
+                    "application_name": self.application_name,
+                    "destination": self.ctx.conn.destination.to_string(),
+                    "tls_upstream": self.tls_upstream,
+                }),
+            );
+            ev.decision = Some(json!({"verdict": "allow"}));
+            if let Err(e) = self.ctx.audit.append(ev).await {
+                self.fatal(
+                    "58030",
+                    "agentgate: audit log unavailable; connection closed (fails closed)",
+                );
+                return Err(PgProxyError::Audit { source: e });
+            }
+            self.ready = true;
+            self.idle_point = true;
+        }
+        m.encode(&mut self.cout);
+        Ok(())
+    }
+
+    fn on_catalog(&mut self, m: &BackendMessage, failed: bool) -> Result<(), PgProxyError> {
+        self.session.backend(m)?;
+        match m {
+            BackendMessage::DataRow(r) => self.catalog.row(r),
+            BackendMessage::ErrorResponse(f) => {
+                tracing::warn!(
+                    conn = self.ctx.conn.id,
+                    sqlstate = %String::from_utf8_lossy(f.sqlstate().unwrap_or_default()),
+                    "catalog query failed; unknown tables are treated as unknown (every rule naming a column applies)"
+                );
+                self.catalog_inflight = Some(true);
+            }
+            BackendMessage::ReadyForQuery(_) => {
+                if failed {
+                    self.catalog.failed();
+                } else {
+                    self.catalog.finish();
+                    tracing::debug!(
+                        conn = self.ctx.conn.id,
+                        relations = self.catalog.len(),
+                        truncated = self.catalog.is_truncated(),
+                        "catalog loaded"
+                    );
+                }
+                self.catalog_inflight = None;
+                self.idle_point = true;
+                self.plan = None;
+            }
+            BackendMessage::NoticeResponse(_)
+            | BackendMessage::ParameterStatus { .. }
+            | BackendMessage::NotificationResponse { .. } => m.encode(&mut self.cout),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn ensure_plan(&mut self, desc: &Arc<RowDescription>) -> Result<(), MaskError> {
+        if self
+            .plan
+            .as_ref()
+            .is_some_and(|(d, _)| Arc::ptr_eq(d, desc))
+        {
+            return Ok(());
+        }
+        let set = self.set.clone();
+        let policy = set.masking_for(&self.ctx.resource);
+        let masker = Masker(policy);
+        let plan = if policy.columns().is_empty() {
+            // Detectors only: table names do not matter.
+            RowPlan::new(
+                desc,
+                &masker,
+                |_| Some(String::new()),
+                self.ctx.settings.unmaskable,
+            )?
+        } else {
+            // Pending OIDs are masked as "table unknown" (every rule naming the
+            // column applies); unresolvable ones refuse the row.
+            let mut adjusted = (**desc).clone();
+            let mut names = std::collections::HashMap::new();
+            for f in &mut adjusted.fields {
+                match self.catalog.table(f.table_oid) {
+                    TableName::None => {}
+                    TableName::Known(n) => {
+                        names.insert(f.table_oid, Some(n));
+                    }
+                    TableName::Pending => f.table_oid = 0,
+                    TableName::Unresolvable => {
+                        names.insert(f.table_oid, None);
+                    }
+                }
+            }
+            RowPlan::new(
+                &adjusted,
+                &masker,
+                |oid| names.get(&oid).cloned().flatten(),
+                self.ctx.settings.unmaskable,
+            )?
+        };
+        self.plan = Some((desc.clone(), plan));
+        Ok(())
+    }
+
+    /// A `CopyOutResponse`: build the plan for the `COPY` whose data follows.
+    fn copy_plan(&mut self, sql: Option<&Bytes>) -> Result<(), &'static str> {
+        let index = self.copies_seen;
+        self.copies_seen += 1;
+        self.copy = None;
+        let set = self.set.clone();
+        let policy = set.masking_for(&self.ctx.resource);
+        if !masking_active(policy) {
+            return Ok(());
+        }
+        let masker = Masker(policy);
+        let sql = sql.ok_or("the COPY statement is not known")?;
+        let copies = catalog::copy_outs(&String::from_utf8_lossy(sql))
+            .ok_or("the COPY statement does not parse")?;
+        let spec = copies.get(index).ok_or("the COPY statement is not known")?;
+        let plan = match spec {
+            CopyOut::Unmaskable { reason } => return Err(reason),
+            CopyOut::Query if policy.columns().is_empty() => CopyPlan::detectors_only(&masker),
+            CopyOut::Query => return Err("COPY (query) TO STDOUT under column rules"),
+            CopyOut::Table { table, columns } => {
+                if policy.columns().is_empty() {
+                    CopyPlan::detectors_only(&masker)
+                } else {
+                    let rel = self
+                        .catalog
+                        .resolve(table)
+                        .ok_or("the COPY table is not in the catalog")?;
+                    let qualified = format!("{}.{}", rel.schema, rel.name);
+                    let cols: Vec<(Option<&str>, &str)> = if columns.is_empty() {
+                        rel.columns
+                            .iter()
+                            .map(|c| (Some(qualified.as_str()), c.as_str()))
+                            .collect()
+                    } else {
+                        columns
+                            .iter()
+                            .map(|c| (Some(qualified.as_str()), c.as_str()))
+                            .collect()
+                    };
+                    if cols.is_empty() {
+                        return Err("the COPY table's columns are not known");
+                    }
+                    CopyPlan::new(&cols, &masker)
+                }
+            }
+        };
+        self.copy = Some(plan);
+        Ok(())
+    }
+
+    #[allow(clippy::unnecessary_wraps)] // the row paths return it as their own result
+    fn mask_failed(&mut self, e: &MaskError) -> Result<(), PgProxyError> {
+        tracing::warn!(conn = self.ctx.conn.id, error = %e, "masking failed; closing the connection");
+        let mut ev = self.event(
+            Kind::MaskingFailure,
+            json!({"protocol": "postgres", "database": self.database}),
+        );
+        ev.result = Some(json!({"error": e.to_string()}));
+        let sink = self.ctx.audit.clone();
+        tokio::spawn(async move {
+            if let Err(e) = sink.append(ev).await {
+                tracing::error!(error = %e, "audit append failed for a masking failure");
+            }
+        });
+        self.fatal(
+            "XX000",
+            &format!(
+                "agentgate: a result could not be masked ({e}); the connection is closed rather than send unmasked data"
+            ),
+        );
+        Ok(())
+    }
+
+    /// A statement's results ended: its result record (not awaited: the
+    /// statement already ran).
+    fn completed(
+        &mut self,
+        sql: Option<&Bytes>,
+        status: &str,
+        tag: Option<&Bytes>,
+        sqlstate: Option<&str>,
+    ) {
+        let cur = std::mem::replace(&mut self.cur, Running::new());
+        let report = &cur.report;
+        let transform = (report.values_masked > 0).then(|| {
+            json!({
+                "masking": {
+                    "columns": report.columns_masked,
+                    "values_masked": report.values_masked,
+                    "values_nulled": report.values_nulled,
+                    "detectors": report.detectors.iter().collect::<Vec<_>>(),
+                }
+            })
+        });
+        let command = tag.map(|t| String::from_utf8_lossy(t).into_owned());
+        let bind = self.last_bind.take();
+        let mut ev = self.event(
+            Kind::Statement,
+            json!({
+                "protocol": "postgres",
+                "phase": "completed",
+                "database": self.database,
+                "sql_hash": sql.map(|s| keyed_hash(&self.ctx.correlation_key, s)),
+                "bind": bind,
+            }),
+        );
+        ev.transform = transform;
+        ev.result = Some(json!({
+            "status": status,
+            "command": command,
+            "rows": cur.rows,
+            "bytes": cur.bytes,
+            "duration_ms": cur.started.elapsed().as_millis() as u64,
+            "sqlstate": sqlstate,
+        }));
+        let sink = self.ctx.audit.clone();
+        tokio::spawn(async move {
+            if let Err(e) = sink.append(ev).await {
+                tracing::error!(error = %e, "audit append failed for a statement result");
+            }
+        });
+    }
+
+    // -----------------------------------------------------------------------
+    // Client → server
+
+    async fn on_client(&mut self, m: FrontendMessage) -> Result<(), PgProxyError> {
+        if !self.ready {
+            return match m {
+                FrontendMessage::AuthResponse(_) => {
+                    m.encode(&mut self.uout);
+                    Ok(())
+                }
+                FrontendMessage::Terminate => {
+                    m.encode(&mut self.uout);
+                    self.client_eof = true;
+                    Ok(())
+                }
+                other => {
+                    self.fatal(
+                        "08P01",
+                        "agentgate: protocol error: only authentication messages are allowed before the server is ready",
+                    );
+                    Err(PgProxyError::Client {
+                        what: format!(
+                            "message {:?} before authentication completed",
+                            char::from(other.tag())
+                        ),
+                    })
+                }
+            };
+        }
+        match self.session.disposition(&m) {
+            Disposition::Discard => Ok(()),
+            Disposition::Forward => {
+                if let FrontendMessage::Bind(b) = &m {
+                    self.last_bind = Some(json!({
+                        "params": b.params.len(),
+                        "null_params": b.params.iter().filter(|p| p.is_none()).count(),
+                        "formats": b.param_formats,
+                        "types": self.session.statement(&b.statement).map(|s| s.param_types.clone()),
+                    }));
+                }
+                let terminate = matches!(m, FrontendMessage::Terminate);
+                self.forward(&m);
+                if terminate {
+                    self.client_eof = true;
+                    self.cin.clear();
+                }
+                Ok(())
+            }
+            Disposition::Decide => self.decide(m).await,
+        }
+    }
+
+    fn forward(&mut self, m: &FrontendMessage) {
+        let f = self.session.forward(m);
+        if let Some(d) = f.describe_first {
+            d.encode(&mut self.uout);
+        }
+        m.encode(&mut self.uout);
+        self.idle_point = false;
+        if matches!(
+            m,
+            FrontendMessage::Query { .. } | FrontendMessage::Execute { .. }
+        ) {
+            self.cur = Running::new();
+        }
+    }
+
+    fn deny_with(&mut self, m: &FrontendMessage, error: ErrorFields) {
+        if let Some(replacement) = self.session.deny(m, error) {
+            replacement.encode(&mut self.uout);
+            self.idle_point = false;
+        }
+    }
+
+    async fn decide(&mut self, m: FrontendMessage) -> Result<(), PgProxyError> {
+        self.set = self.ctx.policy.current();
+        self.statements += 1;
+        let (sql, message, name) = match &m {
+            FrontendMessage::Query { sql } => (sql.clone(), "query", None),
+            FrontendMessage::Parse { sql, statement, .. } => (
+                sql.clone(),
+                "parse",
+                Some(String::from_utf8_lossy(statement).into_owned()),
+            ),
+            _ => {
+                // Fast-path function calls bypass SQL entirely.
+                let rule = "agentgate:function-call";
+                let stmt = StmtRecord {
+                    action: json!({"protocol": "postgres", "message": "function_call", "database": self.database}),
+                    hash: String::new(),
+                };
+                let decision = Decision {
+                    verdict: Verdict::Deny {
+                        reason: "fast-path function calls are not allowed".into(),
+                    },
+                    rule: rule.into(),
+                };
+                self.record_statement(&stmt, &decision, None).await.ok();
+                self.deny_with(&m, session::denial_error(rule));
+                return Ok(());
+            }
+        };
+        let text = String::from_utf8_lossy(&sql);
+        let classification = Arc::new(sql::classify(&text, Dialect::Postgres));
+        let stmt = self.stmt_record(&text, &sql, &classification, message, name.as_deref());
+        // COPY TO STDOUT the masker could not follow is refused up front.
+        match self.copy_precheck(&text) {
+            CopyCheck::Ok => {}
+            CopyCheck::NeedCatalog => {
+                self.catalog.mark_stale();
+                if self.idle_point && self.session.is_idle() && self.catalog.wants_load() {
+                    self.statements -= 1;
+                    self.deferred = Some(m);
+                    self.start_catalog();
+                    return Ok(());
+                }
+            }
+            CopyCheck::Deny(reason) => {
+                let rule = "agentgate:copy-unmaskable";
+                let decision = Decision {
+                    verdict: Verdict::Deny {
+                        reason: reason.clone(),
+                    },
+                    rule: rule.into(),
+                };
+                self.record_statement(&stmt, &decision, None).await.ok();
+                self.deny_with(
+                    &m,
+                    ErrorFields::new(
+                        "ERROR",
+                        "42501",
+                        &format!("agentgate: statement denied by policy rule \"{rule}\": {reason}"),
+                    ),
+                );
+                return Ok(());
+            }
+        }
+        let decision = self.set.decide(
+            &self.ctx.subject,
+            &self.ctx.resource,
+            &Action::Sql(classification),
+        );
+        match decision.verdict.clone() {
+            Verdict::Allow => self.allow(m, &stmt, &decision, None).await,
+            Verdict::Deny { .. } => {
+                self.record_statement(&stmt, &decision, None).await.ok();
+                self.deny_with(&m, session::denial_error(&decision.rule));
+                Ok(())
+            }
+            Verdict::RequireApproval(spec) => {
+                self.request_approval(m, stmt, decision, &spec, &text).await
+            }
+        }
+    }
+
+    fn stmt_record(
+        &self,
+        text: &str,
+        raw: &Bytes,
+        c: &Classification,
+        message: &str,
+        name: Option<&str>,
+    ) -> StmtRecord {
+        let redacted = truncate_chars(
+            &sql::redact_for_log(text, Dialect::Postgres),
+            MAX_RECORD_SQL_CHARS,
+        );
+        let hash = keyed_hash(&self.ctx.correlation_key, raw);
+        StmtRecord {
+            action: json!({
+                "protocol": "postgres",
+                "message": message,
+                "statement_name": name,
+                "database": self.database,
+                "user": self.user,
+                "sql": redacted,
+                "sql_hash": hash,
+                "class": c.class.as_str(),
+                "statements": c.statements.len(),
+                "tables": c.tables,
+                "functions": c.functions,
+                "destructive": c.destructive,
+                "unparsed_reason": c.reason,
+            }),
+            hash,
+        }
+    }
+
+    async fn record_statement(
+        &self,
+        stmt: &StmtRecord,
+        decision: &Decision,
+        approval: Option<Value>,
+    ) -> Result<(), AuditUnavailable> {
+        let mut ev = self.event(Kind::Statement, stmt.action.clone());
+        let verdict = match &decision.verdict {
+            Verdict::Allow => "allow",
+            Verdict::Deny { .. } => "deny",
+            Verdict::RequireApproval(_) => "require_approval",
+        };
+        ev.decision = Some(decision_json(decision, verdict));
+        ev.approval = approval;
+        let r = self.ctx.audit.append(ev).await;
+        if let Err(e) = &r {
+            tracing::error!(conn = self.ctx.conn.id, error = %e, "audit append failed");
+        }
+        r
+    }
+
+    /// Write-ahead: the record is durable before the statement goes upstream.
+    async fn allow(
+        &mut self,
+        m: FrontendMessage,
+        stmt: &StmtRecord,
+        decision: &Decision,
+        approval: Option<Value>,
+    ) -> Result<(), PgProxyError> {
+        let effective = Decision {
+            verdict: Verdict::Allow,
+            rule: decision.rule.clone(),
+        };
+        if self
+            .record_statement(stmt, &effective, approval)
+            .await
+            .is_ok()
+        {
+            self.forward(&m);
+        } else {
+            self.deny_with(
+                &m,
+                ErrorFields::new(
+                    "ERROR",
+                    "58030",
+                    "agentgate: audit log unavailable; the statement was not run (fails closed)",
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    async fn request_approval(
+        &mut self,
+        m: FrontendMessage,
+        stmt: StmtRecord,
+        decision: Decision,
+        spec: &crate::policy::ApprovalSpec,
+        text: &str,
+    ) -> Result<(), PgProxyError> {
+        let spec = approval::ApprovalSpec {
+            approver_groups: spec.approver_groups.clone(),
+            quorum: spec.quorum,
+            timeout: spec.timeout,
+            grant_window: spec.grant_window,
+        };
+        let new = NewApproval {
+            identity: self.ctx.subject.identity.clone(),
+            resource: self.ctx.resource.name.clone(),
+            summary: truncate_chars(
+                &sql::redact_for_log(text, Dialect::Postgres),
+                MAX_SUMMARY_CHARS,
+            ),
+            statement_hash: stmt.hash.clone(),
+            rule: decision.rule.clone(),
+        };
+        match self.ctx.approvals.submit(new, &spec) {
+            Err(Outcome::Granted { approvers }) => {
+                let a = json!({"outcome": "granted", "approvers": approvers});
+                self.allow(m, &stmt, &decision, Some(a)).await
+            }
+            Err(other) => {
+                self.approval_denied(&m, &stmt, &decision, "?", &other)
+                    .await;
+                Ok(())
+            }
+            Ok((req, waiter)) => {
+                let mut ev = self.event(Kind::ApprovalRequested, stmt.action.clone());
+                ev.decision = Some(decision_json(&decision, "require_approval"));
+                ev.approval = Some(json!({
+                    "id": req.id,
+                    "approver_groups": req.approver_groups,
+                    "quorum": req.quorum,
+                    "deadline": req.deadline,
+                }));
+                if self.ctx.audit.append(ev).await.is_err() {
+                    drop(waiter);
+                    self.deny_with(
+                        &m,
+                        ErrorFields::new(
+                            "ERROR",
+                            "58030",
+                            "agentgate: audit log unavailable; the statement was not run (fails closed)",
+                        ),
+                    );
+                    return Ok(());
+                }
+                BackendMessage::NoticeResponse(session::approval_notice(&req.id, &req.deadline))
+                    .encode(&mut self.cout);
+                tracing::info!(conn = self.ctx.conn.id, request = %req.id, rule = %decision.rule, "statement held for approval");
+                self.held = Some(Held {
+                    msg: m,
+                    stmt,
+                    decision,
+                    request_id: req.id,
+                    outcome: Box::pin(waiter.outcome()),
+                });
+                Ok(())
+            }
+        }
+    }
+
+    async fn approval_outcome(&mut self, outcome: Outcome) {
+        let Some(h) = self.held.take() else {
+            return;
+        };
+        match &outcome {
+            Outcome::Approved { approvers } | Outcome::Granted { approvers } => {
+                let a = json!({"id": h.request_id, "outcome": "approved", "approvers": approvers});
+                let _ = self.allow(h.msg, &h.stmt, &h.decision, Some(a)).await;
+            }
+            Outcome::Denied { .. } | Outcome::Expired => {
+                self.approval_denied(&h.msg, &h.stmt, &h.decision, &h.request_id, &outcome)
+                    .await;
+            }
+        }
+    }
+
+    async fn approval_denied(
+        &mut self,
+        m: &FrontendMessage,
+        stmt: &StmtRecord,
+        decision: &Decision,
+        id: &str,
+        outcome: &Outcome,
+    ) {
+        let (what, approval) = match outcome {
+            Outcome::Denied { by, reason } => (
+                format!(
+                    "denied by {by}{}",
+                    reason
+                        .as_deref()
+                        .map(|r| format!(" ({r})"))
+                        .unwrap_or_default()
+                ),
+                json!({"id": id, "outcome": "denied", "by": by, "reason": reason}),
+            ),
+            _ => (
+                "expired without a decision".to_owned(),
+                json!({"id": id, "outcome": "expired"}),
+            ),
+        };
+        let d = Decision {
+            verdict: Verdict::Deny {
+                reason: what.clone(),
+            },
+            rule: decision.rule.clone(),
+        };
+        let _ = self.record_statement(stmt, &d, Some(approval)).await;
+        self.deny_with(
+            m,
+            ErrorFields::new(
+                "ERROR",
+                "42501",
+                &format!(
+                    "agentgate: statement denied by policy rule \"{}\": approval request {id} {what}",
+                    decision.rule
+                ),
+            ),
+        );
+    }
+
+    fn copy_precheck(&self, text: &str) -> CopyCheck {
+        let policy = self.masking();
+        if !masking_active(policy) || !text.to_ascii_lowercase().contains("copy") {
+            return CopyCheck::Ok;
+        }
+        let Some(copies) = catalog::copy_outs(text) else {
+            return CopyCheck::Ok; // not parsed: Unknown class, the policy decides
+        };
+        for c in copies {
+            match c {
+                CopyOut::Unmaskable { reason } => {
+                    return CopyCheck::Deny(format!(
+                        "{reason} cannot be masked; use COPY ... TO STDOUT in text format"
+                    ));
+                }
+                CopyOut::Query if !policy.columns().is_empty() => {
+                    return CopyCheck::Deny(
+                        "COPY (query) TO STDOUT cannot be masked by column; COPY a table or SELECT instead".into(),
+                    );
+                }
+                CopyOut::Table { table, .. }
+                    if !policy.columns().is_empty() && self.catalog.resolve(&table).is_none() =>
+                {
+                    if self.catalog.wants_load() || !self.catalog.is_loaded() {
+                        return CopyCheck::NeedCatalog;
+                    }
+                    return CopyCheck::Deny(
+                        "the COPY table is unknown or ambiguous; qualify it with its schema".into(),
+                    );
+                }
+                _ => {}
+            }
+        }
+        CopyCheck::Ok
+    }
+
+    async fn close_record(&self, error: Option<&PgProxyError>) {
+        if !self.ready {
+            return;
+        }
+        let mut ev = self.event(
+            Kind::SessionEnd,
+            json!({"protocol": "postgres", "database": self.database, "user": self.user}),
+        );
+        ev.result = Some(json!({
+            "statements": self.statements,
+            "bytes_up": self.ctx.conn.bytes_up.load(Ordering::Relaxed),
+            "bytes_down": self.ctx.conn.bytes_down.load(Ordering::Relaxed),
+            "duration_ms": self.opened_at.elapsed().as_millis() as u64,
+            "error": error.map(ToString::to_string),
+        }));
+        if let Err(e) = self.ctx.audit.append(ev).await {
+            tracing::error!(error = %e, "audit append failed for connection.close");
+        }
+    }
+}
+
+enum CopyCheck {
+    Ok,
+    NeedCatalog,
+    Deny(String),
+}
+
+fn decision_json(d: &Decision, verdict: &str) -> Value {
+    let reason = match &d.verdict {
+        Verdict::Deny { reason } => Some(reason.clone()),
+        _ => None,
+    };
+    json!({"verdict": verdict, "rule": d.rule, "reason": reason})
+}
+
+/// Keyed BLAKE3 (hex), the same construction as the audit log's `keyed_hash`.
+pub fn keyed_hash(key: &[u8; 32], data: &[u8]) -> String {
+    blake3::keyed_hash(key, data).to_hex().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Mutex, atomic::AtomicU64};
+
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::policy::{PolicyStore, load_str};
+
+    const POLICY: &str = r#"
+[[resource]]
+name = "db"
+protocol = "postgres"
+addresses = ["127.0.0.1:1"]
+[[rule]]
+name = "reads"
+identities = ["agent"]
+resources = ["db"]
+action = "allow"
+match = { sql = ["read"] }
+[[rule]]
+name = "writes"
+identities = ["agent"]
+resources = ["db"]
+action = "allow"
+match = { sql = ["write"] }
+"#;
+
+    /// A minimal server: trust auth, and every `Query` answered with a
+    /// syntax error (for the proxy's denial statement) or `SELECT 0`. Records
+    /// the SQL it received.
+    async fn fake_server(l: TcpListener, seen: Arc<Mutex<Vec<String>>>) {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).await.unwrap();
+        let mut rest = vec![0u8; u32::from_be_bytes(len) as usize - 4];
+        s.read_exact(&mut rest).await.unwrap();
+        s.write_all(b"R\0\0\0\x08\0\0\0\0Z\0\0\0\x05I")
+            .await
+            .unwrap();
+        loop {
+            let mut hdr = [0u8; 5];
+            if s.read_exact(&mut hdr).await.is_err() {
+                return;
+            }
+            let n = u32::from_be_bytes([hdr[1], hdr[2], hdr[3], hdr[4]]) as usize - 4;
+            let mut body = vec![0u8; n];
+            s.read_exact(&mut body).await.unwrap();
+            if hdr[0] != b'Q' {
+                continue;
+            }
+            let sql = String::from_utf8_lossy(&body[..n - 1]).into_owned();
+            let reply = if sql.as_bytes() == session::DENIED_SQL {
+                BackendMessage::ErrorResponse(ErrorFields::new("ERROR", "42601", "syntax error"))
+            } else {
+                BackendMessage::CommandComplete {
+                    tag: Bytes::from_static(b"SELECT 0"),
+                }
+            };
+            seen.lock().unwrap().push(sql);
+            let mut out = BytesMut::new();
+            reply.encode(&mut out);
+            BackendMessage::ReadyForQuery(TxStatus::Idle).encode(&mut out);
+            s.write_all(&out).await.unwrap();
+        }
+    }
+
+    struct Failing;
+    impl AuditSink for Failing {
+        fn append(
+            &self,
+            _: NewRecord,
+        ) -> Pin<Box<dyn Future<Output = Result<(), AuditUnavailable>> + Send + '_>> {
+            Box::pin(async {
+                Err(AuditUnavailable {
+                    reason: "disk full".into(),
+                })
+            })
+        }
+    }
+
+    /// Fails only statement records of a write (so the connection opens).
+    struct FailWrites;
+    impl AuditSink for FailWrites {
+        fn append(
+            &self,
+            r: NewRecord,
+        ) -> Pin<Box<dyn Future<Output = Result<(), AuditUnavailable>> + Send + '_>> {
+            let write = r.action.as_ref().is_some_and(|a| a["class"] == "write");
+            Box::pin(async move {
+                if write {
+                    Err(AuditUnavailable {
+                        reason: "disk full".into(),
+                    })
+                } else {
+                    Ok(())
+                }
+            })
+        }
+    }
+
+    fn ctx(dest: SocketAddr, audit: Arc<dyn AuditSink>) -> PgContext {
+        let set = load_str(&[("p.toml", POLICY)]).unwrap();
+        let resource = set.resource("db").unwrap().clone();
+        let policy = Arc::new(PolicyStore::from_set(
+            std::path::Path::new("/nonexistent"),
+            set,
+            None,
+        ));
+        let conn = Arc::new(LiveConnection {
+            id: 1,
+            identity: "agent".into(),
+            workload: crate::provenance::Workload {
+                pid: 1,
+                tid: 1,
+                uid: 0,
+                gid: 0,
+                comm: "test".into(),
+                exe: None,
+                cmdline: None,
+                ppid: None,
+                cgroup: None,
+                cgroup_id: 0,
+                tagged_cgroup_id: 0,
+            },
+            destination: dest,
+            since: String::new(),
+            bytes_up: AtomicU64::new(0),
+            bytes_down: AtomicU64::new(0),
+            close: tokio::sync::Notify::new(),
+            resource: Some("db".into()),
+            audit_identity: crate::audit::IdentityRef::default(),
+            started: Instant::now(),
+        });
+        PgContext {
+            conn,
+            subject: Subject {
+                identity: "agent".into(),
+                groups: vec![],
+            },
+            resource,
+            policy,
+            approvals: Broker::default(),
+            audit,
+            correlation_key: [7; 32],
+            settings: PgSettings::default(),
+        }
+    }
+
+    fn startup() -> BytesMut {
+        let mut b = BytesMut::new();
+        StartupPacket::Startup {
+            version: codec::ProtocolVersion { major: 3, minor: 0 },
+            params: vec![("user".into(), "u".into()), ("database".into(), "d".into())],
+        }
+        .encode(&mut b);
+        b
+    }
+
+    fn query(sql: &str) -> BytesMut {
+        let mut b = BytesMut::new();
+        FrontendMessage::Query {
+            sql: Bytes::copy_from_slice(sql.as_bytes()),
+        }
+        .encode(&mut b);
+        b
+    }
+
+    /// Reads backend messages until `ReadyForQuery` or EOF; returns the SQLSTATEs seen.
+    async fn until_ready(c: &mut TcpStream, buf: &mut BytesMut) -> (Vec<String>, bool) {
+        let mut states = Vec::new();
+        loop {
+            while let Some(m) = codec::decode_backend(buf, &Limits::default()).unwrap() {
+                match m {
+                    BackendMessage::ErrorResponse(f) => {
+                        states.push(String::from_utf8_lossy(f.sqlstate().unwrap()).into_owned());
+                    }
+                    BackendMessage::ReadyForQuery(_) => return (states, false),
+                    _ => {}
+                }
+            }
+            if c.read_buf(buf).await.unwrap() == 0 {
+                return (states, true);
+            }
+        }
+    }
+
+    async fn harness(audit: Arc<dyn AuditSink>) -> (TcpStream, Arc<Mutex<Vec<String>>>, BytesMut) {
+        let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let ctx = ctx(upstream.local_addr().unwrap(), audit);
+        tokio::spawn(fake_server(upstream, seen.clone()));
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = front.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (s, _) = front.accept().await.unwrap();
+            let _ = serve(s, ctx).await;
+        });
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(&startup()).await.unwrap();
+        let mut buf = BytesMut::new();
+        let (errs, eof) = until_ready(&mut c, &mut buf).await;
+        assert!(errs.is_empty() && !eof);
+        (c, seen, buf)
+    }
+
+    #[tokio::test]
+    async fn an_unloggable_statement_is_denied_and_never_reaches_the_server() {
+        let (mut c, seen, mut buf) = harness(Arc::new(FailWrites)).await;
+        c.write_all(&query("DELETE FROM t WHERE id = 1"))
+            .await
+            .unwrap();
+        let (errs, _) = until_ready(&mut c, &mut buf).await;
+        assert_eq!(errs, vec!["58030"]);
+        c.write_all(&query("SELECT 1")).await.unwrap();
+        let (errs, _) = until_ready(&mut c, &mut buf).await;
+        assert!(errs.is_empty(), "the session stays usable");
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(
+            seen,
+            vec!["AGENTGATE DENIED".to_owned(), "SELECT 1".to_owned()]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unloggable_connection_is_closed_after_authentication() {
+        let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let ctx = ctx(upstream.local_addr().unwrap(), Arc::new(Failing));
+        tokio::spawn(fake_server(upstream, seen.clone()));
+        let (mut c, s) = {
+            let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let c = TcpStream::connect(front.local_addr().unwrap())
+                .await
+                .unwrap();
+            (c, front.accept().await.unwrap().0)
+        };
+        let task = tokio::spawn(serve(s, ctx));
+        c.write_all(&startup()).await.unwrap();
+        let mut buf = BytesMut::new();
+        let (errs, eof) = until_ready(&mut c, &mut buf).await;
+        assert_eq!(errs, vec!["58030"]);
+        assert!(eof);
+        assert!(matches!(
+            task.await.unwrap(),
+            Err(PgProxyError::Audit { .. })
+        ));
+        assert!(seen.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_malformed_message_is_a_protocol_error_and_is_not_forwarded() {
+        let (mut c, seen, mut buf) = harness(Arc::new(FailWrites)).await;
+        let mut bad = BytesMut::from(&b"Q\0\0\0\x02"[..]);
+        bad.extend_from_slice(b"SELECT 1\0");
+        c.write_all(&bad).await.unwrap();
+        let (errs, eof) = until_ready(&mut c, &mut buf).await;
+        assert_eq!(errs, vec!["08P01"]);
+        assert!(eof, "the proxy closes");
+        assert!(seen.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn refuse_answers_the_startup_with_28000_naming_the_rule() {
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut c = TcpStream::connect(front.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (s, _) = front.accept().await.unwrap();
+        let task = tokio::spawn(async move { refuse(s, "no-prod", "not on call").await });
+        let mut ssl = BytesMut::new();
+        StartupPacket::SslRequest.encode(&mut ssl);
+        c.write_all(&ssl).await.unwrap();
+        let mut n = [0u8; 1];
+        c.read_exact(&mut n).await.unwrap();
+        assert_eq!(&n, b"N");
+        c.write_all(&startup()).await.unwrap();
+        let mut buf = BytesMut::new();
+        let (errs, eof) = until_ready(&mut c, &mut buf).await;
+        assert_eq!(errs, vec!["28000"]);
+        assert!(eof);
+        task.await.unwrap().unwrap();
+    }
+}
