@@ -185,13 +185,19 @@ impl Workload {
         v
     }
 
-    /// Statements the client sends per transaction, each of which a write-ahead
-    /// audit makes wait for the log: `-S` is one SELECT; TPC-B-like is BEGIN,
-    /// 3 UPDATEs, a SELECT, an INSERT and END.
-    fn statements(self) -> u32 {
+    /// Statements per transaction that wait for a durable audit record before
+    /// they go upstream. The proxy decides (and writes ahead) every `Query` and
+    /// every `Parse`: in the simple protocol that is every statement (`-S`: one
+    /// SELECT; TPC-B-like: BEGIN, 3 UPDATEs, a SELECT, an INSERT, END); with
+    /// `-M prepared` pgbench parses each statement once per connection and then
+    /// only binds and executes, which are not decided again (their result
+    /// records are appended after the fact, not awaited), so none wait in the
+    /// steady state.
+    fn write_ahead_statements(self) -> u32 {
         match self {
-            Self::TpcbSimple | Self::TpcbPrepared => 7,
-            _ => 1,
+            Self::TpcbSimple => 7,
+            Self::SelectSimple | Self::Masked100 => 1,
+            Self::SelectPrepared | Self::TpcbPrepared => 0,
         }
     }
 }
@@ -953,7 +959,7 @@ impl Report<'_> {
     fn bound(&self, workload: Workload, clients: u32, batched: &Sample) -> f64 {
         let f = self.fsync_median_ms / 1e3;
         let n = f64::from(clients);
-        n / (f64::from(workload.statements()) * f + n / batched.tps)
+        n / (f64::from(workload.write_ahead_statements()) * f + n / batched.tps)
     }
 
     fn header(&self, s: &mut String) {
@@ -1163,15 +1169,17 @@ impl Report<'_> {
         );
         let _ = writeln!(
             s,
-            "\nThe strict-durability bound: with `durability = \"strict\"` the proxy forwards a statement \
-             only after its audit record is fdatasync'ed, so each of the S statements of a transaction \
-             (S = 1 for select-only; 7 for TPC-B-like: BEGIN, 3 UPDATE, SELECT, INSERT, END) waits for \
-             at least one whole fsync, of latency f (group commit lets clients share an fsync but cannot \
-             shorten that wait). Everything else a transaction costs is what it costs with batched \
-             durability, t = N / TPS_batched(N) for N clients. So TPS_bound(N) = N / (S·f + t), with f the \
-             median fsync above and TPS_batched from the same round; 1 / (S·f) is the per-client ceiling \
-             from fsync alone. Where the proxy audits per connection rather than per statement \
-             (an L4 relay), nothing waits for fsync per statement and the ratio is about 1 or above."
+            "\nThe strict-durability bound: with `durability = \"strict\"` an append returns once the record \
+             is fdatasync'ed, and the proxy forwards a statement it decides (every simple-protocol `Query`, \
+             every `Parse`) only after its record is appended. So each of the S decided statements of a \
+             transaction waits for at least one whole fsync, of latency f (group commit lets clients share an \
+             fsync but cannot shorten that wait). S = 1 for select-only and 7 for TPC-B-like (BEGIN, 3 UPDATE, \
+             SELECT, INSERT, END) in the simple protocol; with `-M prepared` pgbench parses once per \
+             connection and then only binds and executes, which are not decided again, so S = 0 (result \
+             records are appended after the statement ran, not awaited). Everything else a transaction costs \
+             is what it costs with batched durability, t = N / TPS_batched(N) for N clients, so \
+             TPS_bound(N) = N / (S·f + t), with f the median fsync above and TPS_batched from the same round; \
+             1 / (S·f) is the per-client ceiling from fsync alone."
         );
     }
 
