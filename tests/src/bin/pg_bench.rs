@@ -212,6 +212,7 @@ struct Case {
 #[derive(Clone, Debug)]
 struct Sample {
     tps: f64,
+    txns: u64,
     p50_ms: f64,
     p99_ms: f64,
     cpu_ms_per_1k: Option<f64>,
@@ -276,6 +277,8 @@ struct Bench {
     secs: u32,
     clk_tck: f64,
     failures: Vec<String>,
+    /// Audit log bytes written by the daemons so far.
+    audit_bytes: u64,
 }
 
 impl Bench {
@@ -324,6 +327,7 @@ impl Bench {
                 secs,
                 clk_tck,
                 failures: Vec::new(),
+                audit_bytes: 0,
             },
             masking_seen,
         ))
@@ -396,6 +400,7 @@ fn run() -> Result<()> {
         failures: &b.failures,
         elapsed: started.elapsed(),
         load: (load_before, loadavg()),
+        audit_bytes: b.audit_bytes + dir_bytes(&b.env.state.join("audit")),
     }
     .render();
     print!("{report}");
@@ -538,6 +543,7 @@ impl Bench {
         };
         Ok(Sample {
             tps,
+            txns,
             p50_ms: quantile(&lat, 0.5),
             p99_ms: quantile(&lat, 0.99),
             cpu_ms_per_1k,
@@ -551,6 +557,12 @@ impl Bench {
         if let Some(mut d) = self.env.daemon.take() {
             d.terminate();
         }
+        // A fresh log per daemon: the daemon verifies its whole log at start,
+        // and this bench writes about 1 KiB of audit per statement (gigabytes
+        // per round), which would make each start slower than the last.
+        let audit = self.env.state.join("audit");
+        self.audit_bytes += dir_bytes(&audit);
+        fs::remove_dir_all(&audit).with_context(|| format!("removing {}", audit.display()))?;
         self.env.opts.audit_extra = format!("durability = \"{durability}\"");
         self.env.write_config()?;
         self.env.start_daemon()?;
@@ -558,6 +570,17 @@ impl Bench {
         self.durability = durability;
         Ok(())
     }
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    fs::read_dir(dir).map_or(0, |entries| {
+        entries
+            .filter_map(Result::ok)
+            .filter_map(|e| e.metadata().ok())
+            .filter(fs::Metadata::is_file)
+            .map(|m| m.len())
+            .sum()
+    })
 }
 
 /// The harness starts the daemon through `sh -c 'exec nsenter ... agentgate'`;
@@ -884,6 +907,7 @@ struct Report<'a> {
     elapsed: Duration,
     /// Load averages before and after.
     load: (String, String),
+    audit_bytes: u64,
 }
 
 /// Medians of one case over rounds.
@@ -996,6 +1020,24 @@ impl Report<'_> {
             self.fsync_median_ms,
             self.fsync_p90_ms,
             self.elapsed.as_secs_f64(),
+        );
+    }
+
+    /// Audit volume: total, and per transaction through agentgate.
+    fn audit_volume(&self, s: &mut String) {
+        let tagged: u64 = self
+            .results
+            .iter()
+            .filter(|(c, _)| c.path.tagged())
+            .flat_map(|(_, v)| v.iter().map(|(_, x)| x.txns))
+            .sum();
+        let _ = writeln!(
+            s,
+            "\nAudit written: {:.2} GiB for {tagged} transactions through agentgate, {:.0} bytes per \
+             transaction (statement and result records, connection records). Each daemon start gets a \
+             fresh log: the daemon verifies the whole log when it starts.",
+            self.audit_bytes as f64 / f64::from(1u32 << 30),
+            self.audit_bytes as f64 / tagged.max(1) as f64,
         );
     }
 
@@ -1187,6 +1229,7 @@ impl Report<'_> {
         let mut s = String::new();
         self.header(&mut s);
         self.main_table(&mut s);
+        self.audit_volume(&mut s);
         let e2e = self.masking_table(&mut s);
         self.targets(&mut s, e2e);
         if !self.failures.is_empty() {
