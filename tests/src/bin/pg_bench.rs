@@ -30,12 +30,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agentgate::{
-    mask::{MaskPolicy, Strategy},
-    protocol::postgres::{
-        codec::{DataRow, FieldDescription, RowDescription},
-        mask::{MaskReport, MaskResult, RowMasker, RowPlan, Scratch, Unmaskable, oid},
-    },
+use agentgate::protocol::postgres::{
+    codec::{DataRow, FieldDescription, RowDescription},
+    mask::{MaskReport, RowPlan, Scratch, Unmaskable, oid},
+    proxy::Masker,
 };
 use agentgate_e2e::{
     DaemonOptions, Env, Proc,
@@ -781,34 +779,6 @@ fn masking_observed(env: &Env) -> Result<bool> {
     Ok(proxied != direct)
 }
 
-/// The policy's masking as the row masker sees it: the same adapter as the
-/// Postgres proxy's (`protocol::postgres::proxy::Masker`, private there).
-struct PolicyMasker<'m>(&'m MaskPolicy);
-
-impl RowMasker for PolicyMasker<'_> {
-    type Strategy = Strategy;
-
-    fn column_strategy(&self, table: Option<&str>, column: &str) -> Option<Strategy> {
-        self.0.column_rule(table, column)
-    }
-
-    fn has_detectors(&self) -> bool {
-        self.0.detectors_enabled()
-    }
-
-    fn mask_text(&self, value: &str, strategy: Option<Strategy>, out: &mut String) -> MaskResult {
-        let o = self.0.mask_value(value, strategy);
-        if o.changed {
-            out.push_str(&o.text);
-            MaskResult::Masked {
-                detectors: o.detectors_hit,
-            }
-        } else {
-            MaskResult::Unchanged
-        }
-    }
-}
-
 /// ns per row of `RowPlan::mask_row` over 100 `customers` rows (text format,
 /// as `SELECT * FROM customers LIMIT 100` returns them) with the bench policy's
 /// `MaskPolicy`: 5 columns masked by rule, the 6th scanned by every detector.
@@ -817,7 +787,7 @@ fn mask_micro() -> Result<f64> {
     let set = agentgate::policy::load_str(&[("bench.toml", &policy())])
         .map_err(|e| anyhow::anyhow!("bench policy: {e}"))?;
     let resource = set.resource("bench-pg").context("bench-pg resource")?;
-    let masker = PolicyMasker(set.masking_for(resource));
+    let masker = Masker(set.masking_for(resource));
     let cols = [
         ("id", oid::INT4),
         ("name", oid::TEXT),
