@@ -1226,7 +1226,7 @@ impl Pg<'_> {
                 "protocol": "postgres",
                 "phase": "completed",
                 "database": self.database,
-                "sql_hash": sql.map(|s| keyed_hash(&self.ctx.correlation_key, s)),
+                "sql_hash": sql.map(|s| crate::audit::keyed_hash(&self.ctx.correlation_key, s)),
                 "bind": bind,
             }),
         );
@@ -1414,7 +1414,7 @@ impl Pg<'_> {
             &sql::redact_for_log(text, Dialect::Postgres),
             MAX_RECORD_SQL_CHARS,
         );
-        let hash = keyed_hash(&self.ctx.correlation_key, raw);
+        let hash = crate::audit::keyed_hash(&self.ctx.correlation_key, raw);
         StmtRecord {
             action: json!({
                 "protocol": "postgres",
@@ -1686,11 +1686,6 @@ fn decision_json(d: &Decision, verdict: &str) -> Value {
         _ => None,
     };
     json!({"verdict": verdict, "rule": d.rule, "reason": reason})
-}
-
-/// Keyed BLAKE3 (hex), the same construction as the audit log's `keyed_hash`.
-pub fn keyed_hash(key: &[u8; 32], data: &[u8]) -> String {
-    blake3::keyed_hash(key, data).to_hex().to_string()
 }
 
 #[cfg(test)]
