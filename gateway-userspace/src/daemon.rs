@@ -136,6 +136,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         identities,
         audit: audit.clone(),
         correlation_key,
+        pg_cancel_keys: crate::protocol::postgres::proxy::CancelKeys::default(),
     });
     let daemon = Arc::new(Daemon {
         shared: shared.clone(),

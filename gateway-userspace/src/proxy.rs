@@ -68,6 +68,8 @@ pub struct Shared {
     pub audit: AuditLog,
     /// Key of the keyed hashes that correlate redacted statements.
     pub correlation_key: [u8; 32],
+    /// Cancel keys of the live Postgres sessions.
+    pub pg_cancel_keys: crate::protocol::postgres::proxy::CancelKeys,
 }
 
 /// The `OpenID` provider client and the sessions the daemon holds.
@@ -385,6 +387,7 @@ async fn dispatch(
                         connect_timeout: shared.config.upstream_connect_timeout(),
                         ..Default::default()
                     },
+                    cancel_keys: shared.pg_cancel_keys.clone(),
                 };
                 crate::protocol::postgres::proxy::serve(client, ctx)
                     .await

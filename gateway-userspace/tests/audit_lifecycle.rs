@@ -380,3 +380,39 @@ async fn inclusion_proofs_from_the_cli_verify_and_tampered_ones_fail() {
         "prove reads the log and is recorded"
     );
 }
+
+#[tokio::test]
+async fn detached_records_are_written_in_order_and_synced_without_a_waiter() {
+    let t = TempLog::new();
+    let mut cfg = t.cfg();
+    cfg.durability = Durability::Strict;
+    cfg.batch_interval_ms = 20;
+    cfg.checkpoint_every_records = 1_000_000;
+    let log = AuditLog::open(cfg).await.unwrap();
+    log.append(statement(0)).await.unwrap();
+    let fsyncs = log.stats().fsyncs;
+    for i in 1..4 {
+        log.append_detached(statement(i)).unwrap();
+    }
+    // Nobody waits: no fsync of its own at once, but one within the interval.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let s = log.stats();
+    assert_eq!(s.appends, 4, "{s:?}");
+    assert!(
+        s.fsyncs > fsyncs,
+        "detached records were never synced: {s:?}"
+    );
+    log.append(statement(4)).await.unwrap();
+    let connections: Vec<u64> = records(&t.dir)
+        .iter()
+        .filter(|r| r.kind == Kind::Statement)
+        .filter_map(|r| r.connection_id)
+        .collect();
+    assert_eq!(connections, vec![0, 1, 2, 3, 4]);
+    assert!(matches!(
+        log.append_detached(NewRecord::new(Kind::Checkpoint)),
+        Err(AuditError::ReservedKind { .. })
+    ));
+    log.close().await.unwrap();
+    verify_dir(&t.dir, None).unwrap();
+}

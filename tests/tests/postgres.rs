@@ -566,9 +566,19 @@ fn cancel_large_results_and_scram_work_through_the_proxy() {
     let out = python(
         &env,
         r#"
-import json, sys, threading, time, psycopg
+import json, socket, struct, sys, threading, time, psycopg
 c = psycopg.connect(sys.argv[1], autocommit=True)
 res = {}
+def forged_cancel():
+    # The right backend pid with a secret the server never gave: the proxy
+    # must not forward it.
+    s = socket.create_connection(("127.0.0.1", 5432))
+    s.sendall(struct.pack("!iiii", 16, 80877102, c.info.backend_pid, 12345))
+    s.close()
+threading.Timer(0.5, forged_cancel).start()
+t0 = time.monotonic()
+c.execute("SELECT pg_sleep(2)")
+res["forged_ignored_seconds"] = time.monotonic() - t0
 t0 = time.monotonic()
 threading.Timer(1.0, c.cancel).start()
 try:
@@ -591,6 +601,27 @@ print(json.dumps(res))
         serde_json::from_str(text(&out.stdout).lines().last().unwrap()).unwrap();
     assert_eq!(v["cancelled"], true, "{v}");
     assert!(v["seconds"].as_f64().unwrap() < 10.0, "{v}");
+    assert!(
+        v["forged_ignored_seconds"].as_f64().unwrap() >= 1.9,
+        "a forged cancel key cancelled the query: {v}"
+    );
+    let cancels: Vec<String> = audit_records(&env)
+        .iter()
+        .filter(|r| r["action"]["message"] == "cancel_request")
+        .map(|r| {
+            r["decision"]["rule"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        cancels,
+        vec![
+            "agentgate:cancel-key-not-issued".to_owned(),
+            "agentgate:cancel-own-session".to_owned()
+        ]
+    );
     assert_eq!(v["after"], 1);
     assert_eq!(v["big_rows"], 64);
     assert_eq!(v["big_bytes"], 64 << 20);

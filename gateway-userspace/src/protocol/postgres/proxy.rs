@@ -28,9 +28,15 @@
 //! 5. **Statements**: every `Query` (all statements in the string; the most
 //!    dangerous class wins) and every `Parse` is classified and decided.
 //!    - allow: the statement record (redacted SQL, keyed hash, class, tables,
-//!      decision, rule, approval) is appended and awaited *before* the statement
-//!      is forwarded (write-ahead); if the append fails the statement is denied
-//!      with `42501`/"audit log unavailable" (fails closed);
+//!      decision, rule, approval) is appended. A statement that can change
+//!      state (any class above `read`, and every approved statement) is
+//!      forwarded only once its record is durable (write-ahead); if the append
+//!      fails it is denied with `58030` "audit log unavailable" (fails closed).
+//!      A `read` or `transaction` statement is forwarded while its record is
+//!      being written, and nothing more reaches the client until the record is
+//!      durable; if it cannot be written, everything not yet released is
+//!      dropped and the connection ends with `FATAL 58030` (the result is never
+//!      seen);
 //!    - deny: [`Session::deny`] sends a statement upstream that fails in the parser,
 //!      and the server's error is replaced by `42501` naming the rule, so the
 //!      transaction state is exactly Postgres' own (a denial inside a block fails
@@ -90,6 +96,7 @@
 //!   redacted SQL in an approval request, [`MAX_RECORD_SQL_CHARS`] in a record.
 
 use std::{
+    collections::{HashMap, VecDeque},
     future::Future,
     net::SocketAddr,
     pin::Pin,
@@ -120,7 +127,7 @@ use crate::{
     mask::{MaskPolicy, Strategy},
     policy::{Action, Decision, PolicySet, PolicyStore, Resource, Subject, TlsMode, Verdict},
     proxy::LiveConnection,
-    sql::{self, Classification, Dialect},
+    sql::{self, Classification, Dialect, StatementClass},
 };
 
 /// How long a client may take to send its startup packet.
@@ -176,6 +183,10 @@ pub trait AuditSink: Send + Sync {
         &self,
         record: NewRecord,
     ) -> Pin<Box<dyn Future<Output = Result<(), AuditUnavailable>> + Send + '_>>;
+
+    /// A record nobody waits for (a statement's result, after its write-ahead
+    /// record): written in order, durable with the next awaited record.
+    fn append_detached(&self, record: NewRecord);
 }
 
 impl AuditSink for AuditLog {
@@ -191,6 +202,75 @@ impl AuditSink for AuditLog {
                     reason: e.to_string(),
                 })
         })
+    }
+
+    fn append_detached(&self, record: NewRecord) {
+        if let Err(e) = AuditLog::append_detached(self, record) {
+            tracing::error!(error = %e, "audit append failed for a statement result");
+        }
+    }
+}
+
+/// An append in flight whose statement was already forwarded.
+type Unconfirmed<'a> = Pin<Box<dyn Future<Output = Result<(), AuditUnavailable>> + Send + 'a>>;
+
+// ---------------------------------------------------------------------------
+// Cancel keys
+
+/// The cancel keys servers gave to sessions through this proxy. A
+/// `CancelRequest` is forwarded only with a key issued here, to the server
+/// that issued it, for the identity whose session it was: an agent cannot
+/// cancel another identity's queries, nor probe for keys. One entry per live
+/// session (bounded by the proxy's connection limit).
+#[derive(Clone, Default)]
+pub struct CancelKeys(Arc<std::sync::Mutex<HashMap<(i32, Bytes), Issued>>>);
+
+#[derive(Clone, PartialEq, Eq)]
+struct Issued {
+    destination: SocketAddr,
+    identity: String,
+}
+
+/// Removes its key when the session ends.
+struct CancelKeyGuard {
+    keys: CancelKeys,
+    key: (i32, Bytes),
+}
+
+impl CancelKeys {
+    fn issue(&self, pid: i32, secret: Bytes, issued: Issued) -> CancelKeyGuard {
+        let key = (pid, secret);
+        self.lock().insert(key.clone(), issued);
+        CancelKeyGuard {
+            keys: self.clone(),
+            key,
+        }
+    }
+
+    fn issued_to(&self, pid: i32, secret: &Bytes) -> Option<Issued> {
+        self.lock().get(&(pid, secret.clone())).cloned()
+    }
+
+    /// Live sessions with a key.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(i32, Bytes), Issued>> {
+        // A panic while holding the lock cannot leave the map half-updated.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Drop for CancelKeyGuard {
+    fn drop(&mut self) {
+        self.keys.lock().remove(&self.key);
     }
 }
 
@@ -211,6 +291,8 @@ pub struct PgContext {
     /// Key for the keyed hash of statements (correlation without the text).
     pub correlation_key: [u8; 32],
     pub settings: PgSettings,
+    /// Shared by every Postgres connection of the daemon.
+    pub cancel_keys: CancelKeys,
 }
 
 /// Why a proxied Postgres connection ended abnormally; says which side.
@@ -509,6 +591,8 @@ pub async fn serve(mut client: TcpStream, ctx: PgContext) -> Result<(), PgProxyE
         client_eof: false,
         upstream_eof: false,
         opened_at: Instant::now(),
+        unconfirmed: VecDeque::new(),
+        cancel_key: None,
         ctx: &ctx,
     };
     let (cr, cw) = client.into_split();
@@ -519,6 +603,44 @@ pub async fn serve(mut client: TcpStream, ctx: PgContext) -> Result<(), PgProxyE
 }
 
 async fn forward_cancel(ctx: &PgContext, pid: i32, secret: Bytes) -> Result<(), PgProxyError> {
+    let wanted = Issued {
+        destination: ctx.conn.destination,
+        identity: ctx.subject.identity.clone(),
+    };
+    let issued = ctx.cancel_keys.issued_to(pid, &secret);
+    let allowed = issued.as_ref() == Some(&wanted);
+    let mut ev = ctx.conn.record(Kind::Decision).action(json!({
+        "protocol": "postgres",
+        "message": "cancel_request",
+        "backend_pid": pid,
+    }));
+    ev.decision = Some(if allowed {
+        json!({"verdict": "allow", "rule": "agentgate:cancel-own-session"})
+    } else {
+        json!({
+            "verdict": "deny",
+            "rule": "agentgate:cancel-key-not-issued",
+            "reason": if issued.is_some() {
+                "the key belongs to another identity's session or server"
+            } else {
+                "no session through this proxy holds the key"
+            },
+        })
+    });
+    // Postgres never answers a CancelRequest, so neither does the proxy.
+    if !allowed {
+        ctx.audit.append_detached(ev);
+        tracing::warn!(
+            event = "postgres.cancel",
+            conn = ctx.conn.id,
+            "cancel request refused: key not issued to this identity and server"
+        );
+        return Ok(());
+    }
+    ctx.audit
+        .append(ev)
+        .await
+        .map_err(|source| PgProxyError::Audit { source })?;
     let (mut up, _) = connect_upstream(ctx).await?;
     let mut b = BytesMut::new();
     StartupPacket::CancelRequest { pid, secret }.encode(&mut b);
@@ -580,6 +702,7 @@ enum Event {
     UpstreamRead(std::io::Result<usize>),
     ClientWrote(std::io::Result<usize>),
     UpstreamWrote(std::io::Result<usize>),
+    Recorded(Result<(), AuditUnavailable>),
     Approval(Outcome),
     AuthTimeout,
     Stalled,
@@ -588,6 +711,9 @@ enum Event {
 #[allow(clippy::struct_excessive_bools)] // independent connection flags, not a mode in disguise
 struct Pg<'a> {
     ctx: &'a PgContext,
+    /// Records of forwarded read-only statements not yet durable, oldest
+    /// first. Nothing is written to the client while one is pending.
+    unconfirmed: VecDeque<Unconfirmed<'a>>,
     set: Arc<PolicySet>,
     session: Session,
     catalog: Catalog,
@@ -620,6 +746,8 @@ struct Pg<'a> {
     client_eof: bool,
     upstream_eof: bool,
     opened_at: Instant,
+    /// This session's cancel key, while it lives.
+    cancel_key: Option<CancelKeyGuard>,
 }
 
 /// The masking policy as the row masker sees it (public so benchmarks measure
@@ -661,7 +789,7 @@ fn truncate_chars(s: &str, max: usize) -> String {
     }
 }
 
-impl Pg<'_> {
+impl<'a> Pg<'a> {
     fn event(&self, kind: Kind, action: Value) -> NewRecord {
         self.ctx.conn.record(kind).action(action)
     }
@@ -710,10 +838,13 @@ impl Pg<'_> {
             }
             let held = self.held.as_mut().map(|h| &mut h.outcome);
             let ready = self.ready;
+            let release = self.unconfirmed.is_empty();
+            let unconfirmed = self.unconfirmed.front_mut();
             let ev = tokio::select! {
                 r = cr.read_buf(&mut self.cin), if read_client => Event::ClientRead(r),
                 r = ur.read_buf(&mut self.uin), if read_upstream => Event::UpstreamRead(r),
-                r = cw.write(&self.cout), if !self.cout.is_empty() => Event::ClientWrote(r),
+                r = async { match unconfirmed { Some(f) => f.await, None => std::future::pending().await } } => Event::Recorded(r),
+                r = cw.write(&self.cout), if release && !self.cout.is_empty() => Event::ClientWrote(r),
                 r = uw.write(&self.uout), if !self.uout.is_empty() && !self.closing => Event::UpstreamWrote(r),
                 o = async { match held { Some(f) => f.await, None => std::future::pending().await } } => Event::Approval(o),
                 () = tokio::time::sleep_until(auth_deadline), if !ready => Event::AuthTimeout,
@@ -752,6 +883,12 @@ impl Pg<'_> {
                     tracing::info!(conn = self.ctx.conn.id, error = %e, "upstream write failed");
                 }
                 Event::Approval(o) => self.approval_outcome(o).await,
+                Event::Recorded(r) => {
+                    self.unconfirmed.pop_front();
+                    if let Err(e) = r {
+                        self.withhold(&e);
+                    }
+                }
                 Event::AuthTimeout => {
                     self.fatal("08006", "agentgate: authentication timed out");
                     break Err(PgProxyError::Timeout {
@@ -761,7 +898,17 @@ impl Pg<'_> {
                 Event::Stalled => break Ok(()),
             }
         };
-        // Best effort: what the client should still see (errors, last results).
+        // Best effort: what the client should still see (errors, last results),
+        // once every statement it answers is on record.
+        while let Some(f) = self.unconfirmed.pop_front() {
+            match tokio::time::timeout(Duration::from_secs(5), f).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => self.withhold(&e),
+                Err(_) => self.withhold(&AuditUnavailable {
+                    reason: "timed out".into(),
+                }),
+            }
+        }
         if !self.cout.is_empty() {
             let _ = tokio::time::timeout(Duration::from_secs(5), cw.write_all(&self.cout)).await;
             self.ctx
@@ -803,6 +950,19 @@ impl Pg<'_> {
         // Nothing the client still had queued is processed.
         self.cin.clear();
         self.deferred = None;
+    }
+
+    /// A forwarded statement's record could not be written: nothing the client
+    /// has not seen yet is released, and the connection ends.
+    fn withhold(&mut self, e: &AuditUnavailable) {
+        tracing::error!(conn = self.ctx.conn.id, error = %e, "audit append failed; results withheld");
+        self.unconfirmed.clear();
+        self.cout.clear();
+        self.closing = false;
+        self.fatal(
+            "58030",
+            "agentgate: audit log unavailable; the statement's results were withheld (fails closed)",
+        );
     }
 
     /// Queue a fatal error for the client and stop talking to the server.
@@ -1036,6 +1196,13 @@ impl Pg<'_> {
             }
             self.ready = true;
             self.idle_point = true;
+            if let Some(k) = self.session.backend_key() {
+                let issued = Issued {
+                    destination: self.ctx.conn.destination,
+                    identity: self.ctx.subject.identity.clone(),
+                };
+                self.cancel_key = Some(self.ctx.cancel_keys.issue(k.pid, k.secret.clone(), issued));
+            }
         }
         m.encode(&mut self.cout);
         Ok(())
@@ -1239,12 +1406,7 @@ impl Pg<'_> {
             "duration_ms": cur.started.elapsed().as_millis() as u64,
             "sqlstate": sqlstate,
         }));
-        let sink = self.ctx.audit.clone();
-        tokio::spawn(async move {
-            if let Err(e) = sink.append(ev).await {
-                tracing::error!(error = %e, "audit append failed for a statement result");
-            }
-        });
+        self.ctx.audit.append_detached(ev);
     }
 
     // -----------------------------------------------------------------------
@@ -1384,13 +1546,14 @@ impl Pg<'_> {
                 return Ok(());
             }
         }
+        let read_only = classification.class <= StatementClass::Read;
         let decision = self.set.decide(
             &self.ctx.subject,
             &self.ctx.resource,
             &Action::Sql(classification),
         );
         match decision.verdict.clone() {
-            Verdict::Allow => self.allow(m, &stmt, &decision, None).await,
+            Verdict::Allow => self.allow(m, &stmt, &decision, None, read_only).await,
             Verdict::Deny { .. } => {
                 self.record_statement(&stmt, &decision, None).await.ok();
                 self.deny_with(&m, session::denial_error(&decision.rule));
@@ -1435,12 +1598,12 @@ impl Pg<'_> {
         }
     }
 
-    async fn record_statement(
+    fn statement_event(
         &self,
         stmt: &StmtRecord,
         decision: &Decision,
         approval: Option<Value>,
-    ) -> Result<(), AuditUnavailable> {
+    ) -> NewRecord {
         let mut ev = self.event(Kind::Statement, stmt.action.clone());
         let verdict = match &decision.verdict {
             Verdict::Allow => "allow",
@@ -1449,6 +1612,16 @@ impl Pg<'_> {
         };
         ev.decision = Some(decision_json(decision, verdict));
         ev.approval = approval;
+        ev
+    }
+
+    async fn record_statement(
+        &mut self,
+        stmt: &StmtRecord,
+        decision: &Decision,
+        approval: Option<Value>,
+    ) -> Result<(), AuditUnavailable> {
+        let ev = self.statement_event(stmt, decision, approval);
         let r = self.ctx.audit.append(ev).await;
         if let Err(e) = &r {
             tracing::error!(conn = self.ctx.conn.id, error = %e, "audit append failed");
@@ -1456,18 +1629,27 @@ impl Pg<'_> {
         r
     }
 
-    /// Write-ahead: the record is durable before the statement goes upstream.
+    /// Write-ahead: the record is durable before the statement goes upstream;
+    /// a `read_only` statement goes at once and its results wait for the record.
     async fn allow(
         &mut self,
         m: FrontendMessage,
         stmt: &StmtRecord,
         decision: &Decision,
         approval: Option<Value>,
+        read_only: bool,
     ) -> Result<(), PgProxyError> {
         let effective = Decision {
             verdict: Verdict::Allow,
             rule: decision.rule.clone(),
         };
+        if read_only {
+            let ev = self.statement_event(stmt, &effective, approval);
+            let audit: &'a dyn AuditSink = &*self.ctx.audit;
+            self.unconfirmed.push_back(audit.append(ev));
+            self.forward(&m);
+            return Ok(());
+        }
         if self
             .record_statement(stmt, &effective, approval)
             .await
@@ -1514,7 +1696,7 @@ impl Pg<'_> {
         match self.ctx.approvals.submit(new, &spec) {
             Err(Outcome::Granted { approvers }) => {
                 let a = json!({"outcome": "granted", "approvers": approvers});
-                self.allow(m, &stmt, &decision, Some(a)).await
+                self.allow(m, &stmt, &decision, Some(a), false).await
             }
             Err(other) => {
                 self.approval_denied(&m, &stmt, &decision, "?", &other)
@@ -1564,7 +1746,9 @@ impl Pg<'_> {
         match &outcome {
             Outcome::Approved { approvers } | Outcome::Granted { approvers } => {
                 let a = json!({"id": h.request_id, "outcome": "approved", "approvers": approvers});
-                let _ = self.allow(h.msg, &h.stmt, &h.decision, Some(a)).await;
+                let _ = self
+                    .allow(h.msg, &h.stmt, &h.decision, Some(a), false)
+                    .await;
             }
             Outcome::Denied { .. } | Outcome::Expired => {
                 self.approval_denied(&h.msg, &h.stmt, &h.decision, &h.request_id, &outcome)
@@ -1653,7 +1837,7 @@ impl Pg<'_> {
         CopyCheck::Ok
     }
 
-    async fn close_record(&self, error: Option<&PgProxyError>) {
+    async fn close_record(&mut self, error: Option<&PgProxyError>) {
         if !self.ready {
             return;
         }
@@ -1767,6 +1951,8 @@ match = { sql = ["write"] }
                 })
             })
         }
+
+        fn append_detached(&self, _: NewRecord) {}
     }
 
     /// Fails only statement records of a write (so the connection opens).
@@ -1787,6 +1973,39 @@ match = { sql = ["write"] }
                 }
             })
         }
+
+        fn append_detached(&self, _: NewRecord) {}
+    }
+
+    /// Statement records of reads wait for `release`, then fail if `fail`.
+    struct SlowReads {
+        release: tokio::sync::watch::Receiver<bool>,
+        fail: bool,
+    }
+    impl AuditSink for SlowReads {
+        fn append(
+            &self,
+            r: NewRecord,
+        ) -> Pin<Box<dyn Future<Output = Result<(), AuditUnavailable>> + Send + '_>> {
+            let read = r.action.as_ref().is_some_and(|a| a["class"] == "read");
+            let mut release = self.release.clone();
+            let fail = self.fail;
+            Box::pin(async move {
+                if !read {
+                    return Ok(());
+                }
+                let _ = release.wait_for(|r| *r).await;
+                if fail {
+                    Err(AuditUnavailable {
+                        reason: "disk full".into(),
+                    })
+                } else {
+                    Ok(())
+                }
+            })
+        }
+
+        fn append_detached(&self, _: NewRecord) {}
     }
 
     fn ctx(dest: SocketAddr, audit: Arc<dyn AuditSink>) -> PgContext {
@@ -1833,6 +2052,7 @@ match = { sql = ["write"] }
             approvals: Broker::default(),
             audit,
             correlation_key: [7; 32],
+            cancel_keys: CancelKeys::default(),
             settings: PgSettings::default(),
         }
     }
@@ -1910,6 +2130,61 @@ match = { sql = ["write"] }
             seen,
             vec!["AGENTGATE DENIED".to_owned(), "SELECT 1".to_owned()]
         );
+    }
+
+    async fn wait_seen(seen: &Arc<Mutex<Vec<String>>>, sql: &str) {
+        for _ in 0..500 {
+            if seen.lock().unwrap().iter().any(|s| s == sql) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the server never received {sql:?}");
+    }
+
+    #[tokio::test]
+    async fn a_read_runs_while_its_record_is_written_but_its_result_waits_for_it() {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let sink = SlowReads {
+            release: rx,
+            fail: false,
+        };
+        let (mut c, seen, mut buf) = harness(Arc::new(sink)).await;
+        c.write_all(&query("SELECT 1")).await.unwrap();
+        wait_seen(&seen, "SELECT 1").await;
+        // The server answered; nothing reaches the client before the record.
+        let early = tokio::time::timeout(Duration::from_millis(300), c.read_buf(&mut buf)).await;
+        assert!(early.is_err(), "a result was released before its record");
+        tx.send(true).unwrap();
+        let (errs, eof) = until_ready(&mut c, &mut buf).await;
+        assert!(errs.is_empty() && !eof);
+    }
+
+    #[tokio::test]
+    async fn a_read_whose_record_fails_never_shows_its_result() {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let sink = SlowReads {
+            release: rx,
+            fail: true,
+        };
+        let (mut c, seen, mut buf) = harness(Arc::new(sink)).await;
+        c.write_all(&query("SELECT 1")).await.unwrap();
+        wait_seen(&seen, "SELECT 1").await;
+        tx.send(true).unwrap();
+        let mut got = Vec::new();
+        loop {
+            while let Some(m) = codec::decode_backend(&mut buf, &Limits::default()).unwrap() {
+                got.push(m);
+            }
+            if c.read_buf(&mut buf).await.unwrap() == 0 {
+                break;
+            }
+        }
+        assert_eq!(got.len(), 1, "only the error, no result: {got:?}");
+        let BackendMessage::ErrorResponse(f) = &got[0] else {
+            panic!("expected an error, got {got:?}");
+        };
+        assert_eq!(f.sqlstate(), Some(&b"58030"[..]));
     }
 
     #[tokio::test]
