@@ -37,6 +37,7 @@ pub fn prove_inclusion(dir: &Path, seq: u64) -> Result<InclusionProof, AuditErro
         &ScanOptions {
             allow_torn_tail: false,
             older: &[],
+            resume: None,
         },
         |_, _, p, raw| {
             leaves.push(merkle::leaf_hash(&p.hash));

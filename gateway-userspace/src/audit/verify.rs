@@ -13,12 +13,20 @@
 //!
 //! The writer runs the same pass at open (see `writer`), so it refuses to
 //! append to a log it cannot vouch for, except for a torn last line, which it
-//! quarantines.
+//! quarantines. To keep start-up time independent of the log's size, the
+//! writer starts that pass at its last durable checkpoint ([`Resume`],
+//! `resume.json`): the checkpoint record is checked in full (seq, link, hash,
+//! Merkle root and head against the saved frontier, signature, key) and so is
+//! everything after it; the records before it are left to `audit verify`,
+//! which always reads the whole log. Any mismatch of the saved state means a
+//! full pass.
 
 use std::{
     fmt,
     path::{Path, PathBuf},
 };
+
+use serde::{Deserialize, Serialize};
 
 use super::{
     checkpoint::{Checkpoint, KeyRotation, read_public_key},
@@ -28,6 +36,106 @@ use super::{
         Anchor, LineEnd, LineReader, SegmentFile, list_segments, quarantine_files, read_anchor,
     },
 };
+
+/// The file beside the segments that says where the writer's pass may start.
+pub const RESUME_FILE: &str = "resume.json";
+
+/// The scan state just before a durable checkpoint record, saved by the
+/// writer after the checkpoint is fsynced. Not evidence: a start-up shortcut
+/// that a scan re-checks against the checkpoint record itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Resume {
+    pub v: u32,
+    /// The checkpoint record's seq (= the records before it).
+    pub seq: u64,
+    /// Hash of the record before the checkpoint (hex).
+    pub prev: String,
+    /// Merkle frontier of the records before the checkpoint.
+    pub frontier: Frontier,
+    /// The key that signed the checkpoint (hex).
+    pub key: String,
+    /// Every segment up to the checkpoint's; the last one's `valid_len` is the
+    /// checkpoint line's offset.
+    pub segments: Vec<ResumeSegment>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ResumeSegment {
+    pub first_seq: u64,
+    pub valid_len: u64,
+    pub records: u64,
+    pub frontier_at_start: Frontier,
+    pub prev_at_start: String,
+    pub first_time: Option<String>,
+    pub last_time: Option<String>,
+}
+
+impl Resume {
+    pub const VERSION: u32 = 1;
+
+    pub fn segment(s: &SegmentState) -> ResumeSegment {
+        ResumeSegment {
+            first_seq: s.file.first_seq,
+            valid_len: s.valid_len,
+            records: s.records,
+            frontier_at_start: s.frontier_at_start.clone(),
+            prev_at_start: hex::encode(s.prev_at_start),
+            first_time: s.first_time.clone(),
+            last_time: s.last_time.clone(),
+        }
+    }
+
+    /// The state the scan continues from, the segments before the
+    /// checkpoint's, and the checkpoint's segment (up to the checkpoint line).
+    /// `None` when the saved state does not fit the files.
+    fn apply(&self, files: &[SegmentFile]) -> Option<(ScanState, SegmentState, usize)> {
+        if self.v != Self::VERSION
+            || !self.frontier.is_well_formed()
+            || self.frontier.size() != self.seq
+            || files.len() < self.segments.len()
+            || files.first().is_none_or(|f| f.first_seq != 0)
+        {
+            return None;
+        }
+        let mut states = Vec::with_capacity(self.segments.len());
+        for (r, f) in self.segments.iter().zip(files) {
+            if r.first_seq != f.first_seq || !r.frontier_at_start.is_well_formed() {
+                return None;
+            }
+            states.push(SegmentState {
+                file: f.clone(),
+                valid_len: r.valid_len,
+                records: r.records,
+                frontier_at_start: r.frontier_at_start.clone(),
+                prev_at_start: decode_hash(&r.prev_at_start)?,
+                first_time: r.first_time.clone(),
+                last_time: r.last_time.clone(),
+            });
+        }
+        let current = states.pop()?;
+        if current.file.first_seq + current.records != self.seq {
+            return None;
+        }
+        let st = ScanState {
+            segments: states,
+            first_seq: 0,
+            next_seq: self.seq,
+            prev: decode_hash(&self.prev)?,
+            frontier: self.frontier.clone(),
+            keys: vec![self.key.clone()],
+            last_checkpoint: None,
+            checkpoints: 0,
+            since_checkpoint: 0,
+            torn_tail: None,
+            older_checked: 0,
+            older_predating: 0,
+        };
+        let index = self.segments.len() - 1;
+        Some((st, current, index))
+    }
+}
 
 /// What a successful verification found.
 #[derive(Debug, Clone)]
@@ -216,6 +324,10 @@ pub(crate) struct ScanOptions<'a> {
     /// Report a torn last line in `ScanState::torn_tail` instead of failing.
     pub allow_torn_tail: bool,
     pub older: &'a [Checkpoint],
+    /// Start at this checkpoint instead of the beginning (no older
+    /// checkpoints, no retention anchor). A saved state that does not fit the
+    /// files fails the scan; the caller then scans in full.
+    pub resume: Option<&'a Resume>,
 }
 
 /// Checks the log in `dir`; with `older_checkpoint`, also that the log is
@@ -238,6 +350,7 @@ pub fn verify_dir(
         &ScanOptions {
             allow_torn_tail: false,
             older: &older,
+            resume: None,
         },
         |_, _, _, _| {},
     )?;
@@ -310,7 +423,24 @@ pub(crate) fn scan(
         older_predating: 0,
     };
     let mut anchor_vouched = true;
-    if let Some(first) = files.first()
+    let mut resumed = None;
+    if let Some(r) = opts.resume {
+        let unfit = || {
+            fail(
+                Some(dir),
+                Some(r.seq),
+                None,
+                Broken::Malformed("the saved resume point does not fit the log".into()),
+            )
+        };
+        if anchor.is_some() || !older.is_empty() {
+            return Err(unfit());
+        }
+        let (state, seg, index) = r.apply(&files).ok_or_else(unfit)?;
+        st = state;
+        resumed = Some((seg, index));
+    }
+    if let Some(first) = files.first().filter(|_| resumed.is_none())
         && first.first_seq != 0
     {
         let Some(a) = anchor.as_ref().filter(|a| a.first_seq == first.first_seq) else {
@@ -336,9 +466,13 @@ pub(crate) fn scan(
 
     let mut buf = Vec::with_capacity(4096);
     let last_index = files.len().saturating_sub(1);
-    for (i, file) in files.iter().enumerate() {
+    let start = resumed.as_ref().map_or(0, |(_, i)| *i);
+    // A resumed pass must begin with the checkpoint record it was saved at.
+    let mut expect_checkpoint = resumed.is_some();
+    for (i, file) in files.iter().enumerate().skip(start) {
         let seg_path = file.path.as_path();
-        if file.first_seq != st.next_seq {
+        let resumed_seg = resumed.take().map(|(seg, _)| seg);
+        if resumed_seg.is_none() && file.first_seq != st.next_seq {
             return Err(fail(
                 Some(seg_path),
                 Some(st.next_seq),
@@ -348,7 +482,7 @@ pub(crate) fn scan(
                 },
             ));
         }
-        let mut seg = SegmentState {
+        let mut seg = resumed_seg.unwrap_or_else(|| SegmentState {
             file: file.clone(),
             valid_len: 0,
             records: 0,
@@ -356,8 +490,8 @@ pub(crate) fn scan(
             prev_at_start: st.prev,
             first_time: None,
             last_time: None,
-        };
-        let mut reader = LineReader::open(seg_path, 0).map_err(|e| {
+        });
+        let mut reader = LineReader::open(seg_path, seg.valid_len).map_err(|e| {
             fail(
                 Some(seg_path),
                 Some(st.next_seq),
@@ -394,6 +528,15 @@ pub(crate) fn scan(
             // Older checkpoints at this size: compare before adding the record.
             check_older(&mut st, &mut older_iter, Some(seg_path), offset)?;
             let p = parse_line(&buf).map_err(|e| here(offset, Broken::Malformed(e)))?;
+            if expect_checkpoint {
+                if p.record.kind != Kind::Checkpoint {
+                    return Err(here(
+                        offset,
+                        Broken::Malformed("the resume point is not a checkpoint record".into()),
+                    ));
+                }
+                expect_checkpoint = false;
+            }
             check_record(&mut st, &p, anchor.as_ref(), &mut anchor_vouched)
                 .map_err(|e| here(offset, e))?;
             visit(seg_path, offset, &p, &buf);
@@ -408,6 +551,14 @@ pub(crate) fn scan(
             seg.last_time = Some(p.record.time);
         }
         st.segments.push(seg);
+    }
+    if expect_checkpoint || resumed.is_some() {
+        return Err(fail(
+            Some(dir),
+            Some(st.next_seq),
+            None,
+            Broken::Malformed("no checkpoint record at the resume point".into()),
+        ));
     }
     finish(dir, &mut st, &mut older_iter, &older, anchor_vouched)?;
     Ok(st)

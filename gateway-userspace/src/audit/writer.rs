@@ -48,7 +48,7 @@ use super::{
     segment::{self, ANCHOR_FILE, Anchor, LOCK_FILE, QUARANTINE_DIR, SegmentFile, segment_name},
     sink::{self, Sinks},
     spool,
-    verify::{ScanOptions, ScanState, SegmentState, scan},
+    verify::{RESUME_FILE, Resume, ScanOptions, ScanState, SegmentState, scan},
 };
 
 /// Most messages folded into one write.
@@ -368,6 +368,55 @@ struct OpenSegment {
     first_time: Option<String>,
 }
 
+/// The pass at open: from the saved resume point when there is one that fits
+/// (start-up time then depends on what was written since the last
+/// checkpoint, not on the log's size), else over the whole log.
+fn scan_for_open(dir: &Path) -> Result<ScanState, AuditError> {
+    let full = |why: Option<String>| {
+        if let Some(why) = why {
+            tracing::warn!(reason = %why, "audit log: not resuming at the saved checkpoint; verifying the whole log");
+        }
+        scan(
+            dir,
+            &ScanOptions {
+                allow_torn_tail: true,
+                older: &[],
+                resume: None,
+            },
+            |_, _, _, _| {},
+        )
+        .map_err(|f| AuditError::Tampered {
+            dir: dir.to_path_buf(),
+            failure: Box::new(f),
+        })
+    };
+    let path = dir.join(RESUME_FILE);
+    let resume: Resume = match fs::read(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return full(None),
+        Err(e) => return full(Some(format!("cannot read {}: {e}", path.display()))),
+        Ok(bytes) => match serde_json::from_slice(&bytes) {
+            Ok(r) => r,
+            Err(e) => return full(Some(format!("{}: {e}", path.display()))),
+        },
+    };
+    let opts = ScanOptions {
+        allow_torn_tail: true,
+        older: &[],
+        resume: Some(&resume),
+    };
+    match scan(dir, &opts, |_, _, _, _| {}) {
+        Ok(st) => {
+            tracing::info!(
+                checkpoint = resume.seq,
+                records = st.next_seq,
+                "audit log: verified from the last checkpoint on (`agentgate audit verify` checks all of it)"
+            );
+            Ok(st)
+        }
+        Err(f) => full(Some(f.to_string())),
+    }
+}
+
 fn open_blocking(cfg: &AuditConfig, repair: bool) -> Result<Opened, AuditError> {
     let dir = cfg.dir.as_path();
     if repair {
@@ -399,18 +448,7 @@ fn open_blocking(cfg: &AuditConfig, repair: bool) -> Result<Opened, AuditError> 
         }
         Err(fs::TryLockError::Error(e)) => return Err(io_err(&lock_path, "lock")(e)),
     }
-    let scan = scan(
-        dir,
-        &ScanOptions {
-            allow_torn_tail: true,
-            older: &[],
-        },
-        |_, _, _, _| {},
-    )
-    .map_err(|f| AuditError::Tampered {
-        dir: dir.to_path_buf(),
-        failure: Box::new(f),
-    })?;
+    let scan = scan_for_open(dir)?;
 
     let key_dir = cfg.key_dir();
     let (key, created) = match checkpoint::load_or_create_key(&key_dir, repair) {
@@ -621,6 +659,9 @@ struct Staged {
     since_checkpoint: u64,
     checkpoints: Vec<Checkpoint>,
     records: u64,
+    /// The state before the group's last checkpoint record, and where in
+    /// `buf` that record starts.
+    resume: Option<(usize, u64, Hash, Frontier)>,
 }
 
 struct Writer {
@@ -814,6 +855,7 @@ impl Writer {
             since_checkpoint: self.since_checkpoint,
             checkpoints: Vec::new(),
             records: 0,
+            resume: None,
         }
     }
 
@@ -834,6 +876,7 @@ impl Writer {
     }
 
     fn stage_checkpoint(&self, st: &mut Staged) {
+        st.resume = Some((st.buf.len(), st.next_seq, st.prev, st.frontier.clone()));
         let cp = Checkpoint::sign(
             &self.key,
             &self.origin,
@@ -918,8 +961,13 @@ impl Writer {
             || self
                 .unsynced_since
                 .is_some_and(|t| t.elapsed() >= Duration::from_millis(self.cfg.batch_interval_ms));
+        let base = self.seg.len;
         match self.write(std::mem::take(&mut st.buf), sync).await {
             Ok(()) => {
+                if let Some(point) = st.resume.take() {
+                    // A group with a checkpoint is always fsynced (above).
+                    self.save_resume(base, point);
+                }
                 self.committed(st, acks, cp_waiters);
                 Ok(())
             }
@@ -935,6 +983,36 @@ impl Writer {
                 }
                 Err(e)
             }
+        }
+    }
+
+    /// Saves where the next open may start its pass: just before the durable
+    /// checkpoint record at `offset` bytes into the group written at `base`.
+    /// Best effort: without it the next open verifies the whole log.
+    fn save_resume(&self, base: u64, (offset, seq, prev, frontier): (usize, u64, Hash, Frontier)) {
+        let mut segments: Vec<_> = self.closed_segments.iter().map(Resume::segment).collect();
+        segments.push(super::verify::ResumeSegment {
+            first_seq: self.seg.first_seq,
+            valid_len: base + offset as u64,
+            records: seq - self.seg.first_seq,
+            frontier_at_start: self.seg.frontier_at_start.clone(),
+            prev_at_start: hex::encode(self.seg.prev_at_start),
+            first_time: self.seg.first_time.clone(),
+            last_time: None,
+        });
+        let resume = Resume {
+            v: Resume::VERSION,
+            seq,
+            prev: hex::encode(prev),
+            frontier,
+            key: hex::encode(self.key.verifying_key().as_bytes()),
+            segments,
+        };
+        let path = self.cfg.dir.join(RESUME_FILE);
+        let tmp = self.cfg.dir.join(format!("{RESUME_FILE}.new"));
+        let body = serde_json::to_vec(&resume).expect("resume point serializes");
+        if let Err(error) = fs::write(&tmp, body).and_then(|()| fs::rename(&tmp, &path)) {
+            tracing::warn!(%error, path = %path.display(), "audit: cannot save the resume point; the next start verifies the whole log");
         }
     }
 
