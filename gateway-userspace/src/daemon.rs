@@ -137,6 +137,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         audit: audit.clone(),
         correlation_key,
         pg_cancel_keys: crate::protocol::postgres::proxy::CancelKeys::default(),
+        sql_cache: Arc::default(),
     });
     let daemon = Arc::new(Daemon {
         shared: shared.clone(),

@@ -70,6 +70,8 @@ pub struct Shared {
     pub correlation_key: [u8; 32],
     /// Cancel keys of the live Postgres sessions.
     pub pg_cancel_keys: crate::protocol::postgres::proxy::CancelKeys,
+    /// Statement analyses by shape (class, tables, redacted text).
+    pub sql_cache: Arc<crate::sql::AnalysisCache>,
 }
 
 /// The `OpenID` provider client and the sessions the daemon holds.
@@ -388,6 +390,7 @@ async fn dispatch(
                         ..Default::default()
                     },
                     cancel_keys: shared.pg_cancel_keys.clone(),
+                    sql_cache: shared.sql_cache.clone(),
                 };
                 crate::protocol::postgres::proxy::serve(client, ctx)
                     .await

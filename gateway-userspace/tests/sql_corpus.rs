@@ -1,7 +1,9 @@
 //! SQL classification: the corpus in `fixtures/sql_corpus.tsv`, table and
 //! function extraction, limits, and literal redaction for the audit log.
 
-use agentgate::sql::{Dialect, MAX_SQL_LEN, StatementClass, classify, redact_literals};
+use agentgate::sql::{
+    AnalysisCache, Dialect, MAX_SQL_LEN, StatementClass, classify, redact_literals,
+};
 
 fn unescape(s: &str) -> String {
     s.replace("\\n", "\n").replace("\\t", "\t")
@@ -12,6 +14,7 @@ fn corpus_classes() {
     let text = include_str!("fixtures/sql_corpus.tsv");
     let mut failures = Vec::new();
     let mut count = 0;
+    let cache = AnalysisCache::default();
     for (lineno, line) in text.lines().enumerate() {
         if line.starts_with('#') || line.trim().is_empty() {
             continue;
@@ -29,6 +32,12 @@ fn corpus_classes() {
         };
         let sql = unescape(sql);
         let got = classify(&sql, dialect);
+        // Through one shared shape cache (twice: miss, then hit), every
+        // statement keeps its own class: no two corpus shapes collide.
+        for _ in 0..2 {
+            let cached = cache.analyze(&sql, dialect);
+            assert_eq!(cached.classification.class, got.class, "cached: {sql:?}");
+        }
         count += 1;
         if got.class != want {
             failures.push(format!(
@@ -194,4 +203,27 @@ fn unparsable_text_is_never_passed_through() {
         agentgate::sql::redact_for_log(secret, Dialect::Postgres),
         format!("<unparsed: {} bytes>", secret.len())
     );
+}
+
+#[test]
+fn a_parse_error_never_repeats_a_literal_it_found() {
+    for sql in [
+        "SELECT * FROM t WHERE ssn = '123-45-6789' '987-65-4321'",
+        "UPDATE t SET email = 'a@b.c' 'john@example.com'",
+        "SELECT 1 FROM t WHERE card = 4111111111111111 4111111111111112",
+        "SELECT $$x$$ $$secret$$ FROM",
+    ] {
+        let c = classify(sql, Dialect::Postgres);
+        assert_eq!(c.class, StatementClass::Unknown, "{sql}");
+        let reason = c.reason.expect("a reason");
+        for secret in [
+            "987-65-4321",
+            "john@example.com",
+            "4111111111111112",
+            "secret",
+        ] {
+            assert!(!reason.contains(secret), "{reason}");
+        }
+        assert!(reason.starts_with("does not parse"), "{reason}");
+    }
 }

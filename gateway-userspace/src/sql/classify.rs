@@ -143,6 +143,32 @@ impl Classification {
     }
 }
 
+/// A parser error without the token it found: that token may be a literal
+/// (an SSN, a card number), and the reason goes into audit records. Keeps
+/// what was expected and where; any quoted text left is replaced by `'?'`.
+fn literal_free_error(msg: &str) -> String {
+    let (body, at) = match msg.rfind(" at Line: ") {
+        Some(i) => (&msg[..i], &msg[i..]),
+        None => (msg, ""),
+    };
+    let body = body.find(", found: ").map_or(body, |i| &body[..i]);
+    let mut out = String::with_capacity(body.len() + at.len());
+    let mut quoted = false;
+    for c in body.chars() {
+        match (c, quoted) {
+            ('\'', false) => {
+                out.push_str("'?'");
+                quoted = true;
+            }
+            ('\'', true) => quoted = false,
+            (_, true) => {}
+            (c, false) => out.push(c),
+        }
+    }
+    out.push_str(at);
+    out
+}
+
 /// Classify SQL text. Never fails: what cannot be classified is `Unknown`.
 pub fn classify(sql: &str, dialect: Dialect) -> Classification {
     if sql.len() > MAX_SQL_LEN {
@@ -157,7 +183,12 @@ pub fn classify(sql: &str, dialect: Dialect) -> Classification {
         .and_then(|mut p| p.parse_statements());
     let statements = match parsed {
         Ok(s) => s,
-        Err(e) => return Classification::unparsed(format!("does not parse: {e}")),
+        Err(e) => {
+            return Classification::unparsed(format!(
+                "does not parse: {}",
+                literal_free_error(&e.to_string())
+            ));
+        }
     };
     let infos: Vec<StatementInfo> = statements.iter().map(classify_statement).collect();
     let mut out = Classification {

@@ -6,9 +6,11 @@
 //! does not parse is classified [`StatementClass::Unknown`], the most dangerous
 //! class, and [`redact_literals`] never passes unparsed text through.
 
+mod analysis;
 mod classify;
 mod redact;
 
+pub use analysis::{Analysis, AnalysisCache, MAX_CACHED_LEN, MAX_SHAPES, analyze_uncached};
 pub use classify::{Classification, MAX_SQL_LEN, StatementClass, StatementInfo, classify};
 pub use redact::{redact_for_log, redact_literals};
 

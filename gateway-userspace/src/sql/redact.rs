@@ -81,7 +81,7 @@ pub fn redact_for_log(sql: &str, dialect: Dialect) -> String {
     redact_literals(sql, dialect).unwrap_or_else(|_| format!("<unparsed: {} bytes>", sql.len()))
 }
 
-fn is_literal(tok: &Token, dialect: Dialect) -> bool {
+pub(super) fn is_literal(tok: &Token, dialect: Dialect) -> bool {
     match tok {
         Token::Number(..)
         | Token::SingleQuotedString(_)

@@ -127,7 +127,7 @@ use crate::{
     mask::{MaskPolicy, Strategy},
     policy::{Action, Decision, PolicySet, PolicyStore, Resource, Subject, TlsMode, Verdict},
     proxy::LiveConnection,
-    sql::{self, Classification, Dialect, StatementClass},
+    sql::{AnalysisCache, Classification, Dialect, StatementClass},
 };
 
 /// How long a client may take to send its startup packet.
@@ -293,6 +293,8 @@ pub struct PgContext {
     pub settings: PgSettings,
     /// Shared by every Postgres connection of the daemon.
     pub cancel_keys: CancelKeys,
+    /// Statement analyses by shape, shared by every connection.
+    pub sql_cache: Arc<AnalysisCache>,
 }
 
 /// Why a proxied Postgres connection ended abnormally; says which side.
@@ -898,8 +900,17 @@ impl<'a> Pg<'a> {
                 Event::Stalled => break Ok(()),
             }
         };
-        // Best effort: what the client should still see (errors, last results),
-        // once every statement it answers is on record.
+        self.flush_at_end(&mut cw, &mut uw).await;
+        outcome
+    }
+
+    /// Best effort at the end: what the client should still see (errors, last
+    /// results), once every statement it answers is on record; then close.
+    async fn flush_at_end<CW, UW>(&mut self, cw: &mut CW, uw: &mut UW)
+    where
+        CW: AsyncWrite + Unpin,
+        UW: AsyncWrite + Unpin,
+    {
         while let Some(f) = self.unconfirmed.pop_front() {
             match tokio::time::timeout(Duration::from_secs(5), f).await {
                 Ok(Ok(())) => {}
@@ -922,7 +933,6 @@ impl<'a> Pg<'a> {
             let _ = tokio::time::timeout(Duration::from_secs(5), uw.write_all(&self.uout)).await;
         }
         let _ = uw.shutdown().await;
-        outcome
     }
 
     fn finished(&self) -> bool {
@@ -1512,8 +1522,15 @@ impl<'a> Pg<'a> {
             }
         };
         let text = String::from_utf8_lossy(&sql);
-        let classification = Arc::new(sql::classify(&text, Dialect::Postgres));
-        let stmt = self.stmt_record(&text, &sql, &classification, message, name.as_deref());
+        let analysis = self.ctx.sql_cache.analyze(&text, Dialect::Postgres);
+        let classification = Arc::clone(&analysis.classification);
+        let stmt = self.stmt_record(
+            &analysis.redacted,
+            &sql,
+            &classification,
+            message,
+            name.as_deref(),
+        );
         // COPY TO STDOUT the masker could not follow is refused up front.
         match self.copy_precheck(&text) {
             CopyCheck::Ok => {}
@@ -1560,23 +1577,21 @@ impl<'a> Pg<'a> {
                 Ok(())
             }
             Verdict::RequireApproval(spec) => {
-                self.request_approval(m, stmt, decision, &spec, &text).await
+                self.request_approval(m, stmt, decision, &spec, &analysis.redacted)
+                    .await
             }
         }
     }
 
     fn stmt_record(
         &self,
-        text: &str,
+        redacted: &str,
         raw: &Bytes,
         c: &Classification,
         message: &str,
         name: Option<&str>,
     ) -> StmtRecord {
-        let redacted = truncate_chars(
-            &sql::redact_for_log(text, Dialect::Postgres),
-            MAX_RECORD_SQL_CHARS,
-        );
+        let redacted = truncate_chars(redacted, MAX_RECORD_SQL_CHARS);
         let hash = crate::audit::keyed_hash(&self.ctx.correlation_key, raw);
         StmtRecord {
             action: json!({
@@ -1675,7 +1690,7 @@ impl<'a> Pg<'a> {
         stmt: StmtRecord,
         decision: Decision,
         spec: &crate::policy::ApprovalSpec,
-        text: &str,
+        redacted: &str,
     ) -> Result<(), PgProxyError> {
         let spec = approval::ApprovalSpec {
             approver_groups: spec.approver_groups.clone(),
@@ -1686,10 +1701,7 @@ impl<'a> Pg<'a> {
         let new = NewApproval {
             identity: self.ctx.subject.identity.clone(),
             resource: self.ctx.resource.name.clone(),
-            summary: truncate_chars(
-                &sql::redact_for_log(text, Dialect::Postgres),
-                MAX_SUMMARY_CHARS,
-            ),
+            summary: truncate_chars(redacted, MAX_SUMMARY_CHARS),
             statement_hash: stmt.hash.clone(),
             rule: decision.rule.clone(),
         };
@@ -2053,6 +2065,7 @@ match = { sql = ["write"] }
             audit,
             correlation_key: [7; 32],
             cancel_keys: CancelKeys::default(),
+            sql_cache: Arc::default(),
             settings: PgSettings::default(),
         }
     }

@@ -1,0 +1,191 @@
+//! Classification and redaction once per statement *shape*.
+//!
+//! Agents and drivers send the same statements with different literals
+//! (`... WHERE id = 41`, `... WHERE id = 42`). The shape is the token sequence
+//! with every literal replaced by a marker: it takes one tokenizer pass, about
+//! a fifth of what parsing, classifying and redacting cost. Statements of one
+//! shape differ only in literal values, which neither the class, the tables
+//! and functions, nor the literal-free rendering depend on, so the first
+//! statement's [`Analysis`] serves the rest.
+//!
+//! Not cached: text over [`MAX_CACHED_LEN`] bytes, text that does not
+//! tokenize, and text that does not parse (its reason is per statement). The
+//! cache holds at most [`MAX_SHAPES`] shapes and is emptied when full.
+
+use std::{
+    collections::HashMap,
+    fmt::Write as _,
+    sync::{Arc, Mutex, PoisonError},
+};
+
+use sqlparser::tokenizer::{Token, Tokenizer, Whitespace};
+
+use super::{Classification, Dialect, classify, redact::is_literal, redact_for_log};
+
+/// Longest statement whose analysis is cached.
+pub const MAX_CACHED_LEN: usize = 2048;
+/// Most shapes held (each at most a few KiB).
+pub const MAX_SHAPES: usize = 2048;
+
+/// What the proxy needs to decide on and record a statement.
+#[derive(Debug)]
+pub struct Analysis {
+    pub classification: Arc<Classification>,
+    /// Literal-free rendering for records ([`redact_for_log`]).
+    pub redacted: String,
+}
+
+/// Shared by all connections of a daemon.
+#[derive(Default)]
+pub struct AnalysisCache {
+    shapes: Mutex<HashMap<(Dialect, String), Arc<Analysis>>>,
+}
+
+impl AnalysisCache {
+    /// The statement's analysis, from the cache when its shape was seen.
+    pub fn analyze(&self, sql: &str, dialect: Dialect) -> Arc<Analysis> {
+        let Some(shape) = shape(sql, dialect) else {
+            return Arc::new(analyze_uncached(sql, dialect));
+        };
+        let key = (dialect, shape);
+        if let Some(a) = self.lock().get(&key) {
+            return Arc::clone(a);
+        }
+        let a = Arc::new(analyze_uncached(sql, dialect));
+        if a.classification.reason.is_none() {
+            let mut shapes = self.lock();
+            if shapes.len() >= MAX_SHAPES {
+                shapes.clear();
+            }
+            shapes.insert(key, Arc::clone(&a));
+        }
+        a
+    }
+
+    /// Shapes held.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(Dialect, String), Arc<Analysis>>> {
+        // The map is valid between any two statements; a panic elsewhere
+        // cannot leave it half-updated.
+        self.shapes.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Parse, classify and redact, without the cache.
+pub fn analyze_uncached(sql: &str, dialect: Dialect) -> Analysis {
+    Analysis {
+        classification: Arc::new(classify(sql, dialect)),
+        redacted: redact_for_log(sql, dialect),
+    }
+}
+
+/// The token sequence with literals as `?`, tokens separated by `\u{1}`
+/// (which no token contains) and comments and whitespace dropped. `None`:
+/// too long, or does not tokenize.
+fn shape(sql: &str, dialect: Dialect) -> Option<String> {
+    if sql.len() > MAX_CACHED_LEN {
+        return None;
+    }
+    let tokens = Tokenizer::new(dialect.parser_dialect(), sql)
+        .tokenize()
+        .ok()?;
+    let mut out = String::with_capacity(sql.len() + tokens.len());
+    for tok in &tokens {
+        match tok {
+            Token::Whitespace(
+                Whitespace::Space
+                | Whitespace::Tab
+                | Whitespace::Newline
+                | Whitespace::SingleLineComment { .. }
+                | Whitespace::MultiLineComment(_),
+            ) => continue,
+            t if is_literal(t, dialect) => out.push('?'),
+            t => {
+                let _ = write!(out, "{t}");
+            }
+        }
+        out.push('\u{1}');
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sql::StatementClass;
+
+    #[test]
+    fn statements_differing_only_in_literals_share_one_analysis() {
+        let c = AnalysisCache::default();
+        let a = c.analyze(
+            "SELECT name FROM customers WHERE id = 41",
+            Dialect::Postgres,
+        );
+        let b = c.analyze(
+            "SELECT  name FROM customers /* x */ WHERE id = 42",
+            Dialect::Postgres,
+        );
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(c.len(), 1);
+        assert_eq!(a.redacted, "SELECT name FROM customers WHERE id = ?");
+    }
+
+    #[test]
+    fn any_other_token_is_another_shape() {
+        let c = AnalysisCache::default();
+        let read = c.analyze("SELECT * FROM t WHERE id = 1", Dialect::Postgres);
+        for other in [
+            "SELECT * FROM u WHERE id = 1",
+            "SELECT * FROM t WHERE id = 1 FOR UPDATE",
+            "SELECT * FROM \"t\" WHERE id = 1",
+            "SELECT * FROM t WHERE id = 1; DELETE FROM t",
+            "SELECT pg_read_file('x')",
+            "COPY t TO '/tmp/x'",
+        ] {
+            let a = c.analyze(other, Dialect::Postgres);
+            assert!(!Arc::ptr_eq(&read, &a), "{other}");
+            assert_eq!(
+                a.classification.class,
+                classify(other, Dialect::Postgres).class,
+                "{other}"
+            );
+        }
+        assert_eq!(
+            c.analyze(
+                "SELECT * FROM t WHERE id = 1; DELETE FROM t",
+                Dialect::Postgres
+            )
+            .classification
+            .class,
+            StatementClass::Write
+        );
+    }
+
+    #[test]
+    fn unparsed_long_and_untokenizable_text_is_not_cached() {
+        let c = AnalysisCache::default();
+        let bad = c.analyze("SELECT * FROM t WHERE a = 'x' 'y'", Dialect::Postgres);
+        assert_eq!(bad.classification.class, StatementClass::Unknown);
+        let long = format!("SELECT {} FROM t", "1, ".repeat(MAX_CACHED_LEN));
+        c.analyze(&long, Dialect::Postgres);
+        let torn = c.analyze("SELECT 'unterminated", Dialect::Postgres);
+        assert_eq!(torn.classification.class, StatementClass::Unknown);
+        assert!(c.is_empty());
+    }
+
+    #[test]
+    fn the_cache_is_bounded() {
+        let c = AnalysisCache::default();
+        for i in 0..=MAX_SHAPES {
+            c.analyze(&format!("SELECT c{i} FROM t"), Dialect::Postgres);
+        }
+        assert!(c.len() <= MAX_SHAPES);
+    }
+}
