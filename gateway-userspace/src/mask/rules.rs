@@ -2,7 +2,7 @@
 
 use std::{borrow::Cow, sync::Arc};
 
-use super::{DetectorSet, MaskKey, Strategy, apply, scan_with};
+use super::{DetectorSet, MaskKey, Strategy, apply_into, scan_with};
 use crate::policy::glob::Glob;
 
 /// One column rule: `table.column` (either part may be a glob) or a bare column glob.
@@ -131,51 +131,60 @@ impl MaskPolicy {
         value: &'a str,
         column_strategy: Option<Strategy>,
     ) -> MaskOutcome<'a> {
-        let key = self.key.as_deref();
-        if let Some(strategy) = column_strategy {
-            return MaskOutcome {
-                text: Cow::Owned(apply(strategy, value, key, None)),
-                detectors_hit: Vec::new(),
-                changed: true,
-            };
-        }
-        if self.detectors.is_empty() {
-            return MaskOutcome {
+        let mut out = String::new();
+        match self.mask_value_into(value, column_strategy, &mut out) {
+            None => MaskOutcome {
                 text: Cow::Borrowed(value),
                 detectors_hit: Vec::new(),
                 changed: false,
-            };
+            },
+            Some(detectors_hit) => MaskOutcome {
+                text: Cow::Owned(out),
+                detectors_hit,
+                changed: true,
+            },
+        }
+    }
+
+    /// [`Self::mask_value`], appending the masked text to `out`. `None`: the
+    /// value is unchanged and nothing was appended; `Some(detectors)`: masked
+    /// (the detectors that fired, each once; empty for a column strategy).
+    pub fn mask_value_into(
+        &self,
+        value: &str,
+        column_strategy: Option<Strategy>,
+        out: &mut String,
+    ) -> Option<Vec<&'static str>> {
+        let key = self.key.as_deref();
+        if let Some(strategy) = column_strategy {
+            apply_into(strategy, value, key, None, out);
+            return Some(Vec::new());
+        }
+        if self.detectors.is_empty() {
+            return None;
         }
         let hits = scan_with(value, self.detectors);
         if hits.is_empty() {
-            return MaskOutcome {
-                text: Cow::Borrowed(value),
-                detectors_hit: Vec::new(),
-                changed: false,
-            };
+            return None;
         }
-        let mut out = String::with_capacity(value.len());
         let mut names: Vec<&'static str> = Vec::new();
         let mut last = 0;
         for hit in hits {
             out.push_str(&value[last..hit.range.start]);
-            out.push_str(&apply(
+            apply_into(
                 self.detector_strategy,
                 &value[hit.range.clone()],
                 key,
                 Some(hit.detector),
-            ));
+                out,
+            );
             last = hit.range.end;
             if !names.contains(&hit.detector) {
                 names.push(hit.detector);
             }
         }
         out.push_str(&value[last..]);
-        MaskOutcome {
-            text: Cow::Owned(out),
-            detectors_hit: names,
-            changed: true,
-        }
+        Some(names)
     }
 }
 

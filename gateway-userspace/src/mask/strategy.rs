@@ -66,44 +66,58 @@ pub fn apply(
     key: Option<&MaskKey>,
     label: Option<&str>,
 ) -> String {
+    let mut out = String::with_capacity(value.len().max(20));
+    apply_into(strategy, value, key, label, &mut out);
+    out
+}
+
+/// [`apply`], appending to `out` (no allocation of its own: the row masker
+/// calls this for every masked value).
+pub fn apply_into(
+    strategy: Strategy,
+    value: &str,
+    key: Option<&MaskKey>,
+    label: Option<&str>,
+    out: &mut String,
+) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     match (strategy, key) {
-        (Strategy::KeepLast4, _) => keep_last4(value),
+        (Strategy::KeepLast4, _) => keep_last4(value, out),
         (Strategy::KeyedHash, Some(key)) => {
             let mut h = blake3::Hasher::new_keyed(&key.0);
             h.update(HASH_DOMAIN);
             h.update(value.as_bytes());
             let digest = h.finalize();
-            let mut out = String::with_capacity(20);
             out.push_str("[h:");
             for byte in &digest.as_bytes()[..8] {
-                use fmt::Write;
-                let _ = write!(out, "{byte:02x}");
+                out.push(char::from(HEX[usize::from(byte >> 4)]));
+                out.push(char::from(HEX[usize::from(byte & 0xf)]));
             }
             out.push(']');
-            out
         }
         (Strategy::Redact | Strategy::KeyedHash, _) => match label {
-            Some(l) => format!("[REDACTED:{l}]"),
-            None => "[REDACTED]".to_owned(),
+            Some(l) => {
+                out.push_str("[REDACTED:");
+                out.push_str(l);
+                out.push(']');
+            }
+            None => out.push_str("[REDACTED]"),
         },
     }
 }
 
-fn keep_last4(value: &str) -> String {
+fn keep_last4(value: &str, out: &mut String) {
     let alnum = value.chars().filter(|c| c.is_alphanumeric()).count();
     let keep_from = if alnum >= 8 { alnum - 4 } else { usize::MAX };
     let mut seen = 0;
-    value
-        .chars()
-        .map(|c| {
-            if c.is_alphanumeric() {
-                seen += 1;
-                if seen > keep_from { c } else { '*' }
-            } else {
-                c
-            }
-        })
-        .collect()
+    out.extend(value.chars().map(|c| {
+        if c.is_alphanumeric() {
+            seen += 1;
+            if seen > keep_from { c } else { '*' }
+        } else {
+            c
+        }
+    }));
 }
 
 #[cfg(test)]

@@ -768,14 +768,9 @@ impl RowMasker for Masker<'_> {
     }
 
     fn mask_text(&self, value: &str, strategy: Option<Strategy>, out: &mut String) -> MaskResult {
-        let o = self.0.mask_value(value, strategy);
-        if o.changed {
-            out.push_str(&o.text);
-            MaskResult::Masked {
-                detectors: o.detectors_hit,
-            }
-        } else {
-            MaskResult::Unchanged
+        match self.0.mask_value_into(value, strategy, out) {
+            Some(detectors) => MaskResult::Masked { detectors },
+            None => MaskResult::Unchanged,
         }
     }
 }
