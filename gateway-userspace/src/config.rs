@@ -124,6 +124,98 @@ pub struct ProxyConfig {
     pub upstream_connect_timeout_ms: u64,
     /// Relay buffer per direction.
     pub buffer_bytes: usize,
+    /// `[proxy.postgres]`: limits of the Postgres handler.
+    pub postgres: PostgresConfig,
+}
+
+/// `[proxy.postgres]`: what a Postgres client or server may send, and how
+/// long it may take. Anything over a limit is a protocol error that ends the
+/// connection (`08P01`); nothing over a limit is forwarded.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// Largest startup packet, length word included.
+    pub max_startup_bytes: usize,
+    /// Largest SQL text in one `Query` or `Parse` (what the SQL parser sees).
+    pub max_sql_bytes: usize,
+    /// Largest body of any other message, either direction (`DataRow`,
+    /// `CopyData`, `Bind`, ...).
+    pub max_message_bytes: usize,
+    /// From accept to a complete startup packet.
+    pub startup_timeout_secs: u64,
+    /// From the startup packet to the server's first `ReadyForQuery`.
+    pub auth_timeout_secs: u64,
+    /// A binary result value whose type cannot carry masked text, in a
+    /// column that must be masked: `"null"` sends SQL NULL in its place,
+    /// `"refuse"` fails the statement.
+    pub unmaskable_binary: UnmaskableBinary,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum UnmaskableBinary {
+    Null,
+    Refuse,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        let limits = crate::protocol::postgres::codec::Limits::default();
+        Self {
+            max_startup_bytes: limits.max_startup_len,
+            max_sql_bytes: limits.max_sql_len,
+            max_message_bytes: limits.max_message_len,
+            startup_timeout_secs: crate::protocol::postgres::proxy::STARTUP_TIMEOUT.as_secs(),
+            auth_timeout_secs: crate::protocol::postgres::proxy::AUTH_TIMEOUT.as_secs(),
+            unmaskable_binary: UnmaskableBinary::Null,
+        }
+    }
+}
+
+impl PostgresConfig {
+    /// The handler's settings (the connect timeout comes from `[proxy]`).
+    pub fn settings(
+        &self,
+        connect_timeout: Duration,
+    ) -> crate::protocol::postgres::proxy::PgSettings {
+        use crate::protocol::postgres::{codec::Limits, mask::Unmaskable, proxy::PgSettings};
+        PgSettings {
+            limits: Limits {
+                max_startup_len: self.max_startup_bytes,
+                max_sql_len: self.max_sql_bytes,
+                max_message_len: self.max_message_bytes,
+            },
+            startup_timeout: Duration::from_secs(self.startup_timeout_secs),
+            auth_timeout: Duration::from_secs(self.auth_timeout_secs),
+            connect_timeout,
+            unmaskable: match self.unmaskable_binary {
+                UnmaskableBinary::Null => Unmaskable::Null,
+                UnmaskableBinary::Refuse => Unmaskable::RefuseRow,
+            },
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if !(64..=1024 * 1024).contains(&self.max_startup_bytes) {
+            return Err("max_startup_bytes must be between 64 and 1048576".into());
+        }
+        if !(1024..=crate::sql::MAX_SQL_LEN).contains(&self.max_sql_bytes) {
+            return Err(format!(
+                "max_sql_bytes must be between 1024 and {} (longer text is never parsed)",
+                crate::sql::MAX_SQL_LEN
+            ));
+        }
+        // Postgres itself accepts at most 1 GiB per message.
+        if !(self.max_sql_bytes..=1 << 30).contains(&self.max_message_bytes) {
+            return Err(
+                "max_message_bytes must be at least max_sql_bytes and at most 1073741824".into(),
+            );
+        }
+        if self.startup_timeout_secs == 0 || self.auth_timeout_secs == 0 {
+            return Err("startup_timeout_secs and auth_timeout_secs must be at least 1".into());
+        }
+        Ok(())
+    }
 }
 
 impl Default for ProxyConfig {
@@ -136,6 +228,7 @@ impl Default for ProxyConfig {
             max_connections: 4096,
             upstream_connect_timeout_ms: 5000,
             buffer_bytes: 64 * 1024,
+            postgres: PostgresConfig::default(),
         }
     }
 }
@@ -204,6 +297,10 @@ impl Config {
                 "proxy.buffer_bytes must be between 4096 and 16777216".into(),
             ));
         }
+        self.proxy
+            .postgres
+            .validate()
+            .map_err(|e| invalid(format!("[proxy.postgres] {e}")))?;
         Ok(())
     }
 }
@@ -238,6 +335,34 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.daemon.state_dir, Path::new("/x/y/state"));
+    }
+
+    #[test]
+    fn postgres_limits_are_read_and_checked() {
+        let c = Config::parse(
+            Path::new("a.toml"),
+            "[proxy.postgres]\nmax_sql_bytes = 4096\nunmaskable_binary = \"refuse\"\n",
+        )
+        .unwrap();
+        let s = c.proxy.postgres.settings(Duration::from_secs(5));
+        assert_eq!(s.limits.max_sql_len, 4096);
+        assert_eq!(s.limits.max_message_len, 64 << 20, "the default");
+        assert_eq!(
+            s.unmaskable,
+            crate::protocol::postgres::mask::Unmaskable::RefuseRow
+        );
+        for bad in [
+            "max_sql_bytes = 0",
+            "max_sql_bytes = 2097152",
+            "max_message_bytes = 2048",
+            "auth_timeout_secs = 0",
+            "max_sql = 1",
+        ] {
+            let err = Config::parse(Path::new("a.toml"), &format!("[proxy.postgres]\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("a.toml: "), "{bad}: {err}");
+        }
     }
 
     #[test]

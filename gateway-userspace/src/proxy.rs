@@ -385,10 +385,10 @@ async fn dispatch(
                     approvals: shared.approvals.clone(),
                     audit: Arc::new(shared.audit.clone()),
                     correlation_key: shared.correlation_key,
-                    settings: crate::protocol::postgres::proxy::PgSettings {
-                        connect_timeout: shared.config.upstream_connect_timeout(),
-                        ..Default::default()
-                    },
+                    settings: shared
+                        .config
+                        .postgres
+                        .settings(shared.config.upstream_connect_timeout()),
                     cancel_keys: shared.pg_cancel_keys.clone(),
                     sql_cache: shared.sql_cache.clone(),
                 };

@@ -84,6 +84,8 @@ else:
         "unknown-type": msg(b"z", b"DELETE FROM customers\0"),
         "no-terminator": msg(b"Q", b"DELETE FROM customers"),
         "garbage-after-startup": os.urandom(64),
+        # Within the protocol, over the proxy's configured SQL limit (4 KiB).
+        "over-sql-limit": msg(b"Q", b"DELETE FROM customers WHERE name = '" + b"x" * 8000 + b"'\0"),
     }[case]
     s.sendall(payload)
 got, closed = drain(s)

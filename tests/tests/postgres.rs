@@ -86,8 +86,14 @@ strategy = "redact"
 }
 
 fn l7_env(name: &str, approval_timeout: &str) -> (Env, PgServer) {
+    l7_env_with(name, approval_timeout, "")
+}
+
+/// `extra`: config text after the `[proxy]` keys (e.g. a `[proxy.postgres]` table).
+fn l7_env_with(name: &str, approval_timeout: &str, extra: &str) -> (Env, PgServer) {
     let opts = DaemonOptions {
         policies: vec![("pg.toml".into(), l7_policy(5432, approval_timeout, None))],
+        extra: extra.to_owned(),
         ..DaemonOptions::default()
     };
     let env = Env::new(name, opts).unwrap();
@@ -719,7 +725,7 @@ fn tls_upstream_is_verified_with_the_resource_ca() {
 
 #[test]
 fn hostile_client_input_gets_a_protocol_error_and_nothing_runs() {
-    let (env, pg) = l7_env("pghostile", "30s");
+    let (env, pg) = l7_env_with("pghostile", "30s", "[proxy.postgres]\nmax_sql_bytes = 4096");
     pg.admin_sql("ALTER SYSTEM SET log_statement = 'all'")
         .unwrap();
     pg.admin_sql("SELECT pg_reload_conf()").unwrap();
@@ -730,6 +736,7 @@ fn hostile_client_input_gets_a_protocol_error_and_nothing_runs() {
         "unknown-type",
         "no-terminator",
         "garbage-after-startup",
+        "over-sql-limit",
     ] {
         let script = scripts_dir().join("pg_raw.py");
         let out = env
