@@ -180,6 +180,79 @@ mod tests {
         assert!(c.is_empty());
     }
 
+    /// The cache's premise, checked on the classification corpus: replacing
+    /// the contents of every literal (with digits, SQL keywords, `;`, `--`,
+    /// ...) keeps the shape, and then also the class, tables, functions,
+    /// destructiveness and the redacted text.
+    mod literal_contents_never_matter {
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        fn corpus() -> Vec<String> {
+            include_str!("../../tests/fixtures/sql_corpus.tsv")
+                .lines()
+                .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+                .filter_map(|l| {
+                    let mut p = l.splitn(3, '\t');
+                    let (_, dialect, sql) = (p.next()?, p.next()?, p.next()?);
+                    (dialect == "pg").then(|| sql.replace("\\n", "\n").replace("\\t", "\t"))
+                })
+                .collect()
+        }
+
+        /// Renders the tokens with each literal's contents replaced.
+        fn mutate(sql: &str, words: &[&str], seed: usize) -> Option<String> {
+            let tokens = Tokenizer::new(Dialect::Postgres.parser_dialect(), sql)
+                .tokenize()
+                .ok()?;
+            let mut out = String::new();
+            for (i, t) in tokens.iter().enumerate() {
+                let pick = words[(seed + i * 7) % words.len()];
+                match t {
+                    Token::Number(..) => out.push_str(&(seed * 31 + i).to_string()),
+                    Token::SingleQuotedString(_) => {
+                        out.push('\'');
+                        out.push_str(pick);
+                        out.push('\'');
+                    }
+                    t if is_literal(t, Dialect::Postgres) => return None,
+                    t => {
+                        let _ = write!(out, "{t}");
+                    }
+                }
+            }
+            Some(out)
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+            #[test]
+            fn holds(index in 0usize..10_000, seed in 0usize..1_000_000) {
+                const WORDS: &[&str] = &[
+                    "x", "", "123-45-6789", "; DELETE FROM t; --", "DROP TABLE t",
+                    "/* c */", "$$", "SELECT pg_read_file(1)", "COPY t TO PROGRAM", "e\\x",
+                ];
+                let corpus = corpus();
+                let sql = &corpus[index % corpus.len()];
+                let Some(other) = mutate(sql, WORDS, seed) else { return Ok(()) };
+                let (Some(a), Some(b)) = (shape(sql, Dialect::Postgres), shape(&other, Dialect::Postgres)) else {
+                    return Ok(());
+                };
+                prop_assert_eq!(&a, &b, "{} / {}", sql, other);
+                let (x, y) = (analyze_uncached(sql, Dialect::Postgres), analyze_uncached(&other, Dialect::Postgres));
+                if x.classification.reason.is_some() {
+                    return Ok(()); // never cached
+                }
+                prop_assert_eq!(x.classification.class, y.classification.class, "{} / {}", sql, other);
+                prop_assert_eq!(&x.classification.tables, &y.classification.tables);
+                prop_assert_eq!(&x.classification.functions, &y.classification.functions);
+                prop_assert_eq!(x.classification.destructive, y.classification.destructive);
+                prop_assert_eq!(&x.redacted, &y.redacted, "{} / {}", sql, other);
+            }
+        }
+    }
+
     #[test]
     fn the_cache_is_bounded() {
         let c = AnalysisCache::default();
