@@ -833,6 +833,7 @@ impl<'a> Pg<'a> {
             if read_upstream {
                 self.uin.reserve(64 * 1024);
             }
+            let holding = self.held.is_some();
             let held = self.held.as_mut().map(|h| &mut h.outcome);
             let ready = self.ready;
             let release = self.unconfirmed.is_empty();
@@ -840,10 +841,10 @@ impl<'a> Pg<'a> {
             let ev = tokio::select! {
                 r = cr.read_buf(&mut self.cin), if read_client => Event::ClientRead(r),
                 r = ur.read_buf(&mut self.uin), if read_upstream => Event::UpstreamRead(r),
-                r = async { match unconfirmed { Some(f) => f.await, None => std::future::pending().await } } => Event::Recorded(r),
+                r = async { match unconfirmed { Some(f) => f.await, None => std::future::pending().await } }, if !release => Event::Recorded(r),
                 r = cw.write(&self.cout), if release && !self.cout.is_empty() => Event::ClientWrote(r),
                 r = uw.write(&self.uout), if !self.uout.is_empty() && !self.closing => Event::UpstreamWrote(r),
-                o = async { match held { Some(f) => f.await, None => std::future::pending().await } } => Event::Approval(o),
+                o = async { match held { Some(f) => f.await, None => std::future::pending().await } }, if holding => Event::Approval(o),
                 () = tokio::time::sleep_until(auth_deadline), if !ready => Event::AuthTimeout,
                 else => Event::Stalled,
             };
