@@ -8,13 +8,17 @@
 //! write is cut off again, and a `log.failure` record goes into the log ahead
 //! of the next record that can be written (tried every second).
 //!
-//! Group commit: the task takes one message, drains whatever else is queued
+//! Group commit: the writer takes one message, drains whatever else is queued
 //! (up to [`MAX_BATCH`]), encodes them all into one buffer, writes it with one
-//! `pwrite` and one `fdatasync`, then answers every waiter. While one fsync
-//! runs, the next group queues up, so throughput grows with concurrency.
+//! `pwrite` and (strict, or when due) one `fdatasync`, then answers every
+//! waiter. While one fsync runs, the next group queues up, so throughput grows
+//! with concurrency. In strict mode the writer has its own thread and syncs
+//! inline; in batched mode it is a task on the daemon's runtime and only the
+//! periodic fsync goes to the blocking pool.
 //!
 //! Crash safety: a kill at any moment leaves at most a torn last line. Open
-//! scans the whole log (the verifier's pass), moves a torn last line into
+//! runs the verifier's pass from the last saved checkpoint (`resume.json`, see
+//! `verify`) or, when that does not fit, over the whole log, moves a torn last line into
 //! `quarantine/` (never dropping it), cuts it off, records `log.recovered`,
 //! and continues the chain from the last good record. A log that fails any
 //! other check is refused: appending to a log the gateway cannot vouch for

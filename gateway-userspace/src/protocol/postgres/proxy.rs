@@ -251,15 +251,6 @@ impl CancelKeys {
         self.lock().get(&(pid, secret.clone())).cloned()
     }
 
-    /// Live sessions with a key.
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(i32, Bytes), Issued>> {
         // A panic while holding the lock cannot leave the map half-updated.
         self.0
