@@ -665,7 +665,6 @@ struct Held {
 }
 
 /// What the records say about one decided statement.
-#[derive(Clone)]
 struct StmtRecord {
     action: Value,
     hash: String,
@@ -1503,7 +1502,7 @@ impl<'a> Pg<'a> {
                     },
                     rule: rule.into(),
                 };
-                self.record_statement(&stmt, &decision, None).await.ok();
+                self.record_statement(stmt, &decision, None).await.ok();
                 self.deny_with(&m, session::denial_error(rule));
                 return Ok(());
             }
@@ -1538,7 +1537,7 @@ impl<'a> Pg<'a> {
                     },
                     rule: rule.into(),
                 };
-                self.record_statement(&stmt, &decision, None).await.ok();
+                self.record_statement(stmt, &decision, None).await.ok();
                 self.deny_with(
                     &m,
                     ErrorFields::new(
@@ -1557,9 +1556,9 @@ impl<'a> Pg<'a> {
             &Action::Sql(classification),
         );
         match decision.verdict.clone() {
-            Verdict::Allow => self.allow(m, &stmt, &decision, None, read_only).await,
+            Verdict::Allow => self.allow(m, stmt, &decision, None, read_only).await,
             Verdict::Deny { .. } => {
-                self.record_statement(&stmt, &decision, None).await.ok();
+                self.record_statement(stmt, &decision, None).await.ok();
                 self.deny_with(&m, session::denial_error(&decision.rule));
                 Ok(())
             }
@@ -1602,11 +1601,11 @@ impl<'a> Pg<'a> {
 
     fn statement_event(
         &self,
-        stmt: &StmtRecord,
+        stmt: StmtRecord,
         decision: &Decision,
         approval: Option<Value>,
     ) -> NewRecord {
-        let mut ev = self.event(Kind::Statement, stmt.action.clone());
+        let mut ev = self.event(Kind::Statement, stmt.action);
         let verdict = match &decision.verdict {
             Verdict::Allow => "allow",
             Verdict::Deny { .. } => "deny",
@@ -1619,7 +1618,7 @@ impl<'a> Pg<'a> {
 
     async fn record_statement(
         &mut self,
-        stmt: &StmtRecord,
+        stmt: StmtRecord,
         decision: &Decision,
         approval: Option<Value>,
     ) -> Result<(), AuditUnavailable> {
@@ -1636,7 +1635,7 @@ impl<'a> Pg<'a> {
     async fn allow(
         &mut self,
         m: FrontendMessage,
-        stmt: &StmtRecord,
+        stmt: StmtRecord,
         decision: &Decision,
         approval: Option<Value>,
         read_only: bool,
@@ -1695,11 +1694,10 @@ impl<'a> Pg<'a> {
         match self.ctx.approvals.submit(new, &spec) {
             Err(Outcome::Granted { approvers }) => {
                 let a = json!({"outcome": "granted", "approvers": approvers});
-                self.allow(m, &stmt, &decision, Some(a), false).await
+                self.allow(m, stmt, &decision, Some(a), false).await
             }
             Err(other) => {
-                self.approval_denied(&m, &stmt, &decision, "?", &other)
-                    .await;
+                self.approval_denied(&m, stmt, &decision, "?", &other).await;
                 Ok(())
             }
             Ok((req, waiter)) => {
@@ -1745,12 +1743,10 @@ impl<'a> Pg<'a> {
         match &outcome {
             Outcome::Approved { approvers } | Outcome::Granted { approvers } => {
                 let a = json!({"id": h.request_id, "outcome": "approved", "approvers": approvers});
-                let _ = self
-                    .allow(h.msg, &h.stmt, &h.decision, Some(a), false)
-                    .await;
+                let _ = self.allow(h.msg, h.stmt, &h.decision, Some(a), false).await;
             }
             Outcome::Denied { .. } | Outcome::Expired => {
-                self.approval_denied(&h.msg, &h.stmt, &h.decision, &h.request_id, &outcome)
+                self.approval_denied(&h.msg, h.stmt, &h.decision, &h.request_id, &outcome)
                     .await;
             }
         }
@@ -1759,7 +1755,7 @@ impl<'a> Pg<'a> {
     async fn approval_denied(
         &mut self,
         m: &FrontendMessage,
-        stmt: &StmtRecord,
+        stmt: StmtRecord,
         decision: &Decision,
         id: &str,
         outcome: &Outcome,
@@ -1938,62 +1934,62 @@ match = { sql = ["write"] }
         }
     }
 
-    struct Failing;
-    impl AuditSink for Failing {
-        fn append(
-            &self,
-            _: NewRecord,
-        ) -> Pin<Box<dyn Future<Output = Result<(), AuditUnavailable>> + Send + '_>> {
-            Box::pin(async {
-                Err(AuditUnavailable {
-                    reason: "disk full".into(),
-                })
-            })
-        }
-
-        fn append_detached(&self, _: NewRecord) {}
-    }
-
-    /// Fails only statement records of a write (so the connection opens).
-    struct FailWrites;
-    impl AuditSink for FailWrites {
-        fn append(
-            &self,
-            r: NewRecord,
-        ) -> Pin<Box<dyn Future<Output = Result<(), AuditUnavailable>> + Send + '_>> {
-            let write = r.action.as_ref().is_some_and(|a| a["class"] == "write");
-            Box::pin(async move {
-                if write {
-                    Err(AuditUnavailable {
-                        reason: "disk full".into(),
-                    })
-                } else {
-                    Ok(())
-                }
-            })
-        }
-
-        fn append_detached(&self, _: NewRecord) {}
-    }
-
-    /// Statement records of reads wait for `release`, then fail if `fail`.
-    struct SlowReads {
-        release: tokio::sync::watch::Receiver<bool>,
+    /// A log that takes the records `picks` does not pick; a picked record
+    /// waits until `gate` (if any) opens, then fails if `fail`.
+    struct TestSink {
+        picks: fn(&NewRecord) -> bool,
+        gate: Option<tokio::sync::watch::Receiver<bool>>,
         fail: bool,
     }
-    impl AuditSink for SlowReads {
+
+    impl TestSink {
+        /// Fails every record.
+        fn failing() -> Self {
+            Self {
+                picks: |_| true,
+                gate: None,
+                fail: true,
+            }
+        }
+
+        /// Fails only statement records of a write (so the connection opens).
+        fn failing_writes() -> Self {
+            Self {
+                picks: |r| of_class(r, "write"),
+                gate: None,
+                fail: true,
+            }
+        }
+
+        /// Holds statement records of reads until `gate` opens, then fails them if `fail`.
+        fn slow_reads(gate: tokio::sync::watch::Receiver<bool>, fail: bool) -> Self {
+            Self {
+                picks: |r| of_class(r, "read"),
+                gate: Some(gate),
+                fail,
+            }
+        }
+    }
+
+    fn of_class(r: &NewRecord, class: &str) -> bool {
+        r.action.as_ref().is_some_and(|a| a["class"] == class)
+    }
+
+    impl AuditSink for TestSink {
         fn append(
             &self,
             r: NewRecord,
         ) -> Pin<Box<dyn Future<Output = Result<(), AuditUnavailable>> + Send + '_>> {
-            let read = r.action.as_ref().is_some_and(|a| a["class"] == "read");
-            let mut release = self.release.clone();
+            let picked = (self.picks)(&r);
+            let gate = self.gate.clone();
             let fail = self.fail;
             Box::pin(async move {
-                if !read {
+                if !picked {
                     return Ok(());
                 }
-                let _ = release.wait_for(|r| *r).await;
+                if let Some(mut gate) = gate {
+                    let _ = gate.wait_for(|open| *open).await;
+                }
                 if fail {
                     Err(AuditUnavailable {
                         reason: "disk full".into(),
@@ -2116,7 +2112,7 @@ match = { sql = ["write"] }
 
     #[tokio::test]
     async fn an_unloggable_statement_is_denied_and_never_reaches_the_server() {
-        let (mut c, seen, mut buf) = harness(Arc::new(FailWrites)).await;
+        let (mut c, seen, mut buf) = harness(Arc::new(TestSink::failing_writes())).await;
         c.write_all(&query("DELETE FROM t WHERE id = 1"))
             .await
             .unwrap();
@@ -2145,10 +2141,7 @@ match = { sql = ["write"] }
     #[tokio::test]
     async fn a_read_runs_while_its_record_is_written_but_its_result_waits_for_it() {
         let (tx, rx) = tokio::sync::watch::channel(false);
-        let sink = SlowReads {
-            release: rx,
-            fail: false,
-        };
+        let sink = TestSink::slow_reads(rx, false);
         let (mut c, seen, mut buf) = harness(Arc::new(sink)).await;
         c.write_all(&query("SELECT 1")).await.unwrap();
         wait_seen(&seen, "SELECT 1").await;
@@ -2163,10 +2156,7 @@ match = { sql = ["write"] }
     #[tokio::test]
     async fn a_read_whose_record_fails_never_shows_its_result() {
         let (tx, rx) = tokio::sync::watch::channel(false);
-        let sink = SlowReads {
-            release: rx,
-            fail: true,
-        };
+        let sink = TestSink::slow_reads(rx, true);
         let (mut c, seen, mut buf) = harness(Arc::new(sink)).await;
         c.write_all(&query("SELECT 1")).await.unwrap();
         wait_seen(&seen, "SELECT 1").await;
@@ -2191,7 +2181,10 @@ match = { sql = ["write"] }
     async fn an_unloggable_connection_is_closed_after_authentication() {
         let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let ctx = ctx(upstream.local_addr().unwrap(), Arc::new(Failing));
+        let ctx = ctx(
+            upstream.local_addr().unwrap(),
+            Arc::new(TestSink::failing()),
+        );
         tokio::spawn(fake_server(upstream, seen.clone()));
         let (mut c, s) = {
             let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -2215,7 +2208,7 @@ match = { sql = ["write"] }
 
     #[tokio::test]
     async fn a_malformed_message_is_a_protocol_error_and_is_not_forwarded() {
-        let (mut c, seen, mut buf) = harness(Arc::new(FailWrites)).await;
+        let (mut c, seen, mut buf) = harness(Arc::new(TestSink::failing_writes())).await;
         let mut bad = BytesMut::from(&b"Q\0\0\0\x02"[..]);
         bad.extend_from_slice(b"SELECT 1\0");
         c.write_all(&bad).await.unwrap();
