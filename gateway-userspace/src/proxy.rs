@@ -44,7 +44,7 @@ use crate::{
     binding::Bindings,
     cgroup::Hierarchy,
     config::{LabelIdentity, ProxyConfig},
-    policy::{PolicyStore, Protocol, Subject, Verdict},
+    policy::{PolicyStore, Protocol, Resource, Subject, Verdict},
     provenance::Workload,
     redirect::{self, Redirector},
 };
@@ -281,8 +281,9 @@ async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<
     let policy = shared.policy.current();
     // An identity whose session ended (expired, revoked, logged out) is denied
     // like any other denial: recorded, and answered in the protocol's own terms.
-    let decision = match shared.subject(&identity).await {
-        Some(subject) => policy.decide_connect(&subject, destination),
+    let subject = shared.subject(&identity).await;
+    let decision = match &subject {
+        Some(subject) => policy.decide_connect(subject, destination),
         None => crate::policy::Decision {
             verdict: Verdict::Deny {
                 reason: format!("{identity} has no valid session; log in again"),
@@ -338,6 +339,9 @@ async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<
         );
         return Err("denied by policy");
     }
+    let Some(subject) = subject else {
+        return Err("identity is no longer valid"); // never allowed, see above
+    };
     tracing::info!(
         event = "connection.open",
         conn = conn.id,
@@ -349,7 +353,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<
         %destination,
     );
     shared.registry.insert(conn.clone());
-    let result = dispatch(client, &conn, protocol, shared).await;
+    let result = dispatch(client, &conn, resource.cloned(), subject, shared).await;
     shared.registry.remove(conn.id);
     drop(permit);
     record_close(&conn, &result, shared).await;
@@ -361,22 +365,17 @@ async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<
 async fn dispatch(
     client: TcpStream,
     conn: &Arc<LiveConnection>,
-    protocol: Protocol,
+    resource: Option<Resource>,
+    subject: Subject,
     shared: &Shared,
 ) -> std::io::Result<()> {
     let handler = async {
-        match protocol {
+        let Some(resource) = resource else {
+            return connect_and_relay(client, conn, &shared.config).await;
+        };
+        match resource.protocol {
             Protocol::Tcp => connect_and_relay(client, conn, &shared.config).await,
             Protocol::Postgres => {
-                let policy = shared.policy.current();
-                let resource = policy
-                    .resource_for(conn.destination)
-                    .cloned()
-                    .ok_or_else(|| std::io::Error::other("the resource left the policy"))?;
-                let subject = shared
-                    .subject(&conn.identity)
-                    .await
-                    .ok_or_else(|| std::io::Error::other("identity is no longer valid"))?;
                 let ctx = crate::protocol::postgres::proxy::PgContext {
                     conn: conn.clone(),
                     subject,
@@ -396,7 +395,7 @@ async fn dispatch(
                     .await
                     .map_err(std::io::Error::other)
             }
-            Protocol::Mysql | Protocol::Http => Err(std::io::Error::other(format!(
+            protocol @ (Protocol::Mysql | Protocol::Http) => Err(std::io::Error::other(format!(
                 "no handler for {protocol:?} resources yet"
             ))),
         }
