@@ -5,23 +5,9 @@
 mod audit_common;
 
 use agentgate::audit::{AuditError, AuditLog, Broken, verify_dir};
-use audit_common::{TempLog, line_of, statement, write_log};
+use audit_common::{TempLog, flip_value_byte, statement, write_log};
 
 const RESUME: &str = "resume.json";
-
-/// Flips one byte inside record `seq`'s resource name (same length, wrong hash).
-fn tamper(t: &TempLog, seq: u64) {
-    let target = line_of(&t.dir, seq);
-    let pos = target
-        .bytes
-        .windows(11)
-        .position(|w| w == b"payments-db")
-        .unwrap()
-        + 2;
-    let mut raw = std::fs::read(&target.segment).unwrap();
-    raw[target.offset as usize + pos] ^= 0x01;
-    std::fs::write(&target.segment, raw).unwrap();
-}
 
 #[tokio::test]
 async fn start_up_checks_from_the_last_checkpoint_and_audit_verify_checks_all() {
@@ -30,7 +16,7 @@ async fn start_up_checks_from_the_last_checkpoint_and_audit_verify_checks_all() 
     assert!(t.dir.join(RESUME).exists(), "close saves a resume point");
     // Damage long before the last checkpoint: the daemon starts (it vouches
     // for what follows its last signed checkpoint), the verifier still names it.
-    tamper(&t, 17);
+    flip_value_byte(&t.dir, 17);
     let log = AuditLog::open(t.cfg())
         .await
         .expect("resumes at the last checkpoint");
@@ -61,7 +47,7 @@ async fn records_after_the_resume_point_are_checked_at_start_up() {
     log.close().await.unwrap();
     // Damage after that point is found at open, whichever point is saved.
     std::fs::write(t.dir.join(RESUME), &early).unwrap();
-    tamper(&t, 13);
+    flip_value_byte(&t.dir, 13);
     let e = AuditLog::open(t.cfg()).await.unwrap_err();
     assert!(matches!(e, AuditError::Tampered { .. }), "{e}");
 }
@@ -93,7 +79,7 @@ async fn a_resume_point_that_does_not_fit_means_a_full_pass() {
     // And a full pass is a real one: early damage plus a useless resume point
     // is refused.
     std::fs::write(t.dir.join(RESUME), b"{not json").unwrap();
-    tamper(&t, 5);
+    flip_value_byte(&t.dir, 5);
     let e = AuditLog::open(t.cfg()).await.unwrap_err();
     assert!(matches!(e, AuditError::Tampered { .. }), "{e}");
 }

@@ -6,7 +6,9 @@
 mod audit_common;
 
 use agentgate::audit::{AuditLog, Broken, Checkpoint, record_hash, split_line, verify_dir};
-use audit_common::{TempLog, agentgate, line_of, lines, segment_lines, write_log, write_segment};
+use audit_common::{
+    TempLog, agentgate, flip_value_byte, line_of, lines, segment_lines, write_log, write_segment,
+};
 
 const N: u64 = 60;
 
@@ -40,16 +42,7 @@ async fn fresh_log_spans_segments_and_verifies() {
 #[tokio::test]
 async fn flipped_byte_in_a_value_is_a_hash_mismatch_at_that_record() {
     let t = fresh().await;
-    let target = line_of(&t.dir, 17);
-    let pos = target
-        .bytes
-        .windows(11)
-        .position(|w| w == b"payments-db")
-        .unwrap()
-        + 2;
-    let mut raw = std::fs::read(&target.segment).unwrap();
-    raw[target.offset as usize + pos] ^= 0x01; // 'y' -> 'x'
-    std::fs::write(&target.segment, raw).unwrap();
+    let target = flip_value_byte(&t.dir, 17);
     let f = verify_dir(&t.dir, None).unwrap_err();
     assert_eq!(f.what, Broken::Hash);
     assert_eq!(f.seq, Some(17));

@@ -227,6 +227,23 @@ impl Frontier {
     }
 }
 
+/// One hash as 64 hex digits (serde `with`).
+pub(crate) mod hex_hash {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    use super::Hash;
+
+    pub fn serialize<S: Serializer>(h: &Hash, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(h))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Hash, D::Error> {
+        let raw = String::deserialize(d)?;
+        crate::audit::record::decode_hash(&raw)
+            .ok_or_else(|| D::Error::custom("not a 64-digit hex hash"))
+    }
+}
+
 mod hex_hashes {
     use serde::{Deserialize, Deserializer, Serializer, de::Error, ser::SerializeSeq};
 

@@ -24,7 +24,7 @@ pub const QUARANTINE_DIR: &str = "quarantine";
 pub const LOCK_FILE: &str = ".lock";
 
 /// A segment file and the seq its name says it starts at.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SegmentFile {
     pub path: PathBuf,
     pub first_seq: u64,

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     checkpoint::{Checkpoint, KeyRotation, read_public_key},
-    merkle::Frontier,
+    merkle::{Frontier, hex_hash},
     record::{GENESIS_PREV, Hash, Kind, ParsedLine, SCHEMA_VERSION, decode_hash, parse_line},
     segment::{
         Anchor, LineEnd, LineReader, SegmentFile, list_segments, quarantine_files, read_anchor,
@@ -49,80 +49,48 @@ pub(crate) struct Resume {
     pub v: u32,
     /// The checkpoint record's seq (= the records before it).
     pub seq: u64,
-    /// Hash of the record before the checkpoint (hex).
-    pub prev: String,
+    /// Hash of the record before the checkpoint.
+    #[serde(with = "hex_hash")]
+    pub prev: Hash,
     /// Merkle frontier of the records before the checkpoint.
     pub frontier: Frontier,
     /// The key that signed the checkpoint (hex).
     pub key: String,
     /// Every segment up to the checkpoint's; the last one's `valid_len` is the
     /// checkpoint line's offset.
-    pub segments: Vec<ResumeSegment>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct ResumeSegment {
-    pub first_seq: u64,
-    pub valid_len: u64,
-    pub records: u64,
-    pub frontier_at_start: Frontier,
-    pub prev_at_start: String,
-    pub first_time: Option<String>,
-    pub last_time: Option<String>,
+    pub segments: Vec<SegmentState>,
 }
 
 impl Resume {
     pub const VERSION: u32 = 1;
 
-    pub fn segment(s: &SegmentState) -> ResumeSegment {
-        ResumeSegment {
-            first_seq: s.file.first_seq,
-            valid_len: s.valid_len,
-            records: s.records,
-            frontier_at_start: s.frontier_at_start.clone(),
-            prev_at_start: hex::encode(s.prev_at_start),
-            first_time: s.first_time.clone(),
-            last_time: s.last_time.clone(),
-        }
-    }
-
     /// The state the scan continues from, the segments before the
     /// checkpoint's, and the checkpoint's segment (up to the checkpoint line).
     /// `None` when the saved state does not fit the files.
     fn apply(&self, files: &[SegmentFile]) -> Option<(ScanState, SegmentState, usize)> {
-        if self.v != Self::VERSION
-            || !self.frontier.is_well_formed()
-            || self.frontier.size() != self.seq
-            || files.len() < self.segments.len()
-            || files.first().is_none_or(|f| f.first_seq != 0)
-        {
+        let fits = self.v == Self::VERSION
+            && self.frontier.is_well_formed()
+            && self.frontier.size() == self.seq
+            && files.len() >= self.segments.len()
+            && files.first().is_some_and(|f| f.first_seq == 0)
+            && self
+                .segments
+                .iter()
+                .zip(files)
+                .all(|(s, f)| s.file == *f && s.frontier_at_start.is_well_formed());
+        if !fits {
             return None;
         }
-        let mut states = Vec::with_capacity(self.segments.len());
-        for (r, f) in self.segments.iter().zip(files) {
-            if r.first_seq != f.first_seq || !r.frontier_at_start.is_well_formed() {
-                return None;
-            }
-            states.push(SegmentState {
-                file: f.clone(),
-                valid_len: r.valid_len,
-                records: r.records,
-                frontier_at_start: r.frontier_at_start.clone(),
-                prev_at_start: decode_hash(&r.prev_at_start)?,
-                first_time: r.first_time.clone(),
-                last_time: r.last_time.clone(),
-            });
-        }
-        let current = states.pop()?;
+        let mut segments = self.segments.clone();
+        let current = segments.pop()?;
         if current.file.first_seq + current.records != self.seq {
             return None;
         }
         let st = ScanState {
-            segments: states,
+            segments,
             first_seq: 0,
             next_seq: self.seq,
-            prev: decode_hash(&self.prev)?,
+            prev: self.prev,
             frontier: self.frontier.clone(),
             keys: vec![self.key.clone()],
             last_checkpoint: None,
@@ -132,8 +100,7 @@ impl Resume {
             older_checked: 0,
             older_predating: 0,
         };
-        let index = self.segments.len() - 1;
-        Some((st, current, index))
+        Some((st, current, self.segments.len() - 1))
     }
 }
 
@@ -284,7 +251,8 @@ pub(crate) struct TornTail {
 }
 
 /// A segment as the scan saw it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct SegmentState {
     pub file: SegmentFile,
     /// Bytes of complete lines.
@@ -292,6 +260,7 @@ pub(crate) struct SegmentState {
     pub records: u64,
     /// Frontier and prev before the segment's first record (for retention anchors).
     pub frontier_at_start: Frontier,
+    #[serde(with = "hex_hash")]
     pub prev_at_start: Hash,
     pub first_time: Option<String>,
     pub last_time: Option<String>,

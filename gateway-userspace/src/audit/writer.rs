@@ -994,20 +994,23 @@ impl Writer {
     /// checkpoint record at `offset` bytes into the group written at `base`.
     /// Best effort: without it the next open verifies the whole log.
     fn save_resume(&self, base: u64, (offset, seq, prev, frontier): (usize, u64, Hash, Frontier)) {
-        let mut segments: Vec<_> = self.closed_segments.iter().map(Resume::segment).collect();
-        segments.push(super::verify::ResumeSegment {
-            first_seq: self.seg.first_seq,
+        let mut segments = self.closed_segments.clone();
+        segments.push(SegmentState {
+            file: SegmentFile {
+                path: self.seg.path.clone(),
+                first_seq: self.seg.first_seq,
+            },
             valid_len: base + offset as u64,
             records: seq - self.seg.first_seq,
             frontier_at_start: self.seg.frontier_at_start.clone(),
-            prev_at_start: hex::encode(self.seg.prev_at_start),
+            prev_at_start: self.seg.prev_at_start,
             first_time: self.seg.first_time.clone(),
             last_time: None,
         });
         let resume = Resume {
             v: Resume::VERSION,
             seq,
-            prev: hex::encode(prev),
+            prev,
             frontier,
             key: hex::encode(self.key.verifying_key().as_bytes()),
             segments,

@@ -81,6 +81,23 @@ pub fn line_of(dir: &Path, seq: u64) -> Line {
         .expect("seq present")
 }
 
+/// Flips one byte inside record `seq`'s resource name (`payments-db` ->
+/// `paxments-db`): same length, so only that record's hash breaks. Returns
+/// the line as it was.
+pub fn flip_value_byte(dir: &Path, seq: u64) -> Line {
+    let target = line_of(dir, seq);
+    let pos = target
+        .bytes
+        .windows(11)
+        .position(|w| w == b"payments-db")
+        .unwrap()
+        + 2;
+    let mut raw = std::fs::read(&target.segment).unwrap();
+    raw[target.offset as usize + pos] ^= 0x01; // 'y' -> 'x'
+    std::fs::write(&target.segment, raw).unwrap();
+    target
+}
+
 /// Rewrites one segment from its lines.
 pub fn write_segment(path: &Path, lines: &[Vec<u8>]) {
     let mut raw = Vec::new();
