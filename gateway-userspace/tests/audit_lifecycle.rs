@@ -416,3 +416,16 @@ async fn detached_records_are_written_in_order_and_synced_without_a_waiter() {
     log.close().await.unwrap();
     verify_dir(&t.dir, None).unwrap();
 }
+
+#[tokio::test]
+async fn the_log_opens_again_as_soon_as_close_returns() {
+    let t = TempLog::new();
+    for i in 0..30 {
+        let log = AuditLog::open(t.cfg())
+            .await
+            .unwrap_or_else(|e| panic!("reopen {i}: {e}"));
+        log.append(statement(i)).await.unwrap();
+        log.close().await.unwrap();
+    }
+    verify_dir(&t.dir, None).unwrap();
+}

@@ -688,7 +688,9 @@ struct Writer {
     unsynced_since: Option<Instant>,
     stats: Arc<Stats>,
     sink_tx: Option<mpsc::UnboundedSender<Checkpoint>>,
-    _lock: File,
+    /// The writer lock (`flock` on `.lock`); released before `close` answers,
+    /// so the log can be opened again as soon as `close` returns.
+    lock: Option<File>,
 }
 
 fn hostname() -> String {
@@ -728,7 +730,7 @@ impl Writer {
             unsynced_since: None,
             stats,
             sink_tx,
-            _lock: o.lock,
+            lock: Some(o.lock),
             own_thread: false,
             cfg,
         }
@@ -806,6 +808,7 @@ impl Writer {
             }
             Msg::Close(reply) => {
                 let r = self.commit(Vec::new(), Vec::new(), true).await;
+                self.lock = None;
                 let _ = reply.send(r);
                 return true;
             }
