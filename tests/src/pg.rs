@@ -184,7 +184,9 @@ impl Drop for PgServer {
     }
 }
 
-fn make_ca(dir: &Path) -> Result<TestCa> {
+/// A test CA in `dir` and a server certificate it signed for `localhost`,
+/// `127.0.0.1` and `::1`.
+pub fn make_ca(dir: &Path) -> Result<TestCa> {
     let p = |n: &str| dir.join(n);
     let openssl = |args: &[&str]| -> Result<()> {
         run_ok(Command::new("openssl").args(args).current_dir(dir))

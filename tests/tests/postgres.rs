@@ -5,7 +5,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agentgate_e2e::{DaemonOptions, Env, Proc, pg::PASSWORD, pg::PgServer, run_ok, scripts_dir};
+use agentgate_e2e::{
+    DaemonOptions, Env, Proc,
+    pg::{PASSWORD, PgServer, make_ca},
+    run_ok, scripts_dir,
+};
 
 const PSQL: &str = "/usr/lib/postgresql/15/bin/psql";
 
@@ -685,28 +689,9 @@ fn tls_upstream_is_verified_with_the_resource_ca() {
     );
 
     // A CA that did not sign the server's certificate: refused, natively.
-    let other = env.state.join("other-ca.crt");
-    run_ok(
-        std::process::Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-days",
-                "1",
-                "-subj",
-                "/CN=other",
-                "-keyout",
-            ])
-            .arg(env.state.join("other.key"))
-            .arg("-out")
-            .arg(&other),
-    )
-    .unwrap();
+    let other_dir = env.state.join("other-ca");
+    std::fs::create_dir_all(&other_dir).unwrap();
+    let other = make_ca(&other_dir).unwrap().ca_cert;
     std::fs::write(
         dir.join("pg.toml"),
         l7_policy(5432, "30s", Some(&other.display().to_string())),
