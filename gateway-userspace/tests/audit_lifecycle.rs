@@ -417,6 +417,82 @@ async fn detached_records_are_written_in_order_and_synced_without_a_waiter() {
     verify_dir(&t.dir, None).unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detached_records_ride_with_the_next_write() {
+    let t = TempLog::new();
+    let mut cfg = t.cfg();
+    cfg.batch_interval_ms = 10_000;
+    cfg.checkpoint_every_records = 1_000_000;
+    let log = AuditLog::open(cfg).await.unwrap();
+    log.append(statement(0)).await.unwrap();
+    let before = log.stats();
+    for i in 1..4 {
+        log.append_detached(statement(i)).unwrap();
+    }
+    // Time for the writer to take them; the interval is far away.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(log.stats().batches, before.batches, "held, not written");
+    assert_eq!(records(&t.dir).len(), before.appends as usize);
+    log.append(statement(4)).await.unwrap();
+    let after = log.stats();
+    assert_eq!(
+        after.batches,
+        before.batches + 1,
+        "one write for all: {after:?}"
+    );
+    assert_eq!(after.appends, before.appends + 4);
+    let connections: Vec<u64> = records(&t.dir)
+        .iter()
+        .filter_map(|r| r.connection_id)
+        .collect();
+    assert_eq!(connections, vec![0, 1, 2, 3, 4], "appended order");
+    // Held records are written before a key rotation and at close.
+    log.append_detached(statement(5)).unwrap();
+    log.rotate_key().await.unwrap();
+    log.append_detached(statement(6)).unwrap();
+    log.close().await.unwrap();
+    let connections: Vec<u64> = records(&t.dir)
+        .iter()
+        .filter_map(|r| r.connection_id)
+        .collect();
+    assert_eq!(connections, vec![0, 1, 2, 3, 4, 5, 6]);
+    verify_dir(&t.dir, None).unwrap();
+}
+
+#[tokio::test]
+async fn held_records_cross_segment_rotation_intact() {
+    let t = TempLog::new();
+    let mut cfg = t.cfg();
+    cfg.segment_max_bytes = 4096;
+    let log = AuditLog::open(cfg).await.unwrap();
+    for i in 0..60 {
+        if i % 3 == 0 {
+            log.append(statement(i)).await.unwrap();
+        } else {
+            log.append_detached(statement(i)).unwrap();
+        }
+    }
+    log.close().await.unwrap();
+    let segments = std::fs::read_dir(&t.dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("segment-")
+        })
+        .count();
+    assert!(segments > 3, "rotated: {segments} segments");
+    let connections: Vec<u64> = records(&t.dir)
+        .iter()
+        .filter_map(|r| r.connection_id)
+        .collect();
+    assert_eq!(connections, (0..60).collect::<Vec<u64>>());
+    let report = verify_dir(&t.dir, None).unwrap();
+    assert_eq!(report.segments, segments);
+}
+
 #[tokio::test]
 async fn the_log_opens_again_as_soon_as_close_returns() {
     let t = TempLog::new();

@@ -59,6 +59,8 @@ use super::{
 pub const MAX_BATCH: usize = 4096;
 const QUEUE_DEPTH: usize = 8192;
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
+/// At most this much of detached records is held back before it is written.
+const HOLD_MAX_BYTES: usize = 64 * 1024;
 
 /// An acknowledged append.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -227,9 +229,10 @@ impl AuditLog {
         rx.await.map_err(|_| AuditError::Closed)?
     }
 
-    /// Queues a record nobody waits for: it is written in order with the other
-    /// appends and made durable with the next group that someone waits for, or
-    /// within `batch_interval_ms`, in either durability mode. For facts that
+    /// Queues a record nobody waits for: it is sequenced in order with the
+    /// other appends, held back, and written and made durable with the next
+    /// group that someone waits for, or within `batch_interval_ms`, in either
+    /// durability mode (a result record costs no write of its own). For facts that
     /// follow an already-recorded action (a statement's result after its
     /// write-ahead record): the caller does not block on them. `Err` only when
     /// the log is closed or the record is a reserved kind; a later write
@@ -691,6 +694,24 @@ struct Writer {
     /// The writer lock (`flock` on `.lock`); released before `close` answers,
     /// so the log can be opened again as soon as `close` returns.
     lock: Option<File>,
+    /// Detached records staged (sequenced and hashed) but not yet written:
+    /// they ride with the next write, or go out on their own after
+    /// `batch_interval_ms` (see [`Writer::commit`]).
+    held: Option<Held>,
+}
+
+/// A staged group nobody waits for.
+struct Held {
+    st: Staged,
+    acks: Vec<(Appended, Option<Reply<Appended>>)>,
+    since: Instant,
+}
+
+/// Whether [`Writer::commit`] may keep a group of detached records back.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    Allowed,
+    WriteNow,
 }
 
 fn hostname() -> String {
@@ -731,6 +752,7 @@ impl Writer {
             stats,
             sink_tx,
             lock: Some(o.lock),
+            held: None,
             own_thread: false,
             cfg,
         }
@@ -742,6 +764,7 @@ impl Writer {
         let batch_interval = Duration::from_millis(self.cfg.batch_interval_ms);
         loop {
             let fsync_due = self.unsynced_since.map(|t| t + batch_interval);
+            let held_due = self.held.as_ref().map(|h| h.since + batch_interval);
             tokio::select! {
                 msg = rx.recv() => {
                     let Some(first) = msg else { break };
@@ -756,11 +779,17 @@ impl Writer {
                         return;
                     }
                 }
+                () = sleep_until_opt(held_due) => {
+                    // Held as long as the interval allows: durable now.
+                    self.write_held().await;
+                    self.sync_now().await;
+                }
                 () = sleep_until_opt(fsync_due) => self.sync_now().await,
                 _ = tick.tick() => self.housekeeping().await,
             }
         }
-        // Every handle dropped without close(): make what was written durable.
+        // Every handle dropped without close(): make what was staged durable.
+        self.write_held().await;
         self.sync_now().await;
     }
 
@@ -780,6 +809,7 @@ impl Writer {
                                 std::mem::take(&mut appends),
                                 std::mem::take(&mut cp_waiters),
                                 force,
+                                Hold::WriteNow,
                             )
                             .await;
                     }
@@ -791,12 +821,23 @@ impl Writer {
         }
         if !appends.is_empty() || !cp_waiters.is_empty() {
             let force = !cp_waiters.is_empty();
-            let _ = self.commit(appends, cp_waiters, force).await;
+            let _ = self.commit(appends, cp_waiters, force, Hold::Allowed).await;
         }
         false
     }
 
+    /// Writes held detached records, if any (before anything that reads or
+    /// changes the writer's position: key rotation, retention, fsync).
+    async fn write_held(&mut self) {
+        if self.held.is_some() {
+            let _ = self
+                .commit(Vec::new(), Vec::new(), false, Hold::WriteNow)
+                .await;
+        }
+    }
+
     async fn control(&mut self, msg: Msg) -> bool {
+        self.write_held().await;
         match msg {
             Msg::RotateKey(reply) => {
                 let r = self.rotate_key().await;
@@ -807,7 +848,9 @@ impl Writer {
                 let _ = reply.send(r);
             }
             Msg::Close(reply) => {
-                let r = self.commit(Vec::new(), Vec::new(), true).await;
+                let r = self
+                    .commit(Vec::new(), Vec::new(), true, Hold::WriteNow)
+                    .await;
                 self.lock = None;
                 let _ = reply.send(r);
                 return true;
@@ -820,13 +863,17 @@ impl Writer {
     async fn housekeeping(&mut self) {
         if self.failure.is_some() {
             // Try to record the failure now that time has passed.
-            let _ = self.commit(Vec::new(), Vec::new(), false).await;
+            let _ = self
+                .commit(Vec::new(), Vec::new(), false, Hold::WriteNow)
+                .await;
         }
         if self.since_checkpoint > 0
             && self.last_checkpoint_at.elapsed()
                 >= Duration::from_secs(self.cfg.checkpoint_every_secs)
         {
-            let _ = self.commit(Vec::new(), Vec::new(), true).await;
+            let _ = self
+                .commit(Vec::new(), Vec::new(), true, Hold::WriteNow)
+                .await;
         }
         self.ingest_spool().await;
     }
@@ -844,7 +891,11 @@ impl Writer {
         let Some((records, path)) = taken else { return };
         let n = records.len();
         let items = records.into_iter().map(|r| (r, None)).collect();
-        if self.commit(items, Vec::new(), false).await.is_ok() {
+        if self
+            .commit(items, Vec::new(), false, Hold::WriteNow)
+            .await
+            .is_ok()
+        {
             self.sync_now().await;
             if let Err(error) = fs::remove_file(&path) {
                 tracing::error!(%error, path = %path.display(), "audit: cannot remove the ingested spool");
@@ -898,12 +949,20 @@ impl Writer {
         st.checkpoints.push(cp);
     }
 
-    /// Stages, writes and acknowledges one group. `Err` when nothing was written.
+    /// Stages, writes and acknowledges one group, after any held records.
+    /// `Err` when nothing was written.
+    ///
+    /// With `Hold::Allowed`, a group of detached records alone (nobody waits,
+    /// no checkpoint, no fsync due) is kept back, staged, and written with the
+    /// next group: a result record then costs no write of its own. Held
+    /// records are sequenced already, so the log's order is the order of the
+    /// appends; they wait at most `batch_interval_ms` (see `run`).
     async fn commit(
         &mut self,
         appends: Vec<(NewRecord, Option<Reply<Appended>>)>,
         cp_waiters: Vec<Reply<Checkpoint>>,
         force_checkpoint: bool,
+        hold: Hold,
     ) -> Result<(), AuditError> {
         if let Err(e) = self.rotate_if_due().await {
             self.note_failure(&e, appends.len() as u64);
@@ -917,7 +976,10 @@ impl Writer {
             }
             return Err(e);
         }
-        let mut st = self.stage_start();
+        let (mut st, mut acks, held_since) = match self.held.take() {
+            Some(h) => (h.st, h.acks, Some(h.since)),
+            None => (self.stage_start(), Vec::with_capacity(appends.len()), None),
+        };
         if let Some(f) = &self.failure {
             let rec = NewRecord::new(Kind::LogFailure).result(json!({
                 "since": f.since, "error": f.error,
@@ -926,7 +988,6 @@ impl Writer {
             self.stage(&mut st, &rec)
                 .expect("a failure record is small");
         }
-        let mut acks = Vec::with_capacity(appends.len());
         for (rec, reply) in appends {
             match self.stage(&mut st, &rec) {
                 Ok(a) => acks.push((a, reply)),
@@ -968,6 +1029,17 @@ impl Writer {
             || self
                 .unsynced_since
                 .is_some_and(|t| t.elapsed() >= Duration::from_millis(self.cfg.batch_interval_ms));
+        // (A checkpoint always syncs, so a held group never has one.)
+        if hold == Hold::Allowed
+            && !(waited || sync || self.failure.is_some() || st.buf.len() >= HOLD_MAX_BYTES)
+        {
+            self.held = Some(Held {
+                st,
+                acks,
+                since: held_since.unwrap_or_else(Instant::now),
+            });
+            return Ok(());
+        }
         let base = self.seg.len;
         match self.write(std::mem::take(&mut st.buf), sync).await {
             Ok(()) => {
@@ -1251,7 +1323,7 @@ impl Writer {
             "keep_after": record::format_time(keep_after),
         }));
         let (tx, rx) = oneshot::channel();
-        self.commit(vec![(rec, Some(tx))], Vec::new(), false)
+        self.commit(vec![(rec, Some(tx))], Vec::new(), false, Hold::WriteNow)
             .await?;
         rx.await.map_err(|_| AuditError::Closed)??;
         self.sync_now().await;
@@ -1293,7 +1365,9 @@ impl Writer {
         let old = std::mem::replace(&mut self.key, new.clone());
         // The rotation record and the first checkpoint under the new key are one write.
         let (tx, rx) = oneshot::channel();
-        let res = self.commit(vec![(rec, Some(tx))], Vec::new(), true).await;
+        let res = self
+            .commit(vec![(rec, Some(tx))], Vec::new(), true, Hold::WriteNow)
+            .await;
         let res = res.and(rx.await.map_err(|_| AuditError::Closed)?.map(|_| ()));
         if let Err(e) = res {
             self.key = old;
