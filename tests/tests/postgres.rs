@@ -222,8 +222,12 @@ print(json.dumps(res))
     assert_eq!(v["status_after_denial"], "INERROR");
     assert_eq!(v["count"], 10);
 
-    // Write-ahead records: the denied DROP and the allowed reads, redacted.
-    let recs = audit_records(&env);
+    check_statement_records(&audit_records(&env));
+}
+
+/// Write-ahead records of the test above: the denied DROP and the allowed
+/// reads, redacted; the parameterised read's execution and its result.
+fn check_statement_records(recs: &[serde_json::Value]) {
     let stmts: Vec<_> = recs.iter().filter(|r| r["kind"] == "statement").collect();
     assert!(
         stmts.iter().any(|r| r["action"]["class"] == "ddl"
@@ -242,12 +246,32 @@ print(json.dumps(res))
         .expect("the parameterised read was recorded");
     assert_eq!(param_read["decision"]["verdict"], "allow");
     assert_eq!(param_read["action"]["sql_hash"].as_str().unwrap().len(), 64);
-    assert!(
-        stmts.iter().any(|r| r["action"]["phase"] == "completed"
-            && r["result"]["command"] == "SELECT 1"
-            && r["action"]["bind"]["params"] == 1),
-        "a result record with bind parameters counted, not shown"
+    // Each execution has its own record before its result: linked to the
+    // Parse by the keyed hash, bind parameters counted, not shown.
+    let position = |pred: &dyn Fn(&serde_json::Value) -> bool| {
+        recs.iter()
+            .position(|r| r["kind"] == "statement" && pred(r))
+            .expect("record present")
+    };
+    let execution = position(&|r| {
+        r["action"]["message"] == "execute"
+            && r["action"]["sql_hash"] == param_read["action"]["sql_hash"]
+    });
+    assert_eq!(recs[execution]["action"]["class"], "read");
+    assert_eq!(recs[execution]["action"]["bind"]["params"], 1);
+    assert_eq!(
+        recs[execution]["decision"]["rule"],
+        "agentgate:decided-at-parse"
     );
+    let completed = position(&|r| {
+        r["action"]["phase"] == "completed"
+            && r["action"]["sql_hash"] == param_read["action"]["sql_hash"]
+    });
+    assert!(
+        execution < completed,
+        "the execution is recorded before its result"
+    );
+    assert_eq!(recs[completed]["result"]["command"], "SELECT 1");
 }
 
 fn pending(env: &Env) -> Vec<serde_json::Value> {

@@ -727,7 +727,8 @@ struct Pg<'a> {
     copies_seen: usize,
     scratch: Scratch,
     cur: Running,
-    last_bind: Option<Value>,
+    /// The latest `Bind`'s parameters, counted (never the values), by portal.
+    last_bind: Option<(Bytes, Value)>,
     statements: u64,
     user: String,
     database: String,
@@ -1382,7 +1383,6 @@ impl<'a> Pg<'a> {
             })
         });
         let command = tag.map(|t| String::from_utf8_lossy(t).into_owned());
-        let bind = self.last_bind.take();
         let mut ev = self.event(
             Kind::Statement,
             json!({
@@ -1390,7 +1390,6 @@ impl<'a> Pg<'a> {
                 "phase": "completed",
                 "database": self.database,
                 "sql_hash": sql.map(|s| crate::audit::keyed_hash(&self.ctx.correlation_key, s)),
-                "bind": bind,
             }),
         );
         ev.transform = transform;
@@ -1438,12 +1437,20 @@ impl<'a> Pg<'a> {
             Disposition::Discard => Ok(()),
             Disposition::Forward => {
                 if let FrontendMessage::Bind(b) = &m {
-                    self.last_bind = Some(json!({
-                        "params": b.params.len(),
-                        "null_params": b.params.iter().filter(|p| p.is_none()).count(),
-                        "formats": b.param_formats,
-                        "types": self.session.statement(&b.statement).map(|s| s.param_types.clone()),
-                    }));
+                    self.last_bind = Some((
+                        b.portal.clone(),
+                        json!({
+                            "params": b.params.len(),
+                            "null_params": b.params.iter().filter(|p| p.is_none()).count(),
+                            "formats": b.param_formats,
+                            "types": self.session.statement(&b.statement).map(|s| s.param_types.clone()),
+                        }),
+                    ));
+                }
+                if let FrontendMessage::Execute { portal, .. } = &m
+                    && let Some(sql) = self.session.portal_sql(portal).cloned()
+                {
+                    return self.execute(m, sql).await;
                 }
                 let terminate = matches!(m, FrontendMessage::Terminate);
                 self.forward(&m);
@@ -1630,6 +1637,46 @@ impl<'a> Pg<'a> {
         r
     }
 
+    /// An `Execute` of a statement the policy allowed at its `Parse`. Each
+    /// execution has its own record (class, keyed hash linking it to the
+    /// `Parse` record, bind parameters counted), under the same write-ahead
+    /// rule as a simple query: durable before a statement that can change
+    /// anything runs, and before a read's rows are released.
+    async fn execute(&mut self, m: FrontendMessage, sql: Bytes) -> Result<(), PgProxyError> {
+        let FrontendMessage::Execute { portal, .. } = &m else {
+            unreachable!("called for Execute")
+        };
+        let bind = match self.last_bind.take() {
+            Some((p, bind)) if p == *portal => Some(bind),
+            _ => None,
+        };
+        let analysis = self
+            .ctx
+            .sql_cache
+            .analyze(&String::from_utf8_lossy(&sql), Dialect::Postgres);
+        let class = analysis.classification.class;
+        let hash = crate::audit::keyed_hash(&self.ctx.correlation_key, &sql);
+        let stmt = StmtRecord {
+            action: json!({
+                "protocol": "postgres",
+                "message": "execute",
+                "portal": String::from_utf8_lossy(portal),
+                "database": self.database,
+                "user": self.user,
+                "sql_hash": hash,
+                "class": class.as_str(),
+                "bind": bind,
+            }),
+            hash,
+        };
+        let decision = Decision {
+            verdict: Verdict::Allow,
+            rule: "agentgate:decided-at-parse".into(),
+        };
+        self.allow(m, stmt, &decision, None, class <= StatementClass::Read)
+            .await
+    }
+
     /// Write-ahead: the record is durable before the statement goes upstream;
     /// a `read_only` statement goes at once and its results wait for the record.
     async fn allow(
@@ -1647,7 +1694,16 @@ impl<'a> Pg<'a> {
         if read_only {
             let ev = self.statement_event(stmt, &effective, approval);
             let audit: &'a dyn AuditSink = &*self.ctx.audit;
-            self.unconfirmed.push_back(audit.append(ev));
+            let mut append = audit.append(ev);
+            // Poll once now: that queues the record, so it precedes this
+            // statement's result record even when earlier records are still
+            // unconfirmed (only the oldest is polled by the event loop).
+            let first =
+                std::future::poll_fn(|cx| std::task::Poll::Ready(append.as_mut().poll(cx))).await;
+            self.unconfirmed.push_back(match first {
+                std::task::Poll::Ready(r) => Box::pin(std::future::ready(r)),
+                std::task::Poll::Pending => append,
+            });
             self.forward(&m);
             return Ok(());
         }
@@ -1907,6 +1963,7 @@ match = { sql = ["write"] }
         s.write_all(b"R\0\0\0\x08\0\0\0\0Z\0\0\0\x05I")
             .await
             .unwrap();
+        let mut skipping = false;
         loop {
             let mut hdr = [0u8; 5];
             if s.read_exact(&mut hdr).await.is_err() {
@@ -1916,6 +1973,38 @@ match = { sql = ["write"] }
             let mut body = vec![0u8; n];
             s.read_exact(&mut body).await.unwrap();
             if hdr[0] != b'Q' {
+                // The extended protocol, just enough for one statement and portal.
+                let reply = match hdr[0] {
+                    b'P' if body
+                        .windows(session::DENIED_SQL.len())
+                        .any(|w| w == session::DENIED_SQL) =>
+                    {
+                        skipping = true;
+                        BackendMessage::ErrorResponse(ErrorFields::new(
+                            "ERROR",
+                            "42601",
+                            "syntax error",
+                        ))
+                    }
+                    _ if skipping && hdr[0] != b'S' => continue,
+                    b'P' => BackendMessage::ParseComplete,
+                    b'B' => BackendMessage::BindComplete,
+                    b'D' => BackendMessage::NoData,
+                    b'E' => {
+                        seen.lock().unwrap().push("EXECUTE".into());
+                        BackendMessage::CommandComplete {
+                            tag: Bytes::from_static(b"UPDATE 1"),
+                        }
+                    }
+                    b'S' => {
+                        skipping = false;
+                        BackendMessage::ReadyForQuery(TxStatus::Idle)
+                    }
+                    _ => continue,
+                };
+                let mut out = BytesMut::new();
+                reply.encode(&mut out);
+                s.write_all(&out).await.unwrap();
                 continue;
             }
             let sql = String::from_utf8_lossy(&body[..n - 1]).into_owned();
@@ -1940,6 +2029,9 @@ match = { sql = ["write"] }
         picks: fn(&NewRecord) -> bool,
         gate: Option<tokio::sync::watch::Receiver<bool>>,
         fail: bool,
+        /// Statement records in the order they are queued (first poll of an
+        /// append, as with the real log; a detached record at once).
+        queued: Arc<Mutex<Vec<String>>>,
     }
 
     impl TestSink {
@@ -1949,6 +2041,7 @@ match = { sql = ["write"] }
                 picks: |_| true,
                 gate: None,
                 fail: true,
+                queued: Arc::default(),
             }
         }
 
@@ -1958,6 +2051,7 @@ match = { sql = ["write"] }
                 picks: |r| of_class(r, "write"),
                 gate: None,
                 fail: true,
+                queued: Arc::default(),
             }
         }
 
@@ -1967,8 +2061,16 @@ match = { sql = ["write"] }
                 picks: |r| of_class(r, "read"),
                 gate: Some(gate),
                 fail,
+                queued: Arc::default(),
             }
         }
+    }
+
+    fn record_label(r: &NewRecord) -> String {
+        let a = r.action.as_ref();
+        let phase = a.and_then(|a| a["phase"].as_str()).unwrap_or("statement");
+        let sql = a.and_then(|a| a["sql"].as_str()).unwrap_or("");
+        format!("{phase} {sql}").trim().to_owned()
     }
 
     fn of_class(r: &NewRecord, class: &str) -> bool {
@@ -1983,7 +2085,9 @@ match = { sql = ["write"] }
             let picked = (self.picks)(&r);
             let gate = self.gate.clone();
             let fail = self.fail;
+            let queued = Arc::clone(&self.queued);
             Box::pin(async move {
+                queued.lock().unwrap().push(record_label(&r));
                 if !picked {
                     return Ok(());
                 }
@@ -2000,7 +2104,9 @@ match = { sql = ["write"] }
             })
         }
 
-        fn append_detached(&self, _: NewRecord) {}
+        fn append_detached(&self, r: NewRecord) {
+            self.queued.lock().unwrap().push(record_label(&r));
+        }
     }
 
     fn ctx(dest: SocketAddr, audit: Arc<dyn AuditSink>) -> PgContext {
@@ -2125,6 +2231,136 @@ match = { sql = ["write"] }
         assert_eq!(
             seen,
             vec!["AGENTGATE DENIED".to_owned(), "SELECT 1".to_owned()]
+        );
+    }
+
+    /// Parse, Bind, Execute and Sync of one unnamed statement.
+    fn extended(sql: &str) -> BytesMut {
+        let mut b = BytesMut::new();
+        FrontendMessage::Parse {
+            statement: Bytes::new(),
+            sql: Bytes::copy_from_slice(sql.as_bytes()),
+            param_types: Vec::new(),
+        }
+        .encode(&mut b);
+        FrontendMessage::Bind(codec::Bind {
+            portal: Bytes::new(),
+            statement: Bytes::new(),
+            param_formats: Vec::new(),
+            params: vec![Some(Bytes::from_static(b"123-45-6789"))],
+            result_formats: Vec::new(),
+        })
+        .encode(&mut b);
+        FrontendMessage::Execute {
+            portal: Bytes::new(),
+            max_rows: 0,
+        }
+        .encode(&mut b);
+        FrontendMessage::Sync.encode(&mut b);
+        b
+    }
+
+    fn of_message(r: &NewRecord, message: &str) -> bool {
+        r.action.as_ref().is_some_and(|a| a["message"] == message)
+    }
+
+    #[tokio::test]
+    async fn an_execution_that_cannot_be_logged_never_runs() {
+        // The Parse is recorded; the Execute's own record fails.
+        let sink = TestSink {
+            picks: |r| of_message(r, "execute"),
+            gate: None,
+            fail: true,
+            queued: Arc::default(),
+        };
+        let (mut c, seen, mut buf) = harness(Arc::new(sink)).await;
+        c.write_all(&extended("UPDATE t SET a = $1")).await.unwrap();
+        let (errs, eof) = until_ready(&mut c, &mut buf).await;
+        assert_eq!(errs, vec!["58030"]);
+        assert!(!eof, "the session stays usable");
+        assert!(
+            !seen.lock().unwrap().iter().any(|s| s == "EXECUTE"),
+            "the server ran an execution that has no record"
+        );
+        // A logged execution runs.
+        let (mut c, seen, mut buf) = harness(Arc::new(TestSink {
+            picks: |_| false,
+            gate: None,
+            fail: true,
+            queued: Arc::default(),
+        }))
+        .await;
+        c.write_all(&extended("UPDATE t SET a = $1")).await.unwrap();
+        let (errs, _) = until_ready(&mut c, &mut buf).await;
+        assert!(errs.is_empty(), "{errs:?}");
+        assert_eq!(seen.lock().unwrap().clone(), vec!["EXECUTE".to_owned()]);
+    }
+
+    #[tokio::test]
+    async fn an_executions_result_waits_for_its_record() {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let sink = TestSink {
+            picks: |r| of_message(r, "execute"),
+            gate: Some(rx),
+            fail: false,
+            queued: Arc::default(),
+        };
+        let (mut c, seen, mut buf) = harness(Arc::new(sink)).await;
+        c.write_all(&extended("SELECT a FROM t WHERE b = $1"))
+            .await
+            .unwrap();
+        wait_seen(&seen, "EXECUTE").await;
+        // ParseComplete and BindComplete may pass; the Execute's result may not.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        while c.try_read_buf(&mut buf).unwrap_or(0) > 0 {}
+        let mut early = Vec::new();
+        while let Some(m) = codec::decode_backend(&mut buf, &Limits::default()).unwrap() {
+            early.push(m);
+        }
+        assert!(
+            !early
+                .iter()
+                .any(|m| matches!(m, BackendMessage::CommandComplete { .. })),
+            "an execution's result was released before its record: {early:?}"
+        );
+        tx.send(true).unwrap();
+        let (errs, eof) = until_ready(&mut c, &mut buf).await;
+        assert!(errs.is_empty() && !eof);
+    }
+
+    #[tokio::test]
+    async fn pipelined_reads_are_recorded_before_their_results() {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let sink = Arc::new(TestSink::slow_reads(rx, false));
+        let (mut c, seen, mut buf) = harness(sink.clone()).await;
+        let mut two = query("SELECT 1");
+        two.extend_from_slice(&query("SELECT 2"));
+        c.write_all(&two).await.unwrap();
+        // Both ran and both results are back while the first record waits.
+        wait_seen(&seen, "SELECT 2").await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tx.send(true).unwrap();
+        for _ in 0..2 {
+            let (errs, eof) = until_ready(&mut c, &mut buf).await;
+            assert!(errs.is_empty() && !eof);
+        }
+        let queued: Vec<String> = sink
+            .queued
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("SELECT") || l.starts_with("completed"))
+            .cloned()
+            .collect();
+        assert_eq!(
+            queued,
+            [
+                "statement SELECT ?",
+                "statement SELECT ?",
+                "completed",
+                "completed"
+            ],
+            "each statement's record precedes the results"
         );
     }
 
