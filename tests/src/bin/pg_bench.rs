@@ -187,18 +187,15 @@ impl Workload {
     /// write before it goes upstream, a read or transaction statement before
     /// its result is released (it runs meanwhile, so its wait overlaps the
     /// server's; the bound below charges a full fsync anyway, so it is
-    /// conservative). The proxy decides (and records) every `Query` and
-    /// every `Parse`: in the simple protocol that is every statement (`-S`: one
-    /// SELECT; TPC-B-like: BEGIN, 3 UPDATEs, a SELECT, an INSERT, END); with
-    /// `-M prepared` pgbench parses each statement once per connection and then
-    /// only binds and executes, which are not decided again (their result
-    /// records are appended after the fact, not awaited), so none wait in the
-    /// steady state.
+    /// conservative). The proxy records every `Query`, `Parse` and `Execute`:
+    /// every statement of a transaction (`-S`: one SELECT; TPC-B-like: BEGIN,
+    /// 3 UPDATEs, a SELECT, an INSERT, END), in the simple protocol and with
+    /// `-M prepared` alike, where each `Execute` of a statement parsed once per
+    /// connection has its own write-ahead record.
     fn write_ahead_statements(self) -> u32 {
         match self {
-            Self::TpcbSimple => 7,
-            Self::SelectSimple | Self::Masked100 => 1,
-            Self::SelectPrepared | Self::TpcbPrepared => 0,
+            Self::TpcbSimple | Self::TpcbPrepared => 7,
+            Self::SelectSimple | Self::SelectPrepared | Self::Masked100 => 1,
         }
     }
 }
@@ -1185,15 +1182,15 @@ impl Report<'_> {
         let _ = writeln!(
             s,
             "\nThe strict-durability bound: with `durability = \"strict\"` an append returns once the record \
-             is fdatasync'ed. The proxy records every statement it decides (every simple-protocol `Query`, \
-             every `Parse`): a write goes upstream only after its record is durable; a read or transaction \
+             is fdatasync'ed. The proxy records every statement it decides and every execution (every \
+             simple-protocol `Query`, every `Parse`, every `Execute`): a write goes upstream only after its record is durable; a read or transaction \
              statement goes at once but its result reaches the client only after its record is durable. So \
              each of the S decided statements of a transaction waits for one whole fsync, of latency f, \
              before its client sees anything (group commit lets clients share an fsync but cannot shorten \
              that wait; for reads it overlaps the server's work, which makes the bound conservative). S = 1 for select-only and 7 for TPC-B-like (BEGIN, 3 UPDATE, \
-             SELECT, INSERT, END) in the simple protocol; with `-M prepared` pgbench parses once per \
-             connection and then only binds and executes, which are not decided again, so S = 0 (result \
-             records are appended after the statement ran, not awaited). Everything else a transaction costs \
+             SELECT, INSERT, END), in the simple protocol and with `-M prepared` alike (pgbench parses once \
+             per connection, then each `Execute` is recorded like a statement; result records are appended \
+             after the statement ran, not awaited). Everything else a transaction costs \
              is what it costs with batched durability, t = N / TPS_batched(N) for N clients, so \
              TPS_bound(N) = N / (S·f + t), with f the median fsync above and TPS_batched from the same round; \
              1 / (S·f) is the per-client ceiling from fsync alone."
