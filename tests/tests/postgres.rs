@@ -438,6 +438,47 @@ c.execute("UPDATE customers SET name = 'gone-x' WHERE id = 1")
         "the withdrawn statement never ran"
     );
 
+    // A prepared statement: each execution is a command of its own, approved
+    // on its own (the rule has no grant window).
+    let mut cmd = env.exec(
+        "demo",
+        &[
+            "python3",
+            "-c",
+            r#"
+import sys, psycopg
+c = psycopg.connect(sys.argv[1], autocommit=True)
+q = "UPDATE customers SET name = %s WHERE id = 1"
+for n in ("prepared-1", "prepared-2"):
+    c.execute(q, (n,), prepare=True)
+"#,
+            &url,
+        ],
+    );
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let p = Proc::spawn("python", cmd).unwrap();
+    for expected in ["prepared-1", "prepared-2"] {
+        let id = wait_pending(&env, 1, Duration::from_secs(10))[0]["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert_ne!(name_of_1(), expected, "nothing ran while held");
+        run_ok(&mut env.agentgate(&["approvals", "approve", &id, "--approver", "dba-ann"]))
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while name_of_1() != expected {
+            assert!(
+                Instant::now() < deadline,
+                "{expected} did not run on its own approval (name is {})",
+                name_of_1()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let out = finish(p);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(pending(&env).is_empty());
+
     let recs = audit_records(&env);
     for outcome in ["approved", "denied", "expired", "withdrawn"] {
         assert!(

@@ -566,6 +566,7 @@ pub async fn serve(mut client: TcpStream, ctx: PgContext) -> Result<(), PgProxyE
         catalog_inflight: None,
         deferred: None,
         held: None,
+        needs_approval: HashMap::new(),
         idle_point: false,
         plan: None,
         copy: None,
@@ -670,6 +671,14 @@ struct StmtRecord {
     hash: String,
 }
 
+/// A prepared statement whose policy decision was `require_approval`.
+struct ApprovalNeeded {
+    decision: Decision,
+    redacted: String,
+    /// Executions the approval of its `Parse` still covers (0 or 1).
+    covered: u32,
+}
+
 /// Counters of the statement whose results are flowing.
 struct Running {
     started: Instant,
@@ -720,6 +729,9 @@ struct Pg<'a> {
     /// A client message to process again after the catalog loads.
     deferred: Option<FrontendMessage>,
     held: Option<Held>,
+    /// Prepared statements whose `Parse` needed approval, by name: an approval
+    /// covers one execution, as it covers one simple query.
+    needs_approval: HashMap<Bytes, ApprovalNeeded>,
     /// `ReadyForQuery` came and nothing was sent upstream since.
     idle_point: bool,
     plan: Option<(Arc<RowDescription>, RowPlan<Strategy>)>,
@@ -1514,6 +1526,10 @@ impl<'a> Pg<'a> {
                 return Ok(());
             }
         };
+        if let FrontendMessage::Parse { statement, .. } = &m {
+            // A new statement under this name: the old one's approval state goes.
+            self.needs_approval.remove(statement);
+        }
         let text = String::from_utf8_lossy(&sql);
         let analysis = self.ctx.sql_cache.analyze(&text, Dialect::Postgres);
         let classification = Arc::clone(&analysis.classification);
@@ -1570,6 +1586,16 @@ impl<'a> Pg<'a> {
                 Ok(())
             }
             Verdict::RequireApproval(spec) => {
+                if let FrontendMessage::Parse { statement, .. } = &m {
+                    self.needs_approval.insert(
+                        statement.clone(),
+                        ApprovalNeeded {
+                            decision: decision.clone(),
+                            redacted: analysis.redacted.clone(),
+                            covered: 0,
+                        },
+                    );
+                }
                 self.request_approval(m, stmt, decision, &spec, &analysis.redacted)
                     .await
             }
@@ -1646,6 +1672,7 @@ impl<'a> Pg<'a> {
         let FrontendMessage::Execute { portal, .. } = &m else {
             unreachable!("called for Execute")
         };
+        let statement = self.session.portal_statement(portal).cloned();
         let bind = match self.last_bind.take() {
             Some((p, bind)) if p == *portal => Some(bind),
             _ => None,
@@ -1669,11 +1696,31 @@ impl<'a> Pg<'a> {
             }),
             hash,
         };
-        let decision = Decision {
-            verdict: Verdict::Allow,
-            rule: "agentgate:decided-at-parse".into(),
+        let needed = statement
+            .as_ref()
+            .and_then(|name| self.needs_approval.get_mut(name));
+        let Some(needed) = needed else {
+            let decision = Decision {
+                verdict: Verdict::Allow,
+                rule: "agentgate:decided-at-parse".into(),
+            };
+            return self
+                .allow(m, stmt, &decision, None, class <= StatementClass::Read)
+                .await;
         };
-        self.allow(m, stmt, &decision, None, class <= StatementClass::Read)
+        let decision = needed.decision.clone();
+        if needed.covered > 0 {
+            needed.covered -= 1;
+            let approval = json!({"outcome": "granted", "covered_by": "the approval of its parse"});
+            return self.allow(m, stmt, &decision, Some(approval), false).await;
+        }
+        // Another execution: approved on its own (or by a grant window).
+        let redacted = needed.redacted.clone();
+        let Verdict::RequireApproval(spec) = &decision.verdict else {
+            unreachable!("stored only for require_approval")
+        };
+        let spec = spec.clone();
+        self.request_approval(m, stmt, decision, &spec, &redacted)
             .await
     }
 
@@ -1691,6 +1738,12 @@ impl<'a> Pg<'a> {
             verdict: Verdict::Allow,
             rule: decision.rule.clone(),
         };
+        if let FrontendMessage::Parse { statement, .. } = &m
+            && approval.is_some()
+            && let Some(n) = self.needs_approval.get_mut(statement)
+        {
+            n.covered = 1;
+        }
         if read_only {
             let ev = self.statement_event(stmt, &effective, approval);
             let audit: &'a dyn AuditSink = &*self.ctx.audit;
@@ -1949,6 +2002,15 @@ identities = ["agent"]
 resources = ["db"]
 action = "allow"
 match = { sql = ["write"] }
+[[rule]]
+name = "vault-writes"
+identities = ["agent"]
+resources = ["db"]
+action = "require_approval"
+match = { sql = ["write"], tables = ["vault"] }
+[rule.approval]
+approver_groups = ["dba"]
+timeout = "30s"
 "#;
 
     /// A minimal server: trust auth, and every `Query` answered with a
@@ -2198,9 +2260,17 @@ match = { sql = ["write"] }
     }
 
     async fn harness(audit: Arc<dyn AuditSink>) -> (TcpStream, Arc<Mutex<Vec<String>>>, BytesMut) {
+        let (c, seen, buf, _) = harness_with_approvals(audit).await;
+        (c, seen, buf)
+    }
+
+    async fn harness_with_approvals(
+        audit: Arc<dyn AuditSink>,
+    ) -> (TcpStream, Arc<Mutex<Vec<String>>>, BytesMut, Broker) {
         let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let ctx = ctx(upstream.local_addr().unwrap(), audit);
+        let approvals = ctx.approvals.clone();
         tokio::spawn(fake_server(upstream, seen.clone()));
         let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = front.local_addr().unwrap();
@@ -2213,7 +2283,7 @@ match = { sql = ["write"] }
         let mut buf = BytesMut::new();
         let (errs, eof) = until_ready(&mut c, &mut buf).await;
         assert!(errs.is_empty() && !eof);
-        (c, seen, buf)
+        (c, seen, buf, approvals)
     }
 
     #[tokio::test]
@@ -2243,9 +2313,16 @@ match = { sql = ["write"] }
             param_types: Vec::new(),
         }
         .encode(&mut b);
+        b.extend_from_slice(&execution(""));
+        b
+    }
+
+    /// Bind, Execute and Sync of the prepared statement `statement`.
+    fn execution(statement: &str) -> BytesMut {
+        let mut b = BytesMut::new();
         FrontendMessage::Bind(codec::Bind {
             portal: Bytes::new(),
-            statement: Bytes::new(),
+            statement: Bytes::copy_from_slice(statement.as_bytes()),
             param_formats: Vec::new(),
             params: vec![Some(Bytes::from_static(b"123-45-6789"))],
             result_formats: Vec::new(),
@@ -2362,6 +2439,79 @@ match = { sql = ["write"] }
             ],
             "each statement's record precedes the results"
         );
+    }
+
+    /// Waits for one pending approval request and decides it.
+    async fn decide_next(approvals: &Broker, approve: bool) {
+        for _ in 0..500 {
+            if let Some(req) = approvals.list().pop() {
+                let boss = crate::approval::Approver {
+                    name: "boss".into(),
+                    groups: vec!["dba".into()],
+                    any_group: false,
+                };
+                approvals.decide(&req.id, &boss, approve, None).unwrap();
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("no approval request came");
+    }
+
+    #[tokio::test]
+    async fn an_approval_covers_one_execution_of_a_prepared_statement() {
+        let sink = Arc::new(TestSink {
+            picks: |_| false,
+            gate: None,
+            fail: false,
+            queued: Arc::default(),
+        });
+        let (mut c, seen, mut buf, approvals) = harness_with_approvals(sink).await;
+        let executed = || {
+            seen.lock()
+                .unwrap()
+                .iter()
+                .filter(|s| *s == "EXECUTE")
+                .count()
+        };
+        let mut first = BytesMut::new();
+        FrontendMessage::Parse {
+            statement: Bytes::from_static(b"s1"),
+            sql: Bytes::from_static(b"UPDATE vault SET a = $1"),
+            param_types: Vec::new(),
+        }
+        .encode(&mut first);
+        first.extend_from_slice(&execution("s1"));
+        c.write_all(&first).await.unwrap();
+        decide_next(&approvals, true).await;
+        let (errs, _) = until_ready(&mut c, &mut buf).await;
+        assert!(errs.is_empty(), "{errs:?}");
+        assert_eq!(
+            executed(),
+            1,
+            "the approved Parse covers its first execution"
+        );
+        // A second execution is another command: it waits for its own approval.
+        c.write_all(&execution("s1")).await.unwrap();
+        decide_next(&approvals, false).await;
+        let (errs, eof) = until_ready(&mut c, &mut buf).await;
+        assert_eq!(errs, vec!["42501"]);
+        assert!(!eof);
+        assert_eq!(executed(), 1, "a denied execution never runs");
+        c.write_all(&execution("s1")).await.unwrap();
+        decide_next(&approvals, true).await;
+        let (errs, _) = until_ready(&mut c, &mut buf).await;
+        assert!(errs.is_empty(), "{errs:?}");
+        assert_eq!(executed(), 2);
+        // A statement without approval rules executes as often as it likes.
+        c.write_all(&extended("UPDATE t SET a = $1")).await.unwrap();
+        c.write_all(&execution("")).await.unwrap();
+        for _ in 0..2 {
+            let (errs, _) = until_ready(&mut c, &mut buf).await;
+            assert!(errs.is_empty(), "{errs:?}");
+        }
+        assert_eq!(executed(), 4);
+        assert!(approvals.list().is_empty());
     }
 
     async fn wait_seen(seen: &Arc<Mutex<Vec<String>>>, sql: &str) {

@@ -261,6 +261,23 @@ impl Session {
             .or_else(|| self.statements.get(name).map(|s| &s.sql))
     }
 
+    /// Name of the statement behind a portal as an `Execute` naming it will
+    /// see it: the latest `Bind` still in flight for it, else the confirmed one.
+    pub fn portal_statement(&self, portal: &[u8]) -> Option<&Bytes> {
+        self.pending
+            .iter()
+            .rev()
+            .find_map(|p| match p {
+                Pending::Bind {
+                    portal: n,
+                    statement,
+                    ..
+                } if n == portal => Some(statement),
+                _ => None,
+            })
+            .or_else(|| self.portals.get(portal).map(|p| &p.statement))
+    }
+
     /// SQL text behind a portal as an `Execute` naming it will see it.
     pub fn portal_sql(&self, portal: &[u8]) -> Option<&Bytes> {
         let pending_bind = self.pending.iter().rev().find_map(|p| match p {
