@@ -57,7 +57,6 @@ use super::{
 
 /// Most messages folded into one write.
 pub const MAX_BATCH: usize = 4096;
-const QUEUE_DEPTH: usize = 8192;
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
 /// At most this much of detached records is held back before it is written.
 const HOLD_MAX_BYTES: usize = 64 * 1024;
@@ -121,7 +120,11 @@ pub struct AuditLog {
 }
 
 struct Inner {
-    tx: mpsc::Sender<Msg>,
+    /// Unbounded, so that every append is queued in the order it was made,
+    /// detached or not. Its producers bound it: an awaited append waits for
+    /// its answer, and a Postgres connection keeps at most
+    /// `MAX_UNCONFIRMED` reads in flight, each with one detached result.
+    tx: mpsc::UnboundedSender<Msg>,
     stats: Arc<Stats>,
     dir: PathBuf,
 }
@@ -170,7 +173,7 @@ impl AuditLog {
             .map_err(|e| AuditError::Internal {
                 reason: format!("open task: {e}"),
             })??;
-        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(Stats::default());
         let sink_tx = spawn_sinks(&cfg, &stats)?;
         let recovered = opened.recovered.clone();
@@ -225,7 +228,7 @@ impl AuditLog {
 
     async fn append_any(&self, rec: NewRecord) -> Result<Appended, AuditError> {
         let (tx, rx) = oneshot::channel();
-        self.send(Msg::Append(Box::new(rec), Some(tx))).await?;
+        self.send(Msg::Append(Box::new(rec), Some(tx)))?;
         rx.await.map_err(|_| AuditError::Closed)?
     }
 
@@ -241,28 +244,14 @@ impl AuditLog {
         if rec.kind.is_reserved() {
             return Err(AuditError::ReservedKind { kind: rec.kind });
         }
-        match self.inner.tx.try_send(Msg::Append(Box::new(rec), None)) {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(AuditError::Closed),
-            Err(mpsc::error::TrySendError::Full(msg)) => {
-                // Back-pressure without blocking the caller; the queue's
-                // order is kept for everything that did fit.
-                let tx = self.inner.tx.clone();
-                tokio::spawn(async move {
-                    if tx.send(msg).await.is_err() {
-                        tracing::error!("audit log closed; a detached record was not written");
-                    }
-                });
-                Ok(())
-            }
-        }
+        self.send(Msg::Append(Box::new(rec), None))
     }
 
     /// Writes a signed checkpoint now and returns it once durable (it is also
     /// handed to the external sinks).
     pub async fn checkpoint(&self) -> Result<Checkpoint, AuditError> {
         let (tx, rx) = oneshot::channel();
-        self.send(Msg::Checkpoint(tx)).await?;
+        self.send(Msg::Checkpoint(tx))?;
         rx.await.map_err(|_| AuditError::Closed)?
     }
 
@@ -270,7 +259,7 @@ impl AuditLog {
     /// then a checkpoint under the new key. Returns the new public key (hex).
     pub async fn rotate_key(&self) -> Result<String, AuditError> {
         let (tx, rx) = oneshot::channel();
-        self.send(Msg::RotateKey(tx)).await?;
+        self.send(Msg::RotateKey(tx))?;
         rx.await.map_err(|_| AuditError::Closed)?
     }
 
@@ -279,14 +268,14 @@ impl AuditLog {
     /// Never called by the log itself.
     pub async fn retain(&self, keep_after: OffsetDateTime) -> Result<RetentionReport, AuditError> {
         let (tx, rx) = oneshot::channel();
-        self.send(Msg::Retain(keep_after, tx)).await?;
+        self.send(Msg::Retain(keep_after, tx))?;
         rx.await.map_err(|_| AuditError::Closed)?
     }
 
     /// Flushes, writes a final checkpoint and stops the writer (for every clone).
     pub async fn close(self) -> Result<(), AuditError> {
         let (tx, rx) = oneshot::channel();
-        self.send(Msg::Close(tx)).await?;
+        self.send(Msg::Close(tx))?;
         rx.await.map_err(|_| AuditError::Closed)?
     }
 
@@ -302,12 +291,9 @@ impl AuditLog {
         }
     }
 
-    async fn send(&self, msg: Msg) -> Result<(), AuditError> {
-        self.inner
-            .tx
-            .send(msg)
-            .await
-            .map_err(|_| AuditError::Closed)
+    /// Queues `msg` at once: the queue's order is the order of the calls.
+    fn send(&self, msg: Msg) -> Result<(), AuditError> {
+        self.inner.tx.send(msg).map_err(|_| AuditError::Closed)
     }
 }
 
@@ -758,7 +744,7 @@ impl Writer {
         }
     }
 
-    async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
         let mut tick = tokio::time::interval(HOUSEKEEPING);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let batch_interval = Duration::from_millis(self.cfg.batch_interval_ms);

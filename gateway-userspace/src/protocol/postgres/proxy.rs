@@ -211,6 +211,10 @@ impl AuditSink for AuditLog {
     }
 }
 
+/// Reads forwarded while their records are still being written, at most, per
+/// connection; then the proxy stops reading the client until the log catches up.
+pub const MAX_UNCONFIRMED: usize = 64;
+
 /// An append in flight whose statement was already forwarded.
 type Unconfirmed<'a> = Pin<Box<dyn Future<Output = Result<(), AuditUnavailable>> + Send + 'a>>;
 
@@ -825,7 +829,12 @@ impl<'a> Pg<'a> {
             if self.finished() {
                 break Ok(());
             }
-            let read_client = !self.client_eof && !self.closing && self.cin.len() < client_cap;
+            // Pipelined reads run while their records are written; past
+            // MAX_UNCONFIRMED of them the client waits for the log.
+            let read_client = !self.client_eof
+                && !self.closing
+                && self.cin.len() < client_cap
+                && self.unconfirmed.len() < MAX_UNCONFIRMED;
             let read_upstream = !self.upstream_eof
                 && !self.closing
                 && self.cout.len() < HIGH_WATER
@@ -1039,6 +1048,7 @@ impl<'a> Pg<'a> {
             && self.held.is_none()
             && self.catalog_inflight.is_none()
             && self.uout.len() < HIGH_WATER
+            && self.unconfirmed.len() < MAX_UNCONFIRMED
             && (self.deferred.is_some() || !self.cin.is_empty())
     }
 
@@ -2512,6 +2522,39 @@ timeout = "30s"
         }
         assert_eq!(executed(), 4);
         assert!(approvals.list().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_client_that_pipelines_reads_waits_for_the_log() {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let sink = Arc::new(TestSink::slow_reads(rx, false));
+        let (mut c, _seen, mut buf) = harness(sink.clone()).await;
+        let n = 3 * MAX_UNCONFIRMED;
+        let mut all = BytesMut::new();
+        for i in 0..n {
+            all.extend_from_slice(&query(&format!("SELECT {i}")));
+        }
+        c.write_all(&all).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let in_flight = || {
+            sink.queued
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| l.starts_with("statement SELECT"))
+                .count()
+        };
+        assert_eq!(
+            in_flight(),
+            MAX_UNCONFIRMED,
+            "reads in flight while the log stalls"
+        );
+        tx.send(true).unwrap();
+        for _ in 0..n {
+            let (errs, eof) = until_ready(&mut c, &mut buf).await;
+            assert!(errs.is_empty() && !eof);
+        }
+        assert_eq!(in_flight(), n);
     }
 
     async fn wait_seen(seen: &Arc<Mutex<Vec<String>>>, sql: &str) {
