@@ -260,8 +260,8 @@ fn check_statement_records(recs: &[serde_json::Value]) {
     assert_eq!(recs[execution]["action"]["class"], "read");
     assert_eq!(recs[execution]["action"]["bind"]["params"], 1);
     assert_eq!(
-        recs[execution]["decision"]["rule"],
-        "agentgate:decided-at-parse"
+        recs[execution]["decision"]["rule"], param_read["decision"]["rule"],
+        "decided again, by the same rule"
     );
     let completed = position(&|r| {
         r["action"]["phase"] == "completed"

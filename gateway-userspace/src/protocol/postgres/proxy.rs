@@ -96,7 +96,7 @@
 //!   redacted SQL in an approval request, [`MAX_RECORD_SQL_CHARS`] in a record.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     future::Future,
     net::SocketAddr,
     pin::Pin,
@@ -570,7 +570,7 @@ pub async fn serve(mut client: TcpStream, ctx: PgContext) -> Result<(), PgProxyE
         catalog_inflight: None,
         deferred: None,
         held: None,
-        needs_approval: HashMap::new(),
+        approved_parse: HashSet::new(),
         idle_point: false,
         plan: None,
         copy: None,
@@ -675,14 +675,6 @@ struct StmtRecord {
     hash: String,
 }
 
-/// A prepared statement whose policy decision was `require_approval`.
-struct ApprovalNeeded {
-    decision: Decision,
-    redacted: String,
-    /// Executions the approval of its `Parse` still covers (0 or 1).
-    covered: u32,
-}
-
 /// Counters of the statement whose results are flowing.
 struct Running {
     started: Instant,
@@ -733,9 +725,9 @@ struct Pg<'a> {
     /// A client message to process again after the catalog loads.
     deferred: Option<FrontendMessage>,
     held: Option<Held>,
-    /// Prepared statements whose `Parse` needed approval, by name: an approval
-    /// covers one execution, as it covers one simple query.
-    needs_approval: HashMap<Bytes, ApprovalNeeded>,
+    /// Prepared statements, by name, whose approved `Parse` still covers their
+    /// first execution (an approval covers one command).
+    approved_parse: HashSet<Bytes>,
     /// `ReadyForQuery` came and nothing was sent upstream since.
     idle_point: bool,
     plan: Option<(Arc<RowDescription>, RowPlan<Strategy>)>,
@@ -1537,8 +1529,8 @@ impl<'a> Pg<'a> {
             }
         };
         if let FrontendMessage::Parse { statement, .. } = &m {
-            // A new statement under this name: the old one's approval state goes.
-            self.needs_approval.remove(statement);
+            // A new statement under this name: the old one's approval goes.
+            self.approved_parse.remove(statement);
         }
         let text = String::from_utf8_lossy(&sql);
         let analysis = self.ctx.sql_cache.analyze(&text, Dialect::Postgres);
@@ -1596,16 +1588,6 @@ impl<'a> Pg<'a> {
                 Ok(())
             }
             Verdict::RequireApproval(spec) => {
-                if let FrontendMessage::Parse { statement, .. } = &m {
-                    self.needs_approval.insert(
-                        statement.clone(),
-                        ApprovalNeeded {
-                            decision: decision.clone(),
-                            redacted: analysis.redacted.clone(),
-                            covered: 0,
-                        },
-                    );
-                }
                 self.request_approval(m, stmt, decision, &spec, &analysis.redacted)
                     .await
             }
@@ -1673,11 +1655,13 @@ impl<'a> Pg<'a> {
         r
     }
 
-    /// An `Execute` of a statement the policy allowed at its `Parse`. Each
-    /// execution has its own record (class, keyed hash linking it to the
-    /// `Parse` record, bind parameters counted), under the same write-ahead
-    /// rule as a simple query: durable before a statement that can change
-    /// anything runs, and before a read's rows are released.
+    /// An `Execute` of a prepared statement: a command of its own. It is
+    /// decided again with the policy in force now (a reload that denies the
+    /// statement stops its next execution), has its own record (class, keyed
+    /// hash linking it to the `Parse` record, bind parameters counted) under
+    /// the same write-ahead rule as a simple query, and, where the policy asks
+    /// for approval, is approved on its own: the approval of its `Parse`
+    /// covers the first execution only.
     async fn execute(&mut self, m: FrontendMessage, sql: Bytes) -> Result<(), PgProxyError> {
         let FrontendMessage::Execute { portal, .. } = &m else {
             unreachable!("called for Execute")
@@ -1706,32 +1690,35 @@ impl<'a> Pg<'a> {
             }),
             hash,
         };
-        let needed = statement
+        self.set = self.ctx.policy.current();
+        let decision = self.set.decide(
+            &self.ctx.subject,
+            &self.ctx.resource,
+            &Action::Sql(Arc::clone(&analysis.classification)),
+        );
+        let covered = statement
             .as_ref()
-            .and_then(|name| self.needs_approval.get_mut(name));
-        let Some(needed) = needed else {
-            let decision = Decision {
-                verdict: Verdict::Allow,
-                rule: "agentgate:decided-at-parse".into(),
-            };
-            return self
-                .allow(m, stmt, &decision, None, class <= StatementClass::Read)
-                .await;
-        };
-        let decision = needed.decision.clone();
-        if needed.covered > 0 {
-            needed.covered -= 1;
-            let approval = json!({"outcome": "granted", "covered_by": "the approval of its parse"});
-            return self.allow(m, stmt, &decision, Some(approval), false).await;
+            .is_some_and(|name| self.approved_parse.remove(name));
+        match decision.verdict.clone() {
+            Verdict::Allow => {
+                self.allow(m, stmt, &decision, None, class <= StatementClass::Read)
+                    .await
+            }
+            Verdict::Deny { .. } => {
+                self.record_statement(stmt, &decision, None).await.ok();
+                self.deny_with(&m, session::denial_error(&decision.rule));
+                Ok(())
+            }
+            Verdict::RequireApproval(_) if covered => {
+                let approval =
+                    json!({"outcome": "granted", "covered_by": "the approval of its parse"});
+                self.allow(m, stmt, &decision, Some(approval), false).await
+            }
+            Verdict::RequireApproval(spec) => {
+                self.request_approval(m, stmt, decision, &spec, &analysis.redacted)
+                    .await
+            }
         }
-        // Another execution: approved on its own (or by a grant window).
-        let redacted = needed.redacted.clone();
-        let Verdict::RequireApproval(spec) = &decision.verdict else {
-            unreachable!("stored only for require_approval")
-        };
-        let spec = spec.clone();
-        self.request_approval(m, stmt, decision, &spec, &redacted)
-            .await
     }
 
     /// Write-ahead: the record is durable before the statement goes upstream;
@@ -1750,9 +1737,8 @@ impl<'a> Pg<'a> {
         };
         if let FrontendMessage::Parse { statement, .. } = &m
             && approval.is_some()
-            && let Some(n) = self.needs_approval.get_mut(statement)
         {
-            n.covered = 1;
+            self.approved_parse.insert(statement.clone());
         }
         if read_only {
             let ev = self.statement_event(stmt, &effective, approval);
@@ -2277,9 +2263,19 @@ timeout = "30s"
     async fn harness_with_approvals(
         audit: Arc<dyn AuditSink>,
     ) -> (TcpStream, Arc<Mutex<Vec<String>>>, BytesMut, Broker) {
+        harness_with_policy(audit, None).await
+    }
+
+    async fn harness_with_policy(
+        audit: Arc<dyn AuditSink>,
+        policy: Option<Arc<PolicyStore>>,
+    ) -> (TcpStream, Arc<Mutex<Vec<String>>>, BytesMut, Broker) {
         let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let ctx = ctx(upstream.local_addr().unwrap(), audit);
+        let mut ctx = ctx(upstream.local_addr().unwrap(), audit);
+        if let Some(policy) = policy {
+            ctx.policy = policy;
+        }
         let approvals = ctx.approvals.clone();
         tokio::spawn(fake_server(upstream, seen.clone()));
         let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -2555,6 +2551,52 @@ timeout = "30s"
             assert!(errs.is_empty() && !eof);
         }
         assert_eq!(in_flight(), n);
+    }
+
+    #[tokio::test]
+    async fn a_policy_reload_stops_the_next_execution_of_a_prepared_statement() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("p.toml"), POLICY).unwrap();
+        let store = Arc::new(PolicyStore::open(dir.path(), None).unwrap());
+        let sink = Arc::new(TestSink {
+            picks: |_| false,
+            gate: None,
+            fail: false,
+            queued: Arc::default(),
+        });
+        let (mut c, seen, mut buf, _) = harness_with_policy(sink, Some(store.clone())).await;
+        let executed = || {
+            seen.lock()
+                .unwrap()
+                .iter()
+                .filter(|s| *s == "EXECUTE")
+                .count()
+        };
+        let mut first = BytesMut::new();
+        FrontendMessage::Parse {
+            statement: Bytes::from_static(b"s2"),
+            sql: Bytes::from_static(b"UPDATE t SET a = $1"),
+            param_types: Vec::new(),
+        }
+        .encode(&mut first);
+        first.extend_from_slice(&execution("s2"));
+        c.write_all(&first).await.unwrap();
+        let (errs, _) = until_ready(&mut c, &mut buf).await;
+        assert!(errs.is_empty(), "{errs:?}");
+        assert_eq!(executed(), 1);
+        // Writes are denied from now on: the prepared statement may not run again.
+        let tightened = POLICY.replace(
+            "name = \"writes\"\nidentities = [\"agent\"]\nresources = [\"db\"]\naction = \"allow\"",
+            "name = \"writes\"\nidentities = [\"agent\"]\nresources = [\"db\"]\naction = \"deny\"",
+        );
+        assert_ne!(tightened, POLICY);
+        std::fs::write(dir.path().join("p.toml"), tightened).unwrap();
+        store.reload(dir.path()).unwrap();
+        c.write_all(&execution("s2")).await.unwrap();
+        let (errs, eof) = until_ready(&mut c, &mut buf).await;
+        assert_eq!(errs, vec!["42501"]);
+        assert!(!eof, "the session stays usable");
+        assert_eq!(executed(), 1, "the denied execution never ran");
     }
 
     async fn wait_seen(seen: &Arc<Mutex<Vec<String>>>, sql: &str) {
