@@ -1461,9 +1461,15 @@ impl<'a> Pg<'a> {
                         }),
                     ));
                 }
-                if let FrontendMessage::Execute { portal, .. } = &m
-                    && let Some(sql) = self.session.portal_sql(portal).cloned()
-                {
+                if let FrontendMessage::Execute { portal, .. } = &m {
+                    // A portal whose SQL the proxy never saw (a statement made
+                    // by SQL `PREPARE`, a cursor from `DECLARE`) is decided
+                    // like SQL `EXECUTE`: what runs is not visible, `unknown`.
+                    let sql = self.session.portal_sql(portal).cloned().unwrap_or_else(|| {
+                        let mut text = b"EXECUTE ".to_vec();
+                        text.extend_from_slice(portal);
+                        Bytes::from(text)
+                    });
                     return self.execute(m, sql).await;
                 }
                 let terminate = matches!(m, FrontendMessage::Terminate);
@@ -2597,6 +2603,29 @@ timeout = "30s"
         assert_eq!(errs, vec!["42501"]);
         assert!(!eof, "the session stays usable");
         assert_eq!(executed(), 1, "the denied execution never ran");
+    }
+
+    #[tokio::test]
+    async fn an_execution_the_proxy_cannot_see_is_decided_as_unknown() {
+        // Bind to a statement no Parse created (SQL `PREPARE` makes such).
+        let (mut c, seen, mut buf) = harness(Arc::new(TestSink {
+            picks: |_| false,
+            gate: None,
+            fail: false,
+            queued: Arc::default(),
+        }))
+        .await;
+        c.write_all(&execution("made_by_sql_prepare"))
+            .await
+            .unwrap();
+        let (errs, eof) = until_ready(&mut c, &mut buf).await;
+        assert_eq!(
+            errs,
+            vec!["42501"],
+            "unknown is not allowed by the test policy"
+        );
+        assert!(!eof);
+        assert!(seen.lock().unwrap().is_empty(), "nothing ran");
     }
 
     async fn wait_seen(seen: &Arc<Mutex<Vec<String>>>, sql: &str) {
