@@ -2099,6 +2099,16 @@ timeout = "30s"
     }
 
     impl TestSink {
+        /// Takes every record at once.
+        fn accepting() -> Self {
+            Self {
+                picks: |_| false,
+                gate: None,
+                fail: false,
+                queued: Arc::default(),
+            }
+        }
+
         /// Fails every record.
         fn failing() -> Self {
             Self {
@@ -2318,15 +2328,29 @@ timeout = "30s"
 
     /// Parse, Bind, Execute and Sync of one unnamed statement.
     fn extended(sql: &str) -> BytesMut {
+        prepared("", sql)
+    }
+
+    /// Parse of `statement`, then one execution of it.
+    fn prepared(statement: &str, sql: &str) -> BytesMut {
         let mut b = BytesMut::new();
         FrontendMessage::Parse {
-            statement: Bytes::new(),
+            statement: Bytes::copy_from_slice(statement.as_bytes()),
             sql: Bytes::copy_from_slice(sql.as_bytes()),
             param_types: Vec::new(),
         }
         .encode(&mut b);
-        b.extend_from_slice(&execution(""));
+        b.extend_from_slice(&execution(statement));
         b
+    }
+
+    /// How many `Execute`s the fake server ran.
+    fn executed(seen: &Mutex<Vec<String>>) -> usize {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .filter(|s| *s == "EXECUTE")
+            .count()
     }
 
     /// Bind, Execute and Sync of the prepared statement `statement`.
@@ -2367,18 +2391,13 @@ timeout = "30s"
         let (errs, eof) = until_ready(&mut c, &mut buf).await;
         assert_eq!(errs, vec!["58030"]);
         assert!(!eof, "the session stays usable");
-        assert!(
-            !seen.lock().unwrap().iter().any(|s| s == "EXECUTE"),
+        assert_eq!(
+            executed(&seen),
+            0,
             "the server ran an execution that has no record"
         );
         // A logged execution runs.
-        let (mut c, seen, mut buf) = harness(Arc::new(TestSink {
-            picks: |_| false,
-            gate: None,
-            fail: true,
-            queued: Arc::default(),
-        }))
-        .await;
+        let (mut c, seen, mut buf) = harness(Arc::new(TestSink::accepting())).await;
         c.write_all(&extended("UPDATE t SET a = $1")).await.unwrap();
         let (errs, _) = until_ready(&mut c, &mut buf).await;
         assert!(errs.is_empty(), "{errs:?}");
@@ -2472,34 +2491,16 @@ timeout = "30s"
 
     #[tokio::test]
     async fn an_approval_covers_one_execution_of_a_prepared_statement() {
-        let sink = Arc::new(TestSink {
-            picks: |_| false,
-            gate: None,
-            fail: false,
-            queued: Arc::default(),
-        });
+        let sink = Arc::new(TestSink::accepting());
         let (mut c, seen, mut buf, approvals) = harness_with_approvals(sink).await;
-        let executed = || {
-            seen.lock()
-                .unwrap()
-                .iter()
-                .filter(|s| *s == "EXECUTE")
-                .count()
-        };
-        let mut first = BytesMut::new();
-        FrontendMessage::Parse {
-            statement: Bytes::from_static(b"s1"),
-            sql: Bytes::from_static(b"UPDATE vault SET a = $1"),
-            param_types: Vec::new(),
-        }
-        .encode(&mut first);
-        first.extend_from_slice(&execution("s1"));
-        c.write_all(&first).await.unwrap();
+        c.write_all(&prepared("s1", "UPDATE vault SET a = $1"))
+            .await
+            .unwrap();
         decide_next(&approvals, true).await;
         let (errs, _) = until_ready(&mut c, &mut buf).await;
         assert!(errs.is_empty(), "{errs:?}");
         assert_eq!(
-            executed(),
+            executed(&seen),
             1,
             "the approved Parse covers its first execution"
         );
@@ -2509,12 +2510,12 @@ timeout = "30s"
         let (errs, eof) = until_ready(&mut c, &mut buf).await;
         assert_eq!(errs, vec!["42501"]);
         assert!(!eof);
-        assert_eq!(executed(), 1, "a denied execution never runs");
+        assert_eq!(executed(&seen), 1, "a denied execution never runs");
         c.write_all(&execution("s1")).await.unwrap();
         decide_next(&approvals, true).await;
         let (errs, _) = until_ready(&mut c, &mut buf).await;
         assert!(errs.is_empty(), "{errs:?}");
-        assert_eq!(executed(), 2);
+        assert_eq!(executed(&seen), 2);
         // A statement without approval rules executes as often as it likes.
         c.write_all(&extended("UPDATE t SET a = $1")).await.unwrap();
         c.write_all(&execution("")).await.unwrap();
@@ -2522,7 +2523,7 @@ timeout = "30s"
             let (errs, _) = until_ready(&mut c, &mut buf).await;
             assert!(errs.is_empty(), "{errs:?}");
         }
-        assert_eq!(executed(), 4);
+        assert_eq!(executed(&seen), 4);
         assert!(approvals.list().is_empty());
     }
 
@@ -2564,32 +2565,14 @@ timeout = "30s"
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("p.toml"), POLICY).unwrap();
         let store = Arc::new(PolicyStore::open(dir.path(), None).unwrap());
-        let sink = Arc::new(TestSink {
-            picks: |_| false,
-            gate: None,
-            fail: false,
-            queued: Arc::default(),
-        });
+        let sink = Arc::new(TestSink::accepting());
         let (mut c, seen, mut buf, _) = harness_with_policy(sink, Some(store.clone())).await;
-        let executed = || {
-            seen.lock()
-                .unwrap()
-                .iter()
-                .filter(|s| *s == "EXECUTE")
-                .count()
-        };
-        let mut first = BytesMut::new();
-        FrontendMessage::Parse {
-            statement: Bytes::from_static(b"s2"),
-            sql: Bytes::from_static(b"UPDATE t SET a = $1"),
-            param_types: Vec::new(),
-        }
-        .encode(&mut first);
-        first.extend_from_slice(&execution("s2"));
-        c.write_all(&first).await.unwrap();
+        c.write_all(&prepared("s2", "UPDATE t SET a = $1"))
+            .await
+            .unwrap();
         let (errs, _) = until_ready(&mut c, &mut buf).await;
         assert!(errs.is_empty(), "{errs:?}");
-        assert_eq!(executed(), 1);
+        assert_eq!(executed(&seen), 1);
         // Writes are denied from now on: the prepared statement may not run again.
         let tightened = POLICY.replace(
             "name = \"writes\"\nidentities = [\"agent\"]\nresources = [\"db\"]\naction = \"allow\"",
@@ -2602,19 +2585,13 @@ timeout = "30s"
         let (errs, eof) = until_ready(&mut c, &mut buf).await;
         assert_eq!(errs, vec!["42501"]);
         assert!(!eof, "the session stays usable");
-        assert_eq!(executed(), 1, "the denied execution never ran");
+        assert_eq!(executed(&seen), 1, "the denied execution never ran");
     }
 
     #[tokio::test]
     async fn an_execution_the_proxy_cannot_see_is_decided_as_unknown() {
         // Bind to a statement no Parse created (SQL `PREPARE` makes such).
-        let (mut c, seen, mut buf) = harness(Arc::new(TestSink {
-            picks: |_| false,
-            gate: None,
-            fail: false,
-            queued: Arc::default(),
-        }))
-        .await;
+        let (mut c, seen, mut buf) = harness(Arc::new(TestSink::accepting())).await;
         c.write_all(&execution("made_by_sql_prepare"))
             .await
             .unwrap();
