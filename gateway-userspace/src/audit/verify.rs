@@ -86,20 +86,13 @@ impl Resume {
         if current.file.first_seq + current.records != self.seq {
             return None;
         }
-        let st = ScanState {
+        let st = ScanState::at(
             segments,
-            first_seq: 0,
-            next_seq: self.seq,
-            prev: self.prev,
-            frontier: self.frontier.clone(),
-            keys: vec![self.key.clone()],
-            last_checkpoint: None,
-            checkpoints: 0,
-            since_checkpoint: 0,
-            torn_tail: None,
-            older_checked: 0,
-            older_predating: 0,
-        };
+            self.seq,
+            self.prev,
+            self.frontier.clone(),
+            vec![self.key.clone()],
+        );
         Some((st, current, self.segments.len() - 1))
     }
 }
@@ -284,6 +277,30 @@ pub(crate) struct ScanState {
 }
 
 impl ScanState {
+    /// A pass about to read on from `next_seq`, nothing counted yet.
+    fn at(
+        segments: Vec<SegmentState>,
+        next_seq: u64,
+        prev: Hash,
+        frontier: Frontier,
+        keys: Vec<String>,
+    ) -> Self {
+        ScanState {
+            segments,
+            first_seq: 0,
+            next_seq,
+            prev,
+            frontier,
+            keys,
+            last_checkpoint: None,
+            checkpoints: 0,
+            since_checkpoint: 0,
+            torn_tail: None,
+            older_checked: 0,
+            older_predating: 0,
+        }
+    }
+
     pub fn current_key(&self) -> Option<&str> {
         self.keys.last().map(String::as_str)
     }
@@ -377,20 +394,13 @@ pub(crate) fn scan(
     }
     let files = list_segments(dir).map_err(io)?;
     let anchor = read_anchor(dir).map_err(io)?;
-    let mut st = ScanState {
-        segments: Vec::with_capacity(files.len()),
-        first_seq: 0,
-        next_seq: 0,
-        prev: GENESIS_PREV,
-        frontier: Frontier::default(),
-        keys: Vec::new(),
-        last_checkpoint: None,
-        checkpoints: 0,
-        since_checkpoint: 0,
-        torn_tail: None,
-        older_checked: 0,
-        older_predating: 0,
-    };
+    let mut st = ScanState::at(
+        Vec::with_capacity(files.len()),
+        0,
+        GENESIS_PREV,
+        Frontier::default(),
+        Vec::new(),
+    );
     let mut anchor_vouched = true;
     let mut resumed = None;
     if let Some(r) = opts.resume {
