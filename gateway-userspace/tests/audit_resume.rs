@@ -58,28 +58,28 @@ async fn a_resume_point_that_does_not_fit_means_a_full_pass() {
     write_log(t.cfg(), 40).await;
     // Unreadable: a full pass, which succeeds on an intact log.
     std::fs::write(t.dir.join(RESUME), b"{not json").unwrap();
-    AuditLog::open(t.cfg())
-        .await
-        .unwrap()
-        .close()
-        .await
-        .unwrap();
+    open_and_close(&t).await;
     // Pointing at a record that is not the checkpoint it claims: a full pass.
     let mut r: serde_json::Value =
         serde_json::from_slice(&std::fs::read(t.dir.join(RESUME)).unwrap()).unwrap();
     let last = r["segments"].as_array().unwrap().len() - 1;
     r["segments"][last]["valid_len"] = serde_json::json!(0);
     std::fs::write(t.dir.join(RESUME), serde_json::to_vec(&r).unwrap()).unwrap();
-    AuditLog::open(t.cfg())
-        .await
-        .unwrap()
-        .close()
-        .await
-        .unwrap();
+    open_and_close(&t).await;
     // And a full pass is a real one: early damage plus a useless resume point
     // is refused.
     std::fs::write(t.dir.join(RESUME), b"{not json").unwrap();
     flip_value_byte(&t.dir, 5);
     let e = AuditLog::open(t.cfg()).await.unwrap_err();
     assert!(matches!(e, AuditError::Tampered { .. }), "{e}");
+}
+
+/// Opens the log (the pass the test is about) and closes it again.
+async fn open_and_close(t: &TempLog) {
+    AuditLog::open(t.cfg())
+        .await
+        .unwrap()
+        .close()
+        .await
+        .unwrap();
 }

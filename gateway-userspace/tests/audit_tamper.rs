@@ -7,7 +7,8 @@ mod audit_common;
 
 use agentgate::audit::{AuditLog, Broken, Checkpoint, record_hash, split_line, verify_dir};
 use audit_common::{
-    TempLog, agentgate, flip_value_byte, line_of, lines, segment_lines, write_log, write_segment,
+    TempLog, agentgate, edit_byte, flip_value_byte, line_of, lines, segment_lines, write_log,
+    write_segment,
 };
 
 const N: u64 = 60;
@@ -77,17 +78,9 @@ async fn flipped_structural_byte_is_malformed_at_that_record() {
 #[tokio::test]
 async fn flipped_byte_in_the_prev_field_breaks_the_chain_link() {
     let t = fresh().await;
-    let target = line_of(&t.dir, 31);
-    let pos = target
-        .bytes
-        .windows(8)
-        .position(|w| w == b"\"prev\":\"")
-        .unwrap()
-        + 8;
-    let mut raw = std::fs::read(&target.segment).unwrap();
-    let b = &mut raw[target.offset as usize + pos];
-    *b = if *b == b'0' { b'1' } else { b'0' };
-    std::fs::write(&target.segment, raw).unwrap();
+    edit_byte(&t.dir, 31, b"\"prev\":\"", 8, |b| {
+        *b = if *b == b'0' { b'1' } else { b'0' };
+    });
     let f = verify_dir(&t.dir, None).unwrap_err();
     assert_eq!(
         (f.what.clone(), f.seq),

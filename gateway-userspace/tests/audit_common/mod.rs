@@ -81,21 +81,33 @@ pub fn line_of(dir: &Path, seq: u64) -> Line {
         .expect("seq present")
 }
 
+/// Edits, in place, the byte `skip` bytes after the first `needle` in record
+/// `seq`'s line. Returns the line as it was.
+pub fn edit_byte(
+    dir: &Path,
+    seq: u64,
+    needle: &[u8],
+    skip: usize,
+    edit: impl FnOnce(&mut u8),
+) -> Line {
+    let target = line_of(dir, seq);
+    let pos = target
+        .bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .expect("needle in the line")
+        + skip;
+    let mut raw = std::fs::read(&target.segment).unwrap();
+    edit(&mut raw[target.offset as usize + pos]);
+    std::fs::write(&target.segment, raw).unwrap();
+    target
+}
+
 /// Flips one byte inside record `seq`'s resource name (`payments-db` ->
 /// `paxments-db`): same length, so only that record's hash breaks. Returns
 /// the line as it was.
 pub fn flip_value_byte(dir: &Path, seq: u64) -> Line {
-    let target = line_of(dir, seq);
-    let pos = target
-        .bytes
-        .windows(11)
-        .position(|w| w == b"payments-db")
-        .unwrap()
-        + 2;
-    let mut raw = std::fs::read(&target.segment).unwrap();
-    raw[target.offset as usize + pos] ^= 0x01; // 'y' -> 'x'
-    std::fs::write(&target.segment, raw).unwrap();
-    target
+    edit_byte(dir, seq, b"payments-db", 2, |b| *b ^= 0x01) // 'y' -> 'x'
 }
 
 /// Rewrites one segment from its lines.
