@@ -22,6 +22,14 @@ fn records(dir: &std::path::Path) -> Vec<agentgate::audit::Record> {
         .collect()
 }
 
+/// Connection ids of the records that have one, in log order.
+fn connection_ids(dir: &std::path::Path) -> Vec<u64> {
+    records(dir)
+        .iter()
+        .filter_map(|r| r.connection_id)
+        .collect()
+}
+
 fn access_records(dir: &std::path::Path, command: &str) -> usize {
     records(dir)
         .iter()
@@ -441,20 +449,14 @@ async fn detached_records_ride_with_the_next_write() {
         "one write for all: {after:?}"
     );
     assert_eq!(after.appends, before.appends + 4);
-    let connections: Vec<u64> = records(&t.dir)
-        .iter()
-        .filter_map(|r| r.connection_id)
-        .collect();
+    let connections = connection_ids(&t.dir);
     assert_eq!(connections, vec![0, 1, 2, 3, 4], "appended order");
     // Held records are written before a key rotation and at close.
     log.append_detached(statement(5)).unwrap();
     log.rotate_key().await.unwrap();
     log.append_detached(statement(6)).unwrap();
     log.close().await.unwrap();
-    let connections: Vec<u64> = records(&t.dir)
-        .iter()
-        .filter_map(|r| r.connection_id)
-        .collect();
+    let connections = connection_ids(&t.dir);
     assert_eq!(connections, vec![0, 1, 2, 3, 4, 5, 6]);
     verify_dir(&t.dir, None).unwrap();
 }
@@ -484,10 +486,7 @@ async fn held_records_cross_segment_rotation_intact() {
         })
         .count();
     assert!(segments > 3, "rotated: {segments} segments");
-    let connections: Vec<u64> = records(&t.dir)
-        .iter()
-        .filter_map(|r| r.connection_id)
-        .collect();
+    let connections = connection_ids(&t.dir);
     assert_eq!(connections, (0..60).collect::<Vec<u64>>());
     let report = verify_dir(&t.dir, None).unwrap();
     assert_eq!(report.segments, segments);
