@@ -462,6 +462,20 @@ async fn detached_records_ride_with_the_next_write() {
 }
 
 #[tokio::test]
+async fn records_are_in_the_order_of_the_calls() {
+    let t = TempLog::new();
+    let log = AuditLog::open(t.cfg()).await.unwrap();
+    // An awaited append is queued when called, before its future runs.
+    let first = log.append(statement(0));
+    log.append_detached(statement(1)).unwrap();
+    let second = log.append(statement(2));
+    second.await.unwrap();
+    first.await.unwrap();
+    log.close().await.unwrap();
+    assert_eq!(connection_ids(&t.dir), vec![0, 1, 2]);
+}
+
+#[tokio::test]
 async fn held_records_cross_segment_rotation_intact() {
     let t = TempLog::new();
     let mut cfg = t.cfg();

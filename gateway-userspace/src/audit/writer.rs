@@ -205,8 +205,9 @@ impl AuditLog {
         };
         if let Some(result) = recovered {
             tracing::warn!(?result, "audit log: torn tail quarantined");
-            log.append_any(NewRecord::new(Kind::LogRecovered).result(result))
-                .await?;
+            log.queue(NewRecord::new(Kind::LogRecovered).result(result))?
+                .await
+                .map_err(|_| AuditError::Closed)??;
         }
         Ok(log)
     }
@@ -219,17 +220,30 @@ impl AuditLog {
     /// Appends a record; returns once it is durable. Reserved kinds
     /// (checkpoint, key.rotation, retention, log.failure, log.recovered) are
     /// written by the log itself and refused here.
-    pub async fn append(&self, rec: NewRecord) -> Result<Appended, AuditError> {
-        if rec.kind.is_reserved() {
-            return Err(AuditError::ReservedKind { kind: rec.kind });
-        }
-        self.append_any(rec).await
+    ///
+    /// The record is queued when `append` is called, not when the future is
+    /// first polled, so records are in the log in the order of the calls
+    /// (with `append_detached` too).
+    pub fn append(
+        &self,
+        rec: NewRecord,
+    ) -> impl Future<Output = Result<Appended, AuditError>> + Send + 'static {
+        let queued = if rec.kind.is_reserved() {
+            Err(AuditError::ReservedKind { kind: rec.kind })
+        } else {
+            self.queue(rec)
+        };
+        async move { queued?.await.map_err(|_| AuditError::Closed)? }
     }
 
-    async fn append_any(&self, rec: NewRecord) -> Result<Appended, AuditError> {
+    /// Queues an awaited append of any kind; the receiver gets its answer.
+    fn queue(
+        &self,
+        rec: NewRecord,
+    ) -> Result<oneshot::Receiver<Result<Appended, AuditError>>, AuditError> {
         let (tx, rx) = oneshot::channel();
         self.send(Msg::Append(Box::new(rec), Some(tx)))?;
-        rx.await.map_err(|_| AuditError::Closed)?
+        Ok(rx)
     }
 
     /// Queues a record nobody waits for: it is sequenced in order with the

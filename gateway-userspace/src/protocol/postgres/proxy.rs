@@ -176,8 +176,10 @@ pub struct AuditUnavailable {
     pub reason: String,
 }
 
-/// Where records go; `append` returns once the record is durable. The daemon
-/// passes its [`AuditLog`]; tests pass sinks that collect or fail.
+/// Where records go. `append` queues the record when it is called (records
+/// keep the order of the calls, detached ones included); its future resolves
+/// once the record is durable. The daemon passes its [`AuditLog`]; tests pass
+/// sinks that collect or fail.
 pub trait AuditSink: Send + Sync {
     fn append(
         &self,
@@ -194,13 +196,11 @@ impl AuditSink for AuditLog {
         &self,
         record: NewRecord,
     ) -> Pin<Box<dyn Future<Output = Result<(), AuditUnavailable>> + Send + '_>> {
+        let appended = AuditLog::append(self, record);
         Box::pin(async move {
-            AuditLog::append(self, record)
-                .await
-                .map(|_| ())
-                .map_err(|e| AuditUnavailable {
-                    reason: e.to_string(),
-                })
+            appended.await.map(|_| ()).map_err(|e| AuditUnavailable {
+                reason: e.to_string(),
+            })
         })
     }
 
@@ -1749,16 +1749,7 @@ impl<'a> Pg<'a> {
         if read_only {
             let ev = self.statement_event(stmt, &effective, approval);
             let audit: &'a dyn AuditSink = &*self.ctx.audit;
-            let mut append = audit.append(ev);
-            // Poll once now: that queues the record, so it precedes this
-            // statement's result record even when earlier records are still
-            // unconfirmed (only the oldest is polled by the event loop).
-            let first =
-                std::future::poll_fn(|cx| std::task::Poll::Ready(append.as_mut().poll(cx))).await;
-            self.unconfirmed.push_back(match first {
-                std::task::Poll::Ready(r) => Box::pin(std::future::ready(r)),
-                std::task::Poll::Pending => append,
-            });
+            self.unconfirmed.push_back(audit.append(ev));
             self.forward(&m);
             return Ok(());
         }
@@ -2093,8 +2084,8 @@ timeout = "30s"
         picks: fn(&NewRecord) -> bool,
         gate: Option<tokio::sync::watch::Receiver<bool>>,
         fail: bool,
-        /// Statement records in the order they are queued (first poll of an
-        /// append, as with the real log; a detached record at once).
+        /// Records in the order they are queued: at the call, as the trait
+        /// requires of every sink.
         queued: Arc<Mutex<Vec<String>>>,
     }
 
@@ -2156,12 +2147,11 @@ timeout = "30s"
             &self,
             r: NewRecord,
         ) -> Pin<Box<dyn Future<Output = Result<(), AuditUnavailable>> + Send + '_>> {
+            self.queued.lock().unwrap().push(record_label(&r));
             let picked = (self.picks)(&r);
             let gate = self.gate.clone();
             let fail = self.fail;
-            let queued = Arc::clone(&self.queued);
             Box::pin(async move {
-                queued.lock().unwrap().push(record_label(&r));
                 if !picked {
                     return Ok(());
                 }
