@@ -607,6 +607,59 @@ fn unchanged_rows_pass_through_untouched() {
 }
 
 #[test]
+fn rows_are_written_into_the_output_as_whole_messages() {
+    let desc = RowDescription {
+        fields: vec![
+            field("a", 16384, oid::TEXT, 0),
+            field("secret", 16384, oid::TEXT, 0),
+            field("b", 16384, oid::TEXT, 0),
+        ],
+    };
+    let plan = RowPlan::new(&desc, &M, tables, Unmaskable::Null).unwrap();
+    let (mut scratch, mut report) = (Scratch::default(), MaskReport::default());
+    let rows = [
+        DataRow::from_fields([Some(&b"x"[..]), Some(&b"s3cret"[..]), None]),
+        DataRow::from_fields([Some(&b"pan 4111111111111111"[..]), None, Some(&b"y"[..])]),
+        DataRow::from_fields([Some(&b"plain"[..]), None, Some(&b"z"[..])]),
+    ];
+    // Appended after what the buffer holds already, each a message the client
+    // decodes, equal to what `mask_row` returns.
+    let mut out = BytesMut::from(&b"Z\0\0\0\x05I"[..]);
+    let mut changed = Vec::new();
+    for r in &rows {
+        changed.push(
+            plan.mask_row_into(&M, r, &mut scratch, &mut report, &mut out)
+                .unwrap(),
+        );
+    }
+    assert_eq!(changed, [true, true, false]);
+    let limits = Limits::default();
+    assert!(matches!(
+        decode_backend(&mut out, &limits).unwrap(),
+        Some(BackendMessage::ReadyForQuery(_))
+    ));
+    for r in &rows {
+        let Some(BackendMessage::DataRow(got)) = decode_backend(&mut out, &limits).unwrap() else {
+            panic!("not a DataRow");
+        };
+        let want = plan
+            .mask_row(&M, r, &mut scratch, &mut MaskReport::default())
+            .unwrap()
+            .unwrap_or_else(|| r.clone());
+        assert_eq!(got, want);
+    }
+    assert!(out.is_empty());
+    assert_eq!(report.values_masked, 2);
+
+    // A refused value leaves the buffer as it was: no half row goes out.
+    let refused = DataRow::from_fields([Some(&b"x"[..]), Some(&b"s"[..]), Some(&b"refuse-me"[..])]);
+    let mut out = BytesMut::from(&b"before"[..]);
+    let err = plan.mask_row_into(&M, &refused, &mut scratch, &mut report, &mut out);
+    assert!(matches!(err, Err(MaskError::Refused { .. })), "{err:?}");
+    assert_eq!(&out[..], b"before");
+}
+
+#[test]
 fn binary_int8_holding_a_card_number_is_nulled_or_refused() {
     let desc = RowDescription {
         fields: vec![

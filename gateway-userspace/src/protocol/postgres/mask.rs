@@ -149,7 +149,12 @@ pub struct Scratch {
     text: String,
     out: String,
     value: Vec<u8>,
-    row: BytesMut,
+}
+
+/// Write the length of the message that starts at `start` (its type byte).
+fn patch_len(out: &mut BytesMut, start: usize) {
+    let len = (out.len() - start - 1) as i32;
+    out[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -273,6 +278,7 @@ impl<S: Copy> RowPlan<S> {
     }
 
     /// Mask one row. `Ok(None)`: nothing changed, send the original.
+    /// (The proxy uses [`RowPlan::mask_row_into`], which saves a copy.)
     pub fn mask_row<M>(
         &self,
         masker: &M,
@@ -283,51 +289,86 @@ impl<S: Copy> RowPlan<S> {
     where
         M: RowMasker<Strategy = S>,
     {
+        let mut out = BytesMut::new();
+        if !self.mask_row_into(masker, row, scratch, report, &mut out)? {
+            return Ok(None);
+        }
+        // 'D', the length, then the body.
+        let body = out.split_off(5).freeze();
+        Ok(Some(DataRow::from_valid_body(row.len() as u16, body)))
+    }
+
+    /// Append the row to `out` as a complete `DataRow` message, masked where
+    /// the plan says; returns whether any value changed. Writes into `out`
+    /// directly (no intermediate row), and leaves `out` as it was on error.
+    pub fn mask_row_into<M>(
+        &self,
+        masker: &M,
+        row: &DataRow,
+        scratch: &mut Scratch,
+        report: &mut MaskReport,
+        out: &mut BytesMut,
+    ) -> Result<bool, MaskError>
+    where
+        M: RowMasker<Strategy = S>,
+    {
         if row.len() != self.cols.len() {
             return Err(MaskError::FieldCount {
                 expected: self.cols.len(),
                 got: row.len(),
             });
         }
-        if !self.active {
-            return Ok(None);
-        }
         let body = row.body();
-        // Lazily started output: `copied` is how much of `body` is already in it.
-        let mut started = false;
+        let start = out.len();
+        out.reserve(5 + body.len() + 16);
+        out.put_u8(b'D');
+        out.put_i32(0); // patched below
+        if !self.active {
+            out.put_slice(body);
+            patch_len(out, start);
+            return Ok(false);
+        }
+        // Unchanged fields are copied in runs: `copied` is how much of `body`
+        // is in `out` already.
+        let mut copied = 0usize;
+        let mut changed = false;
         let mut pos = 2usize;
         for (col, value) in self.cols.iter().zip(row.fields()) {
             let field_start = pos;
             pos += 4 + value.map_or(0, <[u8]>::len);
             let outcome = match value {
-                Some(v) if col.active() => self.mask_value(masker, col, v, scratch, report)?,
+                Some(v) if col.active() => match self.mask_value(masker, col, v, scratch, report) {
+                    Ok(o) => o,
+                    Err(e) => {
+                        out.truncate(start);
+                        return Err(e);
+                    }
+                },
                 _ => Outcome::Keep,
             };
             if matches!(outcome, Outcome::Keep) {
-                if started {
-                    scratch.row.put_slice(&body[field_start..pos]);
-                }
                 continue;
             }
-            if !started {
-                scratch.row.clear();
-                scratch.row.reserve(body.len() + 16);
-                scratch.row.put_slice(&body[..field_start]);
-                started = true;
-            }
+            out.put_slice(&body[copied..field_start]);
+            copied = pos;
+            changed = true;
             if let Outcome::Null = outcome {
-                scratch.row.put_i32(-1);
+                out.put_i32(-1);
             } else {
-                scratch.row.put_i32(scratch.value.len() as i32);
-                scratch.row.put_slice(&scratch.value);
+                out.put_i32(scratch.value.len() as i32);
+                out.put_slice(&scratch.value);
             }
         }
-        if !started {
-            return Ok(None);
+        out.put_slice(&body[copied..]);
+        if i32::try_from(out.len() - start - 1).is_err() {
+            out.truncate(start);
+            return Err(MaskError::Refused {
+                column: "?".into(),
+                reason: "the masked row is larger than a message can be",
+            });
         }
-        // Fields after the last changed one were appended as they were walked.
-        let new = scratch.row.split().freeze();
-        Ok(Some(DataRow::from_valid_body(row.len() as u16, new)))
+        patch_len(out, start);
+        Ok(changed)
     }
 
     fn mask_value<M>(

@@ -1132,10 +1132,14 @@ impl<'a> Pg<'a> {
                 }
                 let (_, plan) = self.plan.as_ref().expect("ensure_plan set it");
                 let masker = Masker(self.set.masking_for(&self.ctx.resource));
-                match plan.mask_row(&masker, row, &mut self.scratch, &mut self.cur.report) {
-                    Ok(Some(new)) => BackendMessage::DataRow(new).encode(&mut self.cout),
-                    Ok(None) => m.encode(&mut self.cout),
-                    Err(e) => return self.mask_failed(&e),
+                if let Err(e) = plan.mask_row_into(
+                    &masker,
+                    row,
+                    &mut self.scratch,
+                    &mut self.cur.report,
+                    &mut self.cout,
+                ) {
+                    return self.mask_failed(&e);
                 }
             }
             BackendAction::CopyOut(format) => {
