@@ -16,6 +16,14 @@
 //! inline; in batched mode it is a task on the daemon's runtime and only the
 //! periodic fsync goes to the blocking pool.
 //!
+//! Strict mode, one waiter: an append that finds no other append waiting,
+//! nothing queued and the writer idle stages its record when called (so the
+//! order of the calls holds) and writes and syncs the group on its own thread
+//! when awaited, saving the two thread wake-ups of a hand-off to the writer
+//! thread and back. Detached records are staged the same way when the writer
+//! is idle. A staged record whose append is dropped before it ran is written
+//! by the writer thread within `batch_interval_ms`, like any held record.
+//!
 //! Crash safety: a kill at any moment leaves at most a torn last line. Open
 //! runs the verifier's pass from the last saved checkpoint (`resume.json`, see
 //! `verify`) or, when that does not fit, over the whole log, moves a torn last line into
@@ -30,7 +38,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -103,6 +111,7 @@ fn bump(c: &AtomicU64) {
 }
 
 type Reply<T> = oneshot::Sender<Result<T, AuditError>>;
+type AnswerRx = oneshot::Receiver<Result<Appended, AuditError>>;
 
 enum Msg {
     /// `None`: detached, nobody waits (see [`AuditLog::append_detached`]).
@@ -125,8 +134,36 @@ struct Inner {
     /// its answer, and a Postgres connection keeps at most
     /// `MAX_UNCONFIRMED` reads in flight, each with one detached result.
     tx: mpsc::UnboundedSender<Msg>,
+    shared: Arc<Shared>,
     stats: Arc<Stats>,
     dir: PathBuf,
+}
+
+/// The writer's state, and what an append needs to know to stage its record
+/// itself.
+struct Shared {
+    writer: tokio::sync::Mutex<Writer>,
+    /// Messages sent on the queue and not yet handled (staged) by the writer
+    /// loop. An append stages its record itself only when this is 0, so the
+    /// log keeps the order of the calls.
+    queued: AtomicUsize,
+    /// Awaited appends not yet answered.
+    waiting: AtomicUsize,
+    /// Strict durability: an append that finds no other append waiting and
+    /// the writer idle stages its record and writes and syncs it on the
+    /// calling thread, instead of handing it to the writer thread and back
+    /// (two thread wake-ups per statement at one client). Under concurrency
+    /// appends go to the writer thread, which commits them in groups.
+    inline: bool,
+}
+
+/// Counts an awaited append until it is answered or dropped.
+struct Waiting(Arc<Shared>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -179,12 +216,20 @@ impl AuditLog {
         let recovered = opened.recovered.clone();
         let strict = cfg.durability == Durability::Strict;
         let mut writer = Writer::new(cfg, opened, Arc::clone(&stats), sink_tx);
+        // Strict: every awaited group waits for an fdatasync, which the
+        // writer does inline, on its own thread, or on the thread of an
+        // append that commits its record itself (see `Shared::inline`).
+        // Handing each sync to the blocking pool would cost two more thread
+        // hand-offs (measured: ~30% of the statement rate at one client).
+        writer.own_thread = strict;
+        let shared = Arc::new(Shared {
+            writer: tokio::sync::Mutex::new(writer),
+            queued: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            inline: strict,
+        });
+        let loop_shared = Arc::clone(&shared);
         if strict {
-            // Strict: every awaited group waits for an fdatasync. On its own
-            // thread the writer syncs inline; on the shared runtime each sync
-            // would cost two more thread hand-offs (measured: ~30% of the
-            // statement rate at one client).
-            writer.own_thread = true;
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -193,21 +238,25 @@ impl AuditLog {
                 })?;
             std::thread::Builder::new()
                 .name("agentgate-audit".into())
-                .spawn(move || runtime.block_on(writer.run(rx)))
+                .spawn(move || runtime.block_on(run(loop_shared, rx)))
                 .map_err(|e| AuditError::Internal {
                     reason: format!("audit writer thread: {e}"),
                 })?;
         } else {
-            tokio::spawn(writer.run(rx));
+            tokio::spawn(run(loop_shared, rx));
         }
         let log = AuditLog {
-            inner: Arc::new(Inner { tx, stats, dir }),
+            inner: Arc::new(Inner {
+                tx,
+                shared,
+                stats,
+                dir,
+            }),
         };
         if let Some(result) = recovered {
             tracing::warn!(?result, "audit log: torn tail quarantined");
-            log.queue(NewRecord::new(Kind::LogRecovered).result(result))?
-                .await
-                .map_err(|_| AuditError::Closed)??;
+            log.append_any(NewRecord::new(Kind::LogRecovered).result(result))
+                .await?;
         }
         Ok(log)
     }
@@ -228,22 +277,75 @@ impl AuditLog {
         &self,
         rec: NewRecord,
     ) -> impl Future<Output = Result<Appended, AuditError>> + Send + 'static {
-        let queued = if rec.kind.is_reserved() {
-            Err(AuditError::ReservedKind { kind: rec.kind })
-        } else {
-            self.queue(rec)
+        let reserved = rec.kind.is_reserved().then_some(rec.kind);
+        let queued = match reserved {
+            Some(kind) => Err(AuditError::ReservedKind { kind }),
+            None => self.queue(rec),
         };
-        async move { queued?.await.map_err(|_| AuditError::Closed)? }
+        Self::answer(queued)
+    }
+
+    /// [`AuditLog::append`] for any kind (the log's own records).
+    fn append_any(
+        &self,
+        rec: NewRecord,
+    ) -> impl Future<Output = Result<Appended, AuditError>> + Send + 'static {
+        Self::answer(self.queue(rec))
+    }
+
+    /// The answer to a queued append; commits it first if the call staged it.
+    /// (`waiting` counts the append until this returns or is dropped.)
+    async fn answer(
+        queued: Result<(AnswerRx, Waiting, bool), AuditError>,
+    ) -> Result<Appended, AuditError> {
+        let (rx, waiting, staged) = queued?;
+        if staged {
+            // Write (and sync) it here, unless the writer loop has done so
+            // with a group meanwhile.
+            let mut w = waiting.0.writer.lock().await;
+            if w.held.is_some() {
+                let _ = w
+                    .commit(Vec::new(), Vec::new(), false, Hold::WriteNow)
+                    .await;
+            }
+        }
+        rx.await.map_err(|_| AuditError::Closed)?
     }
 
     /// Queues an awaited append of any kind; the receiver gets its answer.
-    fn queue(
-        &self,
-        rec: NewRecord,
-    ) -> Result<oneshot::Receiver<Result<Appended, AuditError>>, AuditError> {
+    /// With `Shared::inline`, a sole waiter that finds the writer idle stages
+    /// the record at once instead (`true`: the caller commits it).
+    fn queue(&self, rec: NewRecord) -> Result<(AnswerRx, Waiting, bool), AuditError> {
         let (tx, rx) = oneshot::channel();
-        self.send(Msg::Append(Box::new(rec), Some(tx)))?;
-        Ok(rx)
+        let shared = &self.inner.shared;
+        let alone = shared.waiting.fetch_add(1, Ordering::AcqRel) == 0;
+        let waiting = Waiting(Arc::clone(shared));
+        let msg = if alone && shared.inline {
+            match self.try_stage(rec, Some(tx)) {
+                Ok(()) => return Ok((rx, waiting, true)),
+                Err(msg) => msg,
+            }
+        } else {
+            Msg::Append(Box::new(rec), Some(tx))
+        };
+        self.send(msg)?;
+        Ok((rx, waiting, false))
+    }
+
+    /// Stages an append into the writer's held group from the caller, when
+    /// nothing queued is waiting to be staged before it and the writer is not
+    /// busy; gives the message back otherwise.
+    fn try_stage(&self, rec: NewRecord, reply: Option<Reply<Appended>>) -> Result<(), Msg> {
+        let shared = &self.inner.shared;
+        let Ok(mut w) = shared.writer.try_lock() else {
+            return Err(Msg::Append(Box::new(rec), reply));
+        };
+        // Under the lock: the loop handles (and uncounts) messages only
+        // while holding it.
+        if shared.queued.load(Ordering::Acquire) != 0 {
+            return Err(Msg::Append(Box::new(rec), reply));
+        }
+        w.try_hold(Box::new(rec), reply)
     }
 
     /// Queues a record nobody waits for: it is sequenced in order with the
@@ -258,7 +360,15 @@ impl AuditLog {
         if rec.kind.is_reserved() {
             return Err(AuditError::ReservedKind { kind: rec.kind });
         }
-        self.send(Msg::Append(Box::new(rec), None))
+        let msg = if self.inner.shared.inline {
+            match self.try_stage(rec, None) {
+                Ok(()) => return Ok(()),
+                Err(msg) => msg,
+            }
+        } else {
+            Msg::Append(Box::new(rec), None)
+        };
+        self.send(msg)
     }
 
     /// Writes a signed checkpoint now and returns it once durable (it is also
@@ -307,7 +417,12 @@ impl AuditLog {
 
     /// Queues `msg` at once: the queue's order is the order of the calls.
     fn send(&self, msg: Msg) -> Result<(), AuditError> {
-        self.inner.tx.send(msg).map_err(|_| AuditError::Closed)
+        let queued = &self.inner.shared.queued;
+        queued.fetch_add(1, Ordering::AcqRel);
+        self.inner.tx.send(msg).map_err(|_| {
+            queued.fetch_sub(1, Ordering::AcqRel);
+            AuditError::Closed
+        })
     }
 }
 
@@ -698,9 +813,12 @@ struct Writer {
     /// they ride with the next write, or go out on their own after
     /// `batch_interval_ms` (see [`Writer::commit`]).
     held: Option<Held>,
+    /// `Close` was handled: nothing more is written.
+    closed: bool,
 }
 
-/// A staged group nobody waits for.
+/// A staged group not yet written: detached records, and (with
+/// `Shared::inline`) records staged by their appends, which commit it.
 struct Held {
     st: Staged,
     acks: Vec<(Appended, Option<Reply<Appended>>)>,
@@ -753,44 +871,47 @@ impl Writer {
             sink_tx,
             lock: Some(o.lock),
             held: None,
+            closed: false,
             own_thread: false,
             cfg,
         }
     }
 
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
-        let mut tick = tokio::time::interval(HOUSEKEEPING);
-        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let batch_interval = Duration::from_millis(self.cfg.batch_interval_ms);
-        loop {
-            let fsync_due = self.unsynced_since.map(|t| t + batch_interval);
-            let held_due = self.held.as_ref().map(|h| h.since + batch_interval);
-            tokio::select! {
-                msg = rx.recv() => {
-                    let Some(first) = msg else { break };
-                    let mut msgs = vec![first];
-                    while msgs.len() < MAX_BATCH {
-                        match rx.try_recv() {
-                            Ok(m) => msgs.push(m),
-                            Err(_) => break,
-                        }
-                    }
-                    if self.handle(msgs).await {
-                        return;
-                    }
+    /// Stages `rec` into the held group now, without I/O, if `commit` would
+    /// stage it the same way: no failure record or checkpoint due before it,
+    /// the held group small, the log open. Gives it back otherwise.
+    fn try_hold(&mut self, rec: Box<NewRecord>, reply: Option<Reply<Appended>>) -> Result<(), Msg> {
+        let (size, since_checkpoint) = match &self.held {
+            Some(h) => (h.st.buf.len(), h.st.since_checkpoint),
+            None => (0, self.since_checkpoint),
+        };
+        if self.closed
+            || self.failure.is_some()
+            || size >= HOLD_MAX_BYTES
+            || since_checkpoint + 1 >= self.cfg.checkpoint_every_records
+        {
+            return Err(Msg::Append(rec, reply));
+        }
+        let mut held = match self.held.take() {
+            Some(h) => h,
+            None => Held {
+                st: self.stage_start(),
+                acks: Vec::new(),
+                since: Instant::now(),
+            },
+        };
+        match self.stage(&mut held.st, &rec) {
+            Ok(a) => held.acks.push((a, reply)),
+            Err(e) => {
+                if let Some(r) = reply {
+                    let _ = r.send(Err(encode_error(e)));
                 }
-                () = sleep_until_opt(held_due) => {
-                    // Held as long as the interval allows: durable now.
-                    self.write_held().await;
-                    self.sync_now().await;
-                }
-                () = sleep_until_opt(fsync_due) => self.sync_now().await,
-                _ = tick.tick() => self.housekeeping().await,
             }
         }
-        // Every handle dropped without close(): make what was staged durable.
-        self.write_held().await;
-        self.sync_now().await;
+        if held.st.records > 0 {
+            self.held = Some(held);
+        }
+        Ok(())
     }
 
     /// Handles one drained group in order; returns true after `Close`.
@@ -826,6 +947,12 @@ impl Writer {
         false
     }
 
+    /// Held as long as the interval allows: durable now.
+    async fn flush_held(&mut self) {
+        self.write_held().await;
+        self.sync_now().await;
+    }
+
     /// Writes held detached records, if any (before anything that reads or
     /// changes the writer's position: key rotation, retention, fsync).
     async fn write_held(&mut self) {
@@ -852,6 +979,7 @@ impl Writer {
                     .commit(Vec::new(), Vec::new(), true, Hold::WriteNow)
                     .await;
                 self.lock = None;
+                self.closed = true;
                 let _ = reply.send(r);
                 return true;
             }
@@ -992,17 +1120,8 @@ impl Writer {
             match self.stage(&mut st, &rec) {
                 Ok(a) => acks.push((a, reply)),
                 Err(e) => {
-                    let err = match e {
-                        EncodeError::TooLarge(bytes) => AuditError::TooLarge {
-                            bytes,
-                            limit: MAX_LINE_BYTES,
-                        },
-                        EncodeError::Json(e) => AuditError::Internal {
-                            reason: format!("encode: {e}"),
-                        },
-                    };
                     if let Some(r) = reply {
-                        let _ = r.send(Err(err));
+                        let _ = r.send(Err(encode_error(e)));
                     }
                     continue;
                 }
@@ -1401,6 +1520,76 @@ fn install_anchor_and_delete(
         fs::remove_file(p).map_err(io_err(p, "delete segment"))?;
     }
     checkpoint::sync_dir(dir)
+}
+
+fn encode_error(e: EncodeError) -> AuditError {
+    match e {
+        EncodeError::TooLarge(bytes) => AuditError::TooLarge {
+            bytes,
+            limit: MAX_LINE_BYTES,
+        },
+        EncodeError::Json(e) => AuditError::Internal {
+            reason: format!("encode: {e}"),
+        },
+    }
+}
+
+/// The writer loop: handles queued messages in groups, the fsync and held
+/// timers, and housekeeping, each under the writer's lock.
+async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Msg>) {
+    let mut tick = tokio::time::interval(HOUSEKEEPING);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let batch_interval = {
+        let w = shared.writer.lock().await;
+        Duration::from_millis(w.cfg.batch_interval_ms)
+    };
+    // Appends that stage their own records do not wake this loop: it looks
+    // for held records every batch interval too.
+    let mut held_check = tokio::time::interval(batch_interval);
+    held_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        let (fsync_due, held_due) = {
+            let w = shared.writer.lock().await;
+            (
+                w.unsynced_since.map(|t| t + batch_interval),
+                w.held.as_ref().map(|h| h.since + batch_interval),
+            )
+        };
+        tokio::select! {
+            msg = rx.recv() => {
+                let Some(first) = msg else { break };
+                let mut msgs = vec![first];
+                while msgs.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(m) => msgs.push(m),
+                        Err(_) => break,
+                    }
+                }
+                let n = msgs.len();
+                let mut w = shared.writer.lock().await;
+                let closed = w.handle(msgs).await;
+                // Still under the lock: see `Shared::queued`.
+                shared.queued.fetch_sub(n, Ordering::AcqRel);
+                if closed {
+                    return;
+                }
+            }
+            () = sleep_until_opt(held_due) => shared.writer.lock().await.flush_held().await,
+            () = sleep_until_opt(fsync_due) => shared.writer.lock().await.sync_now().await,
+            _ = held_check.tick(), if shared.inline => {
+                let mut w = shared.writer.lock().await;
+                if w.held.as_ref().is_some_and(|h| h.since.elapsed() >= batch_interval) {
+                    w.flush_held().await;
+                }
+            }
+            _ = tick.tick() => shared.writer.lock().await.housekeeping().await,
+        }
+    }
+    // Every handle dropped without close(): make what was staged durable.
+    let mut w = shared.writer.lock().await;
+    if !w.closed {
+        w.flush_held().await;
+    }
 }
 
 async fn sleep_until_opt(t: Option<Instant>) {

@@ -842,12 +842,18 @@ impl<'a> Pg<'a> {
             let ready = self.ready;
             let release = self.unconfirmed.is_empty();
             let unconfirmed = self.unconfirmed.front_mut();
+            // Biased: output first, so a read statement is on its way to the
+            // server before its record is committed (which, with strict
+            // durability, may sync on this thread); then the records, then
+            // input. No branch can starve another: output drains, and a
+            // record resolves once.
             let ev = tokio::select! {
+                biased;
+                r = uw.write(&self.uout), if !self.uout.is_empty() && !self.closing => Event::UpstreamWrote(r),
+                r = cw.write(&self.cout), if release && !self.cout.is_empty() => Event::ClientWrote(r),
+                r = async { match unconfirmed { Some(f) => f.await, None => std::future::pending().await } }, if !release => Event::Recorded(r),
                 r = cr.read_buf(&mut self.cin), if read_client => Event::ClientRead(r),
                 r = ur.read_buf(&mut self.uin), if read_upstream => Event::UpstreamRead(r),
-                r = async { match unconfirmed { Some(f) => f.await, None => std::future::pending().await } }, if !release => Event::Recorded(r),
-                r = cw.write(&self.cout), if release && !self.cout.is_empty() => Event::ClientWrote(r),
-                r = uw.write(&self.uout), if !self.uout.is_empty() && !self.closing => Event::UpstreamWrote(r),
                 o = async { match held { Some(f) => f.await, None => std::future::pending().await } }, if holding => Event::Approval(o),
                 () = tokio::time::sleep_until(auth_deadline), if !ready => Event::AuthTimeout,
                 else => Event::Stalled,
