@@ -30,6 +30,19 @@ fn connection_ids(dir: &std::path::Path) -> Vec<u64> {
         .collect()
 }
 
+fn segment_count(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("segment-")
+        })
+        .count()
+}
+
 fn access_records(dir: &std::path::Path, command: &str) -> usize {
     records(dir)
         .iter()
@@ -489,16 +502,7 @@ async fn held_records_cross_segment_rotation_intact() {
         }
     }
     log.close().await.unwrap();
-    let segments = std::fs::read_dir(&t.dir)
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .starts_with("segment-")
-        })
-        .count();
+    let segments = segment_count(&t.dir);
     assert!(segments > 3, "rotated: {segments} segments");
     let connections = connection_ids(&t.dir);
     assert_eq!(connections, (0..60).collect::<Vec<u64>>());
@@ -558,8 +562,8 @@ async fn strict_sole_appends_keep_call_order_and_survive_being_dropped() {
 }
 
 /// Many tasks appending at once in strict mode, some committing their own
-/// records, most queued to the writer: every record is in the log once, each
-/// task's in its order, and the log verifies.
+/// records, most queued to the writer, across many segment rotations: every
+/// record is in the log once, each task's in its order, and the log verifies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_concurrent_appends_land_once_each_in_order() {
     const TASKS: u64 = 8;
@@ -569,6 +573,8 @@ async fn strict_concurrent_appends_land_once_each_in_order() {
     cfg.durability = Durability::Strict;
     cfg.batch_interval_ms = 5;
     cfg.checkpoint_every_records = 50;
+    // Segments rotate many times, some when an append commits its own record.
+    cfg.segment_max_bytes = 4096;
     let log = AuditLog::open(cfg).await.unwrap();
     let mut tasks = Vec::new();
     for task in 0..TASKS {
@@ -588,6 +594,8 @@ async fn strict_concurrent_appends_land_once_each_in_order() {
         task.await.unwrap();
     }
     log.close().await.unwrap();
+    let segments = segment_count(&t.dir);
+    assert!(segments > 3, "rotated: {segments} segments");
     let ids = connection_ids(&t.dir);
     assert_eq!(ids.len() as u64, TASKS * EACH, "each record once");
     for task in 0..TASKS {

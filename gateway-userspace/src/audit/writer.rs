@@ -112,6 +112,7 @@ fn bump(c: &AtomicU64) {
 
 type Reply<T> = oneshot::Sender<Result<T, AuditError>>;
 type AnswerRx = oneshot::Receiver<Result<Appended, AuditError>>;
+type Sender = mpsc::UnboundedSender<Msg>;
 
 enum Msg {
     /// `None`: detached, nobody waits (see [`AuditLog::append_detached`]).
@@ -120,6 +121,9 @@ enum Msg {
     RotateKey(Reply<String>),
     Retain(OffsetDateTime, Reply<RetentionReport>),
     Close(Reply<()>),
+    /// Write the held group now (an append that staged its record asks for
+    /// this when the commit would rotate the segment).
+    Flush,
 }
 
 /// Handle to the audit log. Cheap to clone; every clone appends to the same writer.
@@ -296,17 +300,28 @@ impl AuditLog {
     /// The answer to a queued append; commits it first if the call staged it.
     /// (`waiting` counts the append until this returns or is dropped.)
     async fn answer(
-        queued: Result<(AnswerRx, Waiting, bool), AuditError>,
+        queued: Result<(AnswerRx, Waiting, Option<Sender>), AuditError>,
     ) -> Result<Appended, AuditError> {
         let (rx, waiting, staged) = queued?;
-        if staged {
+        if let Some(tx) = staged {
             // Write (and sync) it here, unless the writer loop has done so
-            // with a group meanwhile.
-            let mut w = waiting.0.writer.lock().await;
+            // with a group meanwhile. Not with a segment rotation: this future
+            // may be dropped at any await, and a rotation must not stop
+            // halfway, so the writer loop does that commit.
+            let shared = &waiting.0;
+            let mut w = shared.writer.lock().await;
             if w.held.is_some() {
-                let _ = w
-                    .commit(Vec::new(), Vec::new(), false, Hold::WriteNow)
-                    .await;
+                if w.rotation_due() {
+                    drop(w);
+                    shared.queued.fetch_add(1, Ordering::AcqRel);
+                    if tx.send(Msg::Flush).is_err() {
+                        shared.queued.fetch_sub(1, Ordering::AcqRel);
+                    }
+                } else {
+                    let _ = w
+                        .commit(Vec::new(), Vec::new(), false, Hold::WriteNow)
+                        .await;
+                }
             }
         }
         rx.await.map_err(|_| AuditError::Closed)?
@@ -314,22 +329,23 @@ impl AuditLog {
 
     /// Queues an awaited append of any kind; the receiver gets its answer.
     /// With `Shared::inline`, a sole waiter that finds the writer idle stages
-    /// the record at once instead (`true`: the caller commits it).
-    fn queue(&self, rec: NewRecord) -> Result<(AnswerRx, Waiting, bool), AuditError> {
+    /// the record at once instead (then the caller commits it, or asks the
+    /// writer loop to, on the queue it is given).
+    fn queue(&self, rec: NewRecord) -> Result<(AnswerRx, Waiting, Option<Sender>), AuditError> {
         let (tx, rx) = oneshot::channel();
         let shared = &self.inner.shared;
         let alone = shared.waiting.fetch_add(1, Ordering::AcqRel) == 0;
         let waiting = Waiting(Arc::clone(shared));
         let msg = if alone && shared.inline {
             match self.try_stage(rec, Some(tx)) {
-                Ok(()) => return Ok((rx, waiting, true)),
+                Ok(()) => return Ok((rx, waiting, Some(self.inner.tx.clone()))),
                 Err(msg) => msg,
             }
         } else {
             Msg::Append(Box::new(rec), Some(tx))
         };
         self.send(msg)?;
-        Ok((rx, waiting, false))
+        Ok((rx, waiting, None))
     }
 
     /// Stages an append into the writer's held group from the caller, when
@@ -983,6 +999,8 @@ impl Writer {
                 let _ = reply.send(r);
                 return true;
             }
+            // Held records were written above.
+            Msg::Flush => {}
             Msg::Append(..) | Msg::Checkpoint(_) => unreachable!("handled by the caller"),
         }
         false
@@ -1343,14 +1361,19 @@ impl Writer {
         }
     }
 
-    async fn rotate_if_due(&mut self) -> Result<(), AuditError> {
+    /// Whether the next commit starts a new segment.
+    fn rotation_due(&self) -> bool {
         if self.seg.len == 0 {
-            return Ok(());
+            return false;
         }
         let age = OffsetDateTime::now_utc() - self.seg.opened_at;
         let too_old =
             age.whole_seconds() >= i64::try_from(self.cfg.segment_max_age_secs).unwrap_or(i64::MAX);
-        if self.seg.len < self.cfg.segment_max_bytes && !too_old {
+        self.seg.len >= self.cfg.segment_max_bytes || too_old
+    }
+
+    async fn rotate_if_due(&mut self) -> Result<(), AuditError> {
+        if !self.rotation_due() {
             return Ok(());
         }
         self.sync_now().await;
