@@ -30,6 +30,15 @@ fn connection_ids(dir: &std::path::Path) -> Vec<u64> {
         .collect()
 }
 
+/// Strict durability, the given batch interval, no checkpoints by count.
+fn strict_cfg(t: &TempLog, batch_interval_ms: u64) -> agentgate::audit::AuditConfig {
+    let mut cfg = t.cfg();
+    cfg.durability = Durability::Strict;
+    cfg.batch_interval_ms = batch_interval_ms;
+    cfg.checkpoint_every_records = 1_000_000;
+    cfg
+}
+
 fn segment_count(dir: &std::path::Path) -> usize {
     std::fs::read_dir(dir)
         .unwrap()
@@ -405,11 +414,7 @@ async fn inclusion_proofs_from_the_cli_verify_and_tampered_ones_fail() {
 #[tokio::test]
 async fn detached_records_are_written_in_order_and_synced_without_a_waiter() {
     let t = TempLog::new();
-    let mut cfg = t.cfg();
-    cfg.durability = Durability::Strict;
-    cfg.batch_interval_ms = 20;
-    cfg.checkpoint_every_records = 1_000_000;
-    let log = AuditLog::open(cfg).await.unwrap();
+    let log = AuditLog::open(strict_cfg(&t, 20)).await.unwrap();
     log.append(statement(0)).await.unwrap();
     let fsyncs = log.stats().fsyncs;
     for i in 1..4 {
@@ -531,11 +536,7 @@ async fn the_log_opens_again_as_soon_as_close_returns() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_sole_appends_keep_call_order_and_survive_being_dropped() {
     let t = TempLog::new();
-    let mut cfg = t.cfg();
-    cfg.durability = Durability::Strict;
-    cfg.batch_interval_ms = 20;
-    cfg.checkpoint_every_records = 1_000_000;
-    let log = AuditLog::open(cfg).await.unwrap();
+    let log = AuditLog::open(strict_cfg(&t, 20)).await.unwrap();
     let first = log.append(statement(0)); // alone: staged here
     log.append_detached(statement(1)).unwrap();
     let second = log.append(statement(2)); // another waits: queued
