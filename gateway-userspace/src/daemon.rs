@@ -195,6 +195,17 @@ async fn close_audit(audit: AuditLog) {
     }
 }
 
+/// The audit log's health for `agentgate status`: counters since the daemon
+/// started (write failures mean records were refused and what they covered
+/// denied).
+fn audit_status(audit: &AuditLog) -> serde_json::Value {
+    json!({
+        "dir": audit.dir(),
+        "durability": audit.durability(),
+        "stats": audit.stats(),
+    })
+}
+
 /// An identity event as an audit record. Logout and revocation end the
 /// identity's session, so they are recorded as `identity.expiry` with the cause.
 fn identity_record(event: &crate::identity::IdentityEvent) -> NewRecord {
@@ -775,6 +786,7 @@ impl Daemon {
                 "established": counters[2], "closed": counters[3], "fast_path_inserted": counters[4],
             },
             "fast_path": s.config.fast_path,
+            "audit": audit_status(&s.audit),
         })
     }
 

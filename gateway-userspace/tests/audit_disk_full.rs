@@ -101,6 +101,7 @@ async fn disk_full_fails_appends_and_recovers_with_a_log_failure_record() {
     }
     assert_eq!(failures, 5);
     assert!(log.stats().log_failures >= 5);
+    assert!(log.stats().failing, "the log says it is failing");
     // What was acknowledged is intact, and the failed writes left nothing behind.
     verify_dir(&cfg.dir, None).expect("log verifies while the disk is full");
 
@@ -109,6 +110,7 @@ async fn disk_full_fails_appends_and_recovers_with_a_log_failure_record() {
         .append(statement(200))
         .await
         .expect("append works once space returns");
+    assert!(!log.stats().failing, "and that it no longer is");
     log.close().await.unwrap();
 
     let all = lines(&cfg.dir);

@@ -428,6 +428,7 @@ async fn detached_records_are_written_in_order_and_synced_without_a_waiter() {
         s.fsyncs > fsyncs,
         "detached records were never synced: {s:?}"
     );
+    assert!(s.fsync_micros_max <= s.fsync_micros_total, "{s:?}");
     log.append(statement(4)).await.unwrap();
     let connections: Vec<u64> = records(&t.dir)
         .iter()

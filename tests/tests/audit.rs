@@ -78,6 +78,20 @@ fn a_full_audit_disk_refuses_connections_until_space_returns() {
         "{}",
         env.daemon_log()
     );
+    // The operator sees it in `status`.
+    let audit = &env.status().unwrap()["audit"];
+    assert_eq!(audit["stats"]["failing"], true, "{audit}");
+    assert!(
+        audit["stats"]["log_failures"].as_u64() >= Some(1),
+        "{audit}"
+    );
+    let text = run_ok(&mut env.agentgate(&["status"])).unwrap();
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    assert!(
+        text.contains(&format!("audit log: {} (strict durability)", dir.display()))
+            && text.contains("FAILING"),
+        "{text}"
+    );
 
     // Space returns: connections flow again and the failure is in the log.
     fs::remove_file(&filler).unwrap();
@@ -96,6 +110,11 @@ fn a_full_audit_disk_refuses_connections_until_space_returns() {
         "connections never recovered:\n{}",
         env.daemon_log()
     );
+    let audit = &env.status().unwrap()["audit"];
+    assert_eq!(audit["stats"]["failing"], false, "{audit}");
+    assert!(audit["stats"]["fsyncs"].as_u64() > Some(0), "{audit}");
+    let text = run_ok(&mut env.agentgate(&["status"])).unwrap();
+    assert!(!String::from_utf8_lossy(&text.stdout).contains("FAILING"));
     let d = dir.to_str().unwrap();
     run_ok(&mut env.agentgate(&["audit", "verify", "--dir", d])).unwrap();
     let out =

@@ -7,7 +7,7 @@ use serde::Deserialize;
 use super::AuditError;
 
 /// When an append counts as done.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Durability {
     /// An append returns after the record is written and `fdatasync`ed.

@@ -38,7 +38,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -86,12 +86,20 @@ pub struct RetentionReport {
 }
 
 /// Counters (monotonic since open).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct AuditStats {
     pub appends: u64,
     pub batches: u64,
     pub fsyncs: u64,
+    /// Time spent in `fdatasync`, all of them, and the longest one.
+    pub fsync_micros_total: u64,
+    pub fsync_micros_max: u64,
+    /// Failed writes (each refused the appends it carried).
     pub log_failures: u64,
+    /// The last write failed and none has succeeded since: appends are
+    /// refused (what they would record is denied).
+    pub failing: bool,
+    /// Checkpoints that could not be exported to a sink.
     pub sink_failures: u64,
     pub checkpoints: u64,
 }
@@ -101,13 +109,25 @@ struct Stats {
     appends: AtomicU64,
     batches: AtomicU64,
     fsyncs: AtomicU64,
+    fsync_micros_total: AtomicU64,
+    fsync_micros_max: AtomicU64,
     log_failures: AtomicU64,
+    failing: AtomicBool,
     sink_failures: AtomicU64,
     checkpoints: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Stats {
+    fn synced(&self, took: Duration) {
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        bump(&self.fsyncs);
+        self.fsync_micros_total.fetch_add(us, Ordering::Relaxed);
+        self.fsync_micros_max.fetch_max(us, Ordering::Relaxed);
+    }
 }
 
 type Reply<T> = oneshot::Sender<Result<T, AuditError>>;
@@ -141,6 +161,7 @@ struct Inner {
     shared: Arc<Shared>,
     stats: Arc<Stats>,
     dir: PathBuf,
+    durability: Durability,
 }
 
 /// The writer's state, and what an append needs to know to stage its record
@@ -218,7 +239,8 @@ impl AuditLog {
         let stats = Arc::new(Stats::default());
         let sink_tx = spawn_sinks(&cfg, &stats)?;
         let recovered = opened.recovered.clone();
-        let strict = cfg.durability == Durability::Strict;
+        let durability = cfg.durability;
+        let strict = durability == Durability::Strict;
         let mut writer = Writer::new(cfg, opened, Arc::clone(&stats), sink_tx);
         // Strict: every awaited group waits for an fdatasync, which the
         // writer does inline, on its own thread, or on the thread of an
@@ -255,6 +277,7 @@ impl AuditLog {
                 shared,
                 stats,
                 dir,
+                durability,
             }),
         };
         if let Some(result) = recovered {
@@ -263,6 +286,11 @@ impl AuditLog {
                 .await?;
         }
         Ok(log)
+    }
+
+    /// When an append counts as done.
+    pub fn durability(&self) -> Durability {
+        self.inner.durability
     }
 
     /// The log directory.
@@ -425,7 +453,10 @@ impl AuditLog {
             appends: s.appends.load(Ordering::Relaxed),
             batches: s.batches.load(Ordering::Relaxed),
             fsyncs: s.fsyncs.load(Ordering::Relaxed),
+            fsync_micros_total: s.fsync_micros_total.load(Ordering::Relaxed),
+            fsync_micros_max: s.fsync_micros_max.load(Ordering::Relaxed),
             log_failures: s.log_failures.load(Ordering::Relaxed),
+            failing: s.failing.load(Ordering::Relaxed),
             sink_failures: s.sink_failures.load(Ordering::Relaxed),
             checkpoints: s.checkpoints.load(Ordering::Relaxed),
         }
@@ -1246,7 +1277,9 @@ impl Writer {
         self.prev = st.prev;
         self.frontier = st.frontier;
         self.since_checkpoint = st.since_checkpoint;
-        self.failure = None;
+        if self.failure.take().is_some() {
+            self.stats.failing.store(false, Ordering::Relaxed);
+        }
         self.stats
             .appends
             .fetch_add(acks.len() as u64, Ordering::Relaxed);
@@ -1272,6 +1305,7 @@ impl Writer {
 
     fn note_failure(&mut self, e: &AuditError, records: u64) {
         bump(&self.stats.log_failures);
+        self.stats.failing.store(true, Ordering::Relaxed);
         tracing::error!(error = %e, records, "audit log write failed; appends are refused until it can be written");
         let f = self.failure.get_or_insert_with(|| PendingFailure {
             since: now_rfc3339(),
@@ -1300,10 +1334,12 @@ impl Writer {
                     file.set_len(at + n)
                         .map_err(io_err(&path, "cut stale tail"))?;
                 }
-                if sync {
-                    file.sync_data().map_err(io_err(&path, "fdatasync"))?;
+                if !sync {
+                    return Ok(None);
                 }
-                Ok(())
+                let t = std::time::Instant::now();
+                file.sync_data().map_err(io_err(&path, "fdatasync"))?;
+                Ok(Some(t.elapsed()))
             })();
             let cut = r.is_err() && file.set_len(at).is_ok();
             (r, cut)
@@ -1322,11 +1358,11 @@ impl Writer {
         };
         bump(&self.stats.batches);
         match res {
-            (Ok(()), _) => {
+            (Ok(synced), _) => {
                 self.seg.len += n;
                 self.seg.tail_dirty = false;
-                if sync {
-                    bump(&self.stats.fsyncs);
+                if let Some(took) = synced {
+                    self.stats.synced(took);
                     self.unsynced_since = None;
                 } else if self.unsynced_since.is_none() {
                     self.unsynced_since = Some(Instant::now());
@@ -1348,12 +1384,15 @@ impl Writer {
         let file = Arc::clone(&self.seg.file);
         let path = self.seg.path.clone();
         let r = tokio::task::spawn_blocking(move || {
-            file.sync_data().map_err(io_err(&path, "fdatasync"))
+            let t = std::time::Instant::now();
+            file.sync_data()
+                .map(|()| t.elapsed())
+                .map_err(io_err(&path, "fdatasync"))
         })
         .await;
         match r {
-            Ok(Ok(())) => {
-                bump(&self.stats.fsyncs);
+            Ok(Ok(took)) => {
+                self.stats.synced(took);
                 self.unsynced_since = None;
             }
             Ok(Err(e)) => self.note_failure(&e, 0),

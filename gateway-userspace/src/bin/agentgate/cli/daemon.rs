@@ -154,7 +154,49 @@ pub fn status(config: &Path, args: &StatusArgs) -> anyhow::Result<ExitCode> {
             c["bytes_down"],
         )?;
     }
+    write_audit_status(&mut out, &v["audit"])?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The audit log's lines of `agentgate status`.
+fn write_audit_status(out: &mut impl std::io::Write, a: &serde_json::Value) -> std::io::Result<()> {
+    let s = &a["stats"];
+    let n = |k: &str| s[k].as_u64().unwrap_or(0);
+    writeln!(
+        out,
+        "audit log: {} ({} durability)",
+        a["dir"].as_str().unwrap_or("?"),
+        a["durability"].as_str().unwrap_or("?")
+    )?;
+    let fsyncs = n("fsyncs");
+    let latency = if fsyncs == 0 {
+        String::new()
+    } else {
+        format!(
+            " (mean {:.3} ms, max {:.3} ms)",
+            n("fsync_micros_total") as f64 / fsyncs as f64 / 1e3,
+            n("fsync_micros_max") as f64 / 1e3
+        )
+    };
+    writeln!(
+        out,
+        "  records written: {}, fsyncs: {fsyncs}{latency}, checkpoints: {}",
+        n("appends"),
+        n("checkpoints")
+    )?;
+    writeln!(
+        out,
+        "  write failures: {}, checkpoint export failures: {}",
+        n("log_failures"),
+        n("sink_failures")
+    )?;
+    if s["failing"].as_bool() == Some(true) {
+        writeln!(
+            out,
+            "  FAILING: the last write failed; audited actions are denied until a write succeeds"
+        )?;
+    }
+    Ok(())
 }
 
 pub fn exec(config: &Path, args: &ExecArgs) -> anyhow::Result<ExitCode> {

@@ -34,7 +34,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon in the foreground.
     Run(daemon::RunArgs),
-    /// Show tagged cgroups and live connections.
+    /// Show tagged cgroups, live connections and the audit log's health.
     Status(daemon::StatusArgs),
     /// Run a command in a fresh cgroup tagged and bound to an identity.
     Exec(daemon::ExecArgs),
