@@ -731,6 +731,36 @@ fn masked_row_lengths_are_recomputed() {
 }
 
 #[test]
+fn binary_jsonb_is_masked_after_its_version_byte() {
+    // A detector finds the card number inside the document (column "x" has
+    // no rule); the masked value keeps jsonb's version byte, and the row's
+    // lengths are recomputed.
+    let desc = RowDescription {
+        fields: vec![
+            field("x", 16384, oid::JSONB, 1),
+            field("y", 16384, oid::TEXT, 0),
+        ],
+    };
+    let row = DataRow::from_fields([
+        Some(&b"\x01{\"card\": \"4111111111111111\"}"[..]),
+        Some(&b"plain"[..]),
+    ]);
+    let (r, report) = masked(&desc, &row, Unmaskable::Null).unwrap();
+    let mut wire = BytesMut::from(&BackendMessage::DataRow(r.unwrap()).to_bytes()[..]);
+    let Some(BackendMessage::DataRow(back)) =
+        decode_backend(&mut wire, &Limits::default()).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(
+        back.fields().collect::<Vec<_>>(),
+        vec![Some(&b"\x01{\"card\": \"[pan]\"}"[..]), Some(&b"plain"[..])]
+    );
+    assert_eq!(report.columns_masked, ["x"]);
+    assert!(report.detectors.contains("pan"));
+}
+
+#[test]
 fn masking_fails_closed() {
     // Unresolvable table OID.
     let desc = RowDescription {

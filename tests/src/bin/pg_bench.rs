@@ -225,6 +225,8 @@ struct Opts {
     rounds: u32,
     secs: u32,
     quick: bool,
+    /// Only the masking micro benchmark (no servers, no root).
+    micro_only: bool,
 }
 
 fn parse_args() -> Result<Opts> {
@@ -232,6 +234,7 @@ fn parse_args() -> Result<Opts> {
         rounds: 5,
         secs: 4,
         quick: false,
+        micro_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -243,8 +246,11 @@ fn parse_args() -> Result<Opts> {
             }
             "--rounds" => o.rounds = it.next().context("--rounds N")?.parse()?,
             "--secs" => o.secs = it.next().context("--secs N")?.parse()?,
+            "--micro" => o.micro_only = true,
             "-h" | "--help" => {
-                println!("pg_bench [--quick] [--rounds N] [--secs S]");
+                println!(
+                    "pg_bench [--quick] [--rounds N] [--secs S] | --micro (the row masker alone)"
+                );
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?} (try --help)"),
@@ -342,6 +348,10 @@ fn run() -> Result<()> {
     eprintln!("pg_bench: masking micro benchmark");
     let micro = mask_micro()?;
     eprintln!("pg_bench: mask_row {micro:.0} ns/row");
+    if opts.micro_only {
+        println!("row masker: {micro:.0} ns/row");
+        return Ok(());
+    }
 
     let (mut b, masking_seen) = Bench::setup(opts.secs)?;
     let mut results: BTreeMap<Case, Vec<(u32, Sample)>> = BTreeMap::new();

@@ -148,7 +148,6 @@ impl MaskReport {
 pub struct Scratch {
     text: String,
     out: String,
-    value: Vec<u8>,
 }
 
 /// Write the length of the message that starts at `start` (its type byte).
@@ -195,8 +194,10 @@ pub struct RowPlan<S> {
 
 enum Outcome {
     Keep,
-    /// New value in `scratch.value`.
-    Replace,
+    /// New value in `scratch.out`; `jsonb`: after jsonb's version byte.
+    Replace {
+        jsonb: bool,
+    },
     Null,
 }
 
@@ -346,17 +347,26 @@ impl<S: Copy> RowPlan<S> {
                 },
                 _ => Outcome::Keep,
             };
-            if matches!(outcome, Outcome::Keep) {
-                continue;
-            }
+            let jsonb = match outcome {
+                Outcome::Keep => continue,
+                Outcome::Null => None,
+                Outcome::Replace { jsonb } => Some(jsonb),
+            };
             out.put_slice(&body[copied..field_start]);
             copied = pos;
             changed = true;
-            if let Outcome::Null = outcome {
-                out.put_i32(-1);
-            } else {
-                out.put_i32(scratch.value.len() as i32);
-                out.put_slice(&scratch.value);
+            match jsonb {
+                None => out.put_i32(-1),
+                Some(jsonb) => {
+                    let len = scratch.out.len() + usize::from(jsonb);
+                    // A masked value is short (a hash, stars, a label) next to
+                    // the message limit; the row's total is checked below.
+                    out.put_i32(i32::try_from(len).unwrap_or(i32::MAX));
+                    if jsonb {
+                        out.put_u8(1);
+                    }
+                    out.put_slice(scratch.out.as_bytes());
+                }
             }
         }
         out.put_slice(&body[copied..]);
@@ -403,12 +413,9 @@ impl<S: Copy> RowPlan<S> {
                     MaskResult::Refuse => Err(refused("refused by masker")),
                     MaskResult::Masked { detectors } => {
                         report.note(&col.name, &detectors, false);
-                        scratch.value.clear();
-                        if col.kind == Kind::Jsonb {
-                            scratch.value.push(1);
-                        }
-                        scratch.value.extend_from_slice(scratch.out.as_bytes());
-                        Ok(Outcome::Replace)
+                        Ok(Outcome::Replace {
+                            jsonb: col.kind == Kind::Jsonb,
+                        })
                     }
                 }
             }
@@ -434,9 +441,7 @@ impl<S: Copy> RowPlan<S> {
                     MaskResult::Refuse => Err(refused("refused by masker")),
                     MaskResult::Masked { detectors } => {
                         report.note(&col.name, &detectors, false);
-                        scratch.value.clear();
-                        scratch.value.extend_from_slice(scratch.out.as_bytes());
-                        Ok(Outcome::Replace)
+                        Ok(Outcome::Replace { jsonb: false })
                     }
                 }
             }
