@@ -141,17 +141,19 @@ pub fn status(config: &Path, args: &StatusArgs) -> anyhow::Result<ExitCode> {
             "ID", "PID", "IDENTITY", "EXE", "DESTINATION", "UP", "DOWN"
         )?;
     }
+    // (`Value`'s Display ignores widths: numbers become strings first.)
+    let num = |v: &serde_json::Value| v.as_u64().map_or_else(|| "?".to_owned(), |n| n.to_string());
     for c in conns {
         writeln!(
             out,
             "  {:>5} {:>7} {:<12} {:<24} {:<22} {:>10} {:>10}",
-            c["id"],
-            c["workload"]["pid"],
+            num(&c["id"]),
+            num(&c["workload"]["pid"]),
             c["identity"].as_str().unwrap_or("?"),
             c["workload"]["exe"].as_str().unwrap_or("?"),
             c["destination"].as_str().unwrap_or("?"),
-            c["bytes_up"],
-            c["bytes_down"],
+            num(&c["bytes_up"]),
+            num(&c["bytes_down"]),
         )?;
     }
     write_audit_status(&mut out, &v["audit"])?;
