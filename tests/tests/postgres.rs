@@ -972,3 +972,77 @@ match = { sql = ["read", "write", "transaction"] }
     let dir = env.state.join("audit");
     run_ok(&mut env.agentgate(&["audit", "verify", "--dir", dir.to_str().unwrap()])).unwrap();
 }
+
+/// psycopg's pipeline mode through the proxy: queued reads come back in order
+/// and masked (text and binary); a denied statement in the middle fails with
+/// 42501 where Postgres would raise it, the rest of that pipeline is aborted
+/// as Postgres would abort it, nothing after it ran, and the connection goes
+/// on.
+#[test]
+fn psycopg_pipeline_mode_is_decided_in_order_and_stays_in_sync() {
+    let (env, pg) = l7_env("pgpipe", "30s");
+    let url = pg.url("127.0.0.1", "postgres", "postgres");
+    let raw = protected_values(&pg);
+    let out = python(
+        &env,
+        r#"
+import json, sys, psycopg
+c = psycopg.connect(sys.argv[1], autocommit=True)
+out = {"rows": [], "errors": []}
+with c.pipeline():
+    curs = []
+    for i in range(1, 11):
+        cur = c.cursor(binary=(i % 2 == 0))
+        cur.execute("SELECT id, ssn, email FROM customers WHERE id = %s", (i,))
+        curs.append(cur)
+    for cur in curs:
+        out["rows"] += [[str(v) for v in r] for r in cur.fetchall()]
+try:
+    with c.pipeline():
+        a = c.execute("SELECT count(*) FROM customers WHERE id > %s", (0,))
+        c.execute("DROP TABLE customers")
+        c.execute("SELECT 1 FROM customers WHERE id = %s", (1,))
+except psycopg.Error as e:
+    out["errors"].append([type(e).__name__, e.sqlstate])
+out["after"] = c.execute("SELECT count(*) FROM customers").fetchone()[0]
+print(json.dumps(out))
+"#,
+        &[&url],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let so = text(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(so.lines().last().unwrap()).unwrap();
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 10, "{so}");
+    for (i, r) in rows.iter().enumerate() {
+        assert_eq!(r[0], (i + 1).to_string(), "in order: {so}");
+        assert_eq!(r[1], format!("***-**-{}", 1000 + i + 1), "masked: {so}");
+    }
+    assert_no_raw(&raw, &so, "pipeline");
+    assert_eq!(
+        v["errors"],
+        serde_json::json!([["InsufficientPrivilege", "42501"]]),
+        "{so}"
+    );
+    assert_eq!(v["after"], 10, "the table is still there: {so}");
+    // The DROP was decided and recorded as denied; the read queued after it
+    // was neither decided nor sent (Postgres skips to Sync after an error).
+    let recs = audit_records(&env);
+    assert!(recs.iter().any(|r| r["action"]["class"] == "ddl"
+        && r["decision"]["verdict"] == "deny"
+        && r["decision"]["rule"] == "no-ddl-or-admin"));
+    assert!(
+        !recs.iter().any(|r| r["action"]["sql"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("SELECT 1 FROM customers"))),
+        "the read after the denied statement was decided"
+    );
+    let one_row = recs
+        .iter()
+        .filter(|r| r["action"]["phase"] == "completed" && r["result"]["command"] == "SELECT 1");
+    assert_eq!(
+        one_row.count(),
+        10 + 1 + 1,
+        "the ten pipelined reads, the count before the DROP, the count after the pipeline"
+    );
+}

@@ -333,22 +333,30 @@ impl AuditLog {
         let (rx, waiting, staged) = queued?;
         if let Some(tx) = staged {
             // Write (and sync) it here, unless the writer loop has done so
-            // with a group meanwhile. Not with a segment rotation: this future
-            // may be dropped at any await, and a rotation must not stop
-            // halfway, so the writer loop does that commit.
+            // with a group meanwhile, or is busy: then it is asked to. Never
+            // wait for the lock: the mutex is fair, so a waiting append owns
+            // it from the moment it is released until it is polled again, and
+            // a caller that awaits another append before polling this one
+            // (a connection with a read in flight that meets a write) would
+            // hold the writer up for good. Not with a segment rotation
+            // either: this future may be dropped at any await, and a rotation
+            // must not stop halfway, so the writer loop does that commit.
             let shared = &waiting.0;
-            let mut w = shared.writer.lock().await;
-            if w.held.is_some() {
-                if w.rotation_due() {
-                    drop(w);
+            match shared.writer.try_lock() {
+                Ok(mut w) if w.held.is_some() && !w.rotation_due() => {
+                    // In strict mode this does not suspend (the writer syncs
+                    // inline and no rotation is due), so the lock is released
+                    // within this poll.
+                    let _ = w
+                        .commit(Vec::new(), Vec::new(), false, Hold::WriteNow)
+                        .await;
+                }
+                Ok(w) if w.held.is_none() => {}
+                _ => {
                     shared.queued.fetch_add(1, Ordering::AcqRel);
                     if tx.send(Msg::Flush).is_err() {
                         shared.queued.fetch_sub(1, Ordering::AcqRel);
                     }
-                } else {
-                    let _ = w
-                        .commit(Vec::new(), Vec::new(), false, Hold::WriteNow)
-                        .await;
                 }
             }
         }
@@ -1658,5 +1666,39 @@ async fn sleep_until_opt(t: Option<Instant>) {
     match t {
         Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{pin::pin, task::Poll};
+
+    use super::*;
+
+    /// A connection with a read in flight that meets a write: the read's
+    /// append (staged by its call) is polled once while the writer loop holds
+    /// the lock, then left unpolled while the connection awaits the write's
+    /// append. The write must not wait for the read's future to be polled.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unpolled_staged_append_does_not_hold_the_writer_up() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cfg = AuditConfig::with_dir(tmp.path().join("audit"));
+        cfg.state_dir = Some(tmp.path().join("state"));
+        cfg.durability = Durability::Strict;
+        let log = AuditLog::open(cfg).await.unwrap();
+        let mut read = pin!(log.append(NewRecord::new(Kind::Statement)));
+        let busy = log.inner.shared.writer.lock().await;
+        let first = std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx).is_pending()));
+        assert!(first.await, "the writer is busy: the read's append waits");
+        drop(busy);
+        let write = tokio::time::timeout(
+            Duration::from_secs(5),
+            log.append(NewRecord::new(Kind::Statement)),
+        )
+        .await
+        .expect("the write's append was held up by the read's unpolled one");
+        let (read, write) = (read.await.unwrap(), write.unwrap());
+        assert_eq!(write.seq, read.seq + 1, "in the order of the calls");
+        log.close().await.unwrap();
     }
 }
