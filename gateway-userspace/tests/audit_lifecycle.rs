@@ -607,3 +607,53 @@ async fn strict_concurrent_appends_land_once_each_in_order() {
     }
     verify_dir(&t.dir, None).unwrap();
 }
+
+/// Strict durability, the shape of a Postgres connection with reads in
+/// flight: each task starts an append, polls it once, awaits a second append
+/// and only then the first. Across tasks, segment rotations and checkpoints no
+/// append waits for another task's unpolled one: everything completes, once
+/// each and in the order of each task's calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_appends_awaited_out_of_order_never_hold_each_other_up() {
+    const TASKS: u64 = 8;
+    const EACH: u64 = 60;
+    let t = TempLog::new();
+    let mut cfg = t.cfg();
+    cfg.durability = Durability::Strict;
+    cfg.batch_interval_ms = 5;
+    cfg.checkpoint_every_records = 50;
+    cfg.segment_max_bytes = 8192;
+    let log = AuditLog::open(cfg).await.unwrap();
+    let mut tasks = Vec::new();
+    for task in 0..TASKS {
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move {
+            for j in (0..EACH).step_by(2) {
+                let mut read = std::pin::pin!(log.append(statement(task * 1000 + j)));
+                let first =
+                    std::future::poll_fn(|cx| std::task::Poll::Ready(read.as_mut().poll(cx))).await;
+                log.append(statement(task * 1000 + j + 1)).await.unwrap();
+                match first {
+                    std::task::Poll::Ready(r) => r.unwrap(),
+                    std::task::Poll::Pending => read.await.unwrap(),
+                };
+            }
+        }));
+    }
+    tokio::time::timeout(Duration::from_secs(30), async {
+        for task in tasks {
+            task.await.unwrap();
+        }
+    })
+    .await
+    .expect("appends awaited out of order held each other up");
+    log.close().await.unwrap();
+    let ids = connection_ids(&t.dir);
+    assert_eq!(ids.len() as u64, TASKS * EACH, "each record once");
+    for task in 0..TASKS {
+        let mine: Vec<u64> = ids.iter().copied().filter(|i| i / 1000 == task).collect();
+        let want: Vec<u64> = (0..EACH).map(|j| task * 1000 + j).collect();
+        assert_eq!(mine, want, "task {task} in the order of its calls");
+    }
+    verify_dir(&t.dir, None).unwrap();
+}
