@@ -862,11 +862,20 @@ action = "deny"
     );
 }
 
+#[test]
+fn pgbench_runs_through_the_proxy_and_every_write_is_audited() {
+    pgbench_through_the_proxy("strict");
+}
+
+#[test]
+fn pgbench_runs_through_the_proxy_with_batched_durability() {
+    pgbench_through_the_proxy("batched");
+}
+
 /// pgbench through the proxy: every transaction of the TPC-B-like script, in
 /// the simple, extended and prepared protocols, completes, and every write it
 /// ran has its own allowed write-ahead record and its own result record.
-#[test]
-fn pgbench_runs_through_the_proxy_and_every_write_is_audited() {
+fn pgbench_through_the_proxy(durability: &str) {
     const PGBENCH: &str = "/usr/lib/postgresql/15/bin/pgbench";
     const CLIENTS: usize = 2;
     const PER_CLIENT: usize = 15;
@@ -887,9 +896,10 @@ match = { sql = ["read", "write", "transaction"] }
     .to_owned();
     let opts = DaemonOptions {
         policies: vec![("pg.toml".into(), policy)],
+        audit_extra: format!("durability = \"{durability}\""),
         ..DaemonOptions::default()
     };
-    let env = Env::new("pgbench", opts).unwrap();
+    let env = Env::new(&format!("pgbench-{durability}"), opts).unwrap();
     let _pg = PgServer::start(&env.netns, 5432, false).unwrap();
     let connect = ["-h", "127.0.0.1", "-p", "5432", "-U", "postgres"];
     // Initialised directly (its DDL is not the subject here).
