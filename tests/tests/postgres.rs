@@ -1056,3 +1056,52 @@ print(json.dumps(out))
         "the ten pipelined reads, the count before the DROP, the count after the pipeline"
     );
 }
+
+/// A write that needs approval in the middle of a psycopg pipeline, with a
+/// read in flight before it and one queued after it: the write waits for the
+/// approver while the read's result is already out, then runs; the read after
+/// it sees its effect; nothing is held up in the meantime (other sessions go
+/// on).
+#[test]
+fn an_approved_write_mid_pipeline_runs_in_order() {
+    let (env, pg) = l7_env("pgpipeapr", "30s");
+    let url = pg.url("127.0.0.1", "postgres", "postgres");
+    let mut cmd = env.exec(
+        "demo",
+        &[
+            "python3",
+            "-c",
+            r#"
+import json, sys, psycopg
+c = psycopg.connect(sys.argv[1], autocommit=True)
+with c.pipeline():
+    before = c.execute("SELECT name FROM customers WHERE id = %s", (2,))
+    c.execute("UPDATE customers SET name = %s WHERE id = %s", ("pipelined", 2))
+    after = c.execute("SELECT name FROM customers WHERE id = %s", (2,))
+print(json.dumps([before.fetchone()[0], after.fetchone()[0]]))
+"#,
+            &url,
+        ],
+    );
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let p = Proc::spawn("python", cmd).unwrap();
+    let id = wait_pending(&env, 1, Duration::from_secs(10))[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // While the write is held, the audit log and other sessions go on.
+    let other = psql(&env, &url, &["-Atc", "SELECT count(*) FROM customers"]);
+    assert_eq!(text(&other.stdout).trim(), "10", "{}", text(&other.stderr));
+    assert_eq!(
+        pg.admin_sql("SELECT name FROM customers WHERE id = 2")
+            .unwrap()
+            .trim(),
+        "Customer 2",
+        "nothing ran while held"
+    );
+    run_ok(&mut env.agentgate(&["approvals", "approve", &id, "--approver", "dba-ann"])).unwrap();
+    let out = finish(p);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    assert_eq!(v, serde_json::json!(["Customer 2", "pipelined"]));
+}
