@@ -563,6 +563,20 @@ async fn strict_sole_appends_keep_call_order_and_survive_being_dropped() {
     verify_dir(&t.dir, None).unwrap();
 }
 
+/// Every record of `tasks` tasks of `each` appends (connection ids
+/// `task * 1000 + j`) is in the log once, each task's in the order of its
+/// calls, and the log verifies.
+fn assert_each_task_in_order(dir: &std::path::Path, tasks: u64, each: u64) {
+    let ids = connection_ids(dir);
+    assert_eq!(ids.len() as u64, tasks * each, "each record once");
+    for task in 0..tasks {
+        let mine: Vec<u64> = ids.iter().copied().filter(|i| i / 1000 == task).collect();
+        let want: Vec<u64> = (0..each).map(|j| task * 1000 + j).collect();
+        assert_eq!(mine, want, "task {task} in the order of its calls");
+    }
+    verify_dir(dir, None).unwrap();
+}
+
 /// Many tasks appending at once in strict mode, some committing their own
 /// records, most queued to the writer, across many segment rotations: every
 /// record is in the log once, each task's in its order, and the log verifies.
@@ -598,14 +612,7 @@ async fn strict_concurrent_appends_land_once_each_in_order() {
     log.close().await.unwrap();
     let segments = segment_count(&t.dir);
     assert!(segments > 3, "rotated: {segments} segments");
-    let ids = connection_ids(&t.dir);
-    assert_eq!(ids.len() as u64, TASKS * EACH, "each record once");
-    for task in 0..TASKS {
-        let mine: Vec<u64> = ids.iter().copied().filter(|i| i / 1000 == task).collect();
-        let want: Vec<u64> = (0..EACH).map(|j| task * 1000 + j).collect();
-        assert_eq!(mine, want, "task {task} in the order of its calls");
-    }
-    verify_dir(&t.dir, None).unwrap();
+    assert_each_task_in_order(&t.dir, TASKS, EACH);
 }
 
 /// Strict durability, the shape of a Postgres connection with reads in
@@ -648,12 +655,5 @@ async fn strict_appends_awaited_out_of_order_never_hold_each_other_up() {
     .await
     .expect("appends awaited out of order held each other up");
     log.close().await.unwrap();
-    let ids = connection_ids(&t.dir);
-    assert_eq!(ids.len() as u64, TASKS * EACH, "each record once");
-    for task in 0..TASKS {
-        let mine: Vec<u64> = ids.iter().copied().filter(|i| i / 1000 == task).collect();
-        let want: Vec<u64> = (0..EACH).map(|j| task * 1000 + j).collect();
-        assert_eq!(mine, want, "task {task} in the order of its calls");
-    }
-    verify_dir(&t.dir, None).unwrap();
+    assert_each_task_in_order(&t.dir, TASKS, EACH);
 }

@@ -703,6 +703,15 @@ fn rule_on_a_binary_type_that_cannot_hold_text_nulls_it() {
     assert_eq!(report.columns_masked, ["secret_n", "secret_ts", "secret_s"]);
 }
 
+/// A row encoded as the proxy sends it, decoded as a client would.
+fn over_the_wire(row: DataRow) -> DataRow {
+    let mut wire = BytesMut::from(&BackendMessage::DataRow(row).to_bytes()[..]);
+    match decode_backend(&mut wire, &Limits::default()).unwrap() {
+        Some(BackendMessage::DataRow(back)) => back,
+        other => panic!("not a DataRow: {other:?}"),
+    }
+}
+
 #[test]
 fn masked_row_lengths_are_recomputed() {
     let desc = RowDescription {
@@ -718,12 +727,7 @@ fn masked_row_lengths_are_recomputed() {
         None,
     ]);
     let (r, _) = masked(&desc, &row, Unmaskable::Null).unwrap();
-    let mut wire = BytesMut::from(&BackendMessage::DataRow(r.unwrap()).to_bytes()[..]);
-    let Some(BackendMessage::DataRow(back)) =
-        decode_backend(&mut wire, &Limits::default()).unwrap()
-    else {
-        panic!()
-    };
+    let back = over_the_wire(r.unwrap());
     assert_eq!(
         back.fields().collect::<Vec<_>>(),
         vec![Some(&b"card [pan] here"[..]), Some(&b"####"[..]), None]
@@ -746,12 +750,7 @@ fn binary_jsonb_is_masked_after_its_version_byte() {
         Some(&b"plain"[..]),
     ]);
     let (r, report) = masked(&desc, &row, Unmaskable::Null).unwrap();
-    let mut wire = BytesMut::from(&BackendMessage::DataRow(r.unwrap()).to_bytes()[..]);
-    let Some(BackendMessage::DataRow(back)) =
-        decode_backend(&mut wire, &Limits::default()).unwrap()
-    else {
-        panic!()
-    };
+    let back = over_the_wire(r.unwrap());
     assert_eq!(
         back.fields().collect::<Vec<_>>(),
         vec![Some(&b"\x01{\"card\": \"[pan]\"}"[..]), Some(&b"plain"[..])]
