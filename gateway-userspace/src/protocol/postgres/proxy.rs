@@ -1539,8 +1539,7 @@ impl<'a> Pg<'a> {
                     },
                     rule: rule.into(),
                 };
-                self.record_statement(stmt, &decision, None).await.ok();
-                self.deny_with(&m, session::denial_error(rule));
+                self.deny(&m, stmt, &decision).await;
                 return Ok(());
             }
         };
@@ -1596,18 +1595,44 @@ impl<'a> Pg<'a> {
             &self.ctx.resource,
             &Action::Sql(classification),
         );
-        match decision.verdict.clone() {
-            Verdict::Allow => self.allow(m, stmt, &decision, None, read_only).await,
-            Verdict::Deny { .. } => {
-                self.record_statement(stmt, &decision, None).await.ok();
-                self.deny_with(&m, session::denial_error(&decision.rule));
+        self.carry_out(m, stmt, decision, read_only, &analysis.redacted, None)
+            .await
+    }
+
+    /// Acts on a decision: forward under the write-ahead rule, deny with
+    /// `42501`, or hold for approval. `covered`: an approval already given
+    /// (its `Parse`'s, for a prepared statement's first execution) stands for
+    /// this one.
+    async fn carry_out(
+        &mut self,
+        m: FrontendMessage,
+        stmt: StmtRecord,
+        decision: Decision,
+        read_only: bool,
+        redacted: &str,
+        covered: Option<Value>,
+    ) -> Result<(), PgProxyError> {
+        match (decision.verdict.clone(), covered) {
+            (Verdict::Allow, _) => self.allow(m, stmt, &decision, None, read_only).await,
+            (Verdict::Deny { .. }, _) => {
+                self.deny(&m, stmt, &decision).await;
                 Ok(())
             }
-            Verdict::RequireApproval(spec) => {
-                self.request_approval(m, stmt, decision, &spec, &analysis.redacted)
+            (Verdict::RequireApproval(_), Some(approval)) => {
+                self.allow(m, stmt, &decision, Some(approval), false).await
+            }
+            (Verdict::RequireApproval(spec), None) => {
+                self.request_approval(m, stmt, decision, &spec, redacted)
                     .await
             }
         }
+    }
+
+    /// A denied statement: its record (best effort: it does not run either
+    /// way), then the error where Postgres would raise it.
+    async fn deny(&mut self, m: &FrontendMessage, stmt: StmtRecord, decision: &Decision) {
+        self.record_statement(stmt, decision, None).await.ok();
+        self.deny_with(m, session::denial_error(&decision.rule));
     }
 
     fn stmt_record(
@@ -1714,27 +1739,11 @@ impl<'a> Pg<'a> {
         );
         let covered = statement
             .as_ref()
-            .is_some_and(|name| self.approved_parse.remove(name));
-        match decision.verdict.clone() {
-            Verdict::Allow => {
-                self.allow(m, stmt, &decision, None, class <= StatementClass::Read)
-                    .await
-            }
-            Verdict::Deny { .. } => {
-                self.record_statement(stmt, &decision, None).await.ok();
-                self.deny_with(&m, session::denial_error(&decision.rule));
-                Ok(())
-            }
-            Verdict::RequireApproval(_) if covered => {
-                let approval =
-                    json!({"outcome": "granted", "covered_by": "the approval of its parse"});
-                self.allow(m, stmt, &decision, Some(approval), false).await
-            }
-            Verdict::RequireApproval(spec) => {
-                self.request_approval(m, stmt, decision, &spec, &analysis.redacted)
-                    .await
-            }
-        }
+            .is_some_and(|name| self.approved_parse.remove(name))
+            .then(|| json!({"outcome": "granted", "covered_by": "the approval of its parse"}));
+        let read_only = class <= StatementClass::Read;
+        self.carry_out(m, stmt, decision, read_only, &analysis.redacted, covered)
+            .await
     }
 
     /// Write-ahead: the record is durable before the statement goes upstream;
