@@ -301,6 +301,14 @@ fn spawn_psql(env: &Env, url: &str, sql: &str) -> Proc {
     Proc::spawn("psql", c).unwrap()
 }
 
+/// Starts a Python program (psycopg) tagged as `demo` with `url` as its
+/// argument; [`finish`] collects it.
+fn spawn_python(env: &Env, program: &str, url: &str) -> Proc {
+    let mut c = env.exec("demo", &["python3", "-c", program, url]);
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    Proc::spawn("python", c).unwrap()
+}
+
 fn finish(p: Proc) -> std::process::Output {
     use std::io::Read as _;
     let mut p = p;
@@ -440,23 +448,17 @@ c.execute("UPDATE customers SET name = 'gone-x' WHERE id = 1")
 
     // A prepared statement: each execution is a command of its own, approved
     // on its own (the rule has no grant window).
-    let mut cmd = env.exec(
-        "demo",
-        &[
-            "python3",
-            "-c",
-            r#"
+    let p = spawn_python(
+        &env,
+        r#"
 import sys, psycopg
 c = psycopg.connect(sys.argv[1], autocommit=True)
 q = "UPDATE customers SET name = %s WHERE id = 1"
 for n in ("prepared-1", "prepared-2"):
     c.execute(q, (n,), prepare=True)
 "#,
-            &url,
-        ],
+        &url,
     );
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let p = Proc::spawn("python", cmd).unwrap();
     for expected in ["prepared-1", "prepared-2"] {
         let id = wait_pending(&env, 1, Duration::from_secs(10))[0]["id"]
             .as_str()
@@ -1066,12 +1068,9 @@ print(json.dumps(out))
 fn an_approved_write_mid_pipeline_runs_in_order() {
     let (env, pg) = l7_env("pgpipeapr", "30s");
     let url = pg.url("127.0.0.1", "postgres", "postgres");
-    let mut cmd = env.exec(
-        "demo",
-        &[
-            "python3",
-            "-c",
-            r#"
+    let p = spawn_python(
+        &env,
+        r#"
 import json, sys, psycopg
 c = psycopg.connect(sys.argv[1], autocommit=True)
 with c.pipeline():
@@ -1080,11 +1079,8 @@ with c.pipeline():
     after = c.execute("SELECT name FROM customers WHERE id = %s", (2,))
 print(json.dumps([before.fetchone()[0], after.fetchone()[0]]))
 "#,
-            &url,
-        ],
+        &url,
     );
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let p = Proc::spawn("python", cmd).unwrap();
     let id = wait_pending(&env, 1, Duration::from_secs(10))[0]["id"]
         .as_str()
         .unwrap()
