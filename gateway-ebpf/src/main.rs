@@ -10,7 +10,10 @@
 //!   the fast path on, put the agent socket and the proxy's accepted socket in
 //!   the SockHash. It never reads provenance: it does not run in the agent's context.
 //! - `ag_sk_msg` (fast path): move bytes between the two sockets of a pair
-//!   without the loopback TCP stack. `ag_sk_skb_verdict` passes every skb; its
+//!   without the loopback TCP stack. An agent socket decides at its first
+//!   write, once for its life: redirect if the proxy's socket is in the map
+//!   by then, the ordinary path otherwise (so no write can overtake one still
+//!   in the TCP stack). `ag_sk_skb_verdict` passes every skb; its
 //!   only job is to keep sockets in the SockHash off the kernel 6.18 path where
 //!   FIONREAD reads 0 and epoll wake-ups are lost (fix upstream 04af4efde58a).
 //! - `ag_getpeername4|6`: a redirected socket reports the address it dialed.
@@ -22,7 +25,7 @@
 
 use agentgate_common::{
     AF_INET, AF_INET6, Config, MAX_CGROUP_DEPTH, PeerKey, Provenance, SockAddr, SockPairKey, Tag,
-    counter,
+    counter, fast_mode,
 };
 use aya_ebpf::{
     bindings::{
@@ -68,6 +71,13 @@ static BY_PEER: LruHashMap<PeerKey, Provenance> = LruHashMap::with_max_entries(6
 
 #[map(name = "AG_SOCKHASH")]
 static SOCKHASH: SockHash<SockPairKey> = SockHash::with_max_entries(65536, 0);
+
+/// Fast path: how each agent socket in the SockHash writes (`fast_mode`),
+/// by its own (local, remote) pair. Written before the socket enters the
+/// SockHash, deleted at TCP_CLOSE. Proxy sockets have no entry. Not LRU: an
+/// evicted entry would make a live agent socket look like a proxy socket.
+#[map(name = "AG_FAST_MODE")]
+static FAST_MODE: HashMap<SockPairKey, u32> = HashMap::with_max_entries(65536, 0);
 
 #[map(name = "AG_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::LEN, 0);
@@ -331,11 +341,15 @@ pub fn ag_sock_ops(ctx: SockOpsContext) -> u32 {
             let key = PeerKey { peer: pair.local, local: pair.remote, netns_cookie };
             let _ = BY_PEER.insert(&key, &prov, 0);
             bump(counter::ESTABLISHED);
-            if fast_path_on() {
+            // Without its mode entry the socket stays out of the SockHash:
+            // ag_sk_msg would take it for a proxy socket and always redirect.
+            if fast_path_on() && FAST_MODE.insert(&pair, &fast_mode::UNDECIDED, 0).is_ok() {
                 let mut k = pair;
                 // SAFETY: ctx.ops is the live bpf_sock_ops of this callback.
                 if SOCKHASH.update(&mut k, unsafe { &mut *ctx.ops }, 0).is_ok() {
                     bump(counter::FAST_PATH_INSERTED);
+                } else {
+                    let _ = FAST_MODE.remove(&pair);
                 }
             }
         }
@@ -368,6 +382,7 @@ pub fn ag_sock_ops(ctx: SockOpsContext) -> u32 {
                     let key = PeerKey { peer: pair.local, local: pair.remote, netns_cookie };
                     let _ = BY_PEER.remove(&key);
                     let _ = BY_COOKIE.remove(&cookie);
+                    let _ = FAST_MODE.remove(&pair);
                     bump(counter::CLOSED);
                 }
             }
@@ -393,12 +408,40 @@ pub fn ag_sk_msg(ctx: SkMsgContext) -> u32 {
     } else {
         (v4(md.local_ip4, local_port), v4(md.remote_ip4, remote_port))
     };
+    let own = SockPairKey { local, remote };
     // The peer socket's own key is our pair reversed.
     let mut peer = SockPairKey { local: remote, remote: local };
-    // If the peer is not in the map yet the helper leaves no redirect set and
-    // SK_PASS sends the bytes the ordinary way; with a redirect set, SK_PASS
-    // means "redirect".
-    let _ = SOCKHASH.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS));
+    // With a redirect set, SK_PASS means "redirect"; if the peer is not in the
+    // map the helper sets none and SK_PASS sends the bytes the ordinary way.
+    let Some(mode) = FAST_MODE.get_ptr_mut(&own) else {
+        // A proxy socket: its agent socket entered the map before the
+        // handshake completed, so its first write already finds it.
+        let _ = SOCKHASH.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS));
+        return sk_action::SK_PASS;
+    };
+    // An agent socket. Bytes it wrote the ordinary way may still be in the
+    // TCP stack or unread in the proxy socket's receive queue; a redirected
+    // write would be read before them. So the first write decides for good.
+    // Writes to one socket are serialised by its lock: no race on `mode`.
+    // SAFETY: a live value of this map, u32-aligned.
+    match unsafe { *mode } {
+        fast_mode::REDIRECT => {
+            let _ = SOCKHASH.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS));
+        }
+        fast_mode::UNDECIDED => {
+            let redirected = SOCKHASH.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS))
+                == i64::from(sk_action::SK_PASS);
+            let decided = if redirected {
+                fast_mode::REDIRECT
+            } else {
+                bump(counter::FAST_PATH_DECLINED);
+                fast_mode::ORDINARY
+            };
+            // SAFETY: as above.
+            unsafe { *mode = decided };
+        }
+        _ => {}
+    }
     sk_action::SK_PASS
 }
 

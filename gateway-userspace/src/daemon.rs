@@ -766,7 +766,8 @@ impl Daemon {
 
     fn status(&self) -> serde_json::Value {
         let s = &self.shared;
-        let (by_cookie, by_peer) = s.redirector.lock().expect("redirector lock").map_sizes();
+        let (by_cookie, by_peer, fast_mode) =
+            s.redirector.lock().expect("redirector lock").map_sizes();
         let counters = s.redirector.lock().expect("redirector lock").counters();
         let tagged: Vec<_> = s
             .bindings
@@ -780,10 +781,11 @@ impl Daemon {
         json!({
             "tagged": tagged,
             "connections": connections,
-            "maps": { "by_cookie": by_cookie, "by_peer": by_peer },
+            "maps": { "by_cookie": by_cookie, "by_peer": by_peer, "fast_mode": fast_mode },
             "counters": {
                 "redirected": counters[0], "refused_not_ready": counters[1],
                 "established": counters[2], "closed": counters[3], "fast_path_inserted": counters[4],
+                "fast_path_declined": counters[5],
             },
             "fast_path": s.config.fast_path,
             "audit": audit_status(&s.audit),

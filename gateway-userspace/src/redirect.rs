@@ -88,6 +88,7 @@ pub struct Redirector {
     tagged: HashMap<MapData, u64, Tag>,
     by_peer: HashMap<MapData, PeerKey, Provenance>,
     by_cookie: HashMap<MapData, u64, Provenance>,
+    fast_mode: HashMap<MapData, agentgate_common::SockPairKey, u32>,
     counters: PerCpuArray<MapData, u64>,
     _sockhash: SockHash<MapData, agentgate_common::SockPairKey>,
     /// Unpinned links (fail-open) detach when this is dropped; pinned ones do not.
@@ -195,6 +196,7 @@ impl Redirector {
             tagged: take_map(&mut ebpf, names::TAGGED_CGROUPS)?,
             by_peer: take_map(&mut ebpf, names::BY_PEER)?,
             by_cookie: take_map(&mut ebpf, names::BY_COOKIE)?,
+            fast_mode: take_map(&mut ebpf, names::FAST_MODE)?,
             counters: take_map(&mut ebpf, names::COUNTERS)?,
             _sockhash: sockhash,
             _ebpf: ebpf,
@@ -221,14 +223,21 @@ impl Redirector {
         self.by_peer.get(key, 0).ok()
     }
 
-    /// Entries in the provenance maps (by socket cookie, by peer), for leak checks.
-    pub fn map_sizes(&self) -> (usize, usize) {
-        (self.by_cookie.keys().count(), self.by_peer.keys().count())
+    /// Entries in the per-socket maps, for leak checks: (provenance by
+    /// socket cookie, provenance by peer, fast-path modes).
+    pub fn map_sizes(&self) -> (usize, usize, usize) {
+        (
+            self.by_cookie.keys().count(),
+            self.by_peer.keys().count(),
+            self.fast_mode.keys().count(),
+        )
     }
 
-    /// Kernel-side counters summed over CPUs: (redirected, refused-not-ready, established, closed, fast-path inserts).
-    pub fn counters(&self) -> [u64; 5] {
-        let mut out = [0u64; 5];
+    /// Kernel-side counters summed over CPUs: (redirected, refused-not-ready,
+    /// established, closed, fast-path inserts, agent sockets the fast path
+    /// declined because they wrote before their proxy socket was in the map).
+    pub fn counters(&self) -> [u64; 6] {
+        let mut out = [0u64; 6];
         for (i, slot) in out.iter_mut().enumerate() {
             if let Ok(values) = self.counters.get(&(i as u32), 0) {
                 *slot = values.iter().sum();

@@ -8,6 +8,8 @@ client.py MODE HOST PORT [options]
                    open until FILE exists
   --concurrent N   open N connections at once (blocking mode), exchange a byte on
                    each, print, wait for --hold, close them all
+  --two-writes MS  (blocking mode) write "first;" as soon as connected, "second;"
+                   MS milliseconds later, half-close, read the echo to EOF
 """
 import argparse
 import asyncio
@@ -26,6 +28,7 @@ ap.add_argument("port", type=int)
 ap.add_argument("--bytes", type=int, default=0)
 ap.add_argument("--hold")
 ap.add_argument("--concurrent", type=int, default=0)
+ap.add_argument("--two-writes", type=int)
 args = ap.parse_args()
 
 CHUNK = random.Random(7).randbytes(1 << 20)
@@ -72,6 +75,16 @@ def blocking():
             s.close()
         return
     s = socket.create_connection((args.host, args.port), timeout=60)
+    if args.two_writes is not None:
+        s.sendall(b"first;")
+        time.sleep(args.two_writes / 1000)
+        s.sendall(b"second;")
+        s.shutdown(socket.SHUT_WR)
+        got = b""
+        while d := s.recv(1 << 16):
+            got += d
+        print(json.dumps({"pid": os.getpid(), "echoed": got.decode()}), flush=True)
+        return
     ends = endpoints(s)
     if args.hold:
         s.sendall(b"hello")

@@ -273,6 +273,68 @@ fn bulk_64mib_each_way_fast_path_on() {
     bulk_transfers(true);
 }
 
+/// The fast path never lets a write overtake an earlier one. The agent's
+/// handshake-completing ACK is dropped, so the proxy's socket is only made
+/// (and enters the `SockHash`) when the agent's first write arrives, by TCP; the
+/// proxy's upstream connect is held up (its SYN dropped until the second write
+/// is out), so that first write is still unread when the second comes 300 ms
+/// later. Redirected, the second would be read first (`second;first;`, seen
+/// with the fast path deciding per write); the agent socket stays on the
+/// ordinary path instead, and says so in a counter.
+#[test]
+fn fast_path_never_lets_a_write_overtake_an_earlier_one() {
+    let opts = DaemonOptions {
+        fast_path: true,
+        ..Default::default()
+    };
+    let proxy_port = opts.port;
+    let env = Env::new("fastorder", opts).unwrap();
+    let (_echo, port) = env.echo_server("127.0.0.1").unwrap();
+    let nft = |rules: &str| {
+        let mut c = env.netns.command("nft");
+        c.args(["-f", "-"]).stdin(Stdio::piped());
+        let mut child = c.spawn().expect("nft");
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), rules.as_bytes()).unwrap();
+        assert!(child.wait().unwrap().success(), "nft: {rules}");
+    };
+    nft(&format!(
+        "table inet ag_test_ack {{ chain input {{ type filter hook input priority 0; \
+         tcp dport {proxy_port} tcp flags & (fin | syn | rst | psh | ack) == ack drop; }}; }}\n\
+         table inet ag_test_syn {{ chain output {{ type filter hook output priority 0; \
+         tcp dport {port} tcp flags & (syn | ack) == syn drop; }}; }}\n"
+    ));
+    let before = env.status().unwrap()["maps"].clone();
+    let c = client("blocking", "127.0.0.1", port, &["--two-writes", "300"]);
+    let mut cmd = env.exec("demo", &as_strs(&c));
+    cmd.stdout(Stdio::piped());
+    let mut agent = Proc::spawn("two writes", cmd).unwrap();
+    env.wait_status(Duration::from_secs(10), |s| {
+        s["connections"].as_array().is_some_and(|c| c.len() == 1)
+    })
+    .unwrap();
+    // The proxy dialed upstream when it registered the connection; its SYN is
+    // retried after 1 s. Let it through after the second write, before that.
+    std::thread::sleep(Duration::from_millis(500));
+    nft("delete table inet ag_test_syn\n");
+    let line: Value = serde_json::from_str(&agent.read_line().unwrap()).unwrap();
+    assert_eq!(
+        line["echoed"], "first;second;",
+        "bytes arrive in the order written"
+    );
+    assert!(agent.child.wait().unwrap().success());
+    let s = env
+        .wait_status(Duration::from_secs(10), |s| {
+            s["maps"] == before && s["connections"].as_array().is_some_and(Vec::is_empty)
+        })
+        .unwrap();
+    assert_eq!(
+        s["counters"]["fast_path_declined"].as_u64(),
+        Some(1),
+        "the agent socket wrote before the proxy socket was mapped: {s:#}"
+    );
+    assert_eq!(s["counters"]["fast_path_inserted"].as_u64(), Some(2));
+}
+
 #[test]
 fn fail_closed_while_daemon_is_down_then_recovers() {
     let mut env = Env::new(

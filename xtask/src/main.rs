@@ -64,6 +64,7 @@ const APT_PACKAGES: &[&str] = &[
     "mariadb-server",
     "pgbouncer",
     "curl",
+    "nftables",
 ];
 
 /// Python modules the tests import, with the `PyPI` requirement that provides each.

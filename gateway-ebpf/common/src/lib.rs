@@ -22,6 +22,7 @@ pub mod names {
     pub const BY_COOKIE: &str = "AG_BY_COOKIE";
     pub const BY_PEER: &str = "AG_BY_PEER";
     pub const SOCKHASH: &str = "AG_SOCKHASH";
+    pub const FAST_MODE: &str = "AG_FAST_MODE";
     pub const COUNTERS: &str = "AG_COUNTERS";
 
     pub const CONNECT4: &str = "ag_connect4";
@@ -115,6 +116,18 @@ pub struct SockPairKey {
     pub remote: SockAddr,
 }
 
+/// How an agent socket's writes travel, decided at its first write and kept
+/// for the socket's life (the values of the `AG_FAST_MODE` map).
+pub mod fast_mode {
+    /// In the `SockHash`, nothing written yet.
+    pub const UNDECIDED: u32 = 0;
+    /// Every write goes straight to the proxy socket's receive queue.
+    pub const REDIRECT: u32 = 1;
+    /// The first write found no proxy socket in the map: every write takes
+    /// the ordinary TCP path, so none can overtake an earlier one.
+    pub const ORDINARY: u32 = 2;
+}
+
 /// Indices into the per-CPU counters array.
 pub mod counter {
     pub const REDIRECTED: u32 = 0;
@@ -122,6 +135,9 @@ pub mod counter {
     pub const ESTABLISHED: u32 = 2;
     pub const CLOSED: u32 = 3;
     pub const FAST_PATH_INSERTED: u32 = 4;
+    /// Agent sockets that wrote before the proxy's socket was in the
+    /// `SockHash`, and so stay on the ordinary path for their whole life.
+    pub const FAST_PATH_DECLINED: u32 = 5;
     pub const LEN: u32 = 8;
 }
 
