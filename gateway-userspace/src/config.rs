@@ -117,7 +117,8 @@ pub struct ProxyConfig {
     pub listen_v4: Ipv4Addr,
     pub listen_v6: Ipv6Addr,
     pub port: u16,
-    /// `sk_msg` fast path between agent and proxy sockets (see DESIGN.md).
+    /// `sk_msg` fast path between agent and proxy sockets (see DESIGN.md); on
+    /// by default, `false` keeps every byte on the loopback TCP path.
     pub fast_path: bool,
     /// Live proxied connections; more are refused.
     pub max_connections: usize,
@@ -224,7 +225,7 @@ impl Default for ProxyConfig {
             listen_v4: Ipv4Addr::LOCALHOST,
             listen_v6: Ipv6Addr::LOCALHOST,
             port: 15001,
-            fast_path: false,
+            fast_path: true,
             max_connections: 4096,
             upstream_connect_timeout_ms: 5000,
             buffer_bytes: 64 * 1024,
@@ -314,7 +315,7 @@ mod tests {
         let c = Config::parse(Path::new("/etc/agentgate/agentgate.toml"), "").unwrap();
         assert_eq!(c.proxy.port, 15001);
         assert_eq!(c.daemon.fail_mode, FailMode::Closed);
-        assert!(!c.proxy.fast_path);
+        assert!(c.proxy.fast_path);
     }
 
     #[test]

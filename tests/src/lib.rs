@@ -282,7 +282,7 @@ action = "allow"
 impl Default for DaemonOptions {
     fn default() -> Self {
         Self {
-            fast_path: false,
+            fast_path: true,
             fail_closed: false,
             port: 15001,
             extra: String::new(),

@@ -265,8 +265,7 @@ fn local_config(root: &Path) -> Result<PathBuf> {
          [audit]\n\
          dir = \"{state}/audit\"\n\n\
          [proxy]\n\
-         port = 15001\n\
-         fast_path = false\n",
+         port = 15001\n",
         state = state.display(),
         policies = root.join("policies/local").display(),
     );
