@@ -80,6 +80,27 @@ fn exec_round_trips_and_reports_provenance() {
         "{cgroup} is inside this test's subtree"
     );
     assert_eq!(conn["bytes_up"].as_u64(), Some(5));
+    // The table an operator reads: the python3 path is longer than the EXE
+    // header, and the destination still lines up under its own header.
+    let out = run_ok(&mut env.agentgate(&["status"])).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let header = text
+        .lines()
+        .find(|l| l.contains("DESTINATION"))
+        .expect(&text);
+    let row = text
+        .lines()
+        .find(|l| l.contains(exe.to_str().unwrap()))
+        .expect(&text);
+    assert_eq!(
+        header.find("DESTINATION"),
+        row.find(&format!("127.0.0.1:{port}")),
+        "{text}"
+    );
+    assert!(
+        text.contains("fast path: on (sockets mapped: 2, "),
+        "{text}"
+    );
 
     fs::write(&hold, "").unwrap();
     let st = agent.child.wait().unwrap();
@@ -333,6 +354,12 @@ fn fast_path_never_lets_a_write_overtake_an_earlier_one() {
         "the agent socket wrote before the proxy socket was mapped: {s:#}"
     );
     assert_eq!(s["counters"]["fast_path_inserted"].as_u64(), Some(2));
+    let out = run_ok(&mut env.agentgate(&["status"])).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("fast path: on (sockets mapped: 2, agent sockets kept on TCP: 1)"),
+        "{text}"
+    );
 }
 
 #[test]

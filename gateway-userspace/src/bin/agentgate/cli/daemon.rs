@@ -134,27 +134,52 @@ pub fn status(config: &Path, args: &StatusArgs) -> anyhow::Result<ExitCode> {
     }
     let conns = v["connections"].as_array().unwrap_or(&empty);
     writeln!(out, "live connections: {}", conns.len())?;
-    if !conns.is_empty() {
-        writeln!(
-            out,
-            "  {:>5} {:>7} {:<12} {:<24} {:<22} {:>10} {:>10}",
-            "ID", "PID", "IDENTITY", "EXE", "DESTINATION", "UP", "DOWN"
-        )?;
-    }
     // (`Value`'s Display ignores widths: numbers become strings first.)
     let num = |v: &serde_json::Value| v.as_u64().map_or_else(|| "?".to_owned(), |n| n.to_string());
-    for c in conns {
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or("?").to_owned();
+    let rows: Vec<[String; 7]> = conns
+        .iter()
+        .map(|c| {
+            [
+                num(&c["id"]),
+                num(&c["workload"]["pid"]),
+                text(&c["identity"]),
+                text(&c["workload"]["exe"]),
+                text(&c["destination"]),
+                num(&c["bytes_up"]),
+                num(&c["bytes_down"]),
+            ]
+        })
+        .collect();
+    if !rows.is_empty() {
+        let header =
+            ["ID", "PID", "IDENTITY", "EXE", "DESTINATION", "UP", "DOWN"].map(String::from);
+        // Each column as wide as its widest cell; numbers right-aligned.
+        let mut width = [0usize; 7];
+        for row in std::iter::once(&header).chain(&rows) {
+            for (w, cell) in width.iter_mut().zip(row) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+        for row in std::iter::once(&header).chain(&rows) {
+            let [id, pid, identity, exe, dest, up, down] = row;
+            let [w0, w1, w2, w3, w4, w5, w6] = width;
+            writeln!(
+                out,
+                "  {id:>w0$} {pid:>w1$} {identity:<w2$} {exe:<w3$} {dest:<w4$} {up:>w5$} {down:>w6$}"
+            )?;
+        }
+    }
+    let c = &v["counters"];
+    if v["fast_path"].as_bool() == Some(true) {
         writeln!(
             out,
-            "  {:>5} {:>7} {:<12} {:<24} {:<22} {:>10} {:>10}",
-            num(&c["id"]),
-            num(&c["workload"]["pid"]),
-            c["identity"].as_str().unwrap_or("?"),
-            c["workload"]["exe"].as_str().unwrap_or("?"),
-            c["destination"].as_str().unwrap_or("?"),
-            num(&c["bytes_up"]),
-            num(&c["bytes_down"]),
+            "fast path: on (sockets mapped: {}, agent sockets kept on TCP: {})",
+            num(&c["fast_path_inserted"]),
+            num(&c["fast_path_declined"])
         )?;
+    } else {
+        writeln!(out, "fast path: off")?;
     }
     write_audit_status(&mut out, &v["audit"])?;
     Ok(ExitCode::SUCCESS)
