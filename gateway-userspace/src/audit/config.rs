@@ -15,9 +15,10 @@ pub enum Durability {
     #[default]
     Strict,
     /// An append returns after the record is written to the page cache; fsync
-    /// happens at most every `batch_interval_ms`. Loss window: a power cut or
-    /// kernel crash can lose records acknowledged in the last `batch_interval_ms`
-    /// (a crash of the daemon alone loses nothing). A batch holding a checkpoint
+    /// runs every `batch_interval_ms`, in the background (appends do not wait
+    /// for it). Loss window: a power cut or kernel crash can lose records
+    /// acknowledged in the last `batch_interval_ms` plus one fsync (a crash of
+    /// the daemon alone loses nothing). A batch holding a checkpoint
     /// is always fsynced before the checkpoint is exported.
     Batched,
 }

@@ -13,8 +13,10 @@
 //! `pwrite` and (strict, or when due) one `fdatasync`, then answers every
 //! waiter. While one fsync runs, the next group queues up, so throughput grows
 //! with concurrency. In strict mode the writer has its own thread and syncs
-//! inline; in batched mode it is a task on the daemon's runtime and only the
-//! periodic fsync goes to the blocking pool.
+//! inline; in batched mode it is a task on the daemon's runtime and the
+//! periodic fsync runs in the blocking pool while the writer goes on writing:
+//! appends never wait for it. What was written before an fsync began is
+//! durable when it ends; anything written meanwhile waits for the next one.
 //!
 //! Strict mode, one waiter: an append that finds no other append waiting,
 //! nothing queued and the writer idle stages its record when called (so the
@@ -1200,11 +1202,14 @@ impl Writer {
         // Strict: a group fsyncs at once when someone waits for it; detached
         // records alone ride with the next group or the batch interval.
         let waited = acks.iter().any(|(_, reply)| reply.is_some());
+        // Batched: the writer loop's timer starts the periodic fsync in the
+        // background (`start_sync`); a commit does not wait for it.
         let sync = (self.cfg.durability == Durability::Strict && waited)
             || !st.checkpoints.is_empty()
-            || self
-                .unsynced_since
-                .is_some_and(|t| t.elapsed() >= Duration::from_millis(self.cfg.batch_interval_ms));
+            || (self.own_thread
+                && self.unsynced_since.is_some_and(|t| {
+                    t.elapsed() >= Duration::from_millis(self.cfg.batch_interval_ms)
+                }));
         // (A checkpoint always syncs, so a held group never has one.)
         if hold == Hold::Allowed
             && !(waited || sync || self.failure.is_some() || st.buf.len() >= HOLD_MAX_BYTES)
@@ -1408,6 +1413,56 @@ impl Writer {
         }
     }
 
+    /// Batched mode: start the periodic fsync without holding the writer up.
+    /// `None` when nothing is unsynced.
+    fn start_sync(&mut self) -> Option<tokio::task::JoinHandle<SyncDone>> {
+        self.unsynced_since?;
+        let file = Arc::clone(&self.seg.file);
+        let path = self.seg.path.clone();
+        let len = self.seg.len;
+        let started = Instant::now();
+        Some(tokio::task::spawn_blocking(move || {
+            let t = std::time::Instant::now();
+            let result = file
+                .sync_data()
+                .map(|()| t.elapsed())
+                .map_err(io_err(&path, "fdatasync"));
+            SyncDone {
+                file,
+                len,
+                started,
+                result,
+            }
+        }))
+    }
+
+    /// A background fsync ended: what was written before it began is durable.
+    fn finish_sync(&mut self, done: Result<SyncDone, tokio::task::JoinError>) {
+        let done = match done {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(error = %e, "audit: fsync task failed");
+                return;
+            }
+        };
+        match done.result {
+            Ok(took) => {
+                self.stats.synced(took);
+                // Another segment since (rotation synced the old one itself)
+                // keeps its own state.
+                if Arc::ptr_eq(&done.file, &self.seg.file) && self.unsynced_since.is_some() {
+                    self.unsynced_since = if self.seg.len == done.len {
+                        None
+                    } else {
+                        // Written while the fsync ran: due one interval after it began.
+                        Some(done.started)
+                    };
+                }
+            }
+            Err(e) => self.note_failure(&e, 0),
+        }
+    }
+
     /// Whether the next commit starts a new segment.
     fn rotation_due(&self) -> bool {
         if self.seg.len == 0 {
@@ -1604,8 +1659,18 @@ fn encode_error(e: EncodeError) -> AuditError {
     }
 }
 
+/// A background fsync of the segment file that was `len` bytes long when it
+/// began (at `started`).
+struct SyncDone {
+    file: Arc<File>,
+    len: u64,
+    started: Instant,
+    result: Result<Duration, AuditError>,
+}
+
 /// The writer loop: handles queued messages in groups, the fsync and held
-/// timers, and housekeeping, each under the writer's lock.
+/// timers, and housekeeping, each under the writer's lock. In batched mode the
+/// periodic fsync runs in the background (`syncing`), the loop goes on.
 async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Msg>) {
     let mut tick = tokio::time::interval(HOUSEKEEPING);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -1617,6 +1682,8 @@ async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Msg>) {
     // for held records every batch interval too.
     let mut held_check = tokio::time::interval(batch_interval);
     held_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let background_sync = !shared.writer.lock().await.own_thread;
+    let mut syncing: Option<tokio::task::JoinHandle<SyncDone>> = None;
     loop {
         let (fsync_due, held_due) = {
             let w = shared.writer.lock().await;
@@ -1644,8 +1711,29 @@ async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Msg>) {
                     return;
                 }
             }
-            () = sleep_until_opt(held_due) => shared.writer.lock().await.flush_held().await,
-            () = sleep_until_opt(fsync_due) => shared.writer.lock().await.sync_now().await,
+            () = sleep_until_opt(held_due) => {
+                let mut w = shared.writer.lock().await;
+                if background_sync {
+                    // Written now, made durable by the periodic fsync.
+                    w.write_held().await;
+                } else {
+                    w.flush_held().await;
+                }
+            }
+            () = sleep_until_opt(fsync_due), if syncing.is_none() => {
+                let mut w = shared.writer.lock().await;
+                if background_sync {
+                    syncing = w.start_sync();
+                } else {
+                    w.sync_now().await;
+                }
+            }
+            done = async { syncing.as_mut().expect("branch taken only while syncing").await },
+                if syncing.is_some() =>
+            {
+                syncing = None;
+                shared.writer.lock().await.finish_sync(done);
+            }
             _ = held_check.tick(), if shared.inline => {
                 let mut w = shared.writer.lock().await;
                 if w.held.as_ref().is_some_and(|h| h.since.elapsed() >= batch_interval) {
@@ -1699,6 +1787,51 @@ mod tests {
         .expect("the write's append was held up by the read's unpolled one");
         let (read, write) = (read.await.unwrap(), write.unwrap());
         assert_eq!(write.seq, read.seq + 1, "in the order of the calls");
+        log.close().await.unwrap();
+    }
+
+    async fn write_one(w: &mut Writer) {
+        let rec = NewRecord::new(Kind::Statement);
+        w.commit(vec![(rec, None)], Vec::new(), false, Hold::WriteNow)
+            .await
+            .unwrap();
+    }
+
+    /// Batched: a background fsync covers what was written before it began,
+    /// and nothing written while it ran.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_record_written_while_the_periodic_fsync_runs_waits_for_the_next() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cfg = AuditConfig::with_dir(tmp.path().join("audit"));
+        cfg.state_dir = Some(tmp.path().join("state"));
+        cfg.durability = Durability::Batched;
+        // The writer loop's own timer stays out of the way.
+        cfg.batch_interval_ms = 10_000;
+        let log = AuditLog::open(cfg).await.unwrap();
+        log.append(NewRecord::new(Kind::Statement)).await.unwrap();
+        let mut w = log.inner.shared.writer.lock().await;
+        assert!(w.unsynced_since.is_some(), "written, not yet synced");
+        let sync = w.start_sync().expect("something to sync");
+        w.finish_sync(sync.await);
+        assert_eq!(
+            w.unsynced_since, None,
+            "all of it was written before the fsync"
+        );
+        assert!(w.start_sync().is_none(), "nothing left to sync");
+
+        write_one(&mut w).await;
+        let sync = w.start_sync().expect("something to sync");
+        write_one(&mut w).await;
+        w.finish_sync(sync.await);
+        assert!(
+            w.unsynced_since.is_some(),
+            "the second record is not covered"
+        );
+        let sync = w.start_sync().expect("the second record to sync");
+        w.finish_sync(sync.await);
+        assert_eq!(w.unsynced_since, None);
+        assert_eq!(log.stats().fsyncs, 3);
+        drop(w);
         log.close().await.unwrap();
     }
 }
