@@ -601,27 +601,42 @@ async fn strict_concurrent_appends_land_once_each_in_order() {
     // Segments rotate many times, some when an append commits its own record.
     cfg.segment_max_bytes = 4096;
     let log = AuditLog::open(cfg).await.unwrap();
-    let mut tasks = Vec::new();
-    for task in 0..TASKS {
-        let log = log.clone();
-        tasks.push(tokio::spawn(async move {
-            for j in 0..EACH {
-                let rec = statement(task * 1000 + j);
-                if j % 3 == 2 {
-                    log.append_detached(rec).unwrap();
-                } else {
-                    log.append(rec).await.unwrap();
-                }
-            }
-        }));
-    }
-    for task in tasks {
-        task.await.unwrap();
-    }
+    append_from_tasks(&log, TASKS, EACH, 3, None).await;
     log.close().await.unwrap();
     let segments = segment_count(&t.dir);
     assert!(segments > 3, "rotated: {segments} segments");
     assert_each_task_in_order(&t.dir, TASKS, EACH);
+}
+
+/// `tasks` tasks append `each` records apiece, every `detached_every`-th
+/// detached and the rest awaited, pausing 2 ms every `pause_every` records.
+async fn append_from_tasks(
+    log: &AuditLog,
+    tasks: u64,
+    each: u64,
+    detached_every: u64,
+    pause_every: Option<u64>,
+) {
+    let mut handles = Vec::new();
+    for task in 0..tasks {
+        let log = log.clone();
+        handles.push(tokio::spawn(async move {
+            for j in 0..each {
+                let rec = statement(task * 1000 + j);
+                if j % detached_every == detached_every - 1 {
+                    log.append_detached(rec).unwrap();
+                } else {
+                    log.append(rec).await.unwrap();
+                }
+                if pause_every.is_some_and(|n| j % n == 0) {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
 }
 
 /// Batched durability with the periodic fsync running in the background
@@ -639,27 +654,8 @@ async fn batched_appends_go_on_while_the_periodic_fsync_runs() {
     cfg.checkpoint_every_records = 200;
     cfg.segment_max_bytes = 16 * 1024;
     let log = AuditLog::open(cfg).await.unwrap();
-    let mut tasks = Vec::new();
-    for task in 0..TASKS {
-        let log = log.clone();
-        tasks.push(tokio::spawn(async move {
-            for j in 0..EACH {
-                let rec = statement(task * 1000 + j);
-                if j % 2 == 1 {
-                    log.append_detached(rec).unwrap();
-                } else {
-                    log.append(rec).await.unwrap();
-                }
-                if j % 50 == 0 {
-                    // Let the fsync timer fire between appends too.
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-            }
-        }));
-    }
-    for task in tasks {
-        task.await.unwrap();
-    }
+    // Pauses let the fsync timer fire between appends too.
+    append_from_tasks(&log, TASKS, EACH, 2, Some(50)).await;
     let s = log.stats();
     assert!(s.fsyncs >= 10, "periodic fsyncs ran: {s:?}");
     log.close().await.unwrap();
