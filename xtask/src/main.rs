@@ -242,7 +242,7 @@ fn build_ebpf(root: &Path) -> Result<()> {
 }
 
 /// The local default: state under .state/, policies from policies/local, the
-/// product's defaults otherwise (fail-closed, fast path off).
+/// product's defaults otherwise (fail-closed, fast path on).
 fn local_config(root: &Path) -> Result<PathBuf> {
     let state = root.join(".state");
     fs::create_dir_all(&state)?;
