@@ -759,6 +759,89 @@ fn binary_jsonb_is_masked_after_its_version_byte() {
     assert!(report.detectors.contains("pan"));
 }
 
+/// A masker whose rules write a fixed text (a redaction): it says so, and is
+/// never asked to mask a value under a rule.
+struct Fixed;
+impl RowMasker for Fixed {
+    type Strategy = u8;
+    fn column_strategy(&self, table: Option<&str>, column: &str) -> Option<u8> {
+        M.column_strategy(table, column)
+    }
+    fn has_detectors(&self) -> bool {
+        true
+    }
+    fn fixed_text(&self, _strategy: u8) -> Option<&'static str> {
+        Some("####")
+    }
+    fn mask_text(&self, value: &str, strategy: Option<u8>, out: &mut String) -> MaskResult {
+        assert!(
+            strategy.is_none(),
+            "a rule with a fixed text reached mask_text"
+        );
+        M.mask_text(value, strategy, out)
+    }
+}
+
+fn masked_by<R: RowMasker>(
+    masker: &R,
+    desc: &RowDescription,
+    row: &DataRow,
+) -> Result<(Option<DataRow>, MaskReport), MaskError> {
+    let plan = RowPlan::new(desc, masker, tables, Unmaskable::Null)?;
+    let mut report = MaskReport::default();
+    let r = plan.mask_row(masker, row, &mut Scratch::default(), &mut report)?;
+    Ok((r, report))
+}
+
+#[test]
+fn a_fixed_replacement_is_written_as_the_masker_would_write_it() {
+    // `M` writes "####" for every rule through mask_text; `Fixed` declares
+    // it: the same row (lengths, jsonb's version byte), the same report.
+    let desc = RowDescription {
+        fields: vec![
+            field("secret", 16384, oid::TEXT, 0),
+            field("secret_doc", 16384, oid::JSONB, 1),
+            field("x", 16384, oid::TEXT, 0),
+            field("secret_null", 16384, oid::TEXT, 0),
+        ],
+    };
+    let row = DataRow::from_fields([
+        Some(&b"a much longer secret value"[..]),
+        Some(&b"\x01{\"a\": 1}"[..]),
+        Some(&b"card 4111111111111111"[..]),
+        None,
+    ]);
+    let (fixed, fixed_report) = masked_by(&Fixed, &desc, &row).unwrap();
+    let (asked, asked_report) = masked_by(&M, &desc, &row).unwrap();
+    let fixed = over_the_wire(fixed.unwrap());
+    assert_eq!(fixed, over_the_wire(asked.unwrap()));
+    assert_eq!(fixed_report, asked_report);
+    assert_eq!(
+        fixed.fields().collect::<Vec<_>>(),
+        vec![
+            Some(&b"####"[..]),
+            Some(&b"\x01####"[..]),
+            Some(&b"card [pan]"[..]),
+            None
+        ]
+    );
+    assert_eq!(fixed_report.values_masked, 3);
+    // Still refused: text that is not UTF-8, a jsonb value of an unknown version.
+    for bad in [[Some(&b"\xff\xfe"[..]), None], [None, Some(&b"\x02{}"[..])]] {
+        let desc = RowDescription {
+            fields: vec![
+                field("secret", 16384, oid::TEXT, 0),
+                field("secret_doc", 16384, oid::JSONB, 1),
+            ],
+        };
+        let row = DataRow::from_fields(bad);
+        assert!(matches!(
+            masked_by(&Fixed, &desc, &row),
+            Err(MaskError::Refused { .. })
+        ));
+    }
+}
+
 #[test]
 fn masking_fails_closed() {
     // Unresolvable table OID.

@@ -71,6 +71,9 @@ pub fn apply(
     out
 }
 
+/// What [`Strategy::Redact`] writes in place of a whole value.
+pub const REDACTED: &str = "[REDACTED]";
+
 /// [`apply`], appending to `out` (no allocation of its own: the row masker
 /// calls this for every masked value).
 pub fn apply_into(
@@ -89,7 +92,7 @@ pub fn apply_into(
                 out.push_str(l);
                 out.push(']');
             }
-            None => out.push_str("[REDACTED]"),
+            None => out.push_str(REDACTED),
         },
     }
 }

@@ -71,6 +71,12 @@ pub trait RowMasker {
     /// not looked at).
     fn has_detectors(&self) -> bool;
 
+    /// The text `strategy` puts in place of any value, if it does not depend
+    /// on the value (a redaction): such columns skip [`Self::mask_text`].
+    fn fixed_text(&self, _strategy: Self::Strategy) -> Option<&'static str> {
+        None
+    }
+
     /// Mask `value`: with `strategy` for a rule column, and/or by detectors. On
     /// [`MaskResult::Masked`] the replacement is in `out` (cleared by the caller).
     fn mask_text(
@@ -174,6 +180,8 @@ enum Kind {
 struct Col<S> {
     name: String,
     strategy: Option<S>,
+    /// What `strategy` writes whatever the value ([`RowMasker::fixed_text`]).
+    fixed: Option<&'static str>,
     kind: Kind,
     detect: bool,
 }
@@ -196,6 +204,11 @@ enum Outcome {
     Keep,
     /// New value in `scratch.out`; `jsonb`: after jsonb's version byte.
     Replace {
+        jsonb: bool,
+    },
+    /// New value `text`, the same for every value of the column.
+    Fixed {
+        text: &'static str,
         jsonb: bool,
     },
     Null,
@@ -253,6 +266,7 @@ impl<S: Copy> RowPlan<S> {
             cols.push(Col {
                 name,
                 strategy,
+                fixed: strategy.and_then(|s| masker.fixed_text(s)),
                 kind,
                 detect,
             });
@@ -347,25 +361,26 @@ impl<S: Copy> RowPlan<S> {
                 },
                 _ => Outcome::Keep,
             };
-            let jsonb = match outcome {
+            let new = match outcome {
                 Outcome::Keep => continue,
                 Outcome::Null => None,
-                Outcome::Replace { jsonb } => Some(jsonb),
+                Outcome::Replace { jsonb } => Some((scratch.out.as_str(), jsonb)),
+                Outcome::Fixed { text, jsonb } => Some((text, jsonb)),
             };
             out.put_slice(&body[copied..field_start]);
             copied = pos;
             changed = true;
-            match jsonb {
+            match new {
                 None => out.put_i32(-1),
-                Some(jsonb) => {
-                    let len = scratch.out.len() + usize::from(jsonb);
+                Some((text, jsonb)) => {
+                    let len = text.len() + usize::from(jsonb);
                     // A masked value is short (a hash, stars, a label) next to
                     // the message limit; the row's total is checked below.
                     out.put_i32(i32::try_from(len).unwrap_or(i32::MAX));
                     if jsonb {
                         out.put_u8(1);
                     }
-                    out.put_slice(scratch.out.as_bytes());
+                    out.put_slice(text.as_bytes());
                 }
             }
         }
@@ -407,15 +422,18 @@ impl<S: Copy> RowPlan<S> {
                     value
                 };
                 let text = std::str::from_utf8(text).map_err(|_| refused("not UTF-8"))?;
+                let jsonb = col.kind == Kind::Jsonb;
+                if let Some(fixed) = col.fixed {
+                    report.note(&col.name, &[], false);
+                    return Ok(Outcome::Fixed { text: fixed, jsonb });
+                }
                 scratch.out.clear();
                 match masker.mask_text(text, col.strategy, &mut scratch.out) {
                     MaskResult::Unchanged => Ok(Outcome::Keep),
                     MaskResult::Refuse => Err(refused("refused by masker")),
                     MaskResult::Masked { detectors } => {
                         report.note(&col.name, &detectors, false);
-                        Ok(Outcome::Replace {
-                            jsonb: col.kind == Kind::Jsonb,
-                        })
+                        Ok(Outcome::Replace { jsonb })
                     }
                 }
             }
@@ -602,6 +620,8 @@ impl<S: Copy> CopyPlan<S> {
             .map(|(t, c)| Col {
                 name: (*c).to_owned(),
                 strategy: masker.column_strategy(*t, c),
+                // COPY rows go through `mask_text` for every rule.
+                fixed: None,
                 kind: Kind::Text,
                 detect,
             })
@@ -674,6 +694,7 @@ impl<S: Copy> CopyPlan<S> {
         let detect_col = Col {
             name: String::from("?column?"),
             strategy: None,
+            fixed: None,
             kind: Kind::Text,
             detect: true,
         };

@@ -766,6 +766,10 @@ impl RowMasker for Masker<'_> {
         self.0.detectors_enabled()
     }
 
+    fn fixed_text(&self, strategy: Strategy) -> Option<&'static str> {
+        self.0.fixed_replacement(strategy)
+    }
+
     fn mask_text(&self, value: &str, strategy: Option<Strategy>, out: &mut String) -> MaskResult {
         match self.0.mask_value_into(value, strategy, out) {
             Some(detectors) => MaskResult::Masked { detectors },
