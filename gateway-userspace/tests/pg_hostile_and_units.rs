@@ -589,9 +589,18 @@ fn masked(
     row: &DataRow,
     how: Unmaskable,
 ) -> Result<(Option<DataRow>, MaskReport), MaskError> {
-    let plan = RowPlan::new(desc, &M, tables, how)?;
+    masked_by(&M, desc, row, how)
+}
+
+fn masked_by<R: RowMasker>(
+    masker: &R,
+    desc: &RowDescription,
+    row: &DataRow,
+    how: Unmaskable,
+) -> Result<(Option<DataRow>, MaskReport), MaskError> {
+    let plan = RowPlan::new(desc, masker, tables, how)?;
     let mut report = MaskReport::default();
-    let r = plan.mask_row(&M, row, &mut Scratch::default(), &mut report)?;
+    let r = plan.mask_row(masker, row, &mut Scratch::default(), &mut report)?;
     Ok((r, report))
 }
 
@@ -782,17 +791,6 @@ impl RowMasker for Fixed {
     }
 }
 
-fn masked_by<R: RowMasker>(
-    masker: &R,
-    desc: &RowDescription,
-    row: &DataRow,
-) -> Result<(Option<DataRow>, MaskReport), MaskError> {
-    let plan = RowPlan::new(desc, masker, tables, Unmaskable::Null)?;
-    let mut report = MaskReport::default();
-    let r = plan.mask_row(masker, row, &mut Scratch::default(), &mut report)?;
-    Ok((r, report))
-}
-
 #[test]
 fn a_fixed_replacement_is_written_as_the_masker_would_write_it() {
     // `M` writes "####" for every rule through mask_text; `Fixed` declares
@@ -811,8 +809,8 @@ fn a_fixed_replacement_is_written_as_the_masker_would_write_it() {
         Some(&b"card 4111111111111111"[..]),
         None,
     ]);
-    let (fixed, fixed_report) = masked_by(&Fixed, &desc, &row).unwrap();
-    let (asked, asked_report) = masked_by(&M, &desc, &row).unwrap();
+    let (fixed, fixed_report) = masked_by(&Fixed, &desc, &row, Unmaskable::Null).unwrap();
+    let (asked, asked_report) = masked_by(&M, &desc, &row, Unmaskable::Null).unwrap();
     let fixed = over_the_wire(fixed.unwrap());
     assert_eq!(fixed, over_the_wire(asked.unwrap()));
     assert_eq!(fixed_report, asked_report);
@@ -836,7 +834,7 @@ fn a_fixed_replacement_is_written_as_the_masker_would_write_it() {
         };
         let row = DataRow::from_fields(bad);
         assert!(matches!(
-            masked_by(&Fixed, &desc, &row),
+            masked_by(&Fixed, &desc, &row, Unmaskable::Null),
             Err(MaskError::Refused { .. })
         ));
     }
