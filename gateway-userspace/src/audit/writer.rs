@@ -1389,32 +1389,16 @@ impl Writer {
         }
     }
 
-    /// Batched mode: fsync what was written.
+    /// Fsync what was written, and wait for it.
     async fn sync_now(&mut self) {
-        if self.unsynced_since.is_none() {
-            return;
-        }
-        let file = Arc::clone(&self.seg.file);
-        let path = self.seg.path.clone();
-        let r = tokio::task::spawn_blocking(move || {
-            let t = std::time::Instant::now();
-            file.sync_data()
-                .map(|()| t.elapsed())
-                .map_err(io_err(&path, "fdatasync"))
-        })
-        .await;
-        match r {
-            Ok(Ok(took)) => {
-                self.stats.synced(took);
-                self.unsynced_since = None;
-            }
-            Ok(Err(e)) => self.note_failure(&e, 0),
-            Err(e) => tracing::error!(error = %e, "audit: fsync task failed"),
+        // Nothing is written while it runs (`&mut self`): all of it is covered.
+        if let Some(sync) = self.start_sync() {
+            self.finish_sync(sync.await);
         }
     }
 
-    /// Batched mode: start the periodic fsync without holding the writer up.
-    /// `None` when nothing is unsynced.
+    /// Start an fsync of what was written; batched mode's periodic fsync runs
+    /// so without holding the writer up. `None` when nothing is unsynced.
     fn start_sync(&mut self) -> Option<tokio::task::JoinHandle<SyncDone>> {
         self.unsynced_since?;
         let file = Arc::clone(&self.seg.file);
@@ -1436,7 +1420,7 @@ impl Writer {
         }))
     }
 
-    /// A background fsync ended: what was written before it began is durable.
+    /// An fsync ended: what was written before it began is durable.
     fn finish_sync(&mut self, done: Result<SyncDone, tokio::task::JoinError>) {
         let done = match done {
             Ok(d) => d,
@@ -1674,15 +1658,17 @@ struct SyncDone {
 async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Msg>) {
     let mut tick = tokio::time::interval(HOUSEKEEPING);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let batch_interval = {
+    let (batch_interval, background_sync) = {
         let w = shared.writer.lock().await;
-        Duration::from_millis(w.cfg.batch_interval_ms)
+        (
+            Duration::from_millis(w.cfg.batch_interval_ms),
+            !w.own_thread,
+        )
     };
     // Appends that stage their own records do not wake this loop: it looks
     // for held records every batch interval too.
     let mut held_check = tokio::time::interval(batch_interval);
     held_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let background_sync = !shared.writer.lock().await.own_thread;
     let mut syncing: Option<tokio::task::JoinHandle<SyncDone>> = None;
     loop {
         let (fsync_due, held_due) = {
