@@ -13,4 +13,4 @@ mod strategy;
 
 pub use detectors::{Detection, Detector, DetectorSet, scan, scan_with};
 pub use rules::{ColumnRule, MaskOutcome, MaskPolicy};
-pub use strategy::{MaskKey, REDACTED, Strategy, apply, apply_into};
+pub use strategy::{MaskKey, Strategy, apply, apply_into, fixed_text};

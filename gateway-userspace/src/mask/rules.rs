@@ -2,7 +2,7 @@
 
 use std::{borrow::Cow, sync::Arc};
 
-use super::{DetectorSet, MaskKey, REDACTED, Strategy, apply_into, scan_with};
+use super::{DetectorSet, MaskKey, Strategy, apply_into, fixed_text, scan_with};
 use crate::policy::glob::Glob;
 
 /// One column rule: `table.column` (either part may be a glob) or a bare column glob.
@@ -127,10 +127,7 @@ impl MaskPolicy {
     /// The text a column `strategy` writes whatever the value, if it is fixed:
     /// a redaction, or a keyed hash without a key (redacted instead).
     pub fn fixed_replacement(&self, strategy: Strategy) -> Option<&'static str> {
-        match (strategy, &self.key) {
-            (Strategy::Redact, _) | (Strategy::KeyedHash, None) => Some(REDACTED),
-            (Strategy::KeyedHash, Some(_)) | (Strategy::KeepLast4, _) => None,
-        }
+        fixed_text(strategy, self.key.as_deref())
     }
 
     /// Mask one value: the column strategy if there is one (the whole value),

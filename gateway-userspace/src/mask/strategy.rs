@@ -74,6 +74,15 @@ pub fn apply(
 /// What [`Strategy::Redact`] writes in place of a whole value.
 pub const REDACTED: &str = "[REDACTED]";
 
+/// What [`apply_into`] writes for `strategy` without a detector label,
+/// whatever the value, when that does not depend on the value.
+pub fn fixed_text(strategy: Strategy, key: Option<&MaskKey>) -> Option<&'static str> {
+    match (strategy, key) {
+        (Strategy::KeepLast4, _) | (Strategy::KeyedHash, Some(_)) => None,
+        (Strategy::Redact | Strategy::KeyedHash, _) => Some(REDACTED),
+    }
+}
+
 /// [`apply`], appending to `out` (no allocation of its own: the row masker
 /// calls this for every masked value).
 pub fn apply_into(
@@ -233,5 +242,23 @@ mod tests {
             "[REDACTED:email]"
         );
         assert_eq!(format!("{k1:?}"), "MaskKey(..)");
+    }
+
+    #[test]
+    fn fixed_text_is_what_apply_writes_whenever_the_value_does_not_matter() {
+        let key = MaskKey::new([7; 32]);
+        for strategy in [Strategy::Redact, Strategy::KeepLast4, Strategy::KeyedHash] {
+            for key in [None, Some(&key)] {
+                let a = apply(strategy, "123-45-6789", key, None);
+                let b = apply(strategy, "jane@example.com", key, None);
+                let fixed = (a == b).then_some(a);
+                assert_eq!(
+                    fixed_text(strategy, key).map(str::to_owned),
+                    fixed,
+                    "{strategy:?}, key: {}",
+                    key.is_some()
+                );
+            }
+        }
     }
 }
