@@ -69,7 +69,7 @@ impl PgServer {
         )?;
         let tls = if tls { Some(make_ca(&dir)?) } else { None };
         let mut conf = String::from(
-            "listen_addresses = '127.0.0.1,::1'\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 200\n",
+            "listen_addresses = '127.0.0.1,127.0.0.2,::1'\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 200\n",
         );
         if let Some(ca) = &tls {
             use std::fmt::Write as _;

@@ -2,7 +2,8 @@
 //! directly and against pgbouncer (session mode).
 //!
 //! One run, interleaved: every round runs every path (Postgres directly,
-//! agentgate with batched and with strict audit durability, pgbouncer) ×
+//! agentgate with batched and with strict audit durability, agentgate relaying
+//! the same server as a plain TCP resource, pgbouncer) ×
 //! workload (pgbench select-only and TPC-B-like, simple and prepared protocol)
 //! × 1 and 8 clients, so the drift of a shared machine spreads over all of them;
 //! each figure is the median over rounds. Odd rounds run the paths in reverse
@@ -12,7 +13,10 @@
 //! same daemon on an unmasked resource vs direct).
 //!
 //! agentgate runs with its eBPF redirect (pgbench is started with `agentgate
-//! exec`, tagged), audit on, the sockmap fast path off (its default). Latency
+//! exec`, tagged), audit on, the sockmap fast path on (its default). The TCP
+//! passthrough path is the same daemon and redirect without the Postgres
+//! handler: the difference to it is what decoding, deciding and auditing each
+//! statement costs. Latency
 //! percentiles come from pgbench's per-transaction logs; proxy CPU from the
 //! proxy process's utime+stime in `/proc/PID/stat` around each run; RSS from
 //! `/proc/PID/status` after each run.
@@ -53,7 +57,8 @@ const MASK_ROWS: usize = 100;
 /// The bench's policy: `demo` may do everything on Postgres; the resource at
 /// 127.0.0.1 masks five `customers` columns and runs every detector, the same
 /// server at `[::1]` is a second resource without masking (the end-to-end
-/// masking cost is the difference).
+/// masking cost is the difference), and the same server at 127.0.0.2 is a
+/// plain TCP resource (relayed without the Postgres handler).
 fn policy() -> String {
     format!(
         r#"
@@ -72,10 +77,16 @@ protocol = "postgres"
 addresses = ["[::1]:{PG_PORT}"]
 default_action = "deny"
 
+[[resource]]
+name = "bench-tcp"
+protocol = "tcp"
+addresses = ["127.0.0.2:{PG_PORT}"]
+default_action = "deny"
+
 [[rule]]
 name = "demo-everything"
 identities = ["demo"]
-resources = ["bench-pg", "bench-pg-unmasked"]
+resources = ["bench-pg", "bench-pg-unmasked", "bench-tcp"]
 action = "allow"
 
 [masking]
@@ -104,10 +115,19 @@ enum Via {
     Pgbouncer,
     /// agentgate (batched) on the resource without masking; masked SELECT only.
     BatchedUnmasked,
+    /// agentgate relaying the server as a `tcp` resource: redirect, connection
+    /// records, no Postgres handler.
+    Passthrough,
 }
 
 impl Via {
-    const MATRIX: [Via; 4] = [Self::Direct, Self::Batched, Self::Strict, Self::Pgbouncer];
+    const MATRIX: [Via; 5] = [
+        Self::Direct,
+        Self::Batched,
+        Self::Strict,
+        Self::Passthrough,
+        Self::Pgbouncer,
+    ];
 
     fn label(self) -> &'static str {
         match self {
@@ -116,24 +136,34 @@ impl Via {
             Self::Strict => "agentgate, strict",
             Self::Pgbouncer => "pgbouncer (session)",
             Self::BatchedUnmasked => "agentgate, batched, unmasked resource",
+            Self::Passthrough => "agentgate, TCP passthrough (no L7)",
         }
     }
 
     fn tagged(self) -> bool {
-        matches!(self, Self::Batched | Self::Strict | Self::BatchedUnmasked)
+        matches!(
+            self,
+            Self::Batched | Self::Strict | Self::BatchedUnmasked | Self::Passthrough
+        )
+    }
+
+    /// Through the Postgres handler (statement records).
+    fn l7(self) -> bool {
+        self.tagged() && self != Self::Passthrough
     }
 
     fn host_port(self) -> (&'static str, u16) {
         match self {
             Self::Pgbouncer => ("127.0.0.1", BOUNCER_PORT),
             Self::BatchedUnmasked => ("::1", PG_PORT),
+            Self::Passthrough => ("127.0.0.2", PG_PORT),
             _ => ("127.0.0.1", PG_PORT),
         }
     }
 
     fn durability(self) -> Option<&'static str> {
         match self {
-            Self::Batched | Self::BatchedUnmasked => Some("batched"),
+            Self::Batched | Self::BatchedUnmasked | Self::Passthrough => Some("batched"),
             Self::Strict => Some("strict"),
             _ => None,
         }
@@ -442,7 +472,13 @@ fn case_groups() -> Vec<Vec<Case>> {
     for workload in Workload::MATRIX {
         for clients in [1, 8] {
             v.push(
-                [Via::Direct, Via::Batched, Via::Pgbouncer, Via::Strict]
+                [
+                    Via::Direct,
+                    Via::Batched,
+                    Via::Passthrough,
+                    Via::Pgbouncer,
+                    Via::Strict,
+                ]
                     .into_iter()
                     .map(|path| Case {
                         workload,
@@ -999,13 +1035,15 @@ impl Report<'_> {
         let _ = writeln!(
             s,
             "## PostgreSQL: agentgate vs direct and pgbouncer\n\n\
-             `cargo xtask bench pg{}`: {} round(s) × {} s per run; in each round the four paths of one \
+             `cargo xtask bench pg{}`: {} round(s) × {} s per run; in each round the five paths of one \
              workload and client count run back to back (alternately forwards and backwards). Figures are \
              medians over rounds; ratios are medians of the ratios within each round. \
              {} CPUs, {}, load average {} before and {} after (a shared machine). \
              PostgreSQL 15 (fsync off, so the database itself never waits for the disk), pgbench scale {SCALE}, \
              one pgbench thread. pgbouncer {} in session mode. agentgate: eBPF redirect, audit on, policy \
-             with 5 column rules and all detectors, sockmap fast path off; Postgres {} (masking {} on the wire). \
+             with 5 column rules and all detectors, sockmap fast path on; Postgres {} (masking {} on the wire). \
+             The TCP passthrough path is the same daemon relaying the same server as a `tcp` resource \
+             (redirect and connection records, no Postgres handler). \
              Audit-disk fsync (4 KiB append + fdatasync): median {:.3} ms, p90 {:.3} ms. Took {:.0} s.\n",
             if o.quick { " --quick" } else { "" },
             o.rounds,
@@ -1036,13 +1074,13 @@ impl Report<'_> {
         let tagged: u64 = self
             .results
             .iter()
-            .filter(|(c, _)| c.path.tagged())
+            .filter(|(c, _)| c.path.l7())
             .flat_map(|(_, v)| v.iter().map(|(_, x)| x.txns))
             .sum();
         let _ = writeln!(
             s,
             "\nAudit written: {:.2} GiB for {tagged} transactions through agentgate, {:.0} bytes per \
-             transaction (statement and result records, connection records). Each daemon start gets a \
+             transaction through the Postgres handler (statement and result records, connection records). Each daemon start gets a \
              fresh log, to bound the disk space a run takes.",
             self.audit_bytes as f64 / f64::from(1u32 << 30),
             self.audit_bytes as f64 / tagged.max(1) as f64,
@@ -1092,6 +1130,55 @@ impl Report<'_> {
                         },
                     );
                 }
+            }
+        }
+    }
+
+    /// Batched against the TCP passthrough of the same daemon: what the
+    /// Postgres handler (decode, decide, audit each statement) costs, and the
+    /// transport alone against direct and pgbouncer.
+    fn handler_table(&self, s: &mut String) {
+        let _ = writeln!(
+            s,
+            "\n### The transport alone, and what the Postgres handler adds\n\n\
+             TCP passthrough: the same daemon, redirect and fast path, relaying the same server as a `tcp` \
+             resource (connection records only). Ratios are medians of the ratios within each round.\n\n\
+             | workload | clients | passthrough × direct | passthrough × pgbouncer | batched × passthrough | \
+             handler CPU µs / tx (batched − passthrough) | handler p50 µs (batched − passthrough) |\n\
+             |---|---:|---:|---:|---:|---:|---:|"
+        );
+        let cell = |r: Option<f64>, unit: &str, digits: usize| {
+            r.map_or("–".into(), |r| format!("{r:.digits$}{unit}"))
+        };
+        for workload in Workload::MATRIX {
+            for clients in [1, 8] {
+                let c = |path| case(workload, clients, path);
+                let pass_tps = |a: &Sample, b: &Sample| a.tps / b.tps;
+                let _ = writeln!(
+                    s,
+                    "| {} | {clients} | {} | {} | {} | {} | {} |",
+                    workload.label(),
+                    cell(self.paired(c(Via::Passthrough), c(Via::Direct), pass_tps), "", 2),
+                    cell(self.paired(c(Via::Passthrough), c(Via::Pgbouncer), pass_tps), "", 2),
+                    cell(self.paired(c(Via::Batched), c(Via::Passthrough), pass_tps), "", 2),
+                    cell(
+                        self.paired(c(Via::Batched), c(Via::Passthrough), |b, p| {
+                            match (b.cpu_ms_per_1k, p.cpu_ms_per_1k) {
+                                (Some(b), Some(p)) => b - p,
+                                _ => f64::NAN,
+                            }
+                        }),
+                        "",
+                        1
+                    ),
+                    cell(
+                        self.paired(c(Via::Batched), c(Via::Passthrough), |b, p| {
+                            (b.p50_ms - p.p50_ms) * 1e3
+                        }),
+                        "",
+                        0
+                    ),
+                );
             }
         }
     }
@@ -1271,6 +1358,7 @@ impl Report<'_> {
         self.header(&mut s);
         self.main_table(&mut s);
         self.audit_volume(&mut s);
+        self.handler_table(&mut s);
         let e2e = self.masking_table(&mut s);
         self.targets(&mut s, e2e);
         if !self.failures.is_empty() {
