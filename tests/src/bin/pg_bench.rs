@@ -479,13 +479,13 @@ fn case_groups() -> Vec<Vec<Case>> {
                     Via::Pgbouncer,
                     Via::Strict,
                 ]
-                    .into_iter()
-                    .map(|path| Case {
-                        workload,
-                        clients,
-                        path,
-                    })
-                    .collect(),
+                .into_iter()
+                .map(|path| Case {
+                    workload,
+                    clients,
+                    path,
+                })
+                .collect(),
             );
         }
     }
@@ -1158,9 +1158,21 @@ impl Report<'_> {
                     s,
                     "| {} | {clients} | {} | {} | {} | {} | {} |",
                     workload.label(),
-                    cell(self.paired(c(Via::Passthrough), c(Via::Direct), pass_tps), "", 2),
-                    cell(self.paired(c(Via::Passthrough), c(Via::Pgbouncer), pass_tps), "", 2),
-                    cell(self.paired(c(Via::Batched), c(Via::Passthrough), pass_tps), "", 2),
+                    cell(
+                        self.paired(c(Via::Passthrough), c(Via::Direct), pass_tps),
+                        "",
+                        2
+                    ),
+                    cell(
+                        self.paired(c(Via::Passthrough), c(Via::Pgbouncer), pass_tps),
+                        "",
+                        2
+                    ),
+                    cell(
+                        self.paired(c(Via::Batched), c(Via::Passthrough), pass_tps),
+                        "",
+                        2
+                    ),
                     cell(
                         self.paired(c(Via::Batched), c(Via::Passthrough), |b, p| {
                             match (b.cpu_ms_per_1k, p.cpu_ms_per_1k) {
