@@ -559,6 +559,52 @@ fn protected_columns_never_reach_the_client_raw() {
         "column strategies as configured"
     );
 
+    // A cursor's rows come in FETCH results: masked like any other.
+    let out = psql(
+        &env,
+        &url,
+        &[
+            "-At",
+            "-c",
+            "BEGIN",
+            "-c",
+            "DECLARE c CURSOR FOR SELECT ssn, card, email FROM customers ORDER BY id",
+            "-c",
+            "FETCH 2 FROM c",
+            "-c",
+            "MOVE 1 IN c",
+            "-c",
+            "FETCH ALL FROM c",
+            "-c",
+            "COMMIT",
+        ],
+    );
+    let so = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_no_raw(&raw, &so, "DECLARE/FETCH");
+    assert!(
+        so.contains("***-**-1002|************1111|[REDACTED]"),
+        "{so}"
+    );
+    assert!(!so.contains("***-**-1003"), "MOVE skipped row 3: {so}");
+    assert_eq!(so.matches("***-**-").count(), 9, "{so}");
+    // The cursor's query is decided at DECLARE, like the SELECT itself.
+    let out = psql(
+        &env,
+        &url,
+        &[
+            "-At",
+            "-c",
+            "DECLARE h CURSOR WITH HOLD FOR SELECT encode(ssn::bytea, 'hex') FROM customers",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("no-computed-pii"),
+        "{}",
+        text(&out.stderr)
+    );
+
     // Re-encoding defeats detectors: the policy denies it instead.
     let out = psql(
         &env,
@@ -602,6 +648,12 @@ for binary in (False, True):
     rows += [[str(v) for v in r] for r in cur.fetchall()]
     cur.execute("SELECT row_to_json(c)::text, upper(email) FROM customers c WHERE id > %s", (0,))
     rows += [[str(v) for v in r] for r in cur.fetchall()]
+    # A server-side cursor: DECLARE through the extended protocol, rows by FETCH.
+    with c.transaction():
+        cur = c.cursor(name="sc%d" % binary, binary=binary)
+        cur.execute("SELECT id, ssn, email, card, name FROM customers WHERE id > %s ORDER BY id", (0,))
+        rows += [[str(v) for v in r] for r in cur.fetchmany(3)]
+        rows += [[str(v) for v in r] for r in cur.fetchall()]
 print(json.dumps(rows))
 "#,
         &[&url],
@@ -609,7 +661,7 @@ print(json.dumps(rows))
     assert!(out.status.success(), "{}", text(&out.stderr));
     let so = text(&out.stdout);
     let rows: Vec<Vec<String>> = serde_json::from_str(so.lines().last().unwrap()).unwrap();
-    assert_eq!(rows.len(), 40);
+    assert_eq!(rows.len(), 60);
     assert_no_raw(&raw, &so, "psycopg");
     assert!(so.contains("***-**-1001"), "{so}");
 

@@ -34,6 +34,8 @@ use sqlparser::ast::{
     Set, SetExpr, Statement, TableFactor, Visit, Visitor,
 };
 
+use sqlparser::tokenizer::{Token, Tokenizer};
+
 use super::Dialect;
 
 /// Longest SQL text handed to the parser. Longer text is `Unknown` without parsing:
@@ -181,16 +183,18 @@ pub fn classify(sql: &str, dialect: Dialect) -> Classification {
         .with_recursion_limit(PARSER_RECURSION_LIMIT)
         .try_with_sql(sql)
         .and_then(|mut p| p.parse_statements());
-    let statements = match parsed {
-        Ok(s) => s,
-        Err(e) => {
-            return Classification::unparsed(format!(
-                "does not parse: {}",
-                literal_free_error(&e.to_string())
-            ));
-        }
+    let infos: Vec<StatementInfo> = match parsed {
+        Ok(statements) => statements.iter().map(classify_statement).collect(),
+        Err(e) => match with_cursor_moves(sql, dialect) {
+            Some(infos) => infos,
+            None => {
+                return Classification::unparsed(format!(
+                    "does not parse: {}",
+                    literal_free_error(&e.to_string())
+                ));
+            }
+        },
     };
-    let infos: Vec<StatementInfo> = statements.iter().map(classify_statement).collect();
     let mut out = Classification {
         class: infos
             .iter()
@@ -213,6 +217,94 @@ pub fn classify(sql: &str, dialect: Dialect) -> Classification {
     }
     out.statements = infos;
     out
+}
+
+/// The statements of a Postgres text the parser refused because some of them
+/// are cursor moves it does not know (`MOVE`; `FETCH` without a direction or
+/// with a signed count): each such move is a read of no table (the query was
+/// decided at its `DECLARE`), like the `FETCH` forms the parser knows. The
+/// other statements must parse on their own. `None` when no statement is such
+/// a move, or another does not parse: the text stays `Unknown`.
+fn with_cursor_moves(sql: &str, dialect: Dialect) -> Option<Vec<StatementInfo>> {
+    if dialect != Dialect::Postgres {
+        return None;
+    }
+    let tokens = Tokenizer::new(dialect.parser_dialect(), sql)
+        .tokenize()
+        .ok()?;
+    let mut infos = Vec::new();
+    let mut moves = 0;
+    // The tokenizer keeps quoted `;` inside its literal: a `SemiColon`
+    // token ends a statement.
+    for segment in tokens.split(|t| *t == Token::SemiColon) {
+        let words: Vec<&Token> = segment
+            .iter()
+            .filter(|t| !matches!(t, Token::Whitespace(_)))
+            .collect();
+        if words.is_empty() {
+            continue;
+        }
+        if is_cursor_move(&words) {
+            moves += 1;
+            infos.push(StatementInfo {
+                class: StatementClass::Read,
+                tables: Vec::new(),
+                functions: Vec::new(),
+                destructive: false,
+                note: None,
+            });
+            continue;
+        }
+        let statements = sqlparser::parser::Parser::new(dialect.parser_dialect())
+            .with_recursion_limit(PARSER_RECURSION_LIMIT)
+            .with_tokens(segment.to_vec())
+            .parse_statements()
+            .ok()?;
+        infos.extend(statements.iter().map(classify_statement));
+    }
+    (moves > 0).then_some(infos)
+}
+
+/// `{FETCH | MOVE} [direction] [FROM | IN] cursor` (Postgres' grammar), the
+/// statement's tokens without whitespace and comments.
+fn is_cursor_move(t: &[&Token]) -> bool {
+    let word = |i: usize| match t.get(i) {
+        Some(Token::Word(w)) if w.quote_style.is_none() => Some(w.value.to_ascii_uppercase()),
+        _ => None,
+    };
+    // Tokens taken by a count (`5`, `-1`, `+2`) at `i`, if there is one.
+    let count = |i: usize| {
+        let int = |n: &str| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit());
+        match (t.get(i), t.get(i + 1)) {
+            (Some(Token::Minus | Token::Plus), Some(Token::Number(n, _))) if int(n) => Some(2),
+            (Some(Token::Number(n, _)), _) if int(n) => Some(1),
+            _ => None,
+        }
+    };
+    if !matches!(word(0).as_deref(), Some("FETCH" | "MOVE")) {
+        return false;
+    }
+    let mut i = 1;
+    match word(i).as_deref() {
+        Some("NEXT" | "PRIOR" | "FIRST" | "LAST" | "ALL") => i += 1,
+        Some("ABSOLUTE" | "RELATIVE") => match count(i + 1) {
+            Some(n) => i += 1 + n,
+            None => return false,
+        },
+        Some("FORWARD" | "BACKWARD") => {
+            i += 1;
+            if word(i).as_deref() == Some("ALL") {
+                i += 1;
+            } else if let Some(n) = count(i) {
+                i += n;
+            }
+        }
+        _ => i += count(i).unwrap_or(0),
+    }
+    if matches!(word(i).as_deref(), Some("FROM" | "IN")) {
+        i += 1;
+    }
+    matches!(t.get(i), Some(Token::Word(_))) && i + 1 == t.len()
 }
 
 fn push_unique(v: &mut Vec<String>, s: &str) {
