@@ -523,6 +523,75 @@ fn assert_no_raw(values: &[String], output: &str, what: &str) {
     }
 }
 
+/// Re-encoding defeats detectors: the policy denies it instead, also as a
+/// cursor's query (decided at `DECLARE`, like the `SELECT` itself).
+fn check_reencoding_is_denied(env: &Env, url: &str) {
+    let out = psql(
+        env,
+        url,
+        &[
+            "-At",
+            "-c",
+            "SELECT encode(ssn::bytea, 'hex') FROM customers",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("no-computed-pii"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = psql(
+        env,
+        url,
+        &[
+            "-At",
+            "-c",
+            "DECLARE h CURSOR WITH HOLD FOR SELECT encode(ssn::bytea, 'hex') FROM customers",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("no-computed-pii"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// A cursor's rows come in `FETCH` results, masked like any other.
+fn check_cursors(env: &Env, url: &str, raw: &[String]) {
+    let out = psql(
+        env,
+        url,
+        &[
+            "-At",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            "BEGIN",
+            "-c",
+            "DECLARE c CURSOR FOR SELECT ssn, card, email FROM customers ORDER BY id",
+            "-c",
+            "FETCH 2 FROM c",
+            "-c",
+            "MOVE 1 IN c",
+            "-c",
+            "FETCH ALL FROM c",
+            "-c",
+            "COMMIT",
+        ],
+    );
+    let so = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_no_raw(raw, &so, "DECLARE/FETCH");
+    assert!(
+        so.contains("***-**-1002|************1111|[REDACTED]"),
+        "{so}"
+    );
+    assert!(!so.contains("***-**-1003"), "MOVE skipped row 3: {so}");
+    assert_eq!(so.matches("***-**-").count(), 9, "{so}");
+}
+
 #[test]
 fn protected_columns_never_reach_the_client_raw() {
     let (env, pg) = l7_env("pgmask", "30s");
@@ -559,68 +628,9 @@ fn protected_columns_never_reach_the_client_raw() {
         "column strategies as configured"
     );
 
-    // A cursor's rows come in FETCH results: masked like any other.
-    let out = psql(
-        &env,
-        &url,
-        &[
-            "-At",
-            "-c",
-            "BEGIN",
-            "-c",
-            "DECLARE c CURSOR FOR SELECT ssn, card, email FROM customers ORDER BY id",
-            "-c",
-            "FETCH 2 FROM c",
-            "-c",
-            "MOVE 1 IN c",
-            "-c",
-            "FETCH ALL FROM c",
-            "-c",
-            "COMMIT",
-        ],
-    );
-    let so = text(&out.stdout);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_no_raw(&raw, &so, "DECLARE/FETCH");
-    assert!(
-        so.contains("***-**-1002|************1111|[REDACTED]"),
-        "{so}"
-    );
-    assert!(!so.contains("***-**-1003"), "MOVE skipped row 3: {so}");
-    assert_eq!(so.matches("***-**-").count(), 9, "{so}");
-    // The cursor's query is decided at DECLARE, like the SELECT itself.
-    let out = psql(
-        &env,
-        &url,
-        &[
-            "-At",
-            "-c",
-            "DECLARE h CURSOR WITH HOLD FOR SELECT encode(ssn::bytea, 'hex') FROM customers",
-        ],
-    );
-    assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("no-computed-pii"),
-        "{}",
-        text(&out.stderr)
-    );
+    check_cursors(&env, &url, &raw);
 
-    // Re-encoding defeats detectors: the policy denies it instead.
-    let out = psql(
-        &env,
-        &url,
-        &[
-            "-At",
-            "-c",
-            "SELECT encode(ssn::bytea, 'hex') FROM customers",
-        ],
-    );
-    assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("no-computed-pii"),
-        "{}",
-        text(&out.stderr)
-    );
+    check_reencoding_is_denied(&env, &url);
 
     // CSV cannot be parsed by the masker: refused up front, session intact.
     let out = psql(
