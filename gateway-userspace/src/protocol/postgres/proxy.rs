@@ -127,7 +127,7 @@ use crate::{
     mask::{MaskPolicy, Strategy},
     policy::{Action, Decision, PolicySet, PolicyStore, Resource, Subject, TlsMode, Verdict},
     proxy::LiveConnection,
-    sql::{AnalysisCache, Classification, Dialect, StatementClass},
+    sql::{Analysis, AnalysisCache, Classification, Dialect, MAX_CACHED_LEN, StatementClass},
 };
 
 /// How long a client may take to send its startup packet.
@@ -142,6 +142,8 @@ pub const MAX_SUMMARY_CHARS: usize = 2000;
 pub const MAX_RECORD_SQL_CHARS: usize = 64 * 1024;
 /// `SSLRequest`/`GSSENCRequest` answered before a `StartupMessage` must come.
 const MAX_NEGOTIATIONS: u32 = 2;
+/// Prepared statements' analyses kept per connection (see `Pg::executed`).
+const MAX_EXECUTED: usize = 64;
 
 /// Tunables of the Postgres handler.
 #[derive(Debug, Clone)]
@@ -571,6 +573,7 @@ pub async fn serve(mut client: TcpStream, ctx: PgContext) -> Result<(), PgProxyE
         deferred: None,
         held: None,
         approved_parse: HashSet::new(),
+        executed: HashMap::new(),
         idle_point: false,
         plan: None,
         copy: None,
@@ -728,6 +731,11 @@ struct Pg<'a> {
     /// Prepared statements, by name, whose approved `Parse` still covers their
     /// first execution (an approval covers one command).
     approved_parse: HashSet<Bytes>,
+    /// The analyses of the prepared statements this connection executes, by
+    /// SQL text: an `Execute` of a statement seen before skips the shape
+    /// cache's tokenizing. At most [`MAX_EXECUTED`] texts of at most
+    /// [`MAX_CACHED_LEN`] bytes; emptied when full.
+    executed: HashMap<Bytes, Arc<Analysis>>,
     /// `ReadyForQuery` came and nothing was sent upstream since.
     idle_point: bool,
     plan: Option<(Arc<RowDescription>, RowPlan<Strategy>)>,
@@ -1716,10 +1724,7 @@ impl<'a> Pg<'a> {
             Some((p, bind)) if p == *portal => Some(bind),
             _ => None,
         };
-        let analysis = self
-            .ctx
-            .sql_cache
-            .analyze(&String::from_utf8_lossy(&sql), Dialect::Postgres);
+        let analysis = self.executed_analysis(&sql);
         let class = analysis.classification.class;
         let hash = crate::audit::keyed_hash(&self.ctx.correlation_key, &sql);
         let stmt = StmtRecord {
@@ -1748,6 +1753,25 @@ impl<'a> Pg<'a> {
         let read_only = class <= StatementClass::Read;
         self.carry_out(m, stmt, decision, read_only, &analysis.redacted, covered)
             .await
+    }
+
+    /// The analysis of a prepared statement's SQL, from this connection's
+    /// [`Pg::executed`] when it ran before.
+    fn executed_analysis(&mut self, sql: &Bytes) -> Arc<Analysis> {
+        if let Some(a) = self.executed.get(sql) {
+            return Arc::clone(a);
+        }
+        let a = self
+            .ctx
+            .sql_cache
+            .analyze(&String::from_utf8_lossy(sql), Dialect::Postgres);
+        if sql.len() <= MAX_CACHED_LEN {
+            if self.executed.len() >= MAX_EXECUTED {
+                self.executed.clear();
+            }
+            self.executed.insert(sql.clone(), Arc::clone(&a));
+        }
+        a
     }
 
     /// Write-ahead: the record is durable before the statement goes upstream;
