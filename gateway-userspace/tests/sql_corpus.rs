@@ -182,6 +182,11 @@ fn redaction_removes_every_literal() {
             "SELECT * FROM t WHERE d > DATE '2024-01-01' LIMIT 5",
             "SELECT * FROM t WHERE d > DATE ? LIMIT ?",
         ),
+        // Cursor moves the parser does not know, beside a statement it does.
+        (
+            "MOVE 5 IN c; /* 4111111111111111 */ FETCH ABSOLUTE -1 FROM \"Cur\"; SELECT 'x'",
+            "MOVE ? IN c; FETCH ABSOLUTE - ? FROM \"Cur\"; SELECT ?",
+        ),
     ];
     for (input, want) in cases {
         let got = redact_literals(input, Dialect::Postgres).unwrap();

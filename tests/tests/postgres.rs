@@ -526,36 +526,18 @@ fn assert_no_raw(values: &[String], output: &str, what: &str) {
 /// Re-encoding defeats detectors: the policy denies it instead, also as a
 /// cursor's query (decided at `DECLARE`, like the `SELECT` itself).
 fn check_reencoding_is_denied(env: &Env, url: &str) {
-    let out = psql(
-        env,
-        url,
-        &[
-            "-At",
-            "-c",
-            "SELECT encode(ssn::bytea, 'hex') FROM customers",
-        ],
-    );
-    assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("no-computed-pii"),
-        "{}",
-        text(&out.stderr)
-    );
-    let out = psql(
-        env,
-        url,
-        &[
-            "-At",
-            "-c",
-            "DECLARE h CURSOR WITH HOLD FOR SELECT encode(ssn::bytea, 'hex') FROM customers",
-        ],
-    );
-    assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("no-computed-pii"),
-        "{}",
-        text(&out.stderr)
-    );
+    for sql in [
+        "SELECT encode(ssn::bytea, 'hex') FROM customers",
+        "DECLARE h CURSOR WITH HOLD FOR SELECT encode(ssn::bytea, 'hex') FROM customers",
+    ] {
+        let out = psql(env, url, &["-At", "-c", sql]);
+        assert!(!out.status.success(), "{sql}");
+        assert!(
+            text(&out.stderr).contains("no-computed-pii"),
+            "{sql}: {}",
+            text(&out.stderr)
+        );
+    }
 }
 
 /// A cursor's rows come in `FETCH` results, masked like any other.

@@ -185,8 +185,22 @@ pub fn classify(sql: &str, dialect: Dialect) -> Classification {
         .and_then(|mut p| p.parse_statements());
     let infos: Vec<StatementInfo> = match parsed {
         Ok(statements) => statements.iter().map(classify_statement).collect(),
-        Err(e) => match with_cursor_moves(sql, dialect) {
-            Some(infos) => infos,
+        Err(e) => match cursor_move_pieces(sql, dialect) {
+            Some(pieces) => pieces
+                .iter()
+                .flat_map(|piece| match piece {
+                    Piece::CursorMove(_) => vec![StatementInfo {
+                        class: StatementClass::Read,
+                        tables: Vec::new(),
+                        functions: Vec::new(),
+                        destructive: false,
+                        note: None,
+                    }],
+                    Piece::Parsed(statements) => {
+                        statements.iter().map(classify_statement).collect()
+                    }
+                })
+                .collect(),
             None => {
                 return Classification::unparsed(format!(
                     "does not parse: {}",
@@ -219,40 +233,42 @@ pub fn classify(sql: &str, dialect: Dialect) -> Classification {
     out
 }
 
+/// One statement of a text the parser refused as a whole, from
+/// [`cursor_move_pieces`].
+pub(super) enum Piece {
+    /// A cursor move: its tokens, without whitespace and comments.
+    CursorMove(Vec<Token>),
+    /// Any other statement, parsed on its own.
+    Parsed(Vec<Statement>),
+}
+
 /// The statements of a Postgres text the parser refused because some of them
 /// are cursor moves it does not know (`MOVE`; `FETCH` without a direction or
-/// with a signed count): each such move is a read of no table (the query was
+/// with a signed count). Such a move is a read of no table (the query was
 /// decided at its `DECLARE`), like the `FETCH` forms the parser knows. The
 /// other statements must parse on their own. `None` when no statement is such
-/// a move, or another does not parse: the text stays `Unknown`.
-fn with_cursor_moves(sql: &str, dialect: Dialect) -> Option<Vec<StatementInfo>> {
-    if dialect != Dialect::Postgres {
+/// a move, or another does not parse: the text stays unparsed (`Unknown`).
+pub(super) fn cursor_move_pieces(sql: &str, dialect: Dialect) -> Option<Vec<Piece>> {
+    if dialect != Dialect::Postgres || sql.len() > MAX_SQL_LEN {
         return None;
     }
     let tokens = Tokenizer::new(dialect.parser_dialect(), sql)
         .tokenize()
         .ok()?;
-    let mut infos = Vec::new();
-    let mut moves = 0;
-    // The tokenizer keeps quoted `;` inside its literal: a `SemiColon`
+    let mut pieces = Vec::new();
+    // The tokenizer keeps a quoted `;` inside its literal: a `SemiColon`
     // token ends a statement.
     for segment in tokens.split(|t| *t == Token::SemiColon) {
-        let words: Vec<&Token> = segment
+        let words: Vec<Token> = segment
             .iter()
             .filter(|t| !matches!(t, Token::Whitespace(_)))
+            .cloned()
             .collect();
         if words.is_empty() {
             continue;
         }
         if is_cursor_move(&words) {
-            moves += 1;
-            infos.push(StatementInfo {
-                class: StatementClass::Read,
-                tables: Vec::new(),
-                functions: Vec::new(),
-                destructive: false,
-                note: None,
-            });
+            pieces.push(Piece::CursorMove(words));
             continue;
         }
         let statements = sqlparser::parser::Parser::new(dialect.parser_dialect())
@@ -260,14 +276,17 @@ fn with_cursor_moves(sql: &str, dialect: Dialect) -> Option<Vec<StatementInfo>> 
             .with_tokens(segment.to_vec())
             .parse_statements()
             .ok()?;
-        infos.extend(statements.iter().map(classify_statement));
+        pieces.push(Piece::Parsed(statements));
     }
-    (moves > 0).then_some(infos)
+    pieces
+        .iter()
+        .any(|p| matches!(p, Piece::CursorMove(_)))
+        .then_some(pieces)
 }
 
 /// `{FETCH | MOVE} [direction] [FROM | IN] cursor` (Postgres' grammar), the
 /// statement's tokens without whitespace and comments.
-fn is_cursor_move(t: &[&Token]) -> bool {
+fn is_cursor_move(t: &[Token]) -> bool {
     let word = |i: usize| match t.get(i) {
         Some(Token::Word(w)) if w.quote_style.is_none() => Some(w.value.to_ascii_uppercase()),
         _ => None,

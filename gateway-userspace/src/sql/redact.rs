@@ -10,11 +10,14 @@
 use std::ops::ControlFlow;
 
 use sqlparser::{
-    ast::{Value, ValueWithSpan, VisitMut, VisitorMut},
+    ast::{Statement, Value, ValueWithSpan, VisitMut, VisitorMut},
     tokenizer::{Token, Tokenizer, Whitespace},
 };
 
-use super::{Dialect, MAX_SQL_LEN, SqlError};
+use super::{
+    Dialect, MAX_SQL_LEN, SqlError,
+    classify::{Piece, cursor_move_pieces},
+};
 
 const PLACEHOLDER: &str = "?";
 
@@ -43,14 +46,24 @@ pub fn redact_literals(sql: &str, dialect: Dialect) -> Result<String, SqlError> 
         });
     }
     let d = dialect.parser_dialect();
-    let mut statements = sqlparser::parser::Parser::parse_sql(d, sql)
-        .map_err(|source| SqlError::Parse { source })?;
-    let _ = statements.visit(&mut LiteralEraser);
-    let rendered = statements
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("; ");
+    let rendered = match sqlparser::parser::Parser::parse_sql(d, sql) {
+        Ok(statements) => erase_and_render(statements),
+        // Cursor moves the parser does not know: rendered from their tokens
+        // (a count is a literal, replaced below).
+        Err(source) => cursor_move_pieces(sql, dialect)
+            .ok_or(SqlError::Parse { source })?
+            .into_iter()
+            .map(|piece| match piece {
+                Piece::CursorMove(tokens) => tokens
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                Piece::Parsed(statements) => erase_and_render(statements),
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
+    };
     // Token pass over our own rendering: it was produced by the same dialect's
     // printer, so it tokenizes; if it somehow does not, fail closed.
     let tokens = Tokenizer::new(d, &rendered)
@@ -74,6 +87,16 @@ pub fn redact_literals(sql: &str, dialect: Dialect) -> Result<String, SqlError> 
         }
     }
     Ok(out)
+}
+
+/// The statements with every literal value node replaced, printed and joined.
+fn erase_and_render(mut statements: Vec<Statement>) -> String {
+    let _ = statements.visit(&mut LiteralEraser);
+    statements
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// [`redact_literals`], or `<unparsed: N bytes>` when the text cannot be redacted.
