@@ -1749,6 +1749,14 @@ mod tests {
 
     use super::*;
 
+    /// A log under `tmp` with `durability`.
+    fn config(tmp: &tempfile::TempDir, durability: Durability) -> AuditConfig {
+        let mut cfg = AuditConfig::with_dir(tmp.path().join("audit"));
+        cfg.state_dir = Some(tmp.path().join("state"));
+        cfg.durability = durability;
+        cfg
+    }
+
     /// A connection with a read in flight that meets a write: the read's
     /// append (staged by its call) is polled once while the writer loop holds
     /// the lock, then left unpolled while the connection awaits the write's
@@ -1756,9 +1764,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_unpolled_staged_append_does_not_hold_the_writer_up() {
         let tmp = tempfile::tempdir().unwrap();
-        let mut cfg = AuditConfig::with_dir(tmp.path().join("audit"));
-        cfg.state_dir = Some(tmp.path().join("state"));
-        cfg.durability = Durability::Strict;
+        let cfg = config(&tmp, Durability::Strict);
         let log = AuditLog::open(cfg).await.unwrap();
         let mut read = pin!(log.append(NewRecord::new(Kind::Statement)));
         let busy = log.inner.shared.writer.lock().await;
@@ -1788,9 +1794,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_record_written_while_the_periodic_fsync_runs_waits_for_the_next() {
         let tmp = tempfile::tempdir().unwrap();
-        let mut cfg = AuditConfig::with_dir(tmp.path().join("audit"));
-        cfg.state_dir = Some(tmp.path().join("state"));
-        cfg.durability = Durability::Batched;
+        let mut cfg = config(&tmp, Durability::Batched);
         // The writer loop's own timer stays out of the way.
         cfg.batch_interval_ms = 10_000;
         let log = AuditLog::open(cfg).await.unwrap();

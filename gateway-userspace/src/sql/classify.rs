@@ -185,29 +185,31 @@ pub fn classify(sql: &str, dialect: Dialect) -> Classification {
         .and_then(|mut p| p.parse_statements());
     let infos: Vec<StatementInfo> = match parsed {
         Ok(statements) => statements.iter().map(classify_statement).collect(),
-        Err(e) => match cursor_move_pieces(sql, dialect) {
-            Some(pieces) => pieces
-                .iter()
-                .flat_map(|piece| match piece {
-                    Piece::CursorMove(_) => vec![StatementInfo {
+        Err(e) => {
+            let Some(pieces) = cursor_move_pieces(sql, dialect) else {
+                return Classification::unparsed(format!(
+                    "does not parse: {}",
+                    literal_free_error(&e.to_string())
+                ));
+            };
+            let mut infos = Vec::with_capacity(pieces.len());
+            for piece in &pieces {
+                match piece {
+                    // A read of no table: its query was decided at `DECLARE`.
+                    Piece::CursorMove(_) => infos.push(StatementInfo {
                         class: StatementClass::Read,
                         tables: Vec::new(),
                         functions: Vec::new(),
                         destructive: false,
                         note: None,
-                    }],
+                    }),
                     Piece::Parsed(statements) => {
-                        statements.iter().map(classify_statement).collect()
+                        infos.extend(statements.iter().map(classify_statement));
                     }
-                })
-                .collect(),
-            None => {
-                return Classification::unparsed(format!(
-                    "does not parse: {}",
-                    literal_free_error(&e.to_string())
-                ));
+                }
             }
-        },
+            infos
+        }
     };
     let mut out = Classification {
         class: infos
