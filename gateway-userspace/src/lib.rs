@@ -19,6 +19,7 @@ pub mod audit;
 pub mod binding;
 pub mod cgroup;
 pub mod config;
+pub mod containment;
 pub mod control;
 pub mod daemon;
 pub mod identity;

@@ -95,6 +95,23 @@ pub enum Kind {
     KeyRotation,
     #[serde(rename = "retention")]
     Retention,
+    /// A tagged workload started with root privileges (`exec --allow-root`):
+    /// it can leave its cgroup, so the record says so.
+    #[serde(rename = "workload.privileged")]
+    WorkloadPrivileged,
+    /// A process left a tagged cgroup for an untagged one.
+    #[serde(rename = "workload.escaped")]
+    WorkloadEscaped,
+    /// A tagged process tried a route other than the proxy (a Unix socket,
+    /// a datagram, a socket family) and the kernel refused it.
+    #[serde(rename = "containment.refused")]
+    ContainmentRefused,
+    /// A caller inside a tagged cgroup reached the control plane and was refused.
+    #[serde(rename = "control.refused")]
+    ControlRefused,
+    /// A DNS query of a tagged process, through the daemon's forwarder.
+    #[serde(rename = "dns.query")]
+    DnsQuery,
 }
 
 impl Kind {
@@ -127,6 +144,11 @@ impl Kind {
             Kind::Checkpoint => "checkpoint",
             Kind::KeyRotation => "key.rotation",
             Kind::Retention => "retention",
+            Kind::WorkloadPrivileged => "workload.privileged",
+            Kind::WorkloadEscaped => "workload.escaped",
+            Kind::ContainmentRefused => "containment.refused",
+            Kind::ControlRefused => "control.refused",
+            Kind::DnsQuery => "dns.query",
         }
     }
 
