@@ -18,14 +18,31 @@
 //!   FIONREAD reads 0 and epoll wake-ups are lost (fix upstream 04af4efde58a).
 //! - `ag_getpeername4|6`: a redirected socket reports the address it dialed.
 //!
-//! Fails closed: a tagged task's non-TCP connect (other than DNS) is refused, and
-//! a tagged task's connect is refused while the proxy configuration is missing.
+//! Containment (every route out of a tagged cgroup but the proxy is refused
+//! and reported through `AG_EVENTS`):
+//! - datagrams (`ag_connect4|6` for UDP, `ag_sendmsg4|6` for unconnected
+//!   sends) reach only the configured DNS resolvers, rewritten to the
+//!   daemon's forwarder for that resolver; `ag_recvmsg4|6` and getpeername
+//!   show the resolver again;
+//! - `ag_sock_create`: inet sockets are TCP or UDP only (no raw, ICMP,
+//!   MPTCP, SCTP, UDP-Lite);
+//! - `ag_lsm_socket_create` (BPF LSM, cgroup-scoped): families other than
+//!   Unix, inet and netlink-route are refused;
+//! - `ag_lsm_socket_connect|sendmsg`: Unix-socket connects and sends only to
+//!   allowed absolute paths or abstract names (`AG_UNIX_ALLOW`);
+//! - `ag_tp_fork`, `ag_tp_exit`, `ag_tp_cgroup_attach` (tracepoints): the
+//!   tasks of tagged cgroups are tracked, and one that moves to a cgroup that
+//!   is not tagged is reported; userspace decides whether the destination is
+//!   still governed (a cgroup below a tagged one is).
+//!
+//! Fails closed: a tagged task's connect is refused while the proxy
+//! configuration is missing, and so is anything the rules above do not allow.
 #![no_std]
 #![no_main]
 
 use agentgate_common::{
-    AF_INET, AF_INET6, Config, MAX_CGROUP_DEPTH, PeerKey, Provenance, SockAddr, SockPairKey, Tag,
-    counter, fast_mode,
+    AF_INET, AF_INET6, Config, Event, MAX_CGROUP_DEPTH, PeerKey, Provenance, SockAddr,
+    SockPairKey, Tag, TaggedTask, UNIX_PATH_MAX, UnixPath, counter, event, fast_mode,
 };
 use aya_ebpf::{
     bindings::{
@@ -35,21 +52,33 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
         generated::{
             bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
             bpf_get_socket_cookie,
         },
     },
-    macros::{cgroup_sock_addr, map, sk_msg, sock_ops, stream_verdict},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
-    programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext},
+    macros::{
+        cgroup_sock, cgroup_sock_addr, lsm_cgroup, map, sk_msg, sock_ops, stream_verdict,
+        tracepoint,
+    },
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash, lpm_trie::Key},
+    programs::{
+        LsmContext, SkBuffContext, SkMsgContext, SockAddrContext, SockContext,
+        SockOpsContext, TracePointContext,
+    },
     EbpfContext as _,
 };
 
 const SOCK_STREAM: u32 = 1;
-const DNS_PORT: u16 = 53;
+const SOCK_DGRAM: u32 = 2;
+const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
+const AF_UNIX: u16 = 1;
+const AF_NETLINK: u16 = 16;
+const NETLINK_ROUTE: u32 = 0;
 
-/// Return values of cgroup/connect and getpeername programs.
+/// Return values of cgroup programs (sock_addr, sock, lsm_cgroup).
 const ALLOW: i32 = 1;
 const REJECT: i32 = 0;
 
@@ -81,6 +110,28 @@ static FAST_MODE: HashMap<SockPairKey, u32> = HashMap::with_max_entries(65536, 0
 
 #[map(name = "AG_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::LEN, 0);
+
+/// Configured DNS resolver -> the daemon's forwarder for it.
+#[map(name = "AG_RESOLVERS")]
+static RESOLVERS: HashMap<SockAddr, SockAddr> = HashMap::with_max_entries(16, 0);
+
+/// Forwarder -> the resolver it stands for (replies and getpeername).
+#[map(name = "AG_FORWARDERS")]
+static FORWARDERS: HashMap<SockAddr, SockAddr> = HashMap::with_max_entries(16, 0);
+
+/// Unix socket paths and abstract names a tagged task may reach.
+#[map(name = "AG_UNIX_ALLOW")]
+static UNIX_ALLOW: LpmTrie<UnixPath, u32> = LpmTrie::with_max_entries(256, 0);
+
+/// Containment events for the daemon (refusals, migrations).
+#[map(name = "AG_EVENTS")]
+static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// Tasks known to be in a tagged cgroup, by kernel pid (thread id): added
+/// when a tagged task forks or a task moves into a tagged cgroup (userspace
+/// adds those already inside when it tags a cgroup), removed at exit.
+#[map(name = "AG_TAGGED_TASKS")]
+static TAGGED_TASKS: LruHashMap<u32, TaggedTask> = LruHashMap::with_max_entries(65536, 0);
 
 #[inline(always)]
 fn bump(idx: u32) {
@@ -205,12 +256,11 @@ fn connect(ctx: &SockAddrContext, ipv6: bool) -> i32 {
     if tgid == cfg.daemon_tgid {
         return ALLOW;
     }
-    if sa.type_ != SOCK_STREAM {
-        // Only TCP is proxied. DNS stays reachable so names resolve; anything
-        // else from a tagged task would leave unobserved, so it is refused.
-        return if port == DNS_PORT { ALLOW } else { REJECT };
-    }
     let dst = if ipv6 { v6_normalized(read_ip6(sa), port) } else { v4(sa.user_ip4, port) };
+    if sa.type_ != SOCK_STREAM {
+        // Only TCP is proxied; datagrams go to the DNS forwarder or nowhere.
+        return datagram(sa, ipv6, dst, tagged_id, tag);
+    }
     // A dial of the proxy itself keeps its destination and gets no record, so
     // the proxy refuses it (and nothing loops back into the proxy).
     if same_endpoint(&dst, &cfg.proxy4) || same_endpoint(&dst, &cfg.proxy6) {
@@ -272,13 +322,21 @@ pub fn ag_getpeername6(ctx: SockAddrContext) -> i32 {
 fn getpeername(ctx: &SockAddrContext, ipv6: bool) -> i32 {
     // SAFETY: sock_addr context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: read-only lookup of a Copy value.
-    let Some(prov) = (unsafe { BY_COOKIE.get(&cookie) }) else {
-        return ALLOW;
-    };
-    let dst = prov.orig_dst;
     // SAFETY: the context pointer is valid for the program's run.
     let sa = unsafe { &mut *ctx.sock_addr };
+    // SAFETY: read-only lookup of a Copy value.
+    let dst = if let Some(prov) = unsafe { BY_COOKIE.get(&cookie) } {
+        prov.orig_dst
+    } else {
+        // A datagram socket connected to a DNS forwarder sees its resolver.
+        let port = u16::from_be(sa.user_port as u16);
+        let peer = if ipv6 { v6_normalized(read_ip6(sa), port) } else { v4(sa.user_ip4, port) };
+        // SAFETY: read-only lookup of a Copy value.
+        match unsafe { FORWARDERS.get(&peer) } {
+            Some(resolver) => *resolver,
+            None => return ALLOW,
+        }
+    };
     if ipv6 {
         let a = if dst.family == AF_INET { [0, 0, u32::to_be(0x0000_ffff), dst.addr[0]] } else { dst.addr };
         write_ip6(sa, a);
@@ -287,6 +345,358 @@ fn getpeername(ctx: &SockAddrContext, ipv6: bool) -> i32 {
     }
     sa.user_port = u32::from(u16::to_be(dst.port));
     ALLOW
+}
+
+/// A tagged task's datagram (connect or unconnected send) to `dst`: to a
+/// configured resolver it goes to that resolver's forwarder; anything else is
+/// refused.
+#[inline(always)]
+fn datagram(
+    sa: &mut aya_ebpf::bindings::bpf_sock_addr,
+    ipv6: bool,
+    dst: SockAddr,
+    tagged_id: u64,
+    tag: Tag,
+) -> i32 {
+    // SAFETY: read-only lookup of a Copy value.
+    let Some(fwd) = (unsafe { RESOLVERS.get(&dst) }).copied() else {
+        emit(event::DATAGRAM_REFUSED, counter::DATAGRAM_REFUSED, tagged_id, tag, |e| {
+            e.addr = dst;
+            e.family = u32::from(if ipv6 { AF_INET6 } else { AF_INET });
+            e.sock_type = sa.type_;
+            e.protocol = sa.protocol;
+        });
+        return REJECT;
+    };
+    if !rewrite(sa, ipv6, &fwd) {
+        return REJECT;
+    }
+    bump(counter::DNS_FORWARDED);
+    ALLOW
+}
+
+/// Points a sock_addr context at `to` (IPv4 on an IPv6 socket stays mapped).
+/// False when an IPv4 socket cannot carry `to` (an IPv6 address). The
+/// `ipv6` test comes first so IPv4 programs never touch `user_ip6`, which
+/// their context does not allow.
+#[inline(always)]
+fn rewrite(sa: &mut aya_ebpf::bindings::bpf_sock_addr, ipv6: bool, to: &SockAddr) -> bool {
+    if ipv6 {
+        if to.family == AF_INET {
+            write_ip6(sa, [0, 0, u32::to_be(0x0000_ffff), to.addr[0]]);
+        } else {
+            write_ip6(sa, to.addr);
+        }
+    } else {
+        if to.family != AF_INET {
+            return false;
+        }
+        sa.user_ip4 = to.addr[0];
+    }
+    sa.user_port = u32::from(u16::to_be(to.port));
+    true
+}
+
+/// Sends a containment event (the counter counts it even if the ring is full).
+#[inline(always)]
+fn emit(kind: u32, counter_idx: u32, tagged_id: u64, tag: Tag, fill: impl FnOnce(&mut Event)) {
+    bump(counter_idx);
+    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+        bump(counter::EVENTS_LOST);
+        return;
+    };
+    let p = entry.as_mut_ptr();
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: p points at a reserved, exclusively owned Event-sized slot;
+    // zeroing it first leaves no field uninitialised.
+    unsafe {
+        core::ptr::write_bytes(p, 0, 1);
+        let e = &mut *p;
+        e.kind = kind;
+        e.tgid = (pid_tgid >> 32) as u32;
+        e.pid = pid_tgid as u32;
+        let uid_gid = bpf_get_current_uid_gid();
+        e.uid = uid_gid as u32;
+        e.gid = (uid_gid >> 32) as u32;
+        e.binding = tag.binding;
+        e.cgroup_id = bpf_get_current_cgroup_id();
+        e.tagged_cgroup_id = tagged_id;
+        e.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+        fill(e);
+    }
+    entry.submit(0);
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn ag_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sendmsg(&ctx, false)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn ag_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sendmsg(&ctx, true)
+}
+
+/// An unconnected UDP send (connected sockets were decided at connect).
+#[inline(always)]
+fn sendmsg(ctx: &SockAddrContext, ipv6: bool) -> i32 {
+    let Some((tagged_id, tag)) = tagged_cgroup() else {
+        return ALLOW;
+    };
+    // SAFETY: the context pointer is valid for the program's run.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let port = u16::from_be(sa.user_port as u16);
+    let dst = if ipv6 { v6_normalized(read_ip6(sa), port) } else { v4(sa.user_ip4, port) };
+    datagram(sa, ipv6, dst, tagged_id, tag)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn ag_recvmsg4(ctx: SockAddrContext) -> i32 {
+    recvmsg(&ctx, false)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn ag_recvmsg6(ctx: SockAddrContext) -> i32 {
+    recvmsg(&ctx, true)
+}
+
+/// A reply from a forwarder shows the resolver it stands for as its source.
+/// recvmsg programs must return 1.
+#[inline(always)]
+fn recvmsg(ctx: &SockAddrContext, ipv6: bool) -> i32 {
+    if tagged_cgroup().is_none() {
+        return ALLOW;
+    }
+    // SAFETY: the context pointer is valid for the program's run.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let port = u16::from_be(sa.user_port as u16);
+    let src = if ipv6 { v6_normalized(read_ip6(sa), port) } else { v4(sa.user_ip4, port) };
+    // SAFETY: read-only lookup of a Copy value.
+    if let Some(resolver) = unsafe { FORWARDERS.get(&src) } {
+        let resolver = *resolver;
+        let _ = rewrite(sa, ipv6, &resolver);
+    }
+    ALLOW
+}
+
+/// Inet sockets of a tagged task: TCP (proxied) and UDP (DNS only), nothing
+/// else: no raw or packet-level sockets, ICMP, MPTCP, SCTP or UDP-Lite.
+#[cgroup_sock(sock_create)]
+pub fn ag_sock_create(ctx: SockContext) -> i32 {
+    let Some((tagged_id, tag)) = tagged_cgroup() else {
+        return ALLOW;
+    };
+    // SAFETY: the context pointer is valid for the program's run.
+    let sk = unsafe { &*ctx.sock };
+    let (family, ty, proto) = (sk.family, sk.type_, sk.protocol);
+    let allowed = (ty == SOCK_STREAM && proto == IPPROTO_TCP) || (ty == SOCK_DGRAM && proto == IPPROTO_UDP);
+    if allowed {
+        return ALLOW;
+    }
+    emit(event::INET_SOCKET_REFUSED, counter::INET_SOCKET_REFUSED, tagged_id, tag, |e| {
+        e.family = family;
+        e.sock_type = ty;
+        e.protocol = proto;
+    });
+    REJECT
+}
+
+/// Socket families a tagged task may create: Unix (paths checked at
+/// connect), inet (checked by `ag_sock_create`) and route netlink (local
+/// configuration reads). Packet, vsock, Bluetooth, CAN, XDP, other netlink
+/// kinds and every family added later are refused.
+#[lsm_cgroup(hook = "socket_create")]
+pub fn ag_lsm_socket_create(ctx: LsmContext) -> i32 {
+    let family: i32 = ctx.arg(0);
+    let ty: i32 = ctx.arg(1);
+    let protocol: i32 = ctx.arg(2);
+    let kern: i32 = ctx.arg(3);
+    if kern != 0 {
+        return ALLOW;
+    }
+    let Some((tagged_id, tag)) = tagged_cgroup() else {
+        return ALLOW;
+    };
+    let family = family as u16;
+    let allowed = family == AF_UNIX
+        || family == AF_INET
+        || family == AF_INET6
+        || (family == AF_NETLINK && protocol as u32 == NETLINK_ROUTE);
+    if allowed {
+        return ALLOW;
+    }
+    emit(event::FAMILY_REFUSED, counter::FAMILY_REFUSED, tagged_id, tag, |e| {
+        e.family = u32::from(family);
+        e.sock_type = ty as u32;
+        e.protocol = protocol as u32;
+    });
+    REJECT
+}
+
+/// `connect()` of a Unix socket: only to allowed paths.
+#[lsm_cgroup(hook = "socket_connect")]
+pub fn ag_lsm_socket_connect(ctx: LsmContext) -> i32 {
+    let addr: *const u8 = ctx.arg(1);
+    let len: i32 = ctx.arg(2);
+    unix_destination(addr, len)
+}
+
+/// `sendmsg()` with an address (an unconnected Unix datagram): only to
+/// allowed paths. `msg_name` and `msg_namelen` open `struct msghdr` (offsets
+/// 0 and 8 on 64-bit kernels since long before BPF LSM existed).
+#[lsm_cgroup(hook = "socket_sendmsg")]
+pub fn ag_lsm_socket_sendmsg(ctx: LsmContext) -> i32 {
+    let msg: *const u8 = ctx.arg(1);
+    if msg.is_null() {
+        return ALLOW;
+    }
+    // SAFETY: reads of kernel memory through the helper, which fails safely.
+    let Ok(name) = (unsafe { bpf_probe_read_kernel(msg.cast::<*const u8>()) }) else {
+        return ALLOW;
+    };
+    if name.is_null() {
+        return ALLOW;
+    }
+    // SAFETY: as above.
+    let len = unsafe { bpf_probe_read_kernel(msg.add(8).cast::<i32>()) }.unwrap_or(0);
+    unix_destination(name, len)
+}
+
+/// Decides a Unix-socket destination (a kernel copy of the caller's
+/// `sockaddr`). Other families pass: the cgroup inet hooks decide those.
+#[inline(always)]
+fn unix_destination(addr: *const u8, len: i32) -> i32 {
+    if addr.is_null() {
+        return ALLOW;
+    }
+    // SAFETY: kernel read through the helper.
+    let Ok(family) = (unsafe { bpf_probe_read_kernel(addr.cast::<u16>()) }) else {
+        return ALLOW;
+    };
+    if family != AF_UNIX {
+        return ALLOW;
+    }
+    let Some((tagged_id, tag)) = tagged_cgroup() else {
+        return ALLOW;
+    };
+    let mut key = Key::new((UNIX_PATH_MAX * 8) as u32, UnixPath { bytes: [0; UNIX_PATH_MAX] });
+    // The kernel copied the whole sockaddr_storage (128 bytes): reading the
+    // full sun_path is in bounds; bytes past the caller's length are cleared.
+    // SAFETY: kernel read through the helper into a buffer of that size.
+    if unsafe { bpf_probe_read_kernel_buf(addr.add(2), &mut key.data.bytes) }.is_err() {
+        return refuse_unix(tagged_id, tag, &key.data);
+    }
+    let n = (len - 2).clamp(0, UNIX_PATH_MAX as i32) as usize;
+    let path = &mut key.data.bytes;
+    let abstract_name = n > 0 && path[0] == 0;
+    let mut ended = false;
+    let mut i = 0;
+    while i < UNIX_PATH_MAX {
+        if i >= n || ended {
+            path[i] = 0;
+        } else if !abstract_name && path[i] == 0 {
+            ended = true;
+        }
+        i += 1;
+    }
+    if !abstract_name && !clean_absolute(path) {
+        return refuse_unix(tagged_id, tag, &key.data);
+    }
+    if UNIX_ALLOW.get(&key).is_some() {
+        return ALLOW;
+    }
+    refuse_unix(tagged_id, tag, &key.data)
+}
+
+/// An absolute path without `.` or `..` components (which could climb out
+/// of an allowed directory). Empty and relative paths are not clean.
+#[inline(always)]
+fn clean_absolute(p: &[u8; UNIX_PATH_MAX]) -> bool {
+    if p[0] != b'/' {
+        return false;
+    }
+    let mut i = 0;
+    while i + 3 < UNIX_PATH_MAX {
+        if p[i] == b'/' && p[i + 1] == b'.' {
+            let c = p[i + 2];
+            if c == b'/' || c == 0 {
+                return false;
+            }
+            if c == b'.' && (p[i + 3] == b'/' || p[i + 3] == 0) {
+                return false;
+            }
+        }
+        i += 1;
+    }
+    true
+}
+
+#[inline(always)]
+fn refuse_unix(tagged_id: u64, tag: Tag, path: &UnixPath) -> i32 {
+    emit(event::UNIX_REFUSED, counter::UNIX_REFUSED, tagged_id, tag, |e| {
+        e.family = u32::from(AF_UNIX);
+        e.path = path.bytes;
+    });
+    REJECT
+}
+
+/// A tagged task forked (process or thread): the child is tagged too.
+/// Runs in the parent's context.
+#[tracepoint(category = "sched", name = "sched_process_fork")]
+pub fn ag_tp_fork(ctx: TracePointContext) -> u32 {
+    let Some((tagged_id, tag)) = tagged_cgroup() else {
+        return 0;
+    };
+    let Some(cfg) = config() else { return 0 };
+    // SAFETY: offset from the tracepoint's format file; read through the helper.
+    let Ok(child) = (unsafe { ctx.read_at::<i32>(cfg.tp_fork_child_pid_offset as usize) }) else {
+        return 0;
+    };
+    let t = TaggedTask { tagged_cgroup_id: tagged_id, binding: tag.binding, pad: 0 };
+    let _ = TAGGED_TASKS.insert(&(child as u32), &t, 0);
+    0
+}
+
+/// A task exits: forget it. Runs in the exiting task's context.
+#[tracepoint(category = "sched", name = "sched_process_exit")]
+pub fn ag_tp_exit(_ctx: TracePointContext) -> u32 {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let _ = TAGGED_TASKS.remove(&tid);
+    0
+}
+
+/// A task moved to another cgroup (fires after the move, once per thread).
+/// Into a tagged cgroup: it is tagged from now on. Out of a tagged one into
+/// a cgroup that is not itself tagged: reported; userspace decides whether
+/// a tagged ancestor still governs it.
+#[tracepoint(category = "cgroup", name = "cgroup_attach_task")]
+pub fn ag_tp_cgroup_attach(ctx: TracePointContext) -> u32 {
+    let Some(cfg) = config() else { return 0 };
+    // SAFETY: offsets from the tracepoint's format file; reads through the helper.
+    let Ok(pid) = (unsafe { ctx.read_at::<i32>(cfg.tp_attach_pid_offset as usize) }) else {
+        return 0;
+    };
+    // SAFETY: as above.
+    let Ok(dst) = (unsafe { ctx.read_at::<u64>(cfg.tp_attach_dst_id_offset as usize) }) else {
+        return 0;
+    };
+    let tid = pid as u32;
+    // SAFETY: read-only lookup of a Copy value.
+    if let Some(tag) = unsafe { TAGGED.get(&dst) } {
+        let t = TaggedTask { tagged_cgroup_id: dst, binding: tag.binding, pad: 0 };
+        let _ = TAGGED_TASKS.insert(&tid, &t, 0);
+        return 0;
+    }
+    // SAFETY: read-only lookup of a Copy value.
+    let Some(was) = (unsafe { TAGGED_TASKS.get(&tid) }).copied() else {
+        return 0;
+    };
+    let tag = Tag { binding: was.binding, pad: 0 };
+    emit(event::MIGRATED, counter::MIGRATIONS, was.tagged_cgroup_id, tag, |e| {
+        e.target_pid = tid;
+        e.target_cgroup_id = dst;
+    });
+    0
 }
 
 /// (local, remote) of a sock_ops socket, IPv4-mapped addresses normalised.

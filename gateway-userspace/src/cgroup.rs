@@ -201,6 +201,32 @@ pub fn enter(path: &Path, pid: u32) -> Result<(), CgroupError> {
     })
 }
 
+/// The kernel task ids (threads included) in a cgroup and below it, at most `max`.
+pub fn tasks_below(path: &Path, max: usize) -> Vec<u32> {
+    let mut out = Vec::new();
+    for cg in walk(path, 8, 1024) {
+        let Ok(procs) = fs::read_to_string(cg.join("cgroup.procs")) else {
+            continue;
+        };
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+            let tids: Vec<u32> = fs::read_dir(format!("/proc/{pid}/task"))
+                .map(|d| {
+                    d.filter_map(Result::ok)
+                        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                        .collect()
+                })
+                .unwrap_or_else(|_| vec![pid]);
+            for tid in tids {
+                if out.len() >= max {
+                    return out;
+                }
+                out.push(tid);
+            }
+        }
+    }
+    out
+}
+
 /// Whether any process lives in the cgroup or below it.
 pub fn populated(path: &Path) -> bool {
     fs::read_to_string(path.join("cgroup.events"))

@@ -36,6 +36,119 @@ pub struct Config {
     pub audit: crate::audit::AuditConfig,
     /// `OpenID` provider and service accounts; without it only label identities exist.
     pub identity: Option<crate::identity::IdentityConfig>,
+    pub containment: ContainmentConfig,
+}
+
+/// `[containment]`: what a tagged process may reach besides the proxy, and
+/// what happens to one that leaves its cgroup. Unix-socket paths are policy
+/// (`[[allow_unix]]`); these are host settings.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContainmentConfig {
+    /// DNS resolvers tagged processes may query (through the daemon's
+    /// forwarder, which logs each query). Empty: the `nameserver`s of
+    /// /etc/resolv.conf at start. Port 53 unless given (`"10.0.0.2:5353"`).
+    pub dns_resolvers: Vec<String>,
+    /// Longest label and longest name a query may carry; longer ones look
+    /// like a tunnel and are refused (DNS allows 63 and 253).
+    pub dns_max_label_bytes: usize,
+    pub dns_max_name_bytes: usize,
+    /// Query types forwarded; any other type is refused.
+    pub dns_query_types: Vec<String>,
+    /// Queries in flight at once, over all tagged processes; more are refused.
+    pub dns_max_in_flight: usize,
+    /// How long the forwarder waits for a resolver.
+    pub dns_timeout_ms: u64,
+    /// A process that leaves a tagged cgroup for an ungoverned one:
+    /// `"kill"` (SIGKILL, after the record) or `"record"`.
+    pub on_escape: OnEscape,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OnEscape {
+    Kill,
+    Record,
+}
+
+impl Default for ContainmentConfig {
+    fn default() -> Self {
+        Self {
+            dns_resolvers: Vec::new(),
+            dns_max_label_bytes: 40,
+            dns_max_name_bytes: 160,
+            dns_query_types: [
+                "A", "AAAA", "CNAME", "PTR", "MX", "SRV", "TXT", "NS", "SOA", "HTTPS", "SVCB",
+            ]
+            .map(String::from)
+            .to_vec(),
+            dns_max_in_flight: 256,
+            dns_timeout_ms: 5000,
+            on_escape: OnEscape::Kill,
+        }
+    }
+}
+
+impl ContainmentConfig {
+    /// The resolvers, parsed: the configured ones, or /etc/resolv.conf's.
+    pub fn resolvers(&self) -> Result<Vec<std::net::SocketAddr>, String> {
+        if self.dns_resolvers.is_empty() {
+            let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+            return Ok(resolv_conf_nameservers(&text));
+        }
+        self.dns_resolvers
+            .iter()
+            .map(|r| parse_resolver(r).ok_or_else(|| format!("dns_resolvers: `{r}` is not an IP address or IP:port")))
+            .collect()
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        self.resolvers()?;
+        if self.resolvers()?.len() > MAX_RESOLVERS {
+            return Err(format!("at most {MAX_RESOLVERS} dns_resolvers"));
+        }
+        if !(1..=63).contains(&self.dns_max_label_bytes) {
+            return Err("dns_max_label_bytes must be between 1 and 63".into());
+        }
+        if !(1..=253).contains(&self.dns_max_name_bytes) {
+            return Err("dns_max_name_bytes must be between 1 and 253".into());
+        }
+        for t in &self.dns_query_types {
+            if crate::containment::dns::qtype_code(t).is_none() {
+                return Err(format!("dns_query_types: unknown type `{t}`"));
+            }
+        }
+        if !(1..=65_536).contains(&self.dns_max_in_flight) {
+            return Err("dns_max_in_flight must be between 1 and 65536".into());
+        }
+        if !(100..=60_000).contains(&self.dns_timeout_ms) {
+            return Err("dns_timeout_ms must be between 100 and 60000".into());
+        }
+        Ok(())
+    }
+}
+
+/// Resolvers the kernel map holds at most (one forwarder each).
+pub const MAX_RESOLVERS: usize = 16;
+
+fn parse_resolver(text: &str) -> Option<std::net::SocketAddr> {
+    text.parse::<std::net::SocketAddr>()
+        .ok()
+        .or_else(|| text.parse::<std::net::IpAddr>().ok().map(|ip| (ip, 53).into()))
+}
+
+/// `nameserver` lines of resolv.conf (port 53), in order, at most `MAX_RESOLVERS`.
+pub fn resolv_conf_nameservers(text: &str) -> Vec<std::net::SocketAddr> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|rest| {
+            let ip = rest.split_whitespace().next()?;
+            // A scoped IPv6 address (`fe80::1%eth0`) keeps no scope here.
+            ip.split('%').next()?.parse::<std::net::IpAddr>().ok()
+        })
+        .map(|ip| (ip, 53).into())
+        .take(MAX_RESOLVERS)
+        .collect()
 }
 
 /// What happens to tagged cgroups when the daemon is not running.
@@ -302,6 +415,9 @@ impl Config {
             .postgres
             .validate()
             .map_err(|e| invalid(format!("[proxy.postgres] {e}")))?;
+        self.containment
+            .validate()
+            .map_err(|e| invalid(format!("[containment] {e}")))?;
         Ok(())
     }
 }
@@ -364,6 +480,46 @@ mod tests {
                 .to_string();
             assert!(err.starts_with("a.toml: "), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn containment_resolvers_and_limits() {
+        let c = Config::parse(
+            Path::new("a.toml"),
+            "[containment]\ndns_resolvers = [\"127.0.0.53\", \"[::1]:5353\"]\non_escape = \"record\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.containment.resolvers().unwrap(),
+            vec![
+                "127.0.0.53:53".parse::<std::net::SocketAddr>().unwrap(),
+                "[::1]:5353".parse().unwrap()
+            ]
+        );
+        assert_eq!(c.containment.on_escape, OnEscape::Record);
+        for bad in [
+            "dns_resolvers = [\"resolver.local\"]",
+            "dns_max_label_bytes = 64",
+            "dns_query_types = [\"BOGUS\"]",
+            "on_escape = \"ignore\"",
+        ] {
+            let err = Config::parse(Path::new("a.toml"), &format!("[containment]\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("a.toml: "), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn resolv_conf_nameservers_in_order() {
+        let text = "# comment\nsearch example\nnameserver 10.0.0.2\nnameserver fe80::1%eth0\noptions edns0\nnameserver bogus\n";
+        assert_eq!(
+            resolv_conf_nameservers(text),
+            vec![
+                "10.0.0.2:53".parse::<std::net::SocketAddr>().unwrap(),
+                "[fe80::1]:53".parse().unwrap()
+            ]
+        );
     }
 
     #[test]

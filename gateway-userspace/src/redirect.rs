@@ -9,6 +9,13 @@
 //!
 //! A restart attaches the new programs first, then removes the previous run's
 //! pinned links, so a tagged cgroup is never without a hook in between.
+//!
+//! The containment hooks attach here too: datagram, socket-creation and
+//! (where the kernel runs BPF LSM) socket-family and Unix-path hooks on the
+//! same cgroup, pinned the same way; the migration probes (kprobe and
+//! tracepoint, global) live with the daemon, since only it can act on what
+//! they report. A host without BPF LSM runs without the family and
+//! Unix-path hooks, and `status` says so.
 
 use std::{
     fs,
@@ -17,18 +24,28 @@ use std::{
 };
 
 use agentgate_common::{
-    AF_INET, AF_INET6, Config as KernelConfig, PeerKey, Provenance, SockAddr, Tag, counter, names,
+    AF_INET, AF_INET6, Config as KernelConfig, PeerKey, Provenance, SockAddr, Tag, TaggedTask,
+    UNIX_PATH_MAX, UnixPath, counter, names,
 };
 use aya::{
-    Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, SockHash},
+    Btf, Ebpf, EbpfLoader,
+    maps::{
+        Array, HashMap, MapData, PerCpuArray, RingBuf, SockHash,
+        lpm_trie::{Key as LpmKey, LpmTrie},
+    },
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SkMsg, SkSkb, SockOps,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, LsmCgroup, SkMsg, SkSkb, SockOps,
+        TracePoint,
         links::{FdLink, LinkError, PinnedLink},
     },
 };
+use serde::Serialize;
 
 use crate::config::FailMode;
+
+/// Tasks of a cgroup being tagged that are tracked at once, at most (the
+/// kernel map holds 65536 in all).
+const TRACKED_TASKS_AT_TAG: usize = 16_384;
 
 /// The eBPF object built by build.rs from gateway-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gateway-ebpf.o"));
@@ -66,6 +83,8 @@ pub enum RedirectError {
         #[source]
         source: std::io::Error,
     },
+    #[error("tracepoint format: {0}")]
+    TracepointFormat(String),
     #[error("pinning links under {path}")]
     Pin {
         path: PathBuf,
@@ -83,9 +102,27 @@ pub struct RedirectConfig<'a> {
     pub bpffs_dir: &'a Path,
 }
 
+/// A kernel hook and whether it is in force.
+#[derive(Debug, Clone, Serialize)]
+pub struct Hook {
+    pub name: &'static str,
+    /// What it enforces, for `status`.
+    pub role: &'static str,
+    pub attached: bool,
+    /// Why it is not attached.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 /// The loaded programs and the maps userspace reads and writes.
 pub struct Redirector {
     tagged: HashMap<MapData, u64, Tag>,
+    tagged_tasks: HashMap<MapData, u32, TaggedTask>,
+    resolvers: HashMap<MapData, SockAddr, SockAddr>,
+    forwarders: HashMap<MapData, SockAddr, SockAddr>,
+    unix_allow: LpmTrie<MapData, UnixPath, u32>,
+    events: Option<RingBuf<MapData>>,
+    hooks: Vec<Hook>,
     by_peer: HashMap<MapData, PeerKey, Provenance>,
     by_cookie: HashMap<MapData, u64, Provenance>,
     fast_mode: HashMap<MapData, agentgate_common::SockPairKey, u32>,
@@ -122,6 +159,7 @@ impl Redirector {
             .load(OBJECT)
             .map_err(|e| RedirectError::Load(Box::new(e)))?;
 
+        let offsets = TracepointOffsets::read()?;
         let mut kernel_cfg: Array<MapData, KernelConfig> = take_map(&mut ebpf, names::CONFIG)?;
         kernel_cfg
             .set(
@@ -132,7 +170,9 @@ impl Redirector {
                     daemon_tgid: std::process::id(),
                     fast_path: u32::from(cfg.fast_path),
                     ready: 1,
-                    pad: 0,
+                    tp_attach_pid_offset: offsets.attach_pid,
+                    tp_attach_dst_id_offset: offsets.attach_dst_id,
+                    tp_fork_child_pid_offset: offsets.fork_child_pid,
                 },
                 0,
             )
@@ -145,6 +185,7 @@ impl Redirector {
             source,
         })?;
         let mut fd_links: Vec<(&'static str, FdLink)> = Vec::new();
+        let mut hooks = Vec::new();
         // cgroup bpf_links are always multi-attach; the kernel rejects
         // BPF_F_ALLOW_MULTI on them, so the mode here is Single (flags 0).
         for name in [
@@ -152,6 +193,10 @@ impl Redirector {
             names::CONNECT6,
             names::GETPEERNAME4,
             names::GETPEERNAME6,
+            names::SENDMSG4,
+            names::SENDMSG6,
+            names::RECVMSG4,
+            names::RECVMSG6,
         ] {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load().map_err(prog_err(name))?;
@@ -165,6 +210,24 @@ impl Redirector {
                 fd_links.push((name, fd));
             }
         }
+        {
+            let name = names::SOCK_CREATE;
+            let prog: &mut CgroupSock = program(&mut ebpf, name)?;
+            prog.load().map_err(prog_err(name))?;
+            let id = prog
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(prog_err(name))?;
+            if cfg.fail_mode == FailMode::Closed {
+                let link = prog.take_link(id).map_err(prog_err(name))?;
+                let fd = FdLink::try_from(link)
+                    .map_err(|source| RedirectError::Link { name, source })?;
+                fd_links.push((name, fd));
+            }
+        }
+        hooks.push(Hook::on(names::CONNECT4, "TCP redirect; datagrams only to the DNS forwarder"));
+        hooks.push(Hook::on(names::SENDMSG4, "unconnected datagrams only to the DNS forwarder"));
+        hooks.push(Hook::on(names::SOCK_CREATE, "inet sockets: TCP and UDP only"));
+        hooks.extend(attach_lsm(&mut ebpf, &cgroup, cfg.fail_mode, &mut fd_links)?);
         {
             let name = names::SOCK_OPS;
             let prog: &mut SockOps = program(&mut ebpf, name)?;
@@ -190,10 +253,29 @@ impl Redirector {
                 .map_err(prog_err(names::SK_SKB_VERDICT))?;
         }
 
+        // Task tracking for escape detection: global tracepoints, only
+        // useful while the daemon runs (it acts on what they report).
+        for (name, category, event) in [
+            (names::TP_FORK, "sched", "sched_process_fork"),
+            (names::TP_EXIT, "sched", "sched_process_exit"),
+            (names::TP_ATTACH, "cgroup", "cgroup_attach_task"),
+        ] {
+            let prog: &mut TracePoint = program(&mut ebpf, name)?;
+            prog.load().map_err(prog_err(name))?;
+            prog.attach(category, event).map_err(prog_err(name))?;
+        }
+        hooks.push(Hook::on(names::TP_ATTACH, "processes leaving a tagged cgroup"));
+
         let pinned = repin(cfg.bpffs_dir, fd_links)?;
 
         Ok(Self {
+            resolvers: take_map(&mut ebpf, names::RESOLVERS)?,
+            forwarders: take_map(&mut ebpf, names::FORWARDERS)?,
+            unix_allow: take_map(&mut ebpf, names::UNIX_ALLOW)?,
+            events: Some(take_map(&mut ebpf, names::EVENTS)?),
+            hooks,
             tagged: take_map(&mut ebpf, names::TAGGED_CGROUPS)?,
+            tagged_tasks: take_map(&mut ebpf, names::TAGGED_TASKS)?,
             by_peer: take_map(&mut ebpf, names::BY_PEER)?,
             by_cookie: take_map(&mut ebpf, names::BY_COOKIE)?,
             fast_mode: take_map(&mut ebpf, names::FAST_MODE)?,
@@ -204,11 +286,23 @@ impl Redirector {
         })
     }
 
-    /// Tags a cgroup (and so its descendants): their TCP connects are redirected.
-    pub fn tag(&mut self, cgroup_id: u64, binding: u32) -> Result<(), RedirectError> {
+    /// Tags a cgroup (and so its descendants): their TCP connects are
+    /// redirected, and the tasks already inside are tracked so that one
+    /// leaving is noticed (new ones are tracked by the kernel as they come).
+    pub fn tag(&mut self, cgroup_id: u64, path: &Path, binding: u32) -> Result<(), RedirectError> {
         self.tagged
             .insert(cgroup_id, Tag { binding, pad: 0 }, 0)
-            .map_err(map_err(names::TAGGED_CGROUPS))
+            .map_err(map_err(names::TAGGED_CGROUPS))?;
+        let task = TaggedTask {
+            tagged_cgroup_id: cgroup_id,
+            binding,
+            pad: 0,
+        };
+        for tid in crate::cgroup::tasks_below(path, TRACKED_TASKS_AT_TAG) {
+            // A full map only weakens escape detection for old tasks.
+            let _ = self.tagged_tasks.insert(tid, task, 0);
+        }
+        Ok(())
     }
 
     pub fn untag(&mut self, cgroup_id: u64) -> Result<(), RedirectError> {
@@ -216,6 +310,50 @@ impl Redirector {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(map_err(names::TAGGED_CGROUPS)(e)),
         }
+    }
+
+    /// Points datagrams of tagged processes to each resolver at its
+    /// forwarder (and nowhere else): `(resolver, forwarder)` pairs.
+    pub fn set_resolvers(&mut self, pairs: &[(SocketAddr, SocketAddr)]) -> Result<(), RedirectError> {
+        for (resolver, forwarder) in pairs {
+            let (r, f) = (sock_addr(*resolver), sock_addr(*forwarder));
+            self.resolvers
+                .insert(r, f, 0)
+                .map_err(map_err(names::RESOLVERS))?;
+            self.forwarders
+                .insert(f, r, 0)
+                .map_err(map_err(names::FORWARDERS))?;
+        }
+        Ok(())
+    }
+
+    /// Makes the kernel's Unix allow list exactly `allowed`.
+    pub fn set_unix_allow(&mut self, allowed: &[crate::policy::UnixAllow]) -> Result<(), RedirectError> {
+        let want: Vec<LpmKey<UnixPath>> = allowed.iter().map(unix_key).collect();
+        let have: Vec<LpmKey<UnixPath>> = self.unix_allow.keys().filter_map(Result::ok).collect();
+        for k in &have {
+            if !want.iter().any(|w| same_key(w, k)) {
+                self.unix_allow
+                    .remove(k)
+                    .map_err(map_err(names::UNIX_ALLOW))?;
+            }
+        }
+        for k in &want {
+            self.unix_allow
+                .insert(k, 1, 0)
+                .map_err(map_err(names::UNIX_ALLOW))?;
+        }
+        Ok(())
+    }
+
+    /// The containment event ring buffer (once: its reader owns it).
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
+    }
+
+    /// The kernel hooks and whether each is in force.
+    pub fn hooks(&self) -> &[Hook] {
+        &self.hooks
     }
 
     /// The record the connect hook made for the connection the proxy accepted.
@@ -233,19 +371,165 @@ impl Redirector {
         )
     }
 
-    /// Kernel-side counters summed over CPUs: (redirected, refused-not-ready,
-    /// established, closed, fast-path inserts, agent sockets the fast path
-    /// declined because they wrote before their proxy socket was in the map).
-    pub fn counters(&self) -> [u64; 6] {
-        let mut out = [0u64; 6];
+    /// Kernel-side counters summed over CPUs, indexed by
+    /// `agentgate_common::counter`.
+    pub fn counters(&self) -> [u64; counter::LEN as usize] {
+        let mut out = [0u64; counter::LEN as usize];
         for (i, slot) in out.iter_mut().enumerate() {
             if let Ok(values) = self.counters.get(&(i as u32), 0) {
                 *slot = values.iter().sum();
             }
         }
-        let _ = counter::LEN;
         out
     }
+}
+
+impl Hook {
+    fn on(name: &'static str, role: &'static str) -> Self {
+        Self {
+            name,
+            role,
+            attached: true,
+            error: None,
+        }
+    }
+}
+
+/// The BPF LSM hooks, scoped to the attach cgroup. Not fatal where the
+/// kernel lacks BPF LSM: the hooks are then reported as not attached.
+fn attach_lsm(
+    ebpf: &mut Ebpf,
+    cgroup: &fs::File,
+    fail_mode: FailMode,
+    fd_links: &mut Vec<(&'static str, FdLink)>,
+) -> Result<Vec<Hook>, RedirectError> {
+    const LSM: [(&str, &str, &str); 3] = [
+        (
+            names::LSM_SOCKET_CREATE,
+            "socket_create",
+            "socket families: Unix, inet and route netlink only",
+        ),
+        (
+            names::LSM_SOCKET_CONNECT,
+            "socket_connect",
+            "Unix-socket connects only to allowed paths",
+        ),
+        (
+            names::LSM_SOCKET_SENDMSG,
+            "socket_sendmsg",
+            "Unix datagrams only to allowed paths",
+        ),
+    ];
+    let enabled = fs::read_to_string("/sys/kernel/security/lsm")
+        .map(|l| l.trim().split(',').any(|m| m == "bpf"));
+    let unavailable = match enabled {
+        Ok(true) => None,
+        Ok(false) => Some("BPF LSM is not enabled on this kernel (add `bpf` to the lsm= boot parameter)".to_owned()),
+        Err(e) => Some(format!("cannot read /sys/kernel/security/lsm: {e}")),
+    };
+    if let Some(why) = unavailable {
+        tracing::error!(reason = %why, "socket-family and Unix-path containment hooks are not attached");
+        return Ok(LSM
+            .iter()
+            .map(|&(name, _, role)| Hook {
+                name,
+                role,
+                attached: false,
+                error: Some(why.clone()),
+            })
+            .collect());
+    }
+    let btf = Btf::from_sys_fs().map_err(|e| RedirectError::Program {
+        name: names::LSM_SOCKET_CREATE,
+        source: Box::new(aya::programs::ProgramError::Btf(e)),
+    })?;
+    let mut hooks = Vec::new();
+    for (name, hook, role) in LSM {
+        let prog: &mut LsmCgroup = program(ebpf, name)?;
+        let attached = prog.load(hook, &btf).and_then(|()| prog.attach(cgroup));
+        match attached {
+            Ok(id) => {
+                if fail_mode == FailMode::Closed {
+                    let link = prog.take_link(id).map_err(prog_err(name))?;
+                    fd_links.push((name, FdLink::from(link)));
+                }
+                hooks.push(Hook::on(name, role));
+            }
+            Err(e) => {
+                let why = format!("the kernel refused the BPF LSM program: {e}");
+                tracing::error!(hook = name, reason = %why, "containment hook not attached");
+                hooks.push(Hook {
+                    name,
+                    role,
+                    attached: false,
+                    error: Some(why),
+                });
+            }
+        }
+    }
+    Ok(hooks)
+}
+
+/// Field offsets of the tracepoints the task tracking reads.
+struct TracepointOffsets {
+    attach_pid: u32,
+    attach_dst_id: u32,
+    fork_child_pid: u32,
+}
+
+impl TracepointOffsets {
+    fn read() -> Result<Self, RedirectError> {
+        let attach = tracepoint_format("cgroup/cgroup_attach_task")?;
+        let fork = tracepoint_format("sched/sched_process_fork")?;
+        let field = |format: &str, decl: &str, size: u32| {
+            tracepoint_field(format, decl, size)
+                .ok_or_else(|| RedirectError::TracepointFormat(format!("no `{decl}` field of {size} bytes")))
+        };
+        Ok(Self {
+            attach_pid: field(&attach, "int pid", 4)?,
+            attach_dst_id: field(&attach, "u64 dst_id", 8)?,
+            fork_child_pid: field(&fork, "pid_t child_pid", 4)?,
+        })
+    }
+}
+
+fn tracepoint_format(event: &str) -> Result<String, RedirectError> {
+    ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+        .iter()
+        .find_map(|d| fs::read_to_string(format!("{d}/events/{event}/format")).ok())
+        .ok_or_else(|| {
+            RedirectError::TracepointFormat(format!(
+                "{event}: no format file under /sys/kernel/tracing or /sys/kernel/debug/tracing (is tracefs mounted?)"
+            ))
+        })
+}
+
+/// The offset of `field` (type and name as the format file writes them),
+/// if its size is `size`.
+fn tracepoint_field(format: &str, field: &str, size: u32) -> Option<u32> {
+    format.lines().find_map(|l| {
+        let mut parts = l.trim().split(';').map(str::trim);
+        let decl = parts.next()?.strip_prefix("field:")?;
+        if decl != field {
+            return None;
+        }
+        let offset = parts.next()?.strip_prefix("offset:")?.parse().ok()?;
+        let sz: u32 = parts.next()?.strip_prefix("size:")?.parse().ok()?;
+        (sz == size).then_some(offset)
+    })
+}
+
+fn unix_key(a: &crate::policy::UnixAllow) -> LpmKey<UnixPath> {
+    let mut bytes = [0u8; UNIX_PATH_MAX];
+    let n = a.prefix.len().min(UNIX_PATH_MAX);
+    bytes[..n].copy_from_slice(&a.prefix[..n]);
+    // An exact entry covers its terminating NUL (the kernel side zero-pads).
+    let bits = if a.exact { (n + 1).min(UNIX_PATH_MAX) } else { n } * 8;
+    LpmKey::new(bits as u32, UnixPath { bytes })
+}
+
+fn same_key(a: &LpmKey<UnixPath>, b: &LpmKey<UnixPath>) -> bool {
+    a.prefix_len() == b.prefix_len() && a.data().bytes == b.data().bytes
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, RedirectError>
@@ -393,6 +677,25 @@ mod tests {
             socket_addr(&sock_addr(a)),
             "127.0.0.1:7".parse::<SocketAddr>().unwrap()
         );
+    }
+
+    #[test]
+    fn tracepoint_offsets_from_the_format_file() {
+        let format = "name: cgroup_attach_task\nformat:\n\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\tfield:u64 dst_id;\toffset:16;\tsize:8;\tsigned:0;\n\tfield:int pid;\toffset:24;\tsize:4;\tsigned:1;\n";
+        assert_eq!(tracepoint_field(format, "int pid", 4), Some(24));
+        assert_eq!(tracepoint_field(format, "u64 dst_id", 8), Some(16));
+        assert_eq!(tracepoint_field(format, "u64 dst_id", 4), None, "size checked");
+        assert_eq!(tracepoint_field(format, "int dst_level", 4), None);
+    }
+
+    #[test]
+    fn unix_keys_cover_exact_paths_with_their_nul() {
+        let exact = crate::policy::unix_allow("/dev/log").unwrap();
+        assert_eq!(unix_key(&exact).prefix_len(), 9 * 8);
+        let dir = crate::policy::unix_allow("/run/app/*").unwrap();
+        assert_eq!(unix_key(&dir).prefix_len(), 9 * 8);
+        let abs = crate::policy::unix_allow("@agent").unwrap();
+        assert_eq!(&unix_key(&abs).data().bytes[..6], b"\0agent");
     }
 
     #[test]

@@ -24,6 +24,11 @@ pub mod names {
     pub const SOCKHASH: &str = "AG_SOCKHASH";
     pub const FAST_MODE: &str = "AG_FAST_MODE";
     pub const COUNTERS: &str = "AG_COUNTERS";
+    pub const RESOLVERS: &str = "AG_RESOLVERS";
+    pub const FORWARDERS: &str = "AG_FORWARDERS";
+    pub const UNIX_ALLOW: &str = "AG_UNIX_ALLOW";
+    pub const EVENTS: &str = "AG_EVENTS";
+    pub const TAGGED_TASKS: &str = "AG_TAGGED_TASKS";
 
     pub const CONNECT4: &str = "ag_connect4";
     pub const CONNECT6: &str = "ag_connect6";
@@ -32,6 +37,17 @@ pub mod names {
     pub const SOCK_OPS: &str = "ag_sock_ops";
     pub const SK_MSG: &str = "ag_sk_msg";
     pub const SK_SKB_VERDICT: &str = "ag_sk_skb_verdict";
+    pub const SENDMSG4: &str = "ag_sendmsg4";
+    pub const SENDMSG6: &str = "ag_sendmsg6";
+    pub const RECVMSG4: &str = "ag_recvmsg4";
+    pub const RECVMSG6: &str = "ag_recvmsg6";
+    pub const SOCK_CREATE: &str = "ag_sock_create";
+    pub const LSM_SOCKET_CREATE: &str = "ag_lsm_socket_create";
+    pub const LSM_SOCKET_CONNECT: &str = "ag_lsm_socket_connect";
+    pub const LSM_SOCKET_SENDMSG: &str = "ag_lsm_socket_sendmsg";
+    pub const TP_ATTACH: &str = "ag_tp_cgroup_attach";
+    pub const TP_FORK: &str = "ag_tp_fork";
+    pub const TP_EXIT: &str = "ag_tp_exit";
 }
 
 /// An IPv4 or IPv6 socket address.
@@ -62,6 +78,77 @@ pub struct Config {
     /// 1 once userspace has written this entry; until then nothing is redirected
     /// *or let through* for tagged cgroups (see the connect hook).
     pub ready: u32,
+    /// Offsets of `pid` and `dst_id` in the `cgroup:cgroup_attach_task`
+    /// tracepoint record and of `child_pid` in `sched:sched_process_fork`,
+    /// read by userspace from their format files.
+    pub tp_attach_pid_offset: u32,
+    pub tp_attach_dst_id_offset: u32,
+    pub tp_fork_child_pid_offset: u32,
+}
+
+/// Longest Unix socket path (`sizeof(sun_path)`).
+pub const UNIX_PATH_MAX: usize = 108;
+
+/// Key data of the Unix-path allow list (an LPM trie over path bytes): an
+/// absolute path or an abstract name (leading NUL), zero-padded. An exact
+/// entry includes the terminating NUL in its prefix; a directory entry
+/// (`/run/x/*`) ends at the slash.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnixPath {
+    pub bytes: [u8; UNIX_PATH_MAX],
+}
+
+/// What a containment event reports (`Event::kind`).
+pub mod event {
+    /// A Unix-socket connect or send to a path the config does not allow.
+    pub const UNIX_REFUSED: u32 = 1;
+    /// A datagram (or datagram connect) to anything but a configured resolver.
+    pub const DATAGRAM_REFUSED: u32 = 2;
+    /// An inet socket of a type or protocol outside the allowed set.
+    pub const INET_SOCKET_REFUSED: u32 = 3;
+    /// A socket of a family outside the allowed set.
+    pub const FAMILY_REFUSED: u32 = 4;
+    /// A task that was in a tagged cgroup moved to a cgroup that is not
+    /// itself tagged (userspace decides whether an ancestor governs it).
+    pub const MIGRATED: u32 = 5;
+}
+
+/// One containment event, from the kernel to the daemon through a ring buffer.
+/// Read in the acting task's context: pid, uid, comm and cgroups are its own.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Event {
+    pub kind: u32,
+    pub tgid: u32,
+    pub pid: u32,
+    pub uid: u32,
+    pub binding: u32,
+    /// Socket family, type and protocol (socket events).
+    pub family: u32,
+    pub sock_type: u32,
+    pub protocol: u32,
+    /// `MIGRATED`: the task (thread) that was moved.
+    pub target_pid: u32,
+    pub gid: u32,
+    pub cgroup_id: u64,
+    pub tagged_cgroup_id: u64,
+    /// `MIGRATED`: the cgroup the task was moved into.
+    pub target_cgroup_id: u64,
+    /// `DATAGRAM_REFUSED`: where the datagram was going.
+    pub addr: SockAddr,
+    pub comm: [u8; 16],
+    /// `UNIX_REFUSED`: the path (or abstract name, leading NUL) dialed.
+    pub path: [u8; UNIX_PATH_MAX],
+}
+
+/// A task (thread) known to be in a tagged cgroup (`AG_TAGGED_TASKS`, by
+/// its kernel pid): so that leaving it can be told from any other move.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TaggedTask {
+    pub tagged_cgroup_id: u64,
+    pub binding: u32,
     pub pad: u32,
 }
 
@@ -138,7 +225,19 @@ pub mod counter {
     /// Agent sockets that wrote before the proxy's socket was in the
     /// `SockHash`, and so stay on the ordinary path for their whole life.
     pub const FAST_PATH_DECLINED: u32 = 5;
-    pub const LEN: u32 = 8;
+    /// Containment refusals by kind (see `event`), counted even when the
+    /// ring buffer is full and the event itself is lost.
+    pub const UNIX_REFUSED: u32 = 6;
+    pub const DATAGRAM_REFUSED: u32 = 7;
+    pub const INET_SOCKET_REFUSED: u32 = 8;
+    pub const FAMILY_REFUSED: u32 = 9;
+    /// Datagrams rewritten to the daemon's DNS forwarder.
+    pub const DNS_FORWARDED: u32 = 10;
+    /// Tasks moved to another cgroup by a tagged task.
+    pub const MIGRATIONS: u32 = 12;
+    /// Events that did not fit in the ring buffer.
+    pub const EVENTS_LOST: u32 = 11;
+    pub const LEN: u32 = 16;
 }
 
 #[cfg(feature = "user")]
@@ -150,4 +249,7 @@ mod pod {
     unsafe impl aya::Pod for super::Provenance {}
     unsafe impl aya::Pod for super::PeerKey {}
     unsafe impl aya::Pod for super::SockPairKey {}
+    unsafe impl aya::Pod for super::UnixPath {}
+    unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::TaggedTask {}
 }

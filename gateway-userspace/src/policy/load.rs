@@ -19,6 +19,7 @@ use super::{
     glob::Glob,
     model::{
         ActionKind, AddressPattern, ApprovalSpec, ApprovalSpecFile, CgroupBinding, Conditions,
+        UnixAllow,
         MatchSpec, PolicyFileSpec, Protocol, Resource, Rule, RuleAction, TlsMode,
         UnknownDestination, UpstreamTls,
     },
@@ -439,6 +440,20 @@ fn load_sources(sources: &[Source]) -> Result<PolicySet, PolicyErrors> {
         }
     }
 
+    // ---- Unix sockets tagged processes may reach ----
+    let mut allow_unix: Vec<UnixAllow> = Vec::new();
+    for (src, spec) in &parsed {
+        errors.set_source(src);
+        for a in &spec.allow_unix {
+            let path = &a.get_ref().path;
+            match unix_allow(path.get_ref()) {
+                Ok(u) if !allow_unix.contains(&u) => allow_unix.push(u),
+                Ok(_) => {}
+                Err(msg) => errors.at(&path.span(), msg),
+            }
+        }
+    }
+
     if !errors.list.is_empty() {
         return Err(PolicyErrors(errors.list));
     }
@@ -466,8 +481,61 @@ fn load_sources(sources: &[Source]) -> Result<PolicySet, PolicyErrors> {
         rules_for,
         masking,
         bindings,
+        allow_unix,
         unknown_destination,
         files: sources.iter().map(|s| s.path.clone()).collect(),
+    })
+}
+
+/// Longest Unix socket address the kernel takes (`sun_path`, 108 bytes,
+/// less the terminating NUL a path needs).
+const UNIX_ADDRESS_MAX: usize = 107;
+
+/// Parses an `[[allow_unix]]` path: `/exact/path`, `/dir/*`, `@abstract`,
+/// `@prefix*`. No `.` or `..` components (the kernel hook refuses such
+/// addresses anyway), no other wildcards.
+pub fn unix_allow(pattern: &str) -> Result<UnixAllow, String> {
+    let (body, exact) = match pattern.strip_suffix('*') {
+        Some(b) => (b, false),
+        None => (pattern, true),
+    };
+    if body.contains(['*', '?', '[']) {
+        return Err(format!(
+            "`{pattern}`: only a trailing `*` is supported (`/dir/*` or `@prefix*`)"
+        ));
+    }
+    let prefix: Vec<u8> = if let Some(name) = body.strip_prefix('@') {
+        if exact && name.is_empty() {
+            return Err("`@` needs an abstract socket name after it".into());
+        }
+        std::iter::once(0u8).chain(name.bytes()).collect()
+    } else if body.starts_with('/') {
+        if !exact && !body.ends_with('/') {
+            return Err(format!(
+                "`{pattern}`: a path pattern ends in `/*` (a whole directory), e.g. \"/run/app/*\""
+            ));
+        }
+        if body.split('/').any(|c| c == "." || c == "..") {
+            return Err(format!("`{pattern}`: `.` and `..` components are not allowed"));
+        }
+        if exact && body.ends_with('/') {
+            return Err(format!("`{pattern}`: a socket path does not end in `/`"));
+        }
+        body.bytes().collect()
+    } else {
+        return Err(format!(
+            "`{pattern}`: use an absolute path (\"/run/app.sock\", \"/run/app/*\") or an abstract name (\"@name\")"
+        ));
+    };
+    if prefix.len() > UNIX_ADDRESS_MAX || prefix[1..].contains(&0) {
+        return Err(format!(
+            "`{pattern}`: longer than {UNIX_ADDRESS_MAX} bytes or contains NUL"
+        ));
+    }
+    Ok(UnixAllow {
+        pattern: pattern.to_owned(),
+        prefix,
+        exact,
     })
 }
 

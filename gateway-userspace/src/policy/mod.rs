@@ -18,12 +18,12 @@ mod store;
 pub use decide::{Candidate, Explanation};
 pub use load::{
     MAX_APPROVAL_TIMEOUT, MAX_GRANT_WINDOW, MAX_POLICY_FILE_BYTES, MAX_POLICY_FILES, MAX_QUORUM,
-    PolicyError, PolicyErrors, load_dir, load_str,
+    PolicyError, PolicyErrors, load_dir, load_str, unix_allow,
 };
 pub use model::{
     Action, ActionKind, AddressPattern, ApprovalSpec, CgroupBinding, Conditions, Decision,
-    Protocol, Resource, Rule, RuleAction, Subject, TlsMode, UnknownDestination, UpstreamTls,
-    Verdict,
+    Protocol, Resource, Rule, RuleAction, Subject, TlsMode, UnixAllow, UnknownDestination,
+    UpstreamTls, Verdict,
 };
 pub use set::{DNS_LOOKUP_TIMEOUT, DnsAnswer, PolicySet};
 pub use store::{PolicyStore, ReloadOutcome, WatchEvent, WatchOptions, watch};

@@ -26,6 +26,17 @@ pub(crate) struct PolicyFileSpec {
     pub masking: Option<MaskingSpec>,
     #[serde(default, rename = "binding")]
     pub bindings: Vec<Spanned<BindingSpec>>,
+    #[serde(default, rename = "allow_unix")]
+    pub allow_unix: Vec<Spanned<AllowUnixSpec>>,
+}
+
+/// A Unix socket tagged processes may reach (everything else is refused).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AllowUnixSpec {
+    pub path: Spanned<String>,
+    #[allow(dead_code)]
+    pub description: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -343,6 +354,18 @@ pub struct Rule {
     pub action: RuleAction,
     /// `file:line:col` of the rule, for `policy explain`.
     pub origin: String,
+}
+
+/// A Unix socket address tagged processes may connect or send to: an
+/// absolute path, or an abstract name (`@name`); `exact` false means any
+/// address that starts with `prefix` (written `/dir/*` or `@prefix*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnixAllow {
+    /// As written in the policy.
+    pub pattern: String,
+    /// The address bytes the kernel compares (abstract names start with NUL).
+    pub prefix: Vec<u8>,
+    pub exact: bool,
 }
 
 /// Binds the processes of cgroups whose path matches `cgroup` to a service account.

@@ -12,7 +12,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 
-use super::model::{AddressPattern, CgroupBinding, Resource, Rule, UnknownDestination};
+use super::model::{AddressPattern, CgroupBinding, Resource, Rule, UnixAllow, UnknownDestination};
 use crate::mask::{MaskKey, MaskPolicy};
 
 /// How long one DNS lookup may take before it counts as failed.
@@ -44,6 +44,7 @@ pub struct PolicySet {
     pub(crate) rules_for: Vec<Vec<usize>>,
     pub(crate) masking: Vec<MaskPolicy>,
     pub(crate) bindings: Vec<CgroupBinding>,
+    pub(crate) allow_unix: Vec<UnixAllow>,
     pub(crate) unknown_destination: UnknownDestination,
     pub(crate) files: Vec<PathBuf>,
     pub(crate) digest: String,
@@ -115,6 +116,11 @@ impl PolicySet {
 
     pub fn bindings(&self) -> &[CgroupBinding] {
         &self.bindings
+    }
+
+    /// The Unix socket addresses tagged processes may reach.
+    pub fn allow_unix(&self) -> &[UnixAllow] {
+        &self.allow_unix
     }
 
     /// The binding for a cgroup path: a literal pattern beats a glob, then the longest pattern.
