@@ -1,6 +1,8 @@
 //! The control socket: a unix stream socket (mode 0600, owned by root) speaking
 //! one JSON object per line in each direction. The daemon checks the peer's
-//! credentials on every connection: only root may tag, exec or read status.
+//! credentials on every request: only root may tag, exec or read status, and
+//! no process inside (or below) a tagged cgroup may ask anything, whatever its
+//! uid (fails closed: a caller whose cgroup cannot be read is refused too).
 //!
 //! An `exec` request owns its cgroup for as long as the requesting connection
 //! stays open; when it closes, the daemon removes the cgroup once it is empty.
@@ -21,8 +23,12 @@ pub const MAX_REQUEST: usize = crate::identity::MAX_HANDOFF_LINE + 4096;
 pub enum Request {
     Status,
     /// Create a tagged cgroup bound to `identity`; the caller moves itself in.
+    /// `privileged`: the command will run as root (`exec --allow-root`); the
+    /// daemon records a `workload.privileged` record before answering.
     Exec {
         identity: String,
+        #[serde(default)]
+        privileged: bool,
     },
     Tag {
         cgroup: PathBuf,

@@ -49,6 +49,8 @@ pub enum DaemonError {
     Audit(#[source] crate::audit::AuditError),
     #[error("[identity]: {0}")]
     Identity(String),
+    #[error("{0}")]
+    Containment(String),
     #[error("policy is invalid; not starting:\n{errors}")]
     Policy { errors: crate::policy::PolicyErrors },
     #[error("binding proxy listener {addr}")]
@@ -66,6 +68,31 @@ pub enum DaemonError {
     },
 }
 
+/// Who is on the other end of a control connection, from its peer credentials.
+struct Caller {
+    pid: Option<u32>,
+    uid: Option<u32>,
+}
+
+/// The `op` of a request line, for the audit record of a refused one: only
+/// the name (never the arguments), and only if it looks like one.
+fn request_op(line: &[u8]) -> String {
+    let op = (line.len() <= MAX_REQUEST)
+        .then(|| serde_json::from_slice::<serde_json::Value>(line).ok())
+        .flatten()
+        .and_then(|v| v.get("op").and_then(|o| o.as_str()).map(str::to_owned));
+    match op {
+        Some(op)
+            if (1..=32).contains(&op.len())
+                && op.bytes().all(|b| b.is_ascii_lowercase() || b == b'-') =>
+        {
+            op
+        }
+        Some(_) => "invalid".into(),
+        None => "malformed".into(),
+    }
+}
+
 /// Bounds of the walk that looks for cgroups the policy binds.
 const POLICY_BINDING_MAX_DEPTH: usize = 8;
 const POLICY_BINDING_MAX_CGROUPS: usize = 10_000;
@@ -75,7 +102,23 @@ struct Daemon {
     exec_root: PathBuf,
     bindings_path: PathBuf,
     exec_seq: AtomicU64,
+    /// Pids of the `agentgate exec` processes whose control connection owns
+    /// an exec cgroup: they wait there as root for their command, so the
+    /// root-process scan of `status` leaves them out.
+    exec_owners: Mutex<std::collections::HashSet<u32>>,
+    containment: Containment,
 }
+
+/// The daemon's side of containment, for `status`.
+struct Containment {
+    /// (resolver, forwarder) pairs the kernel rewrites datagrams by.
+    resolvers: Vec<(SocketAddr, SocketAddr)>,
+    escapes: Arc<crate::containment::events::EscapeStats>,
+    dns: Arc<DnsContext>,
+}
+
+type DnsContext =
+    crate::containment::dns::DnsContext<crate::containment::udp_owner::TaggedUdpOwner>;
 
 /// Runs until `shutdown` becomes true.
 pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(), DaemonError> {
@@ -109,6 +152,31 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         bpffs_dir: &cfg.daemon.bpffs_dir,
     })?;
 
+    let events = redirector.take_events();
+    let resolvers = cfg
+        .containment
+        .resolvers()
+        .map_err(|e| DaemonError::Containment(format!("[containment] {e}")))?;
+    let mut forwarders = Vec::new();
+    for r in resolvers {
+        let fwd = crate::containment::dns::Forwarder::bind(r)
+            .await
+            .map_err(|source| DaemonError::Io {
+                what: "binding the DNS forwarder for",
+                path: r.to_string().into(),
+                source,
+            })?;
+        let local = fwd.local_addr().map_err(|source| DaemonError::Io {
+            what: "reading the address of the DNS forwarder for",
+            path: r.to_string().into(),
+            source,
+        })?;
+        forwarders.push((fwd, local));
+    }
+    let resolver_pairs: Vec<(SocketAddr, SocketAddr)> =
+        forwarders.iter().map(|(f, l)| (f.resolver, *l)).collect();
+    redirector.set_resolvers(&resolver_pairs)?;
+
     let bindings_path = state_dir.join("bindings.json");
     let bindings = restore_bindings(&bindings_path, &mut redirector)?;
     let exec_bindings: Vec<(u32, PathBuf)> = bindings
@@ -119,9 +187,11 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
 
     let policy = load_policy(&cfg.policy, state_dir)?;
     policy.refresh_dns().await;
+    redirector.set_unix_allow(policy.current().allow_unix())?;
+    let hooks = redirector.hooks().to_vec();
 
     let identities = identities(cfg.identity.as_ref())?;
-    let (audit, correlation_key) = open_audit(&cfg, &policy).await?;
+    let (audit, correlation_key) = open_audit(&cfg, &policy, &hooks, &resolver_pairs).await?;
     let shared = Arc::new(Shared {
         redirector: Mutex::new(redirector),
         bindings: Mutex::new(bindings),
@@ -139,11 +209,27 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         pg_cancel_keys: crate::protocol::postgres::proxy::CancelKeys::default(),
         sql_cache: Arc::default(),
     });
+    let c = &cfg.containment;
+    let dns = Arc::new(DnsContext {
+        shape: crate::containment::dns::QueryShape::from_config(c),
+        audit: audit.clone(),
+        attribute: crate::containment::udp_owner::TaggedUdpOwner(shared.clone()),
+        in_flight: Arc::new(Semaphore::new(c.dns_max_in_flight)),
+        timeout: Duration::from_millis(c.dns_timeout_ms),
+        stats: crate::containment::dns::DnsStats::default(),
+        seq: AtomicU64::new(0),
+    });
     let daemon = Arc::new(Daemon {
         shared: shared.clone(),
         exec_root,
         bindings_path,
         exec_seq: AtomicU64::new(0),
+        exec_owners: Mutex::default(),
+        containment: Containment {
+            resolvers: resolver_pairs,
+            escapes: Arc::default(),
+            dns: dns.clone(),
+        },
     });
     // Exec cgroups from a previous run go when their processes are gone.
     for (id, path) in exec_bindings {
@@ -165,6 +251,22 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         tasks.spawn(proxy::serve(l6, shared.clone(), shutdown.clone()));
     }
     tasks.spawn(daemon.clone().serve_control(control, shutdown.clone()));
+    for (fwd, _) in forwarders {
+        tasks.spawn(crate::containment::dns::serve(
+            fwd,
+            dns.clone(),
+            shutdown.clone(),
+        ));
+    }
+    if let Some(ring) = events {
+        tasks.spawn(crate::containment::events::run(
+            ring,
+            shared.clone(),
+            cfg.containment.on_escape,
+            daemon.containment.escapes.clone(),
+            shutdown.clone(),
+        ));
+    }
     tasks.spawn(watch_policy(
         policy,
         audit.clone(),
@@ -275,7 +377,7 @@ fn restore_bindings(path: &Path, redirector: &mut Redirector) -> Result<Bindings
     let mut stale = Vec::new();
     for b in bindings.iter() {
         match cgroup::id(&b.cgroup) {
-            Ok(id) if id == b.cgroup_id => redirector.tag(id, b.id)?,
+            Ok(id) if id == b.cgroup_id => redirector.tag(id, &b.cgroup, b.id)?,
             _ => stale.push(b.id),
         }
     }
@@ -301,6 +403,8 @@ fn exec_root(hierarchy: &Hierarchy, configured: &Path) -> Result<PathBuf, Daemon
 async fn open_audit(
     cfg: &Config,
     policy: &PolicyStore,
+    hooks: &[crate::redirect::Hook],
+    resolvers: &[(SocketAddr, SocketAddr)],
 ) -> Result<(AuditLog, [u8; 32]), DaemonError> {
     let audit = AuditLog::open(cfg.audit.clone())
         .await
@@ -314,6 +418,11 @@ async fn open_audit(
             "fail_mode": format!("{:?}", cfg.daemon.fail_mode).to_lowercase(),
             "fast_path": cfg.proxy.fast_path,
             "policy_digest": policy.current().digest(),
+            "containment": {
+                "hooks": hooks,
+                "dns_resolvers": resolvers.iter().map(|(r, _)| r.to_string()).collect::<Vec<_>>(),
+                "allow_unix": policy.current().allow_unix().iter().map(|a| a.pattern.clone()).collect::<Vec<_>>(),
+            },
         }));
     audit.append(start).await.map_err(DaemonError::Audit)?;
     Ok((audit, correlation_key))
@@ -465,7 +574,14 @@ impl Daemon {
     }
 
     async fn control_connection(self: Arc<Self>, stream: UnixStream) {
-        let uid = stream.peer_cred().map(|c| c.uid()).ok();
+        let cred = stream.peer_cred().ok();
+        let caller = Caller {
+            pid: cred
+                .and_then(|c| c.pid())
+                .and_then(|p| u32::try_from(p).ok())
+                .filter(|&p| p > 0),
+            uid: cred.map(|c| c.uid()),
+        };
         let mut reader = BufReader::new(stream);
         let mut owned_exec: Option<(u32, PathBuf)> = None;
         let mut line = Vec::new();
@@ -477,23 +593,7 @@ impl Daemon {
                 .await;
             let resp = match read {
                 Ok(0) | Err(_) => break,
-                Ok(_) if line.len() > MAX_REQUEST => {
-                    Response::err(ErrorKind::Usage, "request too long")
-                }
-                Ok(_) if uid != Some(0) => {
-                    Response::err(ErrorKind::Usage, "permission denied: root only")
-                }
-                Ok(_) => match serde_json::from_slice::<Request>(&line) {
-                    Err(e) => Response::err(ErrorKind::Usage, format!("malformed request: {e}")),
-                    Ok(Request::Exec { .. }) if owned_exec.is_some() => {
-                        Response::err(ErrorKind::Usage, "one exec per connection")
-                    }
-                    Ok(req) => {
-                        let (resp, exec) = self.handle(req).await;
-                        owned_exec = owned_exec.or(exec);
-                        resp
-                    }
-                },
+                Ok(_) => self.answer(&caller, &line, &mut owned_exec).await,
             };
             let mut out = serde_json::to_vec(&resp).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
             out.push(b'\n');
@@ -502,16 +602,97 @@ impl Daemon {
             }
         }
         if let Some((id, path)) = owned_exec {
+            if let Some(pid) = caller.pid {
+                self.exec_owners
+                    .lock()
+                    .expect("exec owners lock")
+                    .remove(&pid);
+            }
             self.release_exec(id, path).await;
         }
     }
 
-    async fn handle(&self, req: Request) -> (Response, Option<(u32, PathBuf)>) {
+    /// One request line, checked in this order: the caller's cgroup (inside a
+    /// tagged one: refused and recorded, whatever its uid), its size, root,
+    /// well-formed; then handled.
+    async fn answer(
+        &self,
+        caller: &Caller,
+        line: &[u8],
+        owned_exec: &mut Option<(u32, PathBuf)>,
+    ) -> Response {
+        if let Some(refused) = self.refuse_governed(caller, line).await {
+            return refused;
+        }
+        if line.len() > MAX_REQUEST {
+            return Response::err(ErrorKind::Usage, "request too long");
+        }
+        if caller.uid != Some(0) {
+            return Response::err(ErrorKind::Usage, "permission denied: root only");
+        }
+        match serde_json::from_slice::<Request>(line) {
+            Err(e) => Response::err(ErrorKind::Usage, format!("malformed request: {e}")),
+            Ok(Request::Exec { .. }) if owned_exec.is_some() => {
+                Response::err(ErrorKind::Usage, "one exec per connection")
+            }
+            Ok(req) => {
+                let (resp, exec) = self.handle(req, caller).await;
+                if exec.is_some()
+                    && let Some(pid) = caller.pid
+                {
+                    self.exec_owners
+                        .lock()
+                        .expect("exec owners lock")
+                        .insert(pid);
+                }
+                if owned_exec.is_none() {
+                    *owned_exec = exec;
+                }
+                resp
+            }
+        }
+    }
+
+    /// The control plane refuses callers inside or below a tagged cgroup, and
+    /// callers whose cgroup it cannot read (fail closed). Each refusal is a
+    /// `control.refused` record naming the request's op, never its arguments;
+    /// the answer waits for that append and nothing else. A record that cannot
+    /// be written is logged: the request is refused either way.
+    async fn refuse_governed(&self, caller: &Caller, line: &[u8]) -> Option<Response> {
+        let refusal = {
+            let bindings = self.shared.bindings.lock().expect("bindings lock");
+            crate::containment::control_refusal(&self.shared.hierarchy, &bindings, caller.pid)
+        }?;
+        let message = refusal.message();
+        let op = request_op(line);
+        let mut rec = NewRecord::new(Kind::ControlRefused)
+            .workload(crate::containment::process_workload(
+                &self.shared.hierarchy,
+                caller.pid,
+                caller.uid,
+                false,
+            ))
+            .action(json!({ "op": op }))
+            .decision(json!({ "verdict": "deny", "reason": message }));
+        if let crate::containment::ControlRefusal::Governed { identity, .. } = &refusal {
+            rec = rec.identity(self.shared.identity_ref(identity).await);
+        }
+        tracing::warn!(event = "control.refused", pid = ?caller.pid, uid = ?caller.uid, op, "{message}");
+        if let Err(e) = self.shared.audit.append(rec).await {
+            tracing::error!(event = "log.failure", error = %e, "cannot record a refused control request");
+        }
+        Some(Response::err(ErrorKind::Usage, message))
+    }
+
+    async fn handle(&self, req: Request, caller: &Caller) -> (Response, Option<(u32, PathBuf)>) {
         match req {
             Request::Status => (Response::ok(self.status()), None),
             Request::Login { handoff } => (self.login(handoff).await, None),
             Request::Logout { identity } => (self.logout(&identity).await, None),
-            Request::Exec { identity } => match self.exec(identity).await {
+            Request::Exec {
+                identity,
+                privileged,
+            } => match self.exec(identity, privileged, caller).await {
                 Ok((id, path)) => (
                     Response::ok(json!({ "cgroup": path, "binding": id })),
                     Some((id, path)),
@@ -644,7 +825,39 @@ impl Daemon {
         shutdown: &watch::Receiver<bool>,
     ) {
         tasks.spawn(self.clone().maintain_identities(shutdown.clone()));
+        tasks.spawn(self.clone().follow_unix_allow(shutdown.clone()));
         tasks.spawn(self.follow_policy_bindings(attach, shutdown.clone()));
+    }
+
+    /// Keeps the kernel's Unix allow list equal to the policy's `[[allow_unix]]`
+    /// (within a second of a reload).
+    async fn follow_unix_allow(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut applied = self.shared.policy.current().allow_unix().to_vec();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+            let policy = self.shared.policy.current();
+            if policy.allow_unix() == applied.as_slice() {
+                continue;
+            }
+            let result = self
+                .shared
+                .redirector
+                .lock()
+                .expect("redirector lock")
+                .set_unix_allow(policy.allow_unix());
+            match result {
+                Ok(()) => {
+                    applied = policy.allow_unix().to_vec();
+                    tracing::info!(event = "containment.allow_unix", entries = applied.len(), "Unix allow list updated");
+                }
+                Err(e) => tracing::error!(error = %e, "updating the kernel's Unix allow list"),
+            }
+        }
     }
 
     /// Keeps the cgroups that the policy's `[[binding]]`s match tagged with their
@@ -778,8 +991,22 @@ impl Daemon {
             .collect();
         let live = s.registry.snapshot();
         let connections: Vec<&proxy::LiveConnection> = live.iter().map(AsRef::as_ref).collect();
+        let exempt: Vec<u32> = self
+            .exec_owners
+            .lock()
+            .expect("exec owners lock")
+            .iter()
+            .copied()
+            .collect();
+        let root_processes = crate::containment::privileged::scan(
+            &s.hierarchy,
+            &tagged,
+            &exempt,
+            crate::containment::privileged::MAX_REPORTED,
+        );
         json!({
             "tagged": tagged,
+            "root_processes": root_processes,
             "connections": connections,
             "maps": { "by_cookie": by_cookie, "by_peer": by_peer, "fast_mode": fast_mode },
             "counters": {
@@ -789,6 +1016,40 @@ impl Daemon {
             },
             "fast_path": s.config.fast_path,
             "audit": audit_status(&s.audit),
+            "containment": self.containment_status(&counters),
+        })
+    }
+
+    /// What a tagged process can reach besides the proxy, and what was refused.
+    fn containment_status(&self, counters: &[u64]) -> serde_json::Value {
+        use agentgate_common::counter as k;
+        let c = &self.containment;
+        let hooks = self
+            .shared
+            .redirector
+            .lock()
+            .expect("redirector lock")
+            .hooks()
+            .to_vec();
+        let n = |i: u32| counters.get(i as usize).copied().unwrap_or(0);
+        json!({
+            "hooks": hooks,
+            "dns_resolvers": c.resolvers.iter().map(|(r, f)| json!({ "resolver": r.to_string(), "forwarder": f.to_string() })).collect::<Vec<_>>(),
+            "allow_unix": self.shared.policy.current().allow_unix().iter().map(|a| a.pattern.clone()).collect::<Vec<_>>(),
+            "refused": {
+                "unix": n(k::UNIX_REFUSED),
+                "datagram": n(k::DATAGRAM_REFUSED),
+                "socket_type": n(k::INET_SOCKET_REFUSED),
+                "socket_family": n(k::FAMILY_REFUSED),
+            },
+            "dns": {
+                "rewritten": n(k::DNS_FORWARDED),
+                "forwarded": c.dns.stats.forwarded.load(Ordering::Relaxed),
+                "refused": c.dns.stats.refused.load(Ordering::Relaxed),
+                "failed": c.dns.stats.failed.load(Ordering::Relaxed),
+            },
+            "escapes": &*c.escapes,
+            "events_lost": n(k::EVENTS_LOST),
         })
     }
 
@@ -817,7 +1078,15 @@ impl Daemon {
         Ok(())
     }
 
-    async fn exec(&self, identity: String) -> Result<(u32, PathBuf), Response> {
+    /// Makes and binds an exec cgroup. A privileged one (the command runs as
+    /// root) is recorded as `workload.privileged` first: if that record cannot
+    /// be written, the cgroup is removed and the request refused, as in `bind`.
+    async fn exec(
+        &self,
+        identity: String,
+        privileged: bool,
+        caller: &Caller,
+    ) -> Result<(u32, PathBuf), Response> {
         self.validate_identity(&identity).await?;
         let failure = |e: &dyn std::fmt::Display| Response::err(ErrorKind::Failure, e.to_string());
         let name = format!(
@@ -827,6 +1096,27 @@ impl Daemon {
         );
         let path = self.exec_root.join(name);
         cgroup::create(&path).map_err(|e| failure(&e))?;
+        if privileged {
+            let rec = NewRecord::new(Kind::WorkloadPrivileged)
+                .identity(self.shared.identity_ref(&identity).await)
+                .workload(crate::containment::process_workload(
+                    &self.shared.hierarchy,
+                    caller.pid,
+                    caller.uid,
+                    true,
+                ))
+                .action(json!({
+                    "cgroup": path,
+                    "run_as_uid": 0,
+                    "via": "exec --allow-root",
+                    "risk": "a root agent can leave its cgroup and reach the control plane's host",
+                }));
+            if let Err(r) = self.record(rec).await {
+                let _ = cgroup::remove(&path);
+                return Err(r);
+            }
+            tracing::warn!(event = "workload.privileged", identity = %identity, cgroup = %path.display(), pid = ?caller.pid, "exec as root");
+        }
         let id = self
             .bind(identity, &path, BindingKind::Exec)
             .await
@@ -893,7 +1183,7 @@ impl Daemon {
             .redirector
             .lock()
             .expect("redirector lock")
-            .tag(cgroup_id, b.id)
+            .tag(cgroup_id, path, b.id)
         {
             bindings.remove(b.id);
             let _ = bindings.save(&self.bindings_path);

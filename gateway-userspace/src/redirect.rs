@@ -420,25 +420,14 @@ fn attach_lsm(
             "Unix datagrams only to allowed paths",
         ),
     ];
-    let enabled = fs::read_to_string("/sys/kernel/security/lsm")
-        .map(|l| l.trim().split(',').any(|m| m == "bpf"));
-    let unavailable = match enabled {
-        Ok(true) => None,
-        Ok(false) => Some("BPF LSM is not enabled on this kernel (add `bpf` to the lsm= boot parameter)".to_owned()),
-        Err(e) => Some(format!("cannot read /sys/kernel/security/lsm: {e}")),
+    // Whether BPF LSM is on shows in /sys/kernel/security/lsm (securityfs
+    // may not be mounted); the load itself is the test that counts.
+    let lsm_note = match fs::read_to_string("/sys/kernel/security/lsm") {
+        Ok(l) if !l.trim().split(',').any(|m| m == "bpf") => {
+            " (BPF LSM is not in the kernel's lsm= list)"
+        }
+        _ => "",
     };
-    if let Some(why) = unavailable {
-        tracing::error!(reason = %why, "socket-family and Unix-path containment hooks are not attached");
-        return Ok(LSM
-            .iter()
-            .map(|&(name, _, role)| Hook {
-                name,
-                role,
-                attached: false,
-                error: Some(why.clone()),
-            })
-            .collect());
-    }
     let btf = Btf::from_sys_fs().map_err(|e| RedirectError::Program {
         name: names::LSM_SOCKET_CREATE,
         source: Box::new(aya::programs::ProgramError::Btf(e)),
@@ -456,7 +445,7 @@ fn attach_lsm(
                 hooks.push(Hook::on(name, role));
             }
             Err(e) => {
-                let why = format!("the kernel refused the BPF LSM program: {e}");
+                let why = format!("the kernel refused the BPF LSM program{lsm_note}: {e}");
                 tracing::error!(hook = name, reason = %why, "containment hook not attached");
                 hooks.push(Hook {
                     name,
@@ -494,10 +483,19 @@ impl TracepointOffsets {
 }
 
 fn tracepoint_format(event: &str) -> Result<String, RedirectError> {
-    ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
-        .iter()
-        .find_map(|d| fs::read_to_string(format!("{d}/events/{event}/format")).ok())
-        .ok_or_else(|| {
+    let read = || {
+        ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+            .iter()
+            .find_map(|d| fs::read_to_string(format!("{d}/events/{event}/format")).ok())
+    };
+    if let Some(f) = read() {
+        return Ok(f);
+    }
+    // tracefs is usually mounted; where it is not, mount it where aya looks.
+    let _ = std::process::Command::new("mount")
+        .args(["-t", "tracefs", "tracefs", "/sys/kernel/tracing"])
+        .status();
+    read().ok_or_else(|| {
             RedirectError::TracepointFormat(format!(
                 "{event}: no format file under /sys/kernel/tracing or /sys/kernel/debug/tracing (is tracefs mounted?)"
             ))

@@ -83,10 +83,11 @@ def main():
     elif name == "tcp-fastopen":
         host, port = args[0], int(args[1])
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.settimeout(5)
 
         def go():
+            # Blocking: sendto(MSG_FASTOPEN) connects, then sends.
             s.sendto(b"hello", socket.MSG_FASTOPEN, (host, port))
+            s.settimeout(5)
             return {"echoed": s.recv(16).decode(), "peer": list(s.getpeername())}
 
         attempt(name, go)

@@ -430,9 +430,20 @@ impl Env {
         c
     }
 
-    /// `agentgate exec --identity ID -- CMD...` inside the netns.
+    /// `agentgate exec --allow-root --identity ID -- CMD...` inside the netns.
+    /// As root: these tests are about the redirect and the protocol handlers,
+    /// and their clients (the pyenv python under /root) need it.
     pub fn exec(&self, identity: &str, cmd: &[&str]) -> Command {
-        let mut c = self.agentgate(&["exec", "--identity", identity, "--"]);
+        let mut c = self.agentgate(&["exec", "--allow-root", "--identity", identity, "--"]);
+        c.args(cmd);
+        c
+    }
+
+    /// `agentgate exec --user USER --identity ID -- CMD...` inside the netns:
+    /// the agent runs as `user` (NAME or NAME:GROUP). /root is not readable
+    /// by other users: use /usr/bin/python3, not the pyenv python.
+    pub fn exec_as(&self, user: &str, identity: &str, cmd: &[&str]) -> Command {
+        let mut c = self.agentgate(&["exec", "--user", user, "--identity", identity, "--"]);
         c.args(cmd);
         c
     }

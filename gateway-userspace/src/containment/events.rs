@@ -56,6 +56,7 @@ pub async fn run(
         }
     };
     let mut limiter = Limiter::new();
+    let mut recent_escapes: Vec<(u32, Instant)> = Vec::new();
     loop {
         let mut guard = tokio::select! {
             g = fd.readable_mut() => match g {
@@ -76,7 +77,15 @@ pub async fn run(
         guard.clear_ready();
         for e in batch {
             if e.kind == event::MIGRATED {
-                migrated(&shared, &e, on_escape, &stats).await;
+                // One record per process: a process moves one thread at a time.
+                let tgid = thread_group(e.target_pid);
+                recent_escapes.retain(|(_, at)| at.elapsed().as_secs() < 10);
+                if recent_escapes.iter().any(|(g, _)| *g == tgid) {
+                    continue;
+                }
+                if migrated(&shared, &e, tgid, on_escape, &stats).await {
+                    recent_escapes.push((tgid, Instant::now()));
+                }
             } else if let Some(suppressed) = limiter.admit() {
                 refused(&shared, &e, suppressed).await;
             } else {
@@ -213,18 +222,39 @@ fn refusal_reason(kind: u32) -> &'static str {
     }
 }
 
-/// A task moved by a tagged task: an escape if no binding governs where it went.
-async fn migrated(shared: &Shared, e: &Event, on_escape: OnEscape, stats: &EscapeStats) {
-    let pid = e.target_pid;
-    let Some(path) = shared.hierarchy.of_process(pid) else {
-        return; // already gone
+/// The process a kernel task id belongs to (itself when /proc says nothing).
+fn thread_group(tid: u32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{tid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Tgid:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(tid)
+}
+
+/// A task that left a tagged cgroup: an escape if no binding governs where
+/// it went. True when it was recorded as one.
+async fn migrated(
+    shared: &Shared,
+    e: &Event,
+    pid: u32,
+    on_escape: OnEscape,
+    stats: &EscapeStats,
+) -> bool {
+    let Some(path) = shared.hierarchy.of_process(e.target_pid) else {
+        return false; // already gone
     };
-    let governed = {
+    let (governed, from) = {
         let bindings = shared.bindings.lock().expect("bindings lock");
-        super::governing(&bindings, &path).is_some()
+        let from = bindings
+            .by_cgroup_id(e.tagged_cgroup_id)
+            .map(|b| shared.hierarchy.relative(&b.cgroup));
+        (super::governing(&bindings, &path).is_some(), from)
     };
     if governed {
-        return;
+        return false;
     }
     stats.escapes_detected.fetch_add(1, Ordering::Relaxed);
     let killed = on_escape == OnEscape::Kill && crate::sys::kill(pid, libc::SIGKILL).is_ok();
@@ -239,7 +269,7 @@ async fn migrated(shared: &Shared, e: &Event, on_escape: OnEscape, stats: &Escap
         .action(json!({
             "moved_pid": pid,
             "moved_by_pid": e.tgid,
-            "from_cgroup_id": e.cgroup_id,
+            "from_cgroup": from,
             "tagged_cgroup_id": e.tagged_cgroup_id,
             "to_cgroup": to,
         }))
@@ -250,6 +280,7 @@ async fn migrated(shared: &Shared, e: &Event, on_escape: OnEscape, stats: &Escap
     if let Err(err) = shared.audit.append(rec).await {
         tracing::error!(event = "log.failure", error = %err, "cannot record an escape");
     }
+    true
 }
 
 /// A Unix address for a record: the path, or `@name` for an abstract one,

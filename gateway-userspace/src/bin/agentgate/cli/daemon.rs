@@ -30,6 +30,17 @@ pub struct ExecArgs {
     /// Identity the command acts for.
     #[arg(long)]
     pub identity: String,
+    /// Run the command as this user (and group; by default the user's primary
+    /// group), with the user's supplementary groups and HOME, USER and
+    /// LOGNAME. Without it (and without --allow-root), root runs the command
+    /// as the user who ran sudo, or refuses.
+    #[arg(long, value_name = "NAME[:GROUP]")]
+    pub user: Option<String>,
+    /// Run the command as root (when no --user is given, even under sudo). A
+    /// root agent can leave its cgroup and reach the control plane's host:
+    /// this prints a warning and the daemon records workload.privileged.
+    #[arg(long)]
+    pub allow_root: bool,
     /// The command and its arguments.
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
     pub command: Vec<std::ffi::OsString>,
@@ -132,6 +143,8 @@ pub fn status(config: &Path, args: &StatusArgs) -> anyhow::Result<ExitCode> {
             t["cgroup"].as_str().unwrap_or("?")
         )?;
     }
+    write_root_processes(&mut out, &v["root_processes"])?;
+    write_containment_status(&mut out, &v["containment"])?;
     let conns = v["connections"].as_array().unwrap_or(&empty);
     writeln!(out, "live connections: {}", conns.len())?;
     // (`Value`'s Display ignores widths: numbers become strings first.)
@@ -185,6 +198,35 @@ pub fn status(config: &Path, args: &StatusArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Root processes inside tagged cgroups, one line each; nothing when there
+/// are none (or the daemon does not report them).
+fn write_root_processes(
+    out: &mut impl std::io::Write,
+    procs: &serde_json::Value,
+) -> std::io::Result<()> {
+    let Some(procs) = procs.as_array().filter(|p| !p.is_empty()) else {
+        return Ok(());
+    };
+    writeln!(
+        out,
+        "root processes in tagged cgroups: {} (WARNING: a root process can leave its cgroup and bypass the gateway)",
+        procs.len()
+    )?;
+    for p in procs {
+        writeln!(
+            out,
+            "  pid {} {:<10} {} {}",
+            p["pid"]
+                .as_u64()
+                .map_or_else(|| "?".to_owned(), |n| n.to_string()),
+            p["identity"].as_str().unwrap_or("?"),
+            p["cgroup"].as_str().unwrap_or("?"),
+            p["exe"].as_str().unwrap_or("?")
+        )?;
+    }
+    Ok(())
+}
+
 /// The audit log's lines of `agentgate status`.
 fn write_audit_status(out: &mut impl std::io::Write, a: &serde_json::Value) -> std::io::Result<()> {
     let s = &a["stats"];
@@ -226,11 +268,131 @@ fn write_audit_status(out: &mut impl std::io::Write, a: &serde_json::Value) -> s
     Ok(())
 }
 
+/// Why `exec` will not run an agent as root unasked.
+const ROOT_REFUSAL: &str = "refusing to run the agent as root: a root agent can leave its cgroup and approve its own requests; pass --user NAME, run through sudo, or --allow-root";
+
+/// Who `exec` runs the command as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum RunAs {
+    /// The caller itself (a non-root caller): nothing changes.
+    Caller,
+    /// Root (the caller's own credentials), by `--allow-root`: warned about
+    /// and recorded.
+    Root,
+    /// Another account: privileges are dropped in the child.
+    User(Account),
+}
+
+impl RunAs {
+    /// Whether the command runs with uid 0 (`--allow-root`, or a `--user`
+    /// whose uid is 0): the daemon records it as `workload.privileged`.
+    fn is_root(&self) -> bool {
+        match self {
+            Self::Caller => false,
+            Self::Root => true,
+            Self::User(a) => a.user.uid == 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Account {
+    user: agentgate::sys::User,
+    gid: u32,
+    groups: Vec<u32>,
+}
+
+/// Which user a `--user` (or `SUDO_USER`) request names, before the
+/// password database is asked: `(user, group)`.
+fn split_user_spec(spec: &str) -> Result<(&str, Option<&str>), UsageError> {
+    let (user, group) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    if user.is_empty() || group.is_some_and(str::is_empty) {
+        return Err(UsageError(format!(
+            "--user {spec:?}: expected NAME or NAME:GROUP"
+        )));
+    }
+    Ok((user, group))
+}
+
+/// Looks an account up: the user, its group (`GROUP` or the user's primary
+/// group) and the supplementary groups `initgroups` would give it.
+fn account(spec: &str, source: &str) -> anyhow::Result<Account> {
+    let (name, group) = split_user_spec(spec)?;
+    let user = agentgate::sys::user_by_name(name)
+        .with_context(|| format!("looking up user {name:?}"))?
+        .ok_or_else(|| UsageError(format!("{source}: no such user {name:?}")))?;
+    let gid = match group {
+        None => user.gid,
+        Some(g) => agentgate::sys::group_by_name(g)
+            .with_context(|| format!("looking up group {g:?}"))?
+            .ok_or_else(|| UsageError(format!("{source}: no such group {g:?}")))?,
+    };
+    let mut groups = agentgate::sys::group_list(&user.name, user.gid)
+        .with_context(|| format!("reading the groups of {}", user.name))?;
+    if !groups.contains(&gid) {
+        groups.insert(0, gid);
+    }
+    Ok(Account { user, gid, groups })
+}
+
+/// Decides who runs the command: `--user`; for root, else root itself with
+/// `--allow-root` (an explicit choice beats sudo's), else `SUDO_USER` (if not
+/// root), else nobody: refused. A non-root caller runs it as itself (it
+/// cannot become anyone else).
+fn run_as(args: &ExecArgs, caller_uid: u32, sudo_user: Option<&str>) -> anyhow::Result<RunAs> {
+    let named = match (&args.user, sudo_user) {
+        (Some(spec), _) => Some(account(spec, "--user")?),
+        (None, Some(sudo))
+            if caller_uid == 0 && !args.allow_root && !sudo.is_empty() && sudo != "root" =>
+        {
+            Some(account(sudo, "SUDO_USER")?)
+        }
+        _ => None,
+    };
+    let chosen = match named {
+        Some(a) if caller_uid != 0 => {
+            if a.user.uid == caller_uid && a.gid == a.user.gid {
+                return Ok(RunAs::Caller);
+            }
+            return Err(UsageError(format!(
+                "--user {}: only root can run a command as another user or group",
+                a.user.name
+            ))
+            .into());
+        }
+        Some(a) => RunAs::User(a),
+        None if caller_uid != 0 => return Ok(RunAs::Caller),
+        None => RunAs::Root,
+    };
+    if chosen.is_root() && !args.allow_root {
+        return Err(UsageError(ROOT_REFUSAL.into()).into());
+    }
+    Ok(chosen)
+}
+
 pub fn exec(config: &Path, args: &ExecArgs) -> anyhow::Result<ExitCode> {
     let cfg = load_config(config, false)?;
+    let (program, rest) = args
+        .command
+        .split_first()
+        .ok_or_else(|| UsageError("no command given".into()))?;
+    // Decided before the daemon is asked: a refusal leaves no cgroup behind.
+    let sudo_user = std::env::var("SUDO_USER").ok();
+    let run_as = run_as(args, agentgate::sys::geteuid(), sudo_user.as_deref())?;
+    let privileged = run_as.is_root();
+    if privileged {
+        eprintln!(
+            "agentgate: warning: running the agent as root (--allow-root): a root agent can leave its cgroup and reach the control plane's host; the daemon records this as workload.privileged"
+        );
+    }
     let rt = runtime()?;
     // The connection stays open while the command runs: the daemon removes the
-    // cgroup when it closes and the cgroup is empty.
+    // cgroup when it closes and the cgroup is empty. It is made, and the
+    // request sent, before this process moves into the tagged cgroup: the
+    // daemon refuses requests from inside one.
     let (client, cgroup) = rt.block_on(async {
         let mut client = Client::connect(&cfg.daemon.control_socket)
             .await
@@ -238,6 +400,7 @@ pub fn exec(config: &Path, args: &ExecArgs) -> anyhow::Result<ExitCode> {
         let v = client
             .request(&Request::Exec {
                 identity: args.identity.clone(),
+                privileged,
             })
             .await
             .map_err(control_err)?;
@@ -250,11 +413,16 @@ pub fn exec(config: &Path, args: &ExecArgs) -> anyhow::Result<ExitCode> {
     // Move this process in first, so the command starts tagged: nothing it
     // does, from its first instruction on, escapes the cgroup.
     agentgate::cgroup::enter(Path::new(&cgroup), std::process::id())?;
-    let (program, rest) = args
-        .command
-        .split_first()
-        .ok_or_else(|| UsageError("no command given".into()))?;
-    let status = match Command::new(program).args(rest).status() {
+    let mut command = Command::new(program);
+    command.args(rest);
+    if let RunAs::User(a) = &run_as {
+        command
+            .env("HOME", &a.user.home)
+            .env("USER", &a.user.name)
+            .env("LOGNAME", &a.user.name);
+        agentgate::sys::drop_privileges_on_exec(&mut command, a.user.uid, a.gid, a.groups.clone());
+    }
+    let status = match command.status() {
         Ok(s) => s,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             eprintln!(
@@ -295,4 +463,169 @@ pub fn untag(config: &Path, args: UntagArgs) -> anyhow::Result<ExitCode> {
     ))?;
     println!("untagged {}", v["cgroup"].as_str().unwrap_or("?"));
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(user: Option<&str>, allow_root: bool) -> ExecArgs {
+        ExecArgs {
+            identity: "demo".into(),
+            user: user.map(str::to_owned),
+            allow_root,
+            command: vec!["true".into()],
+        }
+    }
+
+    fn usage_message(r: anyhow::Result<RunAs>) -> String {
+        let e = r.expect_err("a usage error");
+        e.downcast_ref::<UsageError>()
+            .unwrap_or_else(|| panic!("not a usage error: {e:#}"))
+            .0
+            .clone()
+    }
+
+    #[test]
+    fn root_without_a_user_is_refused_unless_allowed() {
+        let m = usage_message(run_as(&args(None, false), 0, None));
+        assert!(m.starts_with("refusing to run the agent as root"), "{m}");
+        assert_eq!(run_as(&args(None, true), 0, None).unwrap(), RunAs::Root);
+        assert_eq!(
+            run_as(&args(None, true), 0, Some("nobody")).unwrap(),
+            RunAs::Root,
+            "--allow-root is explicit; sudo's user is a default"
+        );
+        // SUDO_USER=root is no one else.
+        let m = usage_message(run_as(&args(None, false), 0, Some("root")));
+        assert!(m.contains("--allow-root"), "{m}");
+        // --user root is root too.
+        let m = usage_message(run_as(&args(Some("root"), false), 0, None));
+        assert!(m.contains("--allow-root"), "{m}");
+        assert!(
+            run_as(&args(Some("root"), true), 0, None)
+                .unwrap()
+                .is_root()
+        );
+    }
+
+    #[test]
+    fn a_named_user_wins_over_sudo_user_and_allow_root() {
+        let RunAs::User(a) = run_as(&args(Some("nobody"), true), 0, Some("root")).unwrap() else {
+            panic!("runs as nobody");
+        };
+        assert_eq!(a.user.name, "nobody");
+        assert_ne!(a.user.uid, 0);
+        assert_eq!(a.gid, a.user.gid);
+        assert!(a.groups.contains(&a.gid));
+        let RunAs::User(a) = run_as(&args(None, false), 0, Some("nobody")).unwrap() else {
+            panic!("SUDO_USER names the user");
+        };
+        assert_eq!(a.user.name, "nobody");
+        let RunAs::User(a) = run_as(&args(Some("nobody:root"), false), 0, None).unwrap() else {
+            panic!("runs as nobody");
+        };
+        assert_eq!(a.gid, 0, "an explicit group replaces the primary one");
+    }
+
+    #[test]
+    fn unknown_users_and_groups_are_usage_errors() {
+        let m = usage_message(run_as(&args(Some("no-such-user-ag"), false), 0, None));
+        assert_eq!(m, "--user: no such user \"no-such-user-ag\"");
+        let m = usage_message(run_as(
+            &args(Some("nobody:no-such-group-ag"), false),
+            0,
+            None,
+        ));
+        assert_eq!(m, "--user: no such group \"no-such-group-ag\"");
+        let m = usage_message(run_as(&args(None, false), 0, Some("no-such-user-ag")));
+        assert!(m.starts_with("SUDO_USER: no such user"), "{m}");
+        for bad in ["", ":x", "nobody:"] {
+            let m = usage_message(run_as(&args(Some(bad), false), 0, None));
+            assert!(m.contains("NAME:GROUP"), "{bad}: {m}");
+        }
+    }
+
+    #[test]
+    fn a_non_root_caller_runs_as_itself() {
+        assert_eq!(
+            run_as(&args(None, false), 1000, None).unwrap(),
+            RunAs::Caller
+        );
+        assert_eq!(
+            run_as(&args(None, false), 1000, Some("nobody")).unwrap(),
+            RunAs::Caller
+        );
+        let m = usage_message(run_as(&args(Some("root"), true), 1000, None));
+        assert!(m.contains("only root"), "{m}");
+    }
+}
+
+/// The containment lines of `agentgate status`: what a tagged process can
+/// reach besides the proxy, which hooks enforce it, what was refused.
+fn write_containment_status(
+    out: &mut impl std::io::Write,
+    c: &serde_json::Value,
+) -> std::io::Result<()> {
+    let empty = Vec::new();
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    writeln!(out, "containment:")?;
+    let hooks = c["hooks"].as_array().unwrap_or(&empty);
+    let off: Vec<&serde_json::Value> = hooks.iter().filter(|h| h["attached"] != true).collect();
+    writeln!(
+        out,
+        "  hooks attached: {} of {}",
+        hooks.len() - off.len(),
+        hooks.len()
+    )?;
+    for h in off {
+        writeln!(
+            out,
+            "  NOT ENFORCED: {} ({})",
+            h["role"].as_str().unwrap_or("?"),
+            h["error"].as_str().unwrap_or("not attached")
+        )?;
+    }
+    let resolvers: Vec<&str> = c["dns_resolvers"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .filter_map(|r| r["resolver"].as_str())
+        .collect();
+    writeln!(
+        out,
+        "  dns resolvers: {}",
+        if resolvers.is_empty() { "none".to_owned() } else { resolvers.join(", ") }
+    )?;
+    let unix: Vec<&str> = c["allow_unix"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .filter_map(serde_json::Value::as_str)
+        .collect();
+    writeln!(
+        out,
+        "  unix sockets allowed: {}",
+        if unix.is_empty() { "none".to_owned() } else { unix.join(", ") }
+    )?;
+    let r = &c["refused"];
+    let d = &c["dns"];
+    writeln!(
+        out,
+        "  refused since start: unix {}, datagram {}, socket type {}, socket family {}; dns queries forwarded {}, refused {}",
+        n(&r["unix"]),
+        n(&r["datagram"]),
+        n(&r["socket_type"]),
+        n(&r["socket_family"]),
+        n(&d["forwarded"]),
+        n(&d["refused"])
+    )?;
+    let e = &c["escapes"];
+    writeln!(
+        out,
+        "  escapes from tagged cgroups: {} (killed {})",
+        n(&e["escapes_detected"]),
+        n(&e["escapes_killed"])
+    )?;
+    Ok(())
 }

@@ -1,0 +1,312 @@
+//! Containment on the real kernel: a tagged process tries every route out
+//! other than the proxy; each is refused (a listener on the other side
+//! confirms nothing arrived) and recorded, and the allowed routes still work.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{ChildStdout, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use agentgate_e2e::{DaemonOptions, Env, Proc, run_ok, scripts_dir};
+use serde_json::Value;
+
+/// The fake resolver the config names (inside the test's netns).
+const RESOLVER: &str = "127.0.0.53";
+
+fn options() -> DaemonOptions {
+    DaemonOptions {
+        extra: format!("\n[containment]\ndns_resolvers = [\"{RESOLVER}\"]\n"),
+        ..DaemonOptions::default()
+    }
+}
+
+/// The non-root agent's interpreter: /root (pyenv) is not readable by nobody.
+const PYTHON: &str = "/usr/bin/python3";
+
+/// Runs one probe as `nobody` in a tagged cgroup and returns its JSON line.
+fn probe_as(env: &Env, user: Option<&str>, args: &[&str]) -> Value {
+    let script = scripts_dir().join("probe.py");
+    let mut argv = vec!["exec", "--identity", "demo"];
+    match user {
+        Some(u) => argv.extend(["--user", u]),
+        None => argv.push("--allow-root"),
+    }
+    argv.extend(["--", PYTHON, script.to_str().unwrap()]);
+    argv.extend(args);
+    let out = run_ok(&mut env.agentgate(&argv)).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.lines().last().expect("a probe line")).unwrap()
+}
+
+fn probe(env: &Env, args: &[&str]) -> Value {
+    probe_as(env, Some("nobody"), args)
+}
+
+/// The fake resolver and a datagram sink on IPv4 and IPv6, in the netns;
+/// every datagram they receive comes out of the channel as JSON.
+fn sink(env: &Env) -> (Proc, mpsc::Receiver<Value>) {
+    let mut c = env.netns.command("python3");
+    c.arg(scripts_dir().join("udp_sink.py"))
+        .args([RESOLVER, "127.0.0.1:9999", "[::1]:9999"])
+        .stdout(Stdio::piped());
+    let mut p = Proc::spawn("udp sink", c).unwrap();
+    assert_eq!(p.read_line().unwrap(), "ready");
+    let out: ChildStdout = p.child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str(&line) {
+                let _ = tx.send(v);
+            }
+        }
+    });
+    (p, rx)
+}
+
+fn records(env: &Env) -> Vec<Value> {
+    let dir = env.state.join("audit");
+    let out = run_ok(&mut env.agentgate(&[
+        "audit",
+        "export",
+        "--format",
+        "jsonl",
+        "--dir",
+        dir.to_str().unwrap(),
+    ]))
+    .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Refusal records (`containment.refused`) whose action matches `pred`.
+fn refusals(env: &Env, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+    records(env)
+        .into_iter()
+        .filter(|r| r["kind"] == "containment.refused" && pred(&r["action"]))
+        .collect()
+}
+
+/// Polls until `f` holds (the daemon writes records from the event ring
+/// shortly after the refusal).
+fn eventually(what: &str, f: impl Fn() -> bool) {
+    for _ in 0..100 {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("never: {what}");
+}
+
+#[test]
+fn datagrams_reach_only_the_resolver_through_the_logging_forwarder() {
+    let env = Env::new("dgram", options()).unwrap();
+    let (_sink, received) = sink(&env);
+
+    // Refused: datagrams anywhere but the resolver, connected or not,
+    // IPv4, IPv6 and IPv4-mapped, and port 53 of a host that is not a resolver.
+    for args in [
+        ["udp-sendto", "127.0.0.1", "9999"],
+        ["udp-sendto", "::1", "9999"],
+        ["udp-sendto", "::ffff:127.0.0.1", "9999"],
+        ["udp-connect", "127.0.0.1", "9999"],
+        ["udp-sendto", "127.0.0.9", "53"],
+    ] {
+        let r = probe(&env, &args);
+        assert_eq!(r["ok"], false, "{args:?}: {r}");
+        assert_eq!(r["error"], "EPERM", "{args:?}: {r}");
+    }
+    // Allowed: DNS to the resolver, connected and not; the answer comes
+    // from the resolver's own address.
+    for mode in ["dns", "dns-connected"] {
+        let r = probe(&env, &[mode, RESOLVER, "db.example"]);
+        assert_eq!(r["ok"], true, "{r}");
+        assert_eq!(r["answers"], 1, "{r}");
+        assert_eq!(r["from"], format!("{RESOLVER}:53"), "{r}");
+    }
+    // A tunnel-shaped query (a 50-byte label) and a NULL query are refused
+    // by the forwarder and never leave.
+    let tunnel = format!("{}.t.example", "a".repeat(50));
+    let r = probe(&env, &["dns", RESOLVER, &tunnel]);
+    assert_eq!(r["rcode"], 5, "REFUSED: {r}");
+    let r = probe(&env, &["dns", RESOLVER, "x.example", "10"]);
+    assert_eq!(r["rcode"], 5, "REFUSED: {r}");
+
+    // The other side saw exactly the two ordinary queries.
+    std::thread::sleep(Duration::from_millis(300));
+    let seen: Vec<Value> = received.try_iter().collect();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(seen.iter().all(|d| d["name"] == "db.example"), "{seen:?}");
+
+    // Every refusal is a record naming the agent and where it meant to go.
+    eventually("five datagram refusals recorded", || {
+        refusals(&env, |a| a["route"] == "datagram").len() == 5
+    });
+    let refused = refusals(&env, |a| a["route"] == "datagram");
+    let dests: Vec<&str> = refused
+        .iter()
+        .map(|r| r["action"]["destination"].as_str().unwrap())
+        .collect();
+    for d in ["127.0.0.1:9999", "[::1]:9999", "127.0.0.9:53"] {
+        assert!(dests.contains(&d), "{dests:?}");
+    }
+    for r in &refused {
+        assert_eq!(r["identity"]["subject"], "demo");
+        assert_eq!(r["workload"]["uid"], 65534);
+        assert_eq!(r["decision"]["verdict"], "deny");
+    }
+    // Each query is a dns.query record: name, type, who; and its answer count.
+    let all = records(&env);
+    let asked: Vec<&Value> = all
+        .iter()
+        .filter(|r| r["kind"] == "dns.query" && r["action"]["name"] == "db.example")
+        .collect();
+    assert_eq!(asked.len(), 2, "{asked:?}");
+    for q in &asked {
+        assert_eq!(q["decision"]["verdict"], "allow");
+        assert_eq!(q["action"]["type"], "A");
+        assert_eq!(q["identity"]["subject"], "demo");
+        assert_eq!(q["workload"]["uid"], 65534);
+        assert!(
+            q["workload"]["exe"]
+                .as_str()
+                .is_some_and(|e| e.contains("python3")),
+            "{q}"
+        );
+        let id = &q["action"]["query"];
+        assert!(
+            all.iter()
+                .any(|r| r["kind"] == "dns.query"
+                    && r["action"]["query"] == *id
+                    && r["result"]["answers"] == 1),
+            "answer count of {id}"
+        );
+    }
+    let denied: Vec<&Value> = all
+        .iter()
+        .filter(|r| r["kind"] == "dns.query" && r["decision"]["verdict"] == "deny")
+        .collect();
+    assert_eq!(denied.len(), 2, "{denied:?}");
+    assert!(
+        denied
+            .iter()
+            .any(|r| r["decision"]["reason"].as_str().unwrap().contains("label")),
+        "{denied:?}"
+    );
+
+    let s = env.status().unwrap();
+    let c = &s["containment"];
+    assert_eq!(c["refused"]["datagram"], 5, "{c}");
+    assert_eq!(c["dns"]["forwarded"], 2, "{c}");
+    assert_eq!(c["dns"]["refused"], 2, "{c}");
+    assert_eq!(c["dns_resolvers"][0]["resolver"], format!("{RESOLVER}:53"));
+    let text = String::from_utf8_lossy(&run_ok(&mut env.agentgate(&["status"])).unwrap().stdout)
+        .into_owned();
+    assert!(text.contains("containment:"), "{text}");
+    assert!(text.contains(&format!("dns resolvers: {RESOLVER}:53")), "{text}");
+}
+
+#[test]
+fn socket_types_outside_tcp_and_udp_are_refused() {
+    let env = Env::new("socktype", options()).unwrap();
+    let (_echo, port) = env.echo_server("127.0.0.1").unwrap();
+    let port = port.to_string();
+    // MPTCP: refused at socket creation by the gateway's hook.
+    let r = probe(&env, &["mptcp", "127.0.0.1", &port]);
+    assert_eq!((r["ok"].as_bool(), r["error"].as_str()), (Some(false), Some("EPERM")), "{r}");
+    // As root (where the kernel's own capability checks pass), raw sockets
+    // are refused by the gateway too.
+    for (family, ty, proto) in [("2", "3", "1"), ("2", "3", "255"), ("10", "3", "58")] {
+        let r = probe_as(&env, None, &["socket", family, ty, proto]);
+        assert_eq!(r["ok"], false, "{family}/{ty}/{proto}: {r}");
+        assert_eq!(r["error"], "EPERM", "{family}/{ty}/{proto}: {r}");
+    }
+    // A non-root agent cannot make raw, packet or ICMP ("ping") sockets at
+    // all: the kernel refuses them (CAP_NET_RAW, net.ipv4.ping_group_range)
+    // before any hook runs.
+    for (family, ty, proto) in [("2", "3", "1"), ("17", "3", "0"), ("2", "2", "1")] {
+        let r = probe(&env, &["socket", family, ty, proto]);
+        assert_eq!(r["ok"], false, "{family}/{ty}/{proto}: {r}");
+    }
+    // TCP and UDP sockets are still made.
+    assert_eq!(probe(&env, &["socket", "2", "1", "0"])["ok"], true);
+    assert_eq!(probe(&env, &["socket", "10", "2", "0"])["ok"], true);
+    eventually("four socket refusals recorded", || {
+        refusals(&env, |a| a["route"] == "socket").len() == 4
+    });
+    let protocols: Vec<Value> = refusals(&env, |a| a["route"] == "socket")
+        .iter()
+        .map(|r| r["action"]["protocol"].clone())
+        .collect();
+    for p in ["mptcp", "icmp", "raw", "icmpv6"] {
+        assert!(protocols.contains(&Value::from(p)), "{protocols:?}");
+    }
+    assert_eq!(env.status().unwrap()["containment"]["refused"]["socket_type"], 4);
+}
+
+#[test]
+fn tcp_fast_open_goes_through_the_proxy() {
+    let env = Env::new("tfo", options()).unwrap();
+    let (_echo, port) = env.echo_server("127.0.0.1").unwrap();
+    let r = probe(&env, &["tcp-fastopen", "127.0.0.1", &port.to_string()]);
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["echoed"], "hello", "{r}");
+    assert_eq!(r["peer"], serde_json::json!(["127.0.0.1", port]), "{r}");
+    eventually("the connection is a record", || {
+        records(&env).iter().any(|r| {
+            r["kind"] == "connection.open"
+                && r["workload"]["uid"] == 65534
+                && r["resource"] == "loopback"
+        })
+    });
+    assert_eq!(env.status().unwrap()["counters"]["redirected"], 1);
+}
+
+#[test]
+fn a_root_agent_that_leaves_its_cgroup_is_recorded_and_killed() {
+    let env = Env::new("escape", options()).unwrap();
+    let mount = env.cgroup.path.parent().unwrap().to_path_buf();
+    let marker = env.state.join("survived");
+    // The agent moves itself to the cgroup root (untagged), then would go on.
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && sleep 2 && touch {}",
+        mount.display(),
+        marker.display()
+    );
+    let out = env
+        .agentgate(&["exec", "--identity", "demo", "--allow-root", "--", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(128 + 9), "killed: {out:?}");
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(!marker.exists(), "the escaped agent ran on");
+    let all = records(&env);
+    let escaped: Vec<&Value> = all.iter().filter(|r| r["kind"] == "workload.escaped").collect();
+    assert_eq!(escaped.len(), 1, "{escaped:?}");
+    let e = escaped[0];
+    assert_eq!(e["identity"]["subject"], "demo");
+    assert_eq!(e["action"]["to_cgroup"], "/");
+    assert_eq!(e["result"]["killed"], true);
+    assert!(all.iter().any(|r| r["kind"] == "workload.privileged"));
+    let s = env.status().unwrap();
+    assert_eq!(s["containment"]["escapes"]["escapes_detected"], 1);
+    assert_eq!(s["containment"]["escapes"]["escapes_killed"], 1);
+
+    // Moving into a cgroup below the tagged one is not leaving it.
+    let script = format!(
+        "o={mount}$(sed -n 's/^0:://p' /proc/self/cgroup) && mkdir $o/sub && echo $$ > $o/sub/cgroup.procs \
+         && echo stayed && echo $$ > $o/cgroup.procs && rmdir $o/sub",
+        mount = mount.display()
+    );
+    let out = env
+        .agentgate(&["exec", "--identity", "demo", "--allow-root", "--", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "stayed");
+    assert_eq!(env.status().unwrap()["containment"]["escapes"]["escapes_detected"], 1);
+}
