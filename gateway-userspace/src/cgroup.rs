@@ -209,13 +209,14 @@ pub fn tasks_below(path: &Path, max: usize) -> Vec<u32> {
             continue;
         };
         for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
-            let tids: Vec<u32> = fs::read_dir(format!("/proc/{pid}/task"))
-                .map(|d| {
+            let tids: Vec<u32> = fs::read_dir(format!("/proc/{pid}/task")).map_or_else(
+                |_| vec![pid],
+                |d| {
                     d.filter_map(Result::ok)
                         .filter_map(|e| e.file_name().to_str()?.parse().ok())
                         .collect()
-                })
-                .unwrap_or_else(|_| vec![pid]);
+                },
+            );
             for tid in tids {
                 if out.len() >= max {
                     return out;

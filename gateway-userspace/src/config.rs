@@ -98,7 +98,10 @@ impl ContainmentConfig {
         }
         self.dns_resolvers
             .iter()
-            .map(|r| parse_resolver(r).ok_or_else(|| format!("dns_resolvers: `{r}` is not an IP address or IP:port")))
+            .map(|r| {
+                parse_resolver(r)
+                    .ok_or_else(|| format!("dns_resolvers: `{r}` is not an IP address or IP:port"))
+            })
             .collect()
     }
 
@@ -132,9 +135,11 @@ impl ContainmentConfig {
 pub const MAX_RESOLVERS: usize = 16;
 
 fn parse_resolver(text: &str) -> Option<std::net::SocketAddr> {
-    text.parse::<std::net::SocketAddr>()
-        .ok()
-        .or_else(|| text.parse::<std::net::IpAddr>().ok().map(|ip| (ip, 53).into()))
+    text.parse::<std::net::SocketAddr>().ok().or_else(|| {
+        text.parse::<std::net::IpAddr>()
+            .ok()
+            .map(|ip| (ip, 53).into())
+    })
 }
 
 /// `nameserver` lines of resolv.conf (port 53), in order, at most `MAX_RESOLVERS`.

@@ -122,60 +122,15 @@ type DnsContext =
 
 /// Runs until `shutdown` becomes true.
 pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(), DaemonError> {
-    if crate::sys::geteuid() != 0 {
-        return Err(DaemonError::NotRoot);
-    }
-    let hierarchy = Hierarchy::discover()?;
-    let attach = hierarchy.resolve(&cfg.daemon.attach_cgroup)?;
-    let exec_root = exec_root(&hierarchy, &cfg.daemon.exec_cgroup)?;
+    let (hierarchy, attach, exec_root) = prepare(&cfg)?;
     let state_dir = &cfg.daemon.state_dir;
-    std::fs::create_dir_all(state_dir).map_err(|source| DaemonError::Io {
-        what: "creating",
-        path: state_dir.clone(),
-        source,
-    })?;
-
     let p = &cfg.proxy;
     let (listener4, listener6, addr4, addr6) = listeners(p)?;
-    let netns_cookie = crate::sys::netns_cookie(&listener4).map_err(|source| DaemonError::Io {
-        what: "reading netns cookie of",
-        path: "proxy listener".into(),
-        source,
-    })?;
+    let netns_cookie = netns_cookie(&listener4)?;
 
-    let mut redirector = Redirector::load(&RedirectConfig {
-        attach_cgroup: &attach,
-        proxy4: addr4,
-        proxy6: addr6,
-        fast_path: p.fast_path,
-        fail_mode: cfg.daemon.fail_mode,
-        bpffs_dir: &cfg.daemon.bpffs_dir,
-    })?;
-
-    let events = redirector.take_events();
-    let resolvers = cfg
-        .containment
-        .resolvers()
-        .map_err(|e| DaemonError::Containment(format!("[containment] {e}")))?;
-    let mut forwarders = Vec::new();
-    for r in resolvers {
-        let fwd = crate::containment::dns::Forwarder::bind(r)
-            .await
-            .map_err(|source| DaemonError::Io {
-                what: "binding the DNS forwarder for",
-                path: r.to_string().into(),
-                source,
-            })?;
-        let local = fwd.local_addr().map_err(|source| DaemonError::Io {
-            what: "reading the address of the DNS forwarder for",
-            path: r.to_string().into(),
-            source,
-        })?;
-        forwarders.push((fwd, local));
-    }
+    let (mut redirector, events, forwarders) = load_kernel(&cfg, &attach, addr4, addr6).await?;
     let resolver_pairs: Vec<(SocketAddr, SocketAddr)> =
-        forwarders.iter().map(|(f, l)| (f.resolver, *l)).collect();
-    redirector.set_resolvers(&resolver_pairs)?;
+        forwarders.iter().map(|f| (f.resolver, f.local)).collect();
 
     let bindings_path = state_dir.join("bindings.json");
     let bindings = restore_bindings(&bindings_path, &mut redirector)?;
@@ -209,16 +164,6 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         pg_cancel_keys: crate::protocol::postgres::proxy::CancelKeys::default(),
         sql_cache: Arc::default(),
     });
-    let c = &cfg.containment;
-    let dns = Arc::new(DnsContext {
-        shape: crate::containment::dns::QueryShape::from_config(c),
-        audit: audit.clone(),
-        attribute: crate::containment::udp_owner::TaggedUdpOwner(shared.clone()),
-        in_flight: Arc::new(Semaphore::new(c.dns_max_in_flight)),
-        timeout: Duration::from_millis(c.dns_timeout_ms),
-        stats: crate::containment::dns::DnsStats::default(),
-        seq: AtomicU64::new(0),
-    });
     let daemon = Arc::new(Daemon {
         shared: shared.clone(),
         exec_root,
@@ -228,7 +173,11 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         containment: Containment {
             resolvers: resolver_pairs,
             escapes: Arc::default(),
-            dns: dns.clone(),
+            dns: Arc::new(DnsContext::new(
+                &cfg.containment,
+                audit.clone(),
+                crate::containment::udp_owner::TaggedUdpOwner(shared.clone()),
+            )),
         },
     });
     // Exec cgroups from a previous run go when their processes are gone.
@@ -251,22 +200,13 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         tasks.spawn(proxy::serve(l6, shared.clone(), shutdown.clone()));
     }
     tasks.spawn(daemon.clone().serve_control(control, shutdown.clone()));
-    for (fwd, _) in forwarders {
-        tasks.spawn(crate::containment::dns::serve(
-            fwd,
-            dns.clone(),
-            shutdown.clone(),
-        ));
-    }
-    if let Some(ring) = events {
-        tasks.spawn(crate::containment::events::run(
-            ring,
-            shared.clone(),
-            cfg.containment.on_escape,
-            daemon.containment.escapes.clone(),
-            shutdown.clone(),
-        ));
-    }
+    daemon.spawn_containment(
+        &mut tasks,
+        forwarders,
+        events,
+        cfg.containment.on_escape,
+        &shutdown,
+    );
     tasks.spawn(watch_policy(
         policy,
         audit.clone(),
@@ -284,6 +224,67 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
     close_audit(audit).await;
     tracing::info!("agentgate stopped");
     Ok(())
+}
+
+/// The eBPF programs, their containment event ring, and the DNS forwarders
+/// the kernel sends datagrams to.
+async fn load_kernel(
+    cfg: &Config,
+    attach: &Path,
+    addr4: SocketAddr,
+    addr6: SocketAddr,
+) -> Result<
+    (
+        Redirector,
+        Option<aya::maps::RingBuf<aya::maps::MapData>>,
+        Vec<crate::containment::dns::Forwarder>,
+    ),
+    DaemonError,
+> {
+    let mut redirector = Redirector::load(&RedirectConfig {
+        attach_cgroup: attach,
+        proxy4: addr4,
+        proxy6: addr6,
+        fast_path: cfg.proxy.fast_path,
+        fail_mode: cfg.daemon.fail_mode,
+        bpffs_dir: &cfg.daemon.bpffs_dir,
+    })?;
+
+    let events = redirector.take_events();
+    let forwarders = crate::containment::dns::Forwarder::bind_all(&cfg.containment)
+        .await
+        .map_err(|e| DaemonError::Containment(format!("[containment] {e}")))?;
+    let pairs: Vec<(SocketAddr, SocketAddr)> =
+        forwarders.iter().map(|f| (f.resolver, f.local)).collect();
+    redirector.set_resolvers(&pairs)?;
+    Ok((redirector, events, forwarders))
+}
+
+/// The network namespace the kernel keys the proxy's records by.
+fn netns_cookie(listener: &TcpListener) -> Result<u64, DaemonError> {
+    crate::sys::netns_cookie(listener).map_err(|source| DaemonError::Io {
+        what: "reading netns cookie of",
+        path: "proxy listener".into(),
+        source,
+    })
+}
+
+/// Checks for root, finds the cgroups and makes the state directory.
+fn prepare(cfg: &Config) -> Result<(Hierarchy, PathBuf, PathBuf), DaemonError> {
+    if crate::sys::geteuid() != 0 {
+        return Err(DaemonError::NotRoot);
+    }
+    let hierarchy = Hierarchy::discover()?;
+    let attach = hierarchy.resolve(&cfg.daemon.attach_cgroup)?;
+    let exec_root = exec_root(&hierarchy, &cfg.daemon.exec_cgroup)?;
+    let state_dir = &cfg.daemon.state_dir;
+    std::fs::create_dir_all(state_dir).map_err(|source| DaemonError::Io {
+        what: "creating",
+        path: state_dir.clone(),
+        source,
+    })?;
+
+    Ok((hierarchy, attach, exec_root))
 }
 
 /// Records the stop, then flushes and writes the final checkpoint.
@@ -817,6 +818,33 @@ impl Daemon {
         }
     }
 
+    /// The DNS forwarders and the containment event reader.
+    fn spawn_containment(
+        self: &Arc<Self>,
+        tasks: &mut tokio::task::JoinSet<()>,
+        forwarders: Vec<crate::containment::dns::Forwarder>,
+        events: Option<aya::maps::RingBuf<aya::maps::MapData>>,
+        on_escape: crate::config::OnEscape,
+        shutdown: &watch::Receiver<bool>,
+    ) {
+        for fwd in forwarders {
+            tasks.spawn(crate::containment::dns::serve(
+                fwd,
+                self.containment.dns.clone(),
+                shutdown.clone(),
+            ));
+        }
+        if let Some(ring) = events {
+            tasks.spawn(crate::containment::events::run(
+                ring,
+                self.shared.clone(),
+                on_escape,
+                self.containment.escapes.clone(),
+                shutdown.clone(),
+            ));
+        }
+    }
+
     /// Identity upkeep and policy bindings.
     fn spawn_background(
         self: Arc<Self>,
@@ -853,7 +881,11 @@ impl Daemon {
             match result {
                 Ok(()) => {
                     applied = policy.allow_unix().to_vec();
-                    tracing::info!(event = "containment.allow_unix", entries = applied.len(), "Unix allow list updated");
+                    tracing::info!(
+                        event = "containment.allow_unix",
+                        entries = applied.len(),
+                        "Unix allow list updated"
+                    );
                 }
                 Err(e) => tracing::error!(error = %e, "updating the kernel's Unix allow list"),
             }

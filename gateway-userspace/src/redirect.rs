@@ -34,8 +34,7 @@ use aya::{
         lpm_trie::{Key as LpmKey, LpmTrie},
     },
     programs::{
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, LsmCgroup, SkMsg, SkSkb, SockOps,
-        TracePoint,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, LsmCgroup, SkMsg, SkSkb, SockOps, TracePoint,
         links::{FdLink, LinkError, PinnedLink},
     },
 };
@@ -159,24 +158,7 @@ impl Redirector {
             .load(OBJECT)
             .map_err(|e| RedirectError::Load(Box::new(e)))?;
 
-        let offsets = TracepointOffsets::read()?;
-        let mut kernel_cfg: Array<MapData, KernelConfig> = take_map(&mut ebpf, names::CONFIG)?;
-        kernel_cfg
-            .set(
-                0,
-                KernelConfig {
-                    proxy4: sock_addr(cfg.proxy4),
-                    proxy6: sock_addr(cfg.proxy6),
-                    daemon_tgid: std::process::id(),
-                    fast_path: u32::from(cfg.fast_path),
-                    ready: 1,
-                    tp_attach_pid_offset: offsets.attach_pid,
-                    tp_attach_dst_id_offset: offsets.attach_dst_id,
-                    tp_fork_child_pid_offset: offsets.fork_child_pid,
-                },
-                0,
-            )
-            .map_err(map_err(names::CONFIG))?;
+        write_kernel_config(&mut ebpf, cfg)?;
         let sockhash: SockHash<MapData, agentgate_common::SockPairKey> =
             take_map(&mut ebpf, names::SOCKHASH)?;
 
@@ -185,9 +167,25 @@ impl Redirector {
             source,
         })?;
         let mut fd_links: Vec<(&'static str, FdLink)> = Vec::new();
-        let mut hooks = Vec::new();
-        // cgroup bpf_links are always multi-attach; the kernel rejects
-        // BPF_F_ALLOW_MULTI on them, so the mode here is Single (flags 0).
+        // Loads a cgroup program and attaches it; fail-closed keeps the link
+        // for pinning. cgroup bpf_links are always multi-attach; the kernel
+        // rejects BPF_F_ALLOW_MULTI on them, so the mode is Single (flags 0).
+        macro_rules! attach_to_cgroup {
+            ($ty:ty, $name:expr) => {{
+                let name = $name;
+                let prog: &mut $ty = program(&mut ebpf, name)?;
+                prog.load().map_err(prog_err(name))?;
+                let id = prog
+                    .attach(&cgroup, CgroupAttachMode::Single)
+                    .map_err(prog_err(name))?;
+                if cfg.fail_mode == FailMode::Closed {
+                    let link = prog.take_link(id).map_err(prog_err(name))?;
+                    let fd = FdLink::try_from(link)
+                        .map_err(|source| RedirectError::Link { name, source })?;
+                    fd_links.push((name, fd));
+                }
+            }};
+        }
         for name in [
             names::CONNECT4,
             names::CONNECT6,
@@ -198,50 +196,27 @@ impl Redirector {
             names::RECVMSG4,
             names::RECVMSG6,
         ] {
-            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-            prog.load().map_err(prog_err(name))?;
-            let id = prog
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(prog_err(name))?;
-            if cfg.fail_mode == FailMode::Closed {
-                let link = prog.take_link(id).map_err(prog_err(name))?;
-                let fd = FdLink::try_from(link)
-                    .map_err(|source| RedirectError::Link { name, source })?;
-                fd_links.push((name, fd));
-            }
+            attach_to_cgroup!(CgroupSockAddr, name);
         }
-        {
-            let name = names::SOCK_CREATE;
-            let prog: &mut CgroupSock = program(&mut ebpf, name)?;
-            prog.load().map_err(prog_err(name))?;
-            let id = prog
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(prog_err(name))?;
-            if cfg.fail_mode == FailMode::Closed {
-                let link = prog.take_link(id).map_err(prog_err(name))?;
-                let fd = FdLink::try_from(link)
-                    .map_err(|source| RedirectError::Link { name, source })?;
-                fd_links.push((name, fd));
-            }
-        }
-        hooks.push(Hook::on(names::CONNECT4, "TCP redirect; datagrams only to the DNS forwarder"));
-        hooks.push(Hook::on(names::SENDMSG4, "unconnected datagrams only to the DNS forwarder"));
-        hooks.push(Hook::on(names::SOCK_CREATE, "inet sockets: TCP and UDP only"));
-        hooks.extend(attach_lsm(&mut ebpf, &cgroup, cfg.fail_mode, &mut fd_links)?);
-        {
-            let name = names::SOCK_OPS;
-            let prog: &mut SockOps = program(&mut ebpf, name)?;
-            prog.load().map_err(prog_err(name))?;
-            let id = prog
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(prog_err(name))?;
-            if cfg.fail_mode == FailMode::Closed {
-                let link = prog.take_link(id).map_err(prog_err(name))?;
-                let fd = FdLink::try_from(link)
-                    .map_err(|source| RedirectError::Link { name, source })?;
-                fd_links.push((name, fd));
-            }
-        }
+        attach_to_cgroup!(CgroupSock, names::SOCK_CREATE);
+        attach_to_cgroup!(SockOps, names::SOCK_OPS);
+        let mut hooks = vec![
+            Hook::on(
+                names::CONNECT4,
+                "TCP redirect; datagrams only to the DNS forwarder",
+            ),
+            Hook::on(
+                names::SENDMSG4,
+                "unconnected datagrams only to the DNS forwarder",
+            ),
+            Hook::on(names::SOCK_CREATE, "inet sockets: TCP and UDP only"),
+        ];
+        hooks.extend(attach_lsm(
+            &mut ebpf,
+            &cgroup,
+            cfg.fail_mode,
+            &mut fd_links,
+        )?);
         {
             let prog: &mut SkMsg = program(&mut ebpf, names::SK_MSG)?;
             prog.load().map_err(prog_err(names::SK_MSG))?;
@@ -252,19 +227,7 @@ impl Redirector {
             prog.attach(sockhash.fd())
                 .map_err(prog_err(names::SK_SKB_VERDICT))?;
         }
-
-        // Task tracking for escape detection: global tracepoints, only
-        // useful while the daemon runs (it acts on what they report).
-        for (name, category, event) in [
-            (names::TP_FORK, "sched", "sched_process_fork"),
-            (names::TP_EXIT, "sched", "sched_process_exit"),
-            (names::TP_ATTACH, "cgroup", "cgroup_attach_task"),
-        ] {
-            let prog: &mut TracePoint = program(&mut ebpf, name)?;
-            prog.load().map_err(prog_err(name))?;
-            prog.attach(category, event).map_err(prog_err(name))?;
-        }
-        hooks.push(Hook::on(names::TP_ATTACH, "processes leaving a tagged cgroup"));
+        hooks.push(attach_task_tracking(&mut ebpf)?);
 
         let pinned = repin(cfg.bpffs_dir, fd_links)?;
 
@@ -314,7 +277,10 @@ impl Redirector {
 
     /// Points datagrams of tagged processes to each resolver at its
     /// forwarder (and nowhere else): `(resolver, forwarder)` pairs.
-    pub fn set_resolvers(&mut self, pairs: &[(SocketAddr, SocketAddr)]) -> Result<(), RedirectError> {
+    pub fn set_resolvers(
+        &mut self,
+        pairs: &[(SocketAddr, SocketAddr)],
+    ) -> Result<(), RedirectError> {
         for (resolver, forwarder) in pairs {
             let (r, f) = (sock_addr(*resolver), sock_addr(*forwarder));
             self.resolvers
@@ -328,7 +294,10 @@ impl Redirector {
     }
 
     /// Makes the kernel's Unix allow list exactly `allowed`.
-    pub fn set_unix_allow(&mut self, allowed: &[crate::policy::UnixAllow]) -> Result<(), RedirectError> {
+    pub fn set_unix_allow(
+        &mut self,
+        allowed: &[crate::policy::UnixAllow],
+    ) -> Result<(), RedirectError> {
         let want: Vec<LpmKey<UnixPath>> = allowed.iter().map(unix_key).collect();
         let have: Vec<LpmKey<UnixPath>> = self.unix_allow.keys().filter_map(Result::ok).collect();
         for k in &have {
@@ -393,6 +362,47 @@ impl Hook {
             error: None,
         }
     }
+}
+
+/// Writes the programs' one-entry configuration; from then on they act.
+fn write_kernel_config(ebpf: &mut Ebpf, cfg: &RedirectConfig<'_>) -> Result<(), RedirectError> {
+    let offsets = TracepointOffsets::read()?;
+    let mut kernel_cfg: Array<MapData, KernelConfig> = take_map(ebpf, names::CONFIG)?;
+    kernel_cfg
+        .set(
+            0,
+            KernelConfig {
+                proxy4: sock_addr(cfg.proxy4),
+                proxy6: sock_addr(cfg.proxy6),
+                daemon_tgid: std::process::id(),
+                fast_path: u32::from(cfg.fast_path),
+                ready: 1,
+                tp_attach_pid_offset: offsets.attach_pid,
+                tp_attach_dst_id_offset: offsets.attach_dst_id,
+                tp_fork_child_pid_offset: offsets.fork_child_pid,
+            },
+            0,
+        )
+        .map_err(map_err(names::CONFIG))?;
+    Ok(())
+}
+
+/// Task tracking for escape detection: global tracepoints, only useful
+/// while the daemon runs (it acts on what they report).
+fn attach_task_tracking(ebpf: &mut Ebpf) -> Result<Hook, RedirectError> {
+    for (name, category, event) in [
+        (names::TP_FORK, "sched", "sched_process_fork"),
+        (names::TP_EXIT, "sched", "sched_process_exit"),
+        (names::TP_ATTACH, "cgroup", "cgroup_attach_task"),
+    ] {
+        let prog: &mut TracePoint = program(ebpf, name)?;
+        prog.load().map_err(prog_err(name))?;
+        prog.attach(category, event).map_err(prog_err(name))?;
+    }
+    Ok(Hook::on(
+        names::TP_ATTACH,
+        "processes leaving a tagged cgroup",
+    ))
 }
 
 /// The BPF LSM hooks, scoped to the attach cgroup. Not fatal where the
@@ -471,8 +481,9 @@ impl TracepointOffsets {
         let attach = tracepoint_format("cgroup/cgroup_attach_task")?;
         let fork = tracepoint_format("sched/sched_process_fork")?;
         let field = |format: &str, decl: &str, size: u32| {
-            tracepoint_field(format, decl, size)
-                .ok_or_else(|| RedirectError::TracepointFormat(format!("no `{decl}` field of {size} bytes")))
+            tracepoint_field(format, decl, size).ok_or_else(|| {
+                RedirectError::TracepointFormat(format!("no `{decl}` field of {size} bytes"))
+            })
         };
         Ok(Self {
             attach_pid: field(&attach, "int pid", 4)?,
@@ -522,7 +533,11 @@ fn unix_key(a: &crate::policy::UnixAllow) -> LpmKey<UnixPath> {
     let n = a.prefix.len().min(UNIX_PATH_MAX);
     bytes[..n].copy_from_slice(&a.prefix[..n]);
     // An exact entry covers its terminating NUL (the kernel side zero-pads).
-    let bits = if a.exact { (n + 1).min(UNIX_PATH_MAX) } else { n } * 8;
+    let bits = if a.exact {
+        (n + 1).min(UNIX_PATH_MAX)
+    } else {
+        n
+    } * 8;
     LpmKey::new(bits as u32, UnixPath { bytes })
 }
 
@@ -682,7 +697,11 @@ mod tests {
         let format = "name: cgroup_attach_task\nformat:\n\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\tfield:u64 dst_id;\toffset:16;\tsize:8;\tsigned:0;\n\tfield:int pid;\toffset:24;\tsize:4;\tsigned:1;\n";
         assert_eq!(tracepoint_field(format, "int pid", 4), Some(24));
         assert_eq!(tracepoint_field(format, "u64 dst_id", 8), Some(16));
-        assert_eq!(tracepoint_field(format, "u64 dst_id", 4), None, "size checked");
+        assert_eq!(
+            tracepoint_field(format, "u64 dst_id", 4),
+            None,
+            "size checked"
+        );
         assert_eq!(tracepoint_field(format, "int dst_level", 4), None);
     }
 

@@ -45,7 +45,8 @@ pub fn default_sigpipe() {
 
 /// Sends a signal to a process.
 pub fn kill(pid: u32, signal: libc::c_int) -> io::Result<()> {
-    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let pid =
+        libc::pid_t::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     if pid <= 0 {
         return Err(io::ErrorKind::InvalidInput.into());
     }
@@ -72,10 +73,8 @@ pub fn async_ring(
 ) -> io::Result<tokio::io::unix::AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>> {
     // SAFETY: the ring buffer owns its map descriptor for as long as it
     // lives, and `as_raw_fd` always returns that same descriptor.
-    unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)
-    }
-    .map_err(Into::into)
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .map_err(Into::into)
 }
 
 /// A user account from the password database (`getpwnam_r`, so NSS sources

@@ -28,14 +28,14 @@ const PYTHON: &str = "/usr/bin/python3";
 /// Runs one probe as `nobody` in a tagged cgroup and returns its JSON line.
 fn probe_as(env: &Env, user: Option<&str>, args: &[&str]) -> Value {
     let script = scripts_dir().join("probe.py");
-    let mut argv = vec!["exec", "--identity", "demo"];
+    let mut command = vec!["exec", "--identity", "demo"];
     match user {
-        Some(u) => argv.extend(["--user", u]),
-        None => argv.push("--allow-root"),
+        Some(u) => command.extend(["--user", u]),
+        None => command.push("--allow-root"),
     }
-    argv.extend(["--", PYTHON, script.to_str().unwrap()]);
-    argv.extend(args);
-    let out = run_ok(&mut env.agentgate(&argv)).unwrap();
+    command.extend(["--", PYTHON, script.to_str().unwrap()]);
+    command.extend(args);
+    let out = run_ok(&mut env.agentgate(&command)).unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(text.lines().last().expect("a probe line")).unwrap()
 }
@@ -179,10 +179,9 @@ fn datagrams_reach_only_the_resolver_through_the_logging_forwarder() {
         );
         let id = &q["action"]["query"];
         assert!(
-            all.iter()
-                .any(|r| r["kind"] == "dns.query"
-                    && r["action"]["query"] == *id
-                    && r["result"]["answers"] == 1),
+            all.iter().any(|r| r["kind"] == "dns.query"
+                && r["action"]["query"] == *id
+                && r["result"]["answers"] == 1),
             "answer count of {id}"
         );
     }
@@ -207,7 +206,10 @@ fn datagrams_reach_only_the_resolver_through_the_logging_forwarder() {
     let text = String::from_utf8_lossy(&run_ok(&mut env.agentgate(&["status"])).unwrap().stdout)
         .into_owned();
     assert!(text.contains("containment:"), "{text}");
-    assert!(text.contains(&format!("dns resolvers: {RESOLVER}:53")), "{text}");
+    assert!(
+        text.contains(&format!("dns resolvers: {RESOLVER}:53")),
+        "{text}"
+    );
 }
 
 #[test]
@@ -217,7 +219,11 @@ fn socket_types_outside_tcp_and_udp_are_refused() {
     let port = port.to_string();
     // MPTCP: refused at socket creation by the gateway's hook.
     let r = probe(&env, &["mptcp", "127.0.0.1", &port]);
-    assert_eq!((r["ok"].as_bool(), r["error"].as_str()), (Some(false), Some("EPERM")), "{r}");
+    assert_eq!(
+        (r["ok"].as_bool(), r["error"].as_str()),
+        (Some(false), Some("EPERM")),
+        "{r}"
+    );
     // As root (where the kernel's own capability checks pass), raw sockets
     // are refused by the gateway too.
     for (family, ty, proto) in [("2", "3", "1"), ("2", "3", "255"), ("10", "3", "58")] {
@@ -245,7 +251,10 @@ fn socket_types_outside_tcp_and_udp_are_refused() {
     for p in ["mptcp", "icmp", "raw", "icmpv6"] {
         assert!(protocols.contains(&Value::from(p)), "{protocols:?}");
     }
-    assert_eq!(env.status().unwrap()["containment"]["refused"]["socket_type"], 4);
+    assert_eq!(
+        env.status().unwrap()["containment"]["refused"]["socket_type"],
+        4
+    );
 }
 
 #[test]
@@ -278,14 +287,26 @@ fn a_root_agent_that_leaves_its_cgroup_is_recorded_and_killed() {
         marker.display()
     );
     let out = env
-        .agentgate(&["exec", "--identity", "demo", "--allow-root", "--", "sh", "-c", &script])
+        .agentgate(&[
+            "exec",
+            "--identity",
+            "demo",
+            "--allow-root",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(128 + 9), "killed: {out:?}");
     std::thread::sleep(Duration::from_millis(2500));
     assert!(!marker.exists(), "the escaped agent ran on");
     let all = records(&env);
-    let escaped: Vec<&Value> = all.iter().filter(|r| r["kind"] == "workload.escaped").collect();
+    let escaped: Vec<&Value> = all
+        .iter()
+        .filter(|r| r["kind"] == "workload.escaped")
+        .collect();
     assert_eq!(escaped.len(), 1, "{escaped:?}");
     let e = escaped[0];
     assert_eq!(e["identity"]["subject"], "demo");
@@ -303,10 +324,22 @@ fn a_root_agent_that_leaves_its_cgroup_is_recorded_and_killed() {
         mount = mount.display()
     );
     let out = env
-        .agentgate(&["exec", "--identity", "demo", "--allow-root", "--", "sh", "-c", &script])
+        .agentgate(&[
+            "exec",
+            "--identity",
+            "demo",
+            "--allow-root",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "stayed");
-    assert_eq!(env.status().unwrap()["containment"]["escapes"]["escapes_detected"], 1);
+    assert_eq!(
+        env.status().unwrap()["containment"]["escapes"]["escapes_detected"],
+        1
+    );
 }

@@ -20,10 +20,11 @@ use std::{
     time::Duration,
 };
 
+use std::fmt::Write as _;
+
 use serde::Serialize;
 use serde_json::json;
 use tokio::{net::UdpSocket, sync::Semaphore};
-
 
 use crate::audit::{AuditLog, Kind, NewRecord};
 
@@ -137,7 +138,9 @@ pub fn parse_query(msg: &[u8], shape: &QueryShape) -> Result<Query, Refusal> {
             break;
         }
         if len & 0xc0 != 0 {
-            return Err(Refusal::Malformed("compressed or extended label in a question"));
+            return Err(Refusal::Malformed(
+                "compressed or extended label in a question",
+            ));
         }
         let label = msg
             .get(i..i + len)
@@ -155,7 +158,7 @@ pub fn parse_query(msg: &[u8], shape: &QueryShape) -> Result<Query, Refusal> {
             if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
                 name.push(char::from(b));
             } else {
-                name.push_str(&format!("\\{b:03}"));
+                let _ = write!(name, "\\{b:03}");
             }
         }
     }
@@ -186,7 +189,10 @@ pub fn parse_query(msg: &[u8], shape: &QueryShape) -> Result<Query, Refusal> {
     }
     if !shape.types.contains(&qtype) {
         let t = qtype_name(qtype);
-        return Err(Refusal::Shape(query, format!("query type {t} is not allowed")));
+        return Err(Refusal::Shape(
+            query,
+            format!("query type {t} is not allowed"),
+        ));
     }
     Ok(query)
 }
@@ -237,6 +243,8 @@ pub struct DnsStats {
 /// One forwarder: a loopback socket standing for one resolver.
 pub struct Forwarder {
     pub resolver: SocketAddr,
+    /// Where it listens (what the kernel rewrites datagrams to).
+    pub local: SocketAddr,
     pub socket: Arc<UdpSocket>,
 }
 
@@ -248,14 +256,25 @@ impl Forwarder {
         } else {
             (Ipv6Addr::LOCALHOST, 0).into()
         };
+        let socket = UdpSocket::bind(local).await?;
         Ok(Self {
             resolver,
-            socket: Arc::new(UdpSocket::bind(local).await?),
+            local: socket.local_addr()?,
+            socket: Arc::new(socket),
         })
     }
 
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.socket.local_addr()
+    /// One forwarder per configured resolver.
+    pub async fn bind_all(cfg: &crate::config::ContainmentConfig) -> Result<Vec<Self>, String> {
+        let mut out = Vec::new();
+        for r in cfg.resolvers()? {
+            out.push(
+                Self::bind(r)
+                    .await
+                    .map_err(|e| format!("binding the DNS forwarder for {r}: {e}"))?,
+            );
+        }
+        Ok(out)
     }
 }
 
@@ -268,6 +287,20 @@ pub struct DnsContext<A> {
     pub timeout: Duration,
     pub stats: DnsStats,
     pub seq: AtomicU64,
+}
+
+impl<A: Attribute> DnsContext<A> {
+    pub fn new(cfg: &crate::config::ContainmentConfig, audit: AuditLog, attribute: A) -> Self {
+        Self {
+            shape: QueryShape::from_config(cfg),
+            audit,
+            attribute,
+            in_flight: Arc::new(Semaphore::new(cfg.dns_max_in_flight)),
+            timeout: Duration::from_millis(cfg.dns_timeout_ms),
+            stats: DnsStats::default(),
+            seq: AtomicU64::new(0),
+        }
+    }
 }
 
 /// Serves one forwarder until `shutdown`.
@@ -358,11 +391,7 @@ async fn handle<A: Attribute>(
     if let Some(reason) = refusal {
         tracing::info!(event = "dns.refused", name = %query.name, %reason);
         ctx.stats.refused.fetch_add(1, Ordering::Relaxed);
-        return Some(error_response(
-            msg,
-            Some(query.question_end),
-            RCODE_REFUSED,
-        ));
+        return Some(error_response(msg, Some(query.question_end), RCODE_REFUSED));
     }
     if let Err(e) = written {
         tracing::error!(event = "log.failure", error = %e, "cannot record a DNS query; answering SERVFAIL");
@@ -377,8 +406,7 @@ async fn handle<A: Attribute>(
         Ok(a) => a,
         Err(e) => {
             ctx.stats.failed.fetch_add(1, Ordering::Relaxed);
-            let rec = record(json!({ "query": id }))
-                .result(json!({ "error": e.to_string() }));
+            let rec = record(json!({ "query": id })).result(json!({ "error": e.to_string() }));
             let _ = ctx.audit.append_detached(rec);
             return Some(error_response(
                 msg,
@@ -414,7 +442,9 @@ async fn forward(
     loop {
         let n = tokio::time::timeout_at(deadline, sock.recv(&mut buf))
             .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "resolver did not answer"))??;
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "resolver did not answer")
+            })??;
         if response_summary(&buf[..n], id).is_some() {
             buf.truncate(n);
             return Ok(buf);
@@ -457,7 +487,10 @@ mod tests {
             parse_query(&query(&long_label, 16), &shape()),
             Err(Refusal::Shape(_, r)) if r.contains("label")
         ));
-        let long_name = (0..12).map(|_| "abcdefghijklmn").collect::<Vec<_>>().join(".");
+        let long_name = (0..12)
+            .map(|_| "abcdefghijklmn")
+            .collect::<Vec<_>>()
+            .join(".");
         assert!(matches!(
             parse_query(&query(&long_name, 1), &shape()),
             Err(Refusal::Shape(_, r)) if r.contains("name longer")
@@ -470,19 +503,34 @@ mod tests {
 
     #[test]
     fn malformed_messages_are_refused() {
-        assert!(matches!(parse_query(&[0; 5], &shape()), Err(Refusal::Malformed(_))));
+        assert!(matches!(
+            parse_query(&[0; 5], &shape()),
+            Err(Refusal::Malformed(_))
+        ));
         let mut two = query("a.example", 1);
         two[5] = 2;
-        assert!(matches!(parse_query(&two, &shape()), Err(Refusal::Malformed(_))));
+        assert!(matches!(
+            parse_query(&two, &shape()),
+            Err(Refusal::Malformed(_))
+        ));
         let mut response = query("a.example", 1);
         response[2] |= 0x80;
-        assert!(matches!(parse_query(&response, &shape()), Err(Refusal::Malformed(_))));
+        assert!(matches!(
+            parse_query(&response, &shape()),
+            Err(Refusal::Malformed(_))
+        ));
         let mut cut = query("a.example", 1);
         cut.truncate(cut.len() - 3);
-        assert!(matches!(parse_query(&cut, &shape()), Err(Refusal::Malformed(_))));
+        assert!(matches!(
+            parse_query(&cut, &shape()),
+            Err(Refusal::Malformed(_))
+        ));
         let mut pointer = query("a.example", 1);
         pointer[12] = 0xc0;
-        assert!(matches!(parse_query(&pointer, &shape()), Err(Refusal::Malformed(_))));
+        assert!(matches!(
+            parse_query(&pointer, &shape()),
+            Err(Refusal::Malformed(_))
+        ));
     }
 
     #[test]

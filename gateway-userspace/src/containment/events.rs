@@ -19,6 +19,8 @@ use std::{
 
 use agentgate_common::{AF_INET, AF_INET6, Event, Provenance, SockAddr, event};
 use aya::maps::{MapData, RingBuf};
+use std::fmt::Write as _;
+
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -130,7 +132,11 @@ impl Limiter {
 
 /// The identity and workload an event names (the task's /proc, if it is
 /// still there; the kernel's fields always).
-async fn who(shared: &Shared, e: &Event, pid: u32) -> (Option<crate::audit::IdentityRef>, crate::audit::Workload) {
+async fn who(
+    shared: &Shared,
+    e: &Event,
+    pid: u32,
+) -> (Option<crate::audit::IdentityRef>, crate::audit::Workload) {
     let identity = shared
         .bindings
         .lock()
@@ -300,7 +306,7 @@ pub fn unix_address(path: &[u8]) -> String {
         if b.is_ascii_graphic() {
             out.push(char::from(b));
         } else {
-            out.push_str(&format!("\\x{b:02x}"));
+            let _ = write!(out, "\\x{b:02x}");
         }
     }
     out
@@ -368,6 +374,10 @@ mod tests {
         assert_eq!(l.admit(), None);
         assert_eq!(l.admit(), None);
         l.window -= std::time::Duration::from_secs(1);
-        assert_eq!(l.admit(), Some(2), "the next record counts the two held back");
+        assert_eq!(
+            l.admit(),
+            Some(2),
+            "the next record counts the two held back"
+        );
     }
 }

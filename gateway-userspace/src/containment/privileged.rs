@@ -18,6 +18,8 @@ pub const MAX_REPORTED: usize = 64;
 /// How deep below each tagged cgroup, and how many cgroups in all, one scan walks.
 const MAX_DEPTH: usize = 8;
 const MAX_CGROUPS: usize = 4096;
+/// Most processes one scan reads the status of.
+const MAX_EXAMINED: usize = 16_384;
 
 /// A process running as root inside a tagged cgroup.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -55,6 +57,7 @@ pub fn scan(
     let mut out = Vec::new();
     let mut seen_cgroups = HashSet::new();
     let mut budget = MAX_CGROUPS;
+    let mut examined = 0usize;
     for binding in tagged {
         if budget == 0 {
             break;
@@ -70,11 +73,15 @@ pub fn scan(
                 continue;
             };
             for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
-                if exempt.contains(&pid) || !is_root(pid) {
+                if exempt.contains(&pid) {
                     continue;
                 }
-                if out.len() >= max {
+                if out.len() >= max || examined >= MAX_EXAMINED {
                     return out;
+                }
+                examined += 1;
+                if !is_root(pid) {
+                    continue;
                 }
                 out.push(RootProcess {
                     pid,

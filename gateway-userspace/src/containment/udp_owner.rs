@@ -187,14 +187,27 @@ mod tests {
 
     #[test]
     fn finds_ipv4_sockets_by_address_and_port() {
-        assert_eq!(socket_inode(UDP, "127.0.0.1:41394".parse().unwrap()), Some(123_456));
-        assert_eq!(socket_inode(UDP, "127.0.0.1:68".parse().unwrap()), Some(777), "bound to any");
+        assert_eq!(
+            socket_inode(UDP, "127.0.0.1:41394".parse().unwrap()),
+            Some(123_456)
+        );
+        assert_eq!(
+            socket_inode(UDP, "127.0.0.1:68".parse().unwrap()),
+            Some(777),
+            "bound to any"
+        );
         assert_eq!(socket_inode(UDP, "127.0.0.1:9".parse().unwrap()), None);
     }
 
     #[test]
     fn finds_mapped_and_ipv6_sockets() {
-        assert_eq!(socket_inode(UDP6, "127.0.0.1:50000".parse().unwrap()), Some(999));
-        assert_eq!(socket_inode(UDP6, "[::1]:50001".parse().unwrap()), Some(4242));
+        assert_eq!(
+            socket_inode(UDP6, "127.0.0.1:50000".parse().unwrap()),
+            Some(999)
+        );
+        assert_eq!(
+            socket_inode(UDP6, "[::1]:50001".parse().unwrap()),
+            Some(4242)
+        );
     }
 }

@@ -19,8 +19,7 @@ use super::{
     glob::Glob,
     model::{
         ActionKind, AddressPattern, ApprovalSpec, ApprovalSpecFile, CgroupBinding, Conditions,
-        UnixAllow,
-        MatchSpec, PolicyFileSpec, Protocol, Resource, Rule, RuleAction, TlsMode,
+        MatchSpec, PolicyFileSpec, Protocol, Resource, Rule, RuleAction, TlsMode, UnixAllow,
         UnknownDestination, UpstreamTls,
     },
     set::{DnsTable, PolicySet},
@@ -516,7 +515,9 @@ pub fn unix_allow(pattern: &str) -> Result<UnixAllow, String> {
             ));
         }
         if body.split('/').any(|c| c == "." || c == "..") {
-            return Err(format!("`{pattern}`: `.` and `..` components are not allowed"));
+            return Err(format!(
+                "`{pattern}`: `.` and `..` components are not allowed"
+            ));
         }
         if exact && body.ends_with('/') {
             return Err(format!("`{pattern}`: a socket path does not end in `/`"));

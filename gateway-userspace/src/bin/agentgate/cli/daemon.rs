@@ -143,7 +143,6 @@ pub fn status(config: &Path, args: &StatusArgs) -> anyhow::Result<ExitCode> {
             t["cgroup"].as_str().unwrap_or("?")
         )?;
     }
-    write_root_processes(&mut out, &v["root_processes"])?;
     write_containment_status(&mut out, &v["containment"])?;
     let conns = v["connections"].as_array().unwrap_or(&empty);
     writeln!(out, "live connections: {}", conns.len())?;
@@ -183,6 +182,9 @@ pub fn status(config: &Path, args: &StatusArgs) -> anyhow::Result<ExitCode> {
             )?;
         }
     }
+    // After the connections table: tests find its rows by exe, and a root
+    // agent's exe is on both.
+    write_root_processes(&mut out, &v["root_processes"])?;
     let c = &v["counters"];
     if v["fast_path"].as_bool() == Some(true) {
         writeln!(
@@ -465,6 +467,86 @@ pub fn untag(config: &Path, args: UntagArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The containment lines of `agentgate status`: what a tagged process can
+/// reach besides the proxy, which hooks enforce it, what was refused.
+fn write_containment_status(
+    out: &mut impl std::io::Write,
+    containment: &serde_json::Value,
+) -> std::io::Result<()> {
+    let empty = Vec::new();
+    let count = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    writeln!(out, "containment:")?;
+    let hooks = containment["hooks"].as_array().unwrap_or(&empty);
+    let off: Vec<&serde_json::Value> = hooks
+        .iter()
+        .filter(|hook| hook["attached"] != true)
+        .collect();
+    writeln!(
+        out,
+        "  hooks attached: {} of {}",
+        hooks.len() - off.len(),
+        hooks.len()
+    )?;
+    for hook in off {
+        writeln!(
+            out,
+            "  NOT ENFORCED: {} ({})",
+            hook["role"].as_str().unwrap_or("?"),
+            hook["error"].as_str().unwrap_or("not attached")
+        )?;
+    }
+    let resolvers: Vec<&str> = containment["dns_resolvers"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .filter_map(|entry| entry["resolver"].as_str())
+        .collect();
+    writeln!(
+        out,
+        "  dns resolvers: {}",
+        if resolvers.is_empty() {
+            "none".to_owned()
+        } else {
+            resolvers.join(", ")
+        }
+    )?;
+    let unix: Vec<&str> = containment["allow_unix"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .filter_map(serde_json::Value::as_str)
+        .collect();
+    writeln!(
+        out,
+        "  unix sockets allowed: {}",
+        if unix.is_empty() {
+            "none".to_owned()
+        } else {
+            unix.join(", ")
+        }
+    )?;
+    let refused = &containment["refused"];
+    let dns = &containment["dns"];
+    writeln!(
+        out,
+        "  refused since start: unix {}, datagram {}, socket type {}, socket family {}; dns queries forwarded {}, refused {}",
+        count(&refused["unix"]),
+        count(&refused["datagram"]),
+        count(&refused["socket_type"]),
+        count(&refused["socket_family"]),
+        count(&dns["forwarded"]),
+        count(&dns["refused"])
+    )?;
+    let escapes = &containment["escapes"];
+    writeln!(
+        out,
+        "  escapes from tagged cgroups: {} (killed {})",
+        count(&escapes["escapes_detected"]),
+        count(&escapes["escapes_killed"])
+    )?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -559,73 +641,4 @@ mod tests {
         let m = usage_message(run_as(&args(Some("root"), true), 1000, None));
         assert!(m.contains("only root"), "{m}");
     }
-}
-
-/// The containment lines of `agentgate status`: what a tagged process can
-/// reach besides the proxy, which hooks enforce it, what was refused.
-fn write_containment_status(
-    out: &mut impl std::io::Write,
-    c: &serde_json::Value,
-) -> std::io::Result<()> {
-    let empty = Vec::new();
-    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
-    writeln!(out, "containment:")?;
-    let hooks = c["hooks"].as_array().unwrap_or(&empty);
-    let off: Vec<&serde_json::Value> = hooks.iter().filter(|h| h["attached"] != true).collect();
-    writeln!(
-        out,
-        "  hooks attached: {} of {}",
-        hooks.len() - off.len(),
-        hooks.len()
-    )?;
-    for h in off {
-        writeln!(
-            out,
-            "  NOT ENFORCED: {} ({})",
-            h["role"].as_str().unwrap_or("?"),
-            h["error"].as_str().unwrap_or("not attached")
-        )?;
-    }
-    let resolvers: Vec<&str> = c["dns_resolvers"]
-        .as_array()
-        .unwrap_or(&empty)
-        .iter()
-        .filter_map(|r| r["resolver"].as_str())
-        .collect();
-    writeln!(
-        out,
-        "  dns resolvers: {}",
-        if resolvers.is_empty() { "none".to_owned() } else { resolvers.join(", ") }
-    )?;
-    let unix: Vec<&str> = c["allow_unix"]
-        .as_array()
-        .unwrap_or(&empty)
-        .iter()
-        .filter_map(serde_json::Value::as_str)
-        .collect();
-    writeln!(
-        out,
-        "  unix sockets allowed: {}",
-        if unix.is_empty() { "none".to_owned() } else { unix.join(", ") }
-    )?;
-    let r = &c["refused"];
-    let d = &c["dns"];
-    writeln!(
-        out,
-        "  refused since start: unix {}, datagram {}, socket type {}, socket family {}; dns queries forwarded {}, refused {}",
-        n(&r["unix"]),
-        n(&r["datagram"]),
-        n(&r["socket_type"]),
-        n(&r["socket_family"]),
-        n(&d["forwarded"]),
-        n(&d["refused"])
-    )?;
-    let e = &c["escapes"];
-    writeln!(
-        out,
-        "  escapes from tagged cgroups: {} (killed {})",
-        n(&e["escapes_detected"]),
-        n(&e["escapes_killed"])
-    )?;
-    Ok(())
 }
