@@ -30,6 +30,16 @@ pub enum Request {
         #[serde(default)]
         privileged: bool,
     },
+    /// From the `exec` process that owns an exec cgroup (the only caller
+    /// inside a tagged cgroup the daemon answers, and only this): its
+    /// agent's seccomp filter refused a call.
+    ContainmentReport {
+        pid: u32,
+        call: String,
+        family: i64,
+        sock_type: i64,
+        protocol: i64,
+    },
     Tag {
         cgroup: PathBuf,
         identity: String,

@@ -622,6 +622,19 @@ impl Daemon {
         line: &[u8],
         owned_exec: &mut Option<(u32, PathBuf)>,
     ) -> Response {
+        if let Some((id, path)) = owned_exec.as_ref()
+            && caller.uid == Some(0)
+            && let Ok(Request::ContainmentReport {
+                pid,
+                call,
+                family,
+                sock_type,
+                protocol,
+            }) = serde_json::from_slice::<Request>(line)
+        {
+            let call = (call, family, sock_type, protocol);
+            return self.containment_report(*id, path, pid, call).await;
+        }
         if let Some(refused) = self.refuse_governed(caller, line).await {
             return refused;
         }
@@ -651,6 +664,53 @@ impl Daemon {
                 }
                 resp
             }
+        }
+    }
+
+    /// A call the seccomp filter of an exec'd agent refused, reported by the
+    /// `exec` process that owns the cgroup: recorded as `containment.refused`
+    /// if the caller is in that cgroup (a report about anyone else is refused).
+    async fn containment_report(
+        &self,
+        binding: u32,
+        exec_cgroup: &Path,
+        pid: u32,
+        (call, family, sock_type, protocol): (String, i64, i64, i64),
+    ) -> Response {
+        let inside = self
+            .shared
+            .hierarchy
+            .of_process(pid)
+            .is_some_and(|p| p.starts_with(exec_cgroup));
+        if !inside {
+            return Response::err(
+                ErrorKind::Usage,
+                format!("process {pid} is not in this exec's cgroup"),
+            );
+        }
+        self.containment
+            .escapes
+            .seccomp_refused
+            .fetch_add(1, Ordering::Relaxed);
+        let identity = self
+            .shared
+            .bindings
+            .lock()
+            .expect("bindings lock")
+            .get(binding)
+            .map(|b| b.identity.clone());
+        let action = crate::containment::events::describe_call(&call, family, sock_type, protocol);
+        tracing::warn!(event = "containment.refused", pid, detail = %action, "seccomp");
+        let mut rec = NewRecord::new(Kind::ContainmentRefused)
+            .workload(crate::containment::udp_owner::workload_of(&self.shared, pid))
+            .action(action)
+            .decision(json!({ "verdict": "deny", "reason": "agentgate:exec-filter", "enforced_by": "seccomp" }));
+        if let Some(name) = identity {
+            rec = rec.identity(self.shared.identity_ref(&name).await);
+        }
+        match self.shared.audit.append(rec).await {
+            Ok(_) => Response::ok(serde_json::Value::Null),
+            Err(e) => Response::err(ErrorKind::Failure, format!("audit log unavailable: {e}")),
         }
     }
 
@@ -695,7 +755,11 @@ impl Daemon {
                 privileged,
             } => match self.exec(identity, privileged, caller).await {
                 Ok((id, path)) => (
-                    Response::ok(json!({ "cgroup": path, "binding": id })),
+                    Response::ok(json!({
+                        "cgroup": path,
+                        "binding": id,
+                        "unix_paths_checked_by_kernel": self.unix_paths_checked_by_kernel(),
+                    })),
                     Some((id, path)),
                 ),
                 Err(r) => (r, None),
@@ -705,6 +769,13 @@ impl Daemon {
                 None,
             ),
             Request::Untag { cgroup } => (self.untag(&cgroup).await.unwrap_or_else(|r| r), None),
+            Request::ContainmentReport { .. } => (
+                Response::err(
+                    ErrorKind::Usage,
+                    "containment reports come only from the exec process that owns the cgroup",
+                ),
+                None,
+            ),
             Request::AuditRotateKey => match self.shared.audit.rotate_key().await {
                 Ok(public_key) => (Response::ok(json!({ "public_key": public_key })), None),
                 Err(e) => (Response::err(ErrorKind::Failure, e.to_string()), None),
@@ -1052,6 +1123,19 @@ impl Daemon {
         })
     }
 
+    /// Whether the kernel checks the paths of tagged processes' Unix sockets
+    /// (the BPF LSM hooks are attached). If not, `exec` keeps its agents
+    /// from making Unix sockets at all.
+    fn unix_paths_checked_by_kernel(&self) -> bool {
+        let r = self.shared.redirector.lock().expect("redirector lock");
+        [
+            agentgate_common::names::LSM_SOCKET_CONNECT,
+            agentgate_common::names::LSM_SOCKET_SENDMSG,
+        ]
+        .iter()
+        .all(|n| r.hooks().iter().any(|h| h.name == *n && h.attached))
+    }
+
     /// What a tagged process can reach besides the proxy, and what was refused.
     fn containment_status(&self, counters: &[u64]) -> serde_json::Value {
         use agentgate_common::counter as k;
@@ -1073,6 +1157,7 @@ impl Daemon {
                 "datagram": n(k::DATAGRAM_REFUSED),
                 "socket_type": n(k::INET_SOCKET_REFUSED),
                 "socket_family": n(k::FAMILY_REFUSED),
+                "exec_filter": c.escapes.seccomp_refused.load(Ordering::Relaxed),
             },
             "dns": {
                 "rewritten": n(k::DNS_FORWARDED),

@@ -127,6 +127,7 @@ pub struct Redirector {
     fast_mode: HashMap<MapData, agentgate_common::SockPairKey, u32>,
     counters: PerCpuArray<MapData, u64>,
     _sockhash: SockHash<MapData, agentgate_common::SockPairKey>,
+    _config: Array<MapData, KernelConfig>,
     /// Unpinned links (fail-open) detach when this is dropped; pinned ones do not.
     _ebpf: Ebpf,
     _pinned: Vec<PinnedLink>,
@@ -158,7 +159,8 @@ impl Redirector {
             .load(OBJECT)
             .map_err(|e| RedirectError::Load(Box::new(e)))?;
 
-        write_kernel_config(&mut ebpf, cfg)?;
+        // Kept for the programs' life: dropping it closes the map they use.
+        let config = write_kernel_config(&mut ebpf, cfg)?;
         let sockhash: SockHash<MapData, agentgate_common::SockPairKey> =
             take_map(&mut ebpf, names::SOCKHASH)?;
 
@@ -244,6 +246,7 @@ impl Redirector {
             fast_mode: take_map(&mut ebpf, names::FAST_MODE)?,
             counters: take_map(&mut ebpf, names::COUNTERS)?,
             _sockhash: sockhash,
+            _config: config,
             _ebpf: ebpf,
             _pinned: pinned,
         })
@@ -365,7 +368,10 @@ impl Hook {
 }
 
 /// Writes the programs' one-entry configuration; from then on they act.
-fn write_kernel_config(ebpf: &mut Ebpf, cfg: &RedirectConfig<'_>) -> Result<(), RedirectError> {
+fn write_kernel_config(
+    ebpf: &mut Ebpf,
+    cfg: &RedirectConfig<'_>,
+) -> Result<Array<MapData, KernelConfig>, RedirectError> {
     let offsets = TracepointOffsets::read()?;
     let mut kernel_cfg: Array<MapData, KernelConfig> = take_map(ebpf, names::CONFIG)?;
     kernel_cfg
@@ -384,7 +390,7 @@ fn write_kernel_config(ebpf: &mut Ebpf, cfg: &RedirectConfig<'_>) -> Result<(), 
             0,
         )
         .map_err(map_err(names::CONFIG))?;
-    Ok(())
+    Ok(kernel_cfg)
 }
 
 /// Task tracking for escape detection: global tracepoints, only useful

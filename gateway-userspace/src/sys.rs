@@ -237,3 +237,397 @@ pub fn drop_privileges_on_exec(
         command.pre_exec(hook);
     }
 }
+
+/// Seccomp for agents started by `agentgate exec`: the socket families a
+/// tagged process may create, enforced in the process itself, for kernels
+/// where the BPF LSM hooks cannot load. Refused calls are not failed by the
+/// filter but handed to a supervisor (the `exec` process) through a seccomp
+/// listener; the supervisor answers `EPERM` (never "continue", so there is
+/// no check-then-use race) and reports the attempt. If the supervisor is
+/// gone, the kernel fails those calls with `ENOSYS`: closed either way.
+pub mod seccomp {
+    use std::{
+        io,
+        os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+    };
+
+    #[cfg(target_arch = "x86_64")]
+    const AUDIT_ARCH: u32 = 0xc000_003e; // AUDIT_ARCH_X86_64
+    #[cfg(target_arch = "aarch64")]
+    const AUDIT_ARCH: u32 = 0xc000_00b7; // AUDIT_ARCH_AARCH64
+
+    const RET_ALLOW: u32 = 0x7fff_0000;
+    const RET_USER_NOTIF: u32 = 0x7fc0_0000;
+    const RET_ERRNO: u32 = 0x0005_0000;
+
+    /// The calls the filter looks at.
+    pub const SYS_SOCKET: i32 = libc::SYS_socket as i32;
+    pub const SYS_SOCKETPAIR: i32 = libc::SYS_socketpair as i32;
+    /// io_uring can make and connect sockets without those system calls.
+    pub const SYS_IO_URING_SETUP: i32 = libc::SYS_io_uring_setup as i32;
+
+    /// A classic BPF seccomp program.
+    #[derive(Debug, Clone)]
+    pub struct Filter(Vec<libc::sock_filter>);
+
+    fn stmt(code: u32, k: u32) -> libc::sock_filter {
+        libc::sock_filter {
+            code: code as u16,
+            jt: 0,
+            jf: 0,
+            k,
+        }
+    }
+
+    fn jeq(k: u32, jt: u8, jf: u8) -> libc::sock_filter {
+        libc::sock_filter {
+            code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+            jt,
+            jf,
+            k,
+        }
+    }
+
+    fn load(offset: u32) -> libc::sock_filter {
+        stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, offset)
+    }
+
+    fn ret(v: u32) -> libc::sock_filter {
+        stmt(libc::BPF_RET | libc::BPF_K, v)
+    }
+
+    /// `seccomp_data` offsets: nr 0, arch 4, args[i] 16 + 8i (the low word
+    /// on little-endian machines, the whole of an `int` argument).
+    const NR: u32 = 0;
+    const ARCH: u32 = 4;
+    const fn arg(i: u32) -> u32 {
+        16 + 8 * i
+    }
+
+    impl Filter {
+        /// Sockets: inet and inet6 (the kernel hooks decide their use),
+        /// route netlink, and Unix sockets only if `unix_sockets` (the
+        /// kernel checks their paths); `socketpair` of Unix stream and
+        /// seqpacket sockets (already connected, they reach nothing else);
+        /// no io_uring. Everything else goes to the supervisor. Calls of
+        /// another ABI (x32, 32-bit compat) fail with `EPERM`.
+        pub fn sockets(unix_sockets: bool) -> Self {
+            let notify = ret(RET_USER_NOTIF);
+            let allow = ret(RET_ALLOW);
+            let mut p = vec![
+                load(ARCH),
+                jeq(AUDIT_ARCH, 1, 0),
+                ret(RET_ERRNO | libc::EPERM as u32),
+                load(NR),
+            ];
+            #[cfg(target_arch = "x86_64")]
+            {
+                // x32 system calls carry this bit.
+                p.push(stmt(
+                    libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K,
+                    0x4000_0000,
+                ));
+                p.last_mut().expect("just pushed").jf = 1;
+                p.push(ret(RET_ERRNO | libc::EPERM as u32));
+            }
+            // Dispatch on the call.
+            p.extend([
+                jeq(SYS_SOCKET as u32, 4, 0),
+                jeq(SYS_SOCKETPAIR as u32, 13, 0),
+                jeq(SYS_IO_URING_SETUP as u32, 1, 0),
+                allow,
+                notify,
+                // socket(family, type, protocol)
+                load(arg(0)),
+                jeq(libc::AF_INET as u32, 5, 0),
+                jeq(libc::AF_INET6 as u32, 4, 0),
+                jeq(libc::AF_UNIX as u32, 4, 0),
+                jeq(libc::AF_NETLINK as u32, 0, 4),
+                load(arg(2)),
+                jeq(libc::NETLINK_ROUTE as u32, 0, 2),
+                allow,
+                if unix_sockets { allow } else { notify },
+                notify,
+                // socketpair(family, type, protocol, sv)
+                load(arg(0)),
+                jeq(libc::AF_UNIX as u32, 0, 5),
+            ]);
+            if unix_sockets {
+                p.extend([allow, allow, allow, allow, allow, notify]);
+            } else {
+                p.extend([
+                    load(arg(1)),
+                    stmt(libc::BPF_ALU | libc::BPF_AND | libc::BPF_K, 0xf),
+                    jeq(libc::SOCK_STREAM as u32, 1, 0),
+                    jeq(libc::SOCK_SEQPACKET as u32, 0, 1),
+                    allow,
+                    notify,
+                ]);
+            }
+            Self(p)
+        }
+    }
+
+    /// In the child, between fork and exec (after the privilege drop):
+    /// installs `filter` with a listener and sends the listener over
+    /// `channel`, then closes both. Only async-signal-safe calls.
+    ///
+    /// # Safety
+    /// Call only in a freshly forked child (a `pre_exec` hook): it sets
+    /// `no_new_privs` and a seccomp filter on the calling thread for good.
+    pub unsafe fn install_in_child(filter: &Filter, channel: RawFd) -> io::Result<()> {
+        let prog = libc::sock_fprog {
+            len: filter.0.len() as u16,
+            filter: filter.0.as_ptr().cast_mut(),
+        };
+        // SAFETY: plain system calls with valid arguments; `prog` outlives them.
+        unsafe {
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let listener = libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
+                &raw const prog,
+            );
+            if listener < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let listener = listener as RawFd;
+            let sent = send_fd_raw(channel, listener);
+            libc::close(listener);
+            libc::close(channel);
+            sent
+        }
+    }
+
+    /// Sends one descriptor with `SCM_RIGHTS` (no allocation).
+    unsafe fn send_fd_raw(socket: RawFd, fd: RawFd) -> io::Result<()> {
+        // Room for one cmsghdr and one int, aligned.
+        let mut control = [0u64; 4];
+        let mut byte = [0u8; 1];
+        let mut iov = libc::iovec {
+            iov_base: byte.as_mut_ptr().cast(),
+            iov_len: 1,
+        };
+        // SAFETY: msghdr is plain data; zeroed is a valid empty value.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &raw mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        // SAFETY: CMSG_SPACE only computes a size.
+        msg.msg_controllen = unsafe { libc::CMSG_SPACE(size_of::<RawFd>() as u32) } as usize;
+        // SAFETY: msg_control points at a buffer of msg_controllen bytes.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<RawFd>() as u32) as usize;
+            libc::CMSG_DATA(cmsg).cast::<RawFd>().write_unaligned(fd);
+            if libc::sendmsg(socket, &raw const msg, 0) != 1 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+
+    /// Receives the listener the child sent (`None`: the child sent none,
+    /// e.g. it failed before installing the filter).
+    pub fn recv_listener(socket: &std::os::unix::net::UnixStream) -> io::Result<Option<OwnedFd>> {
+        let mut control = [0u64; 4];
+        let mut byte = [0u8; 1];
+        let mut iov = libc::iovec {
+            iov_base: byte.as_mut_ptr().cast(),
+            iov_len: 1,
+        };
+        // SAFETY: as in send_fd_raw.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &raw mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = size_of_val(&control);
+        // SAFETY: msg describes buffers owned here.
+        let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &raw mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if n == 0 {
+            return Ok(None);
+        }
+        // SAFETY: the kernel filled msg_control; the macros walk it within bounds.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+            if cmsg.is_null()
+                || (*cmsg).cmsg_level != libc::SOL_SOCKET
+                || (*cmsg).cmsg_type != libc::SCM_RIGHTS
+            {
+                return Ok(None);
+            }
+            let fd = libc::CMSG_DATA(cmsg).cast::<RawFd>().read_unaligned();
+            Ok(Some(OwnedFd::from_raw_fd(fd)))
+        }
+    }
+
+    /// What the filter answers for a call (`nr`, `args`) of this machine's
+    /// ABI: a test interpreter of the classic BPF subset the filter uses.
+    #[cfg(test)]
+    fn decide(filter: &Filter, nr: i32, args: [u64; 6]) -> u32 {
+        let word = |off: u32| -> u32 {
+            match off {
+                NR => nr as u32,
+                ARCH => AUDIT_ARCH,
+                o => args[((o - 16) / 8) as usize] as u32,
+            }
+        };
+        let (mut acc, mut pc) = (0u32, 0usize);
+        loop {
+            let i = filter.0[pc];
+            let code = u32::from(i.code);
+            pc += 1;
+            match code {
+                c if c == libc::BPF_LD | libc::BPF_W | libc::BPF_ABS => acc = word(i.k),
+                c if c == libc::BPF_ALU | libc::BPF_AND | libc::BPF_K => acc &= i.k,
+                c if c == libc::BPF_RET | libc::BPF_K => return i.k,
+                c if c == libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K => {
+                    pc += usize::from(if acc == i.k { i.jt } else { i.jf });
+                }
+                c if c == libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K => {
+                    pc += usize::from(if acc >= i.k { i.jt } else { i.jf });
+                }
+                c => panic!("instruction {c:#x} not interpreted"),
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn socket(f: &Filter, family: i32, ty: i32, proto: i32) -> u32 {
+            decide(f, SYS_SOCKET, [family as u64, ty as u64, proto as u64, 0, 0, 0])
+        }
+
+        fn pair(f: &Filter, family: i32, ty: i32) -> u32 {
+            decide(f, SYS_SOCKETPAIR, [family as u64, ty as u64, 0, 0, 0, 0])
+        }
+
+        #[test]
+        fn without_kernel_unix_checks_unix_sockets_go_to_the_supervisor() {
+            let f = Filter::sockets(false);
+            assert_eq!(socket(&f, libc::AF_INET, libc::SOCK_STREAM, 0), RET_ALLOW);
+            assert_eq!(socket(&f, libc::AF_INET6, libc::SOCK_DGRAM, 0), RET_ALLOW);
+            assert_eq!(socket(&f, libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE), RET_ALLOW);
+            assert_eq!(socket(&f, libc::AF_NETLINK, libc::SOCK_RAW, 9), RET_USER_NOTIF);
+            assert_eq!(socket(&f, libc::AF_UNIX, libc::SOCK_STREAM, 0), RET_USER_NOTIF);
+            assert_eq!(socket(&f, libc::AF_PACKET, libc::SOCK_RAW, 0), RET_USER_NOTIF);
+            assert_eq!(socket(&f, libc::AF_VSOCK, libc::SOCK_STREAM, 0), RET_USER_NOTIF);
+            assert_eq!(socket(&f, libc::AF_BLUETOOTH, libc::SOCK_STREAM, 0), RET_USER_NOTIF);
+            assert_eq!(pair(&f, libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC), RET_ALLOW);
+            assert_eq!(pair(&f, libc::AF_UNIX, libc::SOCK_SEQPACKET), RET_ALLOW);
+            assert_eq!(pair(&f, libc::AF_UNIX, libc::SOCK_DGRAM), RET_USER_NOTIF, "a datagram pair can be reconnected anywhere");
+            assert_eq!(pair(&f, libc::AF_INET, libc::SOCK_STREAM), RET_USER_NOTIF);
+            assert_eq!(decide(&f, SYS_IO_URING_SETUP, [0; 6]), RET_USER_NOTIF);
+            assert_eq!(decide(&f, libc::SYS_connect as i32, [0; 6]), RET_ALLOW);
+            assert_eq!(decide(&f, libc::SYS_read as i32, [0; 6]), RET_ALLOW);
+            // The family is an int: the upper half of the register is ignored.
+            assert_eq!(decide(&f, SYS_SOCKET, [(1 << 32) | libc::AF_INET as u64, 1, 0, 0, 0, 0]), RET_ALLOW);
+        }
+
+        #[test]
+        fn with_kernel_unix_checks_unix_sockets_are_made() {
+            let f = Filter::sockets(true);
+            assert_eq!(socket(&f, libc::AF_UNIX, libc::SOCK_DGRAM, 0), RET_ALLOW);
+            assert_eq!(pair(&f, libc::AF_UNIX, libc::SOCK_DGRAM), RET_ALLOW);
+            assert_eq!(socket(&f, libc::AF_VSOCK, libc::SOCK_STREAM, 0), RET_USER_NOTIF);
+            assert_eq!(pair(&f, libc::AF_INET, libc::SOCK_STREAM), RET_USER_NOTIF);
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[test]
+        fn x32_calls_are_refused() {
+            let f = Filter::sockets(true);
+            assert_eq!(decide(&f, 0x4000_0000 | SYS_SOCKET, [libc::AF_INET as u64, 1, 0, 0, 0, 0]), RET_ERRNO | libc::EPERM as u32);
+        }
+    }
+
+    /// A refused call, as the supervisor sees it.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Notification {
+        pub id: u64,
+        /// The calling thread, as the supervisor's pid namespace sees it.
+        pub pid: u32,
+        pub nr: i32,
+        pub args: [u64; 6],
+    }
+
+    /// Waits up to `timeout_ms` for a refused call (`Ok(None)`: none came).
+    pub fn receive(listener: &OwnedFd, timeout_ms: i32) -> io::Result<Option<Notification>> {
+        let mut pfd = libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let ready = unsafe { libc::poll(&raw mut pfd, 1, timeout_ms) };
+        if ready < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::Interrupted { Ok(None) } else { Err(e) };
+        }
+        if ready == 0 || pfd.revents & libc::POLLIN == 0 {
+            if pfd.revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+                return Err(io::Error::new(io::ErrorKind::BrokenPipe, "no process uses the filter"));
+            }
+            return Ok(None);
+        }
+        // SAFETY: seccomp_notif is plain data; RECV fills it (the kernel
+        // wants it zeroed first).
+        let mut n: libc::seccomp_notif = unsafe { std::mem::zeroed() };
+        // SAFETY: the ioctl writes one seccomp_notif into `n`.
+        if unsafe { libc::ioctl(listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_RECV, &raw mut n) } != 0 {
+            let e = io::Error::last_os_error();
+            // ENOENT: the caller died before we read it.
+            return if e.raw_os_error() == Some(libc::ENOENT) { Ok(None) } else { Err(e) };
+        }
+        Ok(Some(Notification {
+            id: n.id,
+            pid: n.pid,
+            nr: n.data.nr,
+            args: n.data.args,
+        }))
+    }
+
+    /// Fails the refused call with `errno`.
+    pub fn refuse(listener: &OwnedFd, id: u64, errno: i32) -> io::Result<()> {
+        let mut resp = libc::seccomp_notif_resp {
+            id,
+            val: 0,
+            error: -errno,
+            flags: 0,
+        };
+        // SAFETY: the ioctl reads one seccomp_notif_resp.
+        if unsafe { libc::ioctl(listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_SEND, &raw mut resp) } != 0 {
+            let e = io::Error::last_os_error();
+            // ENOENT: the caller died meanwhile; nothing to answer.
+            if e.raw_os_error() != Some(libc::ENOENT) {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Makes `command`'s child install `filter` (after any privilege drop
+/// registered before) and send its listener over `channel`.
+pub fn seccomp_on_exec(
+    command: &mut std::process::Command,
+    filter: seccomp::Filter,
+    channel: std::os::fd::RawFd,
+) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: install_in_child makes only async-signal-safe calls on data
+    // the closure owns, in the forked child.
+    unsafe {
+        command.pre_exec(move || seccomp::install_in_child(&filter, channel));
+    }
+}

@@ -70,16 +70,39 @@ def main():
     elif name == "socket":
         family, kind, proto = (int(a) for a in args)
         attempt(name, lambda: socket.socket(family, kind, proto).close(), family=family, type=kind, protocol=proto)
-    elif name == "unix-connect":
+    elif name in ("unix-connect", "unix-sendto"):
         path = args[0]
         addr = "\0" + path[1:] if path.startswith("@") else path
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        attempt(name, lambda: s.connect(addr), path=path)
-    elif name == "unix-sendto":
+
+        def go():
+            if name == "unix-connect":
+                socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).connect(addr)
+            else:
+                socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b"escape", addr)
+
+        attempt(name, go, path=path)
+    elif name == "unix-pair-reconnect":
+        # A datagram socketpair can be connected elsewhere afterwards.
         path = args[0]
-        addr = "\0" + path[1:] if path.startswith("@") else path
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        attempt(name, lambda: s.sendto(b"escape", addr) and None, path=path)
+
+        def go():
+            a, _ = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+            a.connect(path)
+
+        attempt(name, go, path=path)
+    elif name == "io-uring":
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        params = ctypes.create_string_buffer(120)
+
+        def go():
+            fd = libc.syscall(425, 8, params)  # io_uring_setup(8, &params), x86_64
+            if fd < 0:
+                e = ctypes.get_errno()
+                raise OSError(e, os.strerror(e))
+            os.close(fd)
+
+        attempt(name, go)
     elif name == "tcp-fastopen":
         host, port = args[0], int(args[1])
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

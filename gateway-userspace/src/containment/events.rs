@@ -40,6 +40,8 @@ pub struct EscapeStats {
     pub escapes_detected: AtomicU64,
     pub escapes_killed: AtomicU64,
     pub refusal_records_suppressed: AtomicU64,
+    /// Calls refused by the seccomp filter of agents started by `exec`.
+    pub seccomp_refused: AtomicU64,
 }
 
 /// Reads the ring buffer until `shutdown`.
@@ -200,6 +202,20 @@ pub fn describe(e: &Event) -> (&'static str, Value) {
     }
 }
 
+/// A call refused by an exec'd agent's seccomp filter, for the record.
+pub fn describe_call(call: &str, family: i64, sock_type: i64, protocol: i64) -> Value {
+    match call {
+        "io_uring_setup" => json!({ "route": "io_uring", "call": call }),
+        _ => json!({
+            "route": "socket",
+            "call": call,
+            "family": family_name(family as u32),
+            "type": socket_type_name(sock_type as u32),
+            "protocol": protocol,
+        }),
+    }
+}
+
 async fn refused(shared: &Shared, e: &Event, suppressed: u64) {
     let (route, mut action) = describe(e);
     if suppressed > 0 {
@@ -319,7 +335,10 @@ fn family_name(f: u32) -> Value {
         AF_INET6 => json!("inet6"),
         16 => json!("netlink"),
         17 => json!("packet"),
+        31 => json!("bluetooth"),
+        38 => json!("alg"),
         40 => json!("vsock"),
+        44 => json!("xdp"),
         _ => json!(f),
     }
 }

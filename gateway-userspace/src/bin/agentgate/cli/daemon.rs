@@ -395,7 +395,7 @@ pub fn exec(config: &Path, args: &ExecArgs) -> anyhow::Result<ExitCode> {
     // cgroup when it closes and the cgroup is empty. It is made, and the
     // request sent, before this process moves into the tagged cgroup: the
     // daemon refuses requests from inside one.
-    let (client, cgroup) = rt.block_on(async {
+    let (client, cgroup, unix_in_kernel) = rt.block_on(async {
         let mut client = Client::connect(&cfg.daemon.control_socket)
             .await
             .map_err(control_err)?;
@@ -410,7 +410,8 @@ pub fn exec(config: &Path, args: &ExecArgs) -> anyhow::Result<ExitCode> {
             .as_str()
             .context("daemon response without a cgroup")?
             .to_owned();
-        anyhow::Ok((client, cgroup))
+        let unix_in_kernel = v["unix_paths_checked_by_kernel"].as_bool() == Some(true);
+        anyhow::Ok((client, cgroup, unix_in_kernel))
     })?;
     // Move this process in first, so the command starts tagged: nothing it
     // does, from its first instruction on, escapes the cgroup.
@@ -424,8 +425,18 @@ pub fn exec(config: &Path, args: &ExecArgs) -> anyhow::Result<ExitCode> {
             .env("LOGNAME", &a.user.name);
         agentgate::sys::drop_privileges_on_exec(&mut command, a.user.uid, a.gid, a.groups.clone());
     }
-    let status = match command.status() {
-        Ok(s) => s,
+    // The agent's own seccomp filter keeps it to the socket families the
+    // gateway governs (and off Unix sockets where the kernel cannot check
+    // their paths); this process answers what it refuses.
+    let (supervisor_end, child_end) =
+        std::os::unix::net::UnixStream::pair().context("socketpair for the seccomp listener")?;
+    agentgate::sys::seccomp_on_exec(
+        &mut command,
+        agentgate::sys::seccomp::Filter::sockets(unix_in_kernel),
+        std::os::fd::AsRawFd::as_raw_fd(&child_end),
+    );
+    let mut child = match command.spawn() {
+        Ok(c) => c,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             eprintln!(
                 "agentgate: {}: command not found",
@@ -436,12 +447,89 @@ pub fn exec(config: &Path, args: &ExecArgs) -> anyhow::Result<ExitCode> {
         }
         Err(e) => return Err(e).with_context(|| format!("running {}", program.to_string_lossy())),
     };
-    drop(client);
+    drop(child_end);
+    let listener = match agentgate::sys::seccomp::recv_listener(&supervisor_end) {
+        Ok(Some(l)) => l,
+        other => {
+            // Never leave an agent running without its supervisor.
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!("the agent's seccomp listener did not arrive: {other:?}");
+        }
+    };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let supervisor = {
+        let (stop, handle) = (stop.clone(), rt.handle().clone());
+        std::thread::spawn(move || supervise(&listener, client, &handle, &stop))
+    };
+    let status = child.wait().context("waiting for the agent")?;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    // The connection goes last: the daemon releases the cgroup when it closes.
+    drop(supervisor.join());
     drop(rt);
     let code = status
         .code()
         .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}
+
+/// Answers the calls the agent's seccomp filter hands over: each is refused
+/// (`EPERM`) and reported to the daemon, until the agent is gone and `stop`
+/// is set. Returns the control connection, which keeps the cgroup alive.
+fn supervise(
+    listener: &std::os::fd::OwnedFd,
+    mut client: Client,
+    rt: &tokio::runtime::Handle,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Client {
+    use agentgate::sys::seccomp;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let n = match seccomp::receive(listener, 200) {
+            Ok(Some(n)) => n,
+            Ok(None) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break,
+            Err(e) => {
+                eprintln!("agentgate: seccomp supervisor: {e}");
+                break;
+            }
+        };
+        let call = match n.nr {
+            seccomp::SYS_SOCKET => "socket",
+            seccomp::SYS_SOCKETPAIR => "socketpair",
+            seccomp::SYS_IO_URING_SETUP => "io_uring_setup",
+            _ => "other",
+        };
+        // The filter compares the low 32 bits: so does the record.
+        let int = |a: u64| i64::from(a as u32 as i32);
+        let report = Request::ContainmentReport {
+            pid: thread_group(n.pid),
+            call: call.into(),
+            family: int(n.args[0]),
+            sock_type: int(n.args[1]),
+            protocol: int(n.args[2]),
+        };
+        // Reported while the caller still waits in the call (so the daemon
+        // finds it), refused whatever the report's fate.
+        if let Err(e) = rt.block_on(client.request(&report)) {
+            eprintln!("agentgate: could not report a refused {call} to the daemon: {e}");
+        }
+        if let Err(e) = seccomp::refuse(listener, n.id, libc::EPERM) {
+            eprintln!("agentgate: seccomp supervisor: answering a refused call: {e}");
+        }
+    }
+    client
+}
+
+/// The process a thread belongs to.
+fn thread_group(tid: u32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{tid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Tgid:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(tid)
 }
 
 pub fn tag(config: &Path, args: TagArgs) -> anyhow::Result<ExitCode> {
@@ -529,11 +617,12 @@ fn write_containment_status(
     let dns = &containment["dns"];
     writeln!(
         out,
-        "  refused since start: unix {}, datagram {}, socket type {}, socket family {}; dns queries forwarded {}, refused {}",
+        "  refused since start: unix {}, datagram {}, socket type {}, socket family {}, exec filter {}; dns queries forwarded {}, refused {}",
         count(&refused["unix"]),
         count(&refused["datagram"]),
         count(&refused["socket_type"]),
         count(&refused["socket_family"]),
+        count(&refused["exec_filter"]),
         count(&dns["forwarded"]),
         count(&dns["refused"])
     )?;
