@@ -263,7 +263,7 @@ pub mod seccomp {
     /// The calls the filter looks at.
     pub const SYS_SOCKET: i32 = libc::SYS_socket as i32;
     pub const SYS_SOCKETPAIR: i32 = libc::SYS_socketpair as i32;
-    /// io_uring can make and connect sockets without those system calls.
+    /// `io_uring` can make and connect sockets without those system calls.
     pub const SYS_IO_URING_SETUP: i32 = libc::SYS_io_uring_setup as i32;
 
     /// A classic BPF seccomp program.
@@ -309,7 +309,7 @@ pub mod seccomp {
         /// route netlink, and Unix sockets only if `unix_sockets` (the
         /// kernel checks their paths); `socketpair` of Unix stream and
         /// seqpacket sockets (already connected, they reach nothing else);
-        /// no io_uring. Everything else goes to the supervisor. Calls of
+        /// no `io_uring`. Everything else goes to the supervisor. Calls of
         /// another ABI (x32, 32-bit compat) fail with `EPERM`.
         pub fn sockets(unix_sockets: bool) -> Self {
             let notify = ret(RET_USER_NOTIF);
@@ -505,7 +505,11 @@ pub mod seccomp {
         use super::*;
 
         fn socket(f: &Filter, family: i32, ty: i32, proto: i32) -> u32 {
-            decide(f, SYS_SOCKET, [family as u64, ty as u64, proto as u64, 0, 0, 0])
+            decide(
+                f,
+                SYS_SOCKET,
+                [family as u64, ty as u64, proto as u64, 0, 0, 0],
+            )
         }
 
         fn pair(f: &Filter, family: i32, ty: i32) -> u32 {
@@ -517,21 +521,53 @@ pub mod seccomp {
             let f = Filter::sockets(false);
             assert_eq!(socket(&f, libc::AF_INET, libc::SOCK_STREAM, 0), RET_ALLOW);
             assert_eq!(socket(&f, libc::AF_INET6, libc::SOCK_DGRAM, 0), RET_ALLOW);
-            assert_eq!(socket(&f, libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE), RET_ALLOW);
-            assert_eq!(socket(&f, libc::AF_NETLINK, libc::SOCK_RAW, 9), RET_USER_NOTIF);
-            assert_eq!(socket(&f, libc::AF_UNIX, libc::SOCK_STREAM, 0), RET_USER_NOTIF);
-            assert_eq!(socket(&f, libc::AF_PACKET, libc::SOCK_RAW, 0), RET_USER_NOTIF);
-            assert_eq!(socket(&f, libc::AF_VSOCK, libc::SOCK_STREAM, 0), RET_USER_NOTIF);
-            assert_eq!(socket(&f, libc::AF_BLUETOOTH, libc::SOCK_STREAM, 0), RET_USER_NOTIF);
-            assert_eq!(pair(&f, libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC), RET_ALLOW);
+            assert_eq!(
+                socket(&f, libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE),
+                RET_ALLOW
+            );
+            assert_eq!(
+                socket(&f, libc::AF_NETLINK, libc::SOCK_RAW, 9),
+                RET_USER_NOTIF
+            );
+            assert_eq!(
+                socket(&f, libc::AF_UNIX, libc::SOCK_STREAM, 0),
+                RET_USER_NOTIF
+            );
+            assert_eq!(
+                socket(&f, libc::AF_PACKET, libc::SOCK_RAW, 0),
+                RET_USER_NOTIF
+            );
+            assert_eq!(
+                socket(&f, libc::AF_VSOCK, libc::SOCK_STREAM, 0),
+                RET_USER_NOTIF
+            );
+            assert_eq!(
+                socket(&f, libc::AF_BLUETOOTH, libc::SOCK_STREAM, 0),
+                RET_USER_NOTIF
+            );
+            assert_eq!(
+                pair(&f, libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC),
+                RET_ALLOW
+            );
             assert_eq!(pair(&f, libc::AF_UNIX, libc::SOCK_SEQPACKET), RET_ALLOW);
-            assert_eq!(pair(&f, libc::AF_UNIX, libc::SOCK_DGRAM), RET_USER_NOTIF, "a datagram pair can be reconnected anywhere");
+            assert_eq!(
+                pair(&f, libc::AF_UNIX, libc::SOCK_DGRAM),
+                RET_USER_NOTIF,
+                "a datagram pair can be reconnected anywhere"
+            );
             assert_eq!(pair(&f, libc::AF_INET, libc::SOCK_STREAM), RET_USER_NOTIF);
             assert_eq!(decide(&f, SYS_IO_URING_SETUP, [0; 6]), RET_USER_NOTIF);
             assert_eq!(decide(&f, libc::SYS_connect as i32, [0; 6]), RET_ALLOW);
             assert_eq!(decide(&f, libc::SYS_read as i32, [0; 6]), RET_ALLOW);
             // The family is an int: the upper half of the register is ignored.
-            assert_eq!(decide(&f, SYS_SOCKET, [(1 << 32) | libc::AF_INET as u64, 1, 0, 0, 0, 0]), RET_ALLOW);
+            assert_eq!(
+                decide(
+                    &f,
+                    SYS_SOCKET,
+                    [(1 << 32) | libc::AF_INET as u64, 1, 0, 0, 0, 0]
+                ),
+                RET_ALLOW
+            );
         }
 
         #[test]
@@ -539,7 +575,10 @@ pub mod seccomp {
             let f = Filter::sockets(true);
             assert_eq!(socket(&f, libc::AF_UNIX, libc::SOCK_DGRAM, 0), RET_ALLOW);
             assert_eq!(pair(&f, libc::AF_UNIX, libc::SOCK_DGRAM), RET_ALLOW);
-            assert_eq!(socket(&f, libc::AF_VSOCK, libc::SOCK_STREAM, 0), RET_USER_NOTIF);
+            assert_eq!(
+                socket(&f, libc::AF_VSOCK, libc::SOCK_STREAM, 0),
+                RET_USER_NOTIF
+            );
             assert_eq!(pair(&f, libc::AF_INET, libc::SOCK_STREAM), RET_USER_NOTIF);
         }
 
@@ -547,7 +586,14 @@ pub mod seccomp {
         #[test]
         fn x32_calls_are_refused() {
             let f = Filter::sockets(true);
-            assert_eq!(decide(&f, 0x4000_0000 | SYS_SOCKET, [libc::AF_INET as u64, 1, 0, 0, 0, 0]), RET_ERRNO | libc::EPERM as u32);
+            assert_eq!(
+                decide(
+                    &f,
+                    0x4000_0000 | SYS_SOCKET,
+                    [libc::AF_INET as u64, 1, 0, 0, 0, 0]
+                ),
+                RET_ERRNO | libc::EPERM as u32
+            );
         }
     }
 
@@ -572,11 +618,18 @@ pub mod seccomp {
         let ready = unsafe { libc::poll(&raw mut pfd, 1, timeout_ms) };
         if ready < 0 {
             let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::Interrupted { Ok(None) } else { Err(e) };
+            return if e.kind() == io::ErrorKind::Interrupted {
+                Ok(None)
+            } else {
+                Err(e)
+            };
         }
         if ready == 0 || pfd.revents & libc::POLLIN == 0 {
             if pfd.revents & (libc::POLLHUP | libc::POLLERR) != 0 {
-                return Err(io::Error::new(io::ErrorKind::BrokenPipe, "no process uses the filter"));
+                return Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "no process uses the filter",
+                ));
             }
             return Ok(None);
         }
@@ -584,10 +637,21 @@ pub mod seccomp {
         // wants it zeroed first).
         let mut n: libc::seccomp_notif = unsafe { std::mem::zeroed() };
         // SAFETY: the ioctl writes one seccomp_notif into `n`.
-        if unsafe { libc::ioctl(listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_RECV, &raw mut n) } != 0 {
+        if unsafe {
+            libc::ioctl(
+                listener.as_raw_fd(),
+                libc::SECCOMP_IOCTL_NOTIF_RECV,
+                &raw mut n,
+            )
+        } != 0
+        {
             let e = io::Error::last_os_error();
             // ENOENT: the caller died before we read it.
-            return if e.raw_os_error() == Some(libc::ENOENT) { Ok(None) } else { Err(e) };
+            return if e.raw_os_error() == Some(libc::ENOENT) {
+                Ok(None)
+            } else {
+                Err(e)
+            };
         }
         Ok(Some(Notification {
             id: n.id,
@@ -606,7 +670,14 @@ pub mod seccomp {
             flags: 0,
         };
         // SAFETY: the ioctl reads one seccomp_notif_resp.
-        if unsafe { libc::ioctl(listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_SEND, &raw mut resp) } != 0 {
+        if unsafe {
+            libc::ioctl(
+                listener.as_raw_fd(),
+                libc::SECCOMP_IOCTL_NOTIF_SEND,
+                &raw mut resp,
+            )
+        } != 0
+        {
             let e = io::Error::last_os_error();
             // ENOENT: the caller died meanwhile; nothing to answer.
             if e.raw_os_error() != Some(libc::ENOENT) {
