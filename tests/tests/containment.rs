@@ -359,15 +359,21 @@ fn local_connections(pg: &agentgate_e2e::pg::PgServer) -> usize {
         .count()
 }
 
-#[test]
-fn unix_sockets_are_refused_and_nothing_arrives() {
-    let env = Env::new("unixfam", options()).unwrap();
+/// A real PostgreSQL whose socket anyone may reach (as /var/run/postgresql
+/// is), logging each connection.
+fn postgres_with_an_open_socket(env: &Env) -> agentgate_e2e::pg::PgServer {
     let pg = agentgate_e2e::pg::PgServer::start(&env.netns, 5432, false).unwrap();
     pg.admin_sql("ALTER SYSTEM SET log_connections = on")
         .unwrap();
     pg.admin_sql("SELECT pg_reload_conf()").unwrap();
-    // The socket directory is reachable by anyone, as /var/run/postgresql is.
     run_ok(std::process::Command::new("chmod").arg("0755").arg(&pg.dir)).unwrap();
+    pg
+}
+
+#[test]
+fn unix_sockets_are_refused_and_nothing_arrives() {
+    let env = Env::new("unixfam", options()).unwrap();
+    let pg = postgres_with_an_open_socket(&env);
     let socket = pg.dir.join(".s.PGSQL.5432");
     let socket = socket.to_str().unwrap();
     let psql = [
