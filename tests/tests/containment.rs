@@ -359,7 +359,7 @@ fn local_connections(pg: &agentgate_e2e::pg::PgServer) -> usize {
         .count()
 }
 
-/// A real PostgreSQL whose socket anyone may reach (as /var/run/postgresql
+/// A real `PostgreSQL` whose socket anyone may reach (as /var/run/postgresql
 /// is), logging each connection.
 fn postgres_with_an_open_socket(env: &Env) -> agentgate_e2e::pg::PgServer {
     let pg = agentgate_e2e::pg::PgServer::start(&env.netns, 5432, false).unwrap();
