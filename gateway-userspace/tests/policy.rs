@@ -1122,3 +1122,51 @@ fn keyed_hash_uses_the_configured_key() {
     let out = m.mask_value("jane@example.com", strategy);
     assert!(out.text.starts_with("[h:") && !out.text.contains("jane"));
 }
+
+/// `[[allow_unix]]`: exact paths, directories, abstract names; anything
+/// else is an error at its position.
+#[test]
+fn allow_unix_entries_are_parsed_and_checked() {
+    let text = "[[allow_unix]]\npath = \"/run/systemd/journal/socket\"\n\
+                [[allow_unix]]\npath = \"/run/app/*\"\n\
+                [[allow_unix]]\npath = \"@agent-bus\"\n\
+                [[allow_unix]]\npath = \"@prefix*\"\n";
+    let set = load_str(&[("u.toml", text)]).unwrap_or_else(|e| panic!("{e}"));
+    let got: Vec<(&str, bool, &[u8])> = set
+        .allow_unix()
+        .iter()
+        .map(|a| (a.pattern.as_str(), a.exact, a.prefix.as_slice()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (
+                "/run/systemd/journal/socket",
+                true,
+                &b"/run/systemd/journal/socket"[..]
+            ),
+            ("/run/app/*", false, &b"/run/app/"[..]),
+            ("@agent-bus", true, &b"\0agent-bus"[..]),
+            ("@prefix*", false, &b"\0prefix"[..]),
+        ]
+    );
+    for (bad, why) in [
+        ("relative.sock", "absolute path"),
+        ("/run/../var/run/postgresql/.s.PGSQL.5432", "`..`"),
+        ("/run/./x", "`.`"),
+        ("/run/*/x", "trailing `*`"),
+        ("/run/app*", "ends in `/*`"),
+        ("/run/app/", "does not end in `/`"),
+        ("@", "abstract socket name"),
+    ] {
+        let text = format!("\n[[allow_unix]]\npath = \"{bad}\"\n");
+        let err = load_str(&[("u.toml", &text)]).unwrap_err().to_string();
+        assert!(err.starts_with("u.toml:3:8: "), "{bad}: {err}");
+        assert!(err.contains(why), "{bad}: {err}");
+    }
+    let long = format!("/{}", "a".repeat(107));
+    let err = load_str(&[("u.toml", &format!("[[allow_unix]]\npath = \"{long}\"\n"))])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("longer than 107 bytes"), "{err}");
+}

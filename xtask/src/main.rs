@@ -285,16 +285,16 @@ fn run_daemon(root: &Path, args: &[String]) -> Result<()> {
     eprintln!(
         "\nagentgate is starting with {config}.\n\
          {pg}\n\
-         In another terminal (as root), try:\n\
+         In another terminal (as root; agents run as an ordinary user), try:\n\
          \x20 export AGENTGATE_CONFIG={config} PGPASSWORD={pw}\n\
          \x20 # reads are allowed; ssn, card and email come back masked:\n\
-         \x20 {bin} exec --identity demo -- {psql} -h 127.0.0.1 -U postgres -c 'SELECT * FROM customers LIMIT 3'\n\
+         \x20 {bin} exec --identity demo --user nobody -- {psql} -h 127.0.0.1 -U postgres -c 'SELECT * FROM customers LIMIT 3'\n\
          \x20 # writes wait for an approver (see the NOTICE for the request id):\n\
-         \x20 {bin} exec --identity demo -- {psql} -h 127.0.0.1 -U postgres -c \"UPDATE customers SET name = 'x' WHERE id = 1\"\n\
+         \x20 {bin} exec --identity demo --user nobody -- {psql} -h 127.0.0.1 -U postgres -c \"UPDATE customers SET name = 'x' WHERE id = 1\"\n\
          \x20 {bin} approvals list\n\
          \x20 {bin} approvals approve <ID> --approver approver\n\
          \x20 # plain TCP: the local pack allows 127.0.0.1:7777\n\
-         \x20 python3 -m http.server 7777 --bind 127.0.0.1 &  {bin} exec --identity demo -- curl -sS http://127.0.0.1:7777/ >/dev/null\n\
+         \x20 python3 -m http.server 7777 --bind 127.0.0.1 &  {bin} exec --identity demo --user nobody -- curl -sS http://127.0.0.1:7777/ >/dev/null\n\
          \x20 {bin} status\n\
          \x20 {bin} audit verify --dir {state}/audit\n\
          Stop with Ctrl-C. Tagged processes cannot connect anywhere while it is down (fail-closed).\n",

@@ -575,12 +575,24 @@ fn write_containment_status(
         hooks.len() - off.len(),
         hooks.len()
     )?;
+    let lsm_missing = off.iter().any(|hook| {
+        hook["name"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("ag_lsm_"))
+    });
     for hook in off {
         writeln!(
             out,
             "  NOT ENFORCED: {} ({})",
             hook["role"].as_str().unwrap_or("?"),
             hook["error"].as_str().unwrap_or("not attached")
+        )?;
+    }
+    if lsm_missing {
+        writeln!(
+            out,
+            "  instead: agents started by `exec` may make no Unix sockets and no other families (seccomp); \
+             cgroups bound by `tag` or policy are not contained for them"
         )?;
     }
     let resolvers: Vec<&str> = containment["dns_resolvers"]

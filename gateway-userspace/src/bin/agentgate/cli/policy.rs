@@ -111,12 +111,13 @@ fn check(dir: &Path) -> ExitCode {
         Err(code) => return code,
     };
     println!(
-        "ok: {} file{}, {} resources, {} rules, {} bindings; digest {}",
+        "ok: {} file{}, {} resources, {} rules, {} bindings, {} allowed unix paths; digest {}",
         set.files().len(),
         if set.files().len() == 1 { "" } else { "s" },
         set.resources().len(),
         set.rules().len(),
         set.bindings().len(),
+        set.allow_unix().len(),
         set.digest()
     );
     ExitCode::SUCCESS
