@@ -282,9 +282,8 @@ fn sudo_user_names_the_user_a_root_caller_runs_the_agent_as() {
 #[test]
 fn control_socket_refuses_callers_in_tagged_cgroups_even_root() {
     let mut env = Env::prepare("ctlrefuse", DaemonOptions::default()).unwrap();
-    // Let the tagged process reach the control socket at all: without this
-    // the kernel refuses the Unix connect first. This test is about the
-    // daemon's own check, behind that one.
+    // Let a tagged process reach the control socket at all where the kernel
+    // checks Unix paths: this test is about the daemon's own check, behind that.
     fs::write(
         env.state.join("policy/control-socket.toml"),
         format!(
@@ -297,13 +296,28 @@ fn control_socket_refuses_callers_in_tagged_cgroups_even_root() {
     let bin = agentgate_bin();
     let bin = bin.to_str().unwrap();
     let config = env.config.to_str().unwrap();
-    for (args, op) in [
-        (&["status"][..], "status"),
-        (&["approvals", "list"][..], "approvals-list"),
-    ] {
-        let mut argv = vec![bin, "--config", config];
-        argv.extend_from_slice(args);
-        let out = env.exec("demo", &argv).output().unwrap();
+    // A cgroup tagged with `agentgate tag` (as a systemd unit would be): its
+    // root processes have no seccomp filter, so they reach the socket.
+    let svc = env.cgroup.child("svc").unwrap();
+    run_ok(&mut env.agentgate(&[
+        "tag",
+        "--cgroup",
+        svc.to_str().unwrap(),
+        "--identity",
+        "demo",
+    ]))
+    .unwrap();
+    for (args, op) in [("status", "status"), ("approvals list", "approvals-list")] {
+        let script = format!(
+            "echo $$ > {}/cgroup.procs && exec {bin} --config {config} {args}",
+            svc.display()
+        );
+        let out = env
+            .netns
+            .command("sh")
+            .args(["-c", &script])
+            .output()
+            .unwrap();
         let stderr = text(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{op}: {stderr}");
         assert!(
@@ -311,6 +325,14 @@ fn control_socket_refuses_callers_in_tagged_cgroups_even_root() {
             "{op}: {stderr}"
         );
     }
+    // An agent started by `exec` does not get that far here: its seccomp
+    // filter refuses the Unix socket (the kernel has no BPF LSM to check the
+    // path), and that refusal is on record too.
+    let out = env
+        .exec("demo", &[bin, "--config", config, "status"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     // The same commands from outside a tagged cgroup still work.
     run_ok(&mut env.agentgate(&["status"])).unwrap();
     run_ok(&mut env.agentgate(&["approvals", "list"])).unwrap();
@@ -324,11 +346,24 @@ fn control_socket_refuses_callers_in_tagged_cgroups_even_root() {
         .iter()
         .filter_map(|r| r["action"]["op"].as_str())
         .collect();
-    assert_eq!(ops, ["status", "approvals-list"], "{refused:#?}");
+    assert_eq!(ops[..2], ["status", "approvals-list"], "{refused:#?}");
+    // The exec'd agent: refused by its filter (here), or by the daemon
+    // (where the kernel checks Unix paths and lets it reach the socket).
+    let by_filter = records.iter().any(|r| {
+        r["kind"] == "containment.refused"
+            && r["action"]["family"] == "unix"
+            && r["decision"]["enforced_by"] == "seccomp"
+    });
+    assert!(by_filter || ops.len() == 3, "{ops:?}");
     for r in refused {
         assert_eq!(r["identity"]["subject"], "demo");
         assert_eq!(r["workload"]["uid"].as_u64(), Some(0));
-        assert_eq!(r["workload"]["exe"].as_str(), Some(bin));
+        assert!(
+            r["workload"]["exe"]
+                .as_str()
+                .is_some_and(|e| e.ends_with("agentgate")),
+            "{r:#}"
+        );
         assert!(
             r["workload"]["cgroup"]
                 .as_str()
