@@ -461,7 +461,10 @@ fn attach_lsm(
                 hooks.push(Hook::on(name, role));
             }
             Err(e) => {
-                let why = format!("the kernel refused the BPF LSM program{lsm_note}: {e}");
+                // aya appends the verifier's log, empty for a refused program type.
+                let error = e.to_string();
+                let error = error.split(". Verifier output:").next().unwrap_or_default();
+                let why = format!("the kernel refused the BPF LSM program{lsm_note}: {error}");
                 tracing::error!(hook = name, reason = %why, "containment hook not attached");
                 hooks.push(Hook {
                     name,
