@@ -30,6 +30,9 @@
 //!   Unix, inet and netlink-route are refused;
 //! - `ag_lsm_socket_connect|sendmsg`: Unix-socket connects and sends only to
 //!   allowed absolute paths or abstract names (`AG_UNIX_ALLOW`);
+//! - `ag_skb_ingress` (cgroup_skb ingress, when inbound is limited): packets
+//!   from other hosts to a tagged process's sockets are dropped, so nothing
+//!   dials in to a tagged listener (its answers would leave unobserved);
 //! - `ag_tp_fork`, `ag_tp_exit`, `ag_tp_cgroup_attach` (tracepoints): the
 //!   tasks of tagged cgroups are tracked, and one that moves to a cgroup that
 //!   is not tagged is reported; userspace decides whether the destination is
@@ -55,12 +58,12 @@ use aya_ebpf::{
         bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
         generated::{
             bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
-            bpf_get_socket_cookie,
+            bpf_get_socket_cookie, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
         },
     },
     macros::{
-        cgroup_sock, cgroup_sock_addr, lsm_cgroup, map, sk_msg, sock_ops, stream_verdict,
-        tracepoint,
+        cgroup_skb, cgroup_sock, cgroup_sock_addr, lsm_cgroup, map, sk_msg, sock_ops,
+        stream_verdict, tracepoint,
     },
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash, lpm_trie::Key},
     programs::{
@@ -638,6 +641,91 @@ fn refuse_unix(tagged_id: u64, tag: Tag, path: &UnixPath) -> i32 {
         e.path = path.bytes;
     });
     REJECT
+}
+
+/// The tagged cgroup a packet's socket belongs to (itself or its nearest
+/// tagged ancestor).
+#[inline(always)]
+fn tagged_socket(ctx: &SkBuffContext) -> Option<(u64, Tag)> {
+    // SAFETY: the program's own skb.
+    let own = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+    // SAFETY: read-only lookup; Tag is Copy.
+    if let Some(tag) = unsafe { TAGGED.get(&own) } {
+        return Some((own, *tag));
+    }
+    let mut level: i32 = 0;
+    while level < MAX_CGROUP_DEPTH as i32 {
+        // SAFETY: as above.
+        let id = unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb, level) };
+        if id == 0 || id == own {
+            break;
+        }
+        // SAFETY: as above.
+        if let Some(tag) = unsafe { TAGGED.get(&id) } {
+            return Some((id, *tag));
+        }
+        level += 1;
+    }
+    None
+}
+
+/// Packets to a tagged process's sockets come from loopback only (the proxy,
+/// the DNS forwarder, local processes); anything from another host is
+/// dropped and reported. Returns 1 to pass, 0 to drop.
+#[cgroup_skb(ingress)]
+pub fn ag_skb_ingress(ctx: SkBuffContext) -> i32 {
+    let Some((tagged_id, tag)) = tagged_socket(&ctx) else {
+        return 1;
+    };
+    // The skb starts at the IP header.
+    let Ok(first) = ctx.load::<u8>(0) else { return 0 };
+    let (src, loopback) = match first >> 4 {
+        4 => {
+            let Ok(a) = ctx.load::<u32>(12) else { return 0 };
+            (v4(a, 0), a.to_ne_bytes()[0] == 127)
+        }
+        6 => {
+            let mut a = [0u32; 4];
+            let mut i = 0;
+            while i < 4 {
+                let Ok(w) = ctx.load::<u32>(8 + 4 * i) else { return 0 };
+                a[i] = w;
+                i += 1;
+            }
+            let src = v6_normalized(a, 0);
+            let loopback = if src.family == AF_INET {
+                src.addr[0].to_ne_bytes()[0] == 127
+            } else {
+                a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == u32::to_be(1)
+            };
+            (src, loopback)
+        }
+        _ => return 0,
+    };
+    if loopback {
+        return 1;
+    }
+    bump(counter::INBOUND_REFUSED);
+    // Not in any task's context here: the event names the socket's cgroup
+    // and binding, no process.
+    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+        bump(counter::EVENTS_LOST);
+        return 0;
+    };
+    let p = entry.as_mut_ptr();
+    // SAFETY: p points at a reserved, exclusively owned Event-sized slot;
+    // zeroing it first leaves no field uninitialised.
+    unsafe {
+        core::ptr::write_bytes(p, 0, 1);
+        let e = &mut *p;
+        e.kind = event::INBOUND_REFUSED;
+        e.binding = tag.binding;
+        e.cgroup_id = bpf_skb_cgroup_id(ctx.skb.skb);
+        e.tagged_cgroup_id = tagged_id;
+        e.addr = src;
+    }
+    entry.submit(0);
+    0
 }
 
 /// A tagged task forked (process or thread): the child is tagged too.

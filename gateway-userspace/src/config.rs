@@ -60,8 +60,18 @@ pub struct ContainmentConfig {
     /// How long the forwarder waits for a resolver.
     pub dns_timeout_ms: u64,
     /// A process that leaves a tagged cgroup for an ungoverned one:
-    /// `"kill"` (SIGKILL, after the record) or `"record"`.
+    /// `"kill"` (SIGKILL, then the record) or `"record"`.
     pub on_escape: OnEscape,
+    /// Packets to tagged processes' sockets: `"loopback"` only (nothing
+    /// dials in from another host) or `"any"` (agents that serve others).
+    pub inbound: Inbound,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Inbound {
+    Loopback,
+    Any,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, serde::Serialize, PartialEq, Eq)]
@@ -85,6 +95,7 @@ impl Default for ContainmentConfig {
             dns_max_in_flight: 256,
             dns_timeout_ms: 5000,
             on_escape: OnEscape::Kill,
+            inbound: Inbound::Loopback,
         }
     }
 }

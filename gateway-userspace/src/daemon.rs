@@ -243,6 +243,7 @@ async fn load_kernel(
 > {
     let mut redirector = Redirector::load(&RedirectConfig {
         attach_cgroup: attach,
+        inbound_loopback_only: cfg.containment.inbound == crate::config::Inbound::Loopback,
         proxy4: addr4,
         proxy6: addr6,
         fast_path: cfg.proxy.fast_path,
@@ -1158,6 +1159,7 @@ impl Daemon {
                 "socket_type": n(k::INET_SOCKET_REFUSED),
                 "socket_family": n(k::FAMILY_REFUSED),
                 "exec_filter": c.escapes.seccomp_refused.load(Ordering::Relaxed),
+                "inbound": n(k::INBOUND_REFUSED),
             },
             "dns": {
                 "rewritten": n(k::DNS_FORWARDED),

@@ -34,7 +34,8 @@ use aya::{
         lpm_trie::{Key as LpmKey, LpmTrie},
     },
     programs::{
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, LsmCgroup, SkMsg, SkSkb, SockOps, TracePoint,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, LsmCgroup,
+        SkMsg, SkSkb, SockOps, TracePoint,
         links::{FdLink, LinkError, PinnedLink},
     },
 };
@@ -94,6 +95,8 @@ pub enum RedirectError {
 
 pub struct RedirectConfig<'a> {
     pub attach_cgroup: &'a Path,
+    /// Drop packets from other hosts to tagged processes' sockets.
+    pub inbound_loopback_only: bool,
     pub proxy4: SocketAddr,
     pub proxy6: SocketAddr,
     pub fast_path: bool,
@@ -173,12 +176,12 @@ impl Redirector {
         // for pinning. cgroup bpf_links are always multi-attach; the kernel
         // rejects BPF_F_ALLOW_MULTI on them, so the mode is Single (flags 0).
         macro_rules! attach_to_cgroup {
-            ($ty:ty, $name:expr) => {{
+            ($ty:ty, $name:expr $(, $kind:expr)?) => {{
                 let name = $name;
                 let prog: &mut $ty = program(&mut ebpf, name)?;
                 prog.load().map_err(prog_err(name))?;
                 let id = prog
-                    .attach(&cgroup, CgroupAttachMode::Single)
+                    .attach(&cgroup, $($kind,)? CgroupAttachMode::Single)
                     .map_err(prog_err(name))?;
                 if cfg.fail_mode == FailMode::Closed {
                     let link = prog.take_link(id).map_err(prog_err(name))?;
@@ -201,6 +204,9 @@ impl Redirector {
             attach_to_cgroup!(CgroupSockAddr, name);
         }
         attach_to_cgroup!(CgroupSock, names::SOCK_CREATE);
+        if cfg.inbound_loopback_only {
+            attach_to_cgroup!(CgroupSkb, names::SKB_INGRESS, CgroupSkbAttachType::Ingress);
+        }
         attach_to_cgroup!(SockOps, names::SOCK_OPS);
         let mut hooks = vec![
             Hook::on(
@@ -213,6 +219,12 @@ impl Redirector {
             ),
             Hook::on(names::SOCK_CREATE, "inet sockets: TCP and UDP only"),
         ];
+        if cfg.inbound_loopback_only {
+            hooks.push(Hook::on(
+                names::SKB_INGRESS,
+                "inbound packets from loopback only",
+            ));
+        }
         hooks.extend(attach_lsm(
             &mut ebpf,
             &cgroup,

@@ -516,3 +516,82 @@ fn other_socket_families_and_io_uring_are_refused_and_recorded() {
     let s = env.status().unwrap();
     assert_eq!(s["containment"]["refused"]["exec_filter"], 4, "{s}");
 }
+
+#[test]
+fn nothing_dials_in_to_a_tagged_listener_from_another_host() {
+    let env = Env::new("inbound", options()).unwrap();
+    // Another host: a second network namespace on a veth pair.
+    let outside = agentgate_e2e::Netns::new(&format!("{}o", env.name)).unwrap();
+    let tag = std::process::id() % 100_000;
+    let (here, there) = (format!("agi{tag}"), format!("ago{tag}"));
+    for cmd in [
+        format!("ip link add {here} type veth peer name {there}"),
+        format!("ip link set {here} netns {}", env.netns.name),
+        format!("ip link set {there} netns {}", outside.name),
+        format!("ip -n {} addr add 10.231.0.1/24 dev {here}", env.netns.name),
+        format!("ip -n {} addr add 10.231.0.2/24 dev {there}", outside.name),
+        format!("ip -n {} link set {here} up", env.netns.name),
+        format!("ip -n {} link set {there} up", outside.name),
+    ] {
+        run_ok(std::process::Command::new("sh").args(["-c", &cmd])).unwrap();
+    }
+    let listen = |port: u16| {
+        format!(
+            "import socket\ns=socket.socket()\ns.bind(('0.0.0.0',{port}))\ns.listen()\ns.settimeout(4)\n\
+             print('listening',flush=True)\n\
+             try:\n  c,a=s.accept()\n  print('accepted',a[0],flush=True)\nexcept TimeoutError:\n  print('nothing',flush=True)\n"
+        )
+    };
+    let dial = |port: u16| {
+        let code = format!(
+            "import socket\ntry:\n  socket.create_connection(('10.231.0.1',{port}),timeout=2)\n  print('connected')\nexcept OSError as e:\n  print('failed',e)\n"
+        );
+        let out = outside
+            .command(PYTHON)
+            .args(["-c", &code])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    // An untagged listener is reachable from the other host (the link works) ...
+    let mut c = env.netns.command(PYTHON);
+    c.args(["-c", &listen(7001)]).stdout(Stdio::piped());
+    let mut untagged = Proc::spawn("untagged listener", c).unwrap();
+    assert_eq!(untagged.read_line().unwrap(), "listening");
+    assert_eq!(dial(7001), "connected");
+    assert_eq!(untagged.read_line().unwrap(), "accepted 10.231.0.2");
+    // ... a tagged agent's is not: nothing arrives.
+    let mut c = env.agentgate(&[
+        "exec",
+        "--identity",
+        "demo",
+        "--user",
+        "nobody",
+        "--",
+        PYTHON,
+        "-c",
+        &listen(7002),
+    ]);
+    c.stdout(Stdio::piped());
+    let mut tagged = Proc::spawn("tagged listener", c).unwrap();
+    assert_eq!(tagged.read_line().unwrap(), "listening");
+    assert!(
+        dial(7002).starts_with("failed"),
+        "dialed in to a tagged listener"
+    );
+    assert_eq!(tagged.read_line().unwrap(), "nothing");
+    eventually("the inbound refusal is recorded", || {
+        !refusals(&env, |a| {
+            a["route"] == "inbound" && a["source"] == "10.231.0.2"
+        })
+        .is_empty()
+    });
+    let r = &refusals(&env, |a| a["route"] == "inbound")[0];
+    assert_eq!(r["identity"]["subject"], "demo", "{r}");
+    assert!(
+        env.status().unwrap()["containment"]["refused"]["inbound"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    );
+}

@@ -48,6 +48,7 @@ pub mod names {
     pub const TP_ATTACH: &str = "ag_tp_cgroup_attach";
     pub const TP_FORK: &str = "ag_tp_fork";
     pub const TP_EXIT: &str = "ag_tp_exit";
+    pub const SKB_INGRESS: &str = "ag_skb_ingress";
 }
 
 /// An IPv4 or IPv6 socket address.
@@ -109,6 +110,9 @@ pub mod event {
     pub const INET_SOCKET_REFUSED: u32 = 3;
     /// A socket of a family outside the allowed set.
     pub const FAMILY_REFUSED: u32 = 4;
+    /// A packet from another host (not loopback) to a socket of a tagged
+    /// process: someone dialing in, or answering a datagram.
+    pub const INBOUND_REFUSED: u32 = 6;
     /// A task that was in a tagged cgroup moved to a cgroup that is not
     /// itself tagged (userspace decides whether an ancestor governs it).
     pub const MIGRATED: u32 = 5;
@@ -135,7 +139,8 @@ pub struct Event {
     pub tagged_cgroup_id: u64,
     /// `MIGRATED`: the cgroup the task was moved into.
     pub target_cgroup_id: u64,
-    /// `DATAGRAM_REFUSED`: where the datagram was going.
+    /// `DATAGRAM_REFUSED`: where the datagram was going; `INBOUND_REFUSED`:
+    /// where the packet came from.
     pub addr: SockAddr,
     pub comm: [u8; 16],
     /// `UNIX_REFUSED`: the path (or abstract name, leading NUL) dialed.
@@ -235,6 +240,8 @@ pub mod counter {
     pub const DNS_FORWARDED: u32 = 10;
     /// Tasks moved to another cgroup by a tagged task.
     pub const MIGRATIONS: u32 = 12;
+    /// Packets from other hosts dropped before a tagged process's socket.
+    pub const INBOUND_REFUSED: u32 = 13;
     /// Events that did not fit in the ring buffer.
     pub const EVENTS_LOST: u32 = 11;
     pub const LEN: u32 = 16;

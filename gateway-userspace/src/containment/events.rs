@@ -181,6 +181,13 @@ pub fn describe(e: &Event) -> (&'static str, Value) {
                 "protocol": e.protocol,
             }),
         ),
+        event::INBOUND_REFUSED => (
+            "inbound",
+            json!({
+                "route": "inbound",
+                "source": crate::redirect::socket_addr(&e.addr).ip().to_string(),
+            }),
+        ),
         event::INET_SOCKET_REFUSED => (
             "socket",
             json!({
@@ -224,11 +231,14 @@ async fn refused(shared: &Shared, e: &Event, suppressed: u64) {
     let (identity, workload) = who(shared, e, e.tgid).await;
     tracing::warn!(event = "containment.refused", route, pid = e.tgid, detail = %action);
     let mut rec = NewRecord::new(Kind::ContainmentRefused)
-        .workload(workload)
         .action(action)
         .decision(json!({ "verdict": "deny", "reason": refusal_reason(e.kind) }));
     if let Some(i) = identity {
         rec = rec.identity(i);
+    }
+    // An inbound packet is refused outside any process's context.
+    if e.kind != event::INBOUND_REFUSED {
+        rec = rec.workload(workload);
     }
     if let Err(err) = shared.audit.append(rec).await {
         tracing::error!(event = "log.failure", error = %err, "cannot record a containment refusal");
@@ -239,6 +249,7 @@ fn refusal_reason(kind: u32) -> &'static str {
     match kind {
         event::UNIX_REFUSED => "agentgate:unix-path-not-allowed",
         event::DATAGRAM_REFUSED => "agentgate:datagram-not-to-a-resolver",
+        event::INBOUND_REFUSED => "agentgate:inbound-from-another-host",
         event::INET_SOCKET_REFUSED => "agentgate:socket-type-not-allowed",
         _ => "agentgate:socket-family-not-allowed",
     }

@@ -629,12 +629,13 @@ fn write_containment_status(
     let dns = &containment["dns"];
     writeln!(
         out,
-        "  refused since start: unix {}, datagram {}, socket type {}, socket family {}, exec filter {}; dns queries forwarded {}, refused {}",
+        "  refused since start: unix {}, datagram {}, socket type {}, socket family {}, exec filter {}, inbound {}; dns queries forwarded {}, refused {}",
         count(&refused["unix"]),
         count(&refused["datagram"]),
         count(&refused["socket_type"]),
         count(&refused["socket_family"]),
         count(&refused["exec_filter"]),
+        count(&refused["inbound"]),
         count(&dns["forwarded"]),
         count(&dns["refused"])
     )?;
