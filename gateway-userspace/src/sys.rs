@@ -369,8 +369,9 @@ pub mod seccomp {
     }
 
     /// In the child, between fork and exec (after the privilege drop):
-    /// installs `filter` with a listener and sends the listener over
-    /// `channel`, then closes both. Only async-signal-safe calls.
+    /// enters a Landlock domain (see [`super::landlock`]), installs `filter`
+    /// with a listener and sends the listener over `channel`, then closes
+    /// both. Only async-signal-safe calls.
     ///
     /// # Safety
     /// Call only in a freshly forked child (a `pre_exec` hook): it sets
@@ -385,6 +386,7 @@ pub mod seccomp {
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                 return Err(io::Error::last_os_error());
             }
+            super::landlock::enter_domain()?;
             let listener = libc::syscall(
                 libc::SYS_seccomp,
                 libc::SECCOMP_SET_MODE_FILTER,
@@ -700,5 +702,85 @@ pub fn seccomp_on_exec(
     // the closure owns, in the forked child.
     unsafe {
         command.pre_exec(move || seccomp::install_in_child(&filter, channel));
+    }
+}
+
+/// A Landlock domain for agents started by `exec`. It restricts no file
+/// access an agent needs (only making block devices, which needs root), but
+/// a process in a domain may not ptrace, read or write the memory of, or take
+/// descriptors (`pidfd_getfd`) from processes outside it: an agent running as
+/// a user cannot drive that user's untagged processes (a shell, say) to open
+/// connections for it. Where the kernel supports it (ABI 6), connecting to
+/// abstract Unix sockets made outside the domain, and signalling processes
+/// outside it, are refused too. A kernel without Landlock runs the agent
+/// without it (what Yama's ptrace scope gives, if on, still applies).
+pub mod landlock {
+    use std::io;
+
+    const SYS_CREATE_RULESET: libc::c_long = 444;
+    const SYS_RESTRICT_SELF: libc::c_long = 446;
+    const CREATE_RULESET_VERSION: u32 = 1;
+    const ACCESS_FS_MAKE_BLOCK: u64 = 1 << 11;
+    const SCOPE_ABSTRACT_UNIX_SOCKET: u64 = 1;
+    const SCOPE_SIGNAL: u64 = 1 << 1;
+
+    #[repr(C)]
+    struct RulesetAttr {
+        handled_access_fs: u64,
+        handled_access_net: u64,
+        scoped: u64,
+    }
+
+    /// The kernel's Landlock ABI version, 0 when it has none.
+    pub fn abi() -> u32 {
+        // SAFETY: the version query takes no ruleset.
+        let v = unsafe {
+            libc::syscall(
+                SYS_CREATE_RULESET,
+                std::ptr::null::<RulesetAttr>(),
+                0usize,
+                CREATE_RULESET_VERSION,
+            )
+        };
+        u32::try_from(v).unwrap_or(0)
+    }
+
+    /// Puts the calling thread (and what it starts) in a new domain. Needs
+    /// `no_new_privs`. Async-signal-safe: system calls only.
+    pub fn enter_domain() -> io::Result<()> {
+        let abi = abi();
+        if abi == 0 {
+            return Ok(());
+        }
+        let attr = RulesetAttr {
+            handled_access_fs: ACCESS_FS_MAKE_BLOCK,
+            handled_access_net: 0,
+            scoped: if abi >= 6 {
+                SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL
+            } else {
+                0
+            },
+        };
+        // The struct grew with the ABI: pass the size this kernel knows.
+        let size = match abi {
+            1..=3 => 8,
+            4 | 5 => 16,
+            _ => size_of::<RulesetAttr>(),
+        };
+        // SAFETY: `attr` is valid for `size` bytes; the fd is closed below.
+        unsafe {
+            let fd = libc::syscall(SYS_CREATE_RULESET, &raw const attr, size, 0u32);
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let fd = fd as libc::c_int;
+            let rc = libc::syscall(SYS_RESTRICT_SELF, fd, 0u32);
+            let err = io::Error::last_os_error();
+            libc::close(fd);
+            if rc != 0 {
+                return Err(err);
+            }
+        }
+        Ok(())
     }
 }

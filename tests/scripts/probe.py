@@ -125,6 +125,19 @@ def main():
             return {"echoed": s.recv(16).decode()}
 
         attempt(name, go)
+    elif name == "ptrace":
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        pid = int(args[0])
+
+        def go():
+            if libc.ptrace(16, pid, None, None) != 0:  # PTRACE_ATTACH
+                e = ctypes.get_errno()
+                raise OSError(e, os.strerror(e))
+            os.waitpid(pid, 0)
+            libc.ptrace(17, pid, None, None)  # PTRACE_DETACH
+
+        attempt(name, go, pid=pid)
     else:
         sys.exit(f"unknown probe {name}")
 

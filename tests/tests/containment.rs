@@ -595,3 +595,45 @@ fn nothing_dials_in_to_a_tagged_listener_from_another_host() {
             >= 1
     );
 }
+
+#[test]
+fn an_agent_cannot_drive_untagged_processes_of_its_own_user() {
+    let env = Env::new("ptrace", options()).unwrap();
+    // An untagged process of the same user (a shell of that user, say).
+    let mut c = env.netns.command("setpriv");
+    c.args([
+        "--reuid=nobody",
+        "--regid=nogroup",
+        "--clear-groups",
+        "sleep",
+        "60",
+    ]);
+    let victim = Proc::spawn("untagged process of nobody", c).unwrap();
+    let pid = victim.pid().to_string();
+    std::thread::sleep(Duration::from_millis(200));
+    // Untagged, nobody may ptrace it (no Yama here): the route exists ...
+    let out = env
+        .netns
+        .command("setpriv")
+        .args([
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            PYTHON,
+        ])
+        .arg(scripts_dir().join("probe.py"))
+        .args(["ptrace", &pid])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("\"ok\": true"),
+        "{out:?}"
+    );
+    // ... a tagged agent of the same user may not (its Landlock domain).
+    let r = probe(&env, &["ptrace", &pid]);
+    assert_eq!(
+        (r["ok"].as_bool(), r["error"].as_str()),
+        (Some(false), Some("EPERM")),
+        "{r}"
+    );
+}
