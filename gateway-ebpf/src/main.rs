@@ -149,20 +149,18 @@ fn config() -> Option<&'static Config> {
     CONFIG.get(0)
 }
 
-/// The tagged cgroup this task belongs to (itself or its nearest tagged ancestor).
+/// The tagged cgroup among `own` and its ancestors (`ancestor(level)`, root
+/// first, as the kernel's ancestor helpers number them), nearest first.
 #[inline(always)]
-fn tagged_cgroup() -> Option<(u64, Tag)> {
-    // SAFETY: helpers without pointer arguments.
-    let current = unsafe { bpf_get_current_cgroup_id() };
+fn nearest_tagged(own: u64, ancestor: impl Fn(i32) -> u64) -> Option<(u64, Tag)> {
     // SAFETY: read-only lookup; Tag is Copy.
-    if let Some(tag) = unsafe { TAGGED.get(&current) } {
-        return Some((current, *tag));
+    if let Some(tag) = unsafe { TAGGED.get(&own) } {
+        return Some((own, *tag));
     }
     let mut level: i32 = 0;
     while level < MAX_CGROUP_DEPTH as i32 {
-        // SAFETY: as above.
-        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
-        if id == 0 || id == current {
+        let id = ancestor(level);
+        if id == 0 || id == own {
             break;
         }
         // SAFETY: as above.
@@ -172,6 +170,15 @@ fn tagged_cgroup() -> Option<(u64, Tag)> {
         level += 1;
     }
     None
+}
+
+/// The tagged cgroup this task belongs to (itself or its nearest tagged ancestor).
+#[inline(always)]
+fn tagged_cgroup() -> Option<(u64, Tag)> {
+    // SAFETY: helpers without pointer arguments.
+    let own = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: as above.
+    nearest_tagged(own, |level| unsafe { bpf_get_current_ancestor_cgroup_id(level) })
 }
 
 /// Reads `user_ip6` one 32-bit word at a time: the verifier only allows
@@ -649,24 +656,8 @@ fn refuse_unix(tagged_id: u64, tag: Tag, path: &UnixPath) -> i32 {
 fn tagged_socket(ctx: &SkBuffContext) -> Option<(u64, Tag)> {
     // SAFETY: the program's own skb.
     let own = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
-    // SAFETY: read-only lookup; Tag is Copy.
-    if let Some(tag) = unsafe { TAGGED.get(&own) } {
-        return Some((own, *tag));
-    }
-    let mut level: i32 = 0;
-    while level < MAX_CGROUP_DEPTH as i32 {
-        // SAFETY: as above.
-        let id = unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb, level) };
-        if id == 0 || id == own {
-            break;
-        }
-        // SAFETY: as above.
-        if let Some(tag) = unsafe { TAGGED.get(&id) } {
-            return Some((id, *tag));
-        }
-        level += 1;
-    }
-    None
+    // SAFETY: as above.
+    nearest_tagged(own, |level| unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb, level) })
 }
 
 /// Packets to a tagged process's sockets come from loopback only (the proxy,

@@ -113,7 +113,7 @@ struct Daemon {
 struct Containment {
     /// (resolver, forwarder) pairs the kernel rewrites datagrams by.
     resolvers: Vec<(SocketAddr, SocketAddr)>,
-    escapes: Arc<crate::containment::events::EscapeStats>,
+    stats: Arc<crate::containment::events::ContainmentStats>,
     dns: Arc<DnsContext>,
 }
 
@@ -172,7 +172,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         exec_owners: Mutex::default(),
         containment: Containment {
             resolvers: resolver_pairs,
-            escapes: Arc::default(),
+            stats: Arc::default(),
             dns: Arc::new(DnsContext::new(
                 &cfg.containment,
                 audit.clone(),
@@ -690,7 +690,7 @@ impl Daemon {
             );
         }
         self.containment
-            .escapes
+            .stats
             .seccomp_refused
             .fetch_add(1, Ordering::Relaxed);
         let identity = self
@@ -911,13 +911,13 @@ impl Daemon {
                 ring,
                 self.shared.clone(),
                 on_escape,
-                self.containment.escapes.clone(),
+                self.containment.stats.clone(),
                 shutdown.clone(),
             ));
         }
     }
 
-    /// Identity upkeep and policy bindings.
+    /// Identity upkeep and following the policy.
     fn spawn_background(
         self: Arc<Self>,
         tasks: &mut tokio::task::JoinSet<()>,
@@ -925,54 +925,14 @@ impl Daemon {
         shutdown: &watch::Receiver<bool>,
     ) {
         tasks.spawn(self.clone().maintain_identities(shutdown.clone()));
-        tasks.spawn(self.clone().follow_unix_allow(shutdown.clone()));
-        tasks.spawn(self.follow_policy_bindings(attach, shutdown.clone()));
+        tasks.spawn(self.follow_policy(attach, shutdown.clone()));
     }
 
-    /// Keeps the kernel's Unix allow list equal to the policy's `[[allow_unix]]`
-    /// (within a second of a reload).
-    async fn follow_unix_allow(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+    /// Keeps what the kernel holds from the policy in step with it, within
+    /// two seconds of a reload: the cgroups `[[binding]]`s match, and the
+    /// Unix allow list.
+    async fn follow_policy(self: Arc<Self>, attach: PathBuf, mut shutdown: watch::Receiver<bool>) {
         let mut applied = self.shared.policy.current().allow_unix().to_vec();
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = shutdown.wait_for(|s| *s) => return,
-            }
-            let policy = self.shared.policy.current();
-            if policy.allow_unix() == applied.as_slice() {
-                continue;
-            }
-            let result = self
-                .shared
-                .redirector
-                .lock()
-                .expect("redirector lock")
-                .set_unix_allow(policy.allow_unix());
-            match result {
-                Ok(()) => {
-                    applied = policy.allow_unix().to_vec();
-                    tracing::info!(
-                        event = "containment.allow_unix",
-                        entries = applied.len(),
-                        "Unix allow list updated"
-                    );
-                }
-                Err(e) => tracing::error!(error = %e, "updating the kernel's Unix allow list"),
-            }
-        }
-    }
-
-    /// Keeps the cgroups that the policy's `[[binding]]`s match tagged with their
-    /// service account, and untags them when the policy stops matching. A
-    /// matched cgroup is tagged even before its identity is verified: its
-    /// connections are then refused (fail closed), never let through unseen.
-    async fn follow_policy_bindings(
-        self: Arc<Self>,
-        attach: PathBuf,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
         let mut tick = tokio::time::interval(Duration::from_secs(2));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -981,48 +941,82 @@ impl Daemon {
                 _ = shutdown.wait_for(|s| *s) => return,
             }
             let policy = self.shared.policy.current();
-            let mut desired: std::collections::BTreeMap<u64, (PathBuf, String)> =
-                std::collections::BTreeMap::new();
-            if !policy.bindings().is_empty() {
-                for path in cgroup::walk(
-                    &attach,
-                    POLICY_BINDING_MAX_DEPTH,
-                    POLICY_BINDING_MAX_CGROUPS,
-                ) {
-                    let rel = self.shared.hierarchy.relative(&path);
-                    if let Some(b) = policy.binding_for(&rel)
-                        && let Ok(id) = cgroup::id(&path)
-                    {
-                        desired.insert(id, (path, b.identity.clone()));
-                    }
-                }
+            self.sync_unix_allow(&policy, &mut applied);
+            self.sync_policy_bindings(&attach, &policy).await;
+        }
+    }
+
+    /// Makes the kernel's Unix allow list the policy's `[[allow_unix]]`
+    /// when it changed since `applied`.
+    fn sync_unix_allow(
+        &self,
+        policy: &crate::policy::PolicySet,
+        applied: &mut Vec<crate::policy::UnixAllow>,
+    ) {
+        if policy.allow_unix() == applied.as_slice() {
+            return;
+        }
+        let result = self
+            .shared
+            .redirector
+            .lock()
+            .expect("redirector lock")
+            .set_unix_allow(policy.allow_unix());
+        match result {
+            Ok(()) => {
+                *applied = policy.allow_unix().to_vec();
+                tracing::info!(
+                    event = "containment.allow_unix",
+                    entries = applied.len(),
+                    "Unix allow list updated"
+                );
             }
-            let current: Vec<(u32, u64, String, BindingKind)> = self
-                .shared
-                .bindings
-                .lock()
-                .expect("bindings lock")
-                .iter()
-                .map(|b| (b.id, b.cgroup_id, b.identity.clone(), b.kind))
-                .collect();
-            for (id, cgroup_id, identity, kind) in &current {
-                let still = desired
-                    .get(cgroup_id)
-                    .is_some_and(|(_, want)| want == identity);
-                if *kind == BindingKind::Policy
-                    && !still
-                    && let Err(e) = self.unbind(*id, *cgroup_id).await
+            Err(e) => tracing::error!(error = %e, "updating the kernel's Unix allow list"),
+        }
+    }
+
+    /// Keeps the cgroups that the policy's `[[binding]]`s match tagged with their
+    /// service account, and untags them when the policy stops matching. A
+    /// matched cgroup is tagged even before its identity is verified: its
+    /// connections are then refused (fail closed), never let through unseen.
+    async fn sync_policy_bindings(&self, attach: &Path, policy: &crate::policy::PolicySet) {
+        let mut desired: std::collections::BTreeMap<u64, (PathBuf, String)> =
+            std::collections::BTreeMap::new();
+        if !policy.bindings().is_empty() {
+            for path in cgroup::walk(attach, POLICY_BINDING_MAX_DEPTH, POLICY_BINDING_MAX_CGROUPS) {
+                let rel = self.shared.hierarchy.relative(&path);
+                if let Some(b) = policy.binding_for(&rel)
+                    && let Ok(id) = cgroup::id(&path)
                 {
-                    tracing::error!(error = %e, "removing a policy binding");
+                    desired.insert(id, (path, b.identity.clone()));
                 }
             }
-            for (cgroup_id, (path, identity)) in desired {
-                let bound = current.iter().any(|(_, c, who, kind)| {
-                    *c == cgroup_id && (*kind != BindingKind::Policy || *who == identity)
-                });
-                if !bound && let Err(r) = self.bind(identity, &path, BindingKind::Policy).await {
-                    tracing::error!(cgroup = %path.display(), error = ?r.error, "applying a policy binding");
-                }
+        }
+        let current: Vec<(u32, u64, String, BindingKind)> = self
+            .shared
+            .bindings
+            .lock()
+            .expect("bindings lock")
+            .iter()
+            .map(|b| (b.id, b.cgroup_id, b.identity.clone(), b.kind))
+            .collect();
+        for (id, cgroup_id, identity, kind) in &current {
+            let still = desired
+                .get(cgroup_id)
+                .is_some_and(|(_, want)| want == identity);
+            if *kind == BindingKind::Policy
+                && !still
+                && let Err(e) = self.unbind(*id, *cgroup_id).await
+            {
+                tracing::error!(error = %e, "removing a policy binding");
+            }
+        }
+        for (cgroup_id, (path, identity)) in desired {
+            let bound = current.iter().any(|(_, c, who, kind)| {
+                *c == cgroup_id && (*kind != BindingKind::Policy || *who == identity)
+            });
+            if !bound && let Err(r) = self.bind(identity, &path, BindingKind::Policy).await {
+                tracing::error!(cgroup = %path.display(), error = ?r.error, "applying a policy binding");
             }
         }
     }
@@ -1158,7 +1152,7 @@ impl Daemon {
                 "datagram": n(k::DATAGRAM_REFUSED),
                 "socket_type": n(k::INET_SOCKET_REFUSED),
                 "socket_family": n(k::FAMILY_REFUSED),
-                "exec_filter": c.escapes.seccomp_refused.load(Ordering::Relaxed),
+                "exec_filter": c.stats.seccomp_refused.load(Ordering::Relaxed),
                 "inbound": n(k::INBOUND_REFUSED),
             },
             "dns": {
@@ -1167,7 +1161,7 @@ impl Daemon {
                 "refused": c.dns.stats.refused.load(Ordering::Relaxed),
                 "failed": c.dns.stats.failed.load(Ordering::Relaxed),
             },
-            "escapes": &*c.escapes,
+            "escapes": &*c.stats,
             "events_lost": n(k::EVENTS_LOST),
         })
     }

@@ -84,6 +84,18 @@ fn read_cmdline(pid: u32) -> Option<String> {
     Some(redact_cmdline(&args))
 }
 
+/// The process a kernel task id belongs to (itself when /proc says nothing).
+pub fn thread_group(tid: u32) -> u32 {
+    fs::read_to_string(format!("/proc/{tid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Tgid:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(tid)
+}
+
 fn read_ppid(pid: u32) -> Option<u32> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // "pid (comm) state ppid ...": comm may hold spaces and parentheses.

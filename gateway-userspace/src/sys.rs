@@ -95,13 +95,30 @@ const MAX_NSS_BUFFER: usize = 1 << 20;
 /// Most supplementary groups read for one user (the kernel's `NGROUPS_MAX`).
 const MAX_GROUPS: usize = 65_536;
 
+/// Runs a reentrant NSS lookup (`getpwnam_r`, `getgrnam_r`) with a buffer
+/// that grows while the call says it is too small. `call` returns the rc and,
+/// on a hit, the value it read out of the buffer.
+fn nss_lookup<T>(
+    mut call: impl FnMut(&mut [u8]) -> (libc::c_int, Option<T>),
+) -> io::Result<Option<T>> {
+    let mut buf = vec![0u8; 1024];
+    loop {
+        match call(&mut buf) {
+            (0, found) => return Ok(found),
+            (libc::ERANGE, _) if buf.len() < MAX_NSS_BUFFER => buf.resize(buf.len() * 4, 0),
+            // Some NSS modules report "no such entry" as one of these.
+            (libc::ENOENT | libc::ESRCH | libc::EBADF | libc::EPERM, _) => return Ok(None),
+            (e, _) => return Err(io::Error::from_raw_os_error(e)),
+        }
+    }
+}
+
 /// The account named `name`; `Ok(None)` when there is none.
 pub fn user_by_name(name: &str) -> io::Result<Option<User>> {
     let Ok(cname) = std::ffi::CString::new(name) else {
         return Ok(None);
     };
-    let mut buf = vec![0u8; 1024];
-    loop {
+    nss_lookup(|buf| {
         // SAFETY: an all-zero `passwd` is a valid value (null pointers, zero ids).
         let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
         let mut result: *mut libc::passwd = std::ptr::null_mut();
@@ -116,34 +133,27 @@ pub fn user_by_name(name: &str) -> io::Result<Option<User>> {
                 &raw mut result,
             )
         };
-        match rc {
-            0 if result.is_null() => return Ok(None),
-            0 => {
-                // SAFETY: on success `pw_name` and `pw_dir` point to NUL-terminated
-                // strings inside `buf`, which is still alive.
-                let (user, home) = unsafe {
-                    (
-                        std::ffi::CStr::from_ptr(pwd.pw_name),
-                        std::ffi::CStr::from_ptr(pwd.pw_dir),
-                    )
-                };
-                return Ok(Some(User {
-                    name: user.to_string_lossy().into_owned(),
-                    uid: pwd.pw_uid,
-                    gid: pwd.pw_gid,
-                    home: std::path::PathBuf::from(
-                        <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(
-                            home.to_bytes(),
-                        ),
-                    ),
-                }));
-            }
-            libc::ERANGE if buf.len() < MAX_NSS_BUFFER => buf.resize(buf.len() * 4, 0),
-            // Some NSS modules report "no such user" as one of these.
-            libc::ENOENT | libc::ESRCH | libc::EBADF | libc::EPERM => return Ok(None),
-            e => return Err(io::Error::from_raw_os_error(e)),
+        if rc != 0 || result.is_null() {
+            return (rc, None);
         }
-    }
+        // SAFETY: on success `pw_name` and `pw_dir` point to NUL-terminated
+        // strings inside `buf`, which is still alive.
+        let (user, home) = unsafe {
+            (
+                std::ffi::CStr::from_ptr(pwd.pw_name),
+                std::ffi::CStr::from_ptr(pwd.pw_dir),
+            )
+        };
+        let user = User {
+            name: user.to_string_lossy().into_owned(),
+            uid: pwd.pw_uid,
+            gid: pwd.pw_gid,
+            home: std::path::PathBuf::from(
+                <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(home.to_bytes()),
+            ),
+        };
+        (0, Some(user))
+    })
 }
 
 /// The id of the group named `name`; `Ok(None)` when there is none.
@@ -151,8 +161,7 @@ pub fn group_by_name(name: &str) -> io::Result<Option<u32>> {
     let Ok(cname) = std::ffi::CString::new(name) else {
         return Ok(None);
     };
-    let mut buf = vec![0u8; 1024];
-    loop {
+    nss_lookup(|buf| {
         // SAFETY: an all-zero `group` is a valid value (null pointers, zero id).
         let mut grp: libc::group = unsafe { std::mem::zeroed() };
         let mut result: *mut libc::group = std::ptr::null_mut();
@@ -166,14 +175,8 @@ pub fn group_by_name(name: &str) -> io::Result<Option<u32>> {
                 &raw mut result,
             )
         };
-        match rc {
-            0 if result.is_null() => return Ok(None),
-            0 => return Ok(Some(grp.gr_gid)),
-            libc::ERANGE if buf.len() < MAX_NSS_BUFFER => buf.resize(buf.len() * 4, 0),
-            libc::ENOENT | libc::ESRCH | libc::EBADF | libc::EPERM => return Ok(None),
-            e => return Err(io::Error::from_raw_os_error(e)),
-        }
-    }
+        (rc, (rc == 0 && !result.is_null()).then_some(grp.gr_gid))
+    })
 }
 
 /// The groups `initgroups(user, gid)` would give: `gid` and every group that

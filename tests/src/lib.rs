@@ -448,6 +448,23 @@ impl Env {
         c
     }
 
+    /// Every record of this daemon's audit log, as `agentgate audit export` gives them.
+    pub fn audit_records(&self) -> Result<Vec<serde_json::Value>> {
+        let dir = self.state.join("audit");
+        let out = run_ok(&mut self.agentgate(&[
+            "audit",
+            "export",
+            "--format",
+            "jsonl",
+            "--dir",
+            &dir.display().to_string(),
+        ]))?;
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).with_context(|| format!("parsing {l:?}")))
+            .collect()
+    }
+
     pub fn status(&self) -> Result<serde_json::Value> {
         let out = run_ok(&mut self.agentgate(&["status", "--json"]))?;
         Ok(serde_json::from_slice(&out.stdout)?)

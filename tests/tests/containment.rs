@@ -25,17 +25,17 @@ fn options() -> DaemonOptions {
 /// The non-root agent's interpreter: /root (pyenv) is not readable by nobody.
 const PYTHON: &str = "/usr/bin/python3";
 
-/// Runs one probe as `nobody` in a tagged cgroup and returns its JSON line.
+/// Runs one probe in a tagged cgroup, as `user` (as root when `None`), and
+/// returns its JSON line.
 fn probe_as(env: &Env, user: Option<&str>, args: &[&str]) -> Value {
     let script = scripts_dir().join("probe.py");
-    let mut command = vec!["exec", "--identity", "demo"];
-    match user {
-        Some(u) => command.extend(["--user", u]),
-        None => command.push("--allow-root"),
-    }
-    command.extend(["--", PYTHON, script.to_str().unwrap()]);
+    let mut command = vec![PYTHON, script.to_str().unwrap()];
     command.extend(args);
-    let out = run_ok(&mut env.agentgate(&command)).unwrap();
+    let mut c = match user {
+        Some(u) => env.exec_as(u, "demo", &command),
+        None => env.exec("demo", &command),
+    };
+    let out = run_ok(&mut c).unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(text.lines().last().expect("a probe line")).unwrap()
 }
@@ -66,20 +66,7 @@ fn sink(env: &Env) -> (Proc, mpsc::Receiver<Value>) {
 }
 
 fn records(env: &Env) -> Vec<Value> {
-    let dir = env.state.join("audit");
-    let out = run_ok(&mut env.agentgate(&[
-        "audit",
-        "export",
-        "--format",
-        "jsonl",
-        "--dir",
-        dir.to_str().unwrap(),
-    ]))
-    .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    env.audit_records().unwrap()
 }
 
 /// Refusal records (`containment.refused`) whose action matches `pred`.
@@ -292,19 +279,7 @@ fn a_root_agent_that_leaves_its_cgroup_is_recorded_and_killed() {
         mount.display(),
         marker.display()
     );
-    let out = env
-        .agentgate(&[
-            "exec",
-            "--identity",
-            "demo",
-            "--allow-root",
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ])
-        .output()
-        .unwrap();
+    let out = env.exec("demo", &["sh", "-c", &script]).output().unwrap();
     assert_eq!(out.status.code(), Some(128 + 9), "killed: {out:?}");
     std::thread::sleep(Duration::from_millis(2500));
     assert!(!marker.exists(), "the escaped agent ran on");
@@ -329,19 +304,7 @@ fn a_root_agent_that_leaves_its_cgroup_is_recorded_and_killed() {
          && echo stayed && echo $$ > $o/cgroup.procs && rmdir $o/sub",
         mount = mount.display()
     );
-    let out = env
-        .agentgate(&[
-            "exec",
-            "--identity",
-            "demo",
-            "--allow-root",
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ])
-        .output()
-        .unwrap();
+    let out = env.exec("demo", &["sh", "-c", &script]).output().unwrap();
     assert!(out.status.success(), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "stayed");
     assert_eq!(
@@ -407,10 +370,8 @@ fn unix_sockets_are_refused_and_nothing_arrives() {
     );
 
     // A tagged agent does not get there: psql, and a raw connect.
-    let mut argv = vec!["exec", "--identity", "demo", "--user", "nobody", "--"];
-    argv.extend(psql);
     let out = env
-        .agentgate(&argv)
+        .exec_as("nobody", "demo", &psql)
         .env("PGPASSWORD", agentgate_e2e::pg::PASSWORD)
         .output()
         .unwrap();
@@ -493,8 +454,8 @@ fn other_socket_families_and_io_uring_are_refused_and_recorded() {
     }
     // What agents need still works: route netlink, socketpair, TCP, UDP.
     assert_eq!(probe(&env, &["socket", "16", "3", "0"])["ok"], true);
-    let out = run_ok(&mut env.agentgate(&[
-        "exec", "--identity", "demo", "--user", "nobody", "--", PYTHON, "-c",
+    let out = run_ok(&mut env.exec_as("nobody", "demo", &[
+        PYTHON, "-c",
         "import socket,asyncio; a,b=socket.socketpair(); a.send(b'x'); assert b.recv(1)==b'x'; asyncio.run(asyncio.sleep(0)); print('ok')",
     ]))
     .unwrap();
@@ -561,17 +522,7 @@ fn nothing_dials_in_to_a_tagged_listener_from_another_host() {
     assert_eq!(dial(7001), "connected");
     assert_eq!(untagged.read_line().unwrap(), "accepted 10.231.0.2");
     // ... a tagged agent's is not: nothing arrives.
-    let mut c = env.agentgate(&[
-        "exec",
-        "--identity",
-        "demo",
-        "--user",
-        "nobody",
-        "--",
-        PYTHON,
-        "-c",
-        &listen(7002),
-    ]);
+    let mut c = env.exec_as("nobody", "demo", &[PYTHON, "-c", &listen(7002)]);
     c.stdout(Stdio::piped());
     let mut tagged = Proc::spawn("tagged listener", c).unwrap();
     assert_eq!(tagged.read_line().unwrap(), "listening");

@@ -24,20 +24,7 @@ fn text(b: &[u8]) -> String {
 }
 
 fn audit_records(env: &Env) -> Vec<Value> {
-    let dir = env.state.join("audit");
-    let out = run_ok(&mut env.agentgate(&[
-        "audit",
-        "export",
-        "--format",
-        "jsonl",
-        "--dir",
-        dir.to_str().unwrap(),
-    ]))
-    .unwrap();
-    text(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    env.audit_records().unwrap()
 }
 
 /// A python program (for the system python) that prints its pid and uid, then

@@ -34,9 +34,10 @@ use crate::{
 /// Refusal records written per second at most; the rest are counted.
 pub const MAX_RECORDS_PER_SEC: u32 = 100;
 
-/// What `status` reports beside the kernel counters.
+/// What `status` reports beside the kernel counters (escapes, and refusals
+/// counted in userspace).
 #[derive(Debug, Default, Serialize)]
-pub struct EscapeStats {
+pub struct ContainmentStats {
     pub escapes_detected: AtomicU64,
     pub escapes_killed: AtomicU64,
     pub refusal_records_suppressed: AtomicU64,
@@ -49,7 +50,7 @@ pub async fn run(
     ring: RingBuf<MapData>,
     shared: Arc<Shared>,
     on_escape: OnEscape,
-    stats: Arc<EscapeStats>,
+    stats: Arc<ContainmentStats>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut fd = match crate::sys::async_ring(ring) {
@@ -82,7 +83,7 @@ pub async fn run(
         for e in batch {
             if e.kind == event::MIGRATED {
                 // One record per process: a process moves one thread at a time.
-                let tgid = thread_group(e.target_pid);
+                let tgid = crate::provenance::thread_group(e.target_pid);
                 recent_escapes.retain(|(_, at)| at.elapsed().as_secs() < 10);
                 if recent_escapes.iter().any(|(g, _)| *g == tgid) {
                     continue;
@@ -134,21 +135,23 @@ impl Limiter {
 
 /// The identity and workload an event names (the task's /proc, if it is
 /// still there; the kernel's fields always).
+/// The identity of the binding an event names.
+async fn identity_of(shared: &Shared, e: &Event) -> Option<crate::audit::IdentityRef> {
+    let name = shared
+        .bindings
+        .lock()
+        .expect("bindings lock")
+        .get(e.binding)
+        .map(|b| b.identity.clone())?;
+    Some(shared.identity_ref(&name).await)
+}
+
 async fn who(
     shared: &Shared,
     e: &Event,
     pid: u32,
 ) -> (Option<crate::audit::IdentityRef>, crate::audit::Workload) {
-    let identity = shared
-        .bindings
-        .lock()
-        .expect("bindings lock")
-        .get(e.binding)
-        .map(|b| b.identity.clone());
-    let identity = match identity {
-        Some(name) => Some(shared.identity_ref(&name).await),
-        None => None,
-    };
+    let identity = identity_of(shared, e).await;
     let prov = Provenance {
         orig_dst: SockAddr::default(),
         tgid: pid,
@@ -228,7 +231,13 @@ async fn refused(shared: &Shared, e: &Event, suppressed: u64) {
     if suppressed > 0 {
         action["suppressed_before"] = json!(suppressed);
     }
-    let (identity, workload) = who(shared, e, e.tgid).await;
+    // An inbound packet is refused outside any process's context.
+    let (identity, workload) = if e.kind == event::INBOUND_REFUSED {
+        (identity_of(shared, e).await, None)
+    } else {
+        let (i, w) = who(shared, e, e.tgid).await;
+        (i, Some(w))
+    };
     tracing::warn!(event = "containment.refused", route, pid = e.tgid, detail = %action);
     let mut rec = NewRecord::new(Kind::ContainmentRefused)
         .action(action)
@@ -236,9 +245,8 @@ async fn refused(shared: &Shared, e: &Event, suppressed: u64) {
     if let Some(i) = identity {
         rec = rec.identity(i);
     }
-    // An inbound packet is refused outside any process's context.
-    if e.kind != event::INBOUND_REFUSED {
-        rec = rec.workload(workload);
+    if let Some(w) = workload {
+        rec = rec.workload(w);
     }
     if let Err(err) = shared.audit.append(rec).await {
         tracing::error!(event = "log.failure", error = %err, "cannot record a containment refusal");
@@ -255,18 +263,6 @@ fn refusal_reason(kind: u32) -> &'static str {
     }
 }
 
-/// The process a kernel task id belongs to (itself when /proc says nothing).
-fn thread_group(tid: u32) -> u32 {
-    std::fs::read_to_string(format!("/proc/{tid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Tgid:"))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(tid)
-}
-
 /// A task that left a tagged cgroup: an escape if no binding governs where
 /// it went. True when it was recorded as one.
 async fn migrated(
@@ -274,7 +270,7 @@ async fn migrated(
     e: &Event,
     pid: u32,
     on_escape: OnEscape,
-    stats: &EscapeStats,
+    stats: &ContainmentStats,
 ) -> bool {
     let Some(path) = shared.hierarchy.of_process(e.target_pid) else {
         return false; // already gone

@@ -502,7 +502,7 @@ fn supervise(
         // The filter compares the low 32 bits: so does the record.
         let int = |a: u64| i64::from(a as u32 as i32);
         let report = Request::ContainmentReport {
-            pid: thread_group(n.pid),
+            pid: agentgate::provenance::thread_group(n.pid),
             call: call.into(),
             family: int(n.args[0]),
             sock_type: int(n.args[1]),
@@ -518,18 +518,6 @@ fn supervise(
         }
     }
     client
-}
-
-/// The process a thread belongs to.
-fn thread_group(tid: u32) -> u32 {
-    std::fs::read_to_string(format!("/proc/{tid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Tgid:"))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(tid)
 }
 
 pub fn tag(config: &Path, args: TagArgs) -> anyhow::Result<ExitCode> {
