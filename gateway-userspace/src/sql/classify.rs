@@ -44,7 +44,7 @@ use super::Dialect;
 pub const MAX_SQL_LEN: usize = 1024 * 1024;
 
 /// Nesting depth the parser accepts before giving up (then: `Unknown`).
-const PARSER_RECURSION_LIMIT: usize = 64;
+pub(super) const PARSER_RECURSION_LIMIT: usize = 64;
 
 /// What a statement does, ordered from least to most dangerous; `Ord` follows
 /// danger, so the worst of several is their `max`.
