@@ -8,9 +8,10 @@
 //! applies; a keyed hash without a key becomes a redaction.
 
 mod detectors;
+pub mod lineage;
 mod rules;
 mod strategy;
 
 pub use detectors::{Detection, Detector, DetectorSet, scan, scan_with};
-pub use rules::{ColumnRule, MaskOutcome, MaskPolicy};
+pub use rules::{ColumnRule, Derived, MaskOutcome, MaskPolicy, Predicates};
 pub use strategy::{MaskKey, Strategy, apply, apply_into, fixed_text};

@@ -12,38 +12,82 @@ pub struct ColumnRule {
     pub table: Option<Glob>,
     pub column: Glob,
     pub strategy: Strategy,
+    /// Which conditions on the column a statement may use.
+    pub predicates: Predicates,
+    /// What happens to a value computed from the column.
+    pub derived: Derived,
+    /// The rule as written, for refusals and records.
+    pub spec: String,
+}
+
+/// Conditions a statement may put on a protected column (`WHERE`, `JOIN ON`,
+/// `HAVING`, `GROUP BY`, `ORDER BY`): each lets an agent learn about values
+/// it is not shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Predicates {
+    /// Any condition.
+    Any,
+    /// Equality with literals or parameters (`=`, `<>`, `IN`, `IS NULL`):
+    /// a lookup by a value the agent already has.
+    #[default]
+    Equality,
+    /// None: the column may only be read (masked).
+    None,
+}
+
+/// A value computed from a protected column (`reverse(ssn)`, `md5(email)`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Derived {
+    /// Redacted whole.
+    #[default]
+    Redact,
+    /// The statement is refused.
+    Deny,
 }
 
 impl ColumnRule {
     /// Parse `table.column`, `schema.table.column` or `column`; SQL names compare
     /// case-insensitively.
     pub fn parse(spec: &str, strategy: Strategy) -> Self {
-        match spec.rsplit_once('.') {
-            Some((table, column)) => ColumnRule {
-                table: Some(Glob::new_case_insensitive(table)),
-                column: Glob::new_case_insensitive(column),
-                strategy,
-            },
-            None => ColumnRule {
-                table: None,
-                column: Glob::new_case_insensitive(spec),
-                strategy,
-            },
+        let (table, column) = match spec.rsplit_once('.') {
+            Some((table, column)) => (Some(Glob::new_case_insensitive(table)), column),
+            None => (None, spec),
+        };
+        ColumnRule {
+            table,
+            column: Glob::new_case_insensitive(column),
+            strategy,
+            predicates: Predicates::default(),
+            derived: Derived::default(),
+            spec: spec.to_owned(),
         }
     }
 
-    fn matches(&self, table: Option<&str>, column: &str) -> bool {
-        if !self.column.matches(column) {
-            return false;
-        }
+    /// With the rule's `predicates` and `derived` settings.
+    #[must_use]
+    pub fn with_modes(mut self, predicates: Predicates, derived: Derived) -> Self {
+        self.predicates = predicates;
+        self.derived = derived;
+        self
+    }
+
+    /// Whether the rule may name a column of `table` (`None`: unknown table).
+    pub fn covers_table(&self, table: Option<&str>) -> bool {
         match (&self.table, table) {
-            (None, _) | (Some(_), None) => true, // unknown table: fail closed
+            (None, _) | (Some(_), None) => true,
             (Some(pat), Some(t)) => {
                 pat.matches(t)
                     || t.rsplit_once('.')
                         .is_some_and(|(_, unqualified)| pat.matches(unqualified))
             }
         }
+    }
+
+    pub(crate) fn matches(&self, table: Option<&str>, column: &str) -> bool {
+        // An unknown table fails closed: the rule applies.
+        self.column.matches(column) && self.covers_table(table)
     }
 }
 
@@ -118,6 +162,23 @@ impl MaskPolicy {
             .filter(|r| r.matches(table, column))
             .map(|r| r.strategy)
             .max_by_key(|s| s.strength())
+    }
+
+    /// The strongest rule naming `column` of `table`, if any.
+    pub fn rule_for(&self, table: Option<&str>, column: &str) -> Option<&ColumnRule> {
+        self.columns
+            .iter()
+            .filter(|r| r.matches(table, column))
+            .max_by_key(|r| r.strategy.strength())
+    }
+
+    /// The strongest rule naming any column of `table`: a whole row of it
+    /// carries that column.
+    pub fn rule_for_any_column(&self, table: Option<&str>) -> Option<&ColumnRule> {
+        self.columns
+            .iter()
+            .filter(|r| r.covers_table(table))
+            .max_by_key(|r| r.strategy.strength())
     }
 
     pub fn detectors_enabled(&self) -> bool {

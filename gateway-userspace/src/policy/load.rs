@@ -1072,7 +1072,11 @@ fn build_masking<'a>(
                     );
                     continue;
                 }
-                columns.push((globs.clone(), ColumnRule::parse(v, *col.strategy.get_ref())));
+                columns.push((
+                    globs.clone(),
+                    ColumnRule::parse(v, *col.strategy.get_ref())
+                        .with_modes(col.predicates, col.derived),
+                ));
             }
         }
     }

@@ -132,6 +132,10 @@ pub(crate) struct ColumnSpec {
     pub columns: Spanned<Vec<Spanned<String>>>,
     pub strategy: Spanned<crate::mask::Strategy>,
     pub resources: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    pub predicates: crate::mask::Predicates,
+    #[serde(default)]
+    pub derived: crate::mask::Derived,
 }
 
 #[derive(Debug, Deserialize)]

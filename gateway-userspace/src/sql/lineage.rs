@@ -63,27 +63,27 @@ pub struct Lineage {
 }
 
 impl Lineage {
-    fn one(source: Source, flow: Flow) -> Self {
+    pub fn from_source(source: Source, flow: Flow) -> Self {
         let mut l = Lineage::default();
         l.sources.insert(source, flow);
         l
     }
 
-    fn add(&mut self, source: Source, flow: Flow) {
+    pub fn add(&mut self, source: Source, flow: Flow) {
         let f = self.sources.entry(source).or_insert(flow);
         if flow > *f {
             *f = flow;
         }
     }
 
-    fn merge(&mut self, other: &Lineage) {
+    pub fn merge(&mut self, other: &Lineage) {
         for (s, f) in &other.sources {
             self.add(s.clone(), *f);
         }
     }
 
     /// Every flow raised to at least `floor`.
-    fn at_least(mut self, floor: Flow) -> Self {
+    pub fn at_least(mut self, floor: Flow) -> Self {
         for f in self.sources.values_mut() {
             if *f < floor {
                 *f = floor;
@@ -210,7 +210,7 @@ impl Rel {
     /// The lineage of column `name` of this relation, if it may have one.
     fn column(&self, name: &str) -> Option<Lineage> {
         match &self.body {
-            Body::Named { relation } => Some(Lineage::one(
+            Body::Named { relation } => Some(Lineage::from_source(
                 Source {
                     relation: relation.clone(),
                     column: Some(name.to_owned()),
@@ -246,7 +246,7 @@ impl Rel {
     /// The whole row (`t`, `t.*` as a value): every column, derived.
     fn whole_row(&self) -> Lineage {
         match &self.body {
-            Body::Named { relation } => Lineage::one(
+            Body::Named { relation } => Lineage::from_source(
                 Source {
                     relation: relation.clone(),
                     column: None,
@@ -1226,7 +1226,7 @@ fn aliased(default: String, alias: Option<&sqlparser::ast::TableAlias>, body: Bo
                         Body::Derived(outs)
                     }
                 }
-                Body::Named { relation } if !names.is_empty() => Body::Opaque(Lineage::one(
+                Body::Named { relation } if !names.is_empty() => Body::Opaque(Lineage::from_source(
                     Source {
                         relation,
                         column: None,
