@@ -20,7 +20,9 @@ use std::{
 
 use sqlparser::tokenizer::{Token, Tokenizer, Whitespace};
 
-use super::{Classification, Dialect, classify, redact::is_literal, redact_for_log};
+use super::{
+    Classification, Dialect, classify, lineage::StatementLineage, redact::is_literal, redact_for_log,
+};
 
 /// Longest statement whose analysis is cached.
 pub const MAX_CACHED_LEN: usize = 2048;
@@ -33,6 +35,9 @@ pub struct Analysis {
     pub classification: Arc<Classification>,
     /// Literal-free rendering for records ([`redact_for_log`]).
     pub redacted: String,
+    /// Column lineage per statement ([`super::lineage`]); `None` when the
+    /// text does not parse.
+    pub lineage: Option<Vec<StatementLineage>>,
 }
 
 /// Shared by all connections of a daemon.
@@ -80,9 +85,16 @@ impl AnalysisCache {
 
 /// Parse, classify and redact, without the cache.
 pub fn analyze_uncached(sql: &str, dialect: Dialect) -> Analysis {
+    let classification = classify(sql, dialect);
+    let lineage = if classification.reason.is_none() {
+        super::lineage::lineage(sql, dialect)
+    } else {
+        None
+    };
     Analysis {
-        classification: Arc::new(classify(sql, dialect)),
+        classification: Arc::new(classification),
         redacted: redact_for_log(sql, dialect),
+        lineage,
     }
 }
 

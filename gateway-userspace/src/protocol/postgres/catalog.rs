@@ -34,6 +34,8 @@ use std::collections::{HashMap, HashSet};
 use sqlparser::ast::{CopyOption, CopySource, CopyTarget, Ident, ObjectName, Statement};
 
 use super::codec::{DataRow, RowDescription};
+use crate::mask::lineage::{RelationKind, Relations, is_data_catalog};
+use crate::sql::lineage::Lineage;
 use super::mask::CopyKind;
 
 /// Most catalog rows the proxy reads (tables plus the columns of user tables).
@@ -41,19 +43,43 @@ pub const MAX_CATALOG_ROWS: usize = 100_000;
 
 /// The proxy's own catalog query: every table-like relation's OID and name, and
 /// the columns (in order) of those outside the system schemas, for `COPY`.
-pub const CATALOG_SQL: &str = "SELECT c.oid, n.nspname, c.relname, a.attname \
+pub const CATALOG_SQL: &str = "SELECT c.oid, n.nspname, c.relname, a.attname, a.attnum, c.relkind, \
+CASE WHEN c.relkind IN ('v', 'm') AND a.attnum = 1 THEN pg_catalog.pg_get_viewdef(c.oid) END \
 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
 LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
 AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
 WHERE c.relkind IN ('r', 'v', 'm', 'p', 'f') ORDER BY c.oid, a.attnum LIMIT 100001";
 
 /// A relation the catalog knows.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Relation {
     pub schema: String,
     pub name: String,
     /// Columns in attribute order (empty for system schemas).
     pub columns: Vec<String>,
+    /// Their attribute numbers (dropped columns leave gaps).
+    pub attnums: Vec<i16>,
+    /// `pg_class.relkind`: `r` table, `v` view, `m` materialized view, ...
+    pub kind: u8,
+    /// A view's output columns and their lineage, from its definition;
+    /// `None` when the definition was not read or does not analyse.
+    pub view: Option<Vec<(String, Lineage)>>,
+}
+
+impl Relation {
+    pub fn is_view(&self) -> bool {
+        matches!(self.kind, b'v' | b'm') && !is_system_schema(&self.schema)
+    }
+
+    /// The real name of attribute `attnum` (a result column's alias is not).
+    pub fn column_named(&self, attnum: i16) -> Option<&str> {
+        let i = self.attnums.iter().position(|a| *a == attnum)?;
+        self.columns.get(i).map(String::as_str)
+    }
+}
+
+fn is_system_schema(schema: &str) -> bool {
+    schema == "pg_catalog" || schema == "information_schema" || schema.starts_with("pg_toast")
 }
 
 /// OID → relation map, and which OIDs could not be resolved.
@@ -145,15 +171,37 @@ impl Catalog {
         else {
             return;
         };
+        let kind = f
+            .get(5)
+            .copied()
+            .flatten()
+            .and_then(|k| k.first().copied())
+            .unwrap_or(b'r');
         let rel = map.entry(oid).or_insert_with(|| Relation {
             schema: schema.to_owned(),
             name: name.to_owned(),
             columns: Vec::new(),
+            attnums: Vec::new(),
+            kind,
+            view: None,
         });
         if let Some(Some(col)) = f.get(3)
             && let Ok(col) = std::str::from_utf8(col)
         {
+            let attnum = f
+                .get(4)
+                .copied()
+                .flatten()
+                .and_then(|a| std::str::from_utf8(a).ok())
+                .and_then(|a| a.parse::<i16>().ok())
+                .unwrap_or(0);
             rel.columns.push(col.to_owned());
+            rel.attnums.push(attnum);
+        }
+        if let Some(Some(def)) = f.get(6)
+            && let Ok(def) = std::str::from_utf8(def)
+        {
+            rel.view = crate::sql::lineage::view_columns(def);
         }
     }
 
@@ -177,6 +225,11 @@ impl Catalog {
     pub fn failed(&mut self) {
         self.loading = None;
         self.failures += 1;
+    }
+
+    /// The relation with this OID, if known.
+    pub fn relation(&self, oid: u32) -> Option<&Relation> {
+        self.relations.get(&oid)
     }
 
     /// The table of a column with this OID; notes unknown OIDs for a reload.
@@ -214,6 +267,30 @@ impl Catalog {
         match found.next() {
             Some(_) => None,
             None => Some(first),
+        }
+    }
+}
+
+impl Relations for Catalog {
+    /// A name as written in a statement. Unqualified and matching several
+    /// relations (one per schema): a view among them wins, so its definition
+    /// is followed; two views are unresolvable.
+    fn kind(&self, relation: &str) -> RelationKind<'_> {
+        if is_data_catalog(relation) {
+            return RelationKind::DataCatalog;
+        }
+        let (schema, name) = match relation.rsplit_once('.') {
+            Some((s, n)) => (Some(s.rsplit('.').next().unwrap_or(s)), n),
+            None => (None, relation),
+        };
+        let mut views = self
+            .relations
+            .values()
+            .filter(|r| r.name == name && schema.is_none_or(|s| s == r.schema) && r.is_view());
+        match (views.next(), views.next()) {
+            (None, _) => RelationKind::Table,
+            (Some(v), None) => RelationKind::View(v.view.as_deref()),
+            (Some(_), Some(_)) => RelationKind::View(None),
         }
     }
 }

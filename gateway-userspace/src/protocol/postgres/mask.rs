@@ -227,21 +227,40 @@ impl<S: Copy> RowPlan<S> {
         M: RowMasker<Strategy = S>,
         F: FnMut(u32) -> Option<String>,
     {
-        let detectors = masker.has_detectors();
-        let mut cols = Vec::with_capacity(desc.fields.len());
+        let mut strategies = Vec::with_capacity(desc.fields.len());
         for f in &desc.fields {
-            let name = String::from_utf8_lossy(&f.name).into_owned();
+            let name = String::from_utf8_lossy(&f.name);
             let table = if f.table_oid == 0 {
                 None
             } else {
                 Some(
                     table_name(f.table_oid).ok_or_else(|| MaskError::UnresolvedTable {
                         table_oid: f.table_oid,
-                        column: name.clone(),
+                        column: name.clone().into_owned(),
                     })?,
                 )
             };
-            let strategy = masker.column_strategy(table.as_deref(), &name);
+            strategies.push(masker.column_strategy(table.as_deref(), &name));
+        }
+        Ok(Self::with_strategies(desc, masker, &strategies, unmaskable))
+    }
+
+    /// With each column's strategy decided by the caller (`strategies[i]`
+    /// for field `i`; missing entries have none).
+    pub fn with_strategies<M>(
+        desc: &RowDescription,
+        masker: &M,
+        strategies: &[Option<S>],
+        unmaskable: Unmaskable,
+    ) -> Self
+    where
+        M: RowMasker<Strategy = S>,
+    {
+        let detectors = masker.has_detectors();
+        let mut cols = Vec::with_capacity(desc.fields.len());
+        for (i, f) in desc.fields.iter().enumerate() {
+            let name = String::from_utf8_lossy(&f.name).into_owned();
+            let strategy = strategies.get(i).copied().flatten();
             let kind = if f.format == 0 {
                 Kind::Text
             } else {
@@ -272,11 +291,11 @@ impl<S: Copy> RowPlan<S> {
             });
         }
         let active = cols.iter().any(Col::active);
-        Ok(Self {
+        Self {
             cols,
             unmaskable,
             active,
-        })
+        }
     }
 
     /// False when no column has a rule or detectors: rows pass untouched.

@@ -124,7 +124,7 @@ use super::{
 use crate::{
     approval::{self, Broker, NewApproval, Outcome},
     audit::{AuditLog, Kind, NewRecord},
-    mask::{MaskPolicy, Strategy},
+    mask::{MaskPolicy, Strategy, lineage},
     policy::{Action, Decision, PolicySet, PolicyStore, Resource, Subject, TlsMode, Verdict},
     proxy::LiveConnection,
     sql::{Analysis, AnalysisCache, Classification, Dialect, MAX_CACHED_LEN, StatementClass},
@@ -576,6 +576,7 @@ pub async fn serve(mut client: TcpStream, ctx: PgContext) -> Result<(), PgProxyE
         executed: HashMap::new(),
         idle_point: false,
         plan: None,
+        results_seen: 0,
         copy: None,
         copies_seen: 0,
         scratch: Scratch::default(),
@@ -684,6 +685,9 @@ struct Running {
     rows: u64,
     bytes: u64,
     report: MaskReport,
+    /// Per result column with a protected column in its lineage: its name
+    /// and the decision (`direct`, `preserved`, `derived-redacted`, ...).
+    lineage: Option<Value>,
 }
 
 impl Running {
@@ -693,6 +697,7 @@ impl Running {
             rows: 0,
             bytes: 0,
             report: MaskReport::default(),
+            lineage: None,
         }
     }
 }
@@ -738,7 +743,12 @@ struct Pg<'a> {
     executed: HashMap<Bytes, Arc<Analysis>>,
     /// `ReadyForQuery` came and nothing was sent upstream since.
     idle_point: bool,
-    plan: Option<(Arc<RowDescription>, RowPlan<Strategy>)>,
+    /// The masking plan of the result flowing, with the lineage decisions
+    /// its record names.
+    plan: Option<(Arc<RowDescription>, RowPlan<Strategy>, Option<Value>)>,
+    /// Statements of the running query whose results ended (which statement
+    /// of a multi-statement query a row description belongs to).
+    results_seen: usize,
     copy: Option<CopyPlan<Strategy>>,
     copies_seen: usize,
     scratch: Scratch,
@@ -1105,8 +1115,13 @@ impl<'a> Pg<'a> {
                 match &m {
                     BackendMessage::CommandComplete { tag } => {
                         self.completed(running_sql.as_ref(), "ok", Some(tag), None);
+                        self.results_seen += 1;
                     }
-                    BackendMessage::EmptyQueryResponse | BackendMessage::PortalSuspended => {
+                    BackendMessage::EmptyQueryResponse => {
+                        self.completed(running_sql.as_ref(), "ok", None, None);
+                        self.results_seen += 1;
+                    }
+                    BackendMessage::PortalSuspended => {
                         self.completed(running_sql.as_ref(), "ok", None, None);
                     }
                     BackendMessage::ErrorResponse(f) if running_sql.is_some() => {
@@ -1122,6 +1137,7 @@ impl<'a> Pg<'a> {
                     }
                     BackendMessage::ReadyForQuery(_) => {
                         self.idle_point = true;
+                        self.results_seen = 0;
                         self.copies_seen = 0;
                         self.copy = None;
                     }
@@ -1145,10 +1161,13 @@ impl<'a> Pg<'a> {
                         reason: "the row's columns are not known",
                     });
                 };
-                if let Err(e) = self.ensure_plan(&desc) {
+                if let Err(e) = self.ensure_plan(&desc, running_sql.as_ref()) {
                     return self.mask_failed(&e);
                 }
-                let (_, plan) = self.plan.as_ref().expect("ensure_plan set it");
+                let (_, plan, lineage) = self.plan.as_ref().expect("ensure_plan set it");
+                if self.cur.lineage.is_none() {
+                    self.cur.lineage.clone_from(lineage);
+                }
                 let masker = Masker(self.set.masking_for(&self.ctx.resource));
                 if let Err(e) = plan.mask_row_into(
                     &masker,
@@ -1277,51 +1296,141 @@ impl<'a> Pg<'a> {
         Ok(())
     }
 
-    fn ensure_plan(&mut self, desc: &Arc<RowDescription>) -> Result<(), MaskError> {
+    fn ensure_plan(
+        &mut self,
+        desc: &Arc<RowDescription>,
+        sql: Option<&Bytes>,
+    ) -> Result<(), MaskError> {
         if self
             .plan
             .as_ref()
-            .is_some_and(|(d, _)| Arc::ptr_eq(d, desc))
+            .is_some_and(|(d, _, _)| Arc::ptr_eq(d, desc))
         {
             return Ok(());
         }
         let set = self.set.clone();
         let policy = set.masking_for(&self.ctx.resource);
         let masker = Masker(policy);
-        let plan = if policy.columns().is_empty() {
+        if policy.columns().is_empty() {
             // Detectors only: table names do not matter.
-            RowPlan::new(
+            let plan = RowPlan::new(
                 desc,
                 &masker,
                 |_| Some(String::new()),
                 self.ctx.settings.unmaskable,
-            )?
-        } else {
-            // Pending OIDs are masked as "table unknown" (every rule naming the
-            // column applies); unresolvable ones refuse the row.
-            let mut adjusted = (**desc).clone();
-            let mut names = std::collections::HashMap::new();
-            for f in &mut adjusted.fields {
-                match self.catalog.table(f.table_oid) {
-                    TableName::None => {}
-                    TableName::Known(n) => {
-                        names.insert(f.table_oid, Some(n));
-                    }
-                    TableName::Pending => f.table_oid = 0,
-                    TableName::Unresolvable => {
-                        names.insert(f.table_oid, None);
-                    }
+            )?;
+            self.plan = Some((desc.clone(), plan, None));
+            return Ok(());
+        }
+        // The server's attribution: pending OIDs are masked as "table
+        // unknown" (every rule naming the column applies); unresolvable
+        // ones refuse the row.
+        let mut fields = Vec::with_capacity(desc.fields.len());
+        for f in &desc.fields {
+            let name = String::from_utf8_lossy(&f.name).into_owned();
+            fields.push(match self.catalog.table(f.table_oid) {
+                TableName::None => lineage::Field {
+                    relation: None,
+                    column: name,
+                    computed: true,
+                },
+                TableName::Known(q) => lineage::Field {
+                    column: self
+                        .catalog
+                        .relation(f.table_oid)
+                        .and_then(|r| r.column_named(f.column_attr))
+                        .map_or(name, str::to_owned),
+                    relation: Some(q),
+                    computed: false,
+                },
+                TableName::Pending => lineage::Field {
+                    relation: None,
+                    column: name,
+                    computed: false,
+                },
+                TableName::Unresolvable => {
+                    return Err(MaskError::UnresolvedTable {
+                        table_oid: f.table_oid,
+                        column: name,
+                    });
                 }
-            }
-            RowPlan::new(
-                &adjusted,
-                &masker,
-                |oid| names.get(&oid).cloned().flatten(),
-                self.ctx.settings.unmaskable,
-            )?
-        };
-        self.plan = Some((desc.clone(), plan));
+            });
+        }
+        // The statement's lineage: which statement of the text this is.
+        let analysis = sql.map(|s| self.executed_analysis(s));
+        let outputs = analysis.as_ref().and_then(|a| {
+            let l = a.lineage.as_ref()?;
+            let i = if l.len() == 1 { 0 } else { self.results_seen };
+            l.get(i).map(|s| &s.outputs)
+        });
+        let masks = lineage::plan(policy, &self.catalog, outputs, &fields);
+        let strategies: Vec<Option<Strategy>> = masks.iter().map(|m| m.strategy()).collect();
+        let decided: Vec<Value> = masks
+            .iter()
+            .zip(&desc.fields)
+            .filter_map(|(m, f)| {
+                m.label().map(|l| {
+                    json!({"column": String::from_utf8_lossy(&f.name), "lineage": l})
+                })
+            })
+            .collect();
+        let plan = RowPlan::with_strategies(
+            desc,
+            &masker,
+            &strategies,
+            self.ctx.settings.unmaskable,
+        );
+        self.plan = Some((desc.clone(), plan, (!decided.is_empty()).then(|| json!(decided))));
         Ok(())
+    }
+
+    /// A statement the masking policy refuses: it searches a protected
+    /// column beyond its rule's `predicates`, copies one into a table, or
+    /// computes from one whose rule says `derived = "deny"`.
+    fn lineage_refusal(&self, analysis: &Analysis) -> Option<lineage::Refusal> {
+        let policy = self.set.masking_for(&self.ctx.resource);
+        if policy.columns().is_empty() {
+            return None;
+        }
+        let statements = analysis.lineage.as_ref()?;
+        statements
+            .iter()
+            .find_map(|s| lineage::check(policy, &self.catalog, s).err())
+    }
+
+    /// Denies a statement the masking policy refuses, naming the rule, the
+    /// column and why. `true`: denied.
+    async fn refuse_by_lineage(
+        &mut self,
+        m: &FrontendMessage,
+        analysis: &Analysis,
+        stmt: &mut Option<StmtRecord>,
+    ) -> bool {
+        let Some(r) = self.lineage_refusal(analysis) else {
+            return false;
+        };
+        let reason = format!("{} ({})", r.reason, r.column);
+        let decision = Decision {
+            verdict: Verdict::Deny {
+                reason: reason.clone(),
+            },
+            rule: r.rule.clone(),
+        };
+        if let Some(stmt) = stmt.take() {
+            self.record_statement(stmt, &decision, None).await.ok();
+        }
+        self.deny_with(
+            m,
+            ErrorFields::new(
+                "ERROR",
+                "42501",
+                &format!(
+                    "agentgate: statement denied by masking rule \"{}\": {reason}",
+                    r.rule
+                ),
+            ),
+        );
+        true
     }
 
     /// A `CopyOutResponse`: build the plan for the `COPY` whose data follows.
@@ -1408,13 +1517,14 @@ impl<'a> Pg<'a> {
     ) {
         let cur = std::mem::replace(&mut self.cur, Running::new());
         let report = &cur.report;
-        let transform = (report.values_masked > 0).then(|| {
+        let transform = (report.values_masked > 0 || cur.lineage.is_some()).then(|| {
             json!({
                 "masking": {
                     "columns": report.columns_masked,
                     "values_masked": report.values_masked,
                     "values_nulled": report.values_nulled,
                     "detectors": report.detectors.iter().collect::<Vec<_>>(),
+                    "lineage": cur.lineage,
                 }
             })
         });
@@ -1601,6 +1711,12 @@ impl<'a> Pg<'a> {
                 return Ok(());
             }
         }
+        let mut stmt = Some(stmt);
+        if self.refuse_by_lineage(&m, &analysis, &mut stmt).await {
+            return Ok(());
+        }
+        let stmt = stmt.expect("not taken unless refused");
+        self.remember_analysis(&sql, &analysis);
         let read_only = classification.class <= StatementClass::Read;
         let decision = self.set.decide(
             &self.ctx.subject,
@@ -1741,6 +1857,11 @@ impl<'a> Pg<'a> {
             hash,
         };
         self.set = self.ctx.policy.current();
+        let mut stmt = Some(stmt);
+        if self.refuse_by_lineage(&m, &analysis, &mut stmt).await {
+            return Ok(());
+        }
+        let stmt = stmt.expect("not taken unless refused");
         let decision = self.set.decide(
             &self.ctx.subject,
             &self.ctx.resource,
@@ -1753,6 +1874,16 @@ impl<'a> Pg<'a> {
         let read_only = class <= StatementClass::Read;
         self.carry_out(m, stmt, decision, read_only, &analysis.redacted, covered)
             .await
+    }
+
+    /// Keeps a decided statement's analysis for its results' masking.
+    fn remember_analysis(&mut self, sql: &Bytes, a: &Arc<Analysis>) {
+        if sql.len() <= MAX_CACHED_LEN && !self.executed.contains_key(sql) {
+            if self.executed.len() >= MAX_EXECUTED {
+                self.executed.clear();
+            }
+            self.executed.insert(sql.clone(), Arc::clone(a));
+        }
     }
 
     /// The analysis of a prepared statement's SQL, from this connection's
