@@ -598,4 +598,131 @@ mod tests {
         );
         assert_eq!(column(&p, &rels, &stats).label(), Some("derived-redacted"));
     }
+
+    mod property {
+        use super::{computed, policy, stmt};
+        use crate::mask::{
+            Derived,
+            lineage::{ColumnMask, NoCatalog, plan},
+        };
+        use crate::sql::lineage::Flow;
+        use proptest::prelude::*;
+
+        /// An expression and whether a protected column (ssn, email) is in
+        /// it, and whether it is a bare column reference.
+        #[derive(Debug, Clone)]
+        struct Gen {
+            sql: String,
+            protected: bool,
+            bare: bool,
+        }
+
+        fn column() -> impl Strategy<Value = Gen> {
+            prop_oneof![
+                Just(("id", false)),
+                Just(("name", false)),
+                Just(("ssn", true)),
+                Just(("email", true)),
+                Just(("c.ssn", true)),
+                Just(("c.balance", false)),
+            ]
+            .prop_map(|(c, p)| Gen {
+                sql: c.into(),
+                protected: p,
+                bare: true,
+            })
+        }
+
+        fn expr() -> impl Strategy<Value = Gen> {
+            let leaf = prop_oneof![
+                4 => column(),
+                1 => Just(Gen { sql: "'lit'".into(), protected: false, bare: false }),
+                1 => Just(Gen { sql: "42".into(), protected: false, bare: false }),
+            ];
+            leaf.prop_recursive(4, 24, 3, |inner| {
+                let f1 = prop_oneof![
+                    Just("upper"), Just("reverse"), Just("md5"), Just("length"),
+                    Just("initcap"), Just("to_jsonb"), Just("quote_literal"), Just("max"),
+                    Just("min"), Just("string_agg_one"), Just("coalesce"), Just("btrim"),
+                ];
+                prop_oneof![
+                    (f1, inner.clone()).prop_map(|(f, a)| {
+                        let sql = if f == "string_agg_one" {
+                            format!("string_agg({}, ',')", a.sql)
+                        } else {
+                            format!("{f}({})", a.sql)
+                        };
+                        Gen { sql, protected: a.protected, bare: false }
+                    }),
+                    (inner.clone(), inner.clone()).prop_map(|(a, b)| Gen {
+                        sql: format!("({} || {})", a.sql, b.sql),
+                        protected: a.protected || b.protected,
+                        bare: false,
+                    }),
+                    (inner.clone(), inner.clone(), inner.clone()).prop_map(|(a, b, c)| Gen {
+                        sql: format!("CASE WHEN {} = 'x' THEN {} ELSE {} END", a.sql, b.sql, c.sql),
+                        protected: a.protected || b.protected || c.protected,
+                        bare: false,
+                    }),
+                    inner.clone().prop_map(|a| Gen {
+                        sql: format!("{}::text", a.sql),
+                        protected: a.protected,
+                        bare: false,
+                    }),
+                    inner.clone().prop_map(|a| Gen {
+                        sql: format!("substr({}::text, 2, 3)", a.sql),
+                        protected: a.protected,
+                        bare: false,
+                    }),
+                    inner.clone().prop_map(|a| Gen {
+                        sql: format!("(SELECT {} FROM customers c2 LIMIT 1)", a.sql.replace("c.", "c2.")),
+                        protected: a.protected,
+                        bare: false,
+                    }),
+                    inner.prop_map(|a| Gen {
+                        sql: format!("first_value({}) OVER (PARTITION BY id)", a.sql),
+                        protected: a.protected,
+                        bare: false,
+                    }),
+                ]
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            /// Whatever the select list, no output column with a protected
+            /// column in it is passed raw; a bare reference keeps its rule.
+            #[test]
+            fn no_protected_column_is_ever_passed_raw(
+                items in proptest::collection::vec(expr(), 1..5),
+                wrap in 0u8..3,
+            ) {
+                let list: Vec<String> =
+                    items.iter().enumerate().map(|(i, g)| format!("{} AS o{i}", g.sql)).collect();
+                let inner = format!("SELECT {} FROM customers c", list.join(", "));
+                let sql = match wrap {
+                    0 => inner,
+                    1 => format!("SELECT * FROM ({inner}) t"),
+                    _ => format!("WITH w AS ({inner}) SELECT * FROM w"),
+                };
+                let s = stmt(&sql);
+                let p = policy(Derived::Redact);
+                // Every column computed as far as the server tells: the
+                // lineage alone must protect them.
+                let masks = plan(&p, &NoCatalog, Some(&s.outputs), &computed(items.len()));
+                for (g, m) in items.iter().zip(&masks) {
+                    if g.protected {
+                        prop_assert!(*m != ColumnMask::Pass, "{sql}: {} passed raw", g.sql);
+                    }
+                    if g.protected && g.bare {
+                        prop_assert!(matches!(m, ColumnMask::Rule { flow: Flow::Direct, .. }), "{sql}: {m:?}");
+                    }
+                    if !g.protected {
+                        prop_assert!(*m == ColumnMask::Pass, "{sql}: {} masked as {m:?}", g.sql);
+                    }
+                }
+            }
+        }
+    }
 }

@@ -29,7 +29,7 @@ use sqlparser::ast::{
     CastKind, DataType, Distinct, Expr, FromTable, Function, FunctionArg, FunctionArgExpr,
     FunctionArguments, GroupByExpr, Ident, JoinConstraint, JoinOperator, ObjectName, OrderByKind,
     Query, Select, SelectItem, SelectItemQualifiedWildcardKind, SetExpr, Statement, TableFactor,
-    TableWithJoins, UnaryOperator, Value, visit_expressions,
+    TableWithJoins, UnaryOperator, Value, Visit, Visitor, visit_expressions,
 };
 
 use super::{Dialect, classify::object_name};
@@ -1104,27 +1104,22 @@ impl Ctx {
     }
 
     /// Any other expression: derived from every column it mentions, and
-    /// from every subquery in it.
+    /// from every subquery in it (analysed in its own scope).
     fn generic(&mut self, e: &Expr) -> Lineage {
+        let mut found = TopLevel::default();
+        let _ = e.visit(&mut found);
         let mut l = Lineage::default();
-        let _ = visit_expressions(e, |x| {
+        for x in &found.exprs {
             match x {
-                Expr::Identifier(_) | Expr::CompoundIdentifier(_) => {
-                    l.merge(&self.expr(x));
-                }
                 Expr::Subquery(q)
                 | Expr::Exists { subquery: q, .. }
                 | Expr::InSubquery { subquery: q, .. } => {
                     let outs = self.query(q);
                     l.merge(&all_of(&outs));
                 }
-                Expr::Function(f) => {
-                    l.merge(&self.function(f));
-                }
-                _ => {}
+                other => l.merge(&self.expr(other)),
             }
-            ControlFlow::<()>::Continue(())
-        });
+        }
         l.at_least(Flow::Derived)
     }
 
@@ -1193,6 +1188,68 @@ impl Ctx {
 
 // ---------------------------------------------------------------------------
 // Helpers
+
+/// The column references, function calls and subqueries of an expression
+/// that are not inside a subquery (those resolve in the subquery's scope).
+#[derive(Default)]
+struct TopLevel {
+    depth: usize,
+    /// Inside a function call or subquery already collected.
+    covered: usize,
+    exprs: Vec<Expr>,
+}
+
+impl Visitor for TopLevel {
+    type Break = ();
+
+    fn pre_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
+        self.depth += 1;
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
+        self.depth -= 1;
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
+        if self.depth == 0 && self.covered == 0 {
+            match e {
+                Expr::Identifier(_) | Expr::CompoundIdentifier(_) => self.exprs.push(e.clone()),
+                Expr::Function(_)
+                | Expr::Subquery(_)
+                | Expr::Exists { .. }
+                | Expr::InSubquery { .. } => {
+                    self.exprs.push(e.clone());
+                    if let Expr::InSubquery { expr, .. } = e {
+                        self.exprs.push(expr.as_ref().clone());
+                    }
+                    self.covered += 1;
+                    return ControlFlow::Continue(());
+                }
+                _ => {}
+            }
+        }
+        if self.covered > 0 && is_covering(e) {
+            self.covered += 1;
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
+        if self.covered > 0 && is_covering(e) {
+            self.covered -= 1;
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+fn is_covering(e: &Expr) -> bool {
+    matches!(
+        e,
+        Expr::Function(_) | Expr::Subquery(_) | Expr::Exists { .. } | Expr::InSubquery { .. }
+    )
+}
 
 fn ident(i: &Ident) -> String {
     if i.quote_style.is_some() {
