@@ -11,7 +11,11 @@
 //! (a statement whose rows do not show their origin, a view whose definition
 //! cannot be read), computed columns are redacted.
 
-use crate::sql::lineage::{Flow, Lineage, Output, Outputs, Source, StatementLineage, Test};
+use std::{collections::HashMap, sync::Arc};
+
+use crate::sql::lineage::{
+    Flow, JsonShape, Lineage, Output, Outputs, Source, StatementLineage, Test,
+};
 
 use super::{ColumnRule, Derived, MaskPolicy, Predicates, Strategy};
 
@@ -43,6 +47,11 @@ pub enum RelationKind<'a> {
 /// Resolves relation names (the proxy's catalog).
 pub trait Relations {
     fn kind(&self, relation: &str) -> RelationKind<'_>;
+
+    /// The relation's column names, when known.
+    fn columns(&self, _relation: &str) -> Option<Vec<String>> {
+        None
+    }
 }
 
 /// Without a catalog: every relation is a table, but for [`DATA_CATALOGS`].
@@ -101,7 +110,6 @@ fn expand<'p>(
         });
     };
     match rels.kind(&src.relation) {
-        RelationKind::DataCatalog => wholesale(out, &src.relation),
         RelationKind::View(Some(cols)) if depth < MAX_VIEW_DEPTH => {
             let mut found = false;
             for (name, l) in cols {
@@ -128,7 +136,7 @@ fn expand<'p>(
                 wholesale(out, &src.relation);
             }
         }
-        RelationKind::View(_) => wholesale(out, &src.relation),
+        RelationKind::View(_) | RelationKind::DataCatalog => wholesale(out, &src.relation),
         RelationKind::Table => match &src.column {
             Some(c) => {
                 if let Some(rule) = policy.rule_for(Some(&src.relation), c) {
@@ -240,7 +248,7 @@ fn rule_name(rule: Option<&ColumnRule>) -> String {
 }
 
 /// How one result column is masked, and why (for the record).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ColumnMask {
     /// No protected column in its lineage: detectors only.
     Pass,
@@ -249,19 +257,24 @@ pub enum ColumnMask {
     /// Redacted whole: computed from a protected column, or of unknown
     /// lineage in a statement that may read one.
     Redact { unknown: bool },
+    /// A JSON object (or array of objects) built from named fields: each
+    /// protected field masked inside it.
+    Json(Arc<JsonMask>),
 }
 
 impl ColumnMask {
-    pub fn strategy(self) -> Option<Strategy> {
+    /// The strategy for the whole value (`None` for [`ColumnMask::Pass`] and
+    /// [`ColumnMask::Json`]).
+    pub fn strategy(&self) -> Option<Strategy> {
         match self {
-            ColumnMask::Pass => None,
-            ColumnMask::Rule { strategy, .. } => Some(strategy),
+            ColumnMask::Pass | ColumnMask::Json(_) => None,
+            ColumnMask::Rule { strategy, .. } => Some(*strategy),
             ColumnMask::Redact { .. } => Some(Strategy::Redact),
         }
     }
 
     /// The record's name for the decision; `None` for [`ColumnMask::Pass`].
-    pub fn label(self) -> Option<&'static str> {
+    pub fn label(&self) -> Option<&'static str> {
         match self {
             ColumnMask::Pass => None,
             ColumnMask::Rule {
@@ -270,13 +283,15 @@ impl ColumnMask {
             ColumnMask::Rule { .. } => Some("preserved"),
             ColumnMask::Redact { unknown: false } => Some("derived-redacted"),
             ColumnMask::Redact { unknown: true } => Some("unknown-redacted"),
+            ColumnMask::Json(_) => Some("json-fields-masked"),
         }
     }
 
-    fn strength(self) -> u8 {
+    fn strength(&self) -> u8 {
         match self {
             ColumnMask::Pass => 0,
             ColumnMask::Rule { strategy, .. } => 1 + strategy.strength(),
+            ColumnMask::Json(_) => 9,
             ColumnMask::Redact { .. } => 10,
         }
     }
@@ -293,6 +308,14 @@ impl ColumnMask {
 /// The mask for a value of `lineage`.
 pub fn column(policy: &MaskPolicy, rels: &dyn Relations, lineage: &Lineage) -> ColumnMask {
     let hits = hits(policy, rels, lineage);
+    if hits.is_empty() {
+        return ColumnMask::Pass;
+    }
+    if let Some(shape) = &lineage.json
+        && let Some(m) = json_mask(policy, rels, shape)
+    {
+        return ColumnMask::Json(Arc::new(m));
+    }
     let mut mask = ColumnMask::Pass;
     for h in hits {
         let m = match (h.rule, h.flow) {
@@ -305,6 +328,251 @@ pub fn column(policy: &MaskPolicy, rels: &dyn Relations, lineage: &Lineage) -> C
         mask = mask.max(m);
     }
     mask
+}
+
+/// How each key of a built JSON object is masked; a key not listed is
+/// redacted (it cannot be told apart from a protected one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsonMask {
+    pub keys: HashMap<String, Option<Strategy>>,
+    pub array: bool,
+}
+
+fn json_mask(policy: &MaskPolicy, rels: &dyn Relations, shape: &JsonShape) -> Option<JsonMask> {
+    let mut keys: HashMap<String, ColumnMask> = HashMap::new();
+    let mut put = |k: String, m: ColumnMask| {
+        let e = keys.remove(&k).unwrap_or(ColumnMask::Pass);
+        keys.insert(k, e.max(m));
+    };
+    for f in &shape.fields {
+        match f {
+            Output::Column { name, lineage } => put(name.clone(), column(policy, rels, lineage)),
+            Output::Star { relation } => {
+                for c in rels.columns(relation)? {
+                    let l = Lineage::from_source(
+                        Source {
+                            relation: relation.clone(),
+                            column: Some(c.clone()),
+                        },
+                        Flow::Direct,
+                    );
+                    let m = column(policy, rels, &l);
+                    put(c, m);
+                }
+            }
+        }
+    }
+    Some(JsonMask {
+        keys: keys
+            .into_iter()
+            .map(|(k, m)| {
+                let s = match m {
+                    ColumnMask::Pass => None,
+                    // A nested structure is redacted whole.
+                    ColumnMask::Json(_) => Some(Strategy::Redact),
+                    other => other.strategy(),
+                };
+                (k, s)
+            })
+            .collect(),
+        array: shape.array,
+    })
+}
+
+impl JsonMask {
+    /// Mask the protected fields of `text` (JSON as the server wrote it,
+    /// order and spacing kept) into `out`. `false`: nothing changed. Text
+    /// that is not the expected shape is redacted whole.
+    pub fn apply(&self, policy: &MaskPolicy, text: &str, out: &mut String) -> bool {
+        let mut edits = Vec::new();
+        let ok = json::top(text.as_bytes(), self.array, &mut |key, range| {
+            let Ok(key) = serde_json::from_str::<String>(key) else {
+                return false;
+            };
+            match self.keys.get(&key) {
+                Some(None) => {}
+                Some(Some(s)) => edits.push((range, Some(*s))),
+                None => edits.push((range, None)),
+            }
+            true
+        });
+        if !ok {
+            out.push_str("\"[REDACTED]\"");
+            return true;
+        }
+        if edits.is_empty() {
+            return false;
+        }
+        let mut last = 0;
+        for (range, strategy) in edits {
+            out.push_str(&text[last..range.start]);
+            let raw = &text[range.clone()];
+            let value = match serde_json::from_str::<serde_json::Value>(raw) {
+                Ok(serde_json::Value::Null) => None,
+                Ok(serde_json::Value::String(v)) => Some(v),
+                Ok(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => {
+                    Some(v.to_string())
+                }
+                _ => Some(String::new()),
+            };
+            match (value, strategy) {
+                (None, _) => out.push_str("null"),
+                (Some(v), Some(s)) if !raw.starts_with(['{', '[']) => {
+                    let masked = policy.mask_value(&v, Some(s));
+                    out.push_str(&serde_json::Value::String(masked.text.into_owned()).to_string());
+                }
+                _ => out.push_str("\"[REDACTED]\""),
+            }
+            last = range.end;
+        }
+        out.push_str(&text[last..]);
+        true
+    }
+}
+
+/// A scanner for the JSON the server writes: finds each top-level object's
+/// keys and the byte range of their values, without building a tree.
+mod json {
+    use std::ops::Range;
+
+    /// `array`: an array of objects (or null elements); otherwise one object.
+    /// `field(key_text, value_range)` is called for each member; `false`
+    /// from it or malformed input ends the scan with `false`.
+    pub fn top(b: &[u8], array: bool, field: &mut dyn FnMut(&str, Range<usize>) -> bool) -> bool {
+        let mut i = ws(b, 0);
+        let ok = if array {
+            if b.get(i) != Some(&b'[') {
+                return false;
+            }
+            i = ws(b, i + 1);
+            if b.get(i) == Some(&b']') {
+                i += 1;
+                true
+            } else {
+                loop {
+                    if b[i..].starts_with(b"null") {
+                        i += 4;
+                    } else {
+                        match object(b, i, field) {
+                            Some(e) => i = e,
+                            None => return false,
+                        }
+                    }
+                    i = ws(b, i);
+                    match b.get(i) {
+                        Some(b',') => i = ws(b, i + 1),
+                        Some(b']') => {
+                            i += 1;
+                            break true;
+                        }
+                        _ => return false,
+                    }
+                }
+            }
+        } else {
+            match object(b, i, field) {
+                Some(e) => {
+                    i = e;
+                    true
+                }
+                None => false,
+            }
+        };
+        ok && ws(b, i) == b.len()
+    }
+
+    fn ws(b: &[u8], mut i: usize) -> usize {
+        while b.get(i).is_some_and(u8::is_ascii_whitespace) {
+            i += 1;
+        }
+        i
+    }
+
+    fn object(
+        b: &[u8],
+        i: usize,
+        field: &mut dyn FnMut(&str, Range<usize>) -> bool,
+    ) -> Option<usize> {
+        if b.get(i) != Some(&b'{') {
+            return None;
+        }
+        let mut i = ws(b, i + 1);
+        if b.get(i) == Some(&b'}') {
+            return Some(i + 1);
+        }
+        loop {
+            let k_end = string(b, i)?;
+            let key = std::str::from_utf8(&b[i..k_end]).ok()?;
+            i = ws(b, k_end);
+            if b.get(i) != Some(&b':') {
+                return None;
+            }
+            let v_start = ws(b, i + 1);
+            let v_end = value(b, v_start)?;
+            if !field(key, v_start..v_end) {
+                return None;
+            }
+            i = ws(b, v_end);
+            match b.get(i) {
+                Some(b',') => i = ws(b, i + 1),
+                Some(b'}') => return Some(i + 1),
+                _ => return None,
+            }
+        }
+    }
+
+    /// End of the string starting at `i` (a `"`).
+    fn string(b: &[u8], i: usize) -> Option<usize> {
+        if b.get(i) != Some(&b'"') {
+            return None;
+        }
+        let mut j = i + 1;
+        loop {
+            match b.get(j)? {
+                b'\\' => j += 2,
+                b'"' => return Some(j + 1),
+                _ => j += 1,
+            }
+        }
+    }
+
+    /// End of the value starting at `i`.
+    fn value(b: &[u8], i: usize) -> Option<usize> {
+        match b.get(i)? {
+            b'"' => string(b, i),
+            b'{' | b'[' => {
+                let mut depth = 0usize;
+                let mut j = i;
+                loop {
+                    match b.get(j)? {
+                        b'"' => {
+                            j = string(b, j)?;
+                            continue;
+                        }
+                        b'{' | b'[' => depth += 1,
+                        b'}' | b']' => {
+                            depth -= 1;
+                            if depth == 0 {
+                                return Some(j + 1);
+                            }
+                        }
+                        _ => {}
+                    }
+                    j += 1;
+                }
+            }
+            _ => {
+                let mut j = i;
+                while b
+                    .get(j)
+                    .is_some_and(|c| !matches!(c, b',' | b'}' | b']') && !c.is_ascii_whitespace())
+                {
+                    j += 1;
+                }
+                (j > i).then_some(j)
+            }
+        }
+    }
 }
 
 /// One field of a result, as the server describes it.
@@ -356,48 +624,40 @@ pub fn plan(
     if policy.columns().is_empty() {
         return masks;
     }
-    let outputs = match outputs {
-        Some(Outputs::Known(o)) => o,
-        _ => {
-            // Rows of unknown origin (FETCH, EXECUTE, CALL): computed
-            // columns could be anything.
-            for (m, f) in masks.iter_mut().zip(fields) {
-                if f.computed {
-                    *m = m.max(ColumnMask::Redact { unknown: true });
-                }
+    let unknown = |masks: &mut Vec<ColumnMask>| {
+        for (m, f) in masks.iter_mut().zip(fields) {
+            if f.computed {
+                *m = std::mem::replace(m, ColumnMask::Pass)
+                    .max(ColumnMask::Redact { unknown: true });
             }
-            return masks;
         }
     };
-    match align(rels, outputs, fields) {
-        Some(aligned) => {
-            for (m, l) in masks.iter_mut().zip(aligned) {
-                if let Some(l) = l {
-                    *m = m.max(column(policy, rels, l));
-                }
+    let Some(Outputs::Known(outputs)) = outputs else {
+        // Rows of unknown origin (FETCH, EXECUTE, CALL): computed columns
+        // could be anything.
+        unknown(&mut masks);
+        return masks;
+    };
+    if let Some(aligned) = align(outputs, fields) {
+        for (m, l) in masks.iter_mut().zip(aligned) {
+            if let Some(l) = l {
+                *m = std::mem::replace(m, ColumnMask::Pass).max(column(policy, rels, l));
             }
         }
-        None => {
-            // The result does not line up with the statement (a `*` the
-            // server expanded differently): every computed column may carry
-            // anything the statement reads.
-            let mut all = Lineage::default();
-            for o in outputs {
-                if let Output::Column { lineage, .. } = o {
-                    all.merge(lineage);
-                }
-            }
-            let all = all.at_least(Flow::Derived);
-            let m_all = column(policy, rels, &all);
-            for (m, f) in masks.iter_mut().zip(fields) {
-                if f.computed {
-                    *m = m.max(match m_all {
-                        ColumnMask::Pass => ColumnMask::Pass,
-                        _ => ColumnMask::Redact { unknown: true },
-                    });
-                }
-            }
+        return masks;
+    }
+    // The result does not line up with the statement (a `*` the server
+    // expanded differently): every computed column may carry anything the
+    // statement reads.
+    let mut all = Lineage::default();
+    for o in outputs {
+        if let Output::Column { lineage, .. } = o {
+            all.merge(lineage);
         }
+    }
+    all.json = None;
+    if column(policy, rels, &all.at_least(Flow::Derived)) != ColumnMask::Pass {
+        unknown(&mut masks);
     }
     masks
 }
@@ -405,12 +665,7 @@ pub fn plan(
 /// Each field's lineage, by position: a column output takes one field, a
 /// `*` over a named relation the fields the server attributes to it (which
 /// the server's attribution masks). `None`: they do not line up.
-fn align<'o>(
-    rels: &dyn Relations,
-    outputs: &'o [Output],
-    fields: &[Field],
-) -> Option<Vec<Option<&'o Lineage>>> {
-    let _ = rels;
+fn align<'o>(outputs: &'o [Output], fields: &[Field]) -> Option<Vec<Option<&'o Lineage>>> {
     let mut out = Vec::with_capacity(fields.len());
     let mut i = 0;
     for o in outputs {
@@ -481,17 +736,30 @@ mod tests {
 
     fn labels(sql: &str, fields: &[Field]) -> Vec<Option<&'static str>> {
         let s = stmt(sql);
-        plan(&policy(Derived::Redact), &NoCatalog, Some(&s.outputs), fields)
-            .into_iter()
-            .map(ColumnMask::label)
-            .collect()
+        plan(
+            &policy(Derived::Redact),
+            &NoCatalog,
+            Some(&s.outputs),
+            fields,
+        )
+        .iter()
+        .map(ColumnMask::label)
+        .collect()
     }
 
     #[test]
     fn computed_columns_are_redacted_and_values_keep_their_rule() {
         assert_eq!(
-            labels("SELECT id, reverse(ssn), max(ssn), ssn AS x FROM customers", &computed(4)),
-            [None, Some("derived-redacted"), Some("preserved"), Some("direct")]
+            labels(
+                "SELECT id, reverse(ssn), max(ssn), ssn AS x FROM customers",
+                &computed(4)
+            ),
+            [
+                None,
+                Some("derived-redacted"),
+                Some("preserved"),
+                Some("direct")
+            ]
         );
         let p = policy(Derived::Redact);
         let s = stmt("SELECT max(ssn) FROM customers");
@@ -535,17 +803,129 @@ mod tests {
     #[test]
     fn refusals_name_the_rule_and_column() {
         let p = policy(Derived::Redact);
-        assert!(check(&p, &NoCatalog, &stmt("SELECT id FROM customers WHERE ssn = '1'")).is_ok());
-        let r = check(&p, &NoCatalog, &stmt("SELECT id FROM customers WHERE ssn LIKE '1%'")).unwrap_err();
+        assert!(
+            check(
+                &p,
+                &NoCatalog,
+                &stmt("SELECT id FROM customers WHERE ssn = '1'")
+            )
+            .is_ok()
+        );
+        let r = check(
+            &p,
+            &NoCatalog,
+            &stmt("SELECT id FROM customers WHERE ssn LIKE '1%'"),
+        )
+        .unwrap_err();
         assert_eq!(r.rule, "masking.column customers.ssn");
         assert_eq!(r.column, "customers.ssn");
         assert!(r.reason.starts_with("LIKE"), "{}", r.reason);
         assert!(check(&p, &NoCatalog, &stmt("SELECT reverse(ssn) FROM customers")).is_ok());
         let deny = policy(Derived::Deny);
-        assert!(check(&deny, &NoCatalog, &stmt("SELECT reverse(ssn) FROM customers")).is_err());
+        assert!(
+            check(
+                &deny,
+                &NoCatalog,
+                &stmt("SELECT reverse(ssn) FROM customers")
+            )
+            .is_err()
+        );
         assert!(check(&deny, &NoCatalog, &stmt("SELECT ssn FROM customers")).is_ok());
-        assert!(check(&p, &NoCatalog, &stmt("INSERT INTO t SELECT ssn FROM customers")).is_err());
-        assert!(check(&p, &NoCatalog, &stmt("SELECT id FROM orders WHERE ssn LIKE '1%'")).is_ok());
+        assert!(
+            check(
+                &p,
+                &NoCatalog,
+                &stmt("INSERT INTO t SELECT ssn FROM customers")
+            )
+            .is_err()
+        );
+        assert!(
+            check(
+                &p,
+                &NoCatalog,
+                &stmt("SELECT id FROM orders WHERE ssn LIKE '1%'")
+            )
+            .is_ok()
+        );
+    }
+
+    struct Cols;
+    impl Relations for Cols {
+        fn kind(&self, relation: &str) -> RelationKind<'_> {
+            NoCatalog.kind(relation)
+        }
+        fn columns(&self, relation: &str) -> Option<Vec<String>> {
+            (relation == "customers")
+                .then(|| ["id", "name", "ssn", "email"].map(String::from).to_vec())
+        }
+    }
+
+    fn json_of(sql: &str, rels: &dyn Relations, text: &str) -> Option<String> {
+        let p = policy(Derived::Redact);
+        let s = stmt(sql);
+        let m = plan(&p, rels, Some(&s.outputs), &computed(1)).remove(0);
+        let ColumnMask::Json(j) = m else {
+            return None;
+        };
+        let mut out = String::new();
+        Some(if j.apply(&p, text, &mut out) {
+            out
+        } else {
+            text.to_owned()
+        })
+    }
+
+    #[test]
+    fn json_builders_mask_protected_fields_inside() {
+        let row = r#"{"id":1,"name":"Customer 1","ssn":"101-11-1001","email":"user1@example.com"}"#;
+        assert_eq!(
+            json_of("SELECT row_to_json(c) FROM customers c", &Cols, row).unwrap(),
+            r#"{"id":1,"name":"Customer 1","ssn":"***-**-1001","email":"[REDACTED]"}"#
+        );
+        let agg = format!("[{row}, \n {row}]");
+        let out = json_of("SELECT json_agg(c) FROM customers c", &Cols, &agg).unwrap();
+        assert_eq!(out.matches("***-**-1001").count(), 2, "{out}");
+        assert!(!out.contains("101-11"), "{out}");
+        let built = r#"{"a" : "101-11-1001", "b" : "101-11-1001", "n" : 1}"#;
+        assert_eq!(
+            json_of(
+                "SELECT jsonb_build_object('a', ssn, 'b', reverse(ssn), 'n', id) FROM customers",
+                &NoCatalog,
+                built
+            )
+            .unwrap(),
+            r#"{"a" : "***-**-1001", "b" : "[REDACTED]", "n" : 1}"#
+        );
+        // A key the builder did not name, or text not of the shape: redacted.
+        assert_eq!(
+            json_of(
+                "SELECT row_to_json(c) FROM customers c",
+                &Cols,
+                r#"{"zz":"101-11-1001"}"#
+            )
+            .unwrap(),
+            r#"{"zz":"[REDACTED]"}"#
+        );
+        assert_eq!(
+            json_of(
+                "SELECT row_to_json(c) FROM customers c",
+                &Cols,
+                "101-11-1001"
+            )
+            .unwrap(),
+            r#""[REDACTED]""#
+        );
+        // Without the table's columns, or after an operator: redacted whole.
+        assert!(json_of("SELECT row_to_json(c) FROM customers c", &NoCatalog, row).is_none());
+        assert!(json_of("SELECT to_jsonb(c) - 'id' FROM customers c", &Cols, row).is_none());
+        assert!(
+            json_of(
+                "SELECT upper(row_to_json(c)::text) FROM customers c",
+                &Cols,
+                row
+            )
+            .is_none()
+        );
     }
 
     struct OneView(Vec<(String, Lineage)>);
@@ -641,9 +1021,18 @@ mod tests {
             ];
             leaf.prop_recursive(4, 24, 3, |inner| {
                 let f1 = prop_oneof![
-                    Just("upper"), Just("reverse"), Just("md5"), Just("length"),
-                    Just("initcap"), Just("to_jsonb"), Just("quote_literal"), Just("max"),
-                    Just("min"), Just("string_agg_one"), Just("coalesce"), Just("btrim"),
+                    Just("upper"),
+                    Just("reverse"),
+                    Just("md5"),
+                    Just("length"),
+                    Just("initcap"),
+                    Just("to_jsonb"),
+                    Just("quote_literal"),
+                    Just("max"),
+                    Just("min"),
+                    Just("string_agg_one"),
+                    Just("coalesce"),
+                    Just("btrim"),
                 ];
                 prop_oneof![
                     (f1, inner.clone()).prop_map(|(f, a)| {
@@ -652,7 +1041,11 @@ mod tests {
                         } else {
                             format!("{f}({})", a.sql)
                         };
-                        Gen { sql, protected: a.protected, bare: false }
+                        Gen {
+                            sql,
+                            protected: a.protected,
+                            bare: false,
+                        }
                     }),
                     (inner.clone(), inner.clone()).prop_map(|(a, b)| Gen {
                         sql: format!("({} || {})", a.sql, b.sql),
@@ -660,7 +1053,10 @@ mod tests {
                         bare: false,
                     }),
                     (inner.clone(), inner.clone(), inner.clone()).prop_map(|(a, b, c)| Gen {
-                        sql: format!("CASE WHEN {} = 'x' THEN {} ELSE {} END", a.sql, b.sql, c.sql),
+                        sql: format!(
+                            "CASE WHEN {} = 'x' THEN {} ELSE {} END",
+                            a.sql, b.sql, c.sql
+                        ),
                         protected: a.protected || b.protected || c.protected,
                         bare: false,
                     }),
@@ -675,7 +1071,10 @@ mod tests {
                         bare: false,
                     }),
                     inner.clone().prop_map(|a| Gen {
-                        sql: format!("(SELECT {} FROM customers c2 LIMIT 1)", a.sql.replace("c.", "c2.")),
+                        sql: format!(
+                            "(SELECT {} FROM customers c2 LIMIT 1)",
+                            a.sql.replace("c.", "c2.")
+                        ),
                         protected: a.protected,
                         bare: false,
                     }),

@@ -21,7 +21,8 @@ use std::{
 use sqlparser::tokenizer::{Token, Tokenizer, Whitespace};
 
 use super::{
-    Classification, Dialect, classify, lineage::StatementLineage, redact::is_literal, redact_for_log,
+    Classification, Dialect, classify, lineage::StatementLineage, redact::is_literal,
+    redact_for_log,
 };
 
 /// Longest statement whose analysis is cached.

@@ -60,6 +60,22 @@ pub enum Flow {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Lineage {
     pub sources: BTreeMap<Source, Flow>,
+    /// Set when the value is a JSON object (or array of objects) built from
+    /// named fields, so that protected fields can be masked inside it.
+    pub json: Option<Box<JsonShape>>,
+}
+
+/// A JSON value built by a known builder: `row_to_json(t)`, `to_json(t)`,
+/// `to_jsonb(t)`, `json_agg(t)`, `jsonb_agg(t)` (keys: the row's columns) or
+/// `json_build_object('k', v, ...)`, `jsonb_build_object(...)` with literal
+/// keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsonShape {
+    /// Key `k`'s value is the field named `k` ([`Output::Star`]: any
+    /// column of that relation).
+    pub fields: Vec<Output>,
+    /// An array of such objects (`json_agg`).
+    pub array: bool,
 }
 
 impl Lineage {
@@ -76,13 +92,23 @@ impl Lineage {
         }
     }
 
+    /// The union; a JSON shape survives only a union with nothing.
     pub fn merge(&mut self, other: &Lineage) {
+        if other.sources.is_empty() && other.json.is_none() {
+            return;
+        }
+        if self.sources.is_empty() && self.json.is_none() {
+            self.json.clone_from(&other.json);
+        } else {
+            self.json = None;
+        }
         for (s, f) in &other.sources {
             self.add(s.clone(), *f);
         }
     }
 
     /// Every flow raised to at least `floor`.
+    #[must_use]
     pub fn at_least(mut self, floor: Flow) -> Self {
         for f in self.sources.values_mut() {
             if *f < floor {
@@ -370,6 +396,7 @@ struct Ctx {
     functions: Vec<String>,
 }
 
+#[allow(clippy::too_many_lines)] // one arm per statement kind
 fn statement(stmt: &Statement) -> StatementLineage {
     let mut cx = Ctx::default();
     let outputs = match stmt {
@@ -415,14 +442,14 @@ fn statement(stmt: &Statement) -> StatementLineage {
         Statement::Update(up) => {
             let mut rels = Vec::new();
             cx.scope.levels.push(Vec::new());
-            cx.from_item(&up.table, &mut rels);
+            cx.relations_of(&up.table, &mut rels);
             if let Some(from) = &up.from {
                 let tables = match from {
                     sqlparser::ast::UpdateTableFromKind::BeforeSet(t)
                     | sqlparser::ast::UpdateTableFromKind::AfterSet(t) => t,
                 };
                 for t in tables {
-                    cx.from_item(t, &mut rels);
+                    cx.relations_of(t, &mut rels);
                 }
             }
             let target = match &up.table.relation {
@@ -453,11 +480,11 @@ fn statement(stmt: &Statement) -> StatementLineage {
                 FromTable::WithFromKeyword(t) | FromTable::WithoutKeyword(t) => t,
             };
             for t in tables {
-                cx.from_item(t, &mut rels);
+                cx.relations_of(t, &mut rels);
             }
             if let Some(using) = &del.using {
                 for t in using {
-                    cx.from_item(t, &mut rels);
+                    cx.relations_of(t, &mut rels);
                 }
             }
             if let Some(w) = &del.selection {
@@ -496,7 +523,9 @@ fn statement(stmt: &Statement) -> StatementLineage {
             }
             Outputs::None
         }
-        Statement::Explain { statement: inner, .. } => {
+        Statement::Explain {
+            statement: inner, ..
+        } => {
             // The plan is text about the query, not its data; the query's
             // predicates still count (EXPLAIN ANALYZE runs it and counts rows).
             let l = self::statement(inner);
@@ -543,7 +572,14 @@ impl Ctx {
                 } else {
                     self.query(&cte.query)
                 };
-                rename(&mut outs, &cte.alias.columns.iter().map(|c| ident(&c.name)).collect::<Vec<_>>());
+                rename(
+                    &mut outs,
+                    &cte.alias
+                        .columns
+                        .iter()
+                        .map(|c| ident(&c.name))
+                        .collect::<Vec<_>>(),
+                );
                 self.scope
                     .ctes
                     .last_mut()
@@ -585,7 +621,11 @@ impl Ctx {
             .collect()
     }
 
-    fn set_expr(&mut self, body: &SetExpr, order_by: Option<&sqlparser::ast::OrderBy>) -> Vec<Output> {
+    fn set_expr(
+        &mut self,
+        body: &SetExpr,
+        order_by: Option<&sqlparser::ast::OrderBy>,
+    ) -> Vec<Output> {
         match body {
             SetExpr::Select(s) => self.select(s, order_by),
             SetExpr::Query(q) => {
@@ -643,7 +683,7 @@ impl Ctx {
         self.scope.levels.push(Vec::new());
         let mut rels = Vec::new();
         for t in &s.from {
-            self.from_item(t, &mut rels);
+            self.relations_of(t, &mut rels);
         }
         if let Some(w) = &s.selection {
             self.predicate(w);
@@ -820,7 +860,7 @@ impl Ctx {
     /// Adds the relations of one `FROM` item (with its joins) to the
     /// innermost scope level, in order, so that `LATERAL` items see those
     /// before them.
-    fn from_item(&mut self, t: &TableWithJoins, rels: &mut Vec<Rel>) {
+    fn relations_of(&mut self, t: &TableWithJoins, rels: &mut Vec<Rel>) {
         self.factor(&t.relation, rels);
         for j in &t.joins {
             self.factor(&j.relation, rels);
@@ -911,7 +951,11 @@ impl Ctx {
                 for a in args {
                     l.merge(&self.arg(a));
                 }
-                aliased(last_part(name), alias.as_ref(), Body::Opaque(l.at_least(Flow::Derived)))
+                aliased(
+                    last_part(name),
+                    alias.as_ref(),
+                    Body::Opaque(l.at_least(Flow::Derived)),
+                )
             }
             TableFactor::UNNEST {
                 alias, array_exprs, ..
@@ -920,14 +964,18 @@ impl Ctx {
                 for e in array_exprs {
                     l.merge(&self.expr(e));
                 }
-                aliased("unnest".into(), alias.as_ref(), Body::Opaque(l.at_least(Flow::Derived)))
+                aliased(
+                    "unnest".into(),
+                    alias.as_ref(),
+                    Body::Opaque(l.at_least(Flow::Derived)),
+                )
             }
             TableFactor::NestedJoin {
                 table_with_joins,
                 alias,
             } => {
                 let mut inner = Vec::new();
-                self.from_item(table_with_joins, &mut inner);
+                self.relations_of(table_with_joins, &mut inner);
                 if alias.is_none() {
                     // Its relations are visible by their own names.
                     return;
@@ -1084,6 +1132,11 @@ impl Ctx {
                 ControlFlow::<()>::Continue(())
             });
         }
+        let shape = if f.over.is_none() && extra.is_empty() {
+            self.json_shape(&name, f, &args)
+        } else {
+            None
+        };
         let chooses = f.over.is_none()
             && extra.is_empty()
             && matches!(
@@ -1100,7 +1153,75 @@ impl Ctx {
             l.at_least(Flow::Derived)
         };
         l.merge(&extra.at_least(Flow::Derived));
+        l.json = shape.map(Box::new);
         l
+    }
+
+    /// The shape of a known JSON builder's result.
+    fn json_shape(&self, name: &str, f: &Function, args: &[Lineage]) -> Option<JsonShape> {
+        let FunctionArguments::List(list) = &f.args else {
+            return None;
+        };
+        let array = matches!(name, "json_agg" | "jsonb_agg");
+        match name {
+            "row_to_json" | "to_json" | "to_jsonb" | "json_agg" | "jsonb_agg" => {
+                if list.duplicate_treatment.is_some() || !list.clauses.is_empty() {
+                    return None;
+                }
+                let first = list.args.first()?;
+                let rel = match first {
+                    FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Identifier(id))) => {
+                        self.scope.rel(&ident(id))
+                    }
+                    FunctionArg::Unnamed(FunctionArgExpr::QualifiedWildcard(n)) => {
+                        let n = object_name(n);
+                        self.scope.rel(n.rsplit('.').next().unwrap_or(&n))
+                    }
+                    _ => None,
+                };
+                if let Some(rel) = rel {
+                    let fields = match &rel.body {
+                        Body::Named { relation } => vec![Output::Star {
+                            relation: relation.clone(),
+                        }],
+                        Body::Derived(outs) => outs.clone(),
+                        Body::Opaque(_) => return None,
+                    };
+                    return Some(JsonShape { fields, array });
+                }
+                // An aggregate of objects built by a known builder.
+                let inner = args.first()?.json.as_deref()?;
+                (array && !inner.array && list.args.len() == 1).then(|| JsonShape {
+                    fields: inner.fields.clone(),
+                    array: true,
+                })
+            }
+            "json_build_object" | "jsonb_build_object" => {
+                if list.args.len() % 2 != 0 {
+                    return None;
+                }
+                let mut fields = Vec::new();
+                for (pair, lin) in list.args.chunks(2).zip(args.chunks(2)) {
+                    let FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(v))) = &pair[0]
+                    else {
+                        return None;
+                    };
+                    let key = match &v.value {
+                        Value::SingleQuotedString(k) => k.clone(),
+                        _ => return None,
+                    };
+                    fields.push(Output::Column {
+                        name: key,
+                        lineage: lin[1].clone(),
+                    });
+                }
+                Some(JsonShape {
+                    fields,
+                    array: false,
+                })
+            }
+            _ => None,
+        }
     }
 
     /// Any other expression: derived from every column it mentions, and
@@ -1120,6 +1241,8 @@ impl Ctx {
                 other => l.merge(&self.expr(other)),
             }
         }
+        // An operator over a JSON value may move values between keys.
+        l.json = None;
         l.at_least(Flow::Derived)
     }
 
@@ -1159,11 +1282,10 @@ impl Ctx {
                     Expr::Like { .. } | Expr::ILike { .. } => "LIKE",
                     Expr::SimilarTo { .. } | Expr::RLike { .. } => "a pattern match",
                     Expr::Between { .. } => "BETWEEN",
-                    Expr::BinaryOp { op, .. }
-                        if matches!(op, B::Lt | B::LtEq | B::Gt | B::GtEq) =>
-                    {
-                        "a range comparison"
-                    }
+                    Expr::BinaryOp {
+                        op: B::Lt | B::LtEq | B::Gt | B::GtEq,
+                        ..
+                    } => "a range comparison",
                     Expr::BinaryOp { .. } => "an operator",
                     _ => "an expression",
                 };
@@ -1180,7 +1302,11 @@ impl Ctx {
         }
         let direct = l.sources.values().all(|f| *f <= Flow::Preserved);
         self.predicates.push(Predicate {
-            test: if direct { Test::Equality } else { Test::Search(why) },
+            test: if direct {
+                Test::Equality
+            } else {
+                Test::Search(why)
+            },
             lineage: l,
         });
     }
@@ -1283,13 +1409,15 @@ fn aliased(default: String, alias: Option<&sqlparser::ast::TableAlias>, body: Bo
                         Body::Derived(outs)
                     }
                 }
-                Body::Named { relation } if !names.is_empty() => Body::Opaque(Lineage::from_source(
-                    Source {
-                        relation,
-                        column: None,
-                    },
-                    Flow::Direct,
-                )),
+                Body::Named { relation } if !names.is_empty() => {
+                    Body::Opaque(Lineage::from_source(
+                        Source {
+                            relation,
+                            column: None,
+                        },
+                        Flow::Direct,
+                    ))
+                }
                 b => b,
             };
             Rel {
@@ -1390,15 +1518,15 @@ fn is_text_type(t: &DataType) -> bool {
 fn is_constant(e: &Expr) -> bool {
     match e {
         Expr::Value(_) | Expr::TypedString(_) => true,
-        Expr::Cast { expr, .. } | Expr::Nested(expr) => is_constant(expr),
-        Expr::UnaryOp {
+        Expr::Cast { expr, .. }
+        | Expr::Nested(expr)
+        | Expr::UnaryOp {
             op: UnaryOperator::Minus | UnaryOperator::Plus,
             expr,
         } => is_constant(expr),
         _ => false,
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -1473,11 +1601,26 @@ mod tests {
 
     #[test]
     fn expressions_are_derived_and_choices_preserved() {
-        assert_eq!(outs("SELECT reverse(ssn) FROM customers"), ["reverse: customers.ssn/Derived"]);
-        assert_eq!(outs("SELECT ssn || '' FROM customers"), ["?column?: customers.ssn/Derived"]);
-        assert_eq!(outs("SELECT max(ssn) FROM customers"), ["max: customers.ssn/Preserved"]);
-        assert_eq!(outs("SELECT ssn::text FROM customers"), ["ssn: customers.ssn/Preserved"]);
-        assert_eq!(outs("SELECT ssn::varchar(3) FROM customers"), ["ssn: customers.ssn/Derived"]);
+        assert_eq!(
+            outs("SELECT reverse(ssn) FROM customers"),
+            ["reverse: customers.ssn/Derived"]
+        );
+        assert_eq!(
+            outs("SELECT ssn || '' FROM customers"),
+            ["?column?: customers.ssn/Derived"]
+        );
+        assert_eq!(
+            outs("SELECT max(ssn) FROM customers"),
+            ["max: customers.ssn/Preserved"]
+        );
+        assert_eq!(
+            outs("SELECT ssn::text FROM customers"),
+            ["ssn: customers.ssn/Preserved"]
+        );
+        assert_eq!(
+            outs("SELECT ssn::varchar(3) FROM customers"),
+            ["ssn: customers.ssn/Derived"]
+        );
         assert_eq!(
             outs("SELECT CASE WHEN id > 1 THEN ssn ELSE email END FROM customers"),
             ["case: customers.email/Preserved customers.id/Derived customers.ssn/Preserved"]
@@ -1491,14 +1634,26 @@ mod tests {
             ["first_value: customers.id/Derived customers.ssn/Derived"]
         );
         assert_eq!(outs("SELECT count(*) FROM customers"), ["count: "]);
-        assert_eq!(outs("SELECT (SELECT ssn FROM customers LIMIT 1)"), ["?column?: customers.ssn/Preserved"]);
+        assert_eq!(
+            outs("SELECT (SELECT ssn FROM customers LIMIT 1)"),
+            ["?column?: customers.ssn/Preserved"]
+        );
     }
 
     #[test]
     fn whole_rows_stars_and_unknown_relations() {
-        assert_eq!(outs("SELECT c FROM customers c"), ["c: customers.*/Derived customers.c/Direct"]);
-        assert_eq!(outs("SELECT row_to_json(c) FROM customers c"), ["row_to_json: customers.*/Derived customers.c/Derived"]);
-        assert_eq!(outs("SELECT to_jsonb(c.*) FROM customers c"), ["to_jsonb: customers.*/Derived"]);
+        assert_eq!(
+            outs("SELECT c FROM customers c"),
+            ["c: customers.*/Derived customers.c/Direct"]
+        );
+        assert_eq!(
+            outs("SELECT row_to_json(c) FROM customers c"),
+            ["row_to_json: customers.*/Derived customers.c/Derived"]
+        );
+        assert_eq!(
+            outs("SELECT to_jsonb(c.*) FROM customers c"),
+            ["to_jsonb: customers.*/Derived"]
+        );
         assert_eq!(outs("SELECT * FROM customers"), ["*customers"]);
         assert_eq!(
             outs("SELECT * FROM (SELECT id, reverse(ssn) r FROM customers) t"),
@@ -1515,7 +1670,10 @@ mod tests {
     fn set_operations_and_recursive_ctes_union_their_sides() {
         assert_eq!(
             outs("SELECT id, name FROM customers UNION SELECT 1, ssn FROM customers"),
-            ["id: customers.id/Direct", "name: customers.name/Direct customers.ssn/Direct"]
+            [
+                "id: customers.id/Direct",
+                "name: customers.name/Direct customers.ssn/Direct"
+            ]
         );
         let o = outs(
             "WITH RECURSIVE r(i, ch) AS (SELECT 1, substr(ssn, 1, 1) FROM customers \
@@ -1527,13 +1685,31 @@ mod tests {
 
     #[test]
     fn searches_on_columns_are_listed_equality_is_not() {
-        assert!(searches("SELECT id FROM customers WHERE ssn = '1' AND id IN (1, 2) OR ssn IS NULL").is_empty());
+        assert!(
+            searches("SELECT id FROM customers WHERE ssn = '1' AND id IN (1, 2) OR ssn IS NULL")
+                .is_empty()
+        );
         assert!(searches("SELECT id FROM customers WHERE ssn = $1").is_empty());
-        assert_eq!(searches("SELECT id FROM customers WHERE ssn LIKE '1%'"), ["LIKE: customers.ssn"]);
-        assert_eq!(searches("SELECT id FROM customers WHERE ssn > '5'"), ["a range comparison: customers.ssn"]);
-        assert_eq!(searches("SELECT id FROM customers ORDER BY ssn"), ["ORDER BY: customers.ssn"]);
-        assert_eq!(searches("SELECT ssn AS s FROM customers ORDER BY 1"), ["ORDER BY: customers.ssn"]);
-        assert_eq!(searches("SELECT count(*) FROM customers GROUP BY ssn"), ["GROUP BY: customers.ssn"]);
+        assert_eq!(
+            searches("SELECT id FROM customers WHERE ssn LIKE '1%'"),
+            ["LIKE: customers.ssn"]
+        );
+        assert_eq!(
+            searches("SELECT id FROM customers WHERE ssn > '5'"),
+            ["a range comparison: customers.ssn"]
+        );
+        assert_eq!(
+            searches("SELECT id FROM customers ORDER BY ssn"),
+            ["ORDER BY: customers.ssn"]
+        );
+        assert_eq!(
+            searches("SELECT ssn AS s FROM customers ORDER BY 1"),
+            ["ORDER BY: customers.ssn"]
+        );
+        assert_eq!(
+            searches("SELECT count(*) FROM customers GROUP BY ssn"),
+            ["GROUP BY: customers.ssn"]
+        );
         assert_eq!(
             searches("SELECT id FROM customers WHERE substr(ssn, 1, 1) = '1'"),
             ["a comparison: customers.ssn"]
@@ -1552,16 +1728,27 @@ mod tests {
     fn writes_that_copy_columns_are_listed() {
         let w = one("INSERT INTO t SELECT reverse(ssn) FROM customers").writes;
         assert_eq!(w.len(), 1);
-        assert!(w[0].lineage.sources.keys().any(|s| s.column.as_deref() == Some("ssn")));
+        assert!(
+            w[0].lineage
+                .sources
+                .keys()
+                .any(|s| s.column.as_deref() == Some("ssn"))
+        );
         let w = one("UPDATE customers SET name = ssn WHERE id = 1").writes;
         assert_eq!(w[0].target, "customers");
         assert!(one("INSERT INTO t VALUES (1, 'x')").writes.is_empty());
-        assert_eq!(one("CREATE TABLE t AS SELECT ssn FROM customers").writes.len(), 1);
+        assert_eq!(
+            one("CREATE TABLE t AS SELECT ssn FROM customers")
+                .writes
+                .len(),
+            1
+        );
     }
 
     #[test]
     fn views_are_read_from_their_definition() {
-        let v = view_columns(" SELECT customers.id, reverse(customers.ssn) AS r FROM customers;").unwrap();
+        let v = view_columns(" SELECT customers.id, reverse(customers.ssn) AS r FROM customers;")
+            .unwrap();
         assert_eq!(v[1].0, "r");
         assert_eq!(v[1].1.sources.values().next(), Some(&Flow::Derived));
     }

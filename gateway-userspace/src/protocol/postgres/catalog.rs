@@ -34,9 +34,9 @@ use std::collections::{HashMap, HashSet};
 use sqlparser::ast::{CopyOption, CopySource, CopyTarget, Ident, ObjectName, Statement};
 
 use super::codec::{DataRow, RowDescription};
+use super::mask::CopyKind;
 use crate::mask::lineage::{RelationKind, Relations, is_data_catalog};
 use crate::sql::lineage::Lineage;
-use super::mask::CopyKind;
 
 /// Most catalog rows the proxy reads (tables plus the columns of user tables).
 pub const MAX_CATALOG_ROWS: usize = 100_000;
@@ -292,6 +292,21 @@ impl Relations for Catalog {
             (Some(v), None) => RelationKind::View(v.view.as_deref()),
             (Some(_), Some(_)) => RelationKind::View(None),
         }
+    }
+
+    fn columns(&self, relation: &str) -> Option<Vec<String>> {
+        let name = match relation.rsplit_once('.') {
+            Some((s, n)) => SqlName {
+                schema: Some(s.rsplit('.').next().unwrap_or(s).to_owned()),
+                name: n.to_owned(),
+            },
+            None => SqlName {
+                schema: None,
+                name: relation.to_owned(),
+            },
+        };
+        let r = self.resolve(&name)?;
+        (!r.columns.is_empty()).then(|| r.columns.clone())
     }
 }
 

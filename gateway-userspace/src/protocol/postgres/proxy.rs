@@ -745,11 +745,11 @@ struct Pg<'a> {
     idle_point: bool,
     /// The masking plan of the result flowing, with the lineage decisions
     /// its record names.
-    plan: Option<(Arc<RowDescription>, RowPlan<Strategy>, Option<Value>)>,
+    plan: Option<Plan>,
     /// Statements of the running query whose results ended (which statement
     /// of a multi-statement query a row description belongs to).
     results_seen: usize,
-    copy: Option<CopyPlan<Strategy>>,
+    copy: Option<CopyPlan<ColumnStrategy>>,
     copies_seen: usize,
     scratch: Scratch,
     cur: Running,
@@ -769,27 +769,87 @@ struct Pg<'a> {
     cancel_key: Option<CancelKeyGuard>,
 }
 
+/// A result's masking plan.
+struct Plan {
+    desc: Arc<RowDescription>,
+    rows: RowPlan<ColumnStrategy>,
+    /// The lineage decisions its record names.
+    lineage: Option<Value>,
+    /// The JSON masks [`ColumnStrategy::Json`] points into.
+    json: Vec<Arc<lineage::JsonMask>>,
+}
+
+/// How one result column is masked: a strategy for the whole value, or a
+/// JSON value's protected fields masked inside it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColumnStrategy {
+    Value(Strategy),
+    /// An index into [`Masker::json`].
+    Json(usize),
+}
+
 /// The masking policy as the row masker sees it (public so benchmarks measure
 /// exactly this adapter).
-pub struct Masker<'m>(pub &'m MaskPolicy);
+pub struct Masker<'m> {
+    pub policy: &'m MaskPolicy,
+    pub json: &'m [Arc<lineage::JsonMask>],
+}
+
+impl<'m> Masker<'m> {
+    pub fn new(policy: &'m MaskPolicy) -> Self {
+        Masker { policy, json: &[] }
+    }
+}
 
 impl RowMasker for Masker<'_> {
-    type Strategy = Strategy;
+    type Strategy = ColumnStrategy;
 
-    fn column_strategy(&self, table: Option<&str>, column: &str) -> Option<Strategy> {
-        self.0.column_rule(table, column)
+    fn column_strategy(&self, table: Option<&str>, column: &str) -> Option<ColumnStrategy> {
+        self.policy
+            .column_rule(table, column)
+            .map(ColumnStrategy::Value)
     }
 
     fn has_detectors(&self) -> bool {
-        self.0.detectors_enabled()
+        self.policy.detectors_enabled()
     }
 
-    fn fixed_text(&self, strategy: Strategy) -> Option<&'static str> {
-        self.0.fixed_replacement(strategy)
+    fn fixed_text(&self, strategy: ColumnStrategy) -> Option<&'static str> {
+        match strategy {
+            ColumnStrategy::Value(s) => self.policy.fixed_replacement(s),
+            ColumnStrategy::Json(_) => None,
+        }
     }
 
-    fn mask_text(&self, value: &str, strategy: Option<Strategy>, out: &mut String) -> MaskResult {
-        match self.0.mask_value_into(value, strategy, out) {
+    fn mask_text(
+        &self,
+        value: &str,
+        strategy: Option<ColumnStrategy>,
+        out: &mut String,
+    ) -> MaskResult {
+        let strategy = match strategy {
+            Some(ColumnStrategy::Json(i)) => {
+                let Some(mask) = self.json.get(i) else {
+                    return MaskResult::Refuse;
+                };
+                let mut fields = String::new();
+                if !mask.apply(self.policy, value, &mut fields) {
+                    return self.mask_text(value, None, out);
+                }
+                // Then the detectors, over what is left.
+                let detectors = self
+                    .policy
+                    .mask_value_into(&fields, None, out)
+                    .unwrap_or_else(|| {
+                        out.push_str(&fields);
+                        Vec::new()
+                    });
+                return MaskResult::Masked { detectors };
+            }
+            Some(ColumnStrategy::Value(s)) => Some(s),
+            None => None,
+        };
+        match self.policy.mask_value_into(value, strategy, out) {
             Some(detectors) => MaskResult::Masked { detectors },
             None => MaskResult::Unchanged,
         }
@@ -1164,11 +1224,15 @@ impl<'a> Pg<'a> {
                 if let Err(e) = self.ensure_plan(&desc, running_sql.as_ref()) {
                     return self.mask_failed(&e);
                 }
-                let (_, plan, lineage) = self.plan.as_ref().expect("ensure_plan set it");
+                let p = self.plan.as_ref().expect("ensure_plan set it");
                 if self.cur.lineage.is_none() {
-                    self.cur.lineage.clone_from(lineage);
+                    self.cur.lineage.clone_from(&p.lineage);
                 }
-                let masker = Masker(self.set.masking_for(&self.ctx.resource));
+                let plan = &p.rows;
+                let masker = Masker {
+                    policy: self.set.masking_for(&self.ctx.resource),
+                    json: &p.json,
+                };
                 if let Err(e) = plan.mask_row_into(
                     &masker,
                     row,
@@ -1194,7 +1258,7 @@ impl<'a> Pg<'a> {
                         reason: "COPY columns are not known",
                     });
                 };
-                let masker = Masker(self.set.masking_for(&self.ctx.resource));
+                let masker = Masker::new(self.set.masking_for(&self.ctx.resource));
                 match plan.mask_copy_data(
                     &masker,
                     super::mask::CopyKind::Text,
@@ -1304,13 +1368,13 @@ impl<'a> Pg<'a> {
         if self
             .plan
             .as_ref()
-            .is_some_and(|(d, _, _)| Arc::ptr_eq(d, desc))
+            .is_some_and(|p| Arc::ptr_eq(&p.desc, desc))
         {
             return Ok(());
         }
         let set = self.set.clone();
         let policy = set.masking_for(&self.ctx.resource);
-        let masker = Masker(policy);
+        let masker = Masker::new(policy);
         if policy.columns().is_empty() {
             // Detectors only: table names do not matter.
             let plan = RowPlan::new(
@@ -1319,7 +1383,12 @@ impl<'a> Pg<'a> {
                 |_| Some(String::new()),
                 self.ctx.settings.unmaskable,
             )?;
-            self.plan = Some((desc.clone(), plan, None));
+            self.plan = Some(Plan {
+                desc: desc.clone(),
+                rows: plan,
+                lineage: None,
+                json: Vec::new(),
+            });
             return Ok(());
         }
         // The server's attribution: pending OIDs are masked as "table
@@ -1364,23 +1433,33 @@ impl<'a> Pg<'a> {
             l.get(i).map(|s| &s.outputs)
         });
         let masks = lineage::plan(policy, &self.catalog, outputs, &fields);
-        let strategies: Vec<Option<Strategy>> = masks.iter().map(|m| m.strategy()).collect();
+        let mut json = Vec::new();
+        let strategies: Vec<Option<ColumnStrategy>> = masks
+            .iter()
+            .map(|m| match m {
+                lineage::ColumnMask::Json(j) => {
+                    json.push(Arc::clone(j));
+                    Some(ColumnStrategy::Json(json.len() - 1))
+                }
+                m => m.strategy().map(ColumnStrategy::Value),
+            })
+            .collect();
         let decided: Vec<Value> = masks
             .iter()
             .zip(&desc.fields)
             .filter_map(|(m, f)| {
-                m.label().map(|l| {
-                    json!({"column": String::from_utf8_lossy(&f.name), "lineage": l})
-                })
+                m.label()
+                    .map(|l| json!({"column": String::from_utf8_lossy(&f.name), "lineage": l}))
             })
             .collect();
-        let plan = RowPlan::with_strategies(
-            desc,
-            &masker,
-            &strategies,
-            self.ctx.settings.unmaskable,
-        );
-        self.plan = Some((desc.clone(), plan, (!decided.is_empty()).then(|| json!(decided))));
+        let plan =
+            RowPlan::with_strategies(desc, &masker, &strategies, self.ctx.settings.unmaskable);
+        self.plan = Some(Plan {
+            desc: desc.clone(),
+            rows: plan,
+            lineage: (!decided.is_empty()).then(|| json!(decided)),
+            json,
+        });
         Ok(())
     }
 
@@ -1443,7 +1522,7 @@ impl<'a> Pg<'a> {
         if !masking_active(policy) {
             return Ok(());
         }
-        let masker = Masker(policy);
+        let masker = Masker::new(policy);
         let sql = sql.ok_or("the COPY statement is not known")?;
         let copies = catalog::copy_outs(&String::from_utf8_lossy(sql))
             .ok_or("the COPY statement does not parse")?;
