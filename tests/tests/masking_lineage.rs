@@ -11,6 +11,7 @@ use std::{fmt::Write as _, process::Command};
 
 use agentgate_e2e::{
     DaemonOptions, Env,
+    leak::Checker,
     pg::{PASSWORD, PG_BIN, PgServer},
 };
 
@@ -20,122 +21,48 @@ const PSQL: &str = "/usr/lib/postgresql/15/bin/psql";
 /// separates the statements of one attempt (run in one session).
 const LEAKS: &[(&str, &[&str])] = &[
     (
-        "case",
+        "string",
         &[
             "SELECT upper(ssn) FROM customers",
-            "SELECT lower(email) FROM customers",
             "SELECT upper(email) FROM customers",
             "SELECT initcap(email) FROM customers",
-            "SELECT lower(upper(card)) FROM customers",
-        ],
-    ),
-    (
-        "reverse",
-        &[
             "SELECT reverse(ssn) FROM customers",
             "SELECT reverse(card) FROM customers",
             "SELECT reverse(email) FROM customers",
-            "SELECT reverse(reverse(ssn)) FROM customers",
-        ],
-    ),
-    (
-        "replace",
-        &[
             "SELECT replace(ssn, '-', '') FROM customers",
-            "SELECT replace(ssn, '-', ' ') FROM customers",
             "SELECT replace(email, '@', ' at ') FROM customers",
             "SELECT translate(ssn, '-', '') FROM customers",
-            "SELECT translate(ssn, '-', '/') FROM customers",
             "SELECT translate(email, '@.', '  ') FROM customers",
             "SELECT overlay(ssn placing '' from 4 for 1) FROM customers",
             "SELECT overlay(card placing 'x' from 1 for 0) FROM customers",
             "SELECT regexp_replace(ssn, '-', '', 'g') FROM customers",
             "SELECT regexp_replace(ssn, '(\\d+)-(\\d+)-(\\d+)', '\\1/\\2/\\3') FROM customers",
-        ],
-    ),
-    (
-        "pad/trim",
-        &[
             "SELECT lpad(ssn, 20, '#') FROM customers",
             "SELECT rpad(card, 30, '0') FROM customers",
-            "SELECT trim(ssn) FROM customers",
-            "SELECT btrim(' ' || ssn || ' ') FROM customers",
             "SELECT ltrim(' ' || card) FROM customers",
             "SELECT repeat(ssn, 2) FROM customers",
-        ],
-    ),
-    (
-        "concat",
-        &[
-            "SELECT concat(ssn, '') FROM customers",
             "SELECT concat('x', ssn, 'y') FROM customers",
             "SELECT concat_ws(',', ssn, card, email) FROM customers",
             "SELECT ssn || '' FROM customers",
-            "SELECT 'ssn=' || ssn FROM customers",
-            "SELECT textcat(card, '') FROM customers",
-        ],
-    ),
-    (
-        "format",
-        &[
             "SELECT format('%s', ssn) FROM customers",
-            "SELECT format('%I', email) FROM customers",
             "SELECT format('%L', card) FROM customers",
-        ],
-    ),
-    (
-        "quote",
-        &[
             "SELECT quote_literal(ssn) FROM customers",
             "SELECT quote_ident(email) FROM customers",
-            "SELECT quote_nullable(card) FROM customers",
-        ],
-    ),
-    (
-        "substring",
-        &[
-            "SELECT left(ssn, 100) FROM customers",
-            "SELECT right(card, 16) FROM customers",
-            "SELECT substr(ssn, 1) FROM customers",
-            "SELECT substring(ssn, 1, 11) FROM customers",
             "SELECT substring(ssn from '\\d+-\\d+-\\d+') FROM customers",
             "SELECT substring(email from 1 for 5) FROM customers",
             "SELECT split_part(email, '@', 1) FROM customers",
-        ],
-    ),
-    (
-        "regexp",
-        &[
             "SELECT regexp_matches(ssn, '\\d+', 'g') FROM customers",
             "SELECT regexp_split_to_array(ssn, '-') FROM customers",
             "SELECT regexp_split_to_table(ssn, '-') FROM customers",
-        ],
-    ),
-    (
-        "array",
-        &[
             "SELECT string_to_array(ssn, '-') FROM customers",
             "SELECT string_to_array(card, NULL) FROM customers",
             "SELECT unnest(string_to_array(ssn, '-')) FROM customers",
-            "SELECT ARRAY[ssn] FROM customers",
             "SELECT ARRAY[ssn, card, email] FROM customers",
-            "SELECT array_to_string(ARRAY[ssn], ',') FROM customers",
-        ],
-    ),
-    (
-        "ascii",
-        &[
             "SELECT to_hex(ascii(substr(ssn, n, 1))) FROM customers, generate_series(1, 11) n ORDER BY id, n",
             "SELECT ascii(substr(ssn, n, 1)) FROM customers, generate_series(1, 11) n ORDER BY id, n",
             "SELECT chr(ascii(substr(card, n, 1))) FROM customers, generate_series(1, 16) n ORDER BY id, n",
             "SELECT string_agg(chr(ascii(c)), '') FROM customers, regexp_split_to_table(ssn, '') c GROUP BY id",
-        ],
-    ),
-    (
-        "collate",
-        &[
             "SELECT ssn COLLATE \"C\" FROM customers",
-            "SELECT normalize(email) FROM customers",
         ],
     ),
     (
@@ -143,23 +70,19 @@ const LEAKS: &[(&str, &[&str])] = &[
         &[
             "SELECT ssn::bytea FROM customers",
             "SELECT card::bytea FROM customers",
-            "SELECT ssn::text FROM customers",
             "SELECT ssn::varchar(3) FROM customers",
             "SELECT ssn::char(20) FROM customers",
-            "SELECT ssn::name FROM customers",
             "SELECT ssn::xml FROM customers",
-            "SELECT CAST(email AS varchar) FROM customers",
             "SELECT ssn::text::bytea::text FROM customers",
             "SELECT ('\"' || email || '\"')::json FROM customers",
             "SELECT card::numeric FROM customers",
-            "SELECT card::bigint + 0 FROM customers",
             "SELECT card::numeric::float8 FROM customers",
             "SELECT replace(ssn, '-', '')::int FROM customers",
             "SELECT to_char(card::numeric, 'FM9999999999999999') FROM customers",
         ],
     ),
     (
-        "hash",
+        "hash/encode",
         &[
             "SELECT md5(ssn) FROM customers",
             "SELECT md5(card) FROM customers",
@@ -167,21 +90,13 @@ const LEAKS: &[(&str, &[&str])] = &[
             "SELECT sha256(ssn::bytea) FROM customers",
             "SELECT encode(sha256(card::bytea), 'hex') FROM customers",
             "SELECT sha256(convert_to(email, 'UTF8')) FROM customers",
-        ],
-    ),
-    (
-        "encode",
-        &[
             "SELECT encode(ssn::bytea, 'hex') FROM customers",
             "SELECT encode(ssn::bytea, 'base64') FROM customers",
-            "SELECT encode(card::bytea, 'base64') FROM customers",
             "SELECT encode(email::bytea, 'base64') FROM customers",
             "SELECT encode(ssn::bytea, 'escape') FROM customers",
             "SELECT encode(convert_to(ssn, 'UTF8'), 'hex') FROM customers",
             "SELECT convert_to(card, 'LATIN1') FROM customers",
-            "SELECT decode(encode(ssn::bytea, 'hex'), 'hex') FROM customers",
             "SELECT decode(card, 'hex') FROM customers",
-            "SELECT convert_from(convert_to(email, 'UTF8'), 'UTF8') FROM customers",
             "SELECT translate(encode(ssn::bytea, 'base64'), '+/', '-_') FROM customers",
             "SELECT rtrim(encode(email::bytea, 'base64'), '=') FROM customers",
             "SELECT encode(('x' || ssn)::bytea, 'base64') FROM customers",
@@ -190,35 +105,24 @@ const LEAKS: &[(&str, &[&str])] = &[
         ],
     ),
     (
-        "json",
+        "json/xml",
         &[
             "SELECT row_to_json(c) FROM customers c",
             "SELECT row_to_json(t) FROM (SELECT reverse(ssn) AS r FROM customers) t",
-            "SELECT to_json(c) FROM customers c",
             "SELECT to_jsonb(c) FROM customers c",
-            "SELECT to_jsonb(c) - 'name' FROM customers c",
             "SELECT to_json(ssn) FROM customers",
             "SELECT json_build_object('s', ssn) FROM customers",
             "SELECT jsonb_build_object('s', reverse(ssn)) FROM customers",
             "SELECT json_build_array(ssn, card) FROM customers",
-            "SELECT json_build_object('s', ssn) ->> 's' FROM customers",
             "SELECT to_jsonb(c) ->> 'card' FROM customers c",
             "SELECT jsonb_path_query(to_jsonb(c), '$.ssn') FROM customers c",
             "SELECT jsonb_each_text(to_jsonb(c)) FROM customers c",
-            "SELECT json_object(ARRAY['k', ssn]) FROM customers",
             "SELECT json_agg(ssn) FROM customers",
             "SELECT jsonb_agg(reverse(card)) FROM customers",
             "SELECT json_object_agg(id, ssn) FROM customers",
-            "SELECT jsonb_object_agg(email, id) FROM customers",
-        ],
-    ),
-    (
-        "xml",
-        &[
             "SELECT xmlelement(name s, ssn) FROM customers",
             "SELECT xmlelement(name s, reverse(ssn)) FROM customers",
             "SELECT xmlforest(ssn, card, email) FROM customers",
-            "SELECT xmlagg(xmlelement(name s, ssn)) FROM customers",
             "SELECT xpath('/a/text()', xmlelement(name a, card)) FROM customers",
         ],
     ),
@@ -235,7 +139,7 @@ const LEAKS: &[(&str, &[&str])] = &[
         ],
     ),
     (
-        "aggregate",
+        "aggregate/window",
         &[
             "SELECT min(ssn) FROM customers",
             "SELECT max(card) FROM customers",
@@ -243,48 +147,28 @@ const LEAKS: &[(&str, &[&str])] = &[
             "SELECT string_agg(ssn, ',') FROM customers",
             "SELECT string_agg(reverse(ssn), ',' ORDER BY id) FROM customers",
             "SELECT array_agg(ssn) FROM customers",
-            "SELECT array_agg(email ORDER BY id) FROM customers",
             "SELECT mode() WITHIN GROUP (ORDER BY ssn) FROM customers",
-            "SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY card) FROM customers",
             "SELECT string_agg(substr(ssn, n, 1), '' ORDER BY n) FROM customers, generate_series(1, 11) n GROUP BY id ORDER BY id",
             "SELECT sum(replace(ssn, '-', '')::bigint) FROM customers WHERE id = 1",
-        ],
-    ),
-    (
-        "window",
-        &[
             "SELECT first_value(ssn) OVER (ORDER BY id) FROM customers",
             "SELECT lag(ssn) OVER (ORDER BY id) FROM customers",
             "SELECT lead(card) OVER (ORDER BY id) FROM customers",
             "SELECT nth_value(email, 2) OVER (ORDER BY id) FROM customers",
             "SELECT last_value(reverse(ssn)) OVER (ORDER BY id) FROM customers",
             "SELECT id, string_agg(ssn, '') OVER (ORDER BY id) FROM customers",
-            "SELECT max(ssn) OVER () FROM customers",
         ],
     ),
     (
-        "subquery",
+        "subquery/cte",
         &[
             "SELECT (SELECT ssn FROM customers WHERE id = 1)",
             "SELECT (SELECT reverse(ssn) FROM customers c2 WHERE c2.id = c.id) FROM customers c",
             "SELECT id, (SELECT upper(email) FROM customers c2 WHERE c2.id = c.id) FROM customers c",
             "SELECT ARRAY(SELECT ssn FROM customers)",
-            "SELECT ARRAY(SELECT card FROM customers ORDER BY id)::text",
-        ],
-    ),
-    (
-        "derived table",
-        &[
             "SELECT s FROM (SELECT ssn AS s FROM customers) t",
             "SELECT r FROM (SELECT reverse(ssn) AS r FROM customers) t",
             "SELECT reverse(r) FROM (SELECT reverse(ssn) AS r FROM customers) t",
-            "SELECT x || '' FROM (SELECT card AS x FROM customers) t",
             "SELECT * FROM (SELECT id, ssn, card, email FROM customers) t",
-        ],
-    ),
-    (
-        "cte",
-        &[
             "WITH t AS (SELECT ssn FROM customers) SELECT * FROM t",
             "WITH t AS (SELECT reverse(ssn) AS r FROM customers) SELECT r FROM t",
             "WITH t AS MATERIALIZED (SELECT email AS e FROM customers) SELECT upper(e) FROM t",
@@ -294,7 +178,7 @@ const LEAKS: &[(&str, &[&str])] = &[
         ],
     ),
     (
-        "set operation",
+        "set op/lateral",
         &[
             "SELECT ssn FROM customers UNION SELECT 'x'",
             "SELECT 'x' UNION ALL SELECT ssn FROM customers",
@@ -302,13 +186,7 @@ const LEAKS: &[(&str, &[&str])] = &[
             "SELECT name FROM customers UNION ALL SELECT email FROM customers",
             "SELECT name FROM customers WHERE id = 0 UNION ALL SELECT reverse(card) FROM customers",
             "SELECT id::text FROM customers UNION ALL SELECT replace(ssn, '-', '') FROM customers",
-            "SELECT ssn FROM customers INTERSECT SELECT ssn FROM customers",
             "SELECT card FROM customers EXCEPT SELECT 'x'",
-        ],
-    ),
-    (
-        "lateral",
-        &[
             "SELECT l.x FROM customers c, LATERAL (SELECT c.ssn AS x) l",
             "SELECT l.* FROM customers c CROSS JOIN LATERAL (SELECT reverse(c.card)) l",
             "SELECT t.ch FROM customers c, LATERAL unnest(string_to_array(c.ssn, NULL)) t(ch)",
@@ -323,31 +201,21 @@ const LEAKS: &[(&str, &[&str])] = &[
             "SELECT CASE WHEN true THEN reverse(ssn) ELSE '' END FROM customers",
             "SELECT CASE id WHEN 1 THEN card ELSE email END FROM customers",
             "SELECT COALESCE(ssn, 'x') FROM customers",
-            "SELECT COALESCE(NULL, card) FROM customers",
             "SELECT COALESCE(reverse(email), '') FROM customers",
-            "SELECT NULLIF(ssn, 'x') FROM customers",
             "SELECT GREATEST(ssn, '0') FROM customers",
             "SELECT LEAST(email, 'zzz') FROM customers",
         ],
     ),
     (
-        "whole row",
+        "whole row/view",
         &[
             "SELECT c FROM customers c",
             "SELECT c::text FROM customers c",
             "SELECT (c).* FROM customers c",
-            "SELECT customers FROM customers",
             "SELECT ROW(ssn, card) FROM customers",
             "SELECT reverse(c::text) FROM customers c",
             "SELECT upper(c::text) FROM customers c",
-            "SELECT format('%s', c) FROM customers c",
             "SELECT array_agg(c) FROM customers c",
-            "SELECT (SELECT c FROM customers c WHERE id = 1)",
-        ],
-    ),
-    (
-        "view",
-        &[
             "SELECT r FROM v_leak",
             "SELECT s FROM v_leak",
             "SELECT * FROM v_leak",
@@ -356,18 +224,13 @@ const LEAKS: &[(&str, &[&str])] = &[
         ],
     ),
     (
-        "copy",
+        "copy/cursor",
         &[
             "COPY (SELECT reverse(ssn) FROM customers) TO STDOUT",
             "COPY (SELECT ssn FROM customers) TO STDOUT",
             "COPY (SELECT md5(card) FROM customers) TO STDOUT",
             "COPY (SELECT upper(email), replace(ssn, '-', '') FROM customers) TO STDOUT",
             "COPY (SELECT * FROM v_leak) TO STDOUT",
-        ],
-    ),
-    (
-        "cursor",
-        &[
             "BEGIN\nDECLARE k CURSOR FOR SELECT reverse(ssn) FROM customers\nFETCH ALL FROM k\nCOMMIT",
             "BEGIN\nDECLARE k CURSOR FOR SELECT encode(card::bytea, 'base64') FROM customers\nFETCH 5 FROM k\nFETCH ALL FROM k\nCOMMIT",
             "DECLARE k CURSOR WITH HOLD FOR SELECT md5(email) FROM customers\nFETCH ALL FROM k\nCLOSE k",
@@ -445,7 +308,8 @@ const PSYCOPG_LEAKS: &[&str] = &[
 ];
 
 /// Runs `[[sql, params, binary], ...]` (argv[2], JSON) prepared through psycopg;
-/// prints per attempt `{"rows": [[cell, ...], ...]}` or `{"error": "SQLSTATE message"}`.
+/// prints per attempt `{"rows": [[cell, ...], ...]}` or `{"error": "SQLSTATE message"}`
+/// (`"client: ..."` when psycopg cannot decode a value).
 const PSYCOPG_RUNNER: &str = r#"
 import json, sys, psycopg
 def cell(v):
@@ -460,6 +324,8 @@ for sql, params, binary in json.loads(sys.argv[2]):
         out.append({"rows": [[cell(v) for v in r] for r in cur.fetchall()]})
     except psycopg.Error as e:
         out.append({"error": "%s %s" % (e.sqlstate, e)})
+    except Exception as e:  # a value the client cannot decode
+        out.append({"error": "client: %s %s" % (type(e).__name__, e)})
 print(json.dumps(out))
 "#;
 
@@ -547,6 +413,13 @@ fn agent_psql(env: &Env, url: &str, args: &[&str]) -> std::process::Output {
     env.exec("demo", &a).output().unwrap()
 }
 
+/// One attempt through the gateway: success, rows, error text.
+fn attempt(env: &Env, url: &str, sql: &str) -> (bool, Vec<Vec<String>>, String) {
+    let out = agent_psql(env, url, &psql_args(sql));
+    let rows = psql_rows(&text(&out.stdout));
+    (out.status.success(), rows, text(&out.stderr))
+}
+
 /// psql as the superuser over the server's unix socket, not through the gateway.
 fn direct_psql(pg: &PgServer, args: &[&str]) -> std::process::Output {
     Command::new("runuser")
@@ -567,8 +440,9 @@ fn direct_psql(pg: &PgServer, args: &[&str]) -> std::process::Output {
 }
 
 /// Runs [`PSYCOPG_RUNNER`] as `demo`; one JSON value per attempt.
-fn psycopg(env: &Env, url: &str, attempts: &serde_json::Value) -> Vec<serde_json::Value> {
-    let args = ["python3", "-c", PSYCOPG_RUNNER, url, &attempts.to_string()];
+fn psycopg(env: &Env, url: &str, attempts: &[serde_json::Value]) -> Vec<serde_json::Value> {
+    let json = serde_json::json!(attempts).to_string();
+    let args = ["python3", "-c", PSYCOPG_RUNNER, url, &json];
     let out = env.exec("demo", &args).output().unwrap();
     assert!(
         out.status.success(),
@@ -576,7 +450,9 @@ fn psycopg(env: &Env, url: &str, attempts: &serde_json::Value) -> Vec<serde_json
         text(&out.stderr)
     );
     let so = text(&out.stdout);
-    serde_json::from_str::<Vec<_>>(so.lines().last().unwrap_or_default()).unwrap()
+    let answers: Vec<_> = serde_json::from_str(so.lines().last().unwrap_or_default()).unwrap();
+    assert_eq!(answers.len(), attempts.len());
+    answers
 }
 
 /// psql output as rows of cells (`COPY` output: tabs and line breaks).
@@ -592,147 +468,14 @@ fn json_rows(v: &serde_json::Value) -> Vec<Vec<String>> {
     serde_json::from_value(v["rows"].clone()).unwrap_or_default()
 }
 
-/// How output is looked at: as text, as its digits only, as its letters and digits only.
-#[derive(Clone, Copy, PartialEq)]
-enum View {
-    Text,
-    Digits,
-    Alnum,
-}
-
-/// One form of one protected value; `what` names the column and the transform,
-/// never the value, so a failure can say what leaked without showing it.
-struct Needle {
-    what: String,
-    text: String,
-    view: View,
-}
-
-/// Finds any trace of any protected value of any row in an attempt's output.
-struct Checker {
-    needles: Vec<Needle>,
-}
-
-impl Checker {
-    /// Reads the protected values from the server directly; hashes and base64
-    /// (at each byte alignment, standard and URL-safe) come from Python.
-    fn new(pg: &PgServer) -> Self {
-        let rows = pg
-            .admin_sql("SELECT ssn, card, email FROM customers ORDER BY id")
-            .unwrap();
-        let values: Vec<(&str, String)> = rows
-            .lines()
-            .flat_map(|l| ["ssn", "card", "email"].into_iter().zip(l.split('|')))
-            .map(|(c, v)| (c, v.to_owned()))
-            .collect();
-        assert_eq!(values.len(), 30);
-        let program = r#"
-import base64, hashlib, json, sys
-out = {}
-for v in json.loads(sys.argv[1]):
-    b, b64 = v.encode(), []
-    for k in range(3):  # k bytes before the value: keep the 4-char groups made of it alone
-        e = base64.b64encode(b"\0" * k + b).decode()
-        b64 += [e[4 if k else 0:(k + len(b)) // 3 * 4]]
-    b64 += [s.replace("+", "-").replace("/", "_") for s in b64]
-    out[v] = {"md5": hashlib.md5(b).hexdigest(), "sha256": hashlib.sha256(b).hexdigest(), "base64": b64}
-print(json.dumps(out))
-"#;
-        let all: Vec<&String> = values.iter().map(|(_, v)| v).collect();
-        let out = Command::new("python3")
-            .args(["-c", program, &serde_json::json!(all).to_string()])
-            .output()
-            .unwrap();
-        let derived: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let mut needles = Vec::new();
-        let mut add = |col: &str, how: &str, text: String, view| {
-            needles.push(Needle {
-                what: format!("{col} ({how})"),
-                text: text.to_lowercase(),
-                view,
-            });
-        };
-        for (col, v) in &values {
-            let rev = |s: &str| s.chars().rev().collect::<String>();
-            let digits: String = v.chars().filter(char::is_ascii_digit).collect();
-            let hex = v.bytes().fold(String::new(), |mut h, b| {
-                let _ = write!(h, "{b:02x}");
-                h
-            });
-            let codes: String = v.bytes().map(|b| b.to_string()).collect();
-            add(col, "raw, any case", v.clone(), View::Text);
-            add(col, "reversed", rev(v), View::Text);
-            add(col, "hex of its bytes", hex, View::Text);
-            add(col, "decimal byte codes", codes, View::Digits);
-            let d = &derived[v.as_str()];
-            add(col, "md5", d["md5"].as_str().unwrap().into(), View::Text);
-            add(
-                col,
-                "sha256",
-                d["sha256"].as_str().unwrap().into(),
-                View::Text,
-            );
-            for b in d["base64"].as_array().unwrap() {
-                add(col, "base64", b.as_str().unwrap().into(), View::Text);
-            }
-            if digits.len() >= 8 {
-                add(col, "its digits", digits.clone(), View::Digits);
-                add(col, "its digits reversed", rev(&digits), View::Digits);
-            }
-            if let Some((local, _)) = v.split_once('@') {
-                add(col, "local part", local.into(), View::Alnum);
-                add(col, "local part reversed", rev(local), View::Alnum);
-            }
-        }
-        Self { needles }
-    }
-
-    /// The first leak in `rows` (and `extra`, e.g. error text), as "what, where".
-    fn find_leak(&self, rows: &[Vec<String>], extra: &str) -> Option<String> {
-        let only = |s: &str, f: fn(&char) -> bool| s.chars().filter(f).collect::<String>();
-        let mut views: Vec<(View, &str, String)> = Vec::new();
-        let mut push_all = |place, s: String| {
-            views.push((View::Digits, place, only(&s, char::is_ascii_digit)));
-            views.push((View::Alnum, place, only(&s, char::is_ascii_alphanumeric)));
-            views.push((View::Text, place, s));
-        };
-        let cells: Vec<&str> = rows.iter().flatten().map(String::as_str).collect();
-        let whole = format!("{}\n{extra}", cells.join("\n"));
-        push_all(
-            "output without whitespace",
-            only(&whole, |c| !c.is_whitespace()),
-        );
-        push_all("output", whole);
-        for r in rows {
-            push_all("one row's cells joined", r.concat());
-        }
-        let width = rows.iter().map(Vec::len).max().unwrap_or(0);
-        for i in 0..width {
-            let col: String = rows
-                .iter()
-                .filter_map(|r| r.get(i))
-                .map(String::as_str)
-                .collect();
-            push_all("one column across rows", col);
-        }
-        for (view, place, s) in &views {
-            let s = s.to_lowercase();
-            for n in self.needles.iter().filter(|n| n.view == *view) {
-                if s.contains(&n.text) {
-                    return Some(format!("{} in {place}", n.what));
-                }
-            }
-        }
-        None
-    }
-}
-
 /// What the gateway did with an attempt.
 enum Outcome {
-    Refused,
+    /// By the rule named.
+    Refused(String),
     Masked,
-    /// A server error whose message carries no protected value.
-    ServerError(String),
+    /// Any other error (server, connection, client decoding), with no
+    /// protected value in its message.
+    Error(String),
     Leaked(String),
 }
 
@@ -741,11 +484,23 @@ fn judge(checker: &Checker, rows: &[Vec<String>], ok: bool, err: &str) -> Outcom
         Outcome::Leaked(leak)
     } else if ok {
         Outcome::Masked
-    } else if err.contains("42501") && err.contains("agentgate:") {
-        Outcome::Refused
+    } else if refused(err) {
+        // "denied by policy rule \"R\"" or "denied by masking rule \"R\""
+        let rule = err
+            .split("rule \"")
+            .nth(1)
+            .and_then(|r| r.split('"').next());
+        Outcome::Refused(rule.unwrap_or("?").to_owned())
     } else {
-        Outcome::ServerError(err.lines().next().unwrap_or_default().to_owned())
+        let mut lines = err.lines().filter(|l| !l.starts_with("agentgate: warning"));
+        Outcome::Error(lines.next().unwrap_or("no message").to_owned())
     }
+}
+
+/// The gateway's refusal: `42501` from agentgate (not the exec warning).
+fn refused(err: &str) -> bool {
+    err.lines()
+        .any(|l| l.contains("42501") && l.contains("agentgate:"))
 }
 
 #[test]
@@ -770,25 +525,19 @@ fn re_encoded_protected_values_never_leave_the_gateway() {
         let shown = checker
             .find_leak(&psql_rows(&text(&direct.stdout)), &text(&direct.stderr))
             .is_some();
-        let out = agent_psql(&env, &url, &psql_args(sql));
-        let (so, se) = (text(&out.stdout), text(&out.stderr));
-        let outcome = judge(&checker, &psql_rows(&so), out.status.success(), &se);
+        let (ok, rows, err) = attempt(&env, &url, sql);
+        let outcome = judge(&checker, &rows, ok, &err);
         results.push((sql.replace('\n', "; "), family, outcome, shown));
     }
     let attempts: Vec<_> = PSYCOPG_LEAKS
         .iter()
         .flat_map(|s| [false, true].map(|b| serde_json::json!([s, [0], b])))
         .collect();
-    let answers = psycopg(&env, &url, &serde_json::json!(attempts));
+    let answers = psycopg(&env, &url, &attempts);
     for (a, r) in attempts.iter().zip(&answers) {
         let err = r["error"].as_str().unwrap_or_default();
         let outcome = judge(&checker, &json_rows(r), r.get("rows").is_some(), err);
-        let mode = if a[2] == true { "binary" } else { "text" };
-        let family = if mode == "binary" {
-            "psycopg binary"
-        } else {
-            "psycopg text"
-        };
+        let family = ["psycopg text", "psycopg binary"][usize::from(a[2] == true)];
         results.push((a[0].as_str().unwrap().to_owned(), family, outcome, false));
     }
 
@@ -797,15 +546,16 @@ fn re_encoded_protected_values_never_leave_the_gateway() {
     for (i, (sql, family, outcome, direct_shown)) in results.iter().enumerate() {
         shown += usize::from(*direct_shown);
         let (verdict, ok) = match outcome {
-            Outcome::Refused => ("refused".to_owned(), true),
+            Outcome::Refused(rule) => (format!("refused ({rule})"), true),
             Outcome::Masked if *family == "search" => ("ANSWERED, not refused".to_owned(), false),
             Outcome::Masked => ("masked".to_owned(), true),
-            Outcome::ServerError(e) => (format!("server error: {e}"), *family == "error"),
+            Outcome::Error(e) if *family == "error" => (format!("error: {e}"), true),
+            Outcome::Error(e) => (format!("ERROR, not the gateway's 42501: {e}"), false),
             Outcome::Leaked(what) => (format!("LEAKED {what}"), false),
         };
         match outcome {
-            Outcome::Refused => refused += 1,
-            Outcome::Masked => masked += 1,
+            Outcome::Refused(_) if ok => refused += 1,
+            Outcome::Masked if ok => masked += 1,
             _ => {}
         }
         if !ok {
@@ -815,7 +565,7 @@ fn re_encoded_protected_values_never_leave_the_gateway() {
     }
     println!("{table}");
     println!(
-        "{} attempts: {refused} refused, {masked} answered, {} failed; {shown} show a value directly",
+        "{} attempts: {refused} refused, {masked} masked, {} failed; {shown} show a value directly",
         results.len(),
         failures.len()
     );
@@ -834,43 +584,9 @@ fn re_encoded_protected_values_never_leave_the_gateway() {
     );
 }
 
-#[derive(Clone, Copy)]
-enum Mask {
-    Keep4,
-    Redact,
-}
-
-impl Mask {
-    /// What the gateway shows for `v` (see `mask::strategy`): `keep_last4` stars
-    /// the letters and digits before the last four, or all of them if fewer than 8.
-    fn apply(self, v: &str) -> String {
-        match self {
-            Mask::Redact => "[REDACTED]".into(),
-            Mask::Keep4 => {
-                let alnum = v.chars().filter(char::is_ascii_alphanumeric).count();
-                let keep = if alnum >= 8 { 4 } else { 0 };
-                let mut seen = 0;
-                let mut out: Vec<char> = v.chars().rev().collect();
-                for c in &mut out {
-                    if c.is_ascii_alphanumeric() {
-                        seen += 1;
-                        if seen > keep {
-                            *c = '*';
-                        }
-                    }
-                }
-                out.into_iter().rev().collect()
-            }
-        }
-    }
-}
-
-const SSN: Mask = Mask::Keep4;
-const CARD: Mask = Mask::Keep4;
-const EMAIL: Mask = Mask::Redact;
-
-/// Ordinary queries with no protected output column: byte-equal to the server's
-/// answer. `{ssnN}`, `{emailN}` and `{card}` stand for customer N's values.
+/// Ordinary queries: the gateway answers exactly what the server answers, with
+/// the output columns named `ssn` and `card` kept to their last 4 and `email`
+/// redacted. `{ssnN}`, `{emailN}` and `{card}` stand for customer N's values.
 const UTILITY: &[&str] = &[
     "SELECT count(*) FROM customers",
     "SELECT id, name, balance FROM customers ORDER BY id",
@@ -886,71 +602,78 @@ const UTILITY: &[&str] = &[
     "SELECT id, name FROM customers ORDER BY balance DESC, id LIMIT 5",
     "WITH t AS (SELECT id, balance FROM customers) SELECT max(balance) FROM t",
     "SELECT 1 + 1, current_user",
+    "SELECT * FROM customers ORDER BY id",
+    "SELECT ssn, card, email FROM customers WHERE id = 1",
+    "SELECT id, card FROM customers WHERE id BETWEEN 3 AND 5 ORDER BY id",
+    "SELECT id, email FROM customers WHERE id IN (2, 4) ORDER BY id",
+    "SELECT c.id, c.ssn, d.name FROM customers c JOIN customers d ON d.id = c.id WHERE c.id < 4",
+    "SELECT id, ssn FROM customers WHERE ssn = '{ssn3}'",
     "SELECT id FROM customers WHERE ssn IN ('{ssn2}', '{ssn5}') ORDER BY id",
     "SELECT id, name FROM customers WHERE email = '{email4}'",
     "SELECT count(*) FROM customers WHERE card = '{card}'",
 ];
 
-type Masks = &'static [(usize, Mask)];
-
-/// Ordinary queries with protected output columns (0-based), masked as configured.
-const UTILITY_MASKED: &[(Masks, &str)] = &[
-    (
-        &[(2, EMAIL), (3, SSN), (4, CARD)],
-        "SELECT * FROM customers ORDER BY id",
-    ),
-    (
-        &[(0, SSN), (1, CARD), (2, EMAIL)],
-        "SELECT ssn, card, email FROM customers WHERE id = 1",
-    ),
-    (
-        &[(1, CARD)],
-        "SELECT id, card FROM customers WHERE id BETWEEN 3 AND 5 ORDER BY id",
-    ),
-    (
-        &[(1, EMAIL)],
-        "SELECT id, email FROM customers WHERE id IN (2, 4) ORDER BY id",
-    ),
-    (
-        &[(1, SSN)],
-        "SELECT c.id, c.ssn, d.name FROM customers c JOIN customers d ON d.id = c.id WHERE c.id < 4 ORDER BY c.id",
-    ),
-    (
-        &[(1, SSN)],
-        "SELECT id, ssn FROM customers WHERE ssn = '{ssn3}'",
-    ),
+/// The same through psycopg (prepared, text and binary results), values bound
+/// as parameters.
+const UTILITY_PSYCOPG: &[&str] = &[
+    "SELECT id, name FROM customers WHERE ssn = %(ssn3)s",
+    "SELECT count(*) FROM customers WHERE ssn IN (%(ssn1)s, %(ssn2)s)",
+    "SELECT id, ssn, card, email, balance FROM customers WHERE id = %(id)s",
 ];
 
-/// Through psycopg (prepared, text and binary): masks, SQL, parameters.
-const UTILITY_PSYCOPG: &[(Masks, &str, &[&str])] = &[
-    (
-        &[],
-        "SELECT id, name FROM customers WHERE ssn = %s",
-        &["{ssn3}"],
-    ),
-    (
-        &[],
-        "SELECT count(*) FROM customers WHERE ssn IN (%s, %s)",
-        &["{ssn1}", "{ssn2}"],
-    ),
-    (
-        &[(1, SSN), (2, CARD), (3, EMAIL)],
-        "SELECT id, ssn, card, email, balance FROM customers WHERE id = %s",
-        &["2"],
-    ),
-];
-
-/// Direct output with the expected masks applied to its protected columns.
-fn masked_direct(direct: &str, masks: &[(usize, Mask)]) -> Vec<Vec<String>> {
-    let mut rows: Vec<Vec<String>> = direct
-        .lines()
-        .map(|l| l.split('|').map(str::to_owned).collect())
-        .collect();
-    for r in &mut rows {
-        for &(i, m) in masks {
-            r[i] = m.apply(&r[i]);
+/// What the gateway shows for value `v` of output column `name` (see
+/// `mask::strategy`): `keep_last4` stars the letters and digits before the last
+/// four (all of them if fewer than 8).
+fn mask(name: &str, v: &str) -> String {
+    match name {
+        "email" => "[REDACTED]".into(),
+        "ssn" | "card" => {
+            let keep = if v.chars().filter(char::is_ascii_alphanumeric).count() >= 8 {
+                4
+            } else {
+                0
+            };
+            let mut seen = 0;
+            let starred: String = v
+                .chars()
+                .rev()
+                .map(|c| {
+                    seen += usize::from(c.is_ascii_alphanumeric());
+                    if c.is_ascii_alphanumeric() && seen > keep {
+                        '*'
+                    } else {
+                        c
+                    }
+                })
+                .collect();
+            starred.chars().rev().collect()
         }
+        _ => v.into(),
     }
+}
+
+/// The server's answer to `sql`, run directly, with its protected columns masked.
+fn expected(pg: &PgServer, sql: &str) -> Vec<Vec<String>> {
+    let out = direct_psql(
+        pg,
+        &[
+            "-qA",
+            "-P",
+            "footer=off",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+        ],
+    );
+    assert!(out.status.success(), "valid SQL: {}", text(&out.stderr));
+    let so = text(&out.stdout);
+    let mut lines = so.lines().map(|l| l.split('|').collect::<Vec<_>>());
+    let names = lines.next().unwrap_or_default();
+    let rows: Vec<Vec<String>> = lines
+        .map(|r| names.iter().zip(r).map(|(n, v)| mask(n, v)).collect())
+        .collect();
+    assert!(!rows.is_empty(), "returns rows");
     rows
 }
 
@@ -959,68 +682,50 @@ fn ordinary_queries_answer_like_the_server_with_protected_columns_masked() {
     let (env, pg) = masking_env("pgutility", "");
     let url = pg.url("127.0.0.1", "postgres", "postgres");
     let checker = Checker::new(&pg);
-    let fill = |s: &str| {
-        let mut s = s.to_owned();
-        for (n, col) in [(1, "ssn"), (2, "ssn"), (3, "ssn"), (5, "ssn"), (4, "email")] {
-            let v = pg
-                .admin_sql(&format!("SELECT {col} FROM customers WHERE id = {n}"))
-                .unwrap();
-            s = s.replace(&format!("{{{col}{n}}}"), v.trim());
-        }
-        s.replace("{card}", "4111111111111111")
+    let mut values = serde_json::json!({"card": "4111111111111111", "id": "2"});
+    for (col, n) in [("ssn", 1), ("ssn", 2), ("ssn", 3), ("ssn", 5), ("email", 4)] {
+        let v = pg.admin_sql(&format!("SELECT {col} FROM customers WHERE id = {n}"));
+        values[format!("{col}{n}")] = v.unwrap().trim().into();
+    }
+    let fill = |sql: &str, wrap: fn(&str) -> String| {
+        let map = values.as_object().unwrap();
+        map.iter().fold(sql.to_owned(), |s, (k, v)| {
+            s.replace(&wrap(k), &format!("'{}'", v.as_str().unwrap()))
+        })
     };
 
-    let plain = UTILITY.iter().map(|s| (&[][..], *s));
-    for (i, (masks, sql)) in plain.chain(UTILITY_MASKED.iter().copied()).enumerate() {
-        let (shown, sql) = (sql, fill(sql));
-        let direct = direct_psql(&pg, &["-qAt", "-v", "ON_ERROR_STOP=1", "-c", &sql]);
-        assert!(direct.status.success(), "utility #{i} is valid SQL");
-        let expected = masked_direct(&text(&direct.stdout), masks);
-        assert!(!expected.is_empty(), "utility #{i} returns rows");
-        let out = agent_psql(&env, &url, &["-qAt", "-v", "ON_ERROR_STOP=1", "-c", &sql]);
-        let so = text(&out.stdout);
-        let got = masked_direct(&so, &[]);
-        let leak = checker.find_leak(&got, "");
-        assert!(leak.is_none(), "utility #{i} {shown}: {leak:?}");
-        assert!(
-            out.status.success(),
-            "utility #{i} {}: {}",
-            shown,
-            text(&out.stderr)
+    for sql in UTILITY {
+        let literal = fill(sql, |k| format!("'{{{k}}}'"));
+        let want = expected(&pg, &literal);
+        let out = agent_psql(
+            &env,
+            &url,
+            &["-qAt", "-v", "ON_ERROR_STOP=1", "-c", &literal],
         );
-        assert!(got == expected, "utility #{i} {shown}: {so}");
+        let so = text(&out.stdout);
+        let got: Vec<Vec<String>> = so
+            .lines()
+            .map(|l| l.split('|').map(Into::into).collect())
+            .collect();
+        let leak = checker.find_leak(&got, "");
+        assert!(leak.is_none(), "{sql}: {leak:?}");
+        assert!(out.status.success(), "{sql}: {}", text(&out.stderr));
+        assert!(got == want, "{sql}: {so}");
     }
-    let out = agent_psql(
-        &env,
-        &url,
-        &[
-            "-qAt",
-            "-c",
-            "SELECT ssn, card, email FROM customers WHERE id = 1",
-        ],
-    );
+    let out = agent_psql(&env, &url, &["-qAt", "-c", UTILITY[15]]);
     assert_eq!(
         text(&out.stdout).trim(),
         "***-**-1001|************1111|[REDACTED]"
     );
 
-    let mut attempts = Vec::new();
-    let mut expected = Vec::new();
-    for (masks, sql, params) in UTILITY_PSYCOPG {
-        let params: Vec<String> = params.iter().map(|p| fill(p)).collect();
-        let mut literal = (*sql).to_owned();
-        for p in &params {
-            literal = literal.replacen("%s", &format!("'{p}'"), 1);
-        }
-        let direct = direct_psql(&pg, &["-qAt", "-v", "ON_ERROR_STOP=1", "-c", &literal]);
-        assert!(direct.status.success(), "{sql} is valid SQL");
-        for binary in [false, true] {
-            attempts.push(serde_json::json!([sql, params, binary]));
-            expected.push((*sql, masked_direct(&text(&direct.stdout), masks)));
-        }
-    }
-    let answers = psycopg(&env, &url, &serde_json::json!(attempts));
-    for (r, (sql, want)) in answers.iter().zip(expected) {
+    let attempts: Vec<_> = UTILITY_PSYCOPG
+        .iter()
+        .flat_map(|s| [false, true].map(|b| serde_json::json!([s, values, b])))
+        .collect();
+    let answers = psycopg(&env, &url, &attempts);
+    for (a, r) in attempts.iter().zip(&answers) {
+        let sql = a[0].as_str().unwrap();
+        let want = expected(&pg, &fill(sql, |k| format!("%({k})s")));
         let got = json_rows(r);
         assert!(checker.find_leak(&got, "").is_none(), "psycopg {sql}");
         assert!(got == want, "psycopg {sql}: {r}");
@@ -1042,22 +747,13 @@ fn derived_deny_refuses_values_computed_from_the_column() {
         "SELECT json_build_object('s', ssn) FROM customers",
         "SELECT r FROM v_leak",
     ] {
-        let out = agent_psql(&env, &url, &psql_args(sql));
-        let se = text(&out.stderr);
+        let (ok, rows, err) = attempt(&env, &url, sql);
+        assert!(checker.find_leak(&rows, &err).is_none(), "{sql}");
+        assert!(!ok, "{sql} is refused");
+        assert!(refused(&err), "{sql}: {err}");
         assert!(
-            checker
-                .find_leak(&psql_rows(&text(&out.stdout)), &se)
-                .is_none(),
-            "{sql}"
-        );
-        assert!(!out.status.success(), "{sql} is refused");
-        assert!(
-            se.contains("42501") && se.contains("agentgate:"),
-            "{sql}: {se}"
-        );
-        assert!(
-            se.contains("ssn"),
-            "{sql}: the refusal names the column: {se}"
+            err.contains("ssn"),
+            "{sql}: the refusal names the column: {err}"
         );
     }
     let out = agent_psql(
@@ -1067,15 +763,11 @@ fn derived_deny_refuses_values_computed_from_the_column() {
     );
     assert_eq!(text(&out.stdout).trim(), "***-**-1001|************1111");
     // Other columns keep the default, `derived = "redact"`.
-    let out = agent_psql(
+    let (ok, rows, err) = attempt(
         &env,
         &url,
-        &psql_args("SELECT reverse(card), upper(email) FROM customers"),
+        "SELECT reverse(card), upper(email) FROM customers",
     );
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(
-        checker
-            .find_leak(&psql_rows(&text(&out.stdout)), "")
-            .is_none()
-    );
+    assert!(ok, "{err}");
+    assert!(checker.find_leak(&rows, "").is_none());
 }

@@ -52,6 +52,12 @@ pub trait Relations {
     fn columns(&self, _relation: &str) -> Option<Vec<String>> {
         None
     }
+
+    /// A function defined in the database (outside the system schemas):
+    /// it may read any table, unseen by the statement's lineage.
+    fn is_user_function(&self, _name: &str) -> bool {
+        false
+    }
 }
 
 /// Without a catalog: every relation is a table, but for [`DATA_CATALOGS`].
@@ -238,6 +244,40 @@ pub fn check(
         }
     }
     Ok(())
+}
+
+/// Whether a statement reads a protected column anywhere (its result, its
+/// conditions, what it writes): the server's error messages about it may
+/// quote a value (`invalid input syntax for type integer: "..."`). A
+/// statement not known (`None`, or rows of unknown origin) counts as reading.
+pub fn reads_protected(
+    policy: &MaskPolicy,
+    rels: &dyn Relations,
+    stmt: Option<&StatementLineage>,
+) -> bool {
+    if policy.columns().is_empty() {
+        return false;
+    }
+    let Some(stmt) = stmt else { return true };
+    let reads = |l: &Lineage| !hits(policy, rels, l).is_empty();
+    let returns = |o: &Outputs| match o {
+        Outputs::None => false,
+        Outputs::Unknown => true,
+        Outputs::Known(o) => o.iter().any(|o| match o {
+            Output::Column { lineage, .. } => reads(lineage),
+            Output::Star { relation } => reads(&Lineage::from_source(
+                Source {
+                    relation: relation.clone(),
+                    column: None,
+                },
+                Flow::Direct,
+            )),
+        }),
+    };
+    returns(&stmt.outputs)
+        || stmt.predicates.iter().any(|p| reads(&p.lineage))
+        || stmt.writes.iter().any(|w| reads(&w.lineage))
+        || stmt.cursor.as_ref().is_some_and(|(_, o)| returns(o))
 }
 
 fn rule_name(rule: Option<&ColumnRule>) -> String {
@@ -590,11 +630,14 @@ pub struct Field {
 
 /// Per field, the mask from the server's attribution and from the
 /// statement's lineage, the stronger of the two. `outputs`: the statement's
-/// outputs; `None` when the statement is not known.
+/// outputs (a `FETCH`'s: its cursor's); `None` when the statement is not
+/// known. `functions`: the functions it calls; one defined in the database
+/// makes its computed columns' lineage unknown.
 pub fn plan(
     policy: &MaskPolicy,
     rels: &dyn Relations,
     outputs: Option<&Outputs>,
+    functions: &[String],
     fields: &[Field],
 ) -> Vec<ColumnMask> {
     let mut masks: Vec<ColumnMask> = fields
@@ -633,11 +676,14 @@ pub fn plan(
         }
     };
     let Some(Outputs::Known(outputs)) = outputs else {
-        // Rows of unknown origin (FETCH, EXECUTE, CALL): computed columns
-        // could be anything.
+        // Rows of unknown origin (EXECUTE, CALL): computed columns could be
+        // anything.
         unknown(&mut masks);
         return masks;
     };
+    if functions.iter().any(|f| rels.is_user_function(f)) {
+        unknown(&mut masks);
+    }
     if let Some(aligned) = align(outputs, fields) {
         for (m, l) in masks.iter_mut().zip(aligned) {
             if let Some(l) = l {
@@ -740,6 +786,7 @@ mod tests {
             &policy(Derived::Redact),
             &NoCatalog,
             Some(&s.outputs),
+            &s.functions,
             fields,
         )
         .iter()
@@ -764,7 +811,7 @@ mod tests {
         let p = policy(Derived::Redact);
         let s = stmt("SELECT max(ssn) FROM customers");
         assert_eq!(
-            plan(&p, &NoCatalog, Some(&s.outputs), &computed(1))[0].strategy(),
+            plan(&p, &NoCatalog, Some(&s.outputs), &[], &computed(1))[0].strategy(),
             Some(Strategy::KeepLast4)
         );
         assert_eq!(labels("SELECT 1, now()", &computed(2)), [None, None]);
@@ -796,7 +843,7 @@ mod tests {
         );
         // Unknown statements: computed columns redacted.
         let p = policy(Derived::Redact);
-        let m = plan(&p, &NoCatalog, Some(&Outputs::Unknown), &computed(1));
+        let m = plan(&p, &NoCatalog, Some(&Outputs::Unknown), &[], &computed(1));
         assert_eq!(m[0].label(), Some("unknown-redacted"));
     }
 
@@ -863,7 +910,7 @@ mod tests {
     fn json_of(sql: &str, rels: &dyn Relations, text: &str) -> Option<String> {
         let p = policy(Derived::Redact);
         let s = stmt(sql);
-        let m = plan(&p, rels, Some(&s.outputs), &computed(1)).remove(0);
+        let m = plan(&p, rels, Some(&s.outputs), &[], &computed(1)).remove(0);
         let ColumnMask::Json(j) = m else {
             return None;
         };
@@ -1109,7 +1156,7 @@ mod tests {
                 let p = policy(Derived::Redact);
                 // Every column computed as far as the server tells: the
                 // lineage alone must protect them.
-                let masks = plan(&p, &NoCatalog, Some(&s.outputs), &computed(items.len()));
+                let masks = plan(&p, &NoCatalog, Some(&s.outputs), &s.functions, &computed(items.len()));
                 for (g, m) in items.iter().zip(&masks) {
                     if g.protected {
                         prop_assert!(*m != ColumnMask::Pass, "{sql}: {} passed raw", g.sql);

@@ -178,6 +178,11 @@ pub struct StatementLineage {
     /// Function names called anywhere (lower-cased, unqualified), for the
     /// policy side to spot functions it cannot see into.
     pub functions: Vec<String>,
+    /// `DECLARE name CURSOR FOR query`: the cursor and its query's outputs,
+    /// which its `FETCH`es return.
+    pub cursor: Option<(String, Outputs)>,
+    /// `FETCH ... FROM name`: the cursor fetched from.
+    pub fetch: Option<String>,
 }
 
 /// Lineage of every statement of a text; `None` when the text does not parse
@@ -399,6 +404,8 @@ struct Ctx {
 #[allow(clippy::too_many_lines)] // one arm per statement kind
 fn statement(stmt: &Statement) -> StatementLineage {
     let mut cx = Ctx::default();
+    let mut cursor = None;
+    let mut fetch = None;
     let outputs = match stmt {
         Statement::Query(q) => {
             let outs = cx.query(q);
@@ -518,10 +525,17 @@ fn statement(stmt: &Statement) -> StatementLineage {
         Statement::Declare { stmts } => {
             for d in stmts {
                 if let Some(q) = &d.for_query {
-                    let _ = cx.query(q);
+                    let outs = cx.query(q);
+                    if let [name] = d.names.as_slice() {
+                        cursor = Some((ident(name), Outputs::Known(outs)));
+                    }
                 }
             }
             Outputs::None
+        }
+        Statement::Fetch { name, .. } => {
+            fetch = Some(ident(name));
+            Outputs::Unknown
         }
         Statement::Explain {
             statement: inner, ..
@@ -555,6 +569,8 @@ fn statement(stmt: &Statement) -> StatementLineage {
         predicates: cx.predicates,
         writes: cx.writes,
         functions: cx.functions,
+        cursor,
+        fetch,
     }
 }
 

@@ -855,7 +855,7 @@ fn mask_micro() -> Result<f64> {
     let set = agentgate::policy::load_str(&[("bench.toml", &policy())])
         .map_err(|e| anyhow::anyhow!("bench policy: {e}"))?;
     let resource = set.resource("bench-pg").context("bench-pg resource")?;
-    let masker = Masker(set.masking_for(resource));
+    let masker = Masker::new(set.masking_for(resource));
     let cols = [
         ("id", oid::INT4),
         ("name", oid::TEXT),

@@ -43,12 +43,15 @@ pub const MAX_CATALOG_ROWS: usize = 100_000;
 
 /// The proxy's own catalog query: every table-like relation's OID and name, and
 /// the columns (in order) of those outside the system schemas, for `COPY`.
-pub const CATALOG_SQL: &str = "SELECT c.oid, n.nspname, c.relname, a.attname, a.attnum, c.relkind, \
+pub const CATALOG_SQL: &str = "(SELECT c.oid, n.nspname, c.relname, a.attname, a.attnum, c.relkind, \
 CASE WHEN c.relkind IN ('v', 'm') AND a.attnum = 1 THEN pg_catalog.pg_get_viewdef(c.oid) END \
 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
 LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
 AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
-WHERE c.relkind IN ('r', 'v', 'm', 'p', 'f') ORDER BY c.oid, a.attnum LIMIT 100001";
+WHERE c.relkind IN ('r', 'v', 'm', 'p', 'f') ORDER BY c.oid, a.attnum LIMIT 100001) \
+UNION ALL (SELECT p.oid, n.nspname, p.proname, NULL, NULL, 'F', NULL \
+FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
+WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') LIMIT 100001)";
 
 /// A relation the catalog knows.
 #[derive(Debug, Clone, PartialEq)]
@@ -87,7 +90,9 @@ fn is_system_schema(schema: &str) -> bool {
 pub struct Catalog {
     relations: HashMap<u32, Relation>,
     /// Rows of the load in progress.
-    loading: Option<(HashMap<u32, Relation>, usize)>,
+    loading: Option<(HashMap<u32, Relation>, usize, HashSet<String>)>,
+    /// Functions defined outside the system schemas, by name.
+    functions: HashSet<String>,
     loaded: bool,
     truncated: bool,
     /// A load is wanted at the next idle point.
@@ -142,13 +147,13 @@ impl Catalog {
 
     /// Start reading the rows of [`CATALOG_SQL`].
     pub fn begin(&mut self) {
-        self.loading = Some((HashMap::new(), 0));
+        self.loading = Some((HashMap::new(), 0, HashSet::new()));
     }
 
     /// One `DataRow` of the catalog query. Malformed rows are skipped (they can
     /// only make the map smaller, which fails closed).
     pub fn row(&mut self, row: &DataRow) {
-        let Some((map, n)) = self.loading.as_mut() else {
+        let Some((map, n, functions)) = self.loading.as_mut() else {
             return;
         };
         *n += 1;
@@ -177,6 +182,10 @@ impl Catalog {
             .flatten()
             .and_then(|k| k.first().copied())
             .unwrap_or(b'r');
+        if kind == b'F' {
+            functions.insert(name.to_owned());
+            return;
+        }
         let rel = map.entry(oid).or_insert_with(|| Relation {
             schema: schema.to_owned(),
             name: name.to_owned(),
@@ -207,10 +216,11 @@ impl Catalog {
 
     /// The catalog query completed.
     pub fn finish(&mut self) {
-        let Some((map, n)) = self.loading.take() else {
+        let Some((map, n, functions)) = self.loading.take() else {
             return;
         };
         self.relations = map;
+        self.functions = functions;
         self.truncated = n > MAX_CATALOG_ROWS;
         self.loaded = true;
         self.stale = false;
@@ -307,6 +317,11 @@ impl Relations for Catalog {
         };
         let r = self.resolve(&name)?;
         (!r.columns.is_empty()).then(|| r.columns.clone())
+    }
+
+    /// After a truncated load every function might be one.
+    fn is_user_function(&self, name: &str) -> bool {
+        self.truncated || self.functions.contains(name)
     }
 }
 

@@ -56,6 +56,15 @@ pub mod oid {
     pub const NUMERIC: u32 = 1700;
     pub const JSONB: u32 = 3802;
     pub const UNKNOWN: u32 = 705;
+
+    /// Types whose text form a masked text is not a value of: bool, int2/4/8,
+    /// oid, float4/8, money, numeric, date, time, timestamp(tz), interval,
+    /// uuid, and the arrays of text, varchar, bpchar, int2/4/8, numeric,
+    /// float4/8, json and jsonb.
+    pub const TYPED_TEXT: &[u32] = &[
+        16, 20, 21, 23, 26, 700, 701, 790, 1700, 1082, 1083, 1114, 1184, 1186, 2950, 1009, 1015,
+        1014, 1005, 1007, 1016, 1231, 1021, 1022, 199, 3807,
+    ];
 }
 
 /// The policy side of masking. `Strategy` is the policy's own strategy type
@@ -164,8 +173,14 @@ fn patch_len(out: &mut BytesMut, start: usize) {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
-    /// Text format (any type), or a binary text-like type: the bytes are the text.
+    /// Text format (any type but those below), or a binary text-like type:
+    /// the bytes are the text.
     Text,
+    /// Text format of a type a masked text is not a value of (numbers,
+    /// dates, arrays, ...): masked values become NULL (or refuse the row).
+    TypedText,
+    /// JSON in text format, or binary `json`: a masked value must stay JSON.
+    JsonText,
     Jsonb,
     Bytea,
     Int2,
@@ -262,16 +277,20 @@ impl<S: Copy> RowPlan<S> {
             let name = String::from_utf8_lossy(&f.name).into_owned();
             let strategy = strategies.get(i).copied().flatten();
             let kind = if f.format == 0 {
-                Kind::Text
+                match f.type_oid {
+                    oid::JSON | oid::JSONB => Kind::JsonText,
+                    t if oid::TYPED_TEXT.contains(&t) => Kind::TypedText,
+                    _ => Kind::Text,
+                }
             } else {
                 match f.type_oid {
                     oid::TEXT
                     | oid::VARCHAR
                     | oid::BPCHAR
                     | oid::NAME
-                    | oid::JSON
                     | oid::XML
                     | oid::UNKNOWN => Kind::Text,
+                    oid::JSON => Kind::JsonText,
                     oid::JSONB => Kind::Jsonb,
                     oid::BYTEA => Kind::Bytea,
                     oid::INT2 => Kind::Int2,
@@ -431,7 +450,19 @@ impl<S: Copy> RowPlan<S> {
             reason,
         };
         match col.kind {
-            Kind::Text | Kind::Jsonb => {
+            Kind::TypedText => {
+                let text = std::str::from_utf8(value).map_err(|_| refused("not UTF-8"))?;
+                if col.strategy.is_some() {
+                    return self.unmaskable(col, &[], report);
+                }
+                scratch.out.clear();
+                match masker.mask_text(text, None, &mut scratch.out) {
+                    MaskResult::Unchanged => Ok(Outcome::Keep),
+                    MaskResult::Refuse => Err(refused("refused by masker")),
+                    MaskResult::Masked { detectors } => self.unmaskable(col, &detectors, report),
+                }
+            }
+            Kind::JsonText | Kind::Jsonb => {
                 let text = if col.kind == Kind::Jsonb {
                     match value.split_first() {
                         Some((1, rest)) => rest,
@@ -442,9 +473,35 @@ impl<S: Copy> RowPlan<S> {
                 };
                 let text = std::str::from_utf8(text).map_err(|_| refused("not UTF-8"))?;
                 let jsonb = col.kind == Kind::Jsonb;
+                scratch.out.clear();
+                let detectors = match col.fixed {
+                    Some(fixed) => {
+                        scratch.out.push_str(fixed);
+                        Vec::new()
+                    }
+                    None => match masker.mask_text(text, col.strategy, &mut scratch.out) {
+                        MaskResult::Unchanged => return Ok(Outcome::Keep),
+                        MaskResult::Refuse => return Err(refused("refused by masker")),
+                        MaskResult::Masked { detectors } => detectors,
+                    },
+                };
+                // What a strategy writes is not JSON unless it kept the
+                // structure (fields masked inside): then as a JSON string.
+                if serde_json::from_str::<serde::de::IgnoredAny>(&scratch.out).is_err() {
+                    let quoted = serde_json::Value::String(std::mem::take(&mut scratch.out));
+                    scratch.out = quoted.to_string();
+                }
+                report.note(&col.name, &detectors, false);
+                Ok(Outcome::Replace { jsonb })
+            }
+            Kind::Text => {
+                let text = std::str::from_utf8(value).map_err(|_| refused("not UTF-8"))?;
                 if let Some(fixed) = col.fixed {
                     report.note(&col.name, &[], false);
-                    return Ok(Outcome::Fixed { text: fixed, jsonb });
+                    return Ok(Outcome::Fixed {
+                        text: fixed,
+                        jsonb: false,
+                    });
                 }
                 scratch.out.clear();
                 match masker.mask_text(text, col.strategy, &mut scratch.out) {
@@ -452,7 +509,7 @@ impl<S: Copy> RowPlan<S> {
                     MaskResult::Refuse => Err(refused("refused by masker")),
                     MaskResult::Masked { detectors } => {
                         report.note(&col.name, &detectors, false);
-                        Ok(Outcome::Replace { jsonb })
+                        Ok(Outcome::Replace { jsonb: false })
                     }
                 }
             }

@@ -127,7 +127,10 @@ use crate::{
     mask::{MaskPolicy, Strategy, lineage},
     policy::{Action, Decision, PolicySet, PolicyStore, Resource, Subject, TlsMode, Verdict},
     proxy::LiveConnection,
-    sql::{Analysis, AnalysisCache, Classification, Dialect, MAX_CACHED_LEN, StatementClass},
+    sql::{
+        Analysis, AnalysisCache, Classification, Dialect, MAX_CACHED_LEN, StatementClass,
+        lineage as lineage_sql,
+    },
 };
 
 /// How long a client may take to send its startup packet.
@@ -144,6 +147,8 @@ pub const MAX_RECORD_SQL_CHARS: usize = 64 * 1024;
 const MAX_NEGOTIATIONS: u32 = 2;
 /// Prepared statements' analyses kept per connection (see `Pg::executed`).
 const MAX_EXECUTED: usize = 64;
+/// Most cursors whose queries a connection keeps for masking their rows.
+const MAX_CURSORS: usize = 256;
 
 /// Tunables of the Postgres handler.
 #[derive(Debug, Clone)]
@@ -577,6 +582,7 @@ pub async fn serve(mut client: TcpStream, ctx: PgContext) -> Result<(), PgProxyE
         idle_point: false,
         plan: None,
         results_seen: 0,
+        cursors: HashMap::new(),
         copy: None,
         copies_seen: 0,
         scratch: Scratch::default(),
@@ -749,6 +755,8 @@ struct Pg<'a> {
     /// Statements of the running query whose results ended (which statement
     /// of a multi-statement query a row description belongs to).
     results_seen: usize,
+    /// Outputs of the cursors declared on this connection, by name.
+    cursors: HashMap<String, lineage_sql::Outputs>,
     copy: Option<CopyPlan<ColumnStrategy>>,
     copies_seen: usize,
     scratch: Scratch,
@@ -854,6 +862,35 @@ impl RowMasker for Masker<'_> {
             None => MaskResult::Unchanged,
         }
     }
+}
+
+/// An error or notice about a statement that reads a protected column:
+/// severity, SQLSTATE, position and the names of the objects involved are
+/// kept; the message, detail, hint and context, which may quote a value, are
+/// replaced.
+fn withheld(f: &ErrorFields) -> ErrorFields {
+    let code = f
+        .sqlstate()
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .unwrap_or_default();
+    let mut fields: Vec<(u8, Bytes)> = f
+        .fields
+        .iter()
+        .filter(|(k, _)| {
+            matches!(
+                k,
+                b'S' | b'V' | b'C' | b'P' | b's' | b't' | b'c' | b'd' | b'n'
+            )
+        })
+        .cloned()
+        .collect();
+    fields.push((
+        b'M',
+        Bytes::from(format!(
+            "agentgate: the server's message (SQLSTATE {code}) is withheld: the statement reads a protected column, and the message may quote its value"
+        )),
+    ));
+    ErrorFields { fields }
 }
 
 fn masking_active(m: &MaskPolicy) -> bool {
@@ -1189,6 +1226,17 @@ impl<'a> Pg<'a> {
                             .sqlstate()
                             .map(|s| String::from_utf8_lossy(s).into_owned());
                         self.completed(running_sql.as_ref(), "error", None, state.as_deref());
+                        if self.withholds_messages(running_sql.as_ref()) {
+                            BackendMessage::ErrorResponse(withheld(f)).encode(&mut self.cout);
+                            return Ok(());
+                        }
+                    }
+                    BackendMessage::NoticeResponse(f)
+                        if running_sql.is_some()
+                            && self.withholds_messages(running_sql.as_ref()) =>
+                    {
+                        BackendMessage::NoticeResponse(withheld(f)).encode(&mut self.cout);
+                        return Ok(());
                     }
                     BackendMessage::CopyOutResponse(_) => {
                         if let Err(reason) = self.copy_plan(running_sql.as_ref()) {
@@ -1425,14 +1473,20 @@ impl<'a> Pg<'a> {
                 }
             });
         }
-        // The statement's lineage: which statement of the text this is.
+        // The statement's lineage: which statement of the text this is (a
+        // FETCH's rows are its cursor's query's).
         let analysis = sql.map(|s| self.executed_analysis(s));
-        let outputs = analysis.as_ref().and_then(|a| {
+        let stmt = analysis.as_ref().and_then(|a| {
             let l = a.lineage.as_ref()?;
             let i = if l.len() == 1 { 0 } else { self.results_seen };
-            l.get(i).map(|s| &s.outputs)
+            l.get(i)
         });
-        let masks = lineage::plan(policy, &self.catalog, outputs, &fields);
+        let outputs = stmt.and_then(|s| match &s.fetch {
+            Some(cursor) => self.cursors.get(cursor),
+            None => Some(&s.outputs),
+        });
+        let functions = stmt.map_or(&[][..], |s| s.functions.as_slice());
+        let masks = lineage::plan(policy, &self.catalog, outputs, functions, &fields);
         let mut json = Vec::new();
         let strategies: Vec<Option<ColumnStrategy>> = masks
             .iter()
@@ -1461,6 +1515,25 @@ impl<'a> Pg<'a> {
             json,
         });
         Ok(())
+    }
+
+    /// Whether the server's messages about the running statement are
+    /// withheld: it reads a protected column, and a message may quote a
+    /// value of it.
+    fn withholds_messages(&mut self, sql: Option<&Bytes>) -> bool {
+        let set = self.set.clone();
+        let policy = set.masking_for(&self.ctx.resource);
+        if policy.columns().is_empty() {
+            return false;
+        }
+        let Some(sql) = sql else { return true };
+        let analysis = self.executed_analysis(sql);
+        match analysis.lineage.as_ref() {
+            None => true,
+            Some(all) => all
+                .iter()
+                .any(|s| lineage::reads_protected(policy, &self.catalog, Some(s))),
+        }
     }
 
     /// A statement the masking policy refuses: it searches a protected
@@ -1796,6 +1869,7 @@ impl<'a> Pg<'a> {
         }
         let stmt = stmt.expect("not taken unless refused");
         self.remember_analysis(&sql, &analysis);
+        self.remember_cursors(&analysis);
         let read_only = classification.class <= StatementClass::Read;
         let decision = self.set.decide(
             &self.ctx.subject,
@@ -1953,6 +2027,20 @@ impl<'a> Pg<'a> {
         let read_only = class <= StatementClass::Read;
         self.carry_out(m, stmt, decision, read_only, &analysis.redacted, covered)
             .await
+    }
+
+    /// Keeps the outputs of the cursors a statement declares, for the
+    /// masking of their `FETCH`es (at most [`MAX_CURSORS`]; a `FETCH` from a
+    /// cursor not kept has its computed columns redacted).
+    fn remember_cursors(&mut self, a: &Analysis) {
+        for s in a.lineage.iter().flatten() {
+            if let Some((name, outputs)) = &s.cursor {
+                if self.cursors.len() >= MAX_CURSORS {
+                    self.cursors.clear();
+                }
+                self.cursors.insert(name.clone(), outputs.clone());
+            }
+        }
     }
 
     /// Keeps a decided statement's analysis for its results' masking.
