@@ -818,7 +818,8 @@ fn a_fixed_replacement_is_written_as_the_masker_would_write_it() {
         fixed.fields().collect::<Vec<_>>(),
         vec![
             Some(&b"####"[..]),
-            Some(&b"\x01####"[..]),
+            // A jsonb value stays JSON: the replacement as a JSON string.
+            Some(&b"\x01\"####\""[..]),
             Some(&b"card [pan]"[..]),
             None
         ]
