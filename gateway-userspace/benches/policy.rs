@@ -128,6 +128,51 @@ fn main() {
         let us = t.as_secs_f64() * 1e6 / n as f64;
         println!("{label:<58} {us:>13.2} us  <= 20 us");
     }
+    // ---- column lineage (computed once per statement shape, with the
+    // classification) and the masking policy applied to it
+    let lineage_statements = [
+        (
+            "lineage: point select",
+            "SELECT id, name, email FROM customers WHERE id = 42",
+        ),
+        (
+            "lineage: join + aggregate",
+            "SELECT c.id, count(o.id) FROM public.customers c JOIN orders o ON o.customer_id = c.id \
+             WHERE o.created_at > now() - interval '7 days' GROUP BY c.id ORDER BY 2 DESC LIMIT 20",
+        ),
+        (
+            "lineage: worst case (CTEs, recursion, set ops, JSON)",
+            "WITH RECURSIVE r(i, ch) AS (SELECT 1, substr(ssn, 1, 1) FROM customers \
+             UNION ALL SELECT i + 1, substr(c.ssn, i + 1, 1) FROM r, customers c WHERE i < 11), \
+             w AS (SELECT id, row_to_json(c) AS j, coalesce(email, name) AS e FROM customers c) \
+             SELECT t.*, (SELECT max(ch) FROM r) AS m, jsonb_build_object('a', w.e, 'b', w.j) \
+             FROM (SELECT id, reverse(ssn) AS x FROM customers UNION SELECT id, email FROM customers) t \
+             JOIN w ON w.id = t.id, LATERAL unnest(string_to_array(t.x, '-')) p WHERE t.id IN (1, 2, 3)",
+        ),
+    ];
+    for (label, sql) in lineage_statements {
+        let (n, t) = run(budget / 2, || {
+            black_box(agentgate::sql::lineage::lineage(
+                black_box(sql),
+                Dialect::Postgres,
+            ));
+        });
+        let us = t.as_secs_f64() * 1e6 / n as f64;
+        println!("{label:<58} {us:>13.2} us");
+    }
+    let masked = set.masking_for(db);
+    let worst = agentgate::sql::lineage::lineage(lineage_statements[2].1, Dialect::Postgres)
+        .expect("parses")
+        .remove(0);
+    let (n, t) = run(budget / 2, || {
+        black_box(mask::lineage::check(masked, &mask::lineage::NoCatalog, black_box(&worst)).ok());
+    });
+    println!(
+        "{:<58} {:>13.2} us",
+        "lineage check (refusals), worst case, ffiec pack",
+        t.as_secs_f64() * 1e6 / n as f64
+    );
+
     let redact_sql = "SELECT * FROM customers WHERE ssn = '123-45-6789' AND id = 42";
     let (n, t) = run(budget / 2, || {
         black_box(agentgate::sql::redact_literals(black_box(redact_sql), Dialect::Postgres).ok());

@@ -771,3 +771,64 @@ fn derived_deny_refuses_values_computed_from_the_column() {
     assert!(ok, "{err}");
     assert!(checker.find_leak(&rows, "").is_none());
 }
+
+/// Each result's record names, per protected output column, how its lineage
+/// was decided; a refusal names the rule and the column; no record holds a
+/// protected value.
+#[test]
+fn lineage_decisions_are_recorded_without_values() {
+    let (env, pg) = masking_env("pglinrec", "");
+    let url = pg.url("127.0.0.1", "postgres", "postgres");
+    let checker = Checker::new(&pg);
+    let (ok, _, err) = attempt(
+        &env,
+        &url,
+        "SELECT id, reverse(ssn) AS r, coalesce(email, '') AS e, ssn AS x, \
+         row_to_json(c) AS j FROM customers c WHERE id = 1",
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = attempt(&env, &url, "SELECT id FROM customers WHERE ssn LIKE '1%'");
+    assert!(!ok && refused(&err), "{err}");
+
+    let recs = env.audit_records().unwrap();
+    let lineage = recs
+        .iter()
+        .find_map(|r| r["transform"]["masking"]["lineage"].as_array().cloned())
+        .expect("a result record with lineage decisions");
+    let decided: Vec<(String, String)> = lineage
+        .iter()
+        .map(|d| {
+            (
+                d["column"].as_str().unwrap().to_owned(),
+                d["lineage"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let want = [
+        ("r", "derived-redacted"),
+        ("e", "preserved"),
+        ("x", "direct"),
+        ("j", "json-fields-masked"),
+    ];
+    assert_eq!(
+        decided,
+        want.map(|(c, l)| (c.to_owned(), l.to_owned())).to_vec(),
+        "id is not protected and not listed"
+    );
+    let refusal = recs
+        .iter()
+        .find(|r| r["decision"]["verdict"] == "deny")
+        .expect("the refused search is recorded");
+    assert_eq!(refusal["decision"]["rule"], "masking.column customers.ssn");
+    assert!(
+        refusal["decision"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("LIKE") && r.contains("customers.ssn")),
+        "{refusal}"
+    );
+    let all: Vec<Vec<String>> = recs.iter().map(|r| vec![r.to_string()]).collect();
+    assert!(
+        checker.find_leak(&all, "").is_none(),
+        "no record holds a value"
+    );
+}

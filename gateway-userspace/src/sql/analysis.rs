@@ -86,11 +86,23 @@ impl AnalysisCache {
 
 /// Parse, classify and redact, without the cache.
 pub fn analyze_uncached(sql: &str, dialect: Dialect) -> Analysis {
-    let classification = classify(sql, dialect);
-    let lineage = if classification.reason.is_none() {
-        super::lineage::lineage(sql, dialect)
-    } else {
-        None
+    // One parse for both; text that does not parse is classified on its
+    // own terms (cursor moves, the reason) and has no lineage.
+    let parsed = (sql.len() <= super::MAX_SQL_LEN)
+        .then(|| {
+            sqlparser::parser::Parser::new(dialect.parser_dialect())
+                .with_recursion_limit(super::classify::PARSER_RECURSION_LIMIT)
+                .try_with_sql(sql)
+                .and_then(|mut p| p.parse_statements())
+                .ok()
+        })
+        .flatten();
+    let (classification, lineage) = match parsed {
+        Some(statements) => (
+            super::classify::classify_parsed(&statements),
+            Some(super::lineage::of_statements(&statements)),
+        ),
+        None => (classify(sql, dialect), None),
     };
     Analysis {
         classification: Arc::new(classification),

@@ -184,7 +184,7 @@ pub fn classify(sql: &str, dialect: Dialect) -> Classification {
         .try_with_sql(sql)
         .and_then(|mut p| p.parse_statements());
     let infos: Vec<StatementInfo> = match parsed {
-        Ok(statements) => statements.iter().map(classify_statement).collect(),
+        Ok(statements) => return classify_parsed(&statements),
         Err(e) => {
             let Some(pieces) = cursor_move_pieces(sql, dialect) else {
                 return Classification::unparsed(format!(
@@ -211,6 +211,15 @@ pub fn classify(sql: &str, dialect: Dialect) -> Classification {
             infos
         }
     };
+    combine(infos)
+}
+
+/// Classify statements already parsed (from text under [`MAX_SQL_LEN`]).
+pub(super) fn classify_parsed(statements: &[Statement]) -> Classification {
+    combine(statements.iter().map(classify_statement).collect())
+}
+
+fn combine(infos: Vec<StatementInfo>) -> Classification {
     let mut out = Classification {
         class: infos
             .iter()

@@ -196,7 +196,12 @@ pub fn lineage(sql: &str, dialect: Dialect) -> Option<Vec<StatementLineage>> {
         .try_with_sql(sql)
         .and_then(|mut p| p.parse_statements())
         .ok()?;
-    Some(statements.iter().map(statement).collect())
+    Some(of_statements(&statements))
+}
+
+/// Lineage of statements already parsed.
+pub(super) fn of_statements(statements: &[Statement]) -> Vec<StatementLineage> {
+    statements.iter().map(statement).collect()
 }
 
 /// The lineage of a view's (or materialized view's) defining query, from its
@@ -1759,6 +1764,35 @@ mod tests {
                 .len(),
             1
         );
+    }
+
+    #[test]
+    fn the_mysql_dialect_gets_the_same_lineage() {
+        let l = lineage(
+            "SELECT `c`.`id`, REVERSE(c.ssn) AS r, MAX(email) FROM customers c WHERE c.ssn LIKE '1%'",
+            Dialect::MySql,
+        )
+        .unwrap()
+        .remove(0);
+        let Outputs::Known(o) = &l.outputs else {
+            panic!("known outputs")
+        };
+        let flows: Vec<Vec<Flow>> = o
+            .iter()
+            .map(|o| match o {
+                Output::Column { lineage, .. } => lineage.sources.values().copied().collect(),
+                Output::Star { .. } => Vec::new(),
+            })
+            .collect();
+        assert_eq!(
+            flows,
+            [
+                vec![Flow::Direct],
+                vec![Flow::Derived],
+                vec![Flow::Preserved]
+            ]
+        );
+        assert!(matches!(l.predicates[0].test, Test::Search("LIKE")));
     }
 
     #[test]

@@ -462,38 +462,7 @@ impl<S: Copy> RowPlan<S> {
                     MaskResult::Masked { detectors } => self.unmaskable(col, &detectors, report),
                 }
             }
-            Kind::JsonText | Kind::Jsonb => {
-                let text = if col.kind == Kind::Jsonb {
-                    match value.split_first() {
-                        Some((1, rest)) => rest,
-                        _ => return Err(refused("unknown jsonb version")),
-                    }
-                } else {
-                    value
-                };
-                let text = std::str::from_utf8(text).map_err(|_| refused("not UTF-8"))?;
-                let jsonb = col.kind == Kind::Jsonb;
-                scratch.out.clear();
-                let detectors = match col.fixed {
-                    Some(fixed) => {
-                        scratch.out.push_str(fixed);
-                        Vec::new()
-                    }
-                    None => match masker.mask_text(text, col.strategy, &mut scratch.out) {
-                        MaskResult::Unchanged => return Ok(Outcome::Keep),
-                        MaskResult::Refuse => return Err(refused("refused by masker")),
-                        MaskResult::Masked { detectors } => detectors,
-                    },
-                };
-                // What a strategy writes is not JSON unless it kept the
-                // structure (fields masked inside): then as a JSON string.
-                if serde_json::from_str::<serde::de::IgnoredAny>(&scratch.out).is_err() {
-                    let quoted = serde_json::Value::String(std::mem::take(&mut scratch.out));
-                    scratch.out = quoted.to_string();
-                }
-                report.note(&col.name, &detectors, false);
-                Ok(Outcome::Replace { jsonb })
-            }
+            Kind::JsonText | Kind::Jsonb => Self::mask_json(masker, col, value, scratch, report),
             Kind::Text => {
                 let text = std::str::from_utf8(value).map_err(|_| refused("not UTF-8"))?;
                 if let Some(fixed) = col.fixed {
@@ -574,6 +543,55 @@ impl<S: Copy> RowPlan<S> {
                 }
             }
         }
+    }
+
+    /// A JSON value (text format, binary `json` or `jsonb`): what a strategy
+    /// writes is kept only if it is JSON (fields masked inside), otherwise it
+    /// becomes a JSON string, so the client still reads JSON.
+    fn mask_json<M>(
+        masker: &M,
+        col: &Col<S>,
+        value: &[u8],
+        scratch: &mut Scratch,
+        report: &mut MaskReport,
+    ) -> Result<Outcome, MaskError>
+    where
+        M: RowMasker<Strategy = S>,
+    {
+        let refused = |reason| MaskError::Refused {
+            column: col.name.clone(),
+            reason,
+        };
+        let text = if col.kind == Kind::Jsonb {
+            match value.split_first() {
+                Some((1, rest)) => rest,
+                _ => return Err(refused("unknown jsonb version")),
+            }
+        } else {
+            value
+        };
+        let text = std::str::from_utf8(text).map_err(|_| refused("not UTF-8"))?;
+        let jsonb = col.kind == Kind::Jsonb;
+        scratch.out.clear();
+        let detectors = match col.fixed {
+            Some(fixed) => {
+                scratch.out.push_str(fixed);
+                Vec::new()
+            }
+            None => match masker.mask_text(text, col.strategy, &mut scratch.out) {
+                MaskResult::Unchanged => return Ok(Outcome::Keep),
+                MaskResult::Refuse => return Err(refused("refused by masker")),
+                MaskResult::Masked { detectors } => detectors,
+            },
+        };
+        // What a strategy writes is not JSON unless it kept the
+        // structure (fields masked inside): then as a JSON string.
+        if serde_json::from_str::<serde::de::IgnoredAny>(&scratch.out).is_err() {
+            let quoted = serde_json::Value::String(std::mem::take(&mut scratch.out));
+            scratch.out = quoted.to_string();
+        }
+        report.note(&col.name, &detectors, false);
+        Ok(Outcome::Replace { jsonb })
     }
 
     fn unmaskable(
