@@ -556,6 +556,37 @@ fn statement(stmt: &Statement) -> StatementLineage {
                 lineage: Lineage::default(),
             }])
         }
+        Statement::Merge(m) => {
+            // Not modelled in detail: every table it names, whole, may be
+            // written anywhere it writes.
+            let mut l = Lineage::default();
+            let _ = sqlparser::ast::visit_relations(m, |r| {
+                l.add(
+                    Source {
+                        relation: object_name(r),
+                        column: None,
+                    },
+                    Flow::Derived,
+                );
+                ControlFlow::<()>::Continue(())
+            });
+            cx.writes.push(Write {
+                target: "MERGE".into(),
+                lineage: l,
+            });
+            Outputs::Unknown
+        }
+        Statement::Prepare {
+            statement: inner, ..
+        } => {
+            // Its rows come with `EXECUTE`, of unknown origin there; its
+            // conditions and writes are checked now.
+            let l = self::statement(inner);
+            cx.predicates.extend(l.predicates);
+            cx.writes.extend(l.writes);
+            cx.functions.extend(l.functions);
+            Outputs::None
+        }
         Statement::StartTransaction { .. }
         | Statement::Commit { .. }
         | Statement::Rollback { .. }
@@ -609,6 +640,18 @@ impl Ctx {
             }
         }
         let outs = self.set_expr(&q.body, q.order_by.as_ref());
+        // How many rows come back is itself an answer: `LIMIT (SELECT
+        // length(ssn) ...)`.
+        let mut bounds = Lineage::default();
+        for e in q
+            .limit_clause
+            .iter()
+            .map(|l| l as &dyn VisitDyn)
+            .chain(q.fetch.iter().map(|f| f as &dyn VisitDyn))
+        {
+            e.each_expr(&mut |x| bounds.merge(&self.expr(x)));
+        }
+        self.search(bounds, "LIMIT");
         if ctes > 0 {
             self.scope.ctes.pop();
         }
@@ -1336,6 +1379,20 @@ impl Ctx {
 // ---------------------------------------------------------------------------
 // Helpers
 
+/// Visits the expressions of an AST node of any type.
+trait VisitDyn {
+    fn each_expr(&self, f: &mut dyn FnMut(&Expr));
+}
+
+impl<T: Visit> VisitDyn for T {
+    fn each_expr(&self, f: &mut dyn FnMut(&Expr)) {
+        let _ = visit_expressions(self, |e| {
+            f(e);
+            ControlFlow::<()>::Continue(())
+        });
+    }
+}
+
 /// The column references, function calls and subqueries of an expression
 /// that are not inside a subquery (those resolve in the subquery's scope).
 #[derive(Default)]
@@ -1738,6 +1795,10 @@ mod tests {
         assert_eq!(
             searches("SELECT (SELECT count(*) FROM customers WHERE ssn LIKE '1%')"),
             ["LIKE: customers.ssn"]
+        );
+        assert_eq!(
+            searches("SELECT id FROM customers LIMIT (SELECT length(ssn) FROM customers LIMIT 1)"),
+            ["LIMIT: customers.ssn"]
         );
         assert_eq!(
             searches("SELECT o.id FROM orders o JOIN customers c ON c.ssn = o.ssn"),
