@@ -780,13 +780,24 @@ fn lineage_decisions_are_recorded_without_values() {
     let (env, pg) = masking_env("pglinrec", "");
     let url = pg.url("127.0.0.1", "postgres", "postgres");
     let checker = Checker::new(&pg);
-    let (ok, _, err) = attempt(
+    let (ok, rows, err) = attempt(
         &env,
         &url,
         "SELECT id, reverse(ssn) AS r, coalesce(email, '') AS e, ssn AS x, \
          row_to_json(c) AS j FROM customers c WHERE id = 1",
     );
     assert!(ok, "{err}");
+    // Values as each decision says; the JSON keeps its shape, fields masked.
+    assert_eq!(
+        rows[0][..4],
+        ["1", "[REDACTED]", "[REDACTED]", "***-**-1001"].map(String::from)
+    );
+    let j: serde_json::Value = serde_json::from_str(&rows[0][4]).expect("still JSON");
+    assert_eq!(j["id"], 1);
+    assert_eq!(j["name"], "Customer 1");
+    assert_eq!(j["ssn"], "***-**-1001");
+    assert_eq!(j["card"], "************1111");
+    assert_eq!(j["email"], "[REDACTED]");
     let (ok, _, err) = attempt(&env, &url, "SELECT id FROM customers WHERE ssn LIKE '1%'");
     assert!(!ok && refused(&err), "{err}");
 
