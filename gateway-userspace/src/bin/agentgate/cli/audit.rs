@@ -317,7 +317,7 @@ fn verify_proof(file: &Path, key: Option<String>) -> anyhow::Result<ExitCode> {
 
 /// `[audit]` from the config file if it exists (other sections are ignored
 /// here), then `--dir` on top.
-fn load_config(config: &Path, dir: Option<PathBuf>) -> anyhow::Result<AuditConfig> {
+pub(super) fn load_config(config: &Path, dir: Option<PathBuf>) -> anyhow::Result<AuditConfig> {
     let mut cfg = if config.is_file() {
         let text = std::fs::read_to_string(config)
             .with_context(|| format!("reading {}", config.display()))?;
@@ -340,7 +340,7 @@ fn load_config(config: &Path, dir: Option<PathBuf>) -> anyhow::Result<AuditConfi
     Ok(cfg)
 }
 
-fn existing_dir(cfg: &AuditConfig) -> anyhow::Result<()> {
+pub(super) fn existing_dir(cfg: &AuditConfig) -> anyhow::Result<()> {
     if cfg.dir.is_dir() {
         Ok(())
     } else {
@@ -373,7 +373,11 @@ fn reader_identity(uid: u32) -> IdentityRef {
 }
 
 /// Appends `audit.access` directly, or spools it; refuses (error) if neither works.
-fn record_access(cfg: &AuditConfig, command: &str, args: &serde_json::Value) -> anyhow::Result<()> {
+pub(super) fn record_access(
+    cfg: &AuditConfig,
+    command: &str,
+    args: &serde_json::Value,
+) -> anyhow::Result<()> {
     let workload = Workload::current_process();
     let rec = NewRecord::new(Kind::AuditAccess)
         .identity(reader_identity(workload.uid))
