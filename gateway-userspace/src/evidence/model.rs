@@ -1677,3 +1677,164 @@ fn insert_capped(set: &mut BTreeSet<String>, v: String) {
         set.insert(v);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::audit::IdentityRef;
+
+    fn scope() -> Scope {
+        Scope {
+            identities: vec!["ann".into()],
+            from: "2026-01-01T00:00:00.000000000Z".into(),
+            to: "2026-01-02T00:00:00.000000000Z".into(),
+        }
+    }
+
+    fn rec(seq: u64, time: &str, kind: Kind, who: Option<(&str, &str)>) -> Record {
+        Record {
+            v: 1,
+            seq,
+            time: format!("2026-01-01T{time}.000000000Z"),
+            host: "h".into(),
+            kind,
+            session_id: Some("s1".into()),
+            connection_id: Some(1),
+            identity: who.map(|(s, k)| IdentityRef {
+                subject: s.into(),
+                kind: k.into(),
+                groups: vec![],
+            }),
+            workload: None,
+            resource: Some("db".into()),
+            action: None,
+            decision: None,
+            transform: None,
+            approval: None,
+            result: None,
+            prev: String::new(),
+        }
+    }
+
+    fn run(records: &[Record]) -> Report {
+        let mut c = Collector::new(scope());
+        for r in records {
+            c.observe(r.seq, &"0".repeat(64), r);
+        }
+        c.set_integrity(|i| i.intact = true);
+        c.finish("now".into(), "dir".into())
+    }
+
+    fn answer_of(r: &Report, id: &str) -> (&'static str, Vec<u64>) {
+        let a = r.attestations[0]
+            .answers
+            .iter()
+            .find(|a| a.id == id)
+            .unwrap();
+        (a.answer, a.records.items.iter().map(|c| c.seq).collect())
+    }
+
+    fn statement(seq: u64, time: &str, verdict: &str) -> Record {
+        let mut r = rec(seq, time, Kind::Statement, Some(("ann", "human")));
+        r.action = Some(json!({"class": "read", "sql": "SELECT ?"}));
+        r.decision = Some(json!({"verdict": verdict, "rule": "r"}));
+        r
+    }
+
+    #[test]
+    fn lists_are_capped_and_count_what_they_leave_out() {
+        let records: Vec<Record> = (0..LIST_CAP as u64 + 7)
+            .map(|i| statement(i, "01:00:00", "allow"))
+            .collect();
+        let r = run(&records);
+        let items = r.commands.items.as_ref().unwrap();
+        assert_eq!(items.items.len(), LIST_CAP);
+        assert_eq!(items.omitted, 7);
+        assert_eq!(r.commands.total, LIST_CAP as u64 + 7);
+        assert_eq!(r.timeline.bucket_hours, 1);
+        assert_eq!(r.timeline.buckets[1][0], LIST_CAP as u64 + 7);
+    }
+
+    #[test]
+    fn only_the_identities_and_the_period_are_itemized() {
+        let mut other = statement(1, "02:00:00", "allow");
+        other.identity.as_mut().unwrap().subject = "bob".into();
+        let mut late = statement(2, "02:00:00", "allow");
+        late.time = "2026-01-02T00:00:00.000000000Z".into();
+        let r = run(&[statement(0, "02:00:00", "deny"), other, late]);
+        assert_eq!(r.commands.total, 1);
+        assert_eq!(r.denials.items.len(), 1);
+        assert_eq!(r.denials.items[0].record.seq, 0);
+    }
+
+    #[test]
+    fn a_start_without_a_stop_is_a_daemon_down_gap() {
+        let mut s1 = rec(0, "01:00:00", Kind::DaemonStart, None);
+        s1.action = Some(json!({"fail_mode": "open"}));
+        let mid = statement(1, "02:00:00", "allow");
+        let mut s2 = rec(2, "05:00:00", Kind::DaemonStart, None);
+        s2.action = Some(json!({"fail_mode": "closed"}));
+        let r = run(&[s1, mid, s2]);
+        let g = &r.integrity.gaps.items[0];
+        assert_eq!(g.kind, "daemon_down");
+        assert!(g.from.starts_with("2026-01-01T02:00:00"), "{}", g.from);
+        assert!(g.detail.contains("fail mode open"), "{}", g.detail);
+        assert_eq!(answer_of(&r, "q3").0, "yes");
+        // Down with fail mode open: the gateway was not in force.
+        assert_eq!(answer_of(&r, "q4").0, "no");
+    }
+
+    #[test]
+    fn an_approval_by_the_requester_is_not_authorization() {
+        let mut granted = rec(
+            0,
+            "01:00:00",
+            Kind::ApprovalGranted,
+            Some(("ann", "approver")),
+        );
+        granted.approval = Some(json!({"id": "apr-1", "approver": "ann"}));
+        granted.action = Some(json!({"requester": "ann"}));
+        let mut ran = statement(1, "01:00:01", "allow");
+        ran.approval = Some(json!({"id": "apr-1", "outcome": "granted", "approvers": ["ann"]}));
+        let r = run(&[granted, ran]);
+        let (ans, seqs) = answer_of(&r, "q2");
+        assert_eq!(ans, "yes");
+        assert_eq!(seqs, [0, 1]);
+    }
+
+    #[test]
+    fn a_value_reported_unmasked_answers_yes_with_its_record() {
+        let mut done = rec(3, "01:00:00", Kind::Statement, Some(("ann", "human")));
+        done.action = Some(json!({"phase": "completed"}));
+        done.transform = Some(
+            json!({"masking": {"columns": ["ssn"], "values_masked": 2, "values_unmasked": 1}}),
+        );
+        let r = run(&[done]);
+        assert_eq!(answer_of(&r, "q1"), ("yes", vec![3]));
+        assert_eq!(r.masking.fields["ssn"].statements, 1);
+    }
+
+    #[test]
+    fn sessions_open_at_the_end_are_live_and_labels_are_unverified() {
+        let open = rec(0, "01:00:00", Kind::ConnectionOpen, Some(("ann", "label")));
+        let r = run(&[open]);
+        assert_eq!(answer_of(&r, "q5"), ("yes", vec![0]));
+        assert!(!r.identities[0].verified);
+        assert!(r.identities[0].how.contains("UNVERIFIED"));
+        let mut close = rec(1, "01:00:01", Kind::ConnectionClose, Some(("ann", "label")));
+        close.session_id = Some("s1".into());
+        let r = run(&[
+            rec(0, "01:00:00", Kind::ConnectionOpen, Some(("ann", "label"))),
+            close,
+        ]);
+        assert_eq!(answer_of(&r, "q5").0, "no");
+    }
+
+    #[test]
+    fn texts_are_clipped() {
+        let long = "x".repeat(TEXT_CAP * 3);
+        assert_eq!(clip(&long).chars().count(), TEXT_CAP + 1);
+    }
+}
