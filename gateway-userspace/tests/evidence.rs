@@ -321,3 +321,63 @@ fn the_package_validates_proves_and_reports_tampering_at_the_top() {
             > 0
     );
 }
+
+/// Retention deleted the oldest segments: verify and evidence still pass,
+/// the deletion is reported as retention (not tampering), and cited records
+/// after it are still proven (from the retention anchor).
+#[test]
+fn retention_is_reported_as_such_and_proofs_still_check() {
+    let log = TempLog::new();
+    let mut cfg = log.cfg();
+    cfg.checkpoint_every_records = 5;
+    cfg.segment_max_bytes = 4096;
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let l = AuditLog::open(cfg).await.unwrap();
+        for _ in 0..3 {
+            write_session(&l).await;
+        }
+        let r = l
+            .retain(time::OffsetDateTime::now_utc() + time::Duration::days(1))
+            .await
+            .unwrap();
+        assert!(!r.deleted_segments.is_empty(), "nothing deleted");
+        write_session(&l).await;
+        l.checkpoint().await.unwrap();
+        l.close().await.unwrap();
+    });
+    let verify = agentgate()
+        .args(["audit", "verify", "--dir"])
+        .arg(&log.dir)
+        .output()
+        .unwrap();
+    assert!(verify.status.success(), "{verify:?}");
+    let out = log.tmp.path().join("evidence");
+    let run = evidence(&log.dir, &out);
+    assert!(run.status.success(), "{run:?}");
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(out.join("evidence.json")).unwrap()).unwrap();
+    assert!(
+        jsonschema::validator_for(&schema())
+            .unwrap()
+            .is_valid(&report)
+    );
+    assert_eq!(report["integrity"]["intact"], true);
+    assert!(report["integrity"]["first_seq"].as_u64().unwrap() > 0);
+    let gaps = report["integrity"]["gaps"]["items"].as_array().unwrap();
+    assert!(gaps.iter().any(|g| g["kind"] == "retention"), "{gaps:#?}");
+    assert!(
+        report["unproven"].as_array().unwrap().is_empty(),
+        "{}",
+        report["unproven"]
+    );
+    let records = std::fs::read_to_string(out.join("records.jsonl")).unwrap();
+    let line = records.lines().last().unwrap();
+    let proof = log.tmp.path().join("proof.json");
+    std::fs::write(&proof, line).unwrap();
+    let check = agentgate()
+        .args(["audit", "verify-proof"])
+        .arg(&proof)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{check:?}");
+}

@@ -37,7 +37,8 @@
 //! **Retention.** [`AuditLog::retain`] deletes only whole, closed segments
 //! covered by a checkpoint in the log, and records a `retention` record (with
 //! the anchor the verifier continues from) before deleting anything. The log
-//! never calls it by itself.
+//! never calls it by itself; the daemon applies `[audit] retain_days` hourly
+//! ([`enforce_retention`]).
 //!
 //! **Readers.** Reading through the CLI appends an `audit.access` record: it
 //! takes the writer lock (`.lock`, `flock`) and appends directly, or, while the
@@ -52,6 +53,7 @@ mod config;
 pub mod merkle;
 mod proof;
 mod record;
+mod retention;
 mod segment;
 mod sink;
 mod spool;
@@ -69,6 +71,7 @@ pub use record::{
     Record, SCHEMA_VERSION, Workload, encode_line, now_rfc3339, parse_line, parse_time,
     record_hash, split_line,
 };
+pub use retention::{enforce_retention, keep_after};
 pub(crate) use segment::read_anchor;
 pub use segment::{
     ANCHOR_FILE, Anchor, LOCK_FILE, LineEnd, LineReader, QUARANTINE_DIR, SegmentFile,

@@ -72,7 +72,8 @@ fn omitted<T>(c: &Capped<T>) -> String {
 }
 
 /// The whole page.
-#[allow(clippy::too_many_lines)] // one block per section, in the page's order
+// One block per section, in the page's order; h is the page, r the report.
+#[allow(clippy::too_many_lines, clippy::many_single_char_names)]
 pub fn render(r: &Report) -> String {
     let mut h = String::with_capacity(64 << 10);
     let ids = r.scope.identities.join(", ");
@@ -537,7 +538,6 @@ fn denial_table(h: &mut String, d: &Capped<Denial>) {
 
 /// Every citation in the report, by seq.
 fn collect(r: &Report, out: &mut std::collections::BTreeMap<u64, Cite>) {
-    let v = serde_json::to_value(r).unwrap_or_default();
     fn walk(v: &serde_json::Value, out: &mut std::collections::BTreeMap<u64, Cite>) {
         match v {
             serde_json::Value::Object(m) => {
@@ -560,7 +560,7 @@ fn collect(r: &Report, out: &mut std::collections::BTreeMap<u64, Cite>) {
             _ => {}
         }
     }
-    walk(&v, out);
+    walk(&serde_json::to_value(r).unwrap_or_default(), out);
 }
 
 /// Kind names are a closed set: map back to the static name.
@@ -570,10 +570,11 @@ fn leak_kind(k: &str) -> &'static str {
 }
 
 /// Commands per time bucket by decision, as stacked bars.
+#[allow(clippy::many_single_char_names)] // coordinates
 fn timeline_svg(r: &Report) -> String {
     let t = &r.timeline;
-    let (w, hgt, pad) = (1000.0_f64, 180.0_f64, 30.0_f64);
-    let n = t.buckets.len().max(1) as f64;
+    let (width, hgt, pad) = (1000.0_f64, 180.0_f64, 30.0_f64);
+    let count = t.buckets.len().max(1) as f64;
     let max = t
         .buckets
         .iter()
@@ -581,45 +582,45 @@ fn timeline_svg(r: &Report) -> String {
         .max()
         .unwrap_or(0)
         .max(1) as f64;
-    let bw = (w - pad) / n;
-    let mut s = format!(
-        "<p>Commands per {} hour(s) from {} (UTC): <span style='color:#2e7d32'>■ allowed</span> <span style='color:#c62828'>■ denied</span> <span style='color:#ef8f00'>■ held for approval</span>. Highest bar: {} command(s).</p><svg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 {w} {}' width='100%' role='img' aria-label='commands per hour by decision'>",
+    let bw = (width - pad) / count;
+    let mut svg = format!(
+        "<p>Commands per {} hour(s) from {} (UTC): <span style='color:#2e7d32'>■ allowed</span> <span style='color:#c62828'>■ denied</span> <span style='color:#ef8f00'>■ held for approval</span>. Highest bar: {} command(s).</p><svg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 {width} {}' width='100%' role='img' aria-label='commands per hour by decision'>",
         t.bucket_hours,
         esc(&t.start),
         max as u64,
         hgt + 20.0
     );
     let _ = write!(
-        s,
-        "<line x1='{pad}' y1='{hgt}' x2='{w}' y2='{hgt}' stroke='#333'/><text x='0' y='12' font-size='11'>{}</text><text x='0' y='{hgt}' font-size='11'>0</text>",
+        svg,
+        "<line x1='{pad}' y1='{hgt}' x2='{width}' y2='{hgt}' stroke='#333'/><text x='0' y='12' font-size='11'>{}</text><text x='0' y='{hgt}' font-size='11'>0</text>",
         max as u64
     );
-    for (i, b) in t.buckets.iter().enumerate() {
+    for (i, bucket) in t.buckets.iter().enumerate() {
         let x = pad + i as f64 * bw;
         let mut y = hgt;
         for (k, color) in [(0, "#2e7d32"), (1, "#c62828"), (2, "#ef8f00")] {
-            if b[k] == 0 {
+            if bucket[k] == 0 {
                 continue;
             }
-            let bh = (b[k] as f64 / max) * (hgt - 10.0);
+            let bh = (bucket[k] as f64 / max) * (hgt - 10.0);
             y -= bh;
             let _ = write!(
-                s,
+                svg,
                 "<rect x='{x:.2}' y='{y:.2}' width='{:.2}' height='{bh:.2}' fill='{color}'><title>bucket {i}: {}</title></rect>",
                 (bw * 0.9).max(0.5),
-                b[k]
+                bucket[k]
             );
         }
     }
     let _ = write!(
-        s,
-        "<text x='{pad}' y='{}' font-size='11'>{}</text><text x='{w}' y='{}' font-size='11' text-anchor='end'>{}</text></svg>",
+        svg,
+        "<text x='{pad}' y='{}' font-size='11'>{}</text><text x='{width}' y='{}' font-size='11' text-anchor='end'>{}</text></svg>",
         hgt + 15.0,
         esc(&t.start),
         hgt + 15.0,
         esc(&r.scope.to)
     );
-    s
+    svg
 }
 
 #[cfg(test)]

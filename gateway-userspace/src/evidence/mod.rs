@@ -114,7 +114,7 @@ pub fn build(opts: &Options, progress: &mut dyn FnMut(u64, u64)) -> Result<Outco
     let mut total = 0u64;
     for s in &segments {
         starts.push((s.path.clone(), total));
-        total += std::fs::metadata(&s.path).map(|m| m.len()).unwrap_or(0);
+        total += std::fs::metadata(&s.path).map_or(0, |m| m.len());
     }
     let scope = Scope {
         identities: opts.identities.clone(),
@@ -128,6 +128,7 @@ pub fn build(opts: &Options, progress: &mut dyn FnMut(u64, u64)) -> Result<Outco
     let mut next_seq = None::<u64>;
     let mut newest: Option<Checkpoint> = None;
     let mut seg_index = 0usize;
+    let mut first = None::<model::Cite>;
     let result = scan(
         &opts.dir,
         &ScanOptions {
@@ -138,6 +139,14 @@ pub fn build(opts: &Options, progress: &mut dyn FnMut(u64, u64)) -> Result<Outco
         |seg, off, p, raw| {
             read += 1;
             next_seq = Some(p.record.seq + 1);
+            if first.is_none() {
+                first = Some(model::Cite {
+                    seq: p.record.seq,
+                    hash: hex::encode(p.hash),
+                    kind: p.record.kind.as_str(),
+                    time: p.record.time.clone(),
+                });
+            }
             if p.record.kind == Kind::Checkpoint
                 && let Some(cp) = p
                     .record
@@ -148,7 +157,7 @@ pub fn build(opts: &Options, progress: &mut dyn FnMut(u64, u64)) -> Result<Outco
                 newest = Some(cp);
             }
             collector.observe(p.record.seq, &hex::encode(p.hash), &p.record);
-            if read % 8192 == 0 {
+            if read.is_multiple_of(8192) {
                 while seg_index + 1 < starts.len() && starts[seg_index].0 != seg {
                     seg_index += 1;
                 }
@@ -158,6 +167,9 @@ pub fn build(opts: &Options, progress: &mut dyn FnMut(u64, u64)) -> Result<Outco
         },
     );
     progress(total, total);
+    if let Some(f) = first.filter(|f| f.seq > 0) {
+        collector.retained_from(f);
+    }
     let intact = result.is_ok();
     let failure_line;
     match result {
@@ -363,6 +375,7 @@ fn count_after_break(
 /// Pass 2: reads stored hashes up to the last cited record, builds each cited
 /// record's proof against the newest checkpoint, checks it and writes
 /// `records.jsonl` (one proof per line; a record without one says why).
+#[allow(clippy::too_many_lines)] // one pass, then one write; splitting hides the order
 fn write_records(
     dir: &Path,
     segments: &[crate::audit::SegmentFile],
@@ -415,9 +428,8 @@ fn write_records(
         let mut r = LineReader::open(&s.path, 0).map_err(io("reading", &s.path))?;
         while let Some((_, end)) = r.next_line(&mut buf).map_err(io("reading", &s.path))? {
             let seq = paths.size();
-            let hash = match (end, split_line(&buf)) {
-                (LineEnd::Complete, Ok((_, h))) => h,
-                _ => break 'segments,
+            let (LineEnd::Complete, Ok((_, hash))) = (end, split_line(&buf)) else {
+                break 'segments;
             };
             if let Some(cp) = newest
                 && cp.size == seq

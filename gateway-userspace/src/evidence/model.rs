@@ -8,7 +8,10 @@
 //! and reported. What a list leaves out is in the log and in `audit export`;
 //! the report says how much that is, never silently less.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    fmt::Write,
+};
 
 use serde::Serialize;
 use serde_json::Value;
@@ -1002,10 +1005,10 @@ impl Collector {
             .by_decision
             .entry(decision.clone())
             .or_default() += 1;
-        if let Some(c) = &class {
-            if self.commands.by_class.len() < KEY_CAP || self.commands.by_class.contains_key(c) {
-                *self.commands.by_class.entry(c.clone()).or_default() += 1;
-            }
+        if let Some(c) = &class
+            && (self.commands.by_class.len() < KEY_CAP || self.commands.by_class.contains_key(c))
+        {
+            *self.commands.by_class.entry(c.clone()).or_default() += 1;
         }
         if let Some(r) = self.note_resource(rec, cite) {
             r.commands += 1;
@@ -1028,7 +1031,7 @@ impl Collector {
                 s.push_str(&people.join(", "));
             }
             if let Some(id) = text(Some(a), "id") {
-                s.push_str(&format!(" ({id})"));
+                let _ = write!(s, " ({id})");
             }
             s
         });
@@ -1293,7 +1296,7 @@ impl Collector {
         if !e.pids.items.contains(&w.pid) {
             e.pids.push(w.pid);
         }
-        e.last_seen = rec.time.clone();
+        e.last_seen.clone_from(&rec.time);
         e.records.push(cite.clone());
     }
 
@@ -1318,9 +1321,28 @@ impl Collector {
                 last_seen: rec.time.clone(),
                 records: Capped::new(CITE_CAP),
             });
-        e.last_seen = rec.time.clone();
+        e.last_seen.clone_from(&rec.time);
         e.records.push(cite.clone());
         Some(e)
+    }
+
+    /// The log starts at `first` (seq > 0): retention deleted what came
+    /// before. A gap if the period reaches back before it.
+    pub fn retained_from(&mut self, first: Cite) {
+        if first.time.as_str() > self.scope.from.as_str() {
+            let to = first.time.clone();
+            self.gap_overlapping(
+                "retention",
+                &self.scope.from.clone(),
+                Some(&to),
+                format!(
+                    "records before seq {} were deleted by retention (not tampering: anchor.json, vouched for by a signed retention record, carries the chain and Merkle tree over them); the period reaches back before the oldest record kept",
+                    first.seq
+                ),
+                vec![first],
+                false,
+            );
+        }
     }
 
     /// The verification result, once the pass is over.

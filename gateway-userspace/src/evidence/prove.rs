@@ -20,16 +20,18 @@ use crate::audit::{
 
 /// A perfect subtree: `level` (0 = a leaf) and its index at that level.
 type Block = (u32, u64);
+/// The right edge of the tree with positions: (level, index, root), largest first.
+type Edge = Vec<(u32, u64, Hash)>;
 
 #[derive(Debug, Default)]
 pub(crate) struct PathCollector {
     /// The right edge with positions: (level, index, hash), largest first.
-    stack: Vec<(u32, u64, Hash)>,
+    stack: Edge,
     size: u64,
     /// Subtree roots cited records need (`None` until they complete).
     known: HashMap<Block, Option<Hash>>,
     /// The right edge when the newest checkpoint was reached, and that checkpoint.
-    at_checkpoint: Option<(Vec<(u32, u64, Hash)>, Checkpoint)>,
+    at_checkpoint: Option<(Edge, Checkpoint)>,
 }
 
 impl PathCollector {
@@ -159,7 +161,7 @@ fn audit_path(
 /// MTH(D[a:b]): a perfect aligned subtree is looked up, anything else is split.
 fn range_hash(a: u64, b: u64, lookup: &impl Fn(u32, u64) -> Option<Hash>) -> Option<Hash> {
     let n = b - a;
-    if n.is_power_of_two() && a % n == 0 {
+    if n.is_power_of_two() && a.is_multiple_of(n) {
         let level = n.trailing_zeros();
         return lookup(level, a >> level);
     }
@@ -172,7 +174,7 @@ fn range_hash(a: u64, b: u64, lookup: &impl Fn(u32, u64) -> Option<Hash>) -> Opt
 
 /// Largest power of two strictly less than `n` (n >= 2).
 fn split(n: u64) -> u64 {
-    1 << (63 - (n - 1).leading_zeros())
+    1 << (n - 1).ilog2()
 }
 
 #[cfg(test)]

@@ -1,0 +1,66 @@
+//! `[audit] retain_days`: the daemon deletes whole segments older than the
+//! limit, once at start and then hourly.
+//!
+//! Deletion goes through [`AuditLog::retain`], which only removes closed
+//! segments already covered by a checkpoint, and writes (and fsyncs) a signed
+//! `retention` record naming the anchor the verifier continues from before it
+//! deletes anything: verification keeps passing, and `audit verify` and
+//! `agentgate evidence` report the deletion as retention, not tampering.
+//! Fails safe: an error deletes nothing and is retried at the next hour.
+
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use tokio::sync::watch;
+
+use super::AuditLog;
+
+const EVERY: Duration = Duration::from_hours(1);
+
+/// The cut-off: records at or after it are kept.
+pub fn keep_after(now: OffsetDateTime, days: u32) -> OffsetDateTime {
+    now - time::Duration::days(i64::from(days))
+}
+
+/// Applies `retain_days` until `shutdown` turns true.
+pub async fn enforce_retention(log: AuditLog, days: u32, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        match log
+            .retain(keep_after(OffsetDateTime::now_utc(), days))
+            .await
+        {
+            Ok(r) if r.deleted_segments.is_empty() => {}
+            Ok(r) => tracing::info!(
+                event = "audit.retention",
+                segments = r.deleted_segments.len(),
+                first_seq = r.first_seq,
+                until = r.last_plus_one,
+                retain_days = days,
+                "audit: deleted segments older than the retention limit"
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, retain_days = days, "audit: retention failed; nothing deleted, retrying in an hour");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn twelve_months_back() {
+        let now = time::macros::datetime!(2026-12-04 12:00 UTC);
+        assert_eq!(
+            keep_after(now, 365),
+            time::macros::datetime!(2025-12-04 12:00 UTC)
+        );
+    }
+}
