@@ -381,3 +381,52 @@ fn retention_is_reported_as_such_and_proofs_still_check() {
         .unwrap();
     assert!(check.status.success(), "{check:?}");
 }
+
+/// `audit export --format ocsf`: one event per record the jsonl export gives,
+/// SQL as Datastore Activity, the rest as API Activity, each naming its record.
+#[test]
+fn ocsf_export_has_one_event_per_record() {
+    let log = build_log();
+    let export = |format: &str| {
+        let out = agentgate()
+            .args([
+                "audit",
+                "export",
+                "--format",
+                format,
+                "--identity",
+                "contractor@bank",
+                "--dir",
+            ])
+            .arg(&log.dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let jsonl = export("jsonl");
+    let ocsf = export("ocsf");
+    assert_eq!(jsonl.lines().count(), ocsf.lines().count());
+    for (raw, ev) in jsonl.lines().zip(ocsf.lines()) {
+        let rec: Value = serde_json::from_str(raw).unwrap();
+        let ev: Value = serde_json::from_str(ev).unwrap();
+        assert_eq!(ev["metadata"]["uid"], rec["hash"]);
+        assert_eq!(ev["metadata"]["sequence"], rec["seq"]);
+        let class = ev["class_uid"].as_u64().unwrap();
+        let sql = rec["action"]["sql"].is_string();
+        assert_eq!(
+            class,
+            if sql || rec["action"]["protocol"] == "postgres" {
+                6005
+            } else {
+                6003
+            },
+            "{ev}"
+        );
+        assert_eq!(
+            ev["type_uid"].as_u64().unwrap(),
+            class * 100 + ev["activity_id"].as_u64().unwrap()
+        );
+    }
+    assert!(ocsf.contains("\"query_string\":\"DROP TABLE customers\""));
+}

@@ -51,6 +51,7 @@
 mod checkpoint;
 mod config;
 pub mod merkle;
+pub mod ocsf;
 mod proof;
 mod record;
 mod retention;
