@@ -4,7 +4,7 @@
 //! Bounded by construction: every list keeps at most its cap of entries and
 //! counts the rest (`omitted`), every text taken from a record is clipped to
 //! [`TEXT_CAP`] characters, and state carried across records (open sessions,
-//! bindings, approvals) is capped at [`OPEN_CAP`] entries, overflow counted
+//! bindings, pending approvals) is capped at [`OPEN_CAP`] entries, overflow counted
 //! and reported. What a list leaves out is in the log and in `audit export`;
 //! the report says how much that is, never silently less.
 
@@ -29,7 +29,7 @@ pub const KEY_CAP: usize = 1000;
 /// Characters kept of any text taken from a record.
 pub const TEXT_CAP: usize = 300;
 /// Sessions, bindings and approvals tracked across records.
-pub const OPEN_CAP: usize = 100_000;
+pub const OPEN_CAP: usize = 20_000;
 /// Timeline buckets at most (a 31-day window is drawn per hour).
 pub const MAX_BUCKETS: u64 = 744;
 
@@ -532,6 +532,8 @@ pub struct Collector {
     findings: BTreeMap<String, Findings>,
     sessions: HashMap<String, Open>,
     bindings: HashMap<(String, String), Open>,
+    /// Approval requests not yet decided, by id.
+    pending: HashMap<String, Open>,
     open_overflow: u64,
     daemon: DaemonState,
     /// Gateway not in force: daemon down with fail mode open.
@@ -586,6 +588,7 @@ impl Collector {
             findings,
             sessions: HashMap::new(),
             bindings: HashMap::new(),
+            pending: HashMap::new(),
             open_overflow: 0,
             daemon: DaemonState::default(),
             not_in_force: Capped::new(CITE_CAP),
@@ -789,6 +792,36 @@ impl Collector {
             Kind::ConnectionClose => {
                 if let Some(id) = &rec.session_id {
                     self.sessions.remove(id);
+                }
+            }
+            Kind::ApprovalRequested => {
+                if let Some(id) = text(rec.approval.as_ref(), "id") {
+                    if self.pending.len() < OPEN_CAP {
+                        let what = format!("approval {id} pending");
+                        let cite = Self::cite(seq, hash, rec);
+                        self.pending.insert(
+                            id,
+                            Open {
+                                identity: who.to_owned(),
+                                what,
+                                cite,
+                            },
+                        );
+                    } else {
+                        self.open_overflow += 1;
+                    }
+                }
+            }
+            Kind::ApprovalGranted | Kind::ApprovalDenied | Kind::ApprovalExpired => {
+                if let Some(id) = text(rec.approval.as_ref(), "id") {
+                    self.pending.remove(&id);
+                }
+            }
+            Kind::Statement | Kind::Decision
+                if field(rec.approval.as_ref(), "outcome").is_some() =>
+            {
+                if let Some(id) = text(rec.approval.as_ref(), "id") {
+                    self.pending.remove(&id);
                 }
             }
             Kind::IdentityBind | Kind::IdentityUnbind => {
@@ -1072,7 +1105,7 @@ impl Collector {
     fn approval_requested(&mut self, rec: &Record, who: &str, cite: &Cite) {
         let a = rec.approval.as_ref();
         let Some(id) = text(a, "id") else { return };
-        if !self.approvals.contains_key(&id) && self.approvals.len() >= OPEN_CAP {
+        if !self.approvals.contains_key(&id) && self.approvals.len() >= LIST_CAP {
             self.approvals_omitted += 1;
             return;
         }
@@ -1134,8 +1167,8 @@ impl Collector {
         let requester = text(rec.action.as_ref(), "requester");
         let approver =
             text(a, "approver").or_else(|| rec.identity.as_ref().map(|i| clip(&i.subject)));
-        if !self.approvals.contains_key(&id) && self.approvals.len() >= OPEN_CAP {
-            self.approvals_omitted += 1;
+        if !self.approvals.contains_key(&id) && self.approvals.len() >= LIST_CAP {
+            // Counted at its request (or requested before the period).
             return;
         }
         let entry = self
@@ -1554,6 +1587,7 @@ impl Collector {
                 .sessions
                 .values()
                 .chain(self.bindings.values())
+                .chain(self.pending.values())
                 .filter(|o| o.identity == who)
                 .collect();
             live.sort_by_key(|o| o.cite.seq);
@@ -1563,19 +1597,7 @@ impl Collector {
                     what.push(o.what.clone());
                 }
             }
-            let pending: Vec<&Approval> = self
-                .approvals
-                .values()
-                .filter(|a| a.outcome == "pending" && a.requester.as_deref() == Some(who.as_str()))
-                .collect();
-            for a in &pending {
-                if let Some(c) = a.records.first()
-                    && cites.push(c.clone())
-                {
-                    what.push(format!("approval {} pending", a.id));
-                }
-            }
-            let n = live.len() + pending.len();
+            let n = live.len();
             let ans = if n > 0 || self.open_overflow > 0 {
                 "yes"
             } else {
@@ -1851,6 +1873,25 @@ mod tests {
             rec(0, "01:00:00", Kind::ConnectionOpen, Some(("ann", "label"))),
             close,
         ]);
+        assert_eq!(answer_of(&r, "q5").0, "no");
+    }
+
+    #[test]
+    fn an_approval_requested_before_the_period_and_never_decided_is_live() {
+        let mut req = rec(
+            0,
+            "00:00:00",
+            Kind::ApprovalRequested,
+            Some(("ann", "human")),
+        );
+        req.time = "2025-12-31T23:00:00.000000000Z".into();
+        req.approval = Some(json!({"id": "apr-9"}));
+        let r = run(&[req.clone()]);
+        assert_eq!(answer_of(&r, "q5"), ("yes", vec![0]));
+        let mut denied = rec(1, "01:00:00", Kind::Statement, Some(("ann", "human")));
+        denied.approval = Some(json!({"id": "apr-9", "outcome": "expired"}));
+        denied.decision = Some(json!({"verdict": "deny", "rule": "r"}));
+        let r = run(&[req, denied]);
         assert_eq!(answer_of(&r, "q5").0, "no");
     }
 
