@@ -245,7 +245,9 @@ fn the_package_validates_proves_and_reports_tampering_at_the_top() {
         "DROP TABLE customers"
     );
     assert_eq!(report["containment"]["by_kind"]["containment.refused"], 1);
-    assert_eq!(report["commands"]["total"], 5);
+    assert_eq!(report["commands"]["total"], 3);
+    assert_eq!(report["commands"]["by_decision"]["allow after approval"], 1);
+    assert_eq!(report["commands"]["by_decision"]["deny"], 1);
     let text = serde_json::to_string(&report).unwrap();
     assert!(
         !text.contains("other-db"),

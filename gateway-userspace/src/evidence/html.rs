@@ -584,7 +584,7 @@ fn timeline_svg(r: &Report) -> String {
         .max(1) as f64;
     let bw = (width - pad) / count;
     let mut svg = format!(
-        "<p>Commands per {} hour(s) from {} (UTC): <span style='color:#2e7d32'>■ allowed</span> <span style='color:#c62828'>■ denied</span> <span style='color:#ef8f00'>■ held for approval</span>. Highest bar: {} command(s).</p><svg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 {width} {}' width='100%' role='img' aria-label='commands per hour by decision'>",
+        "<p>Commands per {} hour(s) from {} (UTC): <span style='color:#2e7d32'>■ allowed</span> <span style='color:#c62828'>■ denied</span> <span style='color:#ef8f00'>■ allowed after approval</span>. Highest bar: {} command(s).</p><svg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 {width} {}' width='100%' role='img' aria-label='commands per hour by decision'>",
         t.bucket_hours,
         esc(&t.start),
         max as u64,

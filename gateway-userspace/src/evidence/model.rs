@@ -232,7 +232,7 @@ pub struct Commands {
 pub struct Timeline {
     pub start: String,
     pub bucket_hours: u64,
-    /// Per bucket: commands allowed, denied, held for approval.
+    /// Per bucket: commands allowed, denied, allowed after approval.
     pub buckets: Vec<[u64; 3]>,
 }
 
@@ -893,8 +893,13 @@ impl Collector {
             {
                 self.observe_result(rec, who, &cite);
             }
-            Kind::Statement | Kind::Decision | Kind::ApprovalRequested => {
+            Kind::Statement | Kind::Decision => {
                 self.observe_command(rec, who, &cite, verdict);
+            }
+            // The held command's own record follows with the outcome.
+            Kind::ApprovalRequested => {
+                self.note_resource(rec, &cite);
+                self.approval_requested(rec, who, &cite);
             }
             Kind::ApprovalGranted | Kind::ApprovalDenied | Kind::ApprovalExpired => {
                 self.observe_approval_decision(rec, &cite);
@@ -1011,18 +1016,24 @@ impl Collector {
     fn observe_command(&mut self, rec: &Record, who: &str, cite: &Cite, verdict: Option<String>) {
         let action = rec.action.as_ref();
         let approval = rec.approval.as_ref();
-        let decision = if rec.kind == Kind::ApprovalRequested {
-            "held".to_owned()
+        let verdict = verdict.unwrap_or_else(|| "none".into());
+        let approved =
+            verdict == "allow" && text(approval, "outcome").as_deref() == Some("granted");
+        let decision = if approved {
+            "allow after approval".to_owned()
         } else {
-            verdict.unwrap_or_else(|| "none".into())
+            verdict.clone()
         };
         let class = text(action, "class");
         let bucket = match decision.as_str() {
-            "allow" => 0,
-            "deny" => 1,
-            _ => 2,
+            "allow" => Some(0),
+            "deny" => Some(1),
+            "allow after approval" => Some(2),
+            _ => None,
         };
-        if let Some(t) = crate::audit::parse_time(&rec.time) {
+        if let Some(bucket) = bucket
+            && let Some(t) = crate::audit::parse_time(&rec.time)
+        {
             let h = t.unix_timestamp().div_euclid(3600) - self.start_hour;
             if let Some(b) = u64::try_from(h)
                 .ok()
@@ -1095,10 +1106,8 @@ impl Collector {
         if let Some(items) = self.commands.items.as_mut() {
             items.push(command);
         }
-        if rec.kind == Kind::ApprovalRequested {
-            self.approval_requested(rec, who, cite);
-        } else if let Some(a) = approval {
-            self.approval_used(a, who, cite, &decision);
+        if let Some(a) = approval {
+            self.approval_used(a, who, cite, &verdict);
         }
     }
 
