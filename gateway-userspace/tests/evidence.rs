@@ -382,6 +382,22 @@ fn retention_is_reported_as_such_and_proofs_still_check() {
         .output()
         .unwrap();
     assert!(check.status.success(), "{check:?}");
+
+    // `audit prove` shares the proof code: it proves records after retention too.
+    let first = report["integrity"]["first_seq"].as_u64().unwrap();
+    let prove = agentgate()
+        .args(["audit", "prove", "--seq", &(first + 1).to_string(), "--dir"])
+        .arg(&log.dir)
+        .output()
+        .unwrap();
+    assert!(prove.status.success(), "{prove:?}");
+    std::fs::write(&proof, &prove.stdout).unwrap();
+    let check = agentgate()
+        .args(["audit", "verify-proof"])
+        .arg(&proof)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{check:?}");
 }
 
 /// `audit export --format ocsf`: one event per record the jsonl export gives,

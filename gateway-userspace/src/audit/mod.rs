@@ -52,6 +52,7 @@ mod checkpoint;
 mod config;
 pub mod merkle;
 pub mod ocsf;
+mod paths;
 mod proof;
 mod record;
 mod retention;
@@ -65,6 +66,7 @@ use std::{path::PathBuf, sync::Arc};
 
 pub use checkpoint::{Checkpoint, KEY_FILE, KeyRotation, PUB_FILE, read_public_key};
 pub use config::{AuditConfig, Durability};
+pub(crate) use paths::PathCollector;
 pub use proof::{InclusionProof, prove_inclusion, verify_inclusion_proof};
 pub(crate) use record::format_time;
 pub use record::{

@@ -7,7 +7,8 @@
 //! without itemizing it (fails closed: nothing unverified is presented as
 //! evidence, nothing unreadable is skipped silently). The second pass reads
 //! only stored hashes to build the inclusion proofs of the records the report
-//! cites ([`prove`]), each checked before it is written.
+//! cites (`audit::paths`, shared with `audit prove`), each checked before it
+//! is written.
 //!
 //! Memory bound, independent of the log's size: the model keeps at most
 //! [`model::LIST_CAP`] entries per list and [`model::KEY_CAP`] identities,
@@ -21,7 +22,6 @@
 
 pub mod html;
 pub mod model;
-mod prove;
 
 use std::{
     collections::BTreeSet,
@@ -34,12 +34,11 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 
 use crate::audit::{
-    Checkpoint, Kind, LineEnd, LineReader, ScanOptions, format_time, list_segments, parse_line,
-    quarantine_files, read_anchor, scan, split_line,
+    Checkpoint, Kind, LineEnd, LineReader, PathCollector, ScanOptions, format_time, list_segments,
+    parse_line, quarantine_files, read_anchor, scan, split_line,
 };
 use model::{AfterBreak, Collector, Failure, OlderCheckpoints, Scope, Unproven};
 pub use model::{Report, SCHEMA};
-use prove::PathCollector;
 
 /// Most records `records.jsonl` holds; further citations are counted.
 pub const MAX_CITED: usize = 20_000;

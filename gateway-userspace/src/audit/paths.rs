@@ -1,21 +1,24 @@
-//! Inclusion proofs for the records a report cites, made in the same single
-//! pass that verifies the log, without keeping every leaf.
+//! Inclusion proofs made while streaming the log, without keeping every leaf
+//! (`audit prove`, and the records an evidence report cites).
 //!
-//! `audit prove` keeps all leaf hashes (32 bytes a record); for 10 million
-//! records that is 320 MB. Here the pass keeps only the subtree roots the cited
-//! records' audit paths need: when a record is cited, the Merkle frontier at
+//! Keeping all leaf hashes costs 32 bytes a record (320 MB for 10 million
+//! records). Here a pass keeps only the subtree roots the cited records'
+//! audit paths need: when a record is cited, the Merkle frontier at
 //! that moment holds exactly its left siblings; its right siblings are the
 //! perfect subtrees that complete later (caught as they complete); the partial
 //! subtrees at the right edge come from the frontier at the newest checkpoint's
-//! size. Memory: O(cited × log n) hashes. Every proof made is checked with
-//! [`verify_inclusion_proof`] before it is handed out (fails closed).
+//! size. Memory: O(cited × log n) hashes. Starting from a retention anchor's
+//! frontier, records after a retention deletion are provable too. Every proof
+//! made is checked with [`verify_inclusion_proof`] before it is handed out
+//! (fails closed).
 
 use std::collections::HashMap;
 
-use crate::audit::{
-    Checkpoint, Hash, InclusionProof,
+use super::{
+    checkpoint::Checkpoint,
     merkle::{self, Frontier, node_hash},
-    verify_inclusion_proof,
+    proof::{InclusionProof, verify_inclusion_proof},
+    record::Hash,
 };
 
 /// A perfect subtree: `level` (0 = a leaf) and its index at that level.
