@@ -382,6 +382,13 @@ pub fn render(r: &Report) -> String {
         );
     }
     h.push_str("</table>");
+    if !m.lineage.is_empty() {
+        let _ = write!(
+            h,
+            "<p>Result columns by column lineage: {}.</p>",
+            esc(&kv(&m.lineage))
+        );
+    }
     if let Some(f) = &m.failures {
         let _ = write!(
             h,

@@ -255,6 +255,10 @@ pub struct Masking {
     /// Protected field (column or detector name) -> how it was masked.
     pub fields: BTreeMap<String, FieldMasking>,
     pub fields_omitted: u64,
+    /// Result columns by how column lineage decided them (`direct`,
+    /// `preserved`, `derived-redacted`, `unknown-redacted`,
+    /// `json-fields-masked`), from results that record it.
+    pub lineage: BTreeMap<String, u64>,
     /// `masking.failure` records: the value was not sent, the connection closed.
     pub failures: Option<Capped<Cite>>,
 }
@@ -973,6 +977,19 @@ impl Collector {
             self.masking.values_unmasked += unmasked;
             if masked + nulled > 0 {
                 self.masking.statements_masked += 1;
+            }
+            for column in m
+                .get("lineage")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                if let Some(label) = column.get("lineage").and_then(Value::as_str)
+                    && (self.masking.lineage.len() < KEY_CAP
+                        || self.masking.lineage.contains_key(label))
+                {
+                    *self.masking.lineage.entry(clip(label)).or_default() += 1;
+                }
             }
             for (by, key) in [("rule", "columns"), ("detector", "detectors")] {
                 for name in strings(Some(m), key) {
@@ -1862,11 +1879,13 @@ mod tests {
         let mut done = rec(3, "01:00:00", Kind::Statement, Some(("ann", "human")));
         done.action = Some(json!({"phase": "completed"}));
         done.transform = Some(
-            json!({"masking": {"columns": ["ssn"], "values_masked": 2, "values_unmasked": 1}}),
+            json!({"masking": {"columns": ["ssn"], "values_masked": 2, "values_unmasked": 1,
+                "lineage": [{"column": "x", "lineage": "derived-redacted"}, {"column": "ssn", "lineage": "direct"}]}}),
         );
         let r = run(&[done]);
         assert_eq!(answer_of(&r, "q1"), ("yes", vec![3]));
         assert_eq!(r.masking.fields["ssn"].statements, 1);
+        assert_eq!(r.masking.lineage["derived-redacted"], 1);
     }
 
     #[test]
