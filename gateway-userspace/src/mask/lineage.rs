@@ -481,30 +481,17 @@ mod tests {
 
     fn labels(sql: &str, fields: &[Field]) -> Vec<Option<&'static str>> {
         let s = stmt(sql);
-        plan(
-            &policy(Derived::Redact),
-            &NoCatalog,
-            Some(&s.outputs),
-            fields,
-        )
-        .into_iter()
-        .map(ColumnMask::label)
-        .collect()
+        plan(&policy(Derived::Redact), &NoCatalog, Some(&s.outputs), fields)
+            .into_iter()
+            .map(ColumnMask::label)
+            .collect()
     }
 
     #[test]
     fn computed_columns_are_redacted_and_values_keep_their_rule() {
         assert_eq!(
-            labels(
-                "SELECT id, reverse(ssn), max(ssn), ssn AS x FROM customers",
-                &computed(4)
-            ),
-            [
-                None,
-                Some("derived-redacted"),
-                Some("preserved"),
-                Some("direct")
-            ]
+            labels("SELECT id, reverse(ssn), max(ssn), ssn AS x FROM customers", &computed(4)),
+            [None, Some("derived-redacted"), Some("preserved"), Some("direct")]
         );
         let p = policy(Derived::Redact);
         let s = stmt("SELECT max(ssn) FROM customers");
@@ -548,50 +535,17 @@ mod tests {
     #[test]
     fn refusals_name_the_rule_and_column() {
         let p = policy(Derived::Redact);
-        assert!(
-            check(
-                &p,
-                &NoCatalog,
-                &stmt("SELECT id FROM customers WHERE ssn = '1'")
-            )
-            .is_ok()
-        );
-        let r = check(
-            &p,
-            &NoCatalog,
-            &stmt("SELECT id FROM customers WHERE ssn LIKE '1%'"),
-        )
-        .unwrap_err();
+        assert!(check(&p, &NoCatalog, &stmt("SELECT id FROM customers WHERE ssn = '1'")).is_ok());
+        let r = check(&p, &NoCatalog, &stmt("SELECT id FROM customers WHERE ssn LIKE '1%'")).unwrap_err();
         assert_eq!(r.rule, "masking.column customers.ssn");
         assert_eq!(r.column, "customers.ssn");
         assert!(r.reason.starts_with("LIKE"), "{}", r.reason);
         assert!(check(&p, &NoCatalog, &stmt("SELECT reverse(ssn) FROM customers")).is_ok());
         let deny = policy(Derived::Deny);
-        assert!(
-            check(
-                &deny,
-                &NoCatalog,
-                &stmt("SELECT reverse(ssn) FROM customers")
-            )
-            .is_err()
-        );
+        assert!(check(&deny, &NoCatalog, &stmt("SELECT reverse(ssn) FROM customers")).is_err());
         assert!(check(&deny, &NoCatalog, &stmt("SELECT ssn FROM customers")).is_ok());
-        assert!(
-            check(
-                &p,
-                &NoCatalog,
-                &stmt("INSERT INTO t SELECT ssn FROM customers")
-            )
-            .is_err()
-        );
-        assert!(
-            check(
-                &p,
-                &NoCatalog,
-                &stmt("SELECT id FROM orders WHERE ssn LIKE '1%'")
-            )
-            .is_ok()
-        );
+        assert!(check(&p, &NoCatalog, &stmt("INSERT INTO t SELECT ssn FROM customers")).is_err());
+        assert!(check(&p, &NoCatalog, &stmt("SELECT id FROM orders WHERE ssn LIKE '1%'")).is_ok());
     }
 
     struct OneView(Vec<(String, Lineage)>);

@@ -496,9 +496,7 @@ fn statement(stmt: &Statement) -> StatementLineage {
             }
             Outputs::None
         }
-        Statement::Explain {
-            statement: inner, ..
-        } => {
+        Statement::Explain { statement: inner, .. } => {
             // The plan is text about the query, not its data; the query's
             // predicates still count (EXPLAIN ANALYZE runs it and counts rows).
             let l = self::statement(inner);
@@ -545,14 +543,7 @@ impl Ctx {
                 } else {
                     self.query(&cte.query)
                 };
-                rename(
-                    &mut outs,
-                    &cte.alias
-                        .columns
-                        .iter()
-                        .map(|c| ident(&c.name))
-                        .collect::<Vec<_>>(),
-                );
+                rename(&mut outs, &cte.alias.columns.iter().map(|c| ident(&c.name)).collect::<Vec<_>>());
                 self.scope
                     .ctes
                     .last_mut()
@@ -594,11 +585,7 @@ impl Ctx {
             .collect()
     }
 
-    fn set_expr(
-        &mut self,
-        body: &SetExpr,
-        order_by: Option<&sqlparser::ast::OrderBy>,
-    ) -> Vec<Output> {
+    fn set_expr(&mut self, body: &SetExpr, order_by: Option<&sqlparser::ast::OrderBy>) -> Vec<Output> {
         match body {
             SetExpr::Select(s) => self.select(s, order_by),
             SetExpr::Query(q) => {
@@ -924,11 +911,7 @@ impl Ctx {
                 for a in args {
                     l.merge(&self.arg(a));
                 }
-                aliased(
-                    last_part(name),
-                    alias.as_ref(),
-                    Body::Opaque(l.at_least(Flow::Derived)),
-                )
+                aliased(last_part(name), alias.as_ref(), Body::Opaque(l.at_least(Flow::Derived)))
             }
             TableFactor::UNNEST {
                 alias, array_exprs, ..
@@ -937,11 +920,7 @@ impl Ctx {
                 for e in array_exprs {
                     l.merge(&self.expr(e));
                 }
-                aliased(
-                    "unnest".into(),
-                    alias.as_ref(),
-                    Body::Opaque(l.at_least(Flow::Derived)),
-                )
+                aliased("unnest".into(), alias.as_ref(), Body::Opaque(l.at_least(Flow::Derived)))
             }
             TableFactor::NestedJoin {
                 table_with_joins,
@@ -1206,11 +1185,7 @@ impl Ctx {
         }
         let direct = l.sources.values().all(|f| *f <= Flow::Preserved);
         self.predicates.push(Predicate {
-            test: if direct {
-                Test::Equality
-            } else {
-                Test::Search(why)
-            },
+            test: if direct { Test::Equality } else { Test::Search(why) },
             lineage: l,
         });
     }
@@ -1251,15 +1226,13 @@ fn aliased(default: String, alias: Option<&sqlparser::ast::TableAlias>, body: Bo
                         Body::Derived(outs)
                     }
                 }
-                Body::Named { relation } if !names.is_empty() => {
-                    Body::Opaque(Lineage::from_source(
-                        Source {
-                            relation,
-                            column: None,
-                        },
-                        Flow::Direct,
-                    ))
-                }
+                Body::Named { relation } if !names.is_empty() => Body::Opaque(Lineage::from_source(
+                    Source {
+                        relation,
+                        column: None,
+                    },
+                    Flow::Direct,
+                )),
                 b => b,
             };
             Rel {
@@ -1369,6 +1342,7 @@ fn is_constant(e: &Expr) -> bool {
     }
 }
 
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1442,26 +1416,11 @@ mod tests {
 
     #[test]
     fn expressions_are_derived_and_choices_preserved() {
-        assert_eq!(
-            outs("SELECT reverse(ssn) FROM customers"),
-            ["reverse: customers.ssn/Derived"]
-        );
-        assert_eq!(
-            outs("SELECT ssn || '' FROM customers"),
-            ["?column?: customers.ssn/Derived"]
-        );
-        assert_eq!(
-            outs("SELECT max(ssn) FROM customers"),
-            ["max: customers.ssn/Preserved"]
-        );
-        assert_eq!(
-            outs("SELECT ssn::text FROM customers"),
-            ["ssn: customers.ssn/Preserved"]
-        );
-        assert_eq!(
-            outs("SELECT ssn::varchar(3) FROM customers"),
-            ["ssn: customers.ssn/Derived"]
-        );
+        assert_eq!(outs("SELECT reverse(ssn) FROM customers"), ["reverse: customers.ssn/Derived"]);
+        assert_eq!(outs("SELECT ssn || '' FROM customers"), ["?column?: customers.ssn/Derived"]);
+        assert_eq!(outs("SELECT max(ssn) FROM customers"), ["max: customers.ssn/Preserved"]);
+        assert_eq!(outs("SELECT ssn::text FROM customers"), ["ssn: customers.ssn/Preserved"]);
+        assert_eq!(outs("SELECT ssn::varchar(3) FROM customers"), ["ssn: customers.ssn/Derived"]);
         assert_eq!(
             outs("SELECT CASE WHEN id > 1 THEN ssn ELSE email END FROM customers"),
             ["case: customers.email/Preserved customers.id/Derived customers.ssn/Preserved"]
@@ -1475,26 +1434,14 @@ mod tests {
             ["first_value: customers.id/Derived customers.ssn/Derived"]
         );
         assert_eq!(outs("SELECT count(*) FROM customers"), ["count: "]);
-        assert_eq!(
-            outs("SELECT (SELECT ssn FROM customers LIMIT 1)"),
-            ["?column?: customers.ssn/Preserved"]
-        );
+        assert_eq!(outs("SELECT (SELECT ssn FROM customers LIMIT 1)"), ["?column?: customers.ssn/Preserved"]);
     }
 
     #[test]
     fn whole_rows_stars_and_unknown_relations() {
-        assert_eq!(
-            outs("SELECT c FROM customers c"),
-            ["c: customers.*/Derived customers.c/Direct"]
-        );
-        assert_eq!(
-            outs("SELECT row_to_json(c) FROM customers c"),
-            ["row_to_json: customers.*/Derived customers.c/Derived"]
-        );
-        assert_eq!(
-            outs("SELECT to_jsonb(c.*) FROM customers c"),
-            ["to_jsonb: customers.*/Derived"]
-        );
+        assert_eq!(outs("SELECT c FROM customers c"), ["c: customers.*/Derived customers.c/Direct"]);
+        assert_eq!(outs("SELECT row_to_json(c) FROM customers c"), ["row_to_json: customers.*/Derived customers.c/Derived"]);
+        assert_eq!(outs("SELECT to_jsonb(c.*) FROM customers c"), ["to_jsonb: customers.*/Derived"]);
         assert_eq!(outs("SELECT * FROM customers"), ["*customers"]);
         assert_eq!(
             outs("SELECT * FROM (SELECT id, reverse(ssn) r FROM customers) t"),
@@ -1511,10 +1458,7 @@ mod tests {
     fn set_operations_and_recursive_ctes_union_their_sides() {
         assert_eq!(
             outs("SELECT id, name FROM customers UNION SELECT 1, ssn FROM customers"),
-            [
-                "id: customers.id/Direct",
-                "name: customers.name/Direct customers.ssn/Direct"
-            ]
+            ["id: customers.id/Direct", "name: customers.name/Direct customers.ssn/Direct"]
         );
         let o = outs(
             "WITH RECURSIVE r(i, ch) AS (SELECT 1, substr(ssn, 1, 1) FROM customers \
@@ -1526,31 +1470,13 @@ mod tests {
 
     #[test]
     fn searches_on_columns_are_listed_equality_is_not() {
-        assert!(
-            searches("SELECT id FROM customers WHERE ssn = '1' AND id IN (1, 2) OR ssn IS NULL")
-                .is_empty()
-        );
+        assert!(searches("SELECT id FROM customers WHERE ssn = '1' AND id IN (1, 2) OR ssn IS NULL").is_empty());
         assert!(searches("SELECT id FROM customers WHERE ssn = $1").is_empty());
-        assert_eq!(
-            searches("SELECT id FROM customers WHERE ssn LIKE '1%'"),
-            ["LIKE: customers.ssn"]
-        );
-        assert_eq!(
-            searches("SELECT id FROM customers WHERE ssn > '5'"),
-            ["a range comparison: customers.ssn"]
-        );
-        assert_eq!(
-            searches("SELECT id FROM customers ORDER BY ssn"),
-            ["ORDER BY: customers.ssn"]
-        );
-        assert_eq!(
-            searches("SELECT ssn AS s FROM customers ORDER BY 1"),
-            ["ORDER BY: customers.ssn"]
-        );
-        assert_eq!(
-            searches("SELECT count(*) FROM customers GROUP BY ssn"),
-            ["GROUP BY: customers.ssn"]
-        );
+        assert_eq!(searches("SELECT id FROM customers WHERE ssn LIKE '1%'"), ["LIKE: customers.ssn"]);
+        assert_eq!(searches("SELECT id FROM customers WHERE ssn > '5'"), ["a range comparison: customers.ssn"]);
+        assert_eq!(searches("SELECT id FROM customers ORDER BY ssn"), ["ORDER BY: customers.ssn"]);
+        assert_eq!(searches("SELECT ssn AS s FROM customers ORDER BY 1"), ["ORDER BY: customers.ssn"]);
+        assert_eq!(searches("SELECT count(*) FROM customers GROUP BY ssn"), ["GROUP BY: customers.ssn"]);
         assert_eq!(
             searches("SELECT id FROM customers WHERE substr(ssn, 1, 1) = '1'"),
             ["a comparison: customers.ssn"]
@@ -1569,27 +1495,16 @@ mod tests {
     fn writes_that_copy_columns_are_listed() {
         let w = one("INSERT INTO t SELECT reverse(ssn) FROM customers").writes;
         assert_eq!(w.len(), 1);
-        assert!(
-            w[0].lineage
-                .sources
-                .keys()
-                .any(|s| s.column.as_deref() == Some("ssn"))
-        );
+        assert!(w[0].lineage.sources.keys().any(|s| s.column.as_deref() == Some("ssn")));
         let w = one("UPDATE customers SET name = ssn WHERE id = 1").writes;
         assert_eq!(w[0].target, "customers");
         assert!(one("INSERT INTO t VALUES (1, 'x')").writes.is_empty());
-        assert_eq!(
-            one("CREATE TABLE t AS SELECT ssn FROM customers")
-                .writes
-                .len(),
-            1
-        );
+        assert_eq!(one("CREATE TABLE t AS SELECT ssn FROM customers").writes.len(), 1);
     }
 
     #[test]
     fn views_are_read_from_their_definition() {
-        let v = view_columns(" SELECT customers.id, reverse(customers.ssn) AS r FROM customers;")
-            .unwrap();
+        let v = view_columns(" SELECT customers.id, reverse(customers.ssn) AS r FROM customers;").unwrap();
         assert_eq!(v[1].0, "r");
         assert_eq!(v[1].1.sources.values().next(), Some(&Flow::Derived));
     }
