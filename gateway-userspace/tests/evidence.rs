@@ -151,6 +151,7 @@ fn build_log() -> TempLog {
     let t = TempLog::new();
     let mut cfg = t.cfg();
     cfg.checkpoint_every_records = 5;
+    cfg.checkpoint_file = Some(t.tmp.path().join("exported-checkpoints.jsonl"));
     tokio::runtime::Runtime::new().unwrap().block_on(async {
         let log = AuditLog::open(cfg).await.unwrap();
         write_session(&log).await;
@@ -204,6 +205,37 @@ fn the_package_validates_proves_and_reports_tampering_at_the_top() {
     let out = log.tmp.path().join("evidence");
     let run = evidence(&log.dir, &out);
     assert!(run.status.success(), "{run:?}");
+    // The checkpoints exported off the host match the log.
+    let with_cp = agentgate()
+        .args([
+            "evidence",
+            "--identity",
+            "contractor@bank",
+            "--from",
+            FROM,
+            "--to",
+            TO,
+        ])
+        .arg("--dir")
+        .arg(&log.dir)
+        .arg("--out")
+        .arg(log.tmp.path().join("evidence-cp"))
+        .arg("--checkpoint")
+        .arg(log.tmp.path().join("exported-checkpoints.jsonl"))
+        .output()
+        .unwrap();
+    assert!(with_cp.status.success(), "{with_cp:?}");
+    let cp: Value = serde_json::from_slice(
+        &std::fs::read(log.tmp.path().join("evidence-cp/evidence.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cp["integrity"]["older_checkpoints"]["consistent"], true);
+    assert!(
+        cp["integrity"]["older_checkpoints"]["checked"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
 
     // evidence.json against the schema in the repo.
     let report: Value =
@@ -234,6 +266,7 @@ fn the_package_validates_proves_and_reports_tampering_at_the_top() {
         report["identities"][0]["issuer"],
         "https://idp.bank.example"
     );
+    assert_eq!(report["identities"][0]["oidc_subject"], "c-123");
     let approvals = report["approvals"]["items"].as_array().unwrap();
     assert_eq!(approvals.len(), 2);
     assert_eq!(approvals[0]["outcome"], "denied");

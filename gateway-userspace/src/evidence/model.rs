@@ -169,6 +169,8 @@ pub struct IdentityEntry {
     /// How the identity was established, in words.
     pub how: String,
     pub issuer: Option<String>,
+    /// The `sub` claim the provider vouched for (from `identity.login`).
+    pub oidc_subject: Option<String>,
     pub groups: Vec<String>,
     pub first_seen: Option<String>,
     pub last_seen: Option<String>,
@@ -1272,6 +1274,7 @@ impl Collector {
                 verified: false,
                 how: String::new(),
                 issuer: None,
+                oidc_subject: None,
                 groups: Vec::new(),
                 first_seen: None,
                 last_seen: None,
@@ -1293,6 +1296,7 @@ impl Collector {
         if rec.kind == Kind::IdentityLogin {
             let a = rec.action.as_ref();
             entry.issuer = text(a, "issuer");
+            entry.oidc_subject = text(a, "subject");
             for g in strings(a, "groups") {
                 if !entry.groups.contains(&g) && entry.groups.len() < CITE_CAP {
                     entry.groups.push(g);
@@ -1314,6 +1318,11 @@ impl Collector {
                     .as_deref()
                     .map(|i| format!("; issuer {i}"))
                     .unwrap_or_default()
+                    + &entry
+                        .oidc_subject
+                        .as_deref()
+                        .map(|s| format!(", subject {s}"))
+                        .unwrap_or_default()
             )
         } else if entry.kinds.iter().any(|k| k == "label") {
             "UNVERIFIED label: a local name from the daemon's configuration, not checked against any identity provider".into()
@@ -1678,6 +1687,7 @@ impl Collector {
                         verified: false,
                         how: "no record of this identity in the period".into(),
                         issuer: None,
+                        oidc_subject: None,
                         groups: Vec::new(),
                         first_seen: None,
                         last_seen: None,
