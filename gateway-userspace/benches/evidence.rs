@@ -170,7 +170,9 @@ fn main() {
     let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("bench-evidence-{n}"));
     let dir = base.join("audit");
     let done = base.join("generated");
-    if !done.exists() {
+    if done.exists() {
+        println!("reusing the log of {n} records in {}", dir.display());
+    } else {
         let _ = std::fs::remove_dir_all(&base);
         std::fs::create_dir_all(&base).unwrap();
         let t = Instant::now();
@@ -181,8 +183,6 @@ fn main() {
             t.elapsed().as_secs_f64(),
             n as f64 / t.elapsed().as_secs_f64()
         );
-    } else {
-        println!("reusing the log of {n} records in {}", dir.display());
     }
     let bytes: u64 = std::fs::read_dir(&dir)
         .unwrap()
