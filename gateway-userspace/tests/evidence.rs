@@ -43,6 +43,7 @@ fn conn(kind: Kind) -> NewRecord {
 
 /// A realistic session: login, connection, a masked read, a denied DROP
 /// (rejected by an approver), an approved UPDATE, a refused escape route.
+#[allow(clippy::too_many_lines)] // one scripted session, record by record
 async fn write_session(log: &AuditLog) {
     let a = |r| log.append(r);
     a(NewRecord::new(Kind::DaemonStart)
@@ -200,6 +201,7 @@ fn answers(report: &Value) -> Vec<(String, String)> {
 }
 
 #[test]
+#[allow(clippy::too_many_lines)] // one scenario: build, check, tamper, check again
 fn the_package_validates_proves_and_reports_tampering_at_the_top() {
     let log = build_log();
     let out = log.tmp.path().join("evidence");
