@@ -917,7 +917,7 @@ impl Daemon {
         }
     }
 
-    /// Identity upkeep and following the policy.
+    /// Identity upkeep, following the policy, audit retention.
     fn spawn_background(
         self: Arc<Self>,
         tasks: &mut tokio::task::JoinSet<()>,
@@ -925,6 +925,14 @@ impl Daemon {
         shutdown: &watch::Receiver<bool>,
     ) {
         tasks.spawn(self.clone().maintain_identities(shutdown.clone()));
+        if let Some(days) = self.shared.audit.retain_days() {
+            let audit = self.shared.audit.clone();
+            tasks.spawn(crate::audit::enforce_retention(
+                audit,
+                days,
+                shutdown.clone(),
+            ));
+        }
         tasks.spawn(self.follow_policy(attach, shutdown.clone()));
     }
 

@@ -22,6 +22,7 @@ pub mod config;
 pub mod containment;
 pub mod control;
 pub mod daemon;
+pub mod evidence;
 pub mod identity;
 pub mod keyfile;
 pub mod mask;

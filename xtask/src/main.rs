@@ -42,7 +42,7 @@ enum Task {
         #[arg(long)]
         no_lint: bool,
     },
-    /// Benchmarks: `audit`, `policy`, `pg`, or all when omitted.
+    /// Benchmarks: `audit`, `policy`, `evidence`, `pg`, or all when omitted.
     Bench {
         which: Option<String>,
         /// `pg` only: one short round, to check that it runs.
@@ -497,7 +497,7 @@ fn bench(root: &Path, which: Option<&str>, quick: bool) -> Result<()> {
     setup(root)?;
     let all = which.is_none();
     let mut ran = false;
-    for name in ["audit", "policy", "pg"] {
+    for name in ["audit", "policy", "evidence", "pg"] {
         if !(all || which == Some(name)) {
             continue;
         }

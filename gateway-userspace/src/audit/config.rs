@@ -38,6 +38,7 @@ pub enum Durability {
 /// segment_max_bytes = 67108864
 /// segment_max_age_secs = 86400
 /// host = "gw-01"                          # default: the kernel hostname
+/// retain_days = 365                       # PCI DSS 10.5.1: at least 12 months; default: keep all
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -57,6 +58,10 @@ pub struct AuditConfig {
     pub segment_max_bytes: u64,
     pub segment_max_age_secs: u64,
     pub host: Option<String>,
+    /// The daemon deletes whole segments whose records are all older than
+    /// this many days (hourly; each deletion is a `retention` record).
+    /// `None`: keep everything.
+    pub retain_days: Option<u32>,
 }
 
 impl Default for AuditConfig {
@@ -73,6 +78,7 @@ impl Default for AuditConfig {
             segment_max_bytes: 64 << 20,
             segment_max_age_secs: 86_400,
             host: None,
+            retain_days: None,
         }
     }
 }
@@ -133,6 +139,13 @@ impl AuditConfig {
                 reason: format!("audit.checkpoint_webhook: {reason}"),
             })?;
         }
+        if let Some(days) = self.retain_days
+            && !(1..=36_500).contains(&days)
+        {
+            return bad(format!(
+                "audit.retain_days = {days} (allowed 1..=36500; omit it to keep everything)"
+            ));
+        }
         if let Some(host) = &self.host
             && (host.is_empty() || host.len() > 255)
         {
@@ -157,5 +170,10 @@ mod tests {
         assert!(toml::from_str::<AuditConfig>("dri = \"/x\"\n").is_err());
         let zero: AuditConfig = toml::from_str("checkpoint_every_records = 0\n").unwrap();
         assert!(zero.validate().is_err());
+        let pci: AuditConfig = toml::from_str("retain_days = 365\n").unwrap();
+        assert_eq!(pci.retain_days, Some(365));
+        assert!(pci.validate().is_ok());
+        let none: AuditConfig = toml::from_str("retain_days = 0\n").unwrap();
+        assert!(none.validate().is_err());
     }
 }

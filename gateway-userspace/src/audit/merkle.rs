@@ -199,6 +199,11 @@ impl Frontier {
         self.size
     }
 
+    /// The perfect-subtree roots, largest (leftmost) first.
+    pub fn nodes(&self) -> &[Hash] {
+        &self.nodes
+    }
+
     /// Whether this is a well-formed frontier (one node per set bit of `size`).
     pub fn is_well_formed(&self) -> bool {
         self.nodes.len() == self.size.count_ones() as usize

@@ -37,7 +37,8 @@
 //! **Retention.** [`AuditLog::retain`] deletes only whole, closed segments
 //! covered by a checkpoint in the log, and records a `retention` record (with
 //! the anchor the verifier continues from) before deleting anything. The log
-//! never calls it by itself.
+//! never calls it by itself; the daemon applies `[audit] retain_days` hourly
+//! ([`enforce_retention`]).
 //!
 //! **Readers.** Reading through the CLI appends an `audit.access` record: it
 //! takes the writer lock (`.lock`, `flock`) and appends directly, or, while the
@@ -50,8 +51,11 @@
 mod checkpoint;
 mod config;
 pub mod merkle;
+pub mod ocsf;
+mod paths;
 mod proof;
 mod record;
+mod retention;
 mod segment;
 mod sink;
 mod spool;
@@ -62,18 +66,23 @@ use std::{path::PathBuf, sync::Arc};
 
 pub use checkpoint::{Checkpoint, KEY_FILE, KeyRotation, PUB_FILE, read_public_key};
 pub use config::{AuditConfig, Durability};
+pub(crate) use paths::PathCollector;
 pub use proof::{InclusionProof, prove_inclusion, verify_inclusion_proof};
+pub(crate) use record::format_time;
 pub use record::{
     EncodeError, GENESIS_PREV, Hash, IdentityRef, Kind, MAX_LINE_BYTES, NewRecord, ParsedLine,
     Record, SCHEMA_VERSION, Workload, encode_line, now_rfc3339, parse_line, parse_time,
     record_hash, split_line,
 };
+pub use retention::{enforce_retention, keep_after};
+pub(crate) use segment::read_anchor;
 pub use segment::{
     ANCHOR_FILE, Anchor, LOCK_FILE, LineEnd, LineReader, QUARANTINE_DIR, SegmentFile,
     list_segments, quarantine_files, segment_name,
 };
 pub use spool::{INGESTING_FILE, SPOOL_FILE, spool_access_request};
 pub use verify::{Broken, VerifyFailure, VerifyReport, read_records, verify_dir};
+pub(crate) use verify::{ScanOptions, scan};
 pub use writer::{Appended, AuditLog, AuditStats, MAX_BATCH, RetentionReport};
 
 /// Errors from the audit log. Cloneable: one write failure answers many waiters.

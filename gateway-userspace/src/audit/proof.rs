@@ -9,7 +9,9 @@ use super::{
     AuditError,
     checkpoint::Checkpoint,
     merkle,
-    record::{Hash, decode_hash, parse_line},
+    paths::PathCollector,
+    record::{Hash, Kind, decode_hash, parse_line},
+    segment::read_anchor,
     verify::{ScanOptions, scan},
 };
 
@@ -28,10 +30,13 @@ pub struct InclusionProof {
 }
 
 /// Builds an inclusion proof for `seq` against the newest checkpoint in the
-/// log that covers it. The log is verified on the way.
+/// log that covers it. The log is verified on the way; memory stays
+/// O(log n) (see `paths`), and a log whose oldest segments retention deleted
+/// is proven from its anchor.
 pub fn prove_inclusion(dir: &Path, seq: u64) -> Result<InclusionProof, AuditError> {
-    let mut leaves: Vec<Hash> = Vec::new();
+    let mut paths: Option<PathCollector> = None;
     let mut line: Option<String> = None;
+    let mut anchor_err = None;
     let st = scan(
         dir,
         &ScanOptions {
@@ -40,49 +45,58 @@ pub fn prove_inclusion(dir: &Path, seq: u64) -> Result<InclusionProof, AuditErro
             resume: None,
         },
         |_, _, p, raw| {
-            leaves.push(merkle::leaf_hash(&p.hash));
+            let c = paths.get_or_insert_with(|| {
+                if p.record.seq == 0 {
+                    return PathCollector::default();
+                }
+                // The scan vouched for the anchor before this first record.
+                match read_anchor(dir) {
+                    Ok(Some(a)) => PathCollector::starting_at(&a.frontier),
+                    other => {
+                        anchor_err = Some(format!("{other:?}"));
+                        PathCollector::default()
+                    }
+                }
+            });
+            if p.record.kind == Kind::Checkpoint
+                && let Some(cp) = p
+                    .record
+                    .result
+                    .clone()
+                    .and_then(|v| serde_json::from_value::<Checkpoint>(v).ok())
+            {
+                c.checkpoint(cp);
+            }
             if p.record.seq == seq {
+                c.cite_next();
                 line = Some(String::from_utf8_lossy(raw).into_owned());
             }
+            c.push(&p.hash);
         },
     )
     .map_err(|f| AuditError::Tampered {
         dir: dir.to_path_buf(),
         failure: Box::new(f),
     })?;
-    if st.first_seq > 0 {
+    if let Some(e) = anchor_err {
         return Err(AuditError::Unprovable {
             seq,
-            reason: format!(
-                "retention deleted seqs 0..{}; proofs need every leaf",
-                st.first_seq
-            ),
+            reason: format!("cannot read the retention anchor: {e}"),
         });
     }
-    let record = line.ok_or(AuditError::Unprovable {
-        seq,
-        reason: format!("the log has {} records", st.next_seq),
-    })?;
-    let cp = st
-        .last_checkpoint
-        .filter(|c| c.size > seq)
-        .ok_or_else(|| AuditError::Unprovable {
+    let (Some(record), Some(paths)) = (line, paths) else {
+        return Err(AuditError::Unprovable {
             seq,
-            reason: "no checkpoint covers it yet".into(),
-        })?;
-    let size = usize::try_from(cp.size).expect("fits in memory");
-    let path = merkle::inclusion_proof(&leaves[..size], usize::try_from(seq).expect("fits"))
-        .ok_or_else(|| AuditError::Unprovable {
-            seq,
-            reason: "outside the tree".into(),
-        })?;
-    Ok(InclusionProof {
-        v: 1,
-        seq,
-        record,
-        path: path.iter().map(hex::encode).collect(),
-        checkpoint: cp,
-    })
+            reason: if seq < st.first_seq {
+                format!("retention deleted seqs before {}", st.first_seq)
+            } else {
+                format!("the log has {} records", st.next_seq)
+            },
+        });
+    };
+    paths
+        .proof(seq, record)
+        .map_err(|reason| AuditError::Unprovable { seq, reason })
 }
 
 /// Checks a proof: the record's own hash, the path to the checkpoint root, the

@@ -164,6 +164,7 @@ struct Inner {
     stats: Arc<Stats>,
     dir: PathBuf,
     durability: Durability,
+    retain_days: Option<u32>,
 }
 
 /// The writer's state, and what an append needs to know to stage its record
@@ -242,6 +243,7 @@ impl AuditLog {
         let sink_tx = spawn_sinks(&cfg, &stats)?;
         let recovered = opened.recovered.clone();
         let durability = cfg.durability;
+        let retain_days = cfg.retain_days;
         let strict = durability == Durability::Strict;
         let mut writer = Writer::new(cfg, opened, Arc::clone(&stats), sink_tx);
         // Strict: every awaited group waits for an fdatasync, which the
@@ -280,6 +282,7 @@ impl AuditLog {
                 stats,
                 dir,
                 durability,
+                retain_days,
             }),
         };
         if let Some(result) = recovered {
@@ -293,6 +296,11 @@ impl AuditLog {
     /// When an append counts as done.
     pub fn durability(&self) -> Durability {
         self.inner.durability
+    }
+
+    /// `[audit] retain_days`: applied by the daemon ([`super::enforce_retention`]).
+    pub fn retain_days(&self) -> Option<u32> {
+        self.inner.retain_days
     }
 
     /// The log directory.

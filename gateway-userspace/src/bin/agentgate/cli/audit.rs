@@ -51,7 +51,9 @@ pub enum AuditCommand {
         #[arg(short = 'f', long)]
         follow: bool,
     },
-    /// Export records as stored (each line stays verifiable).
+    /// Export records: `jsonl` as stored (each line stays verifiable), or
+    /// `ocsf` (one OCSF 1.3 event per line: Datastore Activity for SQL, API
+    /// Activity for the rest; each names its record's seq and hash).
     Export {
         #[arg(long)]
         dir: Option<PathBuf>,
@@ -99,6 +101,7 @@ pub enum AuditCommand {
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum ExportFormat {
     Jsonl,
+    Ocsf,
 }
 
 const MAX_PROOF_FILE: u64 = 16 << 20;
@@ -126,13 +129,14 @@ pub fn run(config: &Path, cmd: AuditCommand) -> anyhow::Result<ExitCode> {
         }
         AuditCommand::Export {
             dir,
-            format: ExportFormat::Jsonl,
+            format,
             from,
             to,
             identity,
         } => export(
             config,
             dir,
+            format,
             from.as_deref(),
             to.as_deref(),
             identity.as_deref(),
@@ -228,6 +232,7 @@ fn verify(
 fn export(
     config: &Path,
     dir: Option<PathBuf>,
+    format: ExportFormat,
     from: Option<&str>,
     to: Option<&str>,
     identity: Option<&str>,
@@ -246,7 +251,7 @@ fn export(
     record_access(
         &cfg,
         "export",
-        &json!({"format": "jsonl", "from": from, "to": to, "identity": identity}),
+        &json!({"format": format!("{format:?}").to_lowercase(), "from": from, "to": to, "identity": identity}),
     )?;
     let mut out = std::io::stdout().lock();
     let mut write_err = None;
@@ -256,10 +261,18 @@ fn export(
             t.is_some_and(|t| t_from.is_none_or(|f| t >= f) && t_to.is_none_or(|e| t < e));
         let who =
             identity.is_none_or(|id| p.record.identity.as_ref().is_some_and(|i| i.subject == id));
-        if in_window
-            && who
-            && let Err(e) = out.write_all(raw).and_then(|()| out.write_all(b"\n"))
-        {
+        if !(in_window && who) {
+            return true;
+        }
+        let written = match format {
+            ExportFormat::Jsonl => out.write_all(raw),
+            ExportFormat::Ocsf => serde_json::to_writer(
+                &mut out,
+                &agentgate::audit::ocsf::to_ocsf(&p.record, &hex::encode(p.hash)),
+            )
+            .map_err(std::io::Error::other),
+        };
+        if let Err(e) = written.and_then(|()| out.write_all(b"\n")) {
             write_err = Some(e);
             return false;
         }
@@ -317,7 +330,7 @@ fn verify_proof(file: &Path, key: Option<String>) -> anyhow::Result<ExitCode> {
 
 /// `[audit]` from the config file if it exists (other sections are ignored
 /// here), then `--dir` on top.
-fn load_config(config: &Path, dir: Option<PathBuf>) -> anyhow::Result<AuditConfig> {
+pub(super) fn load_config(config: &Path, dir: Option<PathBuf>) -> anyhow::Result<AuditConfig> {
     let mut cfg = if config.is_file() {
         let text = std::fs::read_to_string(config)
             .with_context(|| format!("reading {}", config.display()))?;
@@ -340,7 +353,7 @@ fn load_config(config: &Path, dir: Option<PathBuf>) -> anyhow::Result<AuditConfi
     Ok(cfg)
 }
 
-fn existing_dir(cfg: &AuditConfig) -> anyhow::Result<()> {
+pub(super) fn existing_dir(cfg: &AuditConfig) -> anyhow::Result<()> {
     if cfg.dir.is_dir() {
         Ok(())
     } else {
@@ -373,7 +386,11 @@ fn reader_identity(uid: u32) -> IdentityRef {
 }
 
 /// Appends `audit.access` directly, or spools it; refuses (error) if neither works.
-fn record_access(cfg: &AuditConfig, command: &str, args: &serde_json::Value) -> anyhow::Result<()> {
+pub(super) fn record_access(
+    cfg: &AuditConfig,
+    command: &str,
+    args: &serde_json::Value,
+) -> anyhow::Result<()> {
     let workload = Workload::current_process();
     let rec = NewRecord::new(Kind::AuditAccess)
         .identity(reader_identity(workload.uid))

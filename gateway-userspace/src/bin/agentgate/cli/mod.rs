@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 mod approvals;
 mod audit;
 mod daemon;
+mod evidence;
 mod identity;
 mod policy;
 
@@ -55,6 +56,8 @@ pub enum Command {
     /// Read and verify the audit log.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Write the examiner's evidence package for identities and a period.
+    Evidence(evidence::EvidenceArgs),
 }
 
 /// An error that is the caller's to fix: exit code 2.
@@ -79,6 +82,7 @@ pub fn main() -> ExitCode {
         Command::Policy(cmd) => policy::run(&cli.config, cmd),
         Command::Approvals(cmd) => approvals::run(&cli.config, &cmd),
         Command::Audit(cmd) => audit::run(&cli.config, cmd),
+        Command::Evidence(args) => evidence::run(&cli.config, args),
     };
     match result {
         Ok(code) => code,
