@@ -224,6 +224,17 @@ pub fn check(
             });
         }
     }
+    // Computed columns of unknown origin are redacted; where a rule on a
+    // table the statement names says `derived = "deny"`, it is refused.
+    let unknown = (matches!(stmt.outputs, Outputs::Unknown) && stmt.fetch.is_none())
+        || stmt.functions.iter().any(|f| rels.is_user_function(f));
+    if unknown && let Some((rule, relation)) = deny_rule_touched(policy, stmt) {
+        return Err(Refusal {
+            rule: rule_name(Some(rule)),
+            column: format!("{relation}.*"),
+            reason: "the origin of its result cannot be established (a function defined in the database, or rows of unknown origin) and the rule says derived = \"deny\"".into(),
+        });
+    }
     if let Outputs::Known(outputs) = &stmt.outputs {
         for o in outputs {
             let Output::Column { lineage, .. } = o else {
@@ -278,6 +289,37 @@ pub fn reads_protected(
         || stmt.predicates.iter().any(|p| reads(&p.lineage))
         || stmt.writes.iter().any(|w| reads(&w.lineage))
         || stmt.cursor.as_ref().is_some_and(|(_, o)| returns(o))
+}
+
+/// A rule with `derived = "deny"` on a table the statement names.
+fn deny_rule_touched<'p>(
+    policy: &'p MaskPolicy,
+    stmt: &StatementLineage,
+) -> Option<(&'p ColumnRule, String)> {
+    let mut relations = std::collections::BTreeSet::new();
+    let mut lineages: Vec<&Lineage> = Vec::new();
+    if let Outputs::Known(outputs) = &stmt.outputs {
+        for o in outputs {
+            match o {
+                Output::Column { lineage, .. } => lineages.push(lineage),
+                Output::Star { relation } => {
+                    relations.insert(relation.clone());
+                }
+            }
+        }
+    }
+    lineages.extend(stmt.predicates.iter().map(|p| &p.lineage));
+    lineages.extend(stmt.writes.iter().map(|w| &w.lineage));
+    for l in lineages {
+        relations.extend(l.sources.keys().map(|s| s.relation.clone()));
+    }
+    relations.into_iter().find_map(|r| {
+        policy
+            .columns()
+            .iter()
+            .find(|rule| rule.derived == Derived::Deny && rule.covers_table(Some(&r)))
+            .map(|rule| (rule, r))
+    })
 }
 
 fn rule_name(rule: Option<&ColumnRule>) -> String {
