@@ -695,6 +695,9 @@ def forged_cancel():
     # must not forward it.
     s = socket.create_connection(("127.0.0.1", 5432))
     s.sendall(struct.pack("!iiii", 16, 80877102, c.info.backend_pid, 12345))
+    # As libpq does: wait for the other end to close (a socket closed at
+    # once may be gone before the proxy has looked up where it came from).
+    s.recv(1)
     s.close()
 threading.Timer(0.5, forged_cancel).start()
 t0 = time.monotonic()
