@@ -547,10 +547,7 @@ fn statement(stmt: &Statement) -> StatementLineage {
         } => {
             // The plan is text about the query, not its data; the query's
             // predicates still count (EXPLAIN ANALYZE runs it and counts rows).
-            let l = self::statement(inner);
-            cx.predicates.extend(l.predicates);
-            cx.writes.extend(l.writes);
-            cx.functions.extend(l.functions);
+            cx.absorb(self::statement(inner));
             Outputs::Known(vec![Output::Column {
                 name: "QUERY PLAN".into(),
                 lineage: Lineage::default(),
@@ -581,10 +578,7 @@ fn statement(stmt: &Statement) -> StatementLineage {
         } => {
             // Its rows come with `EXECUTE`, of unknown origin there; its
             // conditions and writes are checked now.
-            let l = self::statement(inner);
-            cx.predicates.extend(l.predicates);
-            cx.writes.extend(l.writes);
-            cx.functions.extend(l.functions);
+            cx.absorb(self::statement(inner));
             Outputs::None
         }
         Statement::StartTransaction { .. }
@@ -611,6 +605,14 @@ fn statement(stmt: &Statement) -> StatementLineage {
 }
 
 impl Ctx {
+    /// The conditions, writes and calls of a statement run on behalf of
+    /// this one (`EXPLAIN`, `PREPARE`).
+    fn absorb(&mut self, l: StatementLineage) {
+        self.predicates.extend(l.predicates);
+        self.writes.extend(l.writes);
+        self.functions.extend(l.functions);
+    }
+
     /// A query's outputs; its predicates and writes are collected in `self`.
     fn query(&mut self, q: &Query) -> Vec<Output> {
         let mut ctes = 0;
