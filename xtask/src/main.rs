@@ -279,7 +279,7 @@ fn run_daemon(root: &Path, args: &[String]) -> Result<()> {
     setup(root)?;
     status(cmd("cargo").args(["build", "--release", "-p", "agentgate"]))?;
     let config = local_config(root)?;
-    let bin = root.join("target/release/agentgate");
+    let bin = target_dir(root).join("release/agentgate");
     let demo_pg = DemoPostgres::start(&root.join(".state/pg"))?;
     let psql = format!("{PG_BIN}/psql");
     eprintln!(
@@ -401,6 +401,14 @@ impl Drop for DemoPostgres {
     }
 }
 
+/// Where cargo puts what it builds: `CARGO_TARGET_DIR` when set (a worktree
+/// sharing a warm build), else `target/` at the workspace root.
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+}
+
 fn test(root: &Path, filter: Option<&str>, no_lint: bool) -> Result<()> {
     setup(root)?;
     if !no_lint {
@@ -416,7 +424,7 @@ fn test(root: &Path, filter: Option<&str>, no_lint: bool) -> Result<()> {
     }
     // The end-to-end tests drive the real binary.
     status(cmd("cargo").args(["build", "-p", "agentgate"]))?;
-    let bin = root.join("target/debug/agentgate");
+    let bin = target_dir(root).join("debug/agentgate");
     let mut c = cmd("cargo");
     c.args(["test", "--workspace", "--lib", "--bins", "--tests"])
         .env("AGENTGATE_BIN", &bin);
@@ -537,7 +545,7 @@ fn bench_pg(root: &Path, quick: bool) -> Result<()> {
         "pg_bench",
         "--",
     ])
-    .env("AGENTGATE_BIN", root.join("target/release/agentgate"));
+    .env("AGENTGATE_BIN", target_dir(root).join("release/agentgate"));
     if quick {
         c.arg("--quick");
     }
