@@ -23,6 +23,7 @@ pub mod containment;
 pub mod control;
 pub mod daemon;
 pub mod evidence;
+pub mod gate;
 pub mod identity;
 pub mod keyfile;
 pub mod mask;

@@ -173,6 +173,16 @@ impl LiveConnection {
     }
 }
 
+impl crate::gate::Origin for LiveConnection {
+    fn record(&self, kind: Kind) -> NewRecord {
+        LiveConnection::record(self, kind)
+    }
+
+    fn connection_id(&self) -> u64 {
+        self.id
+    }
+}
+
 fn ser_atomic<S: serde::Serializer>(v: &AtomicU64, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_u64(v.load(Ordering::Relaxed))
 }

@@ -121,9 +121,11 @@ use super::{
     session::{self, BackendAction, Disposition, Session, SessionError},
     strip_channel_binding,
 };
+pub use crate::gate::{AuditSink, AuditUnavailable, MAX_SUMMARY_CHARS};
 use crate::{
-    approval::{self, Broker, NewApproval, Outcome},
-    audit::{AuditLog, Kind, NewRecord},
+    approval::Broker,
+    audit::{Kind, NewRecord},
+    gate::{self, Covered, Denial, DenialKind, Gate, ResultRecord, truncate_chars},
     mask::{MaskPolicy, Strategy, lineage},
     policy::{Action, Decision, PolicySet, PolicyStore, Resource, Subject, TlsMode, Verdict},
     proxy::LiveConnection,
@@ -139,8 +141,6 @@ pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 pub const AUTH_TIMEOUT: Duration = Duration::from_mins(1);
 /// Bytes queued towards one side before the proxy stops reading the other.
 pub const HIGH_WATER: usize = 1024 * 1024;
-/// Redacted SQL kept in an approval request's summary.
-pub const MAX_SUMMARY_CHARS: usize = 2000;
 /// Redacted SQL kept in an audit record.
 pub const MAX_RECORD_SQL_CHARS: usize = 64 * 1024;
 /// `SSLRequest`/`GSSENCRequest` answered before a `StartupMessage` must come.
@@ -174,56 +174,11 @@ impl Default for PgSettings {
 }
 
 // ---------------------------------------------------------------------------
-// Audit
-
-/// The audit log could not take a record.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("audit log unavailable: {reason}")]
-pub struct AuditUnavailable {
-    pub reason: String,
-}
-
-/// Where records go. `append` queues the record when it is called (records
-/// keep the order of the calls, detached ones included); its future resolves
-/// once the record is durable. The daemon passes its [`AuditLog`]; tests pass
-/// sinks that collect or fail.
-pub trait AuditSink: Send + Sync {
-    fn append(
-        &self,
-        record: NewRecord,
-    ) -> Pin<Box<dyn Future<Output = Result<(), AuditUnavailable>> + Send + '_>>;
-
-    /// A record nobody waits for (a statement's result, after its write-ahead
-    /// record): written in order, durable with the next awaited record.
-    fn append_detached(&self, record: NewRecord);
-}
-
-impl AuditSink for AuditLog {
-    fn append(
-        &self,
-        record: NewRecord,
-    ) -> Pin<Box<dyn Future<Output = Result<(), AuditUnavailable>> + Send + '_>> {
-        let appended = AuditLog::append(self, record);
-        Box::pin(async move {
-            appended.await.map(|_| ()).map_err(|e| AuditUnavailable {
-                reason: e.to_string(),
-            })
-        })
-    }
-
-    fn append_detached(&self, record: NewRecord) {
-        if let Err(e) = AuditLog::append_detached(self, record) {
-            tracing::error!(error = %e, "audit append failed for a statement result");
-        }
-    }
-}
+// Audit (the sink and its records live in [`crate::gate`])
 
 /// Reads forwarded while their records are still being written, at most, per
 /// connection; then the proxy stops reading the client until the log catches up.
 pub const MAX_UNCONFIRMED: usize = 64;
-
-/// An append in flight whose statement was already forwarded.
-type Unconfirmed<'a> = Pin<Box<dyn Future<Output = Result<(), AuditUnavailable>> + Send + 'a>>;
 
 // ---------------------------------------------------------------------------
 // Cancel keys
@@ -601,6 +556,13 @@ pub async fn serve(mut client: TcpStream, ctx: PgContext) -> Result<(), PgProxyE
         opened_at: Instant::now(),
         unconfirmed: VecDeque::new(),
         cancel_key: None,
+        gate: Gate::new(
+            &*ctx.conn,
+            &ctx.subject,
+            &ctx.resource,
+            &*ctx.audit,
+            &ctx.approvals,
+        ),
         ctx: &ctx,
     };
     let (cr, cw) = client.into_split();
@@ -670,19 +632,29 @@ async fn forward_cancel(ctx: &PgContext, pid: i32, secret: Bytes) -> Result<(), 
 // ---------------------------------------------------------------------------
 // The connection
 
-/// A statement held for approval.
+/// A statement held for approval: the message to forward or deny, and the
+/// gate's hold.
 struct Held {
     msg: FrontendMessage,
-    stmt: StmtRecord,
-    decision: Decision,
-    request_id: String,
-    outcome: Pin<Box<dyn Future<Output = Outcome> + Send + Sync>>,
+    hold: gate::Hold,
 }
 
 /// What the records say about one decided statement.
 struct StmtRecord {
     action: Value,
     hash: String,
+}
+
+impl StmtRecord {
+    /// The statement as the gate sees it. `summary`: its redacted SQL.
+    fn command(self, summary: &str, changes_state: bool) -> gate::Command<'_> {
+        gate::Command {
+            action: self.action,
+            fingerprint: self.hash,
+            summary,
+            changes_state,
+        }
+    }
 }
 
 /// Counters of the statement whose results are flowing.
@@ -714,7 +686,7 @@ enum Event {
     ClientWrote(std::io::Result<usize>),
     UpstreamWrote(std::io::Result<usize>),
     Recorded(Result<(), AuditUnavailable>),
-    Approval(Outcome),
+    Approval(gate::hold::Answer),
     AuthTimeout,
     Stalled,
 }
@@ -722,9 +694,11 @@ enum Event {
 #[allow(clippy::struct_excessive_bools)] // independent connection flags, not a mode in disguise
 struct Pg<'a> {
     ctx: &'a PgContext,
+    /// Decides, records and holds every statement.
+    gate: Gate<'a>,
     /// Records of forwarded read-only statements not yet durable, oldest
     /// first. Nothing is written to the client while one is pending.
-    unconfirmed: VecDeque<Unconfirmed<'a>>,
+    unconfirmed: VecDeque<gate::Recording<'a>>,
     set: Arc<PolicySet>,
     session: Session,
     catalog: Catalog,
@@ -897,13 +871,6 @@ fn masking_active(m: &MaskPolicy) -> bool {
     !m.columns().is_empty() || m.detectors_enabled()
 }
 
-fn truncate_chars(s: &str, max: usize) -> String {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => format!("{}…", &s[..i]),
-        None => s.to_owned(),
-    }
-}
-
 impl<'a> Pg<'a> {
     fn event(&self, kind: Kind, action: Value) -> NewRecord {
         self.ctx.conn.record(kind).action(action)
@@ -957,7 +924,7 @@ impl<'a> Pg<'a> {
                 self.uin.reserve(64 * 1024);
             }
             let holding = self.held.is_some();
-            let held = self.held.as_mut().map(|h| &mut h.outcome);
+            let held = self.held.as_mut().map(|h| h.hold.decided());
             let ready = self.ready;
             let release = self.unconfirmed.is_empty();
             let unconfirmed = self.unconfirmed.front_mut();
@@ -1066,21 +1033,11 @@ impl<'a> Pg<'a> {
             || (self.upstream_eof && self.cout.is_empty() && self.uin.len() < 5)
     }
 
-    /// The client closed: a held statement is withdrawn (dropping its waiter).
+    /// The client closed: a held statement is withdrawn (on record).
     async fn client_gone(&mut self) {
         self.client_eof = true;
         if let Some(h) = self.held.take() {
-            let id = h.request_id.clone();
-            drop(h.outcome);
-            let mut ev = self.event(Kind::Statement, h.stmt.action);
-            ev.decision = Some(decision_json(&h.decision, "require_approval"));
-            ev.approval = Some(json!({"id": id, "outcome": "withdrawn"}));
-            ev.result =
-                Some(json!({"status": "not_run", "reason": "client disconnected while held"}));
-            if let Err(e) = self.ctx.audit.append(ev).await {
-                tracing::error!(error = %e, "audit append failed for a withdrawn statement");
-            }
-            tracing::info!(conn = self.ctx.conn.id, request = %id, "client left; approval request withdrawn");
+            self.gate.withdraw(h.hold).await;
         }
         // Nothing the client still had queued is processed.
         self.cin.clear();
@@ -1569,7 +1526,7 @@ impl<'a> Pg<'a> {
             rule: r.rule.clone(),
         };
         if let Some(stmt) = stmt.take() {
-            self.record_statement(stmt, &decision, None).await.ok();
+            self.gate.deny(stmt.command("", false), &decision).await;
         }
         self.deny_with(
             m,
@@ -1663,7 +1620,7 @@ impl<'a> Pg<'a> {
     fn completed(
         &mut self,
         sql: Option<&Bytes>,
-        status: &str,
+        status: &'static str,
         tag: Option<&Bytes>,
         sqlstate: Option<&str>,
     ) {
@@ -1681,25 +1638,24 @@ impl<'a> Pg<'a> {
             })
         });
         let command = tag.map(|t| String::from_utf8_lossy(t).into_owned());
-        let mut ev = self.event(
-            Kind::Statement,
-            json!({
-                "protocol": "postgres",
-                "phase": "completed",
-                "database": self.database,
-                "sql_hash": sql.map(|s| crate::audit::keyed_hash(&self.ctx.correlation_key, s)),
-            }),
+        let action = json!({
+            "protocol": "postgres",
+            "phase": "completed",
+            "database": self.database,
+            "sql_hash": sql.map(|s| crate::audit::keyed_hash(&self.ctx.correlation_key, s)),
+        });
+        self.gate.completed(
+            action,
+            transform,
+            &ResultRecord::Completed {
+                status,
+                command,
+                rows: cur.rows,
+                bytes: cur.bytes,
+                duration_ms: cur.started.elapsed().as_millis() as u64,
+                sqlstate: sqlstate.map(str::to_owned),
+            },
         );
-        ev.transform = transform;
-        ev.result = Some(json!({
-            "status": status,
-            "command": command,
-            "rows": cur.rows,
-            "bytes": cur.bytes,
-            "duration_ms": cur.started.elapsed().as_millis() as u64,
-            "sqlstate": sqlstate,
-        }));
-        self.ctx.audit.append_detached(ev);
     }
 
     // -----------------------------------------------------------------------
@@ -1813,7 +1769,8 @@ impl<'a> Pg<'a> {
                     },
                     rule: rule.into(),
                 };
-                self.deny(&m, stmt, &decision).await;
+                self.gate.deny(stmt.command("", false), &decision).await;
+                self.deny_with(&m, session::denial_error(rule));
                 return Ok(());
             }
         };
@@ -1851,7 +1808,7 @@ impl<'a> Pg<'a> {
                     },
                     rule: rule.into(),
                 };
-                self.record_statement(stmt, &decision, None).await.ok();
+                self.gate.deny(stmt.command("", false), &decision).await;
                 self.deny_with(
                     &m,
                     ErrorFields::new(
@@ -1871,49 +1828,40 @@ impl<'a> Pg<'a> {
         self.remember_analysis(&sql, &analysis);
         self.remember_cursors(&analysis);
         let read_only = classification.class <= StatementClass::Read;
-        let decision = self.set.decide(
-            &self.ctx.subject,
-            &self.ctx.resource,
-            &Action::Sql(classification),
-        );
-        self.carry_out(m, stmt, decision, read_only, &analysis.redacted, None)
-            .await
+        let decision = self.gate.decide(&self.set, &Action::Sql(classification));
+        let command = stmt.command(&analysis.redacted, !read_only);
+        let outcome = self.gate.admit(command, &decision, None).await;
+        self.carry_out(m, outcome);
+        Ok(())
     }
 
-    /// Acts on a decision: forward under the write-ahead rule, deny with
-    /// `42501`, or hold for approval. `covered`: an approval already given
-    /// (its `Parse`'s, for a prepared statement's first execution) stands for
-    /// this one.
-    async fn carry_out(
-        &mut self,
-        m: FrontendMessage,
-        stmt: StmtRecord,
-        decision: Decision,
-        read_only: bool,
-        redacted: &str,
-        covered: Option<Value>,
-    ) -> Result<(), PgProxyError> {
-        match (decision.verdict.clone(), covered) {
-            (Verdict::Allow, _) => self.allow(m, stmt, &decision, None, read_only).await,
-            (Verdict::Deny { .. }, _) => {
-                self.deny(&m, stmt, &decision).await;
-                Ok(())
+    /// Acts on the gate's outcome: forward (a read at once, its results held
+    /// for its record), deny with `42501` (or `58030` when the log cannot
+    /// take the record), or hold for approval with a `NoticeResponse`.
+    fn carry_out(&mut self, m: FrontendMessage, outcome: gate::Outcome<'a>) {
+        match outcome {
+            gate::Outcome::ForwardNow { recording } => {
+                self.unconfirmed.push_back(recording);
+                self.forward(&m);
             }
-            (Verdict::RequireApproval(_), Some(approval)) => {
-                self.allow(m, stmt, &decision, Some(approval), false).await
+            gate::Outcome::Forward { approved } => {
+                if let FrontendMessage::Parse { statement, .. } = &m
+                    && approved
+                {
+                    self.approved_parse.insert(statement.clone());
+                }
+                self.forward(&m);
             }
-            (Verdict::RequireApproval(spec), None) => {
-                self.request_approval(m, stmt, decision, &spec, redacted)
-                    .await
+            gate::Outcome::Deny(denial) => self.deny_with(&m, denial_error(&denial)),
+            gate::Outcome::Held(hold) => {
+                BackendMessage::NoticeResponse(session::approval_notice(
+                    &hold.request_id,
+                    &hold.deadline,
+                ))
+                .encode(&mut self.cout);
+                self.held = Some(Held { msg: m, hold });
             }
         }
-    }
-
-    /// A denied statement: its record (best effort: it does not run either
-    /// way), then the error where Postgres would raise it.
-    async fn deny(&mut self, m: &FrontendMessage, stmt: StmtRecord, decision: &Decision) {
-        self.record_statement(stmt, decision, None).await.ok();
-        self.deny_with(m, session::denial_error(&decision.rule));
     }
 
     fn stmt_record(
@@ -1944,37 +1892,6 @@ impl<'a> Pg<'a> {
             }),
             hash,
         }
-    }
-
-    fn statement_event(
-        &self,
-        stmt: StmtRecord,
-        decision: &Decision,
-        approval: Option<Value>,
-    ) -> NewRecord {
-        let mut ev = self.event(Kind::Statement, stmt.action);
-        let verdict = match &decision.verdict {
-            Verdict::Allow => "allow",
-            Verdict::Deny { .. } => "deny",
-            Verdict::RequireApproval(_) => "require_approval",
-        };
-        ev.decision = Some(decision_json(decision, verdict));
-        ev.approval = approval;
-        ev
-    }
-
-    async fn record_statement(
-        &mut self,
-        stmt: StmtRecord,
-        decision: &Decision,
-        approval: Option<Value>,
-    ) -> Result<(), AuditUnavailable> {
-        let ev = self.statement_event(stmt, decision, approval);
-        let r = self.ctx.audit.append(ev).await;
-        if let Err(e) = &r {
-            tracing::error!(conn = self.ctx.conn.id, error = %e, "audit append failed");
-        }
-        r
     }
 
     /// An `Execute` of a prepared statement: a command of its own. It is
@@ -2015,18 +1932,20 @@ impl<'a> Pg<'a> {
             return Ok(());
         }
         let stmt = stmt.expect("not taken unless refused");
-        let decision = self.set.decide(
-            &self.ctx.subject,
-            &self.ctx.resource,
-            &Action::Sql(Arc::clone(&analysis.classification)),
-        );
+        let decision = self
+            .gate
+            .decide(&self.set, &Action::Sql(Arc::clone(&analysis.classification)));
         let covered = statement
             .as_ref()
             .is_some_and(|name| self.approved_parse.remove(name))
-            .then(|| json!({"outcome": "granted", "covered_by": "the approval of its parse"}));
+            .then_some(Covered {
+                by: "the approval of its parse",
+            });
         let read_only = class <= StatementClass::Read;
-        self.carry_out(m, stmt, decision, read_only, &analysis.redacted, covered)
-            .await
+        let command = stmt.command(&analysis.redacted, !read_only);
+        let outcome = self.gate.admit(command, &decision, covered).await;
+        self.carry_out(m, outcome);
+        Ok(())
     }
 
     /// Keeps the outputs of the cursors a statement declares, for the
@@ -2072,175 +1991,13 @@ impl<'a> Pg<'a> {
         a
     }
 
-    /// Write-ahead: the record is durable before the statement goes upstream;
-    /// a `read_only` statement goes at once and its results wait for the record.
-    async fn allow(
-        &mut self,
-        m: FrontendMessage,
-        stmt: StmtRecord,
-        decision: &Decision,
-        approval: Option<Value>,
-        read_only: bool,
-    ) -> Result<(), PgProxyError> {
-        let effective = Decision {
-            verdict: Verdict::Allow,
-            rule: decision.rule.clone(),
-        };
-        if let FrontendMessage::Parse { statement, .. } = &m
-            && approval.is_some()
-        {
-            self.approved_parse.insert(statement.clone());
-        }
-        if read_only {
-            let ev = self.statement_event(stmt, &effective, approval);
-            let audit: &'a dyn AuditSink = &*self.ctx.audit;
-            self.unconfirmed.push_back(audit.append(ev));
-            self.forward(&m);
-            return Ok(());
-        }
-        if self
-            .record_statement(stmt, &effective, approval)
-            .await
-            .is_ok()
-        {
-            self.forward(&m);
-        } else {
-            self.deny_with(
-                &m,
-                ErrorFields::new(
-                    "ERROR",
-                    "58030",
-                    "agentgate: audit log unavailable; the statement was not run (fails closed)",
-                ),
-            );
-        }
-        Ok(())
-    }
-
-    async fn request_approval(
-        &mut self,
-        m: FrontendMessage,
-        stmt: StmtRecord,
-        decision: Decision,
-        spec: &crate::policy::ApprovalSpec,
-        redacted: &str,
-    ) -> Result<(), PgProxyError> {
-        let spec = approval::ApprovalSpec {
-            approver_groups: spec.approver_groups.clone(),
-            quorum: spec.quorum,
-            timeout: spec.timeout,
-            grant_window: spec.grant_window,
-        };
-        let new = NewApproval {
-            identity: self.ctx.subject.identity.clone(),
-            resource: self.ctx.resource.name.clone(),
-            summary: truncate_chars(redacted, MAX_SUMMARY_CHARS),
-            statement_hash: stmt.hash.clone(),
-            rule: decision.rule.clone(),
-        };
-        match self.ctx.approvals.submit(new, &spec) {
-            Err(Outcome::Granted { approvers }) => {
-                let a = json!({"outcome": "granted", "approvers": approvers});
-                self.allow(m, stmt, &decision, Some(a), false).await
-            }
-            Err(other) => {
-                self.approval_denied(&m, stmt, &decision, "?", &other).await;
-                Ok(())
-            }
-            Ok((req, waiter)) => {
-                let mut ev = self.event(Kind::ApprovalRequested, stmt.action.clone());
-                ev.decision = Some(decision_json(&decision, "require_approval"));
-                ev.approval = Some(json!({
-                    "id": req.id,
-                    "approver_groups": req.approver_groups,
-                    "quorum": req.quorum,
-                    "deadline": req.deadline,
-                }));
-                if self.ctx.audit.append(ev).await.is_err() {
-                    drop(waiter);
-                    self.deny_with(
-                        &m,
-                        ErrorFields::new(
-                            "ERROR",
-                            "58030",
-                            "agentgate: audit log unavailable; the statement was not run (fails closed)",
-                        ),
-                    );
-                    return Ok(());
-                }
-                BackendMessage::NoticeResponse(session::approval_notice(&req.id, &req.deadline))
-                    .encode(&mut self.cout);
-                tracing::info!(conn = self.ctx.conn.id, request = %req.id, rule = %decision.rule, "statement held for approval");
-                self.held = Some(Held {
-                    msg: m,
-                    stmt,
-                    decision,
-                    request_id: req.id,
-                    outcome: Box::pin(waiter.outcome()),
-                });
-                Ok(())
-            }
-        }
-    }
-
-    async fn approval_outcome(&mut self, outcome: Outcome) {
+    /// The approvers answered a held statement: forward it or deny it.
+    async fn approval_outcome(&mut self, answer: gate::hold::Answer) {
         let Some(h) = self.held.take() else {
             return;
         };
-        match &outcome {
-            Outcome::Approved { approvers } | Outcome::Granted { approvers } => {
-                let a = json!({"id": h.request_id, "outcome": "approved", "approvers": approvers});
-                let _ = self.allow(h.msg, h.stmt, &h.decision, Some(a), false).await;
-            }
-            Outcome::Denied { .. } | Outcome::Expired => {
-                self.approval_denied(&h.msg, h.stmt, &h.decision, &h.request_id, &outcome)
-                    .await;
-            }
-        }
-    }
-
-    async fn approval_denied(
-        &mut self,
-        m: &FrontendMessage,
-        stmt: StmtRecord,
-        decision: &Decision,
-        id: &str,
-        outcome: &Outcome,
-    ) {
-        let (what, approval) = match outcome {
-            Outcome::Denied { by, reason } => (
-                format!(
-                    "denied by {by}{}",
-                    reason
-                        .as_deref()
-                        .map(|r| format!(" ({r})"))
-                        .unwrap_or_default()
-                ),
-                json!({"id": id, "outcome": "denied", "by": by, "reason": reason}),
-            ),
-            _ => (
-                "expired without a decision".to_owned(),
-                json!({"id": id, "outcome": "expired"}),
-            ),
-        };
-        let d = Decision {
-            verdict: Verdict::Deny {
-                reason: what.clone(),
-            },
-            rule: decision.rule.clone(),
-        };
-        let _ = self.record_statement(stmt, &d, Some(approval)).await;
-        self.deny_with(
-            m,
-            ErrorFields::new(
-                "ERROR",
-                "42501",
-                &format!(
-                    "agentgate: statement denied by policy rule \"{}\": approval request {id} {what}",
-                    decision.rule
-                ),
-            ),
-        );
+        let outcome = self.gate.release(h.hold, answer).await;
+        self.carry_out(h.msg, outcome);
     }
 
     fn copy_precheck(&self, text: &str) -> CopyCheck {
@@ -2306,12 +2063,26 @@ enum CopyCheck {
     Deny(String),
 }
 
-fn decision_json(d: &Decision, verdict: &str) -> Value {
-    let reason = match &d.verdict {
-        Verdict::Deny { reason } => Some(reason.clone()),
-        _ => None,
-    };
-    json!({"verdict": verdict, "rule": d.rule, "reason": reason})
+/// A denial as Postgres reports it: `42501` naming the rule (and the approval
+/// request, when approvers said no or nobody decided), `58030` when the log
+/// could not take the statement's record.
+fn denial_error(d: &Denial) -> ErrorFields {
+    match &d.kind {
+        DenialKind::Policy => session::denial_error(&d.rule),
+        DenialKind::Approval { request } => ErrorFields::new(
+            "ERROR",
+            "42501",
+            &format!(
+                "agentgate: statement denied by policy rule \"{}\": approval request {request} {}",
+                d.rule, d.reason
+            ),
+        ),
+        DenialKind::AuditUnavailable => ErrorFields::new(
+            "ERROR",
+            "58030",
+            "agentgate: audit log unavailable; the statement was not run (fails closed)",
+        ),
+    }
 }
 
 #[cfg(test)]
