@@ -368,8 +368,8 @@ pub fn render(r: &Report) -> String {
     let m = &r.masking;
     let _ = write!(
         h,
-        "<section id=masking><h2>Masking</h2><p>{} result(s) masked; {} value(s) masked, {} nulled, {} reported unmasked.</p><table><tr><th>Protected field</th><th>By</th><th>Results</th><th>Records</th></tr>",
-        m.statements_masked, m.values_masked, m.values_nulled, m.values_unmasked
+        "<section id=masking><h2>Masking</h2><p>{} result(s) masked; {} value(s) masked, {} nulled; {} result column(s) of protected lineage sent unmasked.</p><table><tr><th>Protected field</th><th>By</th><th>Results</th><th>Records</th></tr>",
+        m.statements_masked, m.values_masked, m.values_nulled, m.columns_unmasked
     );
     for (name, f) in &m.fields {
         let _ = write!(

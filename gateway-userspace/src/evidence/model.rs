@@ -238,6 +238,18 @@ pub struct Timeline {
     pub buckets: Vec<[u64; 3]>,
 }
 
+/// Column lineage decisions (`transform.masking.lineage[].lineage` in result
+/// records) under which the value sent is masked. Any other decision a record
+/// states means the value went out as it was: fail closed, an unknown word is
+/// not taken for masking.
+pub const MASKING_DECISIONS: [&str; 5] = [
+    "direct",
+    "preserved",
+    "derived-redacted",
+    "unknown-redacted",
+    "json-fields-masked",
+];
+
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct FieldMasking {
     /// `rule` (a column rule) or `detector`.
@@ -251,9 +263,11 @@ pub struct Masking {
     pub statements_masked: u64,
     pub values_masked: u64,
     pub values_nulled: u64,
-    /// Values that reached the agent unmasked where masking applied (0 unless a
-    /// record says otherwise).
-    pub values_unmasked: u64,
+    /// Result columns that reached the agent as they were although their
+    /// lineage involves a protected column: a lineage decision in a result
+    /// record other than the masking ones ([`MASKING_DECISIONS`]), such as
+    /// `raw`. 0 when every protected column was masked.
+    pub columns_unmasked: u64,
     /// Protected field (column or detector name) -> how it was masked.
     pub fields: BTreeMap<String, FieldMasking>,
     pub fields_omitted: u64,
@@ -448,6 +462,16 @@ pub fn clip(s: &str) -> String {
     }
 }
 
+/// Whether a record's subject names `identity`: the same text, or the
+/// verified form `identity (ISSUER#SUB)` the proxy writes.
+fn names(subject: &str, identity: &str) -> bool {
+    subject == identity
+        || subject
+            .strip_prefix(identity)
+            .and_then(|rest| rest.strip_prefix(" ("))
+            .is_some_and(|rest| rest.ends_with(')') && rest.contains('#'))
+}
+
 fn field<'a>(v: Option<&'a Value>, key: &str) -> Option<&'a Value> {
     v?.get(key).filter(|x| !x.is_null())
 }
@@ -616,19 +640,21 @@ impl Collector {
     }
 
     /// The identity in scope a record is about, if any.
+    /// The identity in scope a record is about. Records name a verified
+    /// identity `NAME (ISSUER#SUB)` and a label by its name; either matches
+    /// `--identity NAME`.
     fn subject_of(&self, rec: &Record) -> Option<String> {
-        let is = |s: &str| self.scope.identities.iter().any(|i| i == s);
+        let named = |s: &str| self.scope.identities.iter().find(|i| names(s, i)).cloned();
         if let Some(i) = &rec.identity
-            && is(&i.subject)
+            && let Some(who) = named(&i.subject)
         {
-            return Some(i.subject.clone());
+            return Some(who);
         }
         // An approver's record names the requester in its action.
         if matches!(rec.kind, Kind::ApprovalGranted | Kind::ApprovalDenied)
             && let Some(r) = field(rec.action.as_ref(), "requester").and_then(Value::as_str)
-            && is(r)
         {
-            return Some(r.to_owned());
+            return named(r);
         }
         None
     }
@@ -972,27 +998,32 @@ impl Collector {
     fn observe_result(&mut self, rec: &Record, who: &str, cite: &Cite) {
         if let Some(m) = field(rec.transform.as_ref(), "masking") {
             let n = |k: &str| m.get(k).and_then(Value::as_u64).unwrap_or(0);
-            let (masked, nulled, unmasked) =
-                (n("values_masked"), n("values_nulled"), n("values_unmasked"));
+            let (masked, nulled) = (n("values_masked"), n("values_nulled"));
             self.masking.values_masked += masked;
             self.masking.values_nulled += nulled;
-            self.masking.values_unmasked += unmasked;
             if masked + nulled > 0 {
                 self.masking.statements_masked += 1;
             }
+            let mut unmasked = 0;
             for column in m
                 .get("lineage")
                 .and_then(Value::as_array)
                 .into_iter()
                 .flatten()
             {
-                if let Some(label) = column.get("lineage").and_then(Value::as_str)
-                    && (self.masking.lineage.len() < KEY_CAP
-                        || self.masking.lineage.contains_key(label))
+                // A decision that is not a masking one (or none at all) for a
+                // column the lineage names: its values went out as they were.
+                let label = column.get("lineage").and_then(Value::as_str);
+                if !label.is_some_and(|l| MASKING_DECISIONS.contains(&l)) {
+                    unmasked += 1;
+                }
+                let label = label.unwrap_or("(none)");
+                if self.masking.lineage.len() < KEY_CAP || self.masking.lineage.contains_key(label)
                 {
                     *self.masking.lineage.entry(clip(label)).or_default() += 1;
                 }
             }
+            self.masking.columns_unmasked += unmasked;
             for (by, key) in [("rule", "columns"), ("detector", "detectors")] {
                 for name in strings(Some(m), key) {
                     let known = self.masking.fields.contains_key(&name);
@@ -1282,7 +1313,20 @@ impl Collector {
             });
         entry.first_seen.get_or_insert_with(|| rec.time.clone());
         entry.last_seen = Some(rec.time.clone());
-        if let Some(i) = rec.identity.as_ref().filter(|i| i.subject == who) {
+        if let Some(i) = rec.identity.as_ref().filter(|i| names(&i.subject, who)) {
+            // `NAME (ISSUER#SUB)`: where the daemon verified it, when no
+            // login record in the period says so.
+            if entry.issuer.is_none()
+                && let Some((issuer, sub)) = i
+                    .subject
+                    .strip_prefix(who)
+                    .and_then(|r| r.strip_prefix(" ("))
+                    .and_then(|r| r.strip_suffix(')'))
+                    .and_then(|r| r.rsplit_once('#'))
+            {
+                entry.issuer = Some(clip(issuer));
+                entry.oidc_subject = Some(clip(sub));
+            }
             if !entry.kinds.contains(&i.kind) && entry.kinds.len() < CITE_CAP {
                 entry.kinds.push(clip(&i.kind));
                 entry.records.push(cite.clone());
@@ -1461,7 +1505,7 @@ impl Collector {
                 (
                     "yes",
                     format!(
-                        "{} result record(s) report protected values sent unmasked",
+                        "{} result record(s) name a column whose lineage involves a protected column and whose values were sent as they were (a lineage decision that is not a masking one)",
                         f.unmasked.total()
                     ),
                     f.unmasked,
@@ -1470,7 +1514,7 @@ impl Collector {
                 (
                     "no",
                     format!(
-                        "{} result(s) had protected values masked (the records below); no record reports a value sent unmasked, and a value that cannot be masked is never sent ({} masking failure(s), each closing its connection)",
+                        "{} result(s) had protected values masked (the records below); in every result record, each column whose lineage involves a protected column was masked by its recorded decision, and a value that cannot be masked is never sent ({} masking failure(s), each closing its connection)",
                         f.masked.total(),
                         self.masking.failures.as_ref().map_or(0, Capped::total)
                     ),
@@ -1884,18 +1928,66 @@ mod tests {
         assert_eq!(seqs, [0, 1]);
     }
 
-    #[test]
-    fn a_value_reported_unmasked_answers_yes_with_its_record() {
-        let mut done = rec(3, "01:00:00", Kind::Statement, Some(("ann", "human")));
+    /// A result record as the Postgres proxy writes it after masking.
+    fn result(seq: u64, lineage: Value) -> Record {
+        let mut done = rec(seq, "01:00:00", Kind::Statement, Some(("ann", "human")));
         done.action = Some(json!({"phase": "completed"}));
-        done.transform = Some(
-            json!({"masking": {"columns": ["ssn"], "values_masked": 2, "values_unmasked": 1,
-                "lineage": [{"column": "x", "lineage": "derived-redacted"}, {"column": "ssn", "lineage": "direct"}]}}),
+        done.result = Some(json!({"status": "ok", "command": "SELECT 3", "rows": 3}));
+        done.transform = Some(json!({"masking": {"columns": ["ssn"], "values_masked": 3,
+            "values_nulled": 0, "detectors": [], "lineage": lineage}}));
+        done
+    }
+
+    #[test]
+    fn a_verified_identity_is_found_by_its_name() {
+        let verified = "ann (https://idp.example#u-123)";
+        assert!(names(verified, "ann"));
+        assert!(names("ann", "ann"));
+        assert!(!names("anna (https://idp.example#u-9)", "ann"));
+        assert!(!names("ann (not verified)", "ann"));
+        let mut open = rec(
+            0,
+            "01:00:00",
+            Kind::ConnectionOpen,
+            Some((verified, "human")),
         );
-        let r = run(&[done]);
-        assert_eq!(answer_of(&r, "q1"), ("yes", vec![3]));
+        open.action = Some(json!({"destination": "127.0.0.1:5432"}));
+        let r = run(&[open]);
+        let id = &r.identities[0];
+        assert_eq!(id.subject, "ann");
+        assert!(id.verified);
+        assert_eq!(id.issuer.as_deref(), Some("https://idp.example"));
+        assert_eq!(id.oidc_subject.as_deref(), Some("u-123"));
+        assert_eq!(answer_of(&r, "q5").0, "yes");
+    }
+
+    #[test]
+    fn masked_protected_columns_answer_no_with_their_records() {
+        let r = run(&[result(
+            3,
+            json!([{"column": "x", "lineage": "derived-redacted"}, {"column": "ssn", "lineage": "direct"}]),
+        )]);
+        assert_eq!(answer_of(&r, "q1"), ("no", vec![3]));
+        assert_eq!(r.masking.columns_unmasked, 0);
+        assert_eq!(r.masking.values_masked, 3);
         assert_eq!(r.masking.fields["ssn"].statements, 1);
         assert_eq!(r.masking.lineage["derived-redacted"], 1);
+    }
+
+    #[test]
+    fn a_protected_column_passed_raw_answers_yes_with_its_record() {
+        let masked = result(2, json!([{"column": "ssn", "lineage": "direct"}]));
+        let raw = result(
+            3,
+            json!([{"column": "ssn", "lineage": "direct"}, {"column": "card", "lineage": "raw"}]),
+        );
+        // No decision at all for a column the lineage names is not masking either.
+        let silent = result(4, json!([{"column": "email"}]));
+        let r = run(&[masked, raw, silent]);
+        assert_eq!(answer_of(&r, "q1"), ("yes", vec![3, 4]));
+        assert_eq!(r.masking.columns_unmasked, 2);
+        assert_eq!(r.masking.lineage["raw"], 1);
+        assert_eq!(r.masking.lineage["direct"], 2);
     }
 
     #[test]
