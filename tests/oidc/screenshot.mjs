@@ -21,18 +21,19 @@ if (!htmlPath || !pngPath) {
   process.exit(2);
 }
 const profile = fs.mkdtempSync(path.join(os.tmpdir(), 'agentgate-chromium-'));
-const browser = await chromium.launch({
+const context = await chromium.launchPersistentContext(profile, {
   executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+  headless: true,
   args: [
-    '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+    '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
     '--disable-background-networking', '--disable-component-update', '--disable-sync',
-    `--user-data-dir=${profile}`,
   ],
+  viewport: { width: 1280, height: 1200 },
   timeout: 60_000,
 });
 let failed = false;
 try {
-  const page = await browser.newPage({ viewport: { width: 1280, height: 1200 } });
+  const page = await context.newPage();
   // The report is self-contained: any request other than the file itself is a defect.
   const outside = [];
   await page.route('**/*', (route) => {
@@ -64,7 +65,7 @@ try {
   process.stdout.write(`${JSON.stringify(seen)}\n`);
   failed = !seen.heading || !seen.sections.includes('attestation') || outside.length > 0;
 } finally {
-  await browser.close();
+  await context.close();
   fs.rmSync(profile, { recursive: true, force: true });
 }
 process.exit(failed ? 1 : 0);

@@ -128,7 +128,12 @@ pub fn render(r: &Report) -> String {
                 "<tr><td>{}</td><td>{}</td><td class={}>{}</td><td>{}</td><td>{}</td></tr>",
                 n + 1,
                 esc(q.question),
-                q.answer,
+                // Green for the reassuring answer: "yes" only for q4 (in force).
+                if (q.id == "q4") == (q.answer == "yes") {
+                    "no"
+                } else {
+                    "yes"
+                },
                 q.answer.to_uppercase(),
                 esc(&q.detail),
                 cites(&q.records.items, q.records.omitted)

@@ -238,6 +238,11 @@ pub struct Timeline {
     pub buckets: Vec<[u64; 3]>,
 }
 
+/// A statement record's `approval.outcome` under which it ran authorized:
+/// `approved` (its own request was approved) or `granted` (it ran under a
+/// grant an approval left).
+const AUTHORIZED_OUTCOMES: [&str; 2] = ["approved", "granted"];
+
 /// Column lineage decisions (`transform.masking.lineage[].lineage` in result
 /// records) under which the value sent is masked. Any other decision a record
 /// states means the value went out as it was: fail closed, an unknown word is
@@ -464,7 +469,7 @@ pub fn clip(s: &str) -> String {
 
 /// Whether a record's subject names `identity`: the same text, or the
 /// verified form `identity (ISSUER#SUB)` the proxy writes.
-fn names(subject: &str, identity: &str) -> bool {
+pub(crate) fn names(subject: &str, identity: &str) -> bool {
     subject == identity
         || subject
             .strip_prefix(identity)
@@ -561,6 +566,8 @@ pub struct Collector {
     containment: Containment,
     findings: BTreeMap<String, Findings>,
     sessions: HashMap<String, Open>,
+    /// Sign-ins the daemon holds, by identity, with their expiry (unix seconds).
+    logins: HashMap<String, (Open, i64)>,
     bindings: HashMap<(String, String), Open>,
     /// Approval requests not yet decided, by id.
     pending: HashMap<String, Open>,
@@ -617,6 +624,7 @@ impl Collector {
             },
             findings,
             sessions: HashMap::new(),
+            logins: HashMap::new(),
             bindings: HashMap::new(),
             pending: HashMap::new(),
             open_overflow: 0,
@@ -856,6 +864,31 @@ impl Collector {
                     self.pending.remove(&id);
                 }
             }
+            Kind::IdentityLogin | Kind::IdentityRefresh => {
+                let expires = field(rec.action.as_ref(), "expires_at").and_then(Value::as_i64);
+                if let Some(expires) = expires {
+                    let cite = Self::cite(seq, hash, rec);
+                    let how = text(rec.action.as_ref(), "method").unwrap_or_default();
+                    let open = Open {
+                        identity: who.to_owned(),
+                        what: format!("signed-in session ({how}) held by the daemon"),
+                        cite,
+                    };
+                    let room = self.logins.len() < OPEN_CAP;
+                    match self.logins.get_mut(who) {
+                        // A refresh keeps the sign-in's record, moves its expiry.
+                        Some(l) if rec.kind == Kind::IdentityRefresh => l.1 = expires,
+                        Some(l) => *l = (open, expires),
+                        None if room => {
+                            self.logins.insert(who.to_owned(), (open, expires));
+                        }
+                        None => self.open_overflow += 1,
+                    }
+                }
+            }
+            Kind::IdentityExpiry => {
+                self.logins.remove(who);
+            }
             Kind::IdentityBind | Kind::IdentityUnbind => {
                 let cgroup = text(rec.action.as_ref(), "cgroup").unwrap_or_default();
                 let key = (who.to_owned(), cgroup.clone());
@@ -1067,8 +1100,8 @@ impl Collector {
         let action = rec.action.as_ref();
         let approval = rec.approval.as_ref();
         let verdict = verdict.unwrap_or_else(|| "none".into());
-        let approved =
-            verdict == "allow" && text(approval, "outcome").as_deref() == Some("granted");
+        let approved = verdict == "allow"
+            && text(approval, "outcome").is_some_and(|o| AUTHORIZED_OUTCOMES.contains(&o.as_str()));
         let decision = if approved {
             "allow after approval".to_owned()
         } else {
@@ -1196,7 +1229,9 @@ impl Collector {
         let approvers = strings(Some(a), "approvers");
         let f = self.findings.get_mut(who).expect("identity in scope");
         if decision == "allow" {
-            if outcome != "granted" || approvers.iter().any(|p| p == who) {
+            if !AUTHORIZED_OUTCOMES.contains(&outcome.as_str())
+                || approvers.iter().any(|p| p == who)
+            {
                 // Ran without a grant, or approved by the requester.
                 f.unauthorized.push(cite.clone());
             } else {
@@ -1662,9 +1697,16 @@ impl Collector {
             ));
             // 5. Live at the end.
             let mut cites = Capped::new(CITE_CAP);
+            let end = crate::audit::parse_time(&self.scope.to).map_or(0, |t| t.unix_timestamp());
             let mut live: Vec<&Open> = self
                 .sessions
                 .values()
+                .chain(
+                    self.logins
+                        .values()
+                        .filter(|(_, expires)| *expires > end)
+                        .map(|(o, _)| o),
+                )
                 .chain(self.bindings.values())
                 .chain(self.pending.values())
                 .filter(|o| o.identity == who)
@@ -1691,7 +1733,7 @@ impl Collector {
                 )
             } else {
                 format!(
-                    "no session, cgroup binding or pending approval of this identity was open at {}; time-boxed grants are not recorded separately yet",
+                    "no sign-in, session, cgroup binding or pending approval of this identity was open at {}; time-boxed grants are not recorded separately yet",
                     self.scope.to
                 )
             };
@@ -1959,6 +2001,33 @@ mod tests {
         assert_eq!(id.issuer.as_deref(), Some("https://idp.example"));
         assert_eq!(id.oidc_subject.as_deref(), Some("u-123"));
         assert_eq!(answer_of(&r, "q5").0, "yes");
+    }
+
+    #[test]
+    fn a_sign_in_held_past_the_end_is_live_until_it_expires_or_ends() {
+        // 2026-01-02T00:00:00Z is 1767312000: the period's end.
+        let login = |seq, expires: i64| {
+            let mut r = rec(seq, "01:00:00", Kind::IdentityLogin, Some(("ann", "oidc")));
+            r.action =
+                Some(json!({"event": "login", "method": "device_flow", "expires_at": expires}));
+            r
+        };
+        let r = run(&[login(0, 1_767_312_000 + 300)]);
+        assert_eq!(answer_of(&r, "q5"), ("yes", vec![0]));
+        let r = run(&[login(0, 1_767_312_000 - 300)]);
+        assert_eq!(answer_of(&r, "q5").0, "no");
+        let logout = rec(1, "02:00:00", Kind::IdentityExpiry, Some(("ann", "oidc")));
+        let r = run(&[login(0, 1_767_312_000 + 300), logout]);
+        assert_eq!(answer_of(&r, "q5").0, "no");
+    }
+
+    #[test]
+    fn a_statement_run_on_its_approved_request_is_authorized() {
+        let mut ran = statement(1, "01:00:00", "allow");
+        ran.approval = Some(json!({"id": "apr-1", "outcome": "approved", "approvers": ["bob"]}));
+        let r = run(&[ran]);
+        assert_eq!(answer_of(&r, "q2").0, "no");
+        assert_eq!(r.commands.by_decision["allow after approval"], 1);
     }
 
     #[test]
