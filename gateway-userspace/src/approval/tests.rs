@@ -482,11 +482,11 @@ async fn a_reopened_store_cancels_what_was_pending_and_keeps_grants_until_they_e
         std::thread::spawn(move || drop(waiter)).join().unwrap();
         (grant, req.id)
     };
-    let rec2 = Kept::default();
-    let b = Broker::open(Arc::new(rec2.clone()), Settings::default(), &path)
+    let after = Kept::default();
+    let b = Broker::open(Arc::new(after.clone()), Settings::default(), &path)
         .await
         .unwrap();
-    let recs = rec2.records.lock().unwrap().clone();
+    let recs = after.records.lock().unwrap().clone();
     assert_eq!(recs.len(), 1);
     assert_eq!(recs[0].kind, Kind::ApprovalCancelled);
     let a = recs[0].approval.clone().unwrap();
@@ -500,10 +500,10 @@ async fn a_reopened_store_cancels_what_was_pending_and_keeps_grants_until_they_e
     }
     drop(b);
     // Once more: nothing pending any more, and the use count was kept.
-    let b = Broker::open(Arc::new(rec2.clone()), Settings::default(), &path)
+    let b = Broker::open(Arc::new(after.clone()), Settings::default(), &path)
         .await
         .unwrap();
-    assert_eq!(rec2.records.lock().unwrap().len(), 1);
+    assert_eq!(after.records.lock().unwrap().len(), 1);
     assert_eq!(b.grants()[0].uses, 1);
 }
 
