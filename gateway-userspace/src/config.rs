@@ -37,6 +37,88 @@ pub struct Config {
     /// `OpenID` provider and service accounts; without it only label identities exist.
     pub identity: Option<crate::identity::IdentityConfig>,
     pub containment: ContainmentConfig,
+    pub approvals: ApprovalsConfig,
+}
+
+/// `[approvals]`: who may vote besides verified identities, what a ticket
+/// id looks like, and where decisions are announced.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApprovalsConfig {
+    /// Label identities (`[daemon] label_identities`) may vote. For local
+    /// trials only: a label is a name anyone with root can claim, and the
+    /// record marks such a vote `kind = "label"`.
+    pub allow_labels: bool,
+    /// A regular expression a ticket id must match entirely. Without one, a
+    /// ticket is 1 to 128 characters of `A-Z a-z 0-9 . _ : / # -`.
+    pub ticket_pattern: Option<String>,
+    /// `[[approvals.webhook]]`: notified of each new request and decision.
+    pub webhook: Vec<WebhookConfig>,
+}
+
+/// Longest `ticket_pattern` accepted.
+pub const MAX_TICKET_PATTERN: usize = 1024;
+
+impl ApprovalsConfig {
+    /// The ticket pattern, compiled and anchored.
+    pub fn ticket_regex(&self) -> Result<Option<regex::Regex>, String> {
+        let Some(p) = &self.ticket_pattern else {
+            return Ok(None);
+        };
+        if p.is_empty() || p.len() > MAX_TICKET_PATTERN {
+            return Err(format!(
+                "ticket_pattern must be 1 to {MAX_TICKET_PATTERN} bytes"
+            ));
+        }
+        regex::RegexBuilder::new(&format!("^(?:{p})$"))
+            .size_limit(1 << 20)
+            .build()
+            .map(Some)
+            .map_err(|e| format!("ticket_pattern is not a valid regular expression: {e}"))
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        self.ticket_regex()?;
+        for w in &self.webhook {
+            if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
+                return Err(format!(
+                    "webhook url {:?} must be http:// or https://",
+                    w.url
+                ));
+            }
+            if !(1..=20).contains(&w.max_attempts) {
+                return Err("webhook max_attempts must be between 1 and 20".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One `[[approvals.webhook]]`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    pub url: String,
+    #[serde(default)]
+    pub format: WebhookFormat,
+    /// File holding the HMAC-SHA256 key the body is signed with.
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    /// Deliveries tried per event, with exponential backoff between them.
+    #[serde(default = "default_webhook_attempts")]
+    pub max_attempts: u32,
+}
+
+fn default_webhook_attempts() -> u32 {
+    5
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum WebhookFormat {
+    #[default]
+    Json,
+    Slack,
 }
 
 /// `[containment]`: what a tagged process may reach besides the proxy, and
@@ -434,6 +516,9 @@ impl Config {
         self.containment
             .validate()
             .map_err(|e| invalid(format!("[containment] {e}")))?;
+        self.approvals
+            .validate()
+            .map_err(|e| invalid(format!("[approvals] {e}")))?;
         Ok(())
     }
 }
@@ -536,6 +621,25 @@ mod tests {
                 "[fe80::1]:53".parse().unwrap()
             ]
         );
+    }
+
+    #[test]
+    fn approvals_section_is_read_and_checked() {
+        let c = Config::parse(
+            Path::new("a.toml"),
+            "[approvals]\nallow_labels = true\nticket_pattern = \"CHG-[0-9]+\"\n",
+        )
+        .unwrap();
+        assert!(c.approvals.allow_labels);
+        let re = c.approvals.ticket_regex().unwrap().unwrap();
+        assert!(re.is_match("CHG-42"));
+        assert!(!re.is_match("xCHG-42"), "anchored");
+        for bad in ["ticket_pattern = \"(\"", "allow_label = true"] {
+            let err = Config::parse(Path::new("a.toml"), &format!("[approvals]\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("a.toml: "), "{bad}: {err}");
+        }
     }
 
     #[test]
