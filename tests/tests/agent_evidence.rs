@@ -292,7 +292,7 @@ fn a_real_agent_run_is_told_by_the_evidence_package() {
 
     // The DROP is held; bob rejects it with a reason.
     let drop_req = next_request(&env, &mut agent);
-    assert_eq!(drop_req["identity"], AGENT, "{drop_req}");
+    assert_eq!(drop_req["requester"]["identity"], AGENT, "{drop_req}");
     assert!(
         drop_req["summary"].as_str().unwrap().contains("DROP TABLE"),
         "{drop_req}"
@@ -300,9 +300,9 @@ fn a_real_agent_run_is_told_by_the_evidence_package() {
     let drop_id = drop_req["id"].as_str().unwrap().to_owned();
     run_ok(&mut env.agentgate(&[
         "approvals",
-        "deny",
+        "reject",
         &drop_id,
-        "--approver",
+        "--as",
         "bob",
         "--reason",
         REJECT_REASON,
@@ -316,7 +316,7 @@ fn a_real_agent_run_is_told_by_the_evidence_package() {
     );
     let update_id = update["id"].as_str().unwrap().to_owned();
     assert_ne!(update_id, drop_id);
-    run_ok(&mut env.agentgate(&["approvals", "approve", &update_id, "--approver", "bob"])).unwrap();
+    run_ok(&mut env.agentgate(&["approvals", "approve", &update_id, "--as", "bob"])).unwrap();
 
     let deadline = Instant::now() + Duration::from_secs(60);
     while agent.child.try_wait().unwrap().is_none() {

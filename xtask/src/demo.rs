@@ -381,17 +381,10 @@ pub fn run(root: &Path) -> Result<()> {
             println!("   approver | held: {id} {summary}");
             let mut args = vec!["approvals"];
             if summary.contains("DROP") {
-                args.extend([
-                    "deny",
-                    id,
-                    "--approver",
-                    APPROVER,
-                    "--reason",
-                    REJECT_REASON,
-                ]);
+                args.extend(["reject", id, "--as", APPROVER, "--reason", REJECT_REASON]);
                 println!("   approver | {APPROVER} rejects it: {REJECT_REASON}");
             } else {
-                args.extend(["approve", id, "--approver", APPROVER]);
+                args.extend(["approve", id, "--as", APPROVER]);
                 println!("   approver | {APPROVER} approves it");
             }
             status(d.agentgate(&args).stdout(Stdio::null()))?;
