@@ -486,6 +486,14 @@ fn a_real_agent_run_is_told_by_the_evidence_package() {
             .unwrap()
             .contains("DROP TABLE customers")
     );
+    // bob as the daemon verified him: OIDC issuer and subject, human, via the CLI.
+    let verified_bob = format!("bob (http://127.0.0.1:{OIDC_PORT}#bob) [human, via cli]");
+    for a in [dropped, by_id(&update_id)] {
+        assert!(
+            a["votes"][0].as_str().unwrap().contains(&verified_bob),
+            "{a:#}"
+        );
+    }
     let updated = by_id(&update_id);
     assert_eq!(updated["outcome"], "granted", "{updated:#}");
     assert_eq!(updated["approvers"][0], "bob", "{updated:#}");

@@ -412,11 +412,11 @@ pub fn render(r: &Report) -> String {
     h.push_str("</section>");
 
     // Approvals.
-    h.push_str("<section id=approvals><h2>Approvals</h2><table><tr><th>Request</th><th>Requester</th><th>Resource / command</th><th>Rule</th><th>Requested</th><th>Outcome</th><th>Approvers</th><th>Reasons / tickets</th><th>Decided</th><th>Uses</th><th>Records</th></tr>");
+    h.push_str("<section id=approvals><h2>Approvals</h2><table><tr><th>Request</th><th>Requester</th><th>Resource / command</th><th>Rule</th><th>Requested</th><th>Outcome</th><th>Approvers (as verified)</th><th>Reasons / tickets</th><th>Decided</th><th>Grant / uses</th><th>Records</th></tr>");
     for a in &r.approvals.items {
         let _ = write!(
             h,
-            "<tr><td class=mono>{}</td><td>{}</td><td>{}<br><span class=mono>{}</span></td><td>{}</td><td>{}</td><td class={}>{}</td><td>{}</td><td>{} {}</td><td>{}</td><td class=num>{}</td><td>{}</td></tr>",
+            "<tr><td class=mono>{}</td><td>{}</td><td>{}<br><span class=mono>{}</span></td><td>{}</td><td>{}</td><td class={}>{}</td><td>{}<br><small>{}</small></td><td>{} {}</td><td>{}</td><td>{}{}</td><td>{}</td></tr>",
             esc(&a.id),
             opt(a.requester.as_deref()),
             opt(a.resource.as_deref()),
@@ -426,10 +426,19 @@ pub fn render(r: &Report) -> String {
             if a.outcome == "granted" { "no" } else { "yes" },
             esc(&a.outcome),
             esc(&a.approvers.join(", ")),
+            esc(&a.votes.join("; ")),
             esc(&a.reasons.join("; ")),
             esc(&a.tickets.join(", ")),
             opt(a.decided_at.as_deref()),
-            a.uses,
+            a.grant.as_deref().map_or_else(String::new, |g| format!(
+                "<span class=mono>{}</span> until {}{}<br>",
+                esc(g),
+                opt(a.grant_expires.as_deref()),
+                a.grant_revoked
+                    .as_deref()
+                    .map_or_else(String::new, |r| format!("; revoked {}", esc(r)))
+            )),
+            format_args!("{} use(s)", a.uses),
             cites(&a.records, 0)
         );
     }

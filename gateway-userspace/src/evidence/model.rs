@@ -306,9 +306,18 @@ pub struct Approval {
     pub approver_groups: Vec<String>,
     pub requested_at: Option<String>,
     pub deadline: Option<String>,
-    /// `pending`, `granted`, `denied`, `expired`.
+    /// `pending`, `granted`, `denied`, `expired`, `cancelled`, `withdrawn`.
     pub outcome: String,
     pub approvers: Vec<String>,
+    /// Each vote as the daemon verified the voter: name, the identity the
+    /// record names (`NAME (ISSUER#SUB)` when verified by OIDC), its kind
+    /// (`human`, `service`, `label`: a label is NOT verified) and the interface.
+    pub votes: Vec<String>,
+    /// The grant the approval left (`grt-...`), its scope and expiry.
+    pub grant: Option<String>,
+    pub grant_expires: Option<String>,
+    /// Who revoked the grant, and why, when it was revoked.
+    pub grant_revoked: Option<String>,
     pub reasons: Vec<String>,
     pub tickets: Vec<String>,
     pub decided_at: Option<String>,
@@ -563,6 +572,10 @@ pub struct Collector {
     failures: Capped<Denial>,
     approvals: BTreeMap<String, Approval>,
     approvals_omitted: u64,
+    /// Grant id -> the approval that left it.
+    grant_of: HashMap<String, String>,
+    /// Grants of identities in scope not revoked: (identity, expiry, record).
+    grants: HashMap<String, (Open, Option<String>)>,
     containment: Containment,
     findings: BTreeMap<String, Findings>,
     sessions: HashMap<String, Open>,
@@ -618,6 +631,8 @@ impl Collector {
             failures: Capped::new(LIST_CAP),
             approvals: BTreeMap::new(),
             approvals_omitted: 0,
+            grant_of: HashMap::new(),
+            grants: HashMap::new(),
             containment: Containment {
                 items: Some(Capped::new(LIST_CAP)),
                 ..Containment::default()
@@ -659,8 +674,21 @@ impl Collector {
             return Some(who);
         }
         // An approver's record names the requester in its action.
-        if matches!(rec.kind, Kind::ApprovalGranted | Kind::ApprovalDenied)
-            && let Some(r) = field(rec.action.as_ref(), "requester").and_then(Value::as_str)
+        if matches!(
+            rec.kind,
+            Kind::ApprovalGranted
+                | Kind::ApprovalDenied
+                | Kind::ApprovalVote
+                | Kind::ApprovalExpired
+                | Kind::ApprovalCancelled
+                | Kind::ApprovalWithdrawn
+        ) && let Some(r) = field(rec.action.as_ref(), "requester").and_then(Value::as_str)
+        {
+            return named(r);
+        }
+        // A revoked grant names the identity it was for.
+        if rec.kind == Kind::GrantRevoked
+            && let Some(r) = field(rec.action.as_ref(), "identity").and_then(Value::as_str)
         {
             return named(r);
         }
@@ -852,9 +880,37 @@ impl Collector {
                     }
                 }
             }
-            Kind::ApprovalGranted | Kind::ApprovalDenied | Kind::ApprovalExpired => {
+            Kind::ApprovalGranted
+            | Kind::ApprovalDenied
+            | Kind::ApprovalExpired
+            | Kind::ApprovalCancelled
+            | Kind::ApprovalWithdrawn => {
                 if let Some(id) = text(rec.approval.as_ref(), "id") {
                     self.pending.remove(&id);
+                }
+                if rec.kind == Kind::ApprovalGranted
+                    && let Some(g) = field(rec.approval.as_ref(), "grant")
+                    && let Some(gid) = text(Some(g), "id")
+                {
+                    if self.grants.len() < OPEN_CAP {
+                        let open = Open {
+                            identity: who.to_owned(),
+                            what: format!(
+                                "grant {gid} ({}) until {}",
+                                text(Some(g), "scope").unwrap_or_default(),
+                                text(Some(g), "expires").unwrap_or_else(|| "?".into())
+                            ),
+                            cite: Self::cite(seq, hash, rec),
+                        };
+                        self.grants.insert(gid, (open, text(Some(g), "expires")));
+                    } else {
+                        self.open_overflow += 1;
+                    }
+                }
+            }
+            Kind::GrantRevoked => {
+                if let Some(gid) = text(rec.approval.as_ref(), "grant") {
+                    self.grants.remove(&gid);
                 }
             }
             Kind::Statement | Kind::Decision
@@ -966,9 +1022,15 @@ impl Collector {
                 self.note_resource(rec, &cite);
                 self.approval_requested(rec, who, &cite);
             }
-            Kind::ApprovalGranted | Kind::ApprovalDenied | Kind::ApprovalExpired => {
+            Kind::ApprovalGranted
+            | Kind::ApprovalDenied
+            | Kind::ApprovalExpired
+            | Kind::ApprovalVote
+            | Kind::ApprovalCancelled
+            | Kind::ApprovalWithdrawn => {
                 self.observe_approval_decision(rec, &cite);
             }
+            Kind::GrantRevoked => self.grant_revoked(rec, &cite),
             Kind::MaskingFailure => {
                 if let Some(f) = self.masking.failures.as_mut() {
                     f.push(cite.clone());
@@ -1214,6 +1276,10 @@ impl Collector {
                 deadline: text(a, "deadline"),
                 outcome: "pending".into(),
                 approvers: Vec::new(),
+                votes: Vec::new(),
+                grant: None,
+                grant_expires: None,
+                grant_revoked: None,
                 reasons: Vec::new(),
                 tickets: Vec::new(),
                 decided_at: None,
@@ -1238,7 +1304,9 @@ impl Collector {
                 f.authorized.push(cite.clone());
             }
         }
-        if let Some(id) = text(Some(a), "id")
+        let id = text(Some(a), "id")
+            .or_else(|| text(Some(a), "grant").and_then(|g| self.grant_of.get(&g).cloned()));
+        if let Some(id) = id
             && let Some(entry) = self.approvals.get_mut(&id)
         {
             if decision == "allow" {
@@ -1256,11 +1324,39 @@ impl Collector {
         let outcome = match rec.kind {
             Kind::ApprovalGranted => "granted",
             Kind::ApprovalDenied => "denied",
+            Kind::ApprovalVote => "pending",
+            Kind::ApprovalCancelled => "cancelled",
+            Kind::ApprovalWithdrawn => "withdrawn",
             _ => "expired",
         };
+        // Approver-side records carry the voter; the requester's side (expiry,
+        // cancellation, withdrawal) carries no approver.
+        let voted = matches!(
+            rec.kind,
+            Kind::ApprovalGranted | Kind::ApprovalDenied | Kind::ApprovalVote
+        );
         let requester = text(rec.action.as_ref(), "requester");
-        let approver =
-            text(a, "approver").or_else(|| rec.identity.as_ref().map(|i| clip(&i.subject)));
+        let approver = if voted {
+            text(a, "approver").or_else(|| rec.identity.as_ref().map(|i| clip(&i.subject)))
+        } else {
+            None
+        };
+        let vote = voted.then(|| {
+            let i = rec.identity.as_ref();
+            format!(
+                "{}: {} by {} [{}{}]",
+                rec.time,
+                text(a, "vote").unwrap_or_else(|| outcome.to_owned()),
+                i.map_or_else(
+                    || approver.clone().unwrap_or_default(),
+                    |i| clip(&i.subject)
+                ),
+                i.map_or("unknown", |i| i.kind.as_str()),
+                text(a, "via")
+                    .map(|v| format!(", via {v}"))
+                    .unwrap_or_default()
+            )
+        });
         if !self.approvals.contains_key(&id) && self.approvals.len() >= LIST_CAP {
             // Counted at its request (or requested before the period).
             return;
@@ -1279,19 +1375,42 @@ impl Collector {
                 deadline: None,
                 outcome: "pending".into(),
                 approvers: Vec::new(),
+                votes: Vec::new(),
+                grant: None,
+                grant_expires: None,
+                grant_revoked: None,
                 reasons: Vec::new(),
                 tickets: Vec::new(),
                 decided_at: None,
                 uses: 0,
                 records: Vec::new(),
             });
-        // A granted approval may need a quorum: the outcome is the last word.
-        entry.outcome = outcome.into();
-        entry.decided_at = Some(rec.time.clone());
+        // A granted approval may need a quorum: the outcome is the last word;
+        // a vote short of quorum leaves it pending.
+        if rec.kind != Kind::ApprovalVote {
+            entry.outcome = outcome.into();
+            entry.decided_at = Some(rec.time.clone());
+        }
         if let Some(p) = approver.clone()
+            && !entry.approvers.contains(&p)
             && entry.approvers.len() < CITE_CAP
         {
             entry.approvers.push(p);
+        }
+        if let Some(v) = vote
+            && entry.votes.len() < CITE_CAP
+        {
+            entry.votes.push(v);
+        }
+        if rec.kind == Kind::ApprovalGranted
+            && let Some(g) = field(a, "grant")
+            && let Some(gid) = text(Some(g), "id")
+        {
+            entry.grant_expires = text(Some(g), "expires");
+            if self.grant_of.len() < LIST_CAP {
+                self.grant_of.insert(gid.clone(), entry.id.clone());
+            }
+            entry.grant = Some(gid);
         }
         if let Some(r) = text(a, "reason")
             && entry.reasons.len() < CITE_CAP
@@ -1313,6 +1432,31 @@ impl Collector {
             && let Some(f) = self.findings.get_mut(&req)
         {
             f.unauthorized.push(cite.clone());
+        }
+    }
+
+    fn grant_revoked(&mut self, rec: &Record, cite: &Cite) {
+        let a = rec.approval.as_ref();
+        let Some(gid) = text(a, "grant") else { return };
+        let Some(entry) = self
+            .grant_of
+            .get(&gid)
+            .and_then(|id| self.approvals.get_mut(id))
+        else {
+            return;
+        };
+        entry.grant_revoked = Some(format!(
+            "{} by {}{}",
+            rec.time,
+            rec.identity
+                .as_ref()
+                .map_or_else(|| text(a, "by").unwrap_or_default(), |i| clip(&i.subject)),
+            text(a, "reason")
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        ));
+        if entry.records.len() < CITE_CAP {
+            entry.records.push(cite.clone());
         }
     }
 
@@ -1709,6 +1853,17 @@ impl Collector {
                 )
                 .chain(self.bindings.values())
                 .chain(self.pending.values())
+                .chain(
+                    self.grants
+                        .values()
+                        .filter(|(_, expires)| {
+                            expires
+                                .as_deref()
+                                .and_then(crate::audit::parse_time)
+                                .is_none_or(|t| t.unix_timestamp() > end)
+                        })
+                        .map(|(o, _)| o),
+                )
                 .filter(|o| o.identity == who)
                 .collect();
             live.sort_by_key(|o| o.cite.seq);
@@ -1733,7 +1888,7 @@ impl Collector {
                 )
             } else {
                 format!(
-                    "no sign-in, session, cgroup binding or pending approval of this identity was open at {}; time-boxed grants are not recorded separately yet",
+                    "no sign-in, session, cgroup binding, pending approval or unexpired grant of this identity was open at {}",
                     self.scope.to
                 )
             };
@@ -2028,6 +2183,86 @@ mod tests {
         let r = run(&[ran]);
         assert_eq!(answer_of(&r, "q2").0, "no");
         assert_eq!(r.commands.by_decision["allow after approval"], 1);
+    }
+
+    /// An approver's record as the broker writes it (issue 15).
+    fn vote(seq: u64, kind: Kind, who: &str, approval: Value) -> Record {
+        let mut r = rec(seq, "01:00:00", kind, Some((who, "human")));
+        r.action = Some(json!({"request": "apr-1", "requester": "ann", "summary": "UPDATE t"}));
+        r.approval = Some(approval);
+        r
+    }
+
+    #[test]
+    fn votes_grants_their_uses_and_revocation_are_reported() {
+        let mut asked = rec(
+            0,
+            "01:00:00",
+            Kind::ApprovalRequested,
+            Some(("ann", "human")),
+        );
+        asked.approval = Some(json!({"id": "apr-1", "approver_groups": ["dba"], "quorum": 2}));
+        let first = vote(
+            1,
+            Kind::ApprovalVote,
+            "bob (https://idp#b1)",
+            json!({"id": "apr-1",
+            "approver": "bob", "vote": "approve", "via": "cli", "ticket": "CHG-7"}),
+        );
+        let grant = json!({"id": "grt-9", "scope": "class", "expires": "2026-01-02T03:00:00Z"});
+        let second = vote(
+            2,
+            Kind::ApprovalGranted,
+            "cy (https://idp#c2)",
+            json!({"id": "apr-1",
+            "approver": "cy", "vote": "approve", "via": "web", "grant": grant}),
+        );
+        let mut ran = statement(3, "01:00:01", "allow");
+        ran.approval =
+            Some(json!({"id": "apr-1", "outcome": "approved", "approvers": ["bob", "cy"]}));
+        let mut again = statement(4, "01:00:02", "allow");
+        again.approval =
+            Some(json!({"outcome": "granted", "grant": "grt-9", "approvers": ["bob", "cy"]}));
+        let r = run(&[
+            asked.clone(),
+            first.clone(),
+            second.clone(),
+            ran.clone(),
+            again.clone(),
+        ]);
+        let a = &r.approvals.items[0];
+        assert_eq!(a.outcome, "granted");
+        assert_eq!(a.approvers, ["bob", "cy"]);
+        assert!(
+            a.votes[0].contains("bob (https://idp#b1) [human, via cli]"),
+            "{:?}",
+            a.votes
+        );
+        assert_eq!(a.tickets, ["CHG-7"]);
+        assert_eq!(a.grant.as_deref(), Some("grt-9"));
+        assert_eq!(a.uses, 2);
+        assert_eq!(answer_of(&r, "q2").0, "no");
+        // The grant outlives the period (ends 2026-01-02): live at the end.
+        let (ans, seqs) = answer_of(&r, "q5");
+        assert_eq!((ans, seqs), ("yes", vec![2]));
+        // Revoked: no longer live, and the approval says by whom.
+        let mut revoked = rec(
+            5,
+            "02:00:00",
+            Kind::GrantRevoked,
+            Some(("bob (https://idp#b1)", "human")),
+        );
+        revoked.action = Some(json!({"grant": "grt-9", "identity": "ann"}));
+        revoked.approval = Some(json!({"grant": "grt-9", "by": "bob", "reason": "done"}));
+        let r = run(&[asked, first, second, ran, again, revoked]);
+        assert_eq!(answer_of(&r, "q5").0, "no");
+        let a = &r.approvals.items[0];
+        assert!(
+            a.grant_revoked
+                .as_deref()
+                .unwrap()
+                .ends_with("by bob (https://idp#b1): done")
+        );
     }
 
     #[test]
