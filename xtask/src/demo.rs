@@ -22,7 +22,31 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
 
-use super::{DemoPostgres, agent_venv, cmd, ignore_sigint, setup, status, target_dir};
+use super::{DemoPostgres, agent_venv, cmd, setup, status, target_dir};
+
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Ctrl-C sets a flag the demo's loops check; this process then stops what it
+/// started (its guards drop). Children get the default disposition at exec.
+fn catch_sigint() {
+    let handler: extern "C" fn(libc::c_int) = on_sigint;
+    #[allow(unsafe_code)]
+    // SAFETY: the handler only stores to an atomic (async-signal-safe).
+    unsafe {
+        libc::signal(libc::SIGINT, handler as libc::sighandler_t);
+    }
+}
+
+fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+        bail!("interrupted; stopping what the demo started");
+    }
+    Ok(())
+}
 
 const PG_PORT: u16 = 15432;
 const OIDC_PORT: u16 = 18480;
@@ -76,6 +100,40 @@ struct Pins(PathBuf);
 impl Drop for Pins {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Removes the demo's (empty) exec cgroups on drop.
+struct ExecCgroup(Option<PathBuf>);
+
+impl ExecCgroup {
+    fn new() -> Self {
+        let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let mount = mounts
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.len() > 2 && f[2] == "cgroup2")
+            .map(|f| PathBuf::from(f[1]));
+        Self(mount.map(|m| m.join("agentgate-demo")))
+    }
+}
+
+fn remove_cgroups(p: &Path) {
+    if let Ok(entries) = fs::read_dir(p) {
+        for e in entries.filter_map(Result::ok) {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroups(&e.path());
+            }
+        }
+    }
+    let _ = fs::remove_dir(p);
+}
+
+impl Drop for ExecCgroup {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            remove_cgroups(p);
+        }
     }
 }
 
@@ -198,6 +256,7 @@ impl Demo {
         println!("\n== {user} logs in (agentgate login, device flow at the OpenID provider)");
         let mut c = self.agentgate(&["login"]);
         c.env("AGENTGATE_CONTROL_SOCKET", self.state.join("control.sock"))
+            .env("AGENTGATE_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let mut login = Guard::spawn("agentgate login", &mut c)?;
@@ -237,9 +296,9 @@ pub fn run(root: &Path) -> Result<()> {
     setup(root)?;
     status(cmd("cargo").args(["build", "--release", "-p", "agentgate"]))?;
     let python = agent_venv(root)?;
-    // Ctrl-C reaches every child (same process group) and stops them; this
-    // process lives on to clean up what is left.
-    ignore_sigint();
+    // Ctrl-C reaches every child (same process group); this process lives on
+    // to stop what is left.
+    catch_sigint();
     let state = root.join(".state/demo");
     if state.exists() {
         fs::remove_dir_all(&state).context("clearing .state/demo")?;
@@ -272,11 +331,15 @@ pub fn run(root: &Path) -> Result<()> {
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
     let mut provider = Guard::spawn("OpenID provider", &mut c)?;
+    let mut out = BufReader::new(provider.child.stdout.take().context("stdout")?);
     let mut ready = String::new();
-    BufReader::new(provider.child.stdout.take().context("stdout")?).read_line(&mut ready)?;
+    out.read_line(&mut ready)?;
     if !ready.contains("issuer") {
         bail!("the OpenID provider did not start");
     }
+    // Keep draining: oidc-provider writes notices to stdout, and a closed pipe
+    // would kill it with EPIPE.
+    std::thread::spawn(move || for _ in out.lines() {});
     println!("== the scripted model (OpenAI-compatible) at http://127.0.0.1:{STUB_PORT}/v1");
     let mut c = cmd("python3");
     c.arg(root.join("tests/agent/model_stub.py"))
@@ -292,6 +355,7 @@ pub fn run(root: &Path) -> Result<()> {
         state.join("daemon.log").display()
     );
     let _pins = Pins(PathBuf::from("/sys/fs/bpf/agentgate-demo"));
+    let _cgroups = ExecCgroup::new();
     let log = fs::File::create(state.join("daemon.log"))?;
     let mut c = d.agentgate(&["run"]);
     c.env("AGENTGATE_LOG", "info")
@@ -300,6 +364,7 @@ pub fn run(root: &Path) -> Result<()> {
     let mut daemon = Guard::spawn("agentgate daemon", &mut c)?;
     let deadline = Instant::now() + Duration::from_secs(20);
     while d.json(&["status", "--json"]).is_err() {
+        check_interrupted()?;
         if let Ok(Some(st)) = daemon.child.try_wait() {
             bail!(
                 "the daemon exited ({st}); see {}",
@@ -371,6 +436,7 @@ pub fn run(root: &Path) -> Result<()> {
     let mut decided = 0;
     let deadline = Instant::now() + Duration::from_secs(180);
     while agent.child.try_wait()?.is_none() {
+        check_interrupted()?;
         if Instant::now() > deadline {
             bail!("the agent did not finish within 3 minutes");
         }
