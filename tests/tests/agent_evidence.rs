@@ -104,7 +104,7 @@ fn utc(offset_secs: i64) -> String {
 }
 
 /// `agentgate login` in the test's netns, with the provider's pages driven by
-/// tests/agent/device_browser.py as `user`.
+/// `tests/agent/device_browser.py` as `user`.
 fn login(env: &Env, user: &str) {
     let mut c = env.agentgate(&["login"]);
     c.env("AGENTGATE_CONTROL_SOCKET", env.state.join("control.sock"))
@@ -146,7 +146,7 @@ fn pending(env: &Env) -> Vec<Value> {
 
 /// Waits for the one pending request; returns it.
 fn next_request(env: &Env, agent: &mut Proc) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_mins(1);
     loop {
         let mut p = pending(env);
         if p.len() == 1 {
@@ -318,7 +318,7 @@ fn a_real_agent_run_is_told_by_the_evidence_package() {
     assert_ne!(update_id, drop_id);
     run_ok(&mut env.agentgate(&["approvals", "approve", &update_id, "--as", "bob"])).unwrap();
 
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_mins(1);
     while agent.child.try_wait().unwrap().is_none() {
         assert!(Instant::now() < deadline, "the agent did not finish");
         std::thread::sleep(Duration::from_millis(100));

@@ -44,7 +44,7 @@ enum Task {
         #[arg(long)]
         no_lint: bool,
     },
-    /// Issue 17's scenario for a person: an OpenAI Agents SDK agent under a
+    /// Issue 17's scenario for a person: an `OpenAI` Agents SDK agent under a
     /// verified identity, approvals, and the evidence package it leaves.
     Demo,
     /// Benchmarks: `audit`, `policy`, `evidence`, `pg`, or all when omitted.
@@ -467,9 +467,7 @@ impl Drop for DemoPostgres {
 /// Where cargo puts what it builds: `CARGO_TARGET_DIR` when set (a worktree
 /// sharing a warm build), else `target/` at the workspace root.
 fn target_dir(root: &Path) -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"))
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from)
 }
 
 fn test(root: &Path, filter: Option<&str>, no_lint: bool) -> Result<()> {

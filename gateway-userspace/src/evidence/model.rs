@@ -888,24 +888,8 @@ impl Collector {
                 if let Some(id) = text(rec.approval.as_ref(), "id") {
                     self.pending.remove(&id);
                 }
-                if rec.kind == Kind::ApprovalGranted
-                    && let Some(g) = field(rec.approval.as_ref(), "grant")
-                    && let Some(gid) = text(Some(g), "id")
-                {
-                    if self.grants.len() < OPEN_CAP {
-                        let open = Open {
-                            identity: who.to_owned(),
-                            what: format!(
-                                "grant {gid} ({}) until {}",
-                                text(Some(g), "scope").unwrap_or_default(),
-                                text(Some(g), "expires").unwrap_or_else(|| "?".into())
-                            ),
-                            cite: Self::cite(seq, hash, rec),
-                        };
-                        self.grants.insert(gid, (open, text(Some(g), "expires")));
-                    } else {
-                        self.open_overflow += 1;
-                    }
+                if rec.kind == Kind::ApprovalGranted {
+                    self.open_grant(seq, hash, rec, who);
                 }
             }
             Kind::GrantRevoked => {
@@ -920,28 +904,7 @@ impl Collector {
                     self.pending.remove(&id);
                 }
             }
-            Kind::IdentityLogin | Kind::IdentityRefresh => {
-                let expires = field(rec.action.as_ref(), "expires_at").and_then(Value::as_i64);
-                if let Some(expires) = expires {
-                    let cite = Self::cite(seq, hash, rec);
-                    let how = text(rec.action.as_ref(), "method").unwrap_or_default();
-                    let open = Open {
-                        identity: who.to_owned(),
-                        what: format!("signed-in session ({how}) held by the daemon"),
-                        cite,
-                    };
-                    let room = self.logins.len() < OPEN_CAP;
-                    match self.logins.get_mut(who) {
-                        // A refresh keeps the sign-in's record, moves its expiry.
-                        Some(l) if rec.kind == Kind::IdentityRefresh => l.1 = expires,
-                        Some(l) => *l = (open, expires),
-                        None if room => {
-                            self.logins.insert(who.to_owned(), (open, expires));
-                        }
-                        None => self.open_overflow += 1,
-                    }
-                }
-            }
+            Kind::IdentityLogin | Kind::IdentityRefresh => self.open_login(seq, hash, rec, who),
             Kind::IdentityExpiry => {
                 self.logins.remove(who);
             }
@@ -965,6 +928,54 @@ impl Collector {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// A sign-in (or its refresh) the daemon holds until `expires_at`.
+    fn open_login(&mut self, seq: u64, hash: &str, rec: &Record, who: &str) {
+        let expires = field(rec.action.as_ref(), "expires_at").and_then(Value::as_i64);
+        if let Some(expires) = expires {
+            let cite = Self::cite(seq, hash, rec);
+            let how = text(rec.action.as_ref(), "method").unwrap_or_default();
+            let open = Open {
+                identity: who.to_owned(),
+                what: format!("signed-in session ({how}) held by the daemon"),
+                cite,
+            };
+            let room = self.logins.len() < OPEN_CAP;
+            match self.logins.get_mut(who) {
+                // A refresh keeps the sign-in's record, moves its expiry.
+                Some(l) if rec.kind == Kind::IdentityRefresh => l.1 = expires,
+                Some(l) => *l = (open, expires),
+                None if room => {
+                    self.logins.insert(who.to_owned(), (open, expires));
+                }
+                None => self.open_overflow += 1,
+            }
+        }
+    }
+
+    /// The grant an approval left, live until it expires or is revoked.
+    fn open_grant(&mut self, seq: u64, hash: &str, rec: &Record, who: &str) {
+        let Some(g) = field(rec.approval.as_ref(), "grant") else {
+            return;
+        };
+        let Some(gid) = text(Some(g), "id") else {
+            return;
+        };
+        if self.grants.len() < OPEN_CAP {
+            let open = Open {
+                identity: who.to_owned(),
+                what: format!(
+                    "grant {gid} ({}) until {}",
+                    text(Some(g), "scope").unwrap_or_default(),
+                    text(Some(g), "expires").unwrap_or_else(|| "?".into())
+                ),
+                cite: Self::cite(seq, hash, rec),
+            };
+            self.grants.insert(gid, (open, text(Some(g), "expires")));
+        } else {
+            self.open_overflow += 1;
         }
     }
 
@@ -1341,22 +1352,7 @@ impl Collector {
         } else {
             None
         };
-        let vote = voted.then(|| {
-            let i = rec.identity.as_ref();
-            format!(
-                "{}: {} by {} [{}{}]",
-                rec.time,
-                text(a, "vote").unwrap_or_else(|| outcome.to_owned()),
-                i.map_or_else(
-                    || approver.clone().unwrap_or_default(),
-                    |i| clip(&i.subject)
-                ),
-                i.map_or("unknown", |i| i.kind.as_str()),
-                text(a, "via")
-                    .map(|v| format!(", via {v}"))
-                    .unwrap_or_default()
-            )
-        });
+        let vote = voted.then(|| vote_text(rec, outcome, approver.as_deref()));
         if !self.approvals.contains_key(&id) && self.approvals.len() >= LIST_CAP {
             // Counted at its request (or requested before the period).
             return;
@@ -1841,7 +1837,8 @@ impl Collector {
             ));
             // 5. Live at the end.
             let mut cites = Capped::new(CITE_CAP);
-            let end = crate::audit::parse_time(&self.scope.to).map_or(0, |t| t.unix_timestamp());
+            let end = crate::audit::parse_time(&self.scope.to)
+                .map_or(0, time::OffsetDateTime::unix_timestamp);
             let mut live: Vec<&Open> = self
                 .sessions
                 .values()
@@ -1973,6 +1970,26 @@ impl Collector {
             unproven: Vec::new(),
         }
     }
+}
+
+/// One vote as the daemon verified the voter: time, vote, the identity the
+/// record names, its kind and the interface used.
+fn vote_text(rec: &Record, outcome: &str, approver: Option<&str>) -> String {
+    let a = rec.approval.as_ref();
+    let i = rec.identity.as_ref();
+    format!(
+        "{}: {} by {} [{}{}]",
+        rec.time,
+        text(a, "vote").unwrap_or_else(|| outcome.to_owned()),
+        i.map_or_else(
+            || approver.unwrap_or_default().to_owned(),
+            |i| clip(&i.subject)
+        ),
+        i.map_or("unknown", |i| i.kind.as_str()),
+        text(a, "via")
+            .map(|v| format!(", via {v}"))
+            .unwrap_or_default()
+    )
 }
 
 fn answer(
@@ -2126,12 +2143,12 @@ mod tests {
     }
 
     /// A result record as the Postgres proxy writes it after masking.
-    fn result(seq: u64, lineage: Value) -> Record {
+    fn result(seq: u64, lineage: &Value) -> Record {
         let mut done = rec(seq, "01:00:00", Kind::Statement, Some(("ann", "human")));
         done.action = Some(json!({"phase": "completed"}));
         done.result = Some(json!({"status": "ok", "command": "SELECT 3", "rows": 3}));
         done.transform = Some(json!({"masking": {"columns": ["ssn"], "values_masked": 3,
-            "values_nulled": 0, "detectors": [], "lineage": lineage}}));
+            "values_nulled": 0, "detectors": [], "lineage": lineage.clone()}}));
         done
     }
 
@@ -2269,7 +2286,7 @@ mod tests {
     fn masked_protected_columns_answer_no_with_their_records() {
         let r = run(&[result(
             3,
-            json!([{"column": "x", "lineage": "derived-redacted"}, {"column": "ssn", "lineage": "direct"}]),
+            &json!([{"column": "x", "lineage": "derived-redacted"}, {"column": "ssn", "lineage": "direct"}]),
         )]);
         assert_eq!(answer_of(&r, "q1"), ("no", vec![3]));
         assert_eq!(r.masking.columns_unmasked, 0);
@@ -2280,13 +2297,13 @@ mod tests {
 
     #[test]
     fn a_protected_column_passed_raw_answers_yes_with_its_record() {
-        let masked = result(2, json!([{"column": "ssn", "lineage": "direct"}]));
+        let masked = result(2, &json!([{"column": "ssn", "lineage": "direct"}]));
         let raw = result(
             3,
-            json!([{"column": "ssn", "lineage": "direct"}, {"column": "card", "lineage": "raw"}]),
+            &json!([{"column": "ssn", "lineage": "direct"}, {"column": "card", "lineage": "raw"}]),
         );
         // No decision at all for a column the lineage names is not masking either.
-        let silent = result(4, json!([{"column": "email"}]));
+        let silent = result(4, &json!([{"column": "email"}]));
         let r = run(&[masked, raw, silent]);
         assert_eq!(answer_of(&r, "q1"), ("yes", vec![3, 4]));
         assert_eq!(r.masking.columns_unmasked, 2);
