@@ -493,12 +493,12 @@ impl Broker {
             Self::check_text("reason", r, MAX_REASON_CHARS)?;
         }
         self.check_ticket(ticket.as_deref())?;
-        self.check_label(who)?;
 
         let _serial = self.inner.transitions.lock().await;
         let req = self
             .get(id)
             .ok_or_else(|| ApprovalError::NotFound { id: id.into() })?;
+        self.check_label(who)?;
         if let Some(why) = Self::conflict(who, &req.requester) {
             return Err(ApprovalError::SelfApproval {
                 id: id.into(),
