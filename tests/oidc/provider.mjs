@@ -42,7 +42,8 @@
 //
 // Accounts (the devInteractions login form accepts any password):
 //   alice  groups [analysts]          bob  groups [approvers, analysts]
-//   carol  no groups claim            (any other login name is refused)
+//   carol  no groups claim            dave   groups [approvers]
+//   (any other login name is refused)
 
 import * as crypto from 'node:crypto';
 import * as http from 'node:http';
@@ -72,6 +73,7 @@ const ACCOUNTS = {
   alice: { email: 'alice@example.test', name: 'Alice Analyst', groups: ['analysts'] },
   bob: { email: 'bob@example.test', name: 'Bob Approver', groups: ['approvers', 'analysts'] },
   carol: { email: 'carol@example.test', name: 'Carol NoGroups' },
+  dave: { email: 'dave@example.test', name: 'Dave Approver', groups: ['approvers'] },
 };
 const SERVICE_GROUPS = { 'svc-reporting': ['reporting'] };
 const RESOURCE = 'urn:agentgate';
