@@ -1,6 +1,6 @@
-//! Approvals end to end: a real daemon, real PostgreSQL, the real npm
+//! Approvals end to end: a real daemon, real `PostgreSQL`, the real npm
 //! `oidc-provider` (tests/oidc/provider.mjs) and approvers who log in with
-//! `agentgate login` (device flow; tests/scripts/device_browser.py plays
+//! `agentgate login` (device flow; `tests/scripts/device_browser.py` plays
 //! their browser). Labels may not vote here (`allow_labels` is off).
 
 use std::{
