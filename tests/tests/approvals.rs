@@ -385,6 +385,44 @@ fn verified_approvers_separation_of_duties_quorum_and_grants() {
     assert_eq!(name_of(pg, 2), "Customer 2");
     let denied = records(env, "approval.denied");
     assert_eq!(denied[0]["approval"]["reason"], "no change ticket");
+
+    // The agent cancels its held statement (a Postgres CancelRequest): the
+    // request is withdrawn on record, the client gets query_canceled, and the
+    // session goes on.
+    let out = env
+        .exec(
+            "demo",
+            &[
+                "python3",
+                "-c",
+                r#"
+import sys, threading, psycopg
+c = psycopg.connect(sys.argv[1], autocommit=True)
+threading.Timer(2.0, c.cancel).start()
+try:
+    c.execute("UPDATE customers SET name = 'cancelled' WHERE id = 4")
+    print("ran")
+except psycopg.errors.QueryCanceled as e:
+    print("cancelled:", e)
+print("after:", c.execute("SELECT 1").fetchone()[0])
+"#,
+                &url,
+            ],
+        )
+        .output()
+        .unwrap();
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.contains("cancelled:") && stdout.contains("withdrawn"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("after: 1"), "{stdout}");
+    assert_eq!(name_of(pg, 4), "Customer 4");
+    assert!(wait_pending(env, 0).is_empty());
+    let withdrawn = records(env, "approval.withdrawn");
+    assert_eq!(withdrawn.len(), 1, "{withdrawn:?}");
+    assert_eq!(withdrawn[0]["identity"]["subject"], "demo");
 }
 
 #[test]

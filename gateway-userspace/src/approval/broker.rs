@@ -740,6 +740,24 @@ impl Broker {
         .await
     }
 
+    /// Withdraws every request held for proxy connection `conn` (its client
+    /// cancelled the statement); returns how many.
+    pub async fn withdraw_connection(&self, conn: u64, reason: &str) -> usize {
+        let ids: Vec<String> = self
+            .list()
+            .into_iter()
+            .filter(|r| r.requester.conn == conn)
+            .map(|r| r.id)
+            .collect();
+        let mut n = 0;
+        for id in ids {
+            if self.withdraw(&id, reason).await {
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// Ends a grant early. Members of its approver groups, or its own
     /// identity, may; `grant.revoked` is written first.
     pub async fn revoke(

@@ -552,3 +552,21 @@ async fn concurrent_votes_release_once() {
         1
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_statement_withdraws_its_request_and_is_denied() {
+    let rec = Kept::default();
+    let b = broker(&rec);
+    let (req, waiter) = held(b.submit(new("agent", &spec(1, 60))).await.unwrap());
+    let task = tokio::spawn(waiter.outcome());
+    assert_eq!(b.withdraw_connection(8, "other connection").await, 0);
+    assert_eq!(b.withdraw_connection(7, "the client cancelled").await, 1);
+    assert_eq!(
+        task.await.unwrap(),
+        Outcome::Withdrawn {
+            reason: "the client cancelled".into()
+        }
+    );
+    assert!(b.get(&req.id).is_none());
+    assert_eq!(rec.kinds(), ["approval.requested", "approval.withdrawn"]);
+}
