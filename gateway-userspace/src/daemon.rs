@@ -1100,14 +1100,7 @@ impl Daemon {
                 ),
             ));
         };
-        let (bound_cgroups, bound_cgroup_paths) = {
-            let bindings = self.shared.bindings.lock().expect("bindings lock");
-            bindings
-                .iter()
-                .filter(|b| b.identity == name)
-                .map(|b| (b.cgroup_id, self.shared.hierarchy.relative(&b.cgroup)))
-                .unzip()
-        };
+        let (bound_cgroups, bound_cgroup_paths) = self.shared.bound_cgroups(name);
         Ok(Approver {
             name: name.to_owned(),
             subject,
@@ -1194,6 +1187,7 @@ impl Daemon {
             },
             "fast_path": s.config.fast_path,
             "audit": audit_status(&s.audit),
+            "approvals": { "pending": s.approvals.pending_count(), "grants": s.approvals.grants().len() },
             "containment": self.containment_status(&counters),
         })
     }
