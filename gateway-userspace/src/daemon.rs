@@ -1187,7 +1187,6 @@ impl Daemon {
             },
             "fast_path": s.config.fast_path,
             "audit": audit_status(&s.audit),
-            "approvals": { "pending": s.approvals.pending_count(), "grants": s.approvals.grants().len() },
             "containment": self.containment_status(&counters),
         })
     }
