@@ -42,7 +42,8 @@
 //
 // Accounts (the devInteractions login form accepts any password):
 //   alice  groups [analysts]          bob  groups [approvers, analysts]
-//   carol  no groups claim            contractor@bank  groups [contractors] (the agent scenario)
+//   carol  no groups claim            dave   groups [approvers]
+//   contractor@bank  groups [contractors] (the agent scenario)
 //   (any other login name is refused)
 
 import * as crypto from 'node:crypto';
@@ -73,6 +74,7 @@ const ACCOUNTS = {
   alice: { email: 'alice@example.test', name: 'Alice Analyst', groups: ['analysts'] },
   bob: { email: 'bob@example.test', name: 'Bob Approver', groups: ['approvers', 'analysts'] },
   carol: { email: 'carol@example.test', name: 'Carol NoGroups' },
+  dave: { email: 'dave@example.test', name: 'Dave Approver', groups: ['approvers'] },
   'contractor@bank': { email: 'contractor@example.test', name: 'Agent Contractor', groups: ['contractors'] },
 };
 const SERVICE_GROUPS = { 'svc-reporting': ['reporting'] };

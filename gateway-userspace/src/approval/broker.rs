@@ -11,6 +11,9 @@
 //! Ending a request on the requester's side (expiry, a client that went
 //! away) denies or drops the command even when its record fails: not
 //! running it is the safe side, and the failure is logged.
+//! Limits: a connection holds at most one command, so pending requests are
+//! bounded by `[proxy] max_connections`; reasons and tickets by
+//! [`MAX_REASON_CHARS`] and [`MAX_TICKET_CHARS`]; subscribers by [`EVENT_BUFFER`].
 
 use std::{
     collections::BTreeMap,
@@ -493,12 +496,12 @@ impl Broker {
             Self::check_text("reason", r, MAX_REASON_CHARS)?;
         }
         self.check_ticket(ticket.as_deref())?;
-        self.check_label(who)?;
 
         let _serial = self.inner.transitions.lock().await;
         let req = self
             .get(id)
             .ok_or_else(|| ApprovalError::NotFound { id: id.into() })?;
+        self.check_label(who)?;
         if let Some(why) = Self::conflict(who, &req.requester) {
             return Err(ApprovalError::SelfApproval {
                 id: id.into(),
@@ -738,6 +741,24 @@ impl Broker {
             }),
         )
         .await
+    }
+
+    /// Withdraws every request held for proxy connection `conn` (its client
+    /// cancelled the statement); returns how many.
+    pub async fn withdraw_connection(&self, conn: u64, reason: &str) -> usize {
+        let ids: Vec<String> = self
+            .list()
+            .into_iter()
+            .filter(|r| r.requester.conn == conn)
+            .map(|r| r.id)
+            .collect();
+        let mut n = 0;
+        for id in ids {
+            if self.withdraw(&id, reason).await {
+                n += 1;
+            }
+        }
+        n
     }
 
     /// Ends a grant early. Members of its approver groups, or its own

@@ -1421,8 +1421,8 @@ impl Collector {
         if entry.records.len() < CITE_CAP {
             entry.records.push(cite.clone());
         }
-        // Approving one's own request is not an approval.
-        if outcome == "granted"
+        // Approving one's own request (or voting on it) is not an approval.
+        if (outcome == "granted" || rec.kind == Kind::ApprovalVote)
             && let (Some(req), Some(by)) = (requester, approver)
             && req == by
             && let Some(f) = self.findings.get_mut(&req)
