@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agentgate_e2e::{DaemonOptions, Env, Proc, pg::PgServer, run_ok};
+use agentgate_e2e::{DaemonOptions, Env, Proc, pg::PgServer, run_ok, scripts_dir};
 use serde_json::Value;
 
 const OIDC_PORT: u16 = 18080;
@@ -104,7 +104,7 @@ fn utc(offset_secs: i64) -> String {
 }
 
 /// `agentgate login` in the test's netns, with the provider's pages driven by
-/// `tests/agent/device_browser.py` as `user`.
+/// `tests/scripts/device_browser.py` as `user`.
 fn login(env: &Env, user: &str) {
     let mut c = env.agentgate(&["login"]);
     c.env("AGENTGATE_CONTROL_SOCKET", env.state.join("control.sock"))
@@ -127,7 +127,7 @@ fn login(env: &Env, user: &str) {
     run_ok(
         env.netns
             .command("python3")
-            .arg(agent_dir().join("device_browser.py"))
+            .arg(scripts_dir().join("device_browser.py"))
             .args([&url, user]),
     )
     .unwrap();

@@ -278,7 +278,7 @@ impl Demo {
         println!("   (the demo plays {user}'s browser: code confirmed, signed in, consented)");
         status(
             cmd("python3")
-                .arg(self.root.join("tests/agent/device_browser.py"))
+                .arg(self.root.join("tests/scripts/device_browser.py"))
                 .args([&url, user]),
         )?;
         for line in stderr.lines() {
