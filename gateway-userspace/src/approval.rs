@@ -6,6 +6,8 @@
 //! approve a command that will not run). Deadlines use tokio time, so tests
 //! pause and advance the clock instead of sleeping.
 
+pub mod webhook;
+
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex},

@@ -65,6 +65,8 @@ const APT_PACKAGES: &[&str] = &[
     "pgbouncer",
     "curl",
     "nftables",
+    // The approvals page's end-to-end test drives it (npm playwright-core).
+    "chromium",
 ];
 
 /// Python modules the tests import, with the `PyPI` requirement that provides each.
@@ -211,9 +213,13 @@ fn setup(root: &Path) -> Result<()> {
     if !succeeds(cmd("cargo").args(["fuzz", "--version"])) {
         status(cmd("cargo").args(["install", "cargo-fuzz", "--version", "0.13.2", "--locked"]))?;
     }
-    // 7. Node packages of the test OpenID provider.
+    // 7. Node packages of the test OpenID provider and the browser driver:
+    // again whenever the lock file is newer than what npm last installed.
     let oidc = root.join("tests/oidc");
-    if oidc.join("package.json").exists() && !oidc.join("node_modules").exists() {
+    let mtime = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok();
+    let installed = mtime(&oidc.join("node_modules/.package-lock.json"));
+    let locked = mtime(&oidc.join("package-lock.json"));
+    if oidc.join("package.json").exists() && (installed.is_none() || installed < locked) {
         status(
             cmd("npm")
                 .args(["ci", "--no-audit", "--no-fund"])
@@ -404,9 +410,7 @@ impl Drop for DemoPostgres {
 /// Where cargo puts what it builds: `CARGO_TARGET_DIR` when set (a worktree
 /// sharing a warm build), else `target/` at the workspace root.
 fn target_dir(root: &Path) -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"))
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from)
 }
 
 fn test(root: &Path, filter: Option<&str>, no_lint: bool) -> Result<()> {
