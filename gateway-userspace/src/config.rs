@@ -39,6 +39,53 @@ pub struct Config {
     pub containment: ContainmentConfig,
     /// `[api]`: the HTTP API, web page and metrics.
     pub api: ApiConfig,
+    pub approvals: ApprovalsConfig,
+}
+
+/// `[approvals]`: who may vote besides verified identities, what a ticket
+/// id looks like, and where decisions are announced.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApprovalsConfig {
+    /// Label identities (`[daemon] label_identities`) may vote. For local
+    /// trials only: a label is a name anyone with root can claim, and the
+    /// record marks such a vote `kind = "label"`.
+    pub allow_labels: bool,
+    /// A regular expression a ticket id must match entirely. Without one, a
+    /// ticket is 1 to 128 characters of `A-Z a-z 0-9 . _ : / # -`.
+    pub ticket_pattern: Option<String>,
+    /// `[[approvals.webhook]]`: notified of each new request and decision.
+    pub webhook: Vec<WebhookConfig>,
+}
+
+/// Longest `ticket_pattern` accepted.
+pub const MAX_TICKET_PATTERN: usize = 1024;
+
+impl ApprovalsConfig {
+    /// The ticket pattern, compiled and anchored.
+    pub fn ticket_regex(&self) -> Result<Option<regex::Regex>, String> {
+        let Some(p) = &self.ticket_pattern else {
+            return Ok(None);
+        };
+        if p.is_empty() || p.len() > MAX_TICKET_PATTERN {
+            return Err(format!(
+                "ticket_pattern must be 1 to {MAX_TICKET_PATTERN} bytes"
+            ));
+        }
+        regex::RegexBuilder::new(&format!("^(?:{p})$"))
+            .size_limit(1 << 20)
+            .build()
+            .map(Some)
+            .map_err(|e| format!("ticket_pattern is not a valid regular expression: {e}"))
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        self.ticket_regex()?;
+        for w in &self.webhook {
+            w.validate()?;
+        }
+        Ok(())
+    }
 }
 
 /// `[api]`: the daemon's HTTP server (JSON API, approvals page, `/metrics`).
@@ -639,6 +686,9 @@ impl Config {
         self.containment
             .validate()
             .map_err(|e| invalid(format!("[containment] {e}")))?;
+        self.approvals
+            .validate()
+            .map_err(|e| invalid(format!("[approvals] {e}")))?;
         self.api
             .validate()
             .map_err(|e| invalid(format!("[api] {e}")))?;
@@ -770,6 +820,55 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("[identity]"), "{err}");
+    }
+
+    #[test]
+    fn approvals_section_is_read_and_checked() {
+        let c = Config::parse(
+            Path::new("a.toml"),
+            "[approvals]\nallow_labels = true\nticket_pattern = \"CHG-[0-9]+\"\n",
+        )
+        .unwrap();
+        assert!(c.approvals.allow_labels);
+        let re = c.approvals.ticket_regex().unwrap().unwrap();
+        assert!(re.is_match("CHG-42"));
+        assert!(!re.is_match("xCHG-42"), "anchored");
+        for bad in ["ticket_pattern = \"(\"", "allow_label = true"] {
+            let err = Config::parse(Path::new("a.toml"), &format!("[approvals]\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("a.toml: "), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn webhooks_are_read_and_checked() {
+        let c = Config::parse(
+            Path::new("a.toml"),
+            "[[approvals.webhook]]\nurl = \"https://hooks.example/a\"\nformat = \"slack\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.approvals.webhook[0].format, WebhookFormat::Slack);
+        assert_eq!(c.approvals.webhook[0].max_attempts, 5);
+        for bad in [
+            "url = \"http://hooks.example/a\"",
+            "url = \"ftp://127.0.0.1/a\"",
+            "url = \"https://h/a\"\nmax_attempts = 0",
+            "url = \"https://h/a\"\nqueue = 0",
+        ] {
+            let err = Config::parse(
+                Path::new("a.toml"),
+                &format!("[[approvals.webhook]]\n{bad}\n"),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.starts_with("a.toml: "), "{bad}: {err}");
+        }
+        Config::parse(
+            Path::new("a.toml"),
+            "[[approvals.webhook]]\nurl = \"http://127.0.0.1:9/a\"\n",
+        )
+        .unwrap();
     }
 
     #[test]

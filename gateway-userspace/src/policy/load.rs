@@ -19,8 +19,8 @@ use super::{
     glob::Glob,
     model::{
         ActionKind, AddressPattern, ApprovalSpec, ApprovalSpecFile, CgroupBinding, Conditions,
-        MatchSpec, PolicyFileSpec, Protocol, Resource, Rule, RuleAction, TlsMode, UnixAllow,
-        UnknownDestination, UpstreamTls,
+        GrantScope, MatchSpec, PolicyFileSpec, Protocol, Resource, Rule, RuleAction, TlsMode,
+        UnixAllow, UnknownDestination, UpstreamTls,
     },
     set::{DnsTable, PolicySet},
 };
@@ -723,11 +723,31 @@ fn build_approval(errors: &mut Errors<'_>, a: &Spanned<ApprovalSpecFile>) -> Opt
             }
         },
     };
+    let grant_scope = match spec.grant_scope.as_ref().map(|s| (s, s.get_ref().as_str())) {
+        None | Some((_, "statement")) => GrantScope::Statement,
+        Some((_, "class")) => GrantScope::Class,
+        Some((s, other)) => {
+            errors.at(
+                &s.span(),
+                format!("`grant_scope` must be \"statement\" or \"class\", not {other:?}"),
+            );
+            ok = false;
+            GrantScope::Statement
+        }
+    };
+    if let Some(s) = &spec.grant_scope
+        && grant_window.is_none()
+        && ok
+    {
+        errors.at(&s.span(), "`grant_scope` needs a `grant_window`");
+        ok = false;
+    }
     ok.then_some(ApprovalSpec {
         approver_groups: groups,
         quorum,
         timeout,
         grant_window,
+        grant_scope,
     })
 }
 

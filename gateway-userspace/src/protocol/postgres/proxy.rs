@@ -122,7 +122,7 @@ use super::{
     strip_channel_binding,
 };
 use crate::{
-    approval::{self, Broker, NewApproval, Outcome},
+    approval::{Broker, NewApproval, Outcome, Requester, Submitted},
     audit::{AuditLog, Kind, NewRecord},
     mask::{MaskPolicy, Strategy, lineage},
     policy::{Action, Decision, PolicySet, PolicyStore, Resource, Subject, TlsMode, Verdict},
@@ -676,7 +676,7 @@ struct Held {
     stmt: StmtRecord,
     decision: Decision,
     request_id: String,
-    outcome: Pin<Box<dyn Future<Output = Outcome> + Send + Sync>>,
+    outcome: Pin<Box<dyn Future<Output = Outcome> + Send>>,
 }
 
 /// What the records say about one decided statement.
@@ -1066,21 +1066,26 @@ impl<'a> Pg<'a> {
             || (self.upstream_eof && self.cout.is_empty() && self.uin.len() < 5)
     }
 
-    /// The client closed: a held statement is withdrawn (dropping its waiter).
+    /// The client closed: a held statement's request is cancelled (recorded
+    /// `approval.cancelled`), and the statement never runs.
     async fn client_gone(&mut self) {
         self.client_eof = true;
         if let Some(h) = self.held.take() {
             let id = h.request_id.clone();
             drop(h.outcome);
+            self.ctx
+                .approvals
+                .cancel(&id, "the client disconnected while the statement was held")
+                .await;
             let mut ev = self.event(Kind::Statement, h.stmt.action);
             ev.decision = Some(decision_json(&h.decision, "require_approval"));
-            ev.approval = Some(json!({"id": id, "outcome": "withdrawn"}));
+            ev.approval = Some(json!({"id": id, "outcome": "cancelled"}));
             ev.result =
                 Some(json!({"status": "not_run", "reason": "client disconnected while held"}));
             if let Err(e) = self.ctx.audit.append(ev).await {
-                tracing::error!(error = %e, "audit append failed for a withdrawn statement");
+                tracing::error!(error = %e, "audit append failed for a cancelled statement");
             }
-            tracing::info!(conn = self.ctx.conn.id, request = %id, "client left; approval request withdrawn");
+            tracing::info!(conn = self.ctx.conn.id, request = %id, "client left; approval request cancelled");
         }
         // Nothing the client still had queued is processed.
         self.cin.clear();
@@ -2125,49 +2130,43 @@ impl<'a> Pg<'a> {
         spec: &crate::policy::ApprovalSpec,
         redacted: &str,
     ) -> Result<(), PgProxyError> {
-        let spec = approval::ApprovalSpec {
-            approver_groups: spec.approver_groups.clone(),
-            quorum: spec.quorum,
-            timeout: spec.timeout,
-            grant_window: spec.grant_window,
-        };
+        let mut base = self.event(Kind::ApprovalRequested, stmt.action.clone());
+        base.decision = Some(decision_json(&decision, "require_approval"));
         let new = NewApproval {
-            identity: self.ctx.subject.identity.clone(),
+            requester: Requester::from_connection(&self.ctx.conn),
             resource: self.ctx.resource.name.clone(),
             summary: truncate_chars(redacted, MAX_SUMMARY_CHARS),
             statement_hash: stmt.hash.clone(),
+            class: stmt.action["class"]
+                .as_str()
+                .unwrap_or("unknown")
+                .to_owned(),
             rule: decision.rule.clone(),
+            spec: spec.clone(),
+            record: base,
         };
-        match self.ctx.approvals.submit(new, &spec) {
-            Err(Outcome::Granted { approvers }) => {
-                let a = json!({"outcome": "granted", "approvers": approvers});
+        match self.ctx.approvals.submit(new).await {
+            Ok(Submitted::Covered { grant }) => {
+                let a =
+                    json!({"outcome": "granted", "grant": grant.id, "approvers": grant.approvers});
                 self.allow(m, stmt, &decision, Some(a), false).await
             }
-            Err(other) => {
-                self.approval_denied(&m, stmt, &decision, "?", &other).await;
+            Err(e) => {
+                tracing::error!(conn = self.ctx.conn.id, error = %e, "approval request not recorded");
+                self.deny_with(
+                    &m,
+                    ErrorFields::new(
+                        "ERROR",
+                        "58030",
+                        "agentgate: audit log unavailable; the statement was not run (fails closed)",
+                    ),
+                );
                 Ok(())
             }
-            Ok((req, waiter)) => {
-                let mut ev = self.event(Kind::ApprovalRequested, stmt.action.clone());
-                ev.decision = Some(decision_json(&decision, "require_approval"));
-                ev.approval = Some(json!({
-                    "id": req.id,
-                    "approver_groups": req.approver_groups,
-                    "quorum": req.quorum,
-                    "deadline": req.deadline,
-                }));
-                if self.ctx.audit.append(ev).await.is_err() {
-                    drop(waiter);
-                    self.deny_with(
-                        &m,
-                        ErrorFields::new(
-                            "ERROR",
-                            "58030",
-                            "agentgate: audit log unavailable; the statement was not run (fails closed)",
-                        ),
-                    );
-                    return Ok(());
-                }
+            Ok(Submitted::Held {
+                request: req,
+                waiter,
+            }) => {
                 BackendMessage::NoticeResponse(session::approval_notice(&req.id, &req.deadline))
                     .encode(&mut self.cout);
                 tracing::info!(conn = self.ctx.conn.id, request = %req.id, rule = %decision.rule, "statement held for approval");
@@ -2188,11 +2187,11 @@ impl<'a> Pg<'a> {
             return;
         };
         match &outcome {
-            Outcome::Approved { approvers } | Outcome::Granted { approvers } => {
-                let a = json!({"id": h.request_id, "outcome": "approved", "approvers": approvers});
+            Outcome::Approved { approvers, grant } => {
+                let a = json!({"id": h.request_id, "outcome": "approved", "approvers": approvers, "grant": grant});
                 let _ = self.allow(h.msg, h.stmt, &h.decision, Some(a), false).await;
             }
-            Outcome::Denied { .. } | Outcome::Expired => {
+            Outcome::Rejected { .. } | Outcome::Expired | Outcome::Withdrawn { .. } => {
                 self.approval_denied(&h.msg, h.stmt, &h.decision, &h.request_id, &outcome)
                     .await;
             }
@@ -2208,15 +2207,13 @@ impl<'a> Pg<'a> {
         outcome: &Outcome,
     ) {
         let (what, approval) = match outcome {
-            Outcome::Denied { by, reason } => (
-                format!(
-                    "denied by {by}{}",
-                    reason
-                        .as_deref()
-                        .map(|r| format!(" ({r})"))
-                        .unwrap_or_default()
-                ),
-                json!({"id": id, "outcome": "denied", "by": by, "reason": reason}),
+            Outcome::Rejected { by, reason } => (
+                format!("rejected by {by} ({reason})"),
+                json!({"id": id, "outcome": "rejected", "by": by, "reason": reason}),
+            ),
+            Outcome::Withdrawn { reason } => (
+                format!("withdrawn ({reason})"),
+                json!({"id": id, "outcome": "withdrawn", "reason": reason}),
             ),
             _ => (
                 "expired without a decision".to_owned(),
@@ -2559,7 +2556,10 @@ timeout = "30s"
             },
             resource,
             policy,
-            approvals: Broker::default(),
+            approvals: Broker::new(
+                Arc::new(crate::approval::testing::Accepting),
+                crate::approval::Settings::default(),
+            ),
             audit,
             correlation_key: [7; 32],
             cancel_keys: CancelKeys::default(),
@@ -2811,12 +2811,19 @@ timeout = "30s"
     async fn decide_next(approvals: &Broker, approve: bool) {
         for _ in 0..500 {
             if let Some(req) = approvals.list().pop() {
-                let boss = crate::approval::Approver {
-                    name: "boss".into(),
-                    groups: vec!["dba".into()],
-                    any_group: false,
+                let boss = crate::approval::testing::approver("boss", &["dba"]);
+                let vote = if approve {
+                    crate::approval::Vote::Approve {
+                        reason: None,
+                        ticket: None,
+                    }
+                } else {
+                    crate::approval::Vote::Reject {
+                        reason: "no".into(),
+                        ticket: None,
+                    }
                 };
-                approvals.decide(&req.id, &boss, approve, None).unwrap();
+                approvals.decide(&req.id, &boss, vote).await.unwrap();
                 return;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
