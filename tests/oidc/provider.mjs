@@ -47,7 +47,8 @@
 //
 // Accounts (the devInteractions login form accepts any password):
 //   alice  groups [analysts]          bob  groups [approvers, analysts]
-//   carol  no groups claim            (any other login name is refused)
+//   carol  no groups claim            dave   groups [approvers]
+//   (any other login name is refused)
 
 import * as crypto from 'node:crypto';
 import * as http from 'node:http';
@@ -78,6 +79,7 @@ const ACCOUNTS = {
   alice: { email: 'alice@example.test', name: 'Alice Analyst', groups: ['analysts'] },
   bob: { email: 'bob@example.test', name: 'Bob Approver', groups: ['approvers', 'analysts'] },
   carol: { email: 'carol@example.test', name: 'Carol NoGroups' },
+  dave: { email: 'dave@example.test', name: 'Dave Approver', groups: ['approvers'] },
 };
 // OIDC_SVC_GROUPS (comma-separated) replaces svc-reporting's groups.
 const SERVICE_GROUPS = {

@@ -259,6 +259,8 @@ pub struct DaemonOptions {
     /// Policy files (name, text) for the daemon's policy directory; by
     /// default one that lets the label `demo` reach any loopback TCP port.
     pub policies: Vec<(String, String)>,
+    /// Label identities (name, groups) besides `demo`.
+    pub labels: Vec<(String, Vec<String>)>,
 }
 
 /// Loopback TCP for the label identity `demo`; nothing else.
@@ -288,6 +290,7 @@ impl Default for DaemonOptions {
             extra: String::new(),
             audit_extra: String::new(),
             policies: vec![("loopback.toml".into(), LOOPBACK_POLICY.into())],
+            labels: Vec::new(),
         }
     }
 }
@@ -357,7 +360,7 @@ impl Env {
             "[daemon]\nstate_dir = \"{state}\"\ncontrol_socket = \"{state}/control.sock\"\n\
              attach_cgroup = \"{attach}\"\nexec_cgroup = \"{attach}/agents\"\n\
              fail_mode = \"{mode}\"\nbpffs_dir = \"{bpffs}\"\n\
-             label_identities = [{{ name = \"demo\", groups = [\"demo\"] }}]\n\n\
+             label_identities = [{{ name = \"demo\", groups = [\"demo\"] }}{labels}]\n\n\
              [policy]\ndir = \"{policy}\"\nwatch_interval_secs = 1\n\n\
              [audit]\ndir = \"{state}/audit\"\n{audit_extra}\n\n\
              [proxy]\nport = {port}\nfast_path = {fast}\n{extra}\n",
@@ -374,9 +377,20 @@ impl Env {
             fast = self.opts.fast_path,
             audit_extra = self.opts.audit_extra,
             extra = self.opts.extra,
+            labels = self.labels_toml(),
         );
         fs::write(&self.config, config_text)?;
         Ok(())
+    }
+
+    /// The extra label identities as entries of `label_identities`.
+    fn labels_toml(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        for (name, groups) in &self.opts.labels {
+            let _ = write!(out, ", {{ name = {name:?}, groups = {groups:?} }}");
+        }
+        out
     }
 
     /// Starts the daemon inside the test's netns, in the `daemon` child cgroup

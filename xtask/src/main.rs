@@ -266,6 +266,9 @@ fn local_config(root: &Path) -> Result<PathBuf> {
          \x20 {{ name = \"demo\", groups = [\"demo\"] }},\n\
          \x20 {{ name = \"approver\", groups = [\"approvers\"] }},\n\
          ]\n\n\
+         # Label identities may vote on approvals here (local trials only).\n\
+         [approvals]\n\
+         allow_labels = true\n\n\
          [policy]\n\
          dir = \"{policies}\"\n\n\
          [audit]\n\
@@ -298,7 +301,7 @@ fn run_daemon(root: &Path, args: &[String]) -> Result<()> {
          \x20 # writes wait for an approver (see the NOTICE for the request id):\n\
          \x20 {bin} exec --identity demo --user nobody -- {psql} -h 127.0.0.1 -U postgres -c \"UPDATE customers SET name = 'x' WHERE id = 1\"\n\
          \x20 {bin} approvals list\n\
-         \x20 {bin} approvals approve <ID> --approver approver\n\
+         \x20 {bin} approvals approve <ID> --as approver\n\
          \x20 # plain TCP: the local pack allows 127.0.0.1:7777\n\
          \x20 python3 -m http.server 7777 --bind 127.0.0.1 &  {bin} exec --identity demo --user nobody -- curl -sS http://127.0.0.1:7777/ >/dev/null\n\
          \x20 {bin} status\n\

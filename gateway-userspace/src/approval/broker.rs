@@ -493,12 +493,12 @@ impl Broker {
             Self::check_text("reason", r, MAX_REASON_CHARS)?;
         }
         self.check_ticket(ticket.as_deref())?;
-        self.check_label(who)?;
 
         let _serial = self.inner.transitions.lock().await;
         let req = self
             .get(id)
             .ok_or_else(|| ApprovalError::NotFound { id: id.into() })?;
+        self.check_label(who)?;
         if let Some(why) = Self::conflict(who, &req.requester) {
             return Err(ApprovalError::SelfApproval {
                 id: id.into(),
@@ -738,6 +738,24 @@ impl Broker {
             }),
         )
         .await
+    }
+
+    /// Withdraws every request held for proxy connection `conn` (its client
+    /// cancelled the statement); returns how many.
+    pub async fn withdraw_connection(&self, conn: u64, reason: &str) -> usize {
+        let ids: Vec<String> = self
+            .list()
+            .into_iter()
+            .filter(|r| r.requester.conn == conn)
+            .map(|r| r.id)
+            .collect();
+        let mut n = 0;
+        for id in ids {
+            if self.withdraw(&id, reason).await {
+                n += 1;
+            }
+        }
+        n
     }
 
     /// Ends a grant early. Members of its approver groups, or its own

@@ -624,8 +624,10 @@ impl Collector {
             return Some(i.subject.clone());
         }
         // An approver's record names the requester in its action.
-        if matches!(rec.kind, Kind::ApprovalGranted | Kind::ApprovalDenied)
-            && let Some(r) = field(rec.action.as_ref(), "requester").and_then(Value::as_str)
+        if matches!(
+            rec.kind,
+            Kind::ApprovalGranted | Kind::ApprovalDenied | Kind::ApprovalVote
+        ) && let Some(r) = field(rec.action.as_ref(), "requester").and_then(Value::as_str)
             && is(r)
         {
             return Some(r.to_owned());
@@ -818,7 +820,11 @@ impl Collector {
                     }
                 }
             }
-            Kind::ApprovalGranted | Kind::ApprovalDenied | Kind::ApprovalExpired => {
+            Kind::ApprovalGranted
+            | Kind::ApprovalDenied
+            | Kind::ApprovalExpired
+            | Kind::ApprovalCancelled
+            | Kind::ApprovalWithdrawn => {
                 if let Some(id) = text(rec.approval.as_ref(), "id") {
                     self.pending.remove(&id);
                 }
@@ -907,7 +913,12 @@ impl Collector {
                 self.note_resource(rec, &cite);
                 self.approval_requested(rec, who, &cite);
             }
-            Kind::ApprovalGranted | Kind::ApprovalDenied | Kind::ApprovalExpired => {
+            Kind::ApprovalGranted
+            | Kind::ApprovalDenied
+            | Kind::ApprovalExpired
+            | Kind::ApprovalVote
+            | Kind::ApprovalCancelled
+            | Kind::ApprovalWithdrawn => {
                 self.observe_approval_decision(rec, &cite);
             }
             Kind::MaskingFailure => {
@@ -1165,7 +1176,11 @@ impl Collector {
         let approvers = strings(Some(a), "approvers");
         let f = self.findings.get_mut(who).expect("identity in scope");
         if decision == "allow" {
-            if outcome != "granted" || approvers.iter().any(|p| p == who) {
+            // `approved`: released by the request's own approval;
+            // `granted`: run under a grant window an approval opened.
+            if !matches!(outcome.as_str(), "granted" | "approved")
+                || approvers.iter().any(|p| p == who)
+            {
                 // Ran without a grant, or approved by the requester.
                 f.unauthorized.push(cite.clone());
             } else {
@@ -1188,13 +1203,22 @@ impl Collector {
         let a = rec.approval.as_ref();
         let Some(id) = text(a, "id") else { return };
         let outcome = match rec.kind {
-            Kind::ApprovalGranted => "granted",
-            Kind::ApprovalDenied => "denied",
-            _ => "expired",
+            Kind::ApprovalGranted => Some("granted"),
+            Kind::ApprovalDenied => Some("denied"),
+            Kind::ApprovalCancelled => Some("cancelled"),
+            Kind::ApprovalWithdrawn => Some("withdrawn"),
+            // A vote short of the quorum decides nothing yet.
+            Kind::ApprovalVote => None,
+            _ => Some("expired"),
         };
         let requester = text(rec.action.as_ref(), "requester");
-        let approver =
-            text(a, "approver").or_else(|| rec.identity.as_ref().map(|i| clip(&i.subject)));
+        // Expiry, cancellation and withdrawal are the requester's side: no approver.
+        let approver = matches!(
+            rec.kind,
+            Kind::ApprovalGranted | Kind::ApprovalDenied | Kind::ApprovalVote
+        )
+        .then(|| text(a, "approver").or_else(|| rec.identity.as_ref().map(|i| clip(&i.subject))))
+        .flatten();
         if !self.approvals.contains_key(&id) && self.approvals.len() >= LIST_CAP {
             // Counted at its request (or requested before the period).
             return;
@@ -1220,8 +1244,10 @@ impl Collector {
                 records: Vec::new(),
             });
         // A granted approval may need a quorum: the outcome is the last word.
-        entry.outcome = outcome.into();
-        entry.decided_at = Some(rec.time.clone());
+        if let Some(o) = outcome {
+            entry.outcome = o.into();
+            entry.decided_at = Some(rec.time.clone());
+        }
         if let Some(p) = approver.clone()
             && entry.approvers.len() < CITE_CAP
         {
@@ -1241,7 +1267,7 @@ impl Collector {
             entry.records.push(cite.clone());
         }
         // Approving one's own request is not an approval.
-        if outcome == "granted"
+        if matches!(outcome, Some("granted") | None)
             && let (Some(req), Some(by)) = (requester, approver)
             && req == by
             && let Some(f) = self.findings.get_mut(&req)

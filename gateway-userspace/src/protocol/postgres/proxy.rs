@@ -236,10 +236,13 @@ type Unconfirmed<'a> = Pin<Box<dyn Future<Output = Result<(), AuditUnavailable>>
 #[derive(Clone, Default)]
 pub struct CancelKeys(Arc<std::sync::Mutex<HashMap<(i32, Bytes), Issued>>>);
 
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 struct Issued {
     destination: SocketAddr,
     identity: String,
+    /// The proxy connection of the session: its held statement is the one a
+    /// cancel withdraws.
+    conn: u64,
 }
 
 /// Removes its key when the session ends.
@@ -611,12 +614,10 @@ pub async fn serve(mut client: TcpStream, ctx: PgContext) -> Result<(), PgProxyE
 }
 
 async fn forward_cancel(ctx: &PgContext, pid: i32, secret: Bytes) -> Result<(), PgProxyError> {
-    let wanted = Issued {
-        destination: ctx.conn.destination,
-        identity: ctx.subject.identity.clone(),
-    };
     let issued = ctx.cancel_keys.issued_to(pid, &secret);
-    let allowed = issued.as_ref() == Some(&wanted);
+    let allowed = issued.as_ref().is_some_and(|i| {
+        i.destination == ctx.conn.destination && i.identity == ctx.subject.identity
+    });
     let mut ev = ctx.conn.record(Kind::Decision).action(json!({
         "protocol": "postgres",
         "message": "cancel_request",
@@ -649,6 +650,12 @@ async fn forward_cancel(ctx: &PgContext, pid: i32, secret: Bytes) -> Result<(), 
         .append(ev)
         .await
         .map_err(|source| PgProxyError::Audit { source })?;
+    // A statement held for approval is not at the server: the cancel withdraws it.
+    if let Some(i) = &issued {
+        ctx.approvals
+            .withdraw_connection(i.conn, "the client cancelled the statement")
+            .await;
+    }
     let (mut up, _) = connect_upstream(ctx).await?;
     let mut b = BytesMut::new();
     StartupPacket::CancelRequest { pid, secret }.encode(&mut b);
@@ -1369,6 +1376,7 @@ impl<'a> Pg<'a> {
                 let issued = Issued {
                     destination: self.ctx.conn.destination,
                     identity: self.ctx.subject.identity.clone(),
+                    conn: self.ctx.conn.id,
                 };
                 self.cancel_key = Some(self.ctx.cancel_keys.issue(k.pid, k.secret.clone(), issued));
             }
@@ -2227,11 +2235,17 @@ impl<'a> Pg<'a> {
             rule: decision.rule.clone(),
         };
         let _ = self.record_statement(stmt, &d, Some(approval)).await;
+        // Withdrawn by the client's own cancel: what Postgres says to one.
+        let state = if matches!(outcome, Outcome::Withdrawn { .. }) {
+            "57014"
+        } else {
+            "42501"
+        };
         self.deny_with(
             m,
             ErrorFields::new(
                 "ERROR",
-                "42501",
+                state,
                 &format!(
                     "agentgate: statement denied by policy rule \"{}\": approval request {id} {what}",
                     decision.rule
