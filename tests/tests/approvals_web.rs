@@ -380,9 +380,32 @@ fn a_held_drop_is_approved_in_the_browser_and_the_api_enforces_who_may_vote() {
     );
     assert_eq!(pending(env).len(), 1, "still pending");
 
+    // The page's forms need a signed-in session (and its CSRF token).
+    let mut c = env.netns.command("curl");
+    c.args([
+        "-sS",
+        "-m",
+        "20",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-d",
+        "csrf=guess&reason=x",
+    ])
+    .arg(format!(
+        "http://127.0.0.1:{API_PORT}/approvals/{id}/approve"
+    ));
+    let out = run_ok(&mut c).unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "401");
+
     // bob approves in the browser; a screenshot of the page shows the request.
-    let shot = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/img/approvals-page.png");
-    fs::create_dir_all(shot.parent().unwrap()).unwrap();
+    // With AGENTGATE_UPDATE_SCREENSHOTS set, the README's picture is replaced.
+    let shot = if std::env::var_os("AGENTGATE_UPDATE_SCREENSHOTS").is_some() {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/img/approvals-page.png")
+    } else {
+        w.dir.join("approvals-page.png")
+    };
     let mut c = env.netns.command("node");
     c.arg("browser.mjs")
         .args([
@@ -422,6 +445,19 @@ fn a_held_drop_is_approved_in_the_browser_and_the_api_enforces_who_may_vote() {
     let (ok, out, err) = finish(spawn_psql(&w, "DROP TABLE t1"), Duration::from_secs(3));
     assert!(ok && out.contains("DROP TABLE"), "{out}{err}");
     assert!(pending(env).is_empty());
+    let granted = env
+        .audit_records()
+        .unwrap()
+        .into_iter()
+        .filter(|r| r["approval"]["outcome"] == "granted")
+        .collect::<Vec<_>>();
+    assert_eq!(granted.len(), 1, "{granted:?}");
+    assert!(
+        granted[0]["approval"]["grant"]
+            .as_str()
+            .is_some_and(|g| g.starts_with("grt-")),
+        "{granted:?}"
+    );
 
     // After the window, it is held again; this time bob rejects over the API.
     finish(
