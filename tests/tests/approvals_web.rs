@@ -535,3 +535,82 @@ fn a_held_drop_is_approved_in_the_browser_and_the_api_enforces_who_may_vote() {
     assert!(!log.contains(HOOK_SECRET) && !log.contains(SVC_SECRET) && !log.contains(&bob));
     w.receiver.kill9();
 }
+
+/// Off the default path: the API over TLS (rustls, the configured PEM files),
+/// plain HTTP refused on that port, and the limits on idle and excess
+/// connections enforced.
+#[test]
+fn the_api_serves_tls_and_closes_idle_and_excess_connections() {
+    let dir = std::env::temp_dir().join(agentgate_e2e::unique("aptls"));
+    fs::create_dir_all(&dir).unwrap();
+    let ca = agentgate_e2e::pg::make_ca(&dir).unwrap();
+    let mut env = Env::prepare("aptls", DaemonOptions::default()).unwrap();
+    env.opts.extra = format!(
+        "\n[api]\nlisten = \"127.0.0.1:{API_PORT}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n\
+         max_connections = 2\nheader_timeout_secs = 1\n",
+        ca.server_cert.display(),
+        ca.server_key.display()
+    );
+    env.write_config().unwrap();
+    env.start_daemon().unwrap();
+    let https = |path: &str| {
+        let mut c = env.netns.command("curl");
+        c.args(["-sS", "-m", "10", "-w", "\n%{http_code}", "--cacert"])
+            .arg(&ca.ca_cert)
+            .arg(format!("https://127.0.0.1:{API_PORT}{path}"));
+        parse_curl(&run_ok(&mut c).unwrap().stdout)
+    };
+    let (code, body) = https("/metrics");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("agentgate_approvals_pending 0"), "{body}");
+    let (code, body) = https("/api/approvals");
+    assert_eq!(code, 401, "no identity provider, no caller: {body}");
+    let plain = env
+        .netns
+        .command("curl")
+        .args(["-sS", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!("http://127.0.0.1:{API_PORT}/metrics"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&plain.stdout),
+        "000",
+        "no plain HTTP answer"
+    );
+
+    // Two idle connections fill the limit: a third is closed at once; the
+    // idle ones are closed when the 1 s handshake/head timeout passes.
+    let probe = format!(
+        r#"
+import json, socket, time
+def closed(s, wait):
+    s.settimeout(wait)
+    try:
+        return s.recv(1) == b""
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except socket.timeout:
+        return False
+idle = [socket.create_connection(("127.0.0.1", {API_PORT})) for _ in range(2)]
+time.sleep(0.3)
+third = socket.create_connection(("127.0.0.1", {API_PORT}))
+t = time.time(); third_closed = closed(third, 0.8); third_s = time.time() - t
+t = time.time(); idle_closed = [closed(s, 4.0) for s in idle]; idle_s = time.time() - t
+print(json.dumps({{"third_closed": third_closed, "third_s": third_s, "idle_closed": idle_closed, "idle_s": idle_s}}))
+"#
+    );
+    let out = run_ok(env.netns.command("python3").args(["-c", &probe])).unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["third_closed"], true, "{v}");
+    assert_eq!(v["idle_closed"], serde_json::json!([true, true]), "{v}");
+    assert!(v["idle_s"].as_f64().unwrap() < 3.0, "{v}");
+    // And it serves again once they are gone.
+    assert_eq!(https("/metrics").0, 200);
+    let metrics = https("/metrics").1;
+    assert!(
+        metrics.contains("agentgate_api_refused_total{reason=\"connection_limit\"} 1"),
+        "{metrics}"
+    );
+    drop(env);
+    fs::remove_dir_all(dir).unwrap();
+}
