@@ -530,6 +530,13 @@ fn a_held_drop_is_approved_in_the_browser_and_the_api_enforces_who_may_vote() {
         status["webhooks"]["attempts_failed"].as_u64().unwrap() >= 2,
         "{status}"
     );
+    let text = run_ok(&mut env.agentgate(&["status"])).unwrap().stdout;
+    let text = String::from_utf8_lossy(&text);
+    assert!(text.contains("approvals: 0 pending"), "{text}");
+    assert!(
+        text.contains("webhooks: ") && text.contains(" delivered, 0 failed"),
+        "{text}"
+    );
     // No secret reaches the daemon's log.
     let log = env.daemon_log();
     assert!(!log.contains(HOOK_SECRET) && !log.contains(SVC_SECRET) && !log.contains(&bob));
