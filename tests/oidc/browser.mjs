@@ -6,7 +6,7 @@
 //       pages as USER (the test provider accepts any password), waits for
 //       REQUEST_ID in the pending list, optionally saves a screenshot of the
 //       page, then approves it with a reason. Prints one JSON line:
-//       {"signed_in_as": ..., "notice": ..., "status": ...}
+//       {"signed_in_as": ..., "notice": ..., "status": ..., "url": ...}
 //
 //   node browser.mjs token ISSUER CLIENT_ID REDIRECT_URI USER
 //       Signs USER in to CLIENT_ID (authorization code + PKCE) and exchanges
@@ -61,7 +61,9 @@ async function approve(pageUrl, user, requestId, screenshot) {
     ]);
     const notice = await page.textContent('.notice');
     const who = await page.textContent('#who');
-    process.stdout.write(`${JSON.stringify({ signed_in_as: who, notice, status: resp ? resp.status() : null })}\n`);
+    process.stdout.write(`${JSON.stringify({
+      signed_in_as: who, notice, status: resp ? resp.status() : null, url: page.url(),
+    })}\n`);
   } finally {
     await b.close();
   }

@@ -419,6 +419,11 @@ fn a_held_drop_is_approved_in_the_browser_and_the_api_enforces_who_may_vote() {
     let out = run_ok(&mut c).unwrap();
     let page: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(page["signed_in_as"], "bob", "{page}");
+    assert_eq!(
+        page["url"],
+        format!("http://127.0.0.1:{API_PORT}/"),
+        "back on the page after the vote (post/redirect/get): {page}"
+    );
     assert!(
         page["notice"]
             .as_str()

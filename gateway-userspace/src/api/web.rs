@@ -60,6 +60,8 @@ struct WebSession {
     identity: VerifiedIdentity,
     csrf: String,
     expires: Instant,
+    /// The outcome of the last form, shown once by the page it redirects to.
+    flash: Option<(String, bool)>,
 }
 
 /// The page's state: its OIDC client settings, logins in flight, sessions.
@@ -115,6 +117,23 @@ impl Web {
         sessions.retain(|_, s| s.expires > now);
         let s = sessions.get(&id)?;
         Some((id, s.identity.clone(), s.csrf.clone()))
+    }
+
+    /// Keeps a form's outcome for the page the browser is sent to next
+    /// (post/redirect/get: reloading that page does not vote again).
+    fn after_form(&self, sid: &str, message: String, error: bool) -> Response {
+        if let Some(s) = self.sessions.lock().expect("sessions lock").get_mut(sid) {
+            s.flash = Some((message, error));
+        }
+        Redirect::to("/").into_response()
+    }
+
+    fn take_flash(&self, sid: &str) -> Option<(String, bool)> {
+        self.sessions
+            .lock()
+            .expect("sessions lock")
+            .get_mut(sid)
+            .and_then(|s| s.flash.take())
     }
 }
 
@@ -193,7 +212,11 @@ async fn index(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Respon
         return not_configured();
     };
     match web.session(&headers) {
-        Some((_, who, csrf)) => render(&state, &who, &csrf, None, StatusCode::OK),
+        Some((sid, who, csrf)) => {
+            let flash = web.take_flash(&sid);
+            let flash = flash.as_ref().map(|(m, e)| (m.as_str(), *e));
+            render(&state, &who, &csrf, flash, StatusCode::OK)
+        }
         None => html_response(StatusCode::OK, html::sign_in_page(None)),
     }
 }
@@ -346,6 +369,7 @@ async fn callback(
                 identity: verified.clone(),
                 csrf: random_token(),
                 expires: now + web.session_ttl,
+                flash: None,
             },
         );
     }
@@ -507,7 +531,7 @@ async fn vote(
     let Some(web) = state.web.as_ref() else {
         return not_configured();
     };
-    let (_, who, csrf) = match authorized(web, &headers, &f.csrf) {
+    let (sid, who, _) = match authorized(web, &headers, &f.csrf) {
         Ok(s) => s,
         Err(r) => return *r,
     };
@@ -536,15 +560,9 @@ async fn vote(
                     .and_then(|v| v.as_str())
                     .unwrap_or("recorded")
             );
-            render(&state, &who, &csrf, Some((&msg, false)), StatusCode::OK)
+            web.after_form(&sid, msg, false)
         }
-        Err(e) => render(
-            &state,
-            &who,
-            &csrf,
-            Some((&format!("Not recorded: {}", e.message), true)),
-            e.status,
-        ),
+        Err(e) => web.after_form(&sid, format!("Not recorded: {}", e.message), true),
     }
 }
 
@@ -557,7 +575,7 @@ async fn revoke(
     let Some(web) = state.web.as_ref() else {
         return not_configured();
     };
-    let (_, who, csrf) = match authorized(web, &headers, &f.csrf) {
+    let (sid, who, _) = match authorized(web, &headers, &f.csrf) {
         Ok(s) => s,
         Err(r) => return *r,
     };
@@ -570,22 +588,10 @@ async fn revoke(
         .revoke(&id, &state.approver(&who, Via::Web), reason)
         .await
     {
-        Ok(_) => render(
-            &state,
-            &who,
-            &csrf,
-            Some((&format!("Revoked {id}"), false)),
-            StatusCode::OK,
-        ),
+        Ok(_) => web.after_form(&sid, format!("Revoked {id}"), false),
         Err(e) => {
             let e = super::ApiError::from(e);
-            render(
-                &state,
-                &who,
-                &csrf,
-                Some((&format!("Not revoked: {}", e.message), true)),
-                e.status,
-            )
+            web.after_form(&sid, format!("Not revoked: {}", e.message), true)
         }
     }
 }
