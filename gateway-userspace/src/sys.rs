@@ -797,7 +797,7 @@ const SOCK_DIAG_BY_FAMILY: u16 = 20;
 /// The cgroup (v2 id) of the TCP socket in this network namespace whose local
 /// end is `local` and remote end is `remote`, asked of the kernel with
 /// `sock_diag` (`NETLINK_SOCK_DIAG`, an exact lookup). `Ok(None)`: no such
-/// socket, or the kernel does not report cgroups.
+/// socket; an error when the kernel does not report cgroups.
 pub fn tcp_socket_cgroup(
     local: std::net::SocketAddr,
     remote: std::net::SocketAddr,
@@ -925,5 +925,8 @@ fn parse_diag_cgroup(msg: &[u8]) -> io::Result<Option<u64>> {
         }
         at += (alen + 3) & !3;
     }
-    Ok(None)
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "the kernel names no cgroup for sockets (INET_DIAG_CGROUP_ID needs Linux 5.9+)",
+    ))
 }

@@ -3,9 +3,11 @@
 //! (`INET_DIAG_CGROUP_ID`, the cgroup the socket was created in) and refused
 //! when that cgroup is tagged or below a tagged one, or when it is the
 //! daemon's own cgroup: the daemon never calls its own API, so such a peer is
-//! the proxy relaying a tagged workload's connection. Fails closed: a local
-//! peer whose cgroup cannot be determined is refused. Remote peers are not
-//! local processes and are not governed here (the API is TLS-only there).
+//! the proxy relaying a tagged workload's connection. Fails closed: a
+//! loopback peer whose cgroup cannot be determined, or any peer when the
+//! lookup itself fails, is refused. A peer whose socket the kernel does not
+//! hold in this network namespace is on another host: not governed here
+//! (the API is TLS-only there).
 
 use std::net::SocketAddr;
 
@@ -63,16 +65,16 @@ pub fn check(
         cgroup_id: None,
         refused: None,
     };
-    if !remote.ip().is_loopback() && !is_mapped_loopback(remote) {
-        return peer;
-    }
-    // The peer's socket: its local end is `remote`, its remote end `local`.
+    let loopback = remote.ip().is_loopback() || is_mapped_loopback(remote);
+    // Every peer is looked up, not only loopback ones: a local process may
+    // dial one of the host's other addresses (and the proxy relays from
+    // whatever source address the destination needs). A socket the kernel
+    // does not know in this namespace is a remote peer's.
     let id = match crate::sys::tcp_socket_cgroup(remote, local) {
         Ok(Some(id)) => id,
+        Ok(None) if !loopback => return peer,
         Ok(None) => {
-            peer.refused = Some(Refusal::Unresolved(
-                "no such socket, or no cgroup reported".into(),
-            ));
+            peer.refused = Some(Refusal::Unresolved("no such socket".into()));
             return peer;
         }
         Err(e) => {
