@@ -1207,14 +1207,7 @@ impl Daemon {
                 ),
             ));
         };
-        let (bound_cgroups, bound_cgroup_paths) = {
-            let bindings = self.shared.bindings.lock().expect("bindings lock");
-            bindings
-                .iter()
-                .filter(|b| b.identity == name)
-                .map(|b| (b.cgroup_id, self.shared.hierarchy.relative(&b.cgroup)))
-                .unzip()
-        };
+        let (bound_cgroups, bound_cgroup_paths) = self.shared.bound_cgroups(name);
         Ok(Approver {
             name: name.to_owned(),
             subject,

@@ -11,6 +11,9 @@
 //! Ending a request on the requester's side (expiry, a client that went
 //! away) denies or drops the command even when its record fails: not
 //! running it is the safe side, and the failure is logged.
+//! Limits: a connection holds at most one command, so pending requests are
+//! bounded by `[proxy] max_connections`; reasons and tickets by
+//! [`MAX_REASON_CHARS`] and [`MAX_TICKET_CHARS`]; subscribers by [`EVENT_BUFFER`].
 
 use std::{
     collections::BTreeMap,

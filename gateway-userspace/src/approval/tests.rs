@@ -570,3 +570,46 @@ async fn a_cancelled_statement_withdraws_its_request_and_is_denied() {
     assert!(b.get(&req.id).is_none());
     assert_eq!(rec.kinds(), ["approval.requested", "approval.withdrawn"]);
 }
+
+#[test]
+fn the_requester_comes_from_the_connection_and_its_verified_identity() {
+    let conn = |subject: &str, kind: &str| crate::proxy::LiveConnection {
+        id: 9,
+        identity: "bob".into(),
+        workload: crate::provenance::Workload {
+            pid: 77,
+            tid: 77,
+            uid: 1000,
+            gid: 1000,
+            comm: "psql".into(),
+            exe: Some("/usr/bin/psql".into()),
+            cmdline: None,
+            ppid: None,
+            cgroup: Some("/agentgate/exec-1".into()),
+            cgroup_id: 5,
+            tagged_cgroup_id: 5,
+        },
+        destination: "127.0.0.1:5432".parse().unwrap(),
+        since: String::new(),
+        bytes_up: std::sync::atomic::AtomicU64::new(0),
+        bytes_down: std::sync::atomic::AtomicU64::new(0),
+        close: tokio::sync::Notify::new(),
+        resource: Some("db".into()),
+        audit_identity: crate::audit::IdentityRef {
+            subject: subject.into(),
+            kind: kind.into(),
+            groups: vec!["approvers".into()],
+        },
+        started: std::time::Instant::now(),
+    };
+    let r = Requester::from_connection(&conn("bob (https://idp.test#u-42)", "human"));
+    assert_eq!(
+        (r.issuer.as_deref(), r.subject.as_str()),
+        (Some("https://idp.test"), "u-42")
+    );
+    assert_eq!((r.pid, r.uid, r.conn, r.cgroup_id), (77, 1000, 9, 5));
+    assert_eq!(r.cgroup, "/agentgate/exec-1");
+    // A label has no issuer; its subject is its name.
+    let r = Requester::from_connection(&conn("bob", "label"));
+    assert_eq!((r.issuer, r.subject.as_str()), (None, "bob"));
+}

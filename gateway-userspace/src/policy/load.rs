@@ -1122,6 +1122,37 @@ fn build_masking<'a>(
 mod tests {
     use super::*;
 
+    fn approval_rule(approval: &str) -> Result<PolicySet, PolicyErrors> {
+        let text = format!(
+            "[[resource]]\nname = \"pg\"\nprotocol = \"postgres\"\naddresses = [\"127.0.0.1:5432\"]\n\n\
+             [[rule]]\nname = \"r\"\nidentities = [\"a\"]\nresources = [\"pg\"]\n\
+             action = \"require_approval\"\napproval = {{ approver_groups = [\"x\"], timeout = \"1m\"{approval} }}\n"
+        );
+        load_str(&[("p.toml", &text)])
+    }
+
+    #[test]
+    fn grant_scope_is_statement_or_class_and_needs_a_window() {
+        let scope = |extra: &str| match &approval_rule(extra).unwrap().rules()[0].action {
+            RuleAction::RequireApproval(spec) => spec.grant_scope,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(scope(""), GrantScope::Statement);
+        assert_eq!(scope(", grant_window = \"5m\""), GrantScope::Statement);
+        assert_eq!(
+            scope(", grant_window = \"5m\", grant_scope = \"class\""),
+            GrantScope::Class
+        );
+        let e = approval_rule(", grant_window = \"5m\", grant_scope = \"table\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("p.toml:") && e.contains("grant_scope"), "{e}");
+        let e = approval_rule(", grant_scope = \"class\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs a `grant_window`"), "{e}");
+    }
+
     #[test]
     fn addresses() {
         assert_eq!(
