@@ -520,10 +520,25 @@ fn a_held_drop_is_approved_in_the_browser_and_the_api_enforces_who_may_vote() {
         metrics.contains("agentgate_approvals_pending 0"),
         "{metrics}"
     );
-    assert!(
-        metrics.contains("agentgate_statements_total{decision=\"require_approval\"}"),
+    let sample = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in {metrics}"))
+    };
+    // CREATE TABLE three times, the approved DROP and the DROP under the
+    // grant ran (allow); the rejected one did not (deny); two were held.
+    assert_eq!(
+        sample("agentgate_statements_total{decision=\"allow\"}"),
+        5,
         "{metrics}"
     );
+    assert_eq!(
+        sample("agentgate_statements_total{decision=\"deny\"}"),
+        1,
+        "{metrics}"
+    );
+    assert_eq!(sample("agentgate_approval_requests_total"), 2, "{metrics}");
     let delivered = metrics
         .lines()
         .find_map(|l| l.strip_prefix("agentgate_webhook_deliveries_total{result=\"delivered\"} "))

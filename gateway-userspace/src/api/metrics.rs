@@ -96,13 +96,20 @@ pub fn render(state: &ApiState) -> String {
         &mut out,
         "agentgate_statements_total",
         "counter",
-        "Statements recorded, by the policy's decision.",
+        "Statements recorded before they run, by the decision they run under (a held one: allow once approved, deny once rejected).",
         &[
             ("decision=\"allow\"", st.allow),
             ("decision=\"deny\"", st.deny),
             ("decision=\"require_approval\"", st.require_approval),
             ("decision=\"other\"", st.other),
         ],
+    );
+    metric(
+        &mut out,
+        "agentgate_approval_requests_total",
+        "counter",
+        "Commands held for approval (approval.requested records).",
+        &[("", audit.approval_requests)],
     );
     metric(
         &mut out,

@@ -107,6 +107,8 @@ pub struct AuditStats {
     /// Statement records appended before the statement's outcome (those
     /// with a decision and no result), by the decision's verdict.
     pub statements: StatementStats,
+    /// `approval.requested` records: commands held for approval.
+    pub approval_requests: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -130,6 +132,7 @@ struct Stats {
     checkpoints: AtomicU64,
     /// allow, deny, `require_approval`, other.
     statements: [AtomicU64; 4],
+    approval_requests: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -139,6 +142,9 @@ fn bump(c: &AtomicU64) {
 impl Stats {
     /// Counts a statement's decision record (see [`AuditStats::statements`]).
     fn count(&self, rec: &NewRecord) {
+        if rec.kind == Kind::ApprovalRequested {
+            bump(&self.approval_requests);
+        }
         if rec.kind != Kind::Statement || rec.result.is_some() {
             return;
         }
@@ -515,6 +521,7 @@ impl AuditLog {
                 require_approval: s.statements[2].load(Ordering::Relaxed),
                 other: s.statements[3].load(Ordering::Relaxed),
             },
+            approval_requests: s.approval_requests.load(Ordering::Relaxed),
         }
     }
 
