@@ -200,6 +200,12 @@ impl ApiConfig {
             {
                 return Err(format!("web.redirect_url {u:?} is not a URL"));
             }
+            if web.redirect_url.is_none() && self.listen.ip().is_unspecified() {
+                return Err(format!(
+                    "listen = \"{}\" names no host a browser can come back to: set web.redirect_url",
+                    self.listen
+                ));
+            }
         }
         Ok(())
     }
