@@ -494,6 +494,70 @@ fn a_held_drop_is_approved_in_the_browser_and_the_api_enforces_who_may_vote() {
     assert!(err.contains("not during business hours"), "{err}");
     assert!(table_exists(&w.pg, "t1"));
 
+    // Approved over the API with a ticket, its grant is listed, a non-member
+    // cannot revoke it, bob can; then the same DROP is held again at once.
+    let held = spawn_psql(&w, "DROP TABLE t1");
+    let id3 = wait_pending(env, 1)[0]["id"].as_str().unwrap().to_owned();
+    let (code, body) = curl(
+        env,
+        "POST",
+        &format!("/api/approvals/{id3}/approve"),
+        Some(&bob),
+        Some(r#"{"reason": "cleanup", "ticket": "CHG-1042"}"#),
+    );
+    assert_eq!(code, 200, "{body}");
+    let (ok, _, err) = finish(held, Duration::from_secs(20));
+    assert!(ok, "{err}");
+    let (code, body) = curl(env, "GET", "/api/grants", Some(&alice), None);
+    assert_eq!(code, 200, "{body}");
+    let grants: Value = serde_json::from_str(&body).unwrap();
+    let grants = grants["grants"].as_array().unwrap();
+    assert_eq!(grants.len(), 1, "{body}");
+    assert_eq!(grants[0]["identity"], "svc-reporting", "{body}");
+    let grant = grants[0]["id"].as_str().unwrap().to_owned();
+    let revoke = format!("/api/grants/{grant}/revoke");
+    let (code, body) = curl(env, "POST", &revoke, Some(&alice), None);
+    assert_eq!(code, 403, "{body}");
+    let (code, body) = curl(
+        env,
+        "POST",
+        &revoke,
+        Some(&bob),
+        Some(r#"{"reason": "done"}"#),
+    );
+    assert_eq!(code, 200, "{body}");
+    let (_, body) = curl(env, "GET", "/api/grants", Some(&bob), None);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["grants"],
+        serde_json::json!([])
+    );
+    finish(
+        spawn_psql(&w, "CREATE TABLE t1 (id int)"),
+        Duration::from_secs(10),
+    );
+    let held = spawn_psql(&w, "DROP TABLE t1");
+    let id4 = wait_pending(env, 1)[0]["id"].as_str().unwrap().to_owned();
+    let (code, body) = curl(
+        env,
+        "POST",
+        &format!("/api/approvals/{id4}/reject"),
+        Some(&bob),
+        Some(r#"{"reason": "grant revoked"}"#),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(!finish(held, Duration::from_secs(20)).0);
+    let recs = env.audit_records().unwrap();
+    let vote = recs
+        .iter()
+        .find(|r| r["kind"] == "approval.granted" && r["approval"]["id"] == id3.as_str())
+        .unwrap_or_else(|| panic!("no approval.granted for {id3}"));
+    assert_eq!(vote["approval"]["ticket"], "CHG-1042", "{vote}");
+    assert_eq!(vote["approval"]["via"], "api", "{vote}");
+    assert!(
+        recs.iter()
+            .any(|r| r["kind"] == "grant.revoked" && r["approval"]["grant"] == grant.as_str())
+    );
+
     // The refusal from the tagged cgroup is on record, as the control socket's are.
     let recs = env.audit_records().unwrap();
     let refused: Vec<&Value> = recs
@@ -526,19 +590,19 @@ fn a_held_drop_is_approved_in_the_browser_and_the_api_enforces_who_may_vote() {
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<u64>().ok())
             .unwrap_or_else(|| panic!("no {name} in {metrics}"))
     };
-    // CREATE TABLE three times, the approved DROP and the DROP under the
-    // grant ran (allow); the rejected one did not (deny); two were held.
+    // CREATE TABLE four times, the two approved DROPs and the DROP under the
+    // grant ran (allow); the two rejected ones did not (deny); four were held.
     assert_eq!(
         sample("agentgate_statements_total{decision=\"allow\"}"),
-        5,
+        7,
         "{metrics}"
     );
     assert_eq!(
         sample("agentgate_statements_total{decision=\"deny\"}"),
-        1,
+        2,
         "{metrics}"
     );
-    assert_eq!(sample("agentgate_approval_requests_total"), 2, "{metrics}");
+    assert_eq!(sample("agentgate_approval_requests_total"), 4, "{metrics}");
     let delivered = metrics
         .lines()
         .find_map(|l| l.strip_prefix("agentgate_webhook_deliveries_total{result=\"delivered\"} "))
