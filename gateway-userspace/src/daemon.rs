@@ -53,6 +53,8 @@ pub enum DaemonError {
     Approvals(String),
     #[error("{0}")]
     Containment(String),
+    #[error("{0}")]
+    Api(String),
     #[error("policy is invalid; not starting:\n{errors}")]
     Policy { errors: crate::policy::PolicyErrors },
     #[error("binding proxy listener {addr}")]
@@ -109,6 +111,8 @@ struct Daemon {
     /// root-process scan of `status` leaves them out.
     exec_owners: Mutex<std::collections::HashSet<u32>>,
     containment: Containment,
+    /// The HTTP API's and webhooks' counters (`status`, `/metrics`).
+    api_metrics: Arc<crate::api::metrics::Metrics>,
 }
 
 /// The daemon's side of containment, for `status`.
@@ -182,6 +186,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
                 crate::containment::udp_owner::TaggedUdpOwner(shared.clone()),
             )),
         },
+        api_metrics: Arc::default(),
     });
     // Exec cgroups from a previous run go when their processes are gone.
     for (id, path) in exec_bindings {
@@ -203,6 +208,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         tasks.spawn(proxy::serve(l6, shared.clone(), shutdown.clone()));
     }
     tasks.spawn(daemon.clone().serve_control(control, shutdown.clone()));
+    spawn_http(&cfg, &shared, &daemon.api_metrics, &mut tasks, &shutdown)?;
     daemon.spawn_containment(
         &mut tasks,
         forwarders,
@@ -226,6 +232,107 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
     drop(daemon);
     close_audit(audit).await;
     tracing::info!("agentgate stopped");
+    Ok(())
+}
+
+/// The HTTP API's listener (bound now: a busy port or a missing TLS key
+/// refuses the start), its TLS acceptor and its state.
+fn prepare_api(
+    cfg: &Config,
+    shared: &Arc<Shared>,
+    metrics: &Arc<crate::api::metrics::Metrics>,
+) -> Result<Option<crate::api::server::Bound>, DaemonError> {
+    let api = &cfg.api;
+    if !api.enabled {
+        return Ok(None);
+    }
+    let tls = match (&api.tls_cert, &api.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            crate::api::server::tls_acceptor(cert, key)
+                .map_err(|e| DaemonError::Api(e.to_string()))?,
+        ),
+        _ if api.needs_tls() => {
+            return Err(DaemonError::Api(format!(
+                "[api] listen = {} is not loopback: tls_cert and tls_key are required",
+                api.listen
+            )));
+        }
+        _ => None,
+    };
+    let web = match (&api.web, &cfg.identity) {
+        (Some(w), Some(i)) => {
+            Some(crate::api::web::Web::new(api, w, i.http_timeout()).map_err(DaemonError::Api)?)
+        }
+        (Some(_), None) => {
+            return Err(DaemonError::Api("[api.web] needs [identity]".into()));
+        }
+        _ => None,
+    };
+    let listener = crate::api::server::bind(api.listen).map_err(|e| {
+        DaemonError::Api(format!(
+            "{e}: {}",
+            std::error::Error::source(&e)
+                .map(ToString::to_string)
+                .unwrap_or_default()
+        ))
+    })?;
+    tracing::info!(listen = %api.listen, tls = tls.is_some(), web = web.is_some(), "HTTP API listening");
+    let state = Arc::new(crate::api::ApiState {
+        shared: shared.clone(),
+        config: api.clone(),
+        metrics: metrics.clone(),
+        own_cgroup: crate::api::peer::own_cgroup(&shared.hierarchy),
+        web,
+    });
+    Ok(Some(crate::api::server::Bound {
+        listener,
+        tls,
+        state,
+    }))
+}
+
+/// The HTTP server (bound here: a busy port or a bad TLS key refuses the
+/// start), and webhook delivery: the broker's events, as
+/// JSON, to each hook's queue.
+fn spawn_http(
+    cfg: &Config,
+    shared: &Arc<Shared>,
+    metrics: &Arc<crate::api::metrics::Metrics>,
+    tasks: &mut tokio::task::JoinSet<()>,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<(), DaemonError> {
+    if let Some(bound) = prepare_api(cfg, shared, metrics)? {
+        tasks.spawn(crate::api::server::serve(bound, shutdown.clone()));
+    }
+    let hooks = &cfg.approvals.webhook;
+    if hooks.is_empty() {
+        return Ok(());
+    }
+    let (tx, _) = tokio::sync::broadcast::channel::<serde_json::Value>(1024);
+    crate::approval::webhook::spawn(hooks, &tx, &metrics.webhooks, tasks, shutdown)
+        .map_err(|e| DaemonError::Api(e.to_string()))?;
+    let mut events = shared.approvals.subscribe();
+    let mut stop = shutdown.clone();
+    let dropped = metrics.webhooks.clone();
+    tasks.spawn(async move {
+        loop {
+            let event = tokio::select! {
+                e = events.recv() => e,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            match event {
+                Ok(e) => {
+                    if let Ok(v) = serde_json::to_value(&e) {
+                        let _ = tx.send(v);
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    dropped.dropped.fetch_add(n, Ordering::Relaxed);
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
     Ok(())
 }
 
@@ -1188,6 +1295,8 @@ impl Daemon {
             "fast_path": s.config.fast_path,
             "audit": audit_status(&s.audit),
             "containment": self.containment_status(&counters),
+            "webhooks": &*self.api_metrics.webhooks,
+            "approvals": { "pending": s.approvals.pending_count(), "grants": s.approvals.grants().len() },
         })
     }
 

@@ -70,6 +70,7 @@ const APT_PACKAGES: &[&str] = &[
     "pgbouncer",
     "curl",
     "nftables",
+    // The approvals page test and the report screenshots drive it (npm playwright-core).
     "chromium",
 ];
 
@@ -218,12 +219,13 @@ fn setup(root: &Path) -> Result<()> {
     if !succeeds(cmd("cargo").args(["fuzz", "--version"])) {
         status(cmd("cargo").args(["install", "cargo-fuzz", "--version", "0.13.2", "--locked"]))?;
     }
-    // 7. Node packages of the test OpenID provider and the report screenshots.
+    // 7. Node packages of the test OpenID provider and the browser driver (screenshots too):
+    // again whenever the lock file is newer than what npm last installed.
     let oidc = root.join("tests/oidc");
-    let node_missing = ["oidc-provider", "playwright-core"]
-        .iter()
-        .any(|p| !oidc.join("node_modules").join(p).is_dir());
-    if oidc.join("package.json").exists() && node_missing {
+    let mtime = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok();
+    let installed = mtime(&oidc.join("node_modules/.package-lock.json"));
+    let locked = mtime(&oidc.join("package-lock.json"));
+    if oidc.join("package.json").exists() && (installed.is_none() || installed < locked) {
         status(
             cmd("npm")
                 .args(["ci", "--no-audit", "--no-fund"])

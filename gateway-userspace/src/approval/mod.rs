@@ -17,6 +17,7 @@ pub mod store;
 pub(crate) mod testing;
 #[cfg(test)]
 mod tests;
+pub mod webhook;
 
 use std::{future::Future, pin::Pin};
 
