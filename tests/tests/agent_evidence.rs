@@ -10,13 +10,12 @@
 
 use std::{
     fs,
-    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use agentgate_e2e::{DaemonOptions, Env, Proc, pg::PgServer, run_ok, scripts_dir};
+use agentgate_e2e::{DaemonOptions, Env, Proc, pg::PgServer, run_ok};
 use serde_json::Value;
 
 const OIDC_PORT: u16 = 18080;
@@ -101,41 +100,6 @@ fn utc(offset_secs: i64) -> String {
     ]))
     .unwrap();
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-/// `agentgate login` in the test's netns, with the provider's pages driven by
-/// `tests/scripts/device_browser.py` as `user`.
-fn login(env: &Env, user: &str) {
-    let mut c = env.agentgate(&["login"]);
-    c.env("AGENTGATE_CONTROL_SOCKET", env.state.join("control.sock"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut p = Proc::spawn("agentgate login", c).unwrap();
-    let mut stderr = BufReader::new(p.child.stderr.take().unwrap());
-    let mut seen = String::new();
-    let url = loop {
-        let mut line = String::new();
-        assert!(
-            stderr.read_line(&mut line).unwrap() > 0,
-            "login ended without a prompt: {seen}"
-        );
-        seen.push_str(&line);
-        if let Some(rest) = line.trim().strip_prefix("(or open ") {
-            break rest.split_whitespace().next().unwrap().to_owned();
-        }
-    };
-    run_ok(
-        env.netns
-            .command("python3")
-            .arg(scripts_dir().join("device_browser.py"))
-            .args([&url, user]),
-    )
-    .unwrap();
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
-    let st = p.child.wait().unwrap();
-    assert!(st.success(), "login as {user} failed: {seen}{rest}");
-    assert!(rest.contains(&format!("Logged in as {user}")), "{rest}");
 }
 
 fn pending(env: &Env) -> Vec<Value> {
@@ -267,8 +231,8 @@ fn a_real_agent_run_is_told_by_the_evidence_package() {
 
     env.start_daemon().unwrap();
     let from = utc(-2);
-    login(&env, AGENT);
-    login(&env, "bob");
+    env.login(AGENT);
+    env.login("bob");
 
     // The agent, as an ordinary user, tagged as the verified contractor.
     let url = pg.url("127.0.0.1", "postgres", "postgres");

@@ -4,13 +4,13 @@
 //! their browser). Labels may not vote here (`allow_labels` is off).
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _},
+    io::Read as _,
     path::Path,
     process::{Output, Stdio},
     time::{Duration, Instant},
 };
 
-use agentgate_e2e::{DaemonOptions, Env, Proc, pg::PgServer, run_ok, scripts_dir};
+use agentgate_e2e::{DaemonOptions, Env, Proc, pg::PgServer, run_ok};
 use serde_json::Value;
 
 const PSQL: &str = "/usr/lib/postgresql/15/bin/psql";
@@ -104,43 +104,6 @@ fn world(name: &str) -> World {
         pg,
         _provider: provider,
     }
-}
-
-/// `agentgate login` as `user`: the CLI prints the link, the "browser" signs
-/// in, the CLI hands the session to the daemon, which verifies it.
-fn login(env: &Env, user: &str) {
-    let mut c = env.agentgate(&["login"]);
-    // `login` reads only [identity] from the config; the socket comes from here.
-    c.env("AGENTGATE_CONTROL_SOCKET", env.state.join("control.sock"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut p = Proc::spawn("agentgate login", c).unwrap();
-    let mut err = BufReader::new(p.child.stderr.take().unwrap());
-    let mut shown = String::new();
-    let url = loop {
-        let mut line = String::new();
-        assert!(
-            err.read_line(&mut line).unwrap() > 0,
-            "login ended early: {shown}"
-        );
-        shown.push_str(&line);
-        if let Some(rest) = line.strip_prefix("(or open ") {
-            break rest.split(' ').next().unwrap().to_owned();
-        }
-    };
-    let browser = run_ok(
-        env.netns
-            .command("python3")
-            .arg(scripts_dir().join("device_browser.py"))
-            .args([&url, user]),
-    );
-    assert!(browser.is_ok(), "{browser:?}");
-    let mut rest = String::new();
-    err.read_to_string(&mut rest).unwrap();
-    let status = p.child.wait().unwrap();
-    assert!(status.success(), "login as {user} failed: {shown}{rest}");
-    assert!(rest.contains("The daemon now holds the session"), "{rest}");
 }
 
 fn spawn_psql(env: &Env, who: &str, url: &str, sql: &str) -> Proc {
@@ -239,7 +202,7 @@ fn verified_approvers_separation_of_duties_quorum_and_grants() {
     let (env, pg) = (&w.env, &w.pg);
     let url = pg.url("127.0.0.1", "postgres", "postgres");
     for user in ["bob", "dave", "alice"] {
-        login(env, user);
+        env.login(user);
     }
 
     // A tagged agent's write is held; nothing runs meanwhile.
@@ -429,7 +392,7 @@ print("after:", c.execute("SELECT 1").fetchone()[0])
 fn a_restart_cancels_held_requests_and_keeps_grants() {
     let mut w = world("apprestart");
     let url = w.pg.url("127.0.0.1", "postgres", "postgres");
-    login(&w.env, "bob");
+    w.env.login("bob");
 
     // A grant before the restart.
     let p = spawn_psql(&w.env, "demo", &url, UPDATE_1);
@@ -500,7 +463,7 @@ fn a_restart_cancels_held_requests_and_keeps_grants() {
 
     // Revoked (sessions do not survive a restart: bob logs in again), the
     // statement is held once more.
-    login(&w.env, "bob");
+    w.env.login("bob");
     let out = run_ok(&mut w.env.agentgate(&[
         "approvals",
         "revoke",
