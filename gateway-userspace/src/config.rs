@@ -37,6 +37,260 @@ pub struct Config {
     /// `OpenID` provider and service accounts; without it only label identities exist.
     pub identity: Option<crate::identity::IdentityConfig>,
     pub containment: ContainmentConfig,
+    /// `[api]`: the HTTP API, web page and metrics.
+    pub api: ApiConfig,
+    pub approvals: ApprovalsConfig,
+}
+
+/// `[approvals]`: who may vote besides verified identities, what a ticket
+/// id looks like, and where decisions are announced.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApprovalsConfig {
+    /// Label identities (`[daemon] label_identities`) may vote. For local
+    /// trials only: a label is a name anyone with root can claim, and the
+    /// record marks such a vote `kind = "label"`.
+    pub allow_labels: bool,
+    /// A regular expression a ticket id must match entirely. Without one, a
+    /// ticket is 1 to 128 characters of `A-Z a-z 0-9 . _ : / # -`.
+    pub ticket_pattern: Option<String>,
+    /// `[[approvals.webhook]]`: notified of each new request and decision.
+    pub webhook: Vec<WebhookConfig>,
+}
+
+/// Longest `ticket_pattern` accepted.
+pub const MAX_TICKET_PATTERN: usize = 1024;
+
+impl ApprovalsConfig {
+    /// The ticket pattern, compiled and anchored.
+    pub fn ticket_regex(&self) -> Result<Option<regex::Regex>, String> {
+        let Some(p) = &self.ticket_pattern else {
+            return Ok(None);
+        };
+        if p.is_empty() || p.len() > MAX_TICKET_PATTERN {
+            return Err(format!(
+                "ticket_pattern must be 1 to {MAX_TICKET_PATTERN} bytes"
+            ));
+        }
+        regex::RegexBuilder::new(&format!("^(?:{p})$"))
+            .size_limit(1 << 20)
+            .build()
+            .map(Some)
+            .map_err(|e| format!("ticket_pattern is not a valid regular expression: {e}"))
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        self.ticket_regex()?;
+        for w in &self.webhook {
+            w.validate()?;
+        }
+        Ok(())
+    }
+}
+
+/// `[api]`: the daemon's HTTP server (JSON API, approvals page, `/metrics`).
+/// Loopback by default; anywhere else it must serve TLS (rustls), and the
+/// daemon refuses to start without `tls_cert` and `tls_key`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    pub enabled: bool,
+    pub listen: std::net::SocketAddr,
+    /// PEM certificate chain and private key (rustls).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Open connections at once; more are closed at accept.
+    pub max_connections: usize,
+    /// Largest request body (JSON or form).
+    pub max_body_bytes: usize,
+    /// From accept to a complete request head.
+    pub header_timeout_secs: u64,
+    /// From a complete head to the answer.
+    pub request_timeout_secs: u64,
+    /// `[api.web]`: the approvals page's OIDC login (authorization code +
+    /// PKCE against `[identity]`'s issuer). Without it the page is off.
+    pub web: Option<WebConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct WebConfig {
+    /// The provider's client for the page (public, PKCE).
+    pub client_id: String,
+    /// Where the provider sends the browser back; default derived from
+    /// `listen` (`http(s)://LISTEN/callback`).
+    #[serde(default)]
+    pub redirect_url: Option<String>,
+    /// How long a signed-in page session lasts.
+    #[serde(default = "default_session_secs")]
+    pub session_secs: u64,
+}
+
+fn default_session_secs() -> u64 {
+    3600
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: (Ipv4Addr::LOCALHOST, 15080).into(),
+            tls_cert: None,
+            tls_key: None,
+            max_connections: 256,
+            max_body_bytes: 16 * 1024,
+            header_timeout_secs: 10,
+            request_timeout_secs: 30,
+            web: None,
+        }
+    }
+}
+
+impl ApiConfig {
+    /// Whether the server must (and does) serve TLS: anywhere but loopback.
+    pub fn needs_tls(&self) -> bool {
+        !self.listen.ip().is_loopback()
+    }
+
+    /// The page's OIDC redirect URL.
+    pub fn redirect_url(&self) -> Option<String> {
+        let web = self.web.as_ref()?;
+        Some(web.redirect_url.clone().unwrap_or_else(|| {
+            let scheme = if self.tls_cert.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            format!("{scheme}://{}/callback", self.listen)
+        }))
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.needs_tls() && (self.tls_cert.is_none() || self.tls_key.is_none()) {
+            return Err(format!(
+                "listen = \"{}\" is not loopback: set tls_cert and tls_key (the API is served over TLS only there)",
+                self.listen
+            ));
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err("set both tls_cert and tls_key, or neither".into());
+        }
+        if !(1..=65_536).contains(&self.max_connections) {
+            return Err("max_connections must be between 1 and 65536".into());
+        }
+        if !(1024..=1024 * 1024).contains(&self.max_body_bytes) {
+            return Err("max_body_bytes must be between 1024 and 1048576".into());
+        }
+        if !(1..=300).contains(&self.header_timeout_secs)
+            || !(1..=300).contains(&self.request_timeout_secs)
+        {
+            return Err(
+                "header_timeout_secs and request_timeout_secs must be between 1 and 300".into(),
+            );
+        }
+        if let Some(web) = &self.web {
+            if web.client_id.is_empty() || web.client_id.len() > 256 {
+                return Err("web.client_id must be 1 to 256 characters".into());
+            }
+            if !(60..=86_400).contains(&web.session_secs) {
+                return Err("web.session_secs must be between 60 and 86400".into());
+            }
+            if let Some(u) = &web.redirect_url
+                && url::Url::parse(u).is_err()
+            {
+                return Err(format!("web.redirect_url {u:?} is not a URL"));
+            }
+            if web.redirect_url.is_none() && self.listen.ip().is_unspecified() {
+                return Err(format!(
+                    "listen = \"{}\" names no host a browser can come back to: set web.redirect_url",
+                    self.listen
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `[[approvals.webhook]]`: where approval events are sent (`POST`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    pub url: String,
+    #[serde(default)]
+    pub format: WebhookFormat,
+    /// File holding the HMAC-SHA256 key (mode 0600 or 0400); the body's MAC
+    /// goes in `X-Agentgate-Signature: sha256=<hex>`.
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    /// Attempts per event, the first included (exponential backoff between).
+    #[serde(default = "default_webhook_attempts")]
+    pub max_attempts: u32,
+    /// Delay before the first retry; doubled each time, at most 60 s.
+    #[serde(default = "default_webhook_backoff")]
+    pub backoff_ms: u64,
+    /// Per delivery attempt.
+    #[serde(default = "default_webhook_timeout")]
+    pub timeout_ms: u64,
+    /// Events waiting for this hook; more are dropped (and counted).
+    #[serde(default = "default_webhook_queue")]
+    pub queue: usize,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum WebhookFormat {
+    #[default]
+    Json,
+    Slack,
+}
+
+fn default_webhook_attempts() -> u32 {
+    5
+}
+fn default_webhook_backoff() -> u64 {
+    500
+}
+fn default_webhook_timeout() -> u64 {
+    5000
+}
+fn default_webhook_queue() -> usize {
+    256
+}
+
+impl WebhookConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        let u =
+            url::Url::parse(&self.url).map_err(|e| format!("webhook url {:?}: {e}", self.url))?;
+        let loopback = u.host_str().is_some_and(|h| {
+            h == "localhost"
+                || h.trim_matches(['[', ']'])
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        });
+        match u.scheme() {
+            "https" => {}
+            "http" if loopback => {}
+            _ => {
+                return Err(format!(
+                    "webhook url {:?}: https, or http on loopback only",
+                    self.url
+                ));
+            }
+        }
+        if !(1..=20).contains(&self.max_attempts) {
+            return Err("webhook max_attempts must be between 1 and 20".into());
+        }
+        if !(10..=60_000).contains(&self.backoff_ms) {
+            return Err("webhook backoff_ms must be between 10 and 60000".into());
+        }
+        if !(100..=60_000).contains(&self.timeout_ms) {
+            return Err("webhook timeout_ms must be between 100 and 60000".into());
+        }
+        if !(1..=100_000).contains(&self.queue) {
+            return Err("webhook queue must be between 1 and 100000".into());
+        }
+        Ok(())
+    }
 }
 
 /// `[containment]`: what a tagged process may reach besides the proxy, and
@@ -393,7 +647,11 @@ impl Config {
             &mut cfg.daemon.state_dir,
             &mut cfg.daemon.control_socket,
             &mut cfg.daemon.bpffs_dir,
-        ] {
+        ]
+        .into_iter()
+        .chain(cfg.api.tls_cert.as_mut())
+        .chain(cfg.api.tls_key.as_mut())
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -434,6 +692,17 @@ impl Config {
         self.containment
             .validate()
             .map_err(|e| invalid(format!("[containment] {e}")))?;
+        self.approvals
+            .validate()
+            .map_err(|e| invalid(format!("[approvals] {e}")))?;
+        self.api
+            .validate()
+            .map_err(|e| invalid(format!("[api] {e}")))?;
+        if self.api.web.is_some() && self.identity.is_none() {
+            return Err(invalid(
+                "[api.web] needs [identity]: the page signs approvers in with its issuer".into(),
+            ));
+        }
         Ok(())
     }
 }
@@ -536,6 +805,76 @@ mod tests {
                 "[fe80::1]:53".parse().unwrap()
             ]
         );
+    }
+
+    #[test]
+    fn api_defaults_to_loopback_and_needs_tls_elsewhere() {
+        let c = Config::parse(Path::new("a.toml"), "").unwrap();
+        assert_eq!(c.api.listen.to_string(), "127.0.0.1:15080");
+        assert!(c.api.enabled && !c.api.needs_tls());
+        let err = Config::parse(Path::new("a.toml"), "[api]\nlisten = \"0.0.0.0:15080\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tls_cert"), "{err}");
+        let c = Config::parse(
+            Path::new("/etc/a.toml"),
+            "[api]\nlisten = \"0.0.0.0:8443\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.api.tls_cert.as_deref(), Some(Path::new("/etc/c.pem")));
+        let err = Config::parse(Path::new("a.toml"), "[api.web]\nclient_id = \"w\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("[identity]"), "{err}");
+    }
+
+    #[test]
+    fn approvals_section_is_read_and_checked() {
+        let c = Config::parse(
+            Path::new("a.toml"),
+            "[approvals]\nallow_labels = true\nticket_pattern = \"CHG-[0-9]+\"\n",
+        )
+        .unwrap();
+        assert!(c.approvals.allow_labels);
+        let re = c.approvals.ticket_regex().unwrap().unwrap();
+        assert!(re.is_match("CHG-42"));
+        assert!(!re.is_match("xCHG-42"), "anchored");
+        for bad in ["ticket_pattern = \"(\"", "allow_label = true"] {
+            let err = Config::parse(Path::new("a.toml"), &format!("[approvals]\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("a.toml: "), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn webhooks_are_read_and_checked() {
+        let c = Config::parse(
+            Path::new("a.toml"),
+            "[[approvals.webhook]]\nurl = \"https://hooks.example/a\"\nformat = \"slack\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.approvals.webhook[0].format, WebhookFormat::Slack);
+        assert_eq!(c.approvals.webhook[0].max_attempts, 5);
+        for bad in [
+            "url = \"http://hooks.example/a\"",
+            "url = \"ftp://127.0.0.1/a\"",
+            "url = \"https://h/a\"\nmax_attempts = 0",
+            "url = \"https://h/a\"\nqueue = 0",
+        ] {
+            let err = Config::parse(
+                Path::new("a.toml"),
+                &format!("[[approvals.webhook]]\n{bad}\n"),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.starts_with("a.toml: "), "{bad}: {err}");
+        }
+        Config::parse(
+            Path::new("a.toml"),
+            "[[approvals.webhook]]\nurl = \"http://127.0.0.1:9/a\"\n",
+        )
+        .unwrap();
     }
 
     #[test]

@@ -62,12 +62,26 @@ pub enum Request {
     ApprovalsShow {
         id: String,
     },
-    /// Approve or deny a held command. `approver` names who decides (recorded
-    /// in the audit log); it can never be the requester.
+    /// Vote on a held command as `as_name` (JSON `as`): a session the daemon
+    /// holds and verified, or a label identity where `[approvals]
+    /// allow_labels` says so. Never the requester; a rejection needs a reason.
     ApprovalsDecide {
         id: String,
         approve: bool,
-        approver: String,
+        #[serde(rename = "as")]
+        as_name: String,
+        #[serde(default)]
+        reason: Option<String>,
+        #[serde(default)]
+        ticket: Option<String>,
+    },
+    /// Live grants.
+    ApprovalsGrants,
+    /// End a grant early, as `as_name` (resolved like `ApprovalsDecide`).
+    ApprovalsRevoke {
+        grant: String,
+        #[serde(rename = "as")]
+        as_name: String,
         #[serde(default)]
         reason: Option<String>,
     },

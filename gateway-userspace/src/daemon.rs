@@ -49,8 +49,12 @@ pub enum DaemonError {
     Audit(#[source] crate::audit::AuditError),
     #[error("[identity]: {0}")]
     Identity(String),
+    #[error("approvals: {0}")]
+    Approvals(String),
     #[error("{0}")]
     Containment(String),
+    #[error("{0}")]
+    Api(String),
     #[error("policy is invalid; not starting:\n{errors}")]
     Policy { errors: crate::policy::PolicyErrors },
     #[error("binding proxy listener {addr}")]
@@ -107,6 +111,8 @@ struct Daemon {
     /// root-process scan of `status` leaves them out.
     exec_owners: Mutex<std::collections::HashSet<u32>>,
     containment: Containment,
+    /// The HTTP API's and webhooks' counters (`status`, `/metrics`).
+    api_metrics: Arc<crate::api::metrics::Metrics>,
 }
 
 /// The daemon's side of containment, for `status`.
@@ -147,6 +153,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
 
     let identities = identities(cfg.identity.as_ref())?;
     let (audit, correlation_key) = open_audit(&cfg, &policy, &hooks, &resolver_pairs).await?;
+    let approvals = open_approvals(&cfg, &audit).await?;
     let shared = Arc::new(Shared {
         redirector: Mutex::new(redirector),
         bindings: Mutex::new(bindings),
@@ -156,7 +163,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         limit: Arc::new(Semaphore::new(cfg.proxy.max_connections)),
         netns_cookie,
         policy: policy.clone(),
-        approvals: crate::approval::Broker::default(),
+        approvals,
         labels: cfg.daemon.label_identities.clone(),
         identities,
         audit: audit.clone(),
@@ -179,6 +186,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
                 crate::containment::udp_owner::TaggedUdpOwner(shared.clone()),
             )),
         },
+        api_metrics: Arc::default(),
     });
     // Exec cgroups from a previous run go when their processes are gone.
     for (id, path) in exec_bindings {
@@ -200,6 +208,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         tasks.spawn(proxy::serve(l6, shared.clone(), shutdown.clone()));
     }
     tasks.spawn(daemon.clone().serve_control(control, shutdown.clone()));
+    spawn_http(&cfg, &shared, &daemon.api_metrics, &mut tasks, &shutdown)?;
     daemon.spawn_containment(
         &mut tasks,
         forwarders,
@@ -223,6 +232,107 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
     drop(daemon);
     close_audit(audit).await;
     tracing::info!("agentgate stopped");
+    Ok(())
+}
+
+/// The HTTP API's listener (bound now: a busy port or a missing TLS key
+/// refuses the start), its TLS acceptor and its state.
+fn prepare_api(
+    cfg: &Config,
+    shared: &Arc<Shared>,
+    metrics: &Arc<crate::api::metrics::Metrics>,
+) -> Result<Option<crate::api::server::Bound>, DaemonError> {
+    let api = &cfg.api;
+    if !api.enabled {
+        return Ok(None);
+    }
+    let tls = match (&api.tls_cert, &api.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            crate::api::server::tls_acceptor(cert, key)
+                .map_err(|e| DaemonError::Api(e.to_string()))?,
+        ),
+        _ if api.needs_tls() => {
+            return Err(DaemonError::Api(format!(
+                "[api] listen = {} is not loopback: tls_cert and tls_key are required",
+                api.listen
+            )));
+        }
+        _ => None,
+    };
+    let web = match (&api.web, &cfg.identity) {
+        (Some(w), Some(i)) => {
+            Some(crate::api::web::Web::new(api, w, i.http_timeout()).map_err(DaemonError::Api)?)
+        }
+        (Some(_), None) => {
+            return Err(DaemonError::Api("[api.web] needs [identity]".into()));
+        }
+        _ => None,
+    };
+    let listener = crate::api::server::bind(api.listen).map_err(|e| {
+        DaemonError::Api(format!(
+            "{e}: {}",
+            std::error::Error::source(&e)
+                .map(ToString::to_string)
+                .unwrap_or_default()
+        ))
+    })?;
+    tracing::info!(listen = %api.listen, tls = tls.is_some(), web = web.is_some(), "HTTP API listening");
+    let state = Arc::new(crate::api::ApiState {
+        shared: shared.clone(),
+        config: api.clone(),
+        metrics: metrics.clone(),
+        own_cgroup: crate::api::peer::own_cgroup(&shared.hierarchy),
+        web,
+    });
+    Ok(Some(crate::api::server::Bound {
+        listener,
+        tls,
+        state,
+    }))
+}
+
+/// The HTTP server (bound here: a busy port or a bad TLS key refuses the
+/// start), and webhook delivery: the broker's events, as
+/// JSON, to each hook's queue.
+fn spawn_http(
+    cfg: &Config,
+    shared: &Arc<Shared>,
+    metrics: &Arc<crate::api::metrics::Metrics>,
+    tasks: &mut tokio::task::JoinSet<()>,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<(), DaemonError> {
+    if let Some(bound) = prepare_api(cfg, shared, metrics)? {
+        tasks.spawn(crate::api::server::serve(bound, shutdown.clone()));
+    }
+    let hooks = &cfg.approvals.webhook;
+    if hooks.is_empty() {
+        return Ok(());
+    }
+    let (tx, _) = tokio::sync::broadcast::channel::<serde_json::Value>(1024);
+    crate::approval::webhook::spawn(hooks, &tx, &metrics.webhooks, tasks, shutdown)
+        .map_err(|e| DaemonError::Api(e.to_string()))?;
+    let mut events = shared.approvals.subscribe();
+    let mut stop = shutdown.clone();
+    let dropped = metrics.webhooks.clone();
+    tasks.spawn(async move {
+        loop {
+            let event = tokio::select! {
+                e = events.recv() => e,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            match event {
+                Ok(e) => {
+                    if let Ok(v) = serde_json::to_value(&e) {
+                        let _ = tx.send(v);
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    dropped.dropped.fetch_add(n, Ordering::Relaxed);
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
     Ok(())
 }
 
@@ -286,6 +396,21 @@ fn prepare(cfg: &Config) -> Result<(Hierarchy, PathBuf, PathBuf), DaemonError> {
     })?;
 
     Ok((hierarchy, attach, exec_root))
+}
+
+/// The approval broker over `<state_dir>/approvals.redb`. A store that
+/// cannot be opened, or a request pending at the last stop whose
+/// cancellation cannot be recorded, refuses the start (fails closed).
+async fn open_approvals(
+    cfg: &Config,
+    audit: &AuditLog,
+) -> Result<crate::approval::Broker, DaemonError> {
+    let settings = crate::approval::Settings::from_config(&cfg.approvals)
+        .map_err(|e| DaemonError::Approvals(format!("[approvals] {e}")))?;
+    let path = cfg.daemon.state_dir.join("approvals.redb");
+    crate::approval::Broker::open(Arc::new(audit.clone()), settings, &path)
+        .await
+        .map_err(|e| DaemonError::Approvals(e.to_string()))
 }
 
 /// Records the stop, then flushes and writes the final checkpoint.
@@ -787,7 +912,7 @@ impl Daemon {
                 None => (
                     Response::err(
                         ErrorKind::Usage,
-                        format!("no pending approval request {id}"),
+                        crate::approval::ApprovalError::NotFound { id }.to_string(),
                     ),
                     None,
                 ),
@@ -795,9 +920,26 @@ impl Daemon {
             Request::ApprovalsDecide {
                 id,
                 approve,
-                approver,
+                as_name,
                 reason,
-            } => (self.decide(&id, approve, approver, reason).await, None),
+                ticket,
+            } => {
+                let vote = if approve {
+                    crate::approval::Vote::Approve { reason, ticket }
+                } else {
+                    crate::approval::Vote::Reject {
+                        reason: reason.unwrap_or_default(),
+                        ticket,
+                    }
+                };
+                (self.decide(&id, &as_name, vote).await, None)
+            }
+            Request::ApprovalsGrants => (Response::ok(json!(self.shared.approvals.grants())), None),
+            Request::ApprovalsRevoke {
+                grant,
+                as_name,
+                reason,
+            } => (self.revoke_grant(&grant, &as_name, reason).await, None),
         }
     }
 
@@ -1029,57 +1171,87 @@ impl Daemon {
         }
     }
 
-    /// Root on the control socket decides for any approver group, under the
-    /// approver name it gives; the broker still refuses self-approval.
-    async fn decide(
-        &self,
-        id: &str,
-        approve: bool,
-        approver: String,
-        reason: Option<String>,
-    ) -> Response {
-        if approver.is_empty() || approver.len() > 256 {
-            return Response::err(
+    /// The approver `name` stands for, as the daemon verified it: a held
+    /// session (`agentgate login`, a service account) or, where allowed, a
+    /// label identity; with the cgroups it is bound to.
+    async fn approver(&self, name: &str) -> Result<crate::approval::Approver, Response> {
+        use crate::approval::{Approver, ApproverKind, Via};
+        let valid = !name.is_empty()
+            && name.len() <= 256
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._@-+:".contains(c));
+        if !valid {
+            return Err(Response::err(
                 ErrorKind::Usage,
-                "approver name must be 1 to 256 characters",
-            );
+                format!("invalid identity {name:?}: use letters, digits and ._@-+:"),
+            ));
         }
-        if reason.as_ref().is_some_and(|r| r.len() > 4096) {
-            return Response::err(ErrorKind::Usage, "reason is longer than 4096 bytes");
-        }
-        let who = crate::approval::Approver {
-            name: approver,
-            groups: Vec::new(),
-            any_group: true,
+        let verified = match &self.shared.identities {
+            Some(ids) => ids.store.lock().await.get_verified(name).ok(),
+            None => None,
         };
-        let request = self.shared.approvals.get(id);
-        match self
-            .shared
-            .approvals
-            .decide(id, &who, approve, reason.clone())
-        {
-            Ok(d) => {
-                tracing::info!(event = if approve { "approval.granted" } else { "approval.denied" }, id, approver = %who.name, result = ?d);
-                // The held command's own record (written before it runs) names
-                // this approval too; this one is the approver's act.
-                let kind = if approve {
-                    Kind::ApprovalGranted
-                } else {
-                    Kind::ApprovalDenied
-                };
-                let mut rec = NewRecord::new(kind)
-                    .identity(crate::audit::IdentityRef { subject: who.name.clone(), kind: "approver".into(), groups: Vec::new() })
-                    .workload(crate::audit::Workload::current_process())
-                    .approval(json!({ "id": id, "approver": who.name, "reason": reason, "result": d, "via": "control-socket" }));
-                if let Some(r) = request {
-                    rec = rec.resource(r.resource.clone()).action(json!({ "requester": r.identity, "summary": r.summary, "statement_hash": r.statement_hash, "rule": r.rule }));
-                }
-                if let Err(e) = self.shared.audit.append(rec).await {
-                    tracing::error!(event = "log.failure", error = %e, "cannot record an approval decision");
-                }
-                Response::ok(json!(d))
+        let (subject, issuer, kind, groups) = if let Some(v) = verified {
+            let kind = match v.kind {
+                crate::identity::IdentityKind::Human => ApproverKind::Human,
+                crate::identity::IdentityKind::Service => ApproverKind::Service,
+            };
+            (v.subject, Some(v.issuer), kind, v.groups)
+        } else if let Some(l) = self.shared.labels.iter().find(|l| l.name == name) {
+            (l.name.clone(), None, ApproverKind::Label, l.groups.clone())
+        } else {
+            return Err(Response::err(
+                ErrorKind::Usage,
+                format!(
+                    "{name:?} has no verified session here: the approver logs in first with `agentgate login` (or is a configured service account)"
+                ),
+            ));
+        };
+        let (bound_cgroups, bound_cgroup_paths) = self.shared.bound_cgroups(name);
+        Ok(Approver {
+            name: name.to_owned(),
+            subject,
+            issuer,
+            kind,
+            groups,
+            via: Via::Cli,
+            bound_cgroups,
+            bound_cgroup_paths,
+        })
+    }
+
+    fn approval_error(e: &crate::approval::ApprovalError) -> Response {
+        let kind = if e.is_usage() {
+            ErrorKind::Usage
+        } else {
+            ErrorKind::Failure
+        };
+        Response::err(kind, e.to_string())
+    }
+
+    /// A vote from the control socket, as the identity `as_name` resolves to.
+    async fn decide(&self, id: &str, as_name: &str, vote: crate::approval::Vote) -> Response {
+        let who = match self.approver(as_name).await {
+            Ok(w) => w,
+            Err(r) => return r,
+        };
+        match self.shared.approvals.decide(id, &who, vote).await {
+            Ok(d) => Response::ok(json!(d)),
+            Err(e) => {
+                tracing::warn!(event = "approval.refused", request = id, approver = %who.name, error = %e);
+                Self::approval_error(&e)
             }
-            Err(e) => Response::err(ErrorKind::Usage, e.to_string()),
+        }
+    }
+
+    async fn revoke_grant(&self, grant: &str, as_name: &str, reason: Option<String>) -> Response {
+        let who = match self.approver(as_name).await {
+            Ok(w) => w,
+            Err(r) => return r,
+        };
+        match self.shared.approvals.revoke(grant, &who, reason).await {
+            Ok(g) => Response::ok(json!(g)),
+            Err(e) => Self::approval_error(&e),
         }
     }
 
@@ -1123,6 +1295,8 @@ impl Daemon {
             "fast_path": s.config.fast_path,
             "audit": audit_status(&s.audit),
             "containment": self.containment_status(&counters),
+            "webhooks": &*self.api_metrics.webhooks,
+            "approvals": { "pending": s.approvals.pending_count(), "grants": s.approvals.grants().len() },
         })
     }
 

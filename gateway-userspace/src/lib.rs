@@ -14,6 +14,7 @@
 //! Everything here fails closed unless its module doc says otherwise.
 #![deny(unsafe_code)]
 
+pub mod api;
 pub mod approval;
 pub mod audit;
 pub mod binding;

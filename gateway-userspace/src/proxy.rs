@@ -98,6 +98,18 @@ impl Shared {
         })
     }
 
+    /// The cgroups bound to `identity`: their ids and their paths relative to
+    /// the cgroup2 mount. An approver bound to a request's cgroup (or one
+    /// above it) is the requester's own workload and may not vote.
+    pub fn bound_cgroups(&self, identity: &str) -> (Vec<u64>, Vec<String>) {
+        let bindings = self.bindings.lock().expect("bindings lock");
+        bindings
+            .iter()
+            .filter(|b| b.identity == identity)
+            .map(|b| (b.cgroup_id, self.hierarchy.relative(&b.cgroup)))
+            .unzip()
+    }
+
     /// The identity as audit records name it: label, human or service, with groups.
     pub async fn identity_ref(&self, identity: &str) -> IdentityRef {
         if let Some(l) = self.labels.iter().find(|l| l.name == identity) {
@@ -180,6 +192,10 @@ impl crate::gate::Origin for LiveConnection {
 
     fn connection_id(&self) -> u64 {
         self.id
+    }
+
+    fn requester(&self) -> crate::approval::Requester {
+        crate::approval::Requester::from_connection(self)
     }
 }
 

@@ -787,3 +787,146 @@ pub mod landlock {
         Ok(())
     }
 }
+
+/// `INET_DIAG_CGROUP_ID` (Linux 5.9+): the cgroup v2 id a TCP socket was
+/// created in, as an attribute of a `sock_diag` answer.
+const INET_DIAG_CGROUP_ID: u16 = 21;
+/// `SOCK_DIAG_BY_FAMILY`.
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+
+/// The cgroup (v2 id) of the TCP socket in this network namespace whose local
+/// end is `local` and remote end is `remote`, asked of the kernel with
+/// `sock_diag` (`NETLINK_SOCK_DIAG`, an exact lookup). `Ok(None)`: no such
+/// socket; an error when the kernel does not report cgroups.
+pub fn tcp_socket_cgroup(
+    local: std::net::SocketAddr,
+    remote: std::net::SocketAddr,
+) -> io::Result<Option<u64>> {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    let family = match (local, remote) {
+        (std::net::SocketAddr::V4(_), std::net::SocketAddr::V4(_)) => libc::AF_INET,
+        (std::net::SocketAddr::V6(_), std::net::SocketAddr::V6(_)) => libc::AF_INET6,
+        _ => return Err(io::ErrorKind::InvalidInput.into()),
+    };
+    let addr = |a: std::net::SocketAddr| -> [u8; 16] {
+        let mut out = [0u8; 16];
+        match a.ip() {
+            std::net::IpAddr::V4(ip) => out[..4].copy_from_slice(&ip.octets()),
+            std::net::IpAddr::V6(ip) => out.copy_from_slice(&ip.octets()),
+        }
+        out
+    };
+    // struct nlmsghdr (16) + struct inet_diag_req_v2 (56).
+    let mut req = Vec::with_capacity(72);
+    req.extend_from_slice(&72u32.to_ne_bytes());
+    req.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    req.extend_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
+    req.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    req.extend_from_slice(&0u32.to_ne_bytes()); // pid
+    req.push(family as u8);
+    req.push(libc::IPPROTO_TCP as u8);
+    req.push(0); // idiag_ext
+    req.push(0);
+    req.extend_from_slice(&u32::MAX.to_ne_bytes()); // all states
+    req.extend_from_slice(&local.port().to_be_bytes());
+    req.extend_from_slice(&remote.port().to_be_bytes());
+    req.extend_from_slice(&addr(local));
+    req.extend_from_slice(&addr(remote));
+    req.extend_from_slice(&0u32.to_ne_bytes()); // interface
+    req.extend_from_slice(&u32::MAX.to_ne_bytes()); // INET_DIAG_NOCOOKIE
+    req.extend_from_slice(&u32::MAX.to_ne_bytes());
+    debug_assert_eq!(req.len(), 72);
+
+    // SAFETY: plain integers; the fd is owned right after.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            libc::NETLINK_SOCK_DIAG,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let timeout = libc::timeval {
+        tv_sec: 1,
+        tv_usec: 0,
+    };
+    // SAFETY: a valid fd and a timeval of the right size.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const timeout).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        );
+    }
+    // SAFETY: zeroed sockaddr_nl is the kernel's address (pid 0).
+    let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    // SAFETY: a valid fd, the request buffer and its length, the address and its size.
+    let sent = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            req.as_ptr().cast(),
+            req.len(),
+            0,
+            (&raw const kernel).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut buf = vec![0u8; 8192];
+    // SAFETY: a valid fd and a buffer of the given length.
+    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    parse_diag_cgroup(&buf[..n as usize])
+}
+
+/// The cgroup id in a `sock_diag` answer (one message).
+fn parse_diag_cgroup(msg: &[u8]) -> io::Result<Option<u64>> {
+    let u16_at = |b: &[u8], i: usize| b.get(i..i + 2).map(|s| u16::from_ne_bytes([s[0], s[1]]));
+    let u32_at = |b: &[u8], i: usize| {
+        b.get(i..i + 4)
+            .map(|s| u32::from_ne_bytes([s[0], s[1], s[2], s[3]]))
+    };
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, "malformed sock_diag answer");
+    let len = u32_at(msg, 0).ok_or_else(bad)? as usize;
+    let kind = u16_at(msg, 4).ok_or_else(bad)?;
+    let msg = msg.get(..len).ok_or_else(bad)?;
+    if kind == libc::NLMSG_ERROR as u16 {
+        let errno = u32_at(msg, 16).ok_or_else(bad)? as i32;
+        return match -errno {
+            0 | libc::ENOENT => Ok(None),
+            e => Err(io::Error::from_raw_os_error(e)),
+        };
+    }
+    if kind != SOCK_DIAG_BY_FAMILY {
+        return Err(bad());
+    }
+    // struct nlmsghdr (16) + struct inet_diag_msg (72), then attributes.
+    let mut at = 16 + 72;
+    while at + 4 <= msg.len() {
+        let alen = u16_at(msg, at).ok_or_else(bad)? as usize;
+        let atype = u16_at(msg, at + 2).ok_or_else(bad)? & 0x3fff;
+        if alen < 4 {
+            return Err(bad());
+        }
+        if atype == INET_DIAG_CGROUP_ID {
+            let v = msg.get(at + 4..at + 12).ok_or_else(bad)?;
+            return Ok(Some(u64::from_ne_bytes(v.try_into().map_err(|_| bad())?)));
+        }
+        at += (alen + 3) & !3;
+    }
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "the kernel names no cgroup for sockets (INET_DIAG_CGROUP_ID needs Linux 5.9+)",
+    ))
+}

@@ -28,6 +28,9 @@
 //                              response (default 1; RFC 8628's default of 5 makes tests slow)
 //   OIDC_SLOW_DOWN_POLLS       answer this many device-code polls with `slow_down` (default 0)
 //   OIDC_SVC_SECRET            client secret of `svc-reporting` and `svc-opaque`
+//   OIDC_SVC_GROUPS            comma-separated groups of svc-reporting's tokens (default reporting)
+//   OIDC_WEB_REDIRECT_URIS     comma-separated redirect URIs of `agentgate-web` (default
+//                              http://127.0.0.1:15080/callback)
 //
 // Harness-only routes (not OIDC; documented as test instrumentation):
 //   GET /__harness/stats       {"jwks_requests": n, "device_polls": n, "token_requests": n}
@@ -39,10 +42,14 @@
 //   svc-reporting      confidential (client_secret_basic), client_credentials; access tokens
 //                      are RFC 9068 JWTs (ES256) for resource urn:agentgate with a groups claim
 //   svc-opaque         confidential, client_credentials; opaque access tokens (introspection)
+//   agentgate-web      public, authorization_code with PKCE (the daemon's approvals page),
+//                      ID tokens signed RS256
 //
 // Accounts (the devInteractions login form accepts any password):
 //   alice  groups [analysts]          bob  groups [approvers, analysts]
-//   carol  no groups claim            (any other login name is refused)
+//   carol  no groups claim            dave   groups [approvers]
+//   contractor@bank  groups [contractors] (the agent scenario)
+//   (any other login name is refused)
 
 import * as crypto from 'node:crypto';
 import * as http from 'node:http';
@@ -67,13 +74,19 @@ const ttl = {
 const deviceInterval = seconds('OIDC_DEVICE_INTERVAL', 1);
 let slowDownPolls = seconds('OIDC_SLOW_DOWN_POLLS', 0);
 const svcSecret = env('OIDC_SVC_SECRET', 'svc-reporting-test-secret-5f2c9a');
+const webRedirectUris = env('OIDC_WEB_REDIRECT_URIS', 'http://127.0.0.1:15080/callback').split(',').map((u) => u.trim()).filter(Boolean);
 
 const ACCOUNTS = {
   alice: { email: 'alice@example.test', name: 'Alice Analyst', groups: ['analysts'] },
   bob: { email: 'bob@example.test', name: 'Bob Approver', groups: ['approvers', 'analysts'] },
   carol: { email: 'carol@example.test', name: 'Carol NoGroups' },
+  dave: { email: 'dave@example.test', name: 'Dave Approver', groups: ['approvers'] },
+  'contractor@bank': { email: 'contractor@example.test', name: 'Agent Contractor', groups: ['contractors'] },
 };
-const SERVICE_GROUPS = { 'svc-reporting': ['reporting'] };
+// OIDC_SVC_GROUPS (comma-separated) replaces svc-reporting's groups.
+const SERVICE_GROUPS = {
+  'svc-reporting': env('OIDC_SVC_GROUPS', 'reporting').split(',').map((g) => g.trim()).filter(Boolean),
+};
 const RESOURCE = 'urn:agentgate';
 
 function signingKeys() {
@@ -118,6 +131,16 @@ const provider = new Provider(issuer, {
       response_types: [],
       redirect_uris: [],
       scope: 'reports:read',
+    },
+    {
+      client_id: 'agentgate-web',
+      client_name: 'agentgate approvals page',
+      application_type: 'web',
+      token_endpoint_auth_method: 'none',
+      grant_types: ['authorization_code'],
+      response_types: ['code'],
+      redirect_uris: webRedirectUris,
+      id_token_signed_response_alg: 'RS256',
     },
     {
       client_id: 'svc-opaque',

@@ -259,6 +259,8 @@ pub struct DaemonOptions {
     /// Policy files (name, text) for the daemon's policy directory; by
     /// default one that lets the label `demo` reach any loopback TCP port.
     pub policies: Vec<(String, String)>,
+    /// Label identities (name, groups) besides `demo`.
+    pub labels: Vec<(String, Vec<String>)>,
 }
 
 /// Loopback TCP for the label identity `demo`; nothing else.
@@ -288,6 +290,7 @@ impl Default for DaemonOptions {
             extra: String::new(),
             audit_extra: String::new(),
             policies: vec![("loopback.toml".into(), LOOPBACK_POLICY.into())],
+            labels: Vec::new(),
         }
     }
 }
@@ -357,7 +360,7 @@ impl Env {
             "[daemon]\nstate_dir = \"{state}\"\ncontrol_socket = \"{state}/control.sock\"\n\
              attach_cgroup = \"{attach}\"\nexec_cgroup = \"{attach}/agents\"\n\
              fail_mode = \"{mode}\"\nbpffs_dir = \"{bpffs}\"\n\
-             label_identities = [{{ name = \"demo\", groups = [\"demo\"] }}]\n\n\
+             label_identities = [{{ name = \"demo\", groups = [\"demo\"] }}{labels}]\n\n\
              [policy]\ndir = \"{policy}\"\nwatch_interval_secs = 1\n\n\
              [audit]\ndir = \"{state}/audit\"\n{audit_extra}\n\n\
              [proxy]\nport = {port}\nfast_path = {fast}\n{extra}\n",
@@ -374,9 +377,20 @@ impl Env {
             fast = self.opts.fast_path,
             audit_extra = self.opts.audit_extra,
             extra = self.opts.extra,
+            labels = self.labels_toml(),
         );
         fs::write(&self.config, config_text)?;
         Ok(())
+    }
+
+    /// The extra label identities as entries of `label_identities`.
+    fn labels_toml(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        for (name, groups) in &self.opts.labels {
+            let _ = write!(out, ", {{ name = {name:?}, groups = {groups:?} }}");
+        }
+        out
     }
 
     /// Starts the daemon inside the test's netns, in the `daemon` child cgroup
@@ -433,6 +447,45 @@ impl Env {
     /// `agentgate exec --allow-root --identity ID -- CMD...` inside the netns.
     /// As root: these tests are about the redirect and the protocol handlers,
     /// and their clients (the pyenv python under /root) need it.
+    /// `agentgate login` as `user`: the CLI prints the device-flow link,
+    /// `scripts/device_browser.py` plays the browser on the test provider's
+    /// pages, and the CLI hands the session to the daemon, which verifies it.
+    pub fn login(&self, user: &str) {
+        let mut c = self.agentgate(&["login"]);
+        // `login` reads only [identity] from the config; the socket comes from here.
+        c.env("AGENTGATE_CONTROL_SOCKET", self.state.join("control.sock"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut p = Proc::spawn("agentgate login", c).unwrap();
+        let mut err = BufReader::new(p.child.stderr.take().unwrap());
+        let mut shown = String::new();
+        let url = loop {
+            let mut line = String::new();
+            assert!(
+                err.read_line(&mut line).unwrap() > 0,
+                "login ended without a prompt: {shown}"
+            );
+            shown.push_str(&line);
+            if let Some(rest) = line.trim().strip_prefix("(or open ") {
+                break rest.split_whitespace().next().unwrap().to_owned();
+            }
+        };
+        let browser = run_ok(
+            self.netns
+                .command("python3")
+                .arg(scripts_dir().join("device_browser.py"))
+                .args([&url, user]),
+        );
+        assert!(browser.is_ok(), "{browser:?}");
+        let mut rest = String::new();
+        err.read_to_string(&mut rest).unwrap();
+        let status = p.child.wait().unwrap();
+        assert!(status.success(), "login as {user} failed: {shown}{rest}");
+        assert!(rest.contains(&format!("Logged in as {user}")), "{rest}");
+        assert!(rest.contains("The daemon now holds the session"), "{rest}");
+    }
+
     pub fn exec(&self, identity: &str, cmd: &[&str]) -> Command {
         let mut c = self.agentgate(&["exec", "--allow-root", "--identity", identity, "--"]);
         c.args(cmd);

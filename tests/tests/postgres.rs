@@ -95,9 +95,11 @@ fn l7_env(name: &str, approval_timeout: &str) -> (Env, PgServer) {
 
 /// `extra`: config text after the `[proxy]` keys (e.g. a `[proxy.postgres]` table).
 fn l7_env_with(name: &str, approval_timeout: &str, extra: &str) -> (Env, PgServer) {
+    // `dba-ann` is a label approver: labels may vote here (local-trial setting).
     let opts = DaemonOptions {
         policies: vec![("pg.toml".into(), l7_policy(5432, approval_timeout, None))],
-        extra: extra.to_owned(),
+        extra: format!("{extra}\n[approvals]\nallow_labels = true\n"),
+        labels: vec![("dba-ann".into(), vec!["dba".into()])],
         ..DaemonOptions::default()
     };
     let env = Env::new(name, opts).unwrap();
@@ -362,10 +364,10 @@ fn writes_wait_for_approval_and_denials_and_timeouts_are_native_errors() {
         !summary.contains("approved-x"),
         "literals redacted: {summary}"
     );
-    assert_eq!(req["identity"], "demo");
+    assert_eq!(req["requester"]["identity"], "demo");
     assert_eq!(name_of_1(), "Customer 1", "nothing ran while held");
     let id = req["id"].as_str().unwrap();
-    run_ok(&mut env.agentgate(&["approvals", "approve", id, "--approver", "dba-ann"])).unwrap();
+    run_ok(&mut env.agentgate(&["approvals", "approve", id, "--as", "dba-ann"])).unwrap();
     let out = finish(p);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(
@@ -387,9 +389,9 @@ fn writes_wait_for_approval_and_denials_and_timeouts_are_native_errors() {
         .to_owned();
     run_ok(&mut env.agentgate(&[
         "approvals",
-        "deny",
+        "reject",
         &id,
-        "--approver",
+        "--as",
         "dba-ann",
         "--reason",
         "no ticket",
@@ -422,7 +424,7 @@ fn writes_wait_for_approval_and_denials_and_timeouts_are_native_errors() {
     assert_eq!(name_of_1(), "approved-x");
     assert!(pending(&env).is_empty());
 
-    // A client that goes away while held withdraws its request; nothing runs.
+    // A client that goes away while held cancels its request; nothing runs.
     let out = python(
         &env,
         r#"
@@ -436,14 +438,14 @@ c.execute("UPDATE customers SET name = 'gone-x' WHERE id = 1")
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     let deadline = Instant::now() + Duration::from_secs(3);
     while !pending(&env).is_empty() {
-        assert!(Instant::now() < deadline, "request not withdrawn");
+        assert!(Instant::now() < deadline, "request not cancelled");
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_secs(6));
     assert_eq!(
         name_of_1(),
         "approved-x",
-        "the withdrawn statement never ran"
+        "the cancelled statement never ran"
     );
 
     // A prepared statement: each execution is a command of its own, approved
@@ -465,8 +467,7 @@ for n in ("prepared-1", "prepared-2"):
             .unwrap()
             .to_owned();
         assert_ne!(name_of_1(), expected, "nothing ran while held");
-        run_ok(&mut env.agentgate(&["approvals", "approve", &id, "--approver", "dba-ann"]))
-            .unwrap();
+        run_ok(&mut env.agentgate(&["approvals", "approve", &id, "--as", "dba-ann"])).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while name_of_1() != expected {
             assert!(
@@ -482,14 +483,22 @@ for n in ("prepared-1", "prepared-2"):
     assert!(pending(&env).is_empty());
 
     let recs = audit_records(&env);
-    for outcome in ["approved", "denied", "expired", "withdrawn"] {
+    for outcome in ["approved", "rejected", "expired", "cancelled"] {
         assert!(
             recs.iter()
                 .any(|r| r["kind"] == "statement" && r["approval"]["outcome"] == outcome),
             "a statement record with approval outcome {outcome}"
         );
     }
-    assert!(recs.iter().any(|r| r["kind"] == "approval.requested"));
+    for kind in [
+        "approval.requested",
+        "approval.granted",
+        "approval.denied",
+        "approval.expired",
+        "approval.cancelled",
+    ] {
+        assert!(recs.iter().any(|r| r["kind"] == kind), "a {kind} record");
+    }
     // (The workload's command line is recorded as the process gave it; psql
     // -c puts SQL there. What this handler writes must hold no literal.)
     for r in &recs {
@@ -1142,7 +1151,7 @@ print(json.dumps([before.fetchone()[0], after.fetchone()[0]]))
         "Customer 2",
         "nothing ran while held"
     );
-    run_ok(&mut env.agentgate(&["approvals", "approve", &id, "--approver", "dba-ann"])).unwrap();
+    run_ok(&mut env.agentgate(&["approvals", "approve", &id, "--as", "dba-ann"])).unwrap();
     let out = finish(p);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let v: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();

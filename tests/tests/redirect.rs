@@ -532,7 +532,7 @@ fn cli_errors_are_usage_errors() {
         Some("pending approvals: 0")
     );
     let out = env
-        .agentgate(&["approvals", "approve", "apr-nope"])
+        .agentgate(&["approvals", "approve", "apr-nope", "--as", "demo"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));

@@ -15,6 +15,8 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod demo;
+
 #[derive(Parser)]
 #[command(name = "xtask", about = "agentgate's build, run and test tasks")]
 struct Cli {
@@ -42,6 +44,9 @@ enum Task {
         #[arg(long)]
         no_lint: bool,
     },
+    /// Issue 17's scenario for a person: an `OpenAI` Agents SDK agent under a
+    /// verified identity, approvals, and the evidence package it leaves.
+    Demo,
     /// Benchmarks: `audit`, `policy`, `evidence`, `pg`, or all when omitted.
     Bench {
         which: Option<String>,
@@ -65,6 +70,8 @@ const APT_PACKAGES: &[&str] = &[
     "pgbouncer",
     "curl",
     "nftables",
+    // The approvals page test and the report screenshots drive it (npm playwright-core).
+    "chromium",
 ];
 
 /// Python modules the tests import, with the `PyPI` requirement that provides each.
@@ -88,6 +95,7 @@ fn run(cli: Cli) -> Result<()> {
         Task::BuildEbpf => build_ebpf(&root),
         Task::Run { args } => run_daemon(&root, &args),
         Task::Test { filter, no_lint } => test(&root, filter.as_deref(), no_lint),
+        Task::Demo => demo::run(&root),
         Task::Bench { which, quick } => bench(&root, which.as_deref(), quick),
     }
 }
@@ -211,16 +219,57 @@ fn setup(root: &Path) -> Result<()> {
     if !succeeds(cmd("cargo").args(["fuzz", "--version"])) {
         status(cmd("cargo").args(["install", "cargo-fuzz", "--version", "0.13.2", "--locked"]))?;
     }
-    // 7. Node packages of the test OpenID provider.
+    // 7. Node packages of the test OpenID provider and the browser driver (screenshots too):
+    // again whenever the lock file is newer than what npm last installed.
     let oidc = root.join("tests/oidc");
-    if oidc.join("package.json").exists() && !oidc.join("node_modules").exists() {
+    let mtime = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok();
+    let installed = mtime(&oidc.join("node_modules/.package-lock.json"));
+    let locked = mtime(&oidc.join("package-lock.json"));
+    if oidc.join("package.json").exists() && (installed.is_none() || installed < locked) {
         status(
             cmd("npm")
                 .args(["ci", "--no-audit", "--no-fund"])
                 .current_dir(&oidc),
         )?;
     }
+    // 8. The agent scenario's venv (the OpenAI Agents SDK), pinned by requirements.txt.
+    agent_venv(root)?;
     Ok(())
+}
+
+/// tests/agent/.venv with tests/agent/requirements.txt installed; redone only
+/// when the requirements change (their copy is kept in the venv).
+fn agent_venv(root: &Path) -> Result<PathBuf> {
+    let dir = root.join("tests/agent");
+    let venv = dir.join(".venv");
+    let python = venv.join("bin/python");
+    let wanted = fs::read_to_string(dir.join("requirements.txt"))
+        .context("reading tests/agent/requirements.txt")?;
+    let stamp = venv.join("requirements.installed");
+    if python.exists() && fs::read_to_string(&stamp).is_ok_and(|s| s == wanted) {
+        return Ok(python);
+    }
+    eprintln!("xtask: installing the agent's Python packages into tests/agent/.venv");
+    // Debian's python, not a pyenv one under /root: agents run as `nobody`.
+    status(
+        cmd("/usr/bin/python3")
+            .args(["-m", "venv", "--clear"])
+            .arg(&venv),
+    )?;
+    status(
+        cmd(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                "-r",
+            ])
+            .arg(dir.join("requirements.txt")),
+    )?;
+    fs::write(&stamp, wanted)?;
+    Ok(python)
 }
 
 fn build_ebpf(root: &Path) -> Result<()> {
@@ -260,6 +309,9 @@ fn local_config(root: &Path) -> Result<PathBuf> {
          \x20 {{ name = \"demo\", groups = [\"demo\"] }},\n\
          \x20 {{ name = \"approver\", groups = [\"approvers\"] }},\n\
          ]\n\n\
+         # Label identities may vote on approvals here (local trials only).\n\
+         [approvals]\n\
+         allow_labels = true\n\n\
          [policy]\n\
          dir = \"{policies}\"\n\n\
          [audit]\n\
@@ -292,7 +344,7 @@ fn run_daemon(root: &Path, args: &[String]) -> Result<()> {
          \x20 # writes wait for an approver (see the NOTICE for the request id):\n\
          \x20 {bin} exec --identity demo --user nobody -- {psql} -h 127.0.0.1 -U postgres -c \"UPDATE customers SET name = 'x' WHERE id = 1\"\n\
          \x20 {bin} approvals list\n\
-         \x20 {bin} approvals approve <ID> --approver approver\n\
+         \x20 {bin} approvals approve <ID> --as approver\n\
          \x20 # plain TCP: the local pack allows 127.0.0.1:7777\n\
          \x20 python3 -m http.server 7777 --bind 127.0.0.1 &  {bin} exec --identity demo --user nobody -- curl -sS http://127.0.0.1:7777/ >/dev/null\n\
          \x20 {bin} status\n\
@@ -339,7 +391,12 @@ impl DemoPostgres {
     const PASSWORD: &'static str = "demo";
 
     fn start(dir: &Path) -> Result<Option<Self>> {
-        if std::net::TcpStream::connect("127.0.0.1:5432").is_ok() {
+        Self::start_on(dir, 5432)
+    }
+
+    /// As [`DemoPostgres::start`], on `port`; `None` if something listens there.
+    fn start_on(dir: &Path, port: u16) -> Result<Option<Self>> {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
             return Ok(None);
         }
         let data = dir.join("data");
@@ -373,7 +430,9 @@ impl DemoPostgres {
             as_postgres("pg_ctl")
                 .arg("-D")
                 .arg(&data)
-                .args(["-o", "-c listen_addresses=127.0.0.1 -p 5432 -k /tmp", "-l"])
+                .arg("-o")
+                .arg(format!("-c listen_addresses=127.0.0.1 -p {port} -k /tmp"))
+                .arg("-l")
                 .arg(dir.join("postgres.log"))
                 .args(["-w", "start"]),
         )?;
@@ -383,7 +442,16 @@ impl DemoPostgres {
                     '4111111111111111', i * 10.5 FROM generate_series(1, 50) i ON CONFLICT DO NOTHING;";
         status(
             as_postgres("psql")
-                .args(["-h", "/tmp", "-p", "5432", "-U", "postgres", "-qc", seed])
+                .args([
+                    "-h",
+                    "/tmp",
+                    "-p",
+                    &port.to_string(),
+                    "-U",
+                    "postgres",
+                    "-qc",
+                    seed,
+                ])
                 .env("PGPASSWORD", Self::PASSWORD),
         )?;
         Ok(Some(Self { data }))
@@ -404,9 +472,7 @@ impl Drop for DemoPostgres {
 /// Where cargo puts what it builds: `CARGO_TARGET_DIR` when set (a worktree
 /// sharing a warm build), else `target/` at the workspace root.
 fn target_dir(root: &Path) -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"))
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from)
 }
 
 fn test(root: &Path, filter: Option<&str>, no_lint: bool) -> Result<()> {

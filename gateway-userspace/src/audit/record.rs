@@ -67,6 +67,18 @@ pub enum Kind {
     ApprovalDenied,
     #[serde(rename = "approval.expired")]
     ApprovalExpired,
+    /// A vote short of the quorum.
+    #[serde(rename = "approval.vote")]
+    ApprovalVote,
+    /// The client went away (or the daemon restarted) while its command was held.
+    #[serde(rename = "approval.cancelled")]
+    ApprovalCancelled,
+    /// Taken back while the client waited; the command is denied.
+    #[serde(rename = "approval.withdrawn")]
+    ApprovalWithdrawn,
+    /// A grant window ended early.
+    #[serde(rename = "grant.revoked")]
+    GrantRevoked,
     #[serde(rename = "identity.login")]
     IdentityLogin,
     #[serde(rename = "identity.refresh")]
@@ -130,6 +142,10 @@ impl Kind {
             Kind::ApprovalGranted => "approval.granted",
             Kind::ApprovalDenied => "approval.denied",
             Kind::ApprovalExpired => "approval.expired",
+            Kind::ApprovalVote => "approval.vote",
+            Kind::ApprovalCancelled => "approval.cancelled",
+            Kind::ApprovalWithdrawn => "approval.withdrawn",
+            Kind::GrantRevoked => "grant.revoked",
             Kind::IdentityLogin => "identity.login",
             Kind::IdentityRefresh => "identity.refresh",
             Kind::IdentityFailure => "identity.failure",
@@ -560,6 +576,10 @@ mod tests {
         for k in [
             Kind::DaemonStart,
             Kind::ApprovalGranted,
+            Kind::ApprovalVote,
+            Kind::ApprovalCancelled,
+            Kind::ApprovalWithdrawn,
+            Kind::GrantRevoked,
             Kind::AuditAccess,
             Kind::KeyRotation,
         ] {

@@ -104,6 +104,19 @@ pub struct AuditStats {
     /// Checkpoints that could not be exported to a sink.
     pub sink_failures: u64,
     pub checkpoints: u64,
+    /// Statement records appended before the statement's outcome (those
+    /// with a decision and no result), by the decision's verdict.
+    pub statements: StatementStats,
+    /// `approval.requested` records: commands held for approval.
+    pub approval_requests: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StatementStats {
+    pub allow: u64,
+    pub deny: u64,
+    pub require_approval: u64,
+    pub other: u64,
 }
 
 #[derive(Default)]
@@ -117,6 +130,9 @@ struct Stats {
     failing: AtomicBool,
     sink_failures: AtomicU64,
     checkpoints: AtomicU64,
+    /// allow, deny, `require_approval`, other.
+    statements: [AtomicU64; 4],
+    approval_requests: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -124,6 +140,26 @@ fn bump(c: &AtomicU64) {
 }
 
 impl Stats {
+    /// Counts a statement's decision record (see [`AuditStats::statements`]).
+    fn count(&self, rec: &NewRecord) {
+        if rec.kind == Kind::ApprovalRequested {
+            bump(&self.approval_requests);
+        }
+        if rec.kind != Kind::Statement || rec.result.is_some() {
+            return;
+        }
+        let Some(verdict) = rec.decision.as_ref().and_then(|d| d.get("verdict")) else {
+            return;
+        };
+        let i = match verdict.as_str() {
+            Some("allow") => 0,
+            Some("deny") => 1,
+            Some("require_approval") => 2,
+            _ => 3,
+        };
+        bump(&self.statements[i]);
+    }
+
     fn synced(&self, took: Duration) {
         let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
         bump(&self.fsyncs);
@@ -320,6 +356,7 @@ impl AuditLog {
         rec: NewRecord,
     ) -> impl Future<Output = Result<Appended, AuditError>> + Send + 'static {
         let reserved = rec.kind.is_reserved().then_some(rec.kind);
+        self.inner.stats.count(&rec);
         let queued = match reserved {
             Some(kind) => Err(AuditError::ReservedKind { kind }),
             None => self.queue(rec),
@@ -422,6 +459,7 @@ impl AuditLog {
         if rec.kind.is_reserved() {
             return Err(AuditError::ReservedKind { kind: rec.kind });
         }
+        self.inner.stats.count(&rec);
         let msg = if self.inner.shared.inline {
             match self.try_stage(rec, None) {
                 Ok(()) => return Ok(()),
@@ -477,6 +515,13 @@ impl AuditLog {
             failing: s.failing.load(Ordering::Relaxed),
             sink_failures: s.sink_failures.load(Ordering::Relaxed),
             checkpoints: s.checkpoints.load(Ordering::Relaxed),
+            statements: StatementStats {
+                allow: s.statements[0].load(Ordering::Relaxed),
+                deny: s.statements[1].load(Ordering::Relaxed),
+                require_approval: s.statements[2].load(Ordering::Relaxed),
+                other: s.statements[3].load(Ordering::Relaxed),
+            },
+            approval_requests: s.approval_requests.load(Ordering::Relaxed),
         }
     }
 

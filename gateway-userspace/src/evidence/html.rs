@@ -128,7 +128,12 @@ pub fn render(r: &Report) -> String {
                 "<tr><td>{}</td><td>{}</td><td class={}>{}</td><td>{}</td><td>{}</td></tr>",
                 n + 1,
                 esc(q.question),
-                q.answer,
+                // Green for the reassuring answer: "yes" only for q4 (in force).
+                if (q.id == "q4") == (q.answer == "yes") {
+                    "no"
+                } else {
+                    "yes"
+                },
                 q.answer.to_uppercase(),
                 esc(&q.detail),
                 cites(&q.records.items, q.records.omitted)
@@ -368,8 +373,8 @@ pub fn render(r: &Report) -> String {
     let m = &r.masking;
     let _ = write!(
         h,
-        "<section id=masking><h2>Masking</h2><p>{} result(s) masked; {} value(s) masked, {} nulled, {} reported unmasked.</p><table><tr><th>Protected field</th><th>By</th><th>Results</th><th>Records</th></tr>",
-        m.statements_masked, m.values_masked, m.values_nulled, m.values_unmasked
+        "<section id=masking><h2>Masking</h2><p>{} result(s) masked; {} value(s) masked, {} nulled; {} result column(s) of protected lineage sent unmasked.</p><table><tr><th>Protected field</th><th>By</th><th>Results</th><th>Records</th></tr>",
+        m.statements_masked, m.values_masked, m.values_nulled, m.columns_unmasked
     );
     for (name, f) in &m.fields {
         let _ = write!(
@@ -407,11 +412,11 @@ pub fn render(r: &Report) -> String {
     h.push_str("</section>");
 
     // Approvals.
-    h.push_str("<section id=approvals><h2>Approvals</h2><table><tr><th>Request</th><th>Requester</th><th>Resource / command</th><th>Rule</th><th>Requested</th><th>Outcome</th><th>Approvers</th><th>Reasons / tickets</th><th>Decided</th><th>Uses</th><th>Records</th></tr>");
+    h.push_str("<section id=approvals><h2>Approvals</h2><table><tr><th>Request</th><th>Requester</th><th>Resource / command</th><th>Rule</th><th>Requested</th><th>Outcome</th><th>Approvers (as verified)</th><th>Reasons / tickets</th><th>Decided</th><th>Grant / uses</th><th>Records</th></tr>");
     for a in &r.approvals.items {
         let _ = write!(
             h,
-            "<tr><td class=mono>{}</td><td>{}</td><td>{}<br><span class=mono>{}</span></td><td>{}</td><td>{}</td><td class={}>{}</td><td>{}</td><td>{} {}</td><td>{}</td><td class=num>{}</td><td>{}</td></tr>",
+            "<tr><td class=mono>{}</td><td>{}</td><td>{}<br><span class=mono>{}</span></td><td>{}</td><td>{}</td><td class={}>{}</td><td>{}<br><small>{}</small></td><td>{} {}</td><td>{}</td><td>{}{}</td><td>{}</td></tr>",
             esc(&a.id),
             opt(a.requester.as_deref()),
             opt(a.resource.as_deref()),
@@ -421,10 +426,19 @@ pub fn render(r: &Report) -> String {
             if a.outcome == "granted" { "no" } else { "yes" },
             esc(&a.outcome),
             esc(&a.approvers.join(", ")),
+            esc(&a.votes.join("; ")),
             esc(&a.reasons.join("; ")),
             esc(&a.tickets.join(", ")),
             opt(a.decided_at.as_deref()),
-            a.uses,
+            a.grant.as_deref().map_or_else(String::new, |g| format!(
+                "<span class=mono>{}</span> until {}{}<br>",
+                esc(g),
+                opt(a.grant_expires.as_deref()),
+                a.grant_revoked
+                    .as_deref()
+                    .map_or_else(String::new, |r| format!("; revoked {}", esc(r)))
+            )),
+            format_args!("{} use(s)", a.uses),
             cites(&a.records, 0)
         );
     }

@@ -360,7 +360,7 @@ fn count_after_break(
                     if p.record
                         .identity
                         .as_ref()
-                        .is_some_and(|i| identities.contains(&i.subject))
+                        .is_some_and(|i| identities.iter().any(|id| model::names(&i.subject, id)))
                     {
                         after.in_scope += 1;
                     }

@@ -238,6 +238,23 @@ pub struct Timeline {
     pub buckets: Vec<[u64; 3]>,
 }
 
+/// A statement record's `approval.outcome` under which it ran authorized:
+/// `approved` (its own request was approved) or `granted` (it ran under a
+/// grant an approval left).
+const AUTHORIZED_OUTCOMES: [&str; 2] = ["approved", "granted"];
+
+/// Column lineage decisions (`transform.masking.lineage[].lineage` in result
+/// records) under which the value sent is masked. Any other decision a record
+/// states means the value went out as it was: fail closed, an unknown word is
+/// not taken for masking.
+pub const MASKING_DECISIONS: [&str; 5] = [
+    "direct",
+    "preserved",
+    "derived-redacted",
+    "unknown-redacted",
+    "json-fields-masked",
+];
+
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct FieldMasking {
     /// `rule` (a column rule) or `detector`.
@@ -251,9 +268,11 @@ pub struct Masking {
     pub statements_masked: u64,
     pub values_masked: u64,
     pub values_nulled: u64,
-    /// Values that reached the agent unmasked where masking applied (0 unless a
-    /// record says otherwise).
-    pub values_unmasked: u64,
+    /// Result columns that reached the agent as they were although their
+    /// lineage involves a protected column: a lineage decision in a result
+    /// record other than the masking ones ([`MASKING_DECISIONS`]), such as
+    /// `raw`. 0 when every protected column was masked.
+    pub columns_unmasked: u64,
     /// Protected field (column or detector name) -> how it was masked.
     pub fields: BTreeMap<String, FieldMasking>,
     pub fields_omitted: u64,
@@ -287,9 +306,18 @@ pub struct Approval {
     pub approver_groups: Vec<String>,
     pub requested_at: Option<String>,
     pub deadline: Option<String>,
-    /// `pending`, `granted`, `denied`, `expired`.
+    /// `pending`, `granted`, `denied`, `expired`, `cancelled`, `withdrawn`.
     pub outcome: String,
     pub approvers: Vec<String>,
+    /// Each vote as the daemon verified the voter: name, the identity the
+    /// record names (`NAME (ISSUER#SUB)` when verified by OIDC), its kind
+    /// (`human`, `service`, `label`: a label is NOT verified) and the interface.
+    pub votes: Vec<String>,
+    /// The grant the approval left (`grt-...`), its scope and expiry.
+    pub grant: Option<String>,
+    pub grant_expires: Option<String>,
+    /// Who revoked the grant, and why, when it was revoked.
+    pub grant_revoked: Option<String>,
     pub reasons: Vec<String>,
     pub tickets: Vec<String>,
     pub decided_at: Option<String>,
@@ -448,6 +476,16 @@ pub fn clip(s: &str) -> String {
     }
 }
 
+/// Whether a record's subject names `identity`: the same text, or the
+/// verified form `identity (ISSUER#SUB)` the proxy writes.
+pub(crate) fn names(subject: &str, identity: &str) -> bool {
+    subject == identity
+        || subject
+            .strip_prefix(identity)
+            .and_then(|rest| rest.strip_prefix(" ("))
+            .is_some_and(|rest| rest.ends_with(')') && rest.contains('#'))
+}
+
 fn field<'a>(v: Option<&'a Value>, key: &str) -> Option<&'a Value> {
     v?.get(key).filter(|x| !x.is_null())
 }
@@ -534,9 +572,15 @@ pub struct Collector {
     failures: Capped<Denial>,
     approvals: BTreeMap<String, Approval>,
     approvals_omitted: u64,
+    /// Grant id -> the approval that left it.
+    grant_of: HashMap<String, String>,
+    /// Grants of identities in scope not revoked: (identity, expiry, record).
+    grants: HashMap<String, (Open, Option<String>)>,
     containment: Containment,
     findings: BTreeMap<String, Findings>,
     sessions: HashMap<String, Open>,
+    /// Sign-ins the daemon holds, by identity, with their expiry (unix seconds).
+    logins: HashMap<String, (Open, i64)>,
     bindings: HashMap<(String, String), Open>,
     /// Approval requests not yet decided, by id.
     pending: HashMap<String, Open>,
@@ -587,12 +631,15 @@ impl Collector {
             failures: Capped::new(LIST_CAP),
             approvals: BTreeMap::new(),
             approvals_omitted: 0,
+            grant_of: HashMap::new(),
+            grants: HashMap::new(),
             containment: Containment {
                 items: Some(Capped::new(LIST_CAP)),
                 ..Containment::default()
             },
             findings,
             sessions: HashMap::new(),
+            logins: HashMap::new(),
             bindings: HashMap::new(),
             pending: HashMap::new(),
             open_overflow: 0,
@@ -616,19 +663,34 @@ impl Collector {
     }
 
     /// The identity in scope a record is about, if any.
+    /// The identity in scope a record is about. Records name a verified
+    /// identity `NAME (ISSUER#SUB)` and a label by its name; either matches
+    /// `--identity NAME`.
     fn subject_of(&self, rec: &Record) -> Option<String> {
-        let is = |s: &str| self.scope.identities.iter().any(|i| i == s);
+        let named = |s: &str| self.scope.identities.iter().find(|i| names(s, i)).cloned();
         if let Some(i) = &rec.identity
-            && is(&i.subject)
+            && let Some(who) = named(&i.subject)
         {
-            return Some(i.subject.clone());
+            return Some(who);
         }
         // An approver's record names the requester in its action.
-        if matches!(rec.kind, Kind::ApprovalGranted | Kind::ApprovalDenied)
-            && let Some(r) = field(rec.action.as_ref(), "requester").and_then(Value::as_str)
-            && is(r)
+        if matches!(
+            rec.kind,
+            Kind::ApprovalGranted
+                | Kind::ApprovalDenied
+                | Kind::ApprovalVote
+                | Kind::ApprovalExpired
+                | Kind::ApprovalCancelled
+                | Kind::ApprovalWithdrawn
+        ) && let Some(r) = field(rec.action.as_ref(), "requester").and_then(Value::as_str)
         {
-            return Some(r.to_owned());
+            return named(r);
+        }
+        // A revoked grant names the identity it was for.
+        if rec.kind == Kind::GrantRevoked
+            && let Some(r) = field(rec.action.as_ref(), "identity").and_then(Value::as_str)
+        {
+            return named(r);
         }
         None
     }
@@ -818,9 +880,21 @@ impl Collector {
                     }
                 }
             }
-            Kind::ApprovalGranted | Kind::ApprovalDenied | Kind::ApprovalExpired => {
+            Kind::ApprovalGranted
+            | Kind::ApprovalDenied
+            | Kind::ApprovalExpired
+            | Kind::ApprovalCancelled
+            | Kind::ApprovalWithdrawn => {
                 if let Some(id) = text(rec.approval.as_ref(), "id") {
                     self.pending.remove(&id);
+                }
+                if rec.kind == Kind::ApprovalGranted {
+                    self.open_grant(seq, hash, rec, who);
+                }
+            }
+            Kind::GrantRevoked => {
+                if let Some(gid) = text(rec.approval.as_ref(), "grant") {
+                    self.grants.remove(&gid);
                 }
             }
             Kind::Statement | Kind::Decision
@@ -829,6 +903,10 @@ impl Collector {
                 if let Some(id) = text(rec.approval.as_ref(), "id") {
                     self.pending.remove(&id);
                 }
+            }
+            Kind::IdentityLogin | Kind::IdentityRefresh => self.open_login(seq, hash, rec, who),
+            Kind::IdentityExpiry => {
+                self.logins.remove(who);
             }
             Kind::IdentityBind | Kind::IdentityUnbind => {
                 let cgroup = text(rec.action.as_ref(), "cgroup").unwrap_or_default();
@@ -850,6 +928,54 @@ impl Collector {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// A sign-in (or its refresh) the daemon holds until `expires_at`.
+    fn open_login(&mut self, seq: u64, hash: &str, rec: &Record, who: &str) {
+        let expires = field(rec.action.as_ref(), "expires_at").and_then(Value::as_i64);
+        if let Some(expires) = expires {
+            let cite = Self::cite(seq, hash, rec);
+            let how = text(rec.action.as_ref(), "method").unwrap_or_default();
+            let open = Open {
+                identity: who.to_owned(),
+                what: format!("signed-in session ({how}) held by the daemon"),
+                cite,
+            };
+            let room = self.logins.len() < OPEN_CAP;
+            match self.logins.get_mut(who) {
+                // A refresh keeps the sign-in's record, moves its expiry.
+                Some(l) if rec.kind == Kind::IdentityRefresh => l.1 = expires,
+                Some(l) => *l = (open, expires),
+                None if room => {
+                    self.logins.insert(who.to_owned(), (open, expires));
+                }
+                None => self.open_overflow += 1,
+            }
+        }
+    }
+
+    /// The grant an approval left, live until it expires or is revoked.
+    fn open_grant(&mut self, seq: u64, hash: &str, rec: &Record, who: &str) {
+        let Some(g) = field(rec.approval.as_ref(), "grant") else {
+            return;
+        };
+        let Some(gid) = text(Some(g), "id") else {
+            return;
+        };
+        if self.grants.len() < OPEN_CAP {
+            let open = Open {
+                identity: who.to_owned(),
+                what: format!(
+                    "grant {gid} ({}) until {}",
+                    text(Some(g), "scope").unwrap_or_default(),
+                    text(Some(g), "expires").unwrap_or_else(|| "?".into())
+                ),
+                cite: Self::cite(seq, hash, rec),
+            };
+            self.grants.insert(gid, (open, text(Some(g), "expires")));
+        } else {
+            self.open_overflow += 1;
         }
     }
 
@@ -907,9 +1033,15 @@ impl Collector {
                 self.note_resource(rec, &cite);
                 self.approval_requested(rec, who, &cite);
             }
-            Kind::ApprovalGranted | Kind::ApprovalDenied | Kind::ApprovalExpired => {
+            Kind::ApprovalGranted
+            | Kind::ApprovalDenied
+            | Kind::ApprovalExpired
+            | Kind::ApprovalVote
+            | Kind::ApprovalCancelled
+            | Kind::ApprovalWithdrawn => {
                 self.observe_approval_decision(rec, &cite);
             }
+            Kind::GrantRevoked => self.grant_revoked(rec, &cite),
             Kind::MaskingFailure => {
                 if let Some(f) = self.masking.failures.as_mut() {
                     f.push(cite.clone());
@@ -972,27 +1104,32 @@ impl Collector {
     fn observe_result(&mut self, rec: &Record, who: &str, cite: &Cite) {
         if let Some(m) = field(rec.transform.as_ref(), "masking") {
             let n = |k: &str| m.get(k).and_then(Value::as_u64).unwrap_or(0);
-            let (masked, nulled, unmasked) =
-                (n("values_masked"), n("values_nulled"), n("values_unmasked"));
+            let (masked, nulled) = (n("values_masked"), n("values_nulled"));
             self.masking.values_masked += masked;
             self.masking.values_nulled += nulled;
-            self.masking.values_unmasked += unmasked;
             if masked + nulled > 0 {
                 self.masking.statements_masked += 1;
             }
+            let mut unmasked = 0;
             for column in m
                 .get("lineage")
                 .and_then(Value::as_array)
                 .into_iter()
                 .flatten()
             {
-                if let Some(label) = column.get("lineage").and_then(Value::as_str)
-                    && (self.masking.lineage.len() < KEY_CAP
-                        || self.masking.lineage.contains_key(label))
+                // A decision that is not a masking one (or none at all) for a
+                // column the lineage names: its values went out as they were.
+                let label = column.get("lineage").and_then(Value::as_str);
+                if !label.is_some_and(|l| MASKING_DECISIONS.contains(&l)) {
+                    unmasked += 1;
+                }
+                let label = label.unwrap_or("(none)");
+                if self.masking.lineage.len() < KEY_CAP || self.masking.lineage.contains_key(label)
                 {
                     *self.masking.lineage.entry(clip(label)).or_default() += 1;
                 }
             }
+            self.masking.columns_unmasked += unmasked;
             for (by, key) in [("rule", "columns"), ("detector", "detectors")] {
                 for name in strings(Some(m), key) {
                     let known = self.masking.fields.contains_key(&name);
@@ -1036,8 +1173,8 @@ impl Collector {
         let action = rec.action.as_ref();
         let approval = rec.approval.as_ref();
         let verdict = verdict.unwrap_or_else(|| "none".into());
-        let approved =
-            verdict == "allow" && text(approval, "outcome").as_deref() == Some("granted");
+        let approved = verdict == "allow"
+            && text(approval, "outcome").is_some_and(|o| AUTHORIZED_OUTCOMES.contains(&o.as_str()));
         let decision = if approved {
             "allow after approval".to_owned()
         } else {
@@ -1150,6 +1287,10 @@ impl Collector {
                 deadline: text(a, "deadline"),
                 outcome: "pending".into(),
                 approvers: Vec::new(),
+                votes: Vec::new(),
+                grant: None,
+                grant_expires: None,
+                grant_revoked: None,
                 reasons: Vec::new(),
                 tickets: Vec::new(),
                 decided_at: None,
@@ -1165,14 +1306,18 @@ impl Collector {
         let approvers = strings(Some(a), "approvers");
         let f = self.findings.get_mut(who).expect("identity in scope");
         if decision == "allow" {
-            if outcome != "granted" || approvers.iter().any(|p| p == who) {
+            if !AUTHORIZED_OUTCOMES.contains(&outcome.as_str())
+                || approvers.iter().any(|p| p == who)
+            {
                 // Ran without a grant, or approved by the requester.
                 f.unauthorized.push(cite.clone());
             } else {
                 f.authorized.push(cite.clone());
             }
         }
-        if let Some(id) = text(Some(a), "id")
+        let id = text(Some(a), "id")
+            .or_else(|| text(Some(a), "grant").and_then(|g| self.grant_of.get(&g).cloned()));
+        if let Some(id) = id
             && let Some(entry) = self.approvals.get_mut(&id)
         {
             if decision == "allow" {
@@ -1190,11 +1335,24 @@ impl Collector {
         let outcome = match rec.kind {
             Kind::ApprovalGranted => "granted",
             Kind::ApprovalDenied => "denied",
+            Kind::ApprovalVote => "pending",
+            Kind::ApprovalCancelled => "cancelled",
+            Kind::ApprovalWithdrawn => "withdrawn",
             _ => "expired",
         };
+        // Approver-side records carry the voter; the requester's side (expiry,
+        // cancellation, withdrawal) carries no approver.
+        let voted = matches!(
+            rec.kind,
+            Kind::ApprovalGranted | Kind::ApprovalDenied | Kind::ApprovalVote
+        );
         let requester = text(rec.action.as_ref(), "requester");
-        let approver =
-            text(a, "approver").or_else(|| rec.identity.as_ref().map(|i| clip(&i.subject)));
+        let approver = if voted {
+            text(a, "approver").or_else(|| rec.identity.as_ref().map(|i| clip(&i.subject)))
+        } else {
+            None
+        };
+        let vote = voted.then(|| vote_text(rec, outcome, approver.as_deref()));
         if !self.approvals.contains_key(&id) && self.approvals.len() >= LIST_CAP {
             // Counted at its request (or requested before the period).
             return;
@@ -1213,19 +1371,42 @@ impl Collector {
                 deadline: None,
                 outcome: "pending".into(),
                 approvers: Vec::new(),
+                votes: Vec::new(),
+                grant: None,
+                grant_expires: None,
+                grant_revoked: None,
                 reasons: Vec::new(),
                 tickets: Vec::new(),
                 decided_at: None,
                 uses: 0,
                 records: Vec::new(),
             });
-        // A granted approval may need a quorum: the outcome is the last word.
-        entry.outcome = outcome.into();
-        entry.decided_at = Some(rec.time.clone());
+        // A granted approval may need a quorum: the outcome is the last word;
+        // a vote short of quorum leaves it pending.
+        if rec.kind != Kind::ApprovalVote {
+            entry.outcome = outcome.into();
+            entry.decided_at = Some(rec.time.clone());
+        }
         if let Some(p) = approver.clone()
+            && !entry.approvers.contains(&p)
             && entry.approvers.len() < CITE_CAP
         {
             entry.approvers.push(p);
+        }
+        if let Some(v) = vote
+            && entry.votes.len() < CITE_CAP
+        {
+            entry.votes.push(v);
+        }
+        if rec.kind == Kind::ApprovalGranted
+            && let Some(g) = field(a, "grant")
+            && let Some(gid) = text(Some(g), "id")
+        {
+            entry.grant_expires = text(Some(g), "expires");
+            if self.grant_of.len() < LIST_CAP {
+                self.grant_of.insert(gid.clone(), entry.id.clone());
+            }
+            entry.grant = Some(gid);
         }
         if let Some(r) = text(a, "reason")
             && entry.reasons.len() < CITE_CAP
@@ -1240,13 +1421,38 @@ impl Collector {
         if entry.records.len() < CITE_CAP {
             entry.records.push(cite.clone());
         }
-        // Approving one's own request is not an approval.
-        if outcome == "granted"
+        // Approving one's own request (or voting on it) is not an approval.
+        if (outcome == "granted" || rec.kind == Kind::ApprovalVote)
             && let (Some(req), Some(by)) = (requester, approver)
             && req == by
             && let Some(f) = self.findings.get_mut(&req)
         {
             f.unauthorized.push(cite.clone());
+        }
+    }
+
+    fn grant_revoked(&mut self, rec: &Record, cite: &Cite) {
+        let a = rec.approval.as_ref();
+        let Some(gid) = text(a, "grant") else { return };
+        let Some(entry) = self
+            .grant_of
+            .get(&gid)
+            .and_then(|id| self.approvals.get_mut(id))
+        else {
+            return;
+        };
+        entry.grant_revoked = Some(format!(
+            "{} by {}{}",
+            rec.time,
+            rec.identity
+                .as_ref()
+                .map_or_else(|| text(a, "by").unwrap_or_default(), |i| clip(&i.subject)),
+            text(a, "reason")
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        ));
+        if entry.records.len() < CITE_CAP {
+            entry.records.push(cite.clone());
         }
     }
 
@@ -1282,7 +1488,20 @@ impl Collector {
             });
         entry.first_seen.get_or_insert_with(|| rec.time.clone());
         entry.last_seen = Some(rec.time.clone());
-        if let Some(i) = rec.identity.as_ref().filter(|i| i.subject == who) {
+        if let Some(i) = rec.identity.as_ref().filter(|i| names(&i.subject, who)) {
+            // `NAME (ISSUER#SUB)`: where the daemon verified it, when no
+            // login record in the period says so.
+            if entry.issuer.is_none()
+                && let Some((issuer, sub)) = i
+                    .subject
+                    .strip_prefix(who)
+                    .and_then(|r| r.strip_prefix(" ("))
+                    .and_then(|r| r.strip_suffix(')'))
+                    .and_then(|r| r.rsplit_once('#'))
+            {
+                entry.issuer = Some(clip(issuer));
+                entry.oidc_subject = Some(clip(sub));
+            }
             if !entry.kinds.contains(&i.kind) && entry.kinds.len() < CITE_CAP {
                 entry.kinds.push(clip(&i.kind));
                 entry.records.push(cite.clone());
@@ -1461,7 +1680,7 @@ impl Collector {
                 (
                     "yes",
                     format!(
-                        "{} result record(s) report protected values sent unmasked",
+                        "{} result record(s) name a column whose lineage involves a protected column and whose values were sent as they were (a lineage decision that is not a masking one)",
                         f.unmasked.total()
                     ),
                     f.unmasked,
@@ -1470,7 +1689,7 @@ impl Collector {
                 (
                     "no",
                     format!(
-                        "{} result(s) had protected values masked (the records below); no record reports a value sent unmasked, and a value that cannot be masked is never sent ({} masking failure(s), each closing its connection)",
+                        "{} result(s) had protected values masked (the records below); in every result record, each column whose lineage involves a protected column was masked by its recorded decision, and a value that cannot be masked is never sent ({} masking failure(s), each closing its connection)",
                         f.masked.total(),
                         self.masking.failures.as_ref().map_or(0, Capped::total)
                     ),
@@ -1618,11 +1837,30 @@ impl Collector {
             ));
             // 5. Live at the end.
             let mut cites = Capped::new(CITE_CAP);
+            let end = crate::audit::parse_time(&self.scope.to)
+                .map_or(0, time::OffsetDateTime::unix_timestamp);
             let mut live: Vec<&Open> = self
                 .sessions
                 .values()
+                .chain(
+                    self.logins
+                        .values()
+                        .filter(|(_, expires)| *expires > end)
+                        .map(|(o, _)| o),
+                )
                 .chain(self.bindings.values())
                 .chain(self.pending.values())
+                .chain(
+                    self.grants
+                        .values()
+                        .filter(|(_, expires)| {
+                            expires
+                                .as_deref()
+                                .and_then(crate::audit::parse_time)
+                                .is_none_or(|t| t.unix_timestamp() > end)
+                        })
+                        .map(|(o, _)| o),
+                )
                 .filter(|o| o.identity == who)
                 .collect();
             live.sort_by_key(|o| o.cite.seq);
@@ -1647,7 +1885,7 @@ impl Collector {
                 )
             } else {
                 format!(
-                    "no session, cgroup binding or pending approval of this identity was open at {}; time-boxed grants are not recorded separately yet",
+                    "no sign-in, session, cgroup binding, pending approval or unexpired grant of this identity was open at {}",
                     self.scope.to
                 )
             };
@@ -1732,6 +1970,26 @@ impl Collector {
             unproven: Vec::new(),
         }
     }
+}
+
+/// One vote as the daemon verified the voter: time, vote, the identity the
+/// record names, its kind and the interface used.
+fn vote_text(rec: &Record, outcome: &str, approver: Option<&str>) -> String {
+    let a = rec.approval.as_ref();
+    let i = rec.identity.as_ref();
+    format!(
+        "{}: {} by {} [{}{}]",
+        rec.time,
+        text(a, "vote").unwrap_or_else(|| outcome.to_owned()),
+        i.map_or_else(
+            || approver.unwrap_or_default().to_owned(),
+            |i| clip(&i.subject)
+        ),
+        i.map_or("unknown", |i| i.kind.as_str()),
+        text(a, "via")
+            .map(|v| format!(", via {v}"))
+            .unwrap_or_default()
+    )
 }
 
 fn answer(
@@ -1884,18 +2142,173 @@ mod tests {
         assert_eq!(seqs, [0, 1]);
     }
 
-    #[test]
-    fn a_value_reported_unmasked_answers_yes_with_its_record() {
-        let mut done = rec(3, "01:00:00", Kind::Statement, Some(("ann", "human")));
+    /// A result record as the Postgres proxy writes it after masking.
+    fn result(seq: u64, lineage: &Value) -> Record {
+        let mut done = rec(seq, "01:00:00", Kind::Statement, Some(("ann", "human")));
         done.action = Some(json!({"phase": "completed"}));
-        done.transform = Some(
-            json!({"masking": {"columns": ["ssn"], "values_masked": 2, "values_unmasked": 1,
-                "lineage": [{"column": "x", "lineage": "derived-redacted"}, {"column": "ssn", "lineage": "direct"}]}}),
+        done.result = Some(json!({"status": "ok", "command": "SELECT 3", "rows": 3}));
+        done.transform = Some(json!({"masking": {"columns": ["ssn"], "values_masked": 3,
+            "values_nulled": 0, "detectors": [], "lineage": lineage.clone()}}));
+        done
+    }
+
+    #[test]
+    fn a_verified_identity_is_found_by_its_name() {
+        let verified = "ann (https://idp.example#u-123)";
+        assert!(names(verified, "ann"));
+        assert!(names("ann", "ann"));
+        assert!(!names("anna (https://idp.example#u-9)", "ann"));
+        assert!(!names("ann (not verified)", "ann"));
+        let mut open = rec(
+            0,
+            "01:00:00",
+            Kind::ConnectionOpen,
+            Some((verified, "human")),
         );
-        let r = run(&[done]);
-        assert_eq!(answer_of(&r, "q1"), ("yes", vec![3]));
+        open.action = Some(json!({"destination": "127.0.0.1:5432"}));
+        let r = run(&[open]);
+        let id = &r.identities[0];
+        assert_eq!(id.subject, "ann");
+        assert!(id.verified);
+        assert_eq!(id.issuer.as_deref(), Some("https://idp.example"));
+        assert_eq!(id.oidc_subject.as_deref(), Some("u-123"));
+        assert_eq!(answer_of(&r, "q5").0, "yes");
+    }
+
+    #[test]
+    fn a_sign_in_held_past_the_end_is_live_until_it_expires_or_ends() {
+        // 2026-01-02T00:00:00Z is 1767312000: the period's end.
+        let login = |seq, expires: i64| {
+            let mut r = rec(seq, "01:00:00", Kind::IdentityLogin, Some(("ann", "oidc")));
+            r.action =
+                Some(json!({"event": "login", "method": "device_flow", "expires_at": expires}));
+            r
+        };
+        let r = run(&[login(0, 1_767_312_000 + 300)]);
+        assert_eq!(answer_of(&r, "q5"), ("yes", vec![0]));
+        let r = run(&[login(0, 1_767_312_000 - 300)]);
+        assert_eq!(answer_of(&r, "q5").0, "no");
+        let logout = rec(1, "02:00:00", Kind::IdentityExpiry, Some(("ann", "oidc")));
+        let r = run(&[login(0, 1_767_312_000 + 300), logout]);
+        assert_eq!(answer_of(&r, "q5").0, "no");
+    }
+
+    #[test]
+    fn a_statement_run_on_its_approved_request_is_authorized() {
+        let mut ran = statement(1, "01:00:00", "allow");
+        ran.approval = Some(json!({"id": "apr-1", "outcome": "approved", "approvers": ["bob"]}));
+        let r = run(&[ran]);
+        assert_eq!(answer_of(&r, "q2").0, "no");
+        assert_eq!(r.commands.by_decision["allow after approval"], 1);
+    }
+
+    /// An approver's record as the broker writes it (issue 15).
+    fn vote(seq: u64, kind: Kind, who: &str, approval: Value) -> Record {
+        let mut r = rec(seq, "01:00:00", kind, Some((who, "human")));
+        r.action = Some(json!({"request": "apr-1", "requester": "ann", "summary": "UPDATE t"}));
+        r.approval = Some(approval);
+        r
+    }
+
+    #[test]
+    fn votes_grants_their_uses_and_revocation_are_reported() {
+        let mut asked = rec(
+            0,
+            "01:00:00",
+            Kind::ApprovalRequested,
+            Some(("ann", "human")),
+        );
+        asked.approval = Some(json!({"id": "apr-1", "approver_groups": ["dba"], "quorum": 2}));
+        let first = vote(
+            1,
+            Kind::ApprovalVote,
+            "bob (https://idp#b1)",
+            json!({"id": "apr-1",
+            "approver": "bob", "vote": "approve", "via": "cli", "ticket": "CHG-7"}),
+        );
+        let grant = json!({"id": "grt-9", "scope": "class", "expires": "2026-01-02T03:00:00Z"});
+        let second = vote(
+            2,
+            Kind::ApprovalGranted,
+            "cy (https://idp#c2)",
+            json!({"id": "apr-1",
+            "approver": "cy", "vote": "approve", "via": "web", "grant": grant}),
+        );
+        let mut ran = statement(3, "01:00:01", "allow");
+        ran.approval =
+            Some(json!({"id": "apr-1", "outcome": "approved", "approvers": ["bob", "cy"]}));
+        let mut again = statement(4, "01:00:02", "allow");
+        again.approval =
+            Some(json!({"outcome": "granted", "grant": "grt-9", "approvers": ["bob", "cy"]}));
+        let r = run(&[
+            asked.clone(),
+            first.clone(),
+            second.clone(),
+            ran.clone(),
+            again.clone(),
+        ]);
+        let a = &r.approvals.items[0];
+        assert_eq!(a.outcome, "granted");
+        assert_eq!(a.approvers, ["bob", "cy"]);
+        assert!(
+            a.votes[0].contains("bob (https://idp#b1) [human, via cli]"),
+            "{:?}",
+            a.votes
+        );
+        assert_eq!(a.tickets, ["CHG-7"]);
+        assert_eq!(a.grant.as_deref(), Some("grt-9"));
+        assert_eq!(a.uses, 2);
+        assert_eq!(answer_of(&r, "q2").0, "no");
+        // The grant outlives the period (ends 2026-01-02): live at the end.
+        let (ans, seqs) = answer_of(&r, "q5");
+        assert_eq!((ans, seqs), ("yes", vec![2]));
+        // Revoked: no longer live, and the approval says by whom.
+        let mut revoked = rec(
+            5,
+            "02:00:00",
+            Kind::GrantRevoked,
+            Some(("bob (https://idp#b1)", "human")),
+        );
+        revoked.action = Some(json!({"grant": "grt-9", "identity": "ann"}));
+        revoked.approval = Some(json!({"grant": "grt-9", "by": "bob", "reason": "done"}));
+        let r = run(&[asked, first, second, ran, again, revoked]);
+        assert_eq!(answer_of(&r, "q5").0, "no");
+        let a = &r.approvals.items[0];
+        assert!(
+            a.grant_revoked
+                .as_deref()
+                .unwrap()
+                .ends_with("by bob (https://idp#b1): done")
+        );
+    }
+
+    #[test]
+    fn masked_protected_columns_answer_no_with_their_records() {
+        let r = run(&[result(
+            3,
+            &json!([{"column": "x", "lineage": "derived-redacted"}, {"column": "ssn", "lineage": "direct"}]),
+        )]);
+        assert_eq!(answer_of(&r, "q1"), ("no", vec![3]));
+        assert_eq!(r.masking.columns_unmasked, 0);
+        assert_eq!(r.masking.values_masked, 3);
         assert_eq!(r.masking.fields["ssn"].statements, 1);
         assert_eq!(r.masking.lineage["derived-redacted"], 1);
+    }
+
+    #[test]
+    fn a_protected_column_passed_raw_answers_yes_with_its_record() {
+        let masked = result(2, &json!([{"column": "ssn", "lineage": "direct"}]));
+        let raw = result(
+            3,
+            &json!([{"column": "ssn", "lineage": "direct"}, {"column": "card", "lineage": "raw"}]),
+        );
+        // No decision at all for a column the lineage names is not masking either.
+        let silent = result(4, &json!([{"column": "email"}]));
+        let r = run(&[masked, raw, silent]);
+        assert_eq!(answer_of(&r, "q1"), ("yes", vec![3, 4]));
+        assert_eq!(r.masking.columns_unmasked, 2);
+        assert_eq!(r.masking.lineage["raw"], 1);
+        assert_eq!(r.masking.lineage["direct"], 2);
     }
 
     #[test]

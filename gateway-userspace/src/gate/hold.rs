@@ -1,10 +1,10 @@
 //! Holding a command for approval: the request goes to the approval
-//! [`Broker`](crate::approval::Broker), an `approval.requested` record is
-//! written before the handler may tell the client, and the outcome becomes a
-//! forward or a denial with its statement record.
+//! [`Broker`](crate::approval::Broker), which writes `approval.requested`
+//! before the request exists, and the outcome becomes a forward or a denial
+//! with its command record.
 //!
-//! Fails closed: a request that cannot be recorded is withdrawn and the
-//! command denied; a rejection, an expiry or a client that went away never
+//! Fails closed: a request that cannot be recorded is a denial; a
+//! rejection, an expiry, a withdrawal or a client that went away never
 //! forwards. The trade-off: the handler reads nothing more from a client
 //! whose command is held (its later commands may depend on it), so one held
 //! command stalls its whole session until approvers answer or the deadline
@@ -15,25 +15,25 @@ use std::{future::Future, pin::Pin};
 use serde_json::Value;
 
 use super::{
-    ApprovalOutcome, ApprovalRecord, Command, DecisionRecord, Denial, DenialKind, Gate,
-    MAX_SUMMARY_CHARS, Outcome, RecordedVerdict, ResultRecord, record::NotRun, truncate_chars,
+    ApprovalOutcome, Command, DecisionRecord, Denial, DenialKind, Gate, MAX_SUMMARY_CHARS, Outcome,
+    ResultRecord, record::NotRun, truncate_chars,
 };
 use crate::{
-    approval::{self, NewApproval},
+    approval::{self, NewApproval, Submitted},
     audit::Kind,
     policy::{ApprovalSpec, Decision},
 };
 
-/// A command held for approval. Dropping it withdraws the request without a
-/// record; [`Gate::withdraw`] records the withdrawal.
+/// A command held for approval. Dropping it cancels the request (the
+/// broker's waiter does) without a command record; [`Gate::cancel`] records it.
 pub struct Hold {
     /// The approval request's id (approvers name it).
     pub request_id: String,
     /// When it expires (RFC 3339, UTC).
     pub deadline: String,
     action: Value,
-    rule: String,
-    outcome: Pin<Box<dyn Future<Output = approval::Outcome> + Send + Sync>>,
+    decision: DecisionRecord,
+    outcome: Pin<Box<dyn Future<Output = approval::Outcome> + Send>>,
 }
 
 /// The approvers' answer to a [`Hold`], for [`Gate::release`].
@@ -41,123 +41,141 @@ pub struct Hold {
 pub struct Answer(approval::Outcome);
 
 impl Hold {
-    /// Resolves once approvers decide or the deadline passes. Cancel-safe:
-    /// a `select!` may poll it again.
+    /// Resolves once approvers decide, the deadline passes or the request is
+    /// withdrawn. Cancel-safe: a `select!` may poll it again.
     pub async fn decided(&mut self) -> Answer {
         Answer((&mut self.outcome).await)
     }
 }
 
 impl<'a> Gate<'a> {
-    /// Files the approval request (unless a grant covers the command), records
-    /// `approval.requested`, and holds.
+    /// Files the approval request (the broker records `approval.requested`),
+    /// unless a live grant covers the command, and holds.
     pub(super) async fn hold(
         &self,
         command: Command<'_>,
         decision: &Decision,
         spec: &ApprovalSpec,
     ) -> Outcome<'a> {
-        let spec = approval::ApprovalSpec {
-            approver_groups: spec.approver_groups.clone(),
-            quorum: spec.quorum,
-            timeout: spec.timeout,
-            grant_window: spec.grant_window,
-        };
+        let held = DecisionRecord::of(decision);
+        let base = self.event(Kind::ApprovalRequested, command.action.clone(), &held);
         let new = NewApproval {
-            identity: self.subject.identity.clone(),
+            requester: self.origin.requester(),
             resource: self.resource.name.clone(),
             summary: truncate_chars(command.summary, MAX_SUMMARY_CHARS),
             statement_hash: command.fingerprint,
+            class: command.class.to_owned(),
             rule: decision.rule.clone(),
+            spec: spec.clone(),
+            record: base,
         };
-        match self.approvals.submit(new, &spec) {
-            Err(approval::Outcome::Granted { approvers }) => {
+        match self.approvals.submit(new).await {
+            Ok(Submitted::Covered { grant }) => {
                 let record = DecisionRecord::allowed(
                     &decision.rule,
-                    Some(ApprovalRecord::Outcome(ApprovalOutcome::Granted {
-                        approvers,
-                    })),
+                    Some(ApprovalOutcome::Granted {
+                        grant: grant.id,
+                        approvers: grant.approvers,
+                    }),
                 );
                 self.allow(command.action, &record, false).await
             }
-            Err(other) => Outcome::Deny(
-                self.approval_denied(command.action, &decision.rule, "?", &other)
-                    .await,
-            ),
-            Ok((req, waiter)) => {
-                let record = DecisionRecord {
-                    verdict: RecordedVerdict::RequireApproval,
+            Err(e) => {
+                tracing::error!(conn = self.origin.connection_id(), error = %e, "approval request not recorded");
+                Outcome::Deny(Denial {
+                    kind: DenialKind::AuditUnavailable,
                     rule: decision.rule.clone(),
-                    reason: None,
-                    approval: Some(ApprovalRecord::Requested {
-                        id: req.id.clone(),
-                        approver_groups: req.approver_groups.clone(),
-                        quorum: req.quorum,
-                        deadline: req.deadline.clone(),
-                    }),
-                };
-                let ev = self.event(Kind::ApprovalRequested, command.action.clone(), &record);
-                if let Err(e) = self.audit.append(ev).await {
-                    drop(waiter);
-                    return Outcome::Deny(Denial {
-                        kind: DenialKind::AuditUnavailable,
-                        rule: decision.rule.clone(),
-                        reason: e.to_string(),
-                    });
-                }
-                tracing::info!(conn = self.origin.connection_id(), request = %req.id, rule = %decision.rule, "statement held for approval");
+                    reason: e.to_string(),
+                })
+            }
+            Ok(Submitted::Held { request, waiter }) => {
+                tracing::info!(conn = self.origin.connection_id(), request = %request.id, rule = %decision.rule, "statement held for approval");
                 Outcome::Held(Hold {
-                    request_id: req.id,
-                    deadline: req.deadline,
+                    request_id: request.id,
+                    deadline: request.deadline,
                     action: command.action,
-                    rule: decision.rule.clone(),
+                    decision: held,
                     outcome: Box::pin(waiter.outcome()),
                 })
             }
         }
     }
 
-    /// The approvers answered: forward once the statement record is durable,
+    /// The approvers answered: forward once the command record is durable,
     /// or deny with the approval's outcome on record.
     pub async fn release(&self, hold: Hold, answer: Answer) -> Outcome<'a> {
-        match answer.0 {
-            approval::Outcome::Approved { approvers } | approval::Outcome::Granted { approvers } => {
-                let record = DecisionRecord::allowed(
-                    &hold.rule,
-                    Some(ApprovalRecord::Outcome(ApprovalOutcome::Approved {
-                        id: hold.request_id,
-                        approvers,
-                    })),
-                );
-                self.allow(hold.action, &record, false).await
+        let Hold {
+            request_id: id,
+            action,
+            decision,
+            ..
+        } = hold;
+        let rule = decision.rule;
+        let (what, outcome, kind) = match answer.0 {
+            approval::Outcome::Approved { approvers, grant } => {
+                let approved = ApprovalOutcome::Approved {
+                    id,
+                    approvers,
+                    grant,
+                };
+                let record = DecisionRecord::allowed(&rule, Some(approved));
+                return self.allow(action, &record, false).await;
             }
-            other => Outcome::Deny(
-                self.approval_denied(hold.action, &hold.rule, &hold.request_id, &other)
-                    .await,
+            approval::Outcome::Rejected { by, reason } => (
+                format!("rejected by {by} ({reason})"),
+                ApprovalOutcome::Rejected {
+                    id: id.clone(),
+                    by,
+                    reason,
+                },
+                DenialKind::Approval {
+                    request: id.clone(),
+                },
             ),
-        }
+            approval::Outcome::Withdrawn { reason } => (
+                format!("withdrawn ({reason})"),
+                ApprovalOutcome::Withdrawn {
+                    id: id.clone(),
+                    reason,
+                },
+                DenialKind::Withdrawn {
+                    request: id.clone(),
+                },
+            ),
+            approval::Outcome::Expired => (
+                "expired without a decision".to_owned(),
+                ApprovalOutcome::Expired { id: id.clone() },
+                DenialKind::Approval {
+                    request: id.clone(),
+                },
+            ),
+        };
+        let record = DecisionRecord::denied(&rule, what.clone(), Some(outcome));
+        let _ = self.record(Kind::Statement, action, &record).await;
+        Outcome::Deny(Denial {
+            kind,
+            rule,
+            reason: what,
+        })
     }
 
     /// The client went away while its command was held: the request is
-    /// withdrawn and the statement recorded as not run.
-    pub async fn withdraw(&self, hold: Hold) {
+    /// cancelled (the broker records `approval.cancelled`) and the command
+    /// recorded as not run.
+    pub async fn cancel(&self, hold: Hold) {
         let Hold {
-            request_id,
+            request_id: id,
             action,
-            rule,
+            mut decision,
             outcome,
             ..
         } = hold;
         drop(outcome);
-        let record = DecisionRecord {
-            verdict: RecordedVerdict::RequireApproval,
-            rule,
-            reason: None,
-            approval: Some(ApprovalRecord::Outcome(ApprovalOutcome::Withdrawn {
-                id: request_id.clone(),
-            })),
-        };
-        let mut ev = self.event(Kind::Statement, action, &record);
+        self.approvals
+            .cancel(&id, "the client disconnected while the statement was held")
+            .await;
+        decision.approval = Some(ApprovalOutcome::Cancelled { id: id.clone() });
+        let mut ev = self.event(Kind::Statement, action, &decision);
         ev.result = Some(
             ResultRecord::NotRun {
                 status: NotRun::NotRun,
@@ -166,48 +184,8 @@ impl<'a> Gate<'a> {
             .value(),
         );
         if let Err(e) = self.audit.append(ev).await {
-            tracing::error!(error = %e, "audit append failed for a withdrawn statement");
+            tracing::error!(error = %e, "audit append failed for a cancelled statement");
         }
-        tracing::info!(conn = self.origin.connection_id(), request = %request_id, "client left; approval request withdrawn");
-    }
-
-    /// A rejection or an expiry: the statement record says which, then the denial.
-    async fn approval_denied(
-        &self,
-        action: Value,
-        rule: &str,
-        id: &str,
-        outcome: &approval::Outcome,
-    ) -> Denial {
-        let (what, approval) = match outcome {
-            approval::Outcome::Denied { by, reason } => (
-                format!(
-                    "denied by {by}{}",
-                    reason
-                        .as_deref()
-                        .map(|r| format!(" ({r})"))
-                        .unwrap_or_default()
-                ),
-                ApprovalOutcome::Denied {
-                    id: id.to_owned(),
-                    by: by.clone(),
-                    reason: reason.clone(),
-                },
-            ),
-            _ => (
-                "expired without a decision".to_owned(),
-                ApprovalOutcome::Expired { id: id.to_owned() },
-            ),
-        };
-        let record =
-            DecisionRecord::denied(rule, what.clone(), Some(ApprovalRecord::Outcome(approval)));
-        let _ = self.record(Kind::Statement, action, &record).await;
-        Denial {
-            kind: DenialKind::Approval {
-                request: id.to_owned(),
-            },
-            rule: rule.to_owned(),
-            reason: what,
-        }
+        tracing::info!(conn = self.origin.connection_id(), request = %id, "client left; approval request cancelled");
     }
 }

@@ -5,7 +5,7 @@
 //! for approval, and records denials and results. It answers with one
 //! [`Outcome`]: forward now, forward (the record is durable), deny, or held;
 //! the handler renders that in its own protocol (a Postgres `ErrorResponse`,
-//! a MySQL `ERR` packet, an HTTP 403) and keeps its wire state machine.
+//! a `MySQL` `ERR` packet, an HTTP 403) and keeps its wire state machine.
 //! Every record the gate writes carries the same [`DecisionRecord`] shape
 //! whatever the protocol.
 //!
@@ -31,14 +31,11 @@ pub mod sink;
 use serde_json::Value;
 
 pub use hold::Hold;
-pub use record::{
-    ApprovalOutcome, ApprovalRecord, DecisionRecord, RecordedVerdict, ResultRecord,
-    truncate_chars,
-};
+pub use record::{ApprovalOutcome, DecisionRecord, RecordedVerdict, ResultRecord, truncate_chars};
 pub use sink::{AuditSink, AuditUnavailable, Recording};
 
 use crate::{
-    approval::Broker,
+    approval::{Broker, Requester},
     audit::{Kind, NewRecord},
     policy::{Action, Decision, PolicySet, Resource, Subject, Verdict},
 };
@@ -53,6 +50,8 @@ pub trait Origin: Send + Sync {
     fn record(&self, kind: Kind) -> NewRecord;
     /// The connection id, for logs.
     fn connection_id(&self) -> u64;
+    /// Who asks when a command is held: identity and kernel provenance.
+    fn requester(&self) -> Requester;
 }
 
 /// One connection's gate. Cheap to copy: it borrows the connection's context.
@@ -70,8 +69,11 @@ pub struct Command<'s> {
     /// The record's `action`: the protocol's own description of the command
     /// (redacted text, keyed hash, class, tables...). Never a raw value.
     pub action: Value,
-    /// Keyed hash of the full command: what an approval's grant is bound to.
+    /// Keyed hash of the full command: what a `statement` grant is bound to.
     pub fingerprint: String,
+    /// The command's class (`read`, `write`, `ddl`, ...): what a `class`
+    /// grant is bound to.
+    pub class: &'s str,
     /// Redacted text approvers see (the gate cuts it to
     /// [`MAX_SUMMARY_CHARS`]); only read when the command is held.
     pub summary: &'s str,
@@ -114,6 +116,9 @@ pub enum DenialKind {
     Policy,
     /// Its approval request `request` was rejected or expired; `reason` says which.
     Approval { request: String },
+    /// Its approval request was withdrawn while the client waited (the
+    /// client's own cancel): Postgres `57014`.
+    Withdrawn { request: String },
     /// Its record could not be written, so it was not run (Postgres `58030`,
     /// HTTP 503).
     AuditUnavailable,
@@ -168,9 +173,7 @@ impl<'a> Gate<'a> {
             (Verdict::RequireApproval(_), Some(c)) => {
                 let record = DecisionRecord::allowed(
                     &decision.rule,
-                    Some(ApprovalRecord::Outcome(ApprovalOutcome::Covered {
-                        covered_by: c.by,
-                    })),
+                    Some(ApprovalOutcome::Covered { covered_by: c.by }),
                 );
                 self.allow(command.action, &record, false).await
             }

@@ -23,8 +23,8 @@ pub struct DecisionRecord {
     pub rule: String,
     /// Why it was denied; `None` unless denied.
     pub reason: Option<String>,
-    /// The approval behind it, when the rule asks for one.
-    pub approval: Option<ApprovalRecord>,
+    /// How the approval behind it ended, when the rule asks for one.
+    pub approval: Option<ApprovalOutcome>,
 }
 
 /// The `decision.verdict` field.
@@ -36,43 +36,38 @@ pub enum RecordedVerdict {
     RequireApproval,
 }
 
-/// The `approval` field.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(untagged)]
-pub enum ApprovalRecord {
-    /// An `approval.requested` record: the request as filed.
-    Requested {
-        id: String,
-        approver_groups: Vec<String>,
-        quorum: u32,
-        deadline: String,
-    },
-    /// A statement record: how its approval ended.
-    Outcome(ApprovalOutcome),
-}
-
-/// How a command's approval ended (`approval.outcome`).
+/// A command record's `approval` field: how its approval ended. (The
+/// `approval.requested` record's own field is the broker's.)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "outcome", rename_all = "kebab-case")]
 pub enum ApprovalOutcome {
-    /// Approvers approved the held command.
-    Approved { id: String, approvers: Vec<String> },
-    /// An earlier approval's grant window covers it: nothing was held.
-    Granted { approvers: Vec<String> },
+    /// Approvers approved the held command; `grant`: the window it opened.
+    Approved {
+        id: String,
+        approvers: Vec<String>,
+        grant: Option<String>,
+    },
+    /// A live grant covers it: nothing was held.
+    Granted {
+        grant: String,
+        approvers: Vec<String>,
+    },
     /// An approval given to an earlier message of the same command covers
     /// it (a Postgres `Parse`'s approval covers its first `Execute`).
     #[serde(rename = "granted")]
     Covered { covered_by: &'static str },
     /// An approver rejected it.
-    Denied {
+    Rejected {
         id: String,
         by: String,
-        reason: Option<String>,
+        reason: String,
     },
     /// Nobody decided in time.
     Expired { id: String },
+    /// Taken back while the client waited (its own cancel, or the daemon).
+    Withdrawn { id: String, reason: String },
     /// The client went away while it was held.
-    Withdrawn { id: String },
+    Cancelled { id: String },
 }
 
 #[derive(Serialize)]
@@ -99,7 +94,7 @@ impl DecisionRecord {
     }
 
     /// Allowed by `rule`, with the approval behind it if any.
-    pub fn allowed(rule: &str, approval: Option<ApprovalRecord>) -> Self {
+    pub fn allowed(rule: &str, approval: Option<ApprovalOutcome>) -> Self {
         Self {
             verdict: RecordedVerdict::Allow,
             rule: rule.to_owned(),
@@ -109,7 +104,7 @@ impl DecisionRecord {
     }
 
     /// Denied by `rule` for `reason`.
-    pub fn denied(rule: &str, reason: String, approval: Option<ApprovalRecord>) -> Self {
+    pub fn denied(rule: &str, reason: String, approval: Option<ApprovalOutcome>) -> Self {
         Self {
             verdict: RecordedVerdict::Deny,
             rule: rule.to_owned(),
@@ -202,38 +197,35 @@ mod tests {
             json!({"verdict": "allow", "rule": "reads", "reason": null})
         );
         assert_eq!(allow.approval_value(), None);
-        let held = DecisionRecord {
-            verdict: RecordedVerdict::RequireApproval,
-            rule: "w".into(),
-            reason: None,
-            approval: Some(ApprovalRecord::Requested {
-                id: "apr-1".into(),
+        let held = DecisionRecord::of(&Decision {
+            verdict: Verdict::RequireApproval(crate::policy::ApprovalSpec {
                 approver_groups: vec!["dba".into()],
-                quorum: 2,
-                deadline: "T".into(),
+                quorum: 1,
+                timeout: std::time::Duration::from_mins(1),
+                grant_window: None,
+                grant_scope: crate::policy::GrantScope::default(),
             }),
-        };
+            rule: "w".into(),
+        });
         assert_eq!(
             held.decision_value(),
             json!({"verdict": "require_approval", "rule": "w", "reason": null})
-        );
-        assert_eq!(
-            held.approval_value(),
-            Some(json!({"id": "apr-1", "approver_groups": ["dba"], "quorum": 2, "deadline": "T"}))
         );
         let cases = [
             (
                 ApprovalOutcome::Approved {
                     id: "a".into(),
                     approvers: vec!["x".into()],
+                    grant: Some("grt-1".into()),
                 },
-                json!({"id": "a", "outcome": "approved", "approvers": ["x"]}),
+                json!({"id": "a", "outcome": "approved", "approvers": ["x"], "grant": "grt-1"}),
             ),
             (
                 ApprovalOutcome::Granted {
+                    grant: "grt-1".into(),
                     approvers: vec!["x".into()],
                 },
-                json!({"outcome": "granted", "approvers": ["x"]}),
+                json!({"outcome": "granted", "grant": "grt-1", "approvers": ["x"]}),
             ),
             (
                 ApprovalOutcome::Covered {
@@ -242,24 +234,31 @@ mod tests {
                 json!({"outcome": "granted", "covered_by": "the approval of its parse"}),
             ),
             (
-                ApprovalOutcome::Denied {
+                ApprovalOutcome::Rejected {
                     id: "a".into(),
                     by: "bob".into(),
-                    reason: None,
+                    reason: "no".into(),
                 },
-                json!({"id": "a", "outcome": "denied", "by": "bob", "reason": null}),
+                json!({"id": "a", "outcome": "rejected", "by": "bob", "reason": "no"}),
             ),
             (
                 ApprovalOutcome::Expired { id: "a".into() },
                 json!({"id": "a", "outcome": "expired"}),
             ),
             (
-                ApprovalOutcome::Withdrawn { id: "a".into() },
-                json!({"id": "a", "outcome": "withdrawn"}),
+                ApprovalOutcome::Withdrawn {
+                    id: "a".into(),
+                    reason: "cancelled".into(),
+                },
+                json!({"id": "a", "outcome": "withdrawn", "reason": "cancelled"}),
+            ),
+            (
+                ApprovalOutcome::Cancelled { id: "a".into() },
+                json!({"id": "a", "outcome": "cancelled"}),
             ),
         ];
         for (outcome, want) in cases {
-            let d = DecisionRecord::denied("r", "why".into(), Some(ApprovalRecord::Outcome(outcome)));
+            let d = DecisionRecord::denied("r", "why".into(), Some(outcome));
             assert_eq!(
                 d.decision_value(),
                 json!({"verdict": "deny", "rule": "r", "reason": "why"})

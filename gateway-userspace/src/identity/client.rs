@@ -216,6 +216,54 @@ impl OidcClient {
         )
     }
 
+    /// Verifies a bearer token presented to the daemon's HTTP API: an RFC 9068
+    /// access token of a configured service account (picked by the token's
+    /// `client_id`; then its `aud` must be the account's `audience` or one of
+    /// `audiences`), else an ID token (`aud`: `client_id`, `audiences` or one
+    /// of `extra_audiences`, such as the web page's client). Signature, `iss`,
+    /// `aud`, `exp` are checked as for every other token; nothing in the token
+    /// is trusted before its signature is verified (the `client_id` peek only
+    /// chooses which checks apply).
+    pub async fn verify_bearer(
+        &self,
+        raw: &str,
+        extra_audiences: &[String],
+    ) -> Result<VerifiedIdentity, IdentityError> {
+        verify::parse_header(raw)?;
+        let client_id = unverified_claim(raw, "client_id");
+        if let Some(sa) = client_id
+            .as_deref()
+            .and_then(|c| self.cfg.service_account.iter().find(|sa| sa.client_id == c))
+        {
+            let audiences: Vec<String> = sa
+                .audience
+                .iter()
+                .chain(&self.cfg.audiences)
+                .cloned()
+                .collect();
+            return self
+                .verify_service_access_token(raw, &sa.name, &sa.client_id, &audiences)
+                .await;
+        }
+        let mut audiences = self.cfg.id_token_audiences();
+        audiences.extend(extra_audiences.iter().cloned());
+        self.verify_id_token_with(raw, NonceRule::Ignore, &audiences)
+            .await
+    }
+
+    /// Verifies the ID token of a browser login (authorization code flow) for
+    /// `client_id`: as [`Self::verify_id_token`], with that client as the only
+    /// accepted audience and the login's nonce required.
+    pub async fn verify_login_id_token(
+        &self,
+        raw: &str,
+        nonce: &str,
+        client_id: &str,
+    ) -> Result<VerifiedIdentity, IdentityError> {
+        self.verify_id_token_with(raw, NonceRule::Required(nonce), &[client_id.to_owned()])
+            .await
+    }
+
     /// How many times the JWKS was fetched (status output, tests).
     pub async fn jwks_fetch_count(&self) -> u64 {
         match self.discovered.get() {
@@ -228,4 +276,16 @@ impl OidcClient {
     pub fn jwks_uri(&self) -> Option<&str> {
         self.discovered.get().map(|d| d.verifier.jwks.uri())
     }
+}
+
+/// A string claim of a token read WITHOUT verifying it: only to choose which
+/// verification applies, never to decide anything.
+fn unverified_claim(raw: &str, name: &str) -> Option<String> {
+    use base64::Engine as _;
+    let payload = raw.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    let claims: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes).ok()?;
+    claims.get(name)?.as_str().map(str::to_owned)
 }

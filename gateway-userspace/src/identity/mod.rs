@@ -21,7 +21,10 @@
 //! refetch on unknown key ids) for ID tokens and for service accounts' RFC 9068
 //! access tokens, per-request deadlines in tokio time, response size caps, and
 //! errors that say which check failed; `openidconnect` verifies ID tokens only
-//! and leaves key fetching, caching and limits to the caller anyway.
+//! and leaves key fetching, caching and limits to the caller anyway. (The
+//! approvals page's browser sign-in, `api::web`, does use `openidconnect` for
+//! the authorization-code request and the code exchange, then verifies the
+//! ID token here: [`OidcClient::verify_login_id_token`].)
 //!
 //! Nothing here logs or displays a token or secret: tokens are `SecretString`s,
 //! `Debug` impls redact them, errors carry URLs and OAuth error codes only.

@@ -19,8 +19,8 @@ use super::{
     glob::Glob,
     model::{
         ActionKind, AddressPattern, ApprovalSpec, ApprovalSpecFile, CgroupBinding, Conditions,
-        MatchSpec, PolicyFileSpec, Protocol, Resource, Rule, RuleAction, TlsMode, UnixAllow,
-        UnknownDestination, UpstreamTls,
+        GrantScope, MatchSpec, PolicyFileSpec, Protocol, Resource, Rule, RuleAction, TlsMode,
+        UnixAllow, UnknownDestination, UpstreamTls,
     },
     set::{DnsTable, PolicySet},
 };
@@ -723,11 +723,31 @@ fn build_approval(errors: &mut Errors<'_>, a: &Spanned<ApprovalSpecFile>) -> Opt
             }
         },
     };
+    let grant_scope = match spec.grant_scope.as_ref().map(|s| (s, s.get_ref().as_str())) {
+        None | Some((_, "statement")) => GrantScope::Statement,
+        Some((_, "class")) => GrantScope::Class,
+        Some((s, other)) => {
+            errors.at(
+                &s.span(),
+                format!("`grant_scope` must be \"statement\" or \"class\", not {other:?}"),
+            );
+            ok = false;
+            GrantScope::Statement
+        }
+    };
+    if let Some(s) = &spec.grant_scope
+        && grant_window.is_none()
+        && ok
+    {
+        errors.at(&s.span(), "`grant_scope` needs a `grant_window`");
+        ok = false;
+    }
     ok.then_some(ApprovalSpec {
         approver_groups: groups,
         quorum,
         timeout,
         grant_window,
+        grant_scope,
     })
 }
 
@@ -1101,6 +1121,37 @@ fn build_masking<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn approval_rule(approval: &str) -> Result<PolicySet, PolicyErrors> {
+        let text = format!(
+            "[[resource]]\nname = \"pg\"\nprotocol = \"postgres\"\naddresses = [\"127.0.0.1:5432\"]\n\n\
+             [[rule]]\nname = \"r\"\nidentities = [\"a\"]\nresources = [\"pg\"]\n\
+             action = \"require_approval\"\napproval = {{ approver_groups = [\"x\"], timeout = \"1m\"{approval} }}\n"
+        );
+        load_str(&[("p.toml", &text)])
+    }
+
+    #[test]
+    fn grant_scope_is_statement_or_class_and_needs_a_window() {
+        let scope = |extra: &str| match &approval_rule(extra).unwrap().rules()[0].action {
+            RuleAction::RequireApproval(spec) => spec.grant_scope,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(scope(""), GrantScope::Statement);
+        assert_eq!(scope(", grant_window = \"5m\""), GrantScope::Statement);
+        assert_eq!(
+            scope(", grant_window = \"5m\", grant_scope = \"class\""),
+            GrantScope::Class
+        );
+        let e = approval_rule(", grant_window = \"5m\", grant_scope = \"table\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("p.toml:") && e.contains("grant_scope"), "{e}");
+        let e = approval_rule(", grant_scope = \"class\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs a `grant_window`"), "{e}");
+    }
 
     #[test]
     fn addresses() {

@@ -82,6 +82,7 @@ pub(crate) struct ApprovalSpecFile {
     pub quorum: Option<Spanned<i64>>,
     pub timeout: Spanned<String>,
     pub grant_window: Option<Spanned<String>>,
+    pub grant_scope: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -259,9 +260,32 @@ pub struct ApprovalSpec {
     pub quorum: u32,
     /// Undecided after this long: denied.
     pub timeout: Duration,
-    /// When set, an approval also grants the same requester the same kind of
-    /// command on the same resource for this long.
+    /// When set, an approval also grants the same requester the same command
+    /// ([`GrantScope`]) on the same resource, under the same rule, for this long.
     pub grant_window: Option<Duration>,
+    /// What a grant covers.
+    pub grant_scope: GrantScope,
+}
+
+/// What a grant made by an approval covers (with the same identity, resource
+/// and rule).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GrantScope {
+    /// The same statement text (compared by its keyed hash).
+    #[default]
+    Statement,
+    /// Any statement of the same class (`write`, `ddl`, ...).
+    Class,
+}
+
+impl GrantScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Statement => "statement",
+            Self::Class => "class",
+        }
+    }
 }
 
 /// What a rule or default does.

@@ -26,7 +26,9 @@
 //!    proxy runs its catalog query ([`super::catalog`]) before the client's first
 //!    statement, on the same connection, and consumes the result itself.
 //! 5. **Statements**: every `Query` (all statements in the string; the most
-//!    dangerous class wins) and every `Parse` is classified and decided.
+//!    dangerous class wins) and every `Parse` is classified here and handed to
+//!    the [`crate::gate`], which decides, records and holds; this file renders
+//!    its [`gate::Outcome`] in the protocol.
 //!    - allow: the statement record (redacted SQL, keyed hash, class, tables,
 //!      decision, rule, approval) is appended. A statement that can change
 //!      state (any class above `read`, and every approved statement) is
@@ -41,7 +43,7 @@
 //!      and the server's error is replaced by `42501` naming the rule, so the
 //!      transaction state is exactly Postgres' own (a denial inside a block fails
 //!      the block; `COMMIT` then rolls back);
-//!    - `require_approval`: the request goes to the [`Broker`], the client gets a
+//!    - `require_approval`: the request goes to the approval broker, the client gets a
 //!      `NoticeResponse` naming it at once, and the statement (and everything the
 //!      client sends after it) is held until the outcome: approved or covered by a
 //!      grant → forwarded; denied or expired → denied as above. A client that
@@ -92,14 +94,12 @@
 //!   server's first `ReadyForQuery`;
 //! - [`HIGH_WATER`] bytes queued towards either side before the proxy stops
 //!   reading the other side (backpressure);
-//! - [`super::catalog::MAX_CATALOG_ROWS`] catalog rows; [`MAX_SUMMARY_CHARS`] of
+//! - [`super::catalog::MAX_CATALOG_ROWS`] catalog rows; [`crate::gate::MAX_SUMMARY_CHARS`] of
 //!   redacted SQL in an approval request, [`MAX_RECORD_SQL_CHARS`] in a record.
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
-    future::Future,
     net::SocketAddr,
-    pin::Pin,
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
@@ -121,11 +121,13 @@ use super::{
     session::{self, BackendAction, Disposition, Session, SessionError},
     strip_channel_binding,
 };
-pub use crate::gate::{AuditSink, AuditUnavailable, MAX_SUMMARY_CHARS};
 use crate::{
     approval::Broker,
     audit::{Kind, NewRecord},
-    gate::{self, Covered, Denial, DenialKind, Gate, ResultRecord, truncate_chars},
+    gate::{
+        self, AuditSink, AuditUnavailable, Covered, Denial, DenialKind, Gate, ResultRecord,
+        truncate_chars,
+    },
     mask::{MaskPolicy, Strategy, lineage},
     policy::{Action, Decision, PolicySet, PolicyStore, Resource, Subject, TlsMode, Verdict},
     proxy::LiveConnection,
@@ -191,10 +193,13 @@ pub const MAX_UNCONFIRMED: usize = 64;
 #[derive(Clone, Default)]
 pub struct CancelKeys(Arc<std::sync::Mutex<HashMap<(i32, Bytes), Issued>>>);
 
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 struct Issued {
     destination: SocketAddr,
     identity: String,
+    /// The proxy connection of the session: its held statement is the one a
+    /// cancel withdraws.
+    conn: u64,
 }
 
 /// Removes its key when the session ends.
@@ -519,52 +524,7 @@ pub async fn serve(mut client: TcpStream, ctx: PgContext) -> Result<(), PgProxyE
     };
     let mut uout = BytesMut::new();
     startup.encode(&mut uout);
-    let set = ctx.policy.current();
-    let mut pg = Pg {
-        set,
-        session: Session::new(true),
-        catalog: Catalog::default(),
-        cin,
-        uin: BytesMut::new(),
-        cout: BytesMut::new(),
-        uout,
-        ready: false,
-        catalog_inflight: None,
-        deferred: None,
-        held: None,
-        approved_parse: HashSet::new(),
-        executed: HashMap::new(),
-        idle_point: false,
-        plan: None,
-        results_seen: 0,
-        cursors: HashMap::new(),
-        copy: None,
-        copies_seen: 0,
-        scratch: Scratch::default(),
-        cur: Running::new(),
-        last_bind: None,
-        statements: 0,
-        user: param("user").unwrap_or_default(),
-        database: param("database")
-            .or_else(|| param("user"))
-            .unwrap_or_default(),
-        application_name: param("application_name").unwrap_or_default(),
-        tls_upstream: tls,
-        closing: false,
-        client_eof: false,
-        upstream_eof: false,
-        opened_at: Instant::now(),
-        unconfirmed: VecDeque::new(),
-        cancel_key: None,
-        gate: Gate::new(
-            &*ctx.conn,
-            &ctx.subject,
-            &ctx.resource,
-            &*ctx.audit,
-            &ctx.approvals,
-        ),
-        ctx: &ctx,
-    };
+    let mut pg = Pg::new(&ctx, cin, uout, tls, param);
     let (cr, cw) = client.into_split();
     let (ur, uw) = tokio::io::split(upstream);
     let result = pg.run(cr, cw, ur, uw).await;
@@ -573,12 +533,10 @@ pub async fn serve(mut client: TcpStream, ctx: PgContext) -> Result<(), PgProxyE
 }
 
 async fn forward_cancel(ctx: &PgContext, pid: i32, secret: Bytes) -> Result<(), PgProxyError> {
-    let wanted = Issued {
-        destination: ctx.conn.destination,
-        identity: ctx.subject.identity.clone(),
-    };
     let issued = ctx.cancel_keys.issued_to(pid, &secret);
-    let allowed = issued.as_ref() == Some(&wanted);
+    let allowed = issued.as_ref().is_some_and(|i| {
+        i.destination == ctx.conn.destination && i.identity == ctx.subject.identity
+    });
     let mut ev = ctx.conn.record(Kind::Decision).action(json!({
         "protocol": "postgres",
         "message": "cancel_request",
@@ -611,6 +569,12 @@ async fn forward_cancel(ctx: &PgContext, pid: i32, secret: Bytes) -> Result<(), 
         .append(ev)
         .await
         .map_err(|source| PgProxyError::Audit { source })?;
+    // A statement held for approval is not at the server: the cancel withdraws it.
+    if let Some(i) = &issued {
+        ctx.approvals
+            .withdraw_connection(i.conn, "the client cancelled the statement")
+            .await;
+    }
     let (mut up, _) = connect_upstream(ctx).await?;
     let mut b = BytesMut::new();
     StartupPacket::CancelRequest { pid, secret }.encode(&mut b);
@@ -643,6 +607,7 @@ struct Held {
 struct StmtRecord {
     action: Value,
     hash: String,
+    class: &'static str,
 }
 
 impl StmtRecord {
@@ -651,6 +616,7 @@ impl StmtRecord {
         gate::Command {
             action: self.action,
             fingerprint: self.hash,
+            class: self.class,
             summary,
             changes_state,
         }
@@ -872,6 +838,62 @@ fn masking_active(m: &MaskPolicy) -> bool {
 }
 
 impl<'a> Pg<'a> {
+    /// A connection's state once the upstream is open: nothing read or
+    /// decided yet. `param`: the client's startup parameters.
+    fn new(
+        ctx: &'a PgContext,
+        cin: BytesMut,
+        uout: BytesMut,
+        tls_upstream: bool,
+        param: impl Fn(&str) -> Option<String>,
+    ) -> Self {
+        Pg {
+            set: ctx.policy.current(),
+            session: Session::new(true),
+            catalog: Catalog::default(),
+            cin,
+            uin: BytesMut::new(),
+            cout: BytesMut::new(),
+            uout,
+            ready: false,
+            catalog_inflight: None,
+            deferred: None,
+            held: None,
+            approved_parse: HashSet::new(),
+            executed: HashMap::new(),
+            idle_point: false,
+            plan: None,
+            results_seen: 0,
+            cursors: HashMap::new(),
+            copy: None,
+            copies_seen: 0,
+            scratch: Scratch::default(),
+            cur: Running::new(),
+            last_bind: None,
+            statements: 0,
+            user: param("user").unwrap_or_default(),
+            database: param("database")
+                .or_else(|| param("user"))
+                .unwrap_or_default(),
+            application_name: param("application_name").unwrap_or_default(),
+            tls_upstream,
+            closing: false,
+            client_eof: false,
+            upstream_eof: false,
+            opened_at: Instant::now(),
+            unconfirmed: VecDeque::new(),
+            cancel_key: None,
+            gate: Gate::new(
+                &*ctx.conn,
+                &ctx.subject,
+                &ctx.resource,
+                &*ctx.audit,
+                &ctx.approvals,
+            ),
+            ctx,
+        }
+    }
+
     fn event(&self, kind: Kind, action: Value) -> NewRecord {
         self.ctx.conn.record(kind).action(action)
     }
@@ -1033,11 +1055,12 @@ impl<'a> Pg<'a> {
             || (self.upstream_eof && self.cout.is_empty() && self.uin.len() < 5)
     }
 
-    /// The client closed: a held statement is withdrawn (on record).
+    /// The client closed: a held statement's request is cancelled (recorded
+    /// `approval.cancelled`), and the statement never runs.
     async fn client_gone(&mut self) {
         self.client_eof = true;
         if let Some(h) = self.held.take() {
-            self.gate.withdraw(h.hold).await;
+            self.gate.cancel(h.hold).await;
         }
         // Nothing the client still had queued is processed.
         self.cin.clear();
@@ -1321,6 +1344,7 @@ impl<'a> Pg<'a> {
                 let issued = Issued {
                     destination: self.ctx.conn.destination,
                     identity: self.ctx.subject.identity.clone(),
+                    conn: self.ctx.conn.id,
                 };
                 self.cancel_key = Some(self.ctx.cancel_keys.issue(k.pid, k.secret.clone(), issued));
             }
@@ -1762,6 +1786,7 @@ impl<'a> Pg<'a> {
                 let stmt = StmtRecord {
                     action: json!({"protocol": "postgres", "message": "function_call", "database": self.database}),
                     hash: String::new(),
+                    class: "unknown",
                 };
                 let decision = Decision {
                     verdict: Verdict::Deny {
@@ -1891,6 +1916,7 @@ impl<'a> Pg<'a> {
                 "unparsed_reason": c.reason,
             }),
             hash,
+            class: c.class.as_str(),
         }
     }
 
@@ -1925,6 +1951,7 @@ impl<'a> Pg<'a> {
                 "bind": bind,
             }),
             hash,
+            class: class.as_str(),
         };
         self.set = self.ctx.policy.current();
         let mut stmt = Some(stmt);
@@ -1932,9 +1959,10 @@ impl<'a> Pg<'a> {
             return Ok(());
         }
         let stmt = stmt.expect("not taken unless refused");
-        let decision = self
-            .gate
-            .decide(&self.set, &Action::Sql(Arc::clone(&analysis.classification)));
+        let decision = self.gate.decide(
+            &self.set,
+            &Action::Sql(Arc::clone(&analysis.classification)),
+        );
         let covered = statement
             .as_ref()
             .is_some_and(|name| self.approved_parse.remove(name))
@@ -2077,6 +2105,15 @@ fn denial_error(d: &Denial) -> ErrorFields {
                 d.rule, d.reason
             ),
         ),
+        // Withdrawn by the client's own cancel: what Postgres says to one.
+        DenialKind::Withdrawn { request } => ErrorFields::new(
+            "ERROR",
+            "57014",
+            &format!(
+                "agentgate: statement denied by policy rule \"{}\": approval request {request} {}",
+                d.rule, d.reason
+            ),
+        ),
         DenialKind::AuditUnavailable => ErrorFields::new(
             "ERROR",
             "58030",
@@ -2087,7 +2124,11 @@ fn denial_error(d: &Denial) -> ErrorFields {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Mutex, atomic::AtomicU64};
+    use std::{
+        future::Future,
+        pin::Pin,
+        sync::{Mutex, atomic::AtomicU64},
+    };
 
     use tokio::net::TcpListener;
 
@@ -2330,7 +2371,10 @@ timeout = "30s"
             },
             resource,
             policy,
-            approvals: Broker::default(),
+            approvals: Broker::new(
+                Arc::new(crate::approval::testing::Accepting),
+                crate::approval::Settings::default(),
+            ),
             audit,
             correlation_key: [7; 32],
             cancel_keys: CancelKeys::default(),
@@ -2582,12 +2626,19 @@ timeout = "30s"
     async fn decide_next(approvals: &Broker, approve: bool) {
         for _ in 0..500 {
             if let Some(req) = approvals.list().pop() {
-                let boss = crate::approval::Approver {
-                    name: "boss".into(),
-                    groups: vec!["dba".into()],
-                    any_group: false,
+                let boss = crate::approval::testing::approver("boss", &["dba"]);
+                let vote = if approve {
+                    crate::approval::Vote::Approve {
+                        reason: None,
+                        ticket: None,
+                    }
+                } else {
+                    crate::approval::Vote::Reject {
+                        reason: "no".into(),
+                        ticket: None,
+                    }
                 };
-                approvals.decide(&req.id, &boss, approve, None).unwrap();
+                approvals.decide(&req.id, &boss, vote).await.unwrap();
                 return;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;

@@ -197,6 +197,25 @@ pub fn status(config: &Path, args: &StatusArgs) -> anyhow::Result<ExitCode> {
         writeln!(out, "fast path: off")?;
     }
     write_audit_status(&mut out, &v["audit"])?;
+    let (a, w) = (&v["approvals"], &v["webhooks"]);
+    if a.is_object() {
+        writeln!(
+            out,
+            "approvals: {} pending, {} live grants",
+            num(&a["pending"]),
+            num(&a["grants"])
+        )?;
+    }
+    if w.is_object() {
+        writeln!(
+            out,
+            "webhooks: {} delivered, {} failed after every attempt, {} attempts failed, {} dropped (queue full)",
+            num(&w["delivered"]),
+            num(&w["failed"]),
+            num(&w["attempts_failed"]),
+            num(&w["dropped"])
+        )?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 

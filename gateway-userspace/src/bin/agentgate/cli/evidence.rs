@@ -14,7 +14,8 @@ use super::{
 
 #[derive(Debug, clap::Args)]
 pub struct EvidenceArgs {
-    /// Identity (subject) the report covers; repeat for several.
+    /// Identity the report covers, by name (a verified identity is recorded as
+    /// `NAME (ISSUER#SUB)`; NAME finds it); repeat for several.
     #[arg(long = "identity", required = true)]
     pub identities: Vec<String>,
     /// Start of the period (RFC 3339), inclusive.
