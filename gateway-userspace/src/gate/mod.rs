@@ -27,6 +27,8 @@
 pub mod hold;
 pub mod record;
 pub mod sink;
+#[cfg(test)]
+mod tests;
 
 use serde_json::Value;
 
