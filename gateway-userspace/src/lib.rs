@@ -6,8 +6,10 @@
 //!    the proxy listener and record its provenance.
 //! 2. `proxy`: accept, look the peer up in the provenance map (no record: refuse),
 //!    enrich from /proc (`provenance`), bind to an identity.
-//! 3. `policy`: decide on the resource, then per command once decoded by a
-//!    `protocol` handler; `approval` holds what needs a human.
+//! 3. `policy`: decide on the resource; then, per command decoded by a
+//!    `protocol` handler, the `gate` decides by policy, writes the record
+//!    ahead, holds what needs a human (`approval`) and records the result;
+//!    the handler renders its outcome in its own protocol.
 //! 4. `mask`: rewrite sensitive fields in responses.
 //! 5. `audit`: every step is a record in the hash-chained log, written ahead.
 //!
