@@ -543,42 +543,20 @@ pub enum UnmaskableBinary {
 }
 
 impl Default for PostgresConfig {
+    /// The handler's defaults (its own `Default`s agree; a test there checks).
     fn default() -> Self {
-        let limits = crate::protocol::postgres::codec::Limits::default();
         Self {
-            max_startup_bytes: limits.max_startup_len,
-            max_sql_bytes: limits.max_sql_len,
-            max_message_bytes: limits.max_message_len,
-            startup_timeout_secs: crate::protocol::postgres::proxy::STARTUP_TIMEOUT.as_secs(),
-            auth_timeout_secs: crate::protocol::postgres::proxy::AUTH_TIMEOUT.as_secs(),
+            max_startup_bytes: 10 * 1024,
+            max_sql_bytes: 1024 * 1024,
+            max_message_bytes: 64 * 1024 * 1024,
+            startup_timeout_secs: 30,
+            auth_timeout_secs: 60,
             unmaskable_binary: UnmaskableBinary::Null,
         }
     }
 }
 
 impl PostgresConfig {
-    /// The handler's settings (the connect timeout comes from `[proxy]`).
-    pub fn settings(
-        &self,
-        connect_timeout: Duration,
-    ) -> crate::protocol::postgres::proxy::PgSettings {
-        use crate::protocol::postgres::{codec::Limits, mask::Unmaskable, proxy::PgSettings};
-        PgSettings {
-            limits: Limits {
-                max_startup_len: self.max_startup_bytes,
-                max_sql_len: self.max_sql_bytes,
-                max_message_len: self.max_message_bytes,
-            },
-            startup_timeout: Duration::from_secs(self.startup_timeout_secs),
-            auth_timeout: Duration::from_secs(self.auth_timeout_secs),
-            connect_timeout,
-            unmaskable: match self.unmaskable_binary {
-                UnmaskableBinary::Null => Unmaskable::Null,
-                UnmaskableBinary::Refuse => Unmaskable::RefuseRow,
-            },
-        }
-    }
-
     fn validate(&self) -> Result<(), String> {
         if !(64..=1024 * 1024).contains(&self.max_startup_bytes) {
             return Err("max_startup_bytes must be between 64 and 1048576".into());
@@ -746,13 +724,10 @@ mod tests {
             "[proxy.postgres]\nmax_sql_bytes = 4096\nunmaskable_binary = \"refuse\"\n",
         )
         .unwrap();
-        let s = c.proxy.postgres.settings(Duration::from_secs(5));
-        assert_eq!(s.limits.max_sql_len, 4096);
-        assert_eq!(s.limits.max_message_len, 64 << 20, "the default");
-        assert_eq!(
-            s.unmaskable,
-            crate::protocol::postgres::mask::Unmaskable::RefuseRow
-        );
+        let pg = &c.proxy.postgres;
+        assert_eq!(pg.max_sql_bytes, 4096);
+        assert_eq!(pg.max_message_bytes, 64 << 20, "the default");
+        assert_eq!(pg.unmaskable_binary, UnmaskableBinary::Refuse);
         for bad in [
             "max_sql_bytes = 0",
             "max_sql_bytes = 2097152",

@@ -410,10 +410,10 @@ async fn dispatch(
                     approvals: shared.approvals.clone(),
                     audit: Arc::new(shared.audit.clone()),
                     correlation_key: shared.correlation_key,
-                    settings: shared
-                        .config
-                        .postgres
-                        .settings(shared.config.upstream_connect_timeout()),
+                    settings: crate::protocol::postgres::proxy::PgSettings::from_config(
+                        &shared.config.postgres,
+                        shared.config.upstream_connect_timeout(),
+                    ),
                     cancel_keys: shared.pg_cancel_keys.clone(),
                     sql_cache: shared.sql_cache.clone(),
                 };

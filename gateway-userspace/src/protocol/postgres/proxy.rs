@@ -124,6 +124,7 @@ use super::{
 use crate::{
     approval::Broker,
     audit::{Kind, NewRecord},
+    config::{PostgresConfig, UnmaskableBinary},
     gate::{
         self, AuditSink, AuditUnavailable, Covered, Denial, DenialKind, Gate, ResultRecord,
         truncate_chars,
@@ -171,6 +172,27 @@ impl Default for PgSettings {
             auth_timeout: AUTH_TIMEOUT,
             connect_timeout: Duration::from_secs(5),
             unmaskable: Unmaskable::Null,
+        }
+    }
+}
+
+impl PgSettings {
+    /// The settings `[proxy.postgres]` gives (the connect timeout comes from
+    /// `[proxy]`).
+    pub fn from_config(c: &PostgresConfig, connect_timeout: Duration) -> Self {
+        Self {
+            limits: Limits {
+                max_startup_len: c.max_startup_bytes,
+                max_sql_len: c.max_sql_bytes,
+                max_message_len: c.max_message_bytes,
+            },
+            startup_timeout: Duration::from_secs(c.startup_timeout_secs),
+            auth_timeout: Duration::from_secs(c.auth_timeout_secs),
+            connect_timeout,
+            unmaskable: match c.unmaskable_binary {
+                UnmaskableBinary::Null => Unmaskable::Null,
+                UnmaskableBinary::Refuse => Unmaskable::RefuseRow,
+            },
         }
     }
 }
@@ -2456,6 +2478,17 @@ timeout = "30s"
         let (errs, eof) = until_ready(&mut c, &mut buf).await;
         assert!(errs.is_empty() && !eof);
         (c, seen, buf, approvals)
+    }
+
+    #[test]
+    fn the_configs_defaults_are_the_handlers() {
+        let s = PgSettings::from_config(&PostgresConfig::default(), Duration::from_secs(5));
+        let d = PgSettings::default();
+        assert_eq!(s.limits, d.limits);
+        assert_eq!(
+            (s.startup_timeout, s.auth_timeout, s.unmaskable),
+            (d.startup_timeout, d.auth_timeout, d.unmaskable)
+        );
     }
 
     #[tokio::test]
