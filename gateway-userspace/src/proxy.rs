@@ -112,12 +112,18 @@ impl Shared {
 
     /// The identity as audit records name it: label, human or service, with groups.
     pub async fn identity_ref(&self, identity: &str) -> IdentityRef {
+        self.identity_of(identity).await.0
+    }
+
+    /// [`Shared::identity_ref`], and the issuer and `sub` of a verified identity.
+    async fn identity_of(&self, identity: &str) -> (IdentityRef, Option<Verified>) {
         if let Some(l) = self.labels.iter().find(|l| l.name == identity) {
-            return IdentityRef {
+            let r = IdentityRef {
                 subject: l.name.clone(),
                 kind: "label".into(),
                 groups: l.groups.clone(),
             };
+            return (r, None);
         }
         if let Some(ids) = &self.identities
             && let Ok(v) = ids.store.lock().await.get_verified(identity)
@@ -126,17 +132,23 @@ impl Shared {
                 crate::identity::IdentityKind::Human => "human",
                 crate::identity::IdentityKind::Service => "service",
             };
-            return IdentityRef {
+            let r = IdentityRef {
                 subject: format!("{} ({}#{})", identity, v.issuer, v.subject),
                 kind: kind.into(),
                 groups: v.groups,
             };
+            let verified = Verified {
+                issuer: v.issuer,
+                subject: v.subject,
+            };
+            return (r, Some(verified));
         }
-        IdentityRef {
+        let r = IdentityRef {
             subject: identity.to_owned(),
             kind: "unknown".into(),
             groups: Vec::new(),
-        }
+        };
+        (r, None)
     }
 }
 
@@ -166,11 +178,45 @@ pub struct LiveConnection {
     /// The identity as audit records name it.
     #[serde(skip)]
     pub audit_identity: IdentityRef,
+    /// Issuer and `sub` of the identity, when the daemon verified it.
+    #[serde(skip)]
+    pub verified: Option<Verified>,
     #[serde(skip)]
     pub started: Instant,
 }
 
+/// Who a verified identity is at its issuer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    pub issuer: String,
+    pub subject: String,
+}
+
 impl LiveConnection {
+    /// Who asks when one of this connection's commands is held: its
+    /// identity (issuer and `sub` when verified; a label is its own
+    /// subject) and its kernel provenance.
+    pub fn requester(&self) -> crate::approval::Requester {
+        let w = &self.workload;
+        crate::approval::Requester {
+            identity: self.identity.clone(),
+            identity_kind: self.audit_identity.kind.clone(),
+            issuer: self.verified.as_ref().map(|v| v.issuer.clone()),
+            subject: self
+                .verified
+                .as_ref()
+                .map_or_else(|| self.identity.clone(), |v| v.subject.clone()),
+            groups: self.audit_identity.groups.clone(),
+            pid: w.pid,
+            exe: w.exe.clone(),
+            uid: w.uid,
+            cgroup_id: w.cgroup_id,
+            tagged_cgroup_id: w.tagged_cgroup_id,
+            cgroup: w.cgroup.clone().unwrap_or_default(),
+            conn: self.id,
+        }
+    }
+
     /// A record about this connection, with who, from where and to what filled in.
     pub fn record(&self, kind: Kind) -> NewRecord {
         let mut rec = NewRecord::new(kind)
@@ -195,7 +241,7 @@ impl crate::gate::Origin for LiveConnection {
     }
 
     fn requester(&self) -> crate::approval::Requester {
-        crate::approval::Requester::from_connection(self)
+        LiveConnection::requester(self)
     }
 }
 
@@ -319,9 +365,11 @@ async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<
     };
     let resource = policy.resource_for(destination);
     let protocol = resource.map_or(Protocol::Tcp, |r| r.protocol);
+    let (audit_identity, verified) = shared.identity_of(&identity).await;
     let conn = Arc::new(LiveConnection {
         id: shared.registry.next_id(),
-        audit_identity: shared.identity_ref(&identity).await,
+        audit_identity,
+        verified,
         identity,
         workload,
         destination,
@@ -503,6 +551,54 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_requester_comes_from_the_connection_and_its_verified_identity() {
+        let conn = |subject: &str, kind: &str, verified: Option<Verified>| LiveConnection {
+            id: 9,
+            identity: "bob".into(),
+            workload: crate::provenance::Workload {
+                pid: 77,
+                tid: 77,
+                uid: 1000,
+                gid: 1000,
+                comm: "psql".into(),
+                exe: Some("/usr/bin/psql".into()),
+                cmdline: None,
+                ppid: None,
+                cgroup: Some("/agentgate/exec-1".into()),
+                cgroup_id: 5,
+                tagged_cgroup_id: 5,
+            },
+            destination: "127.0.0.1:5432".parse().unwrap(),
+            since: String::new(),
+            bytes_up: std::sync::atomic::AtomicU64::new(0),
+            bytes_down: std::sync::atomic::AtomicU64::new(0),
+            close: tokio::sync::Notify::new(),
+            resource: Some("db".into()),
+            audit_identity: crate::audit::IdentityRef {
+                subject: subject.into(),
+                kind: kind.into(),
+                groups: vec!["approvers".into()],
+            },
+            verified,
+            started: std::time::Instant::now(),
+        };
+        let verified = Verified {
+            issuer: "https://idp.test".into(),
+            subject: "u-42".into(),
+        };
+        let r = conn("bob (https://idp.test#u-42)", "human", Some(verified)).requester();
+        assert_eq!(
+            (r.issuer.as_deref(), r.subject.as_str()),
+            (Some("https://idp.test"), "u-42")
+        );
+        assert_eq!((r.pid, r.uid, r.conn, r.cgroup_id), (77, 1000, 9, 5));
+        assert_eq!(r.cgroup, "/agentgate/exec-1");
+        // A label has no issuer; its subject is its name.
+        let r = conn("bob", "label", None).requester();
+        assert_eq!((r.issuer, r.subject.as_str()), (None, "bob"));
+    }
 
     #[tokio::test]
     async fn pipe_half_closes_and_counts() {

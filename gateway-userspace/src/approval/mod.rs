@@ -216,38 +216,6 @@ pub struct Requester {
 }
 
 impl Requester {
-    /// The requester of a command on a proxied connection: its kernel
-    /// provenance and the identity its records name (`name (issuer#sub)`
-    /// for a verified one, which is where issuer and subject come from).
-    pub fn from_connection(conn: &crate::proxy::LiveConnection) -> Self {
-        let id = &conn.audit_identity;
-        let verified = matches!(id.kind.as_str(), "human" | "service")
-            .then(|| {
-                let inner = id.subject.strip_suffix(')')?;
-                let (_, rest) = inner.split_once(" (")?;
-                let (issuer, sub) = rest.rsplit_once('#')?;
-                Some((issuer.to_owned(), sub.to_owned()))
-            })
-            .flatten();
-        let w = &conn.workload;
-        Self {
-            identity: conn.identity.clone(),
-            identity_kind: id.kind.clone(),
-            subject: verified
-                .as_ref()
-                .map_or_else(|| conn.identity.clone(), |(_, s)| s.clone()),
-            issuer: verified.map(|(i, _)| i),
-            groups: id.groups.clone(),
-            pid: w.pid,
-            exe: w.exe.clone(),
-            uid: w.uid,
-            cgroup_id: w.cgroup_id,
-            tagged_cgroup_id: w.tagged_cgroup_id,
-            cgroup: w.cgroup.clone().unwrap_or_default(),
-            conn: conn.id,
-        }
-    }
-
     fn identity_ref(&self) -> crate::audit::IdentityRef {
         crate::audit::IdentityRef {
             subject: match &self.issuer {

@@ -2383,6 +2383,7 @@ timeout = "30s"
             close: tokio::sync::Notify::new(),
             resource: Some("db".into()),
             audit_identity: crate::audit::IdentityRef::default(),
+            verified: None,
             started: Instant::now(),
         });
         PgContext {
