@@ -140,11 +140,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
 
     let bindings_path = state_dir.join("bindings.json");
     let bindings = restore_bindings(&bindings_path, &mut redirector)?;
-    let exec_bindings: Vec<(u32, PathBuf)> = bindings
-        .iter()
-        .filter(|b| b.kind == BindingKind::Exec)
-        .map(|b| (b.id, b.cgroup.clone()))
-        .collect();
+    let exec_bindings = exec_bindings(&bindings);
 
     let policy = load_policy(&cfg.policy, state_dir)?;
     policy.refresh_dns().await;
@@ -496,6 +492,15 @@ fn identities(
         client,
         store: tokio::sync::Mutex::new(store),
     })))
+}
+
+/// The bindings `exec` made: id and cgroup.
+fn exec_bindings(bindings: &Bindings) -> Vec<(u32, PathBuf)> {
+    bindings
+        .iter()
+        .filter(|b| b.kind == BindingKind::Exec)
+        .map(|b| (b.id, b.cgroup.clone()))
+        .collect()
 }
 
 /// Loads persisted bindings and re-tags the cgroups that still exist (same
