@@ -140,11 +140,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
 
     let bindings_path = state_dir.join("bindings.json");
     let bindings = restore_bindings(&bindings_path, &mut redirector)?;
-    let exec_bindings: Vec<(u32, PathBuf)> = bindings
-        .iter()
-        .filter(|b| b.kind == BindingKind::Exec)
-        .map(|b| (b.id, b.cgroup.clone()))
-        .collect();
+    let exec_bindings = exec_bindings(&bindings);
 
     let policy = load_policy(&cfg.policy, state_dir)?;
     policy.refresh_dns().await;
@@ -170,6 +166,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         correlation_key,
         pg_cancel_keys: crate::protocol::postgres::proxy::CancelKeys::default(),
         sql_cache: Arc::default(),
+        refusal_limit: crate::containment::refusals::RefusalLimit::default(),
     });
     let daemon = Arc::new(Daemon {
         shared: shared.clone(),
@@ -495,6 +492,15 @@ fn identities(
         client,
         store: tokio::sync::Mutex::new(store),
     })))
+}
+
+/// The bindings `exec` made: id and cgroup.
+fn exec_bindings(bindings: &Bindings) -> Vec<(u32, PathBuf)> {
+    bindings
+        .iter()
+        .filter(|b| b.kind == BindingKind::Exec)
+        .map(|b| (b.id, b.cgroup.clone()))
+        .collect()
 }
 
 /// Loads persisted bindings and re-tags the cgroups that still exist (same
@@ -842,16 +848,29 @@ impl Daemon {
 
     /// The control plane refuses callers inside or below a tagged cgroup, and
     /// callers whose cgroup it cannot read (fail closed). Each refusal is a
-    /// `control.refused` record naming the request's op, never its arguments;
+    /// `control.refused` record naming the request's op, never its arguments,
+    /// up to the limit per caller cgroup ([`crate::containment::refusals`]);
     /// the answer waits for that append and nothing else. A record that cannot
-    /// be written is logged: the request is refused either way.
+    /// be written, or is over the limit, is logged: the request is refused
+    /// either way.
     async fn refuse_governed(&self, caller: &Caller, line: &[u8]) -> Option<Response> {
+        use crate::containment::{ControlRefusal, refusals::Verdict};
         let refusal = {
             let bindings = self.shared.bindings.lock().expect("bindings lock");
             crate::containment::control_refusal(&self.shared.hierarchy, &bindings, caller.pid)
         }?;
         let message = refusal.message();
         let op = request_op(line);
+        let cgroup = match &refusal {
+            ControlRefusal::Governed { cgroup, .. } => Some(cgroup.as_str()),
+            ControlRefusal::Unresolved => None,
+        };
+        let Verdict::Record(suppressed) = self.shared.refusal_limit.admit(cgroup) else {
+            tracing::debug!(event = "control.refused", pid = ?caller.pid, uid = ?caller.uid, op, recorded = false, "{message}");
+            return Some(Response::err(ErrorKind::Usage, message));
+        };
+        let mut action = json!({ "op": op });
+        suppressed.annotate(&mut action);
         let mut rec = NewRecord::new(Kind::ControlRefused)
             .workload(crate::containment::process_workload(
                 &self.shared.hierarchy,
@@ -859,9 +878,9 @@ impl Daemon {
                 caller.uid,
                 false,
             ))
-            .action(json!({ "op": op }))
+            .action(action)
             .decision(json!({ "verdict": "deny", "reason": message }));
-        if let crate::containment::ControlRefusal::Governed { identity, .. } = &refusal {
+        if let ControlRefusal::Governed { identity, .. } = &refusal {
             rec = rec.identity(self.shared.identity_ref(identity).await);
         }
         tracing::warn!(event = "control.refused", pid = ?caller.pid, uid = ?caller.uid, op, "{message}");

@@ -72,6 +72,9 @@ pub struct Shared {
     pub pg_cancel_keys: crate::protocol::postgres::proxy::CancelKeys,
     /// Statement analyses by shape (class, tables, redacted text).
     pub sql_cache: Arc<crate::sql::AnalysisCache>,
+    /// How many `control.refused` records a caller may cause (control socket
+    /// and approvals API together).
+    pub refusal_limit: crate::containment::refusals::RefusalLimit,
 }
 
 /// The `OpenID` provider client and the sessions the daemon holds.

@@ -366,6 +366,85 @@ fn control_socket_refuses_callers_in_tagged_cgroups_even_root() {
     }
 }
 
+/// A tagged process that calls the control socket in a loop is refused every
+/// time, but writes at most 10 `control.refused` records per 10 s window; the
+/// first record after the window counts the ones left out.
+#[test]
+fn control_socket_refusals_in_a_loop_are_counted_not_each_recorded() {
+    const CALLS: usize = 50;
+    const PER_WINDOW: usize = 10;
+    let mut env = Env::prepare("ctlflood", DaemonOptions::default()).unwrap();
+    fs::write(
+        env.state.join("policy/control-socket.toml"),
+        format!(
+            "[[allow_unix]]\npath = \"{}\"\n",
+            env.state.join("control.sock").display()
+        ),
+    )
+    .unwrap();
+    env.start_daemon().unwrap();
+    let bin = agentgate_bin();
+    let bin = bin.to_str().unwrap();
+    let config = env.config.to_str().unwrap();
+    let svc = env.cgroup.child("svc").unwrap();
+    run_ok(&mut env.agentgate(&[
+        "tag",
+        "--cgroup",
+        svc.to_str().unwrap(),
+        "--identity",
+        "demo",
+    ]))
+    .unwrap();
+    // Each call must be refused (exit 2, the refusal message); `refused`
+    // counts those, and the script fails on any other answer.
+    let flood = |calls: usize| {
+        let script = format!(
+            "echo $$ > {cgroup}/cgroup.procs && refused=0 && for i in $(seq {calls}); do \
+             {bin} --config {config} status 2>&1 | grep -qF {msg:?} && refused=$((refused+1)); done; \
+             echo $refused",
+            cgroup = svc.display(),
+            msg = CONTROL_REFUSAL,
+        );
+        let out = env
+            .netns
+            .command("sh")
+            .args(["-c", &script])
+            .output()
+            .unwrap();
+        assert_eq!(
+            text(&out.stdout).trim(),
+            calls.to_string(),
+            "every call is refused: {}",
+            text(&out.stderr)
+        );
+    };
+    let refused = |env: &Env| -> Vec<Value> {
+        audit_records(env)
+            .into_iter()
+            .filter(|r| r["kind"] == "control.refused")
+            .collect()
+    };
+
+    flood(CALLS);
+    let recs = refused(&env);
+    assert_eq!(recs.len(), PER_WINDOW, "{recs:#?}");
+    assert!(recs.iter().all(|r| r["action"].get("suppressed").is_none()));
+
+    // The window is 10 s: the first refusal after it is recorded again, with
+    // the count of those left out.
+    std::thread::sleep(Duration::from_secs(10));
+    flood(1);
+    let recs = refused(&env);
+    assert_eq!(recs.len(), PER_WINDOW + 1, "{recs:#?}");
+    let last = &recs[PER_WINDOW];
+    assert_eq!(last["action"]["op"], "status", "{last:#}");
+    assert_eq!(
+        last["action"]["suppressed"].as_u64(),
+        Some((CALLS - PER_WINDOW) as u64),
+        "{last:#}"
+    );
+}
+
 /// `agentgate --help` text names what the flags do (users read it to decide).
 #[test]
 fn exec_help_explains_user_and_allow_root() {

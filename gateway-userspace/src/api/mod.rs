@@ -111,15 +111,7 @@ impl ApiState {
     /// cgroups the daemon has bound to that identity (the broker refuses an
     /// approver bound to the requesting workload).
     pub fn approver(&self, v: &VerifiedIdentity, via: Via) -> Approver {
-        let (bound_cgroups, bound_cgroup_paths) = self
-            .shared
-            .bindings
-            .lock()
-            .expect("bindings lock")
-            .iter()
-            .filter(|b| b.identity == v.name)
-            .map(|b| (b.cgroup_id, self.shared.hierarchy.relative(&b.cgroup)))
-            .unzip();
+        let (bound_cgroups, bound_cgroup_paths) = self.shared.bound_cgroups(&v.name);
         Approver {
             name: v.name.clone(),
             subject: v.subject.clone(),
@@ -136,9 +128,26 @@ impl ApiState {
     }
 
     /// Records a refused caller as `control.refused` (as the control socket
-    /// does), naming the route, never its arguments.
+    /// does, and within the same limit per caller cgroup:
+    /// [`crate::containment::refusals`]), naming the route, never its arguments.
     pub async fn record_refusal(&self, p: &peer::Peer, refusal: &peer::Refusal, route: &str) {
+        use crate::containment::refusals::Verdict;
         let message = refusal.message();
+        let cgroup = match refusal {
+            peer::Refusal::Governed { cgroup, .. } => Some(cgroup.as_str()),
+            peer::Refusal::Relayed | peer::Refusal::Unresolved(_) => None,
+        };
+        let Verdict::Record(suppressed) = self.shared.refusal_limit.admit(cgroup) else {
+            tracing::debug!(event = "control.refused", via = "api", peer = %p.addr, route, recorded = false, "{message}");
+            return;
+        };
+        let mut action = json!({
+            "op": route,
+            "via": "api",
+            "peer": p.addr.to_string(),
+            "peer_cgroup_id": p.cgroup_id,
+        });
+        suppressed.annotate(&mut action);
         let mut rec = NewRecord::new(Kind::ControlRefused)
             .workload(crate::audit::Workload {
                 pid: 0,
@@ -150,12 +159,7 @@ impl ApiState {
                     _ => None,
                 },
             })
-            .action(json!({
-                "op": route,
-                "via": "api",
-                "peer": p.addr.to_string(),
-                "peer_cgroup_id": p.cgroup_id,
-            }))
+            .action(action)
             .decision(json!({ "verdict": "deny", "reason": message }));
         if let peer::Refusal::Governed { identity, .. } = refusal {
             rec = rec.identity(self.shared.identity_ref(identity).await);

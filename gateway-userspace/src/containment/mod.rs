@@ -27,6 +27,7 @@ pub fn governing<'a>(bindings: &'a Bindings, cgroup: &Path) -> Option<&'a Bindin
 pub mod dns;
 pub mod events;
 pub mod privileged;
+pub mod refusals;
 pub mod udp_owner;
 
 /// Why the control plane refuses a caller (see [`control_refusal`]).
