@@ -1075,7 +1075,13 @@ impl Collector {
             | Kind::ControlRefused
             | Kind::DnsQuery => {
                 let kind = rec.kind.as_str();
-                *self.containment.by_kind.entry(kind).or_default() += 1;
+                // A refusal record also counts those the daemon left out of
+                // the log (rate-limited) before it.
+                let left_out = ["suppressed", "suppressed_evicted"]
+                    .iter()
+                    .filter_map(|k| action.and_then(|a| a.get(*k)).and_then(Value::as_u64))
+                    .sum::<u64>();
+                *self.containment.by_kind.entry(kind).or_default() += 1 + left_out;
                 let what = action.map(|a| clip(&a.to_string())).unwrap_or_default();
                 if let Some(items) = self.containment.items.as_mut() {
                     items.push(ContainmentEvent {
@@ -2079,6 +2085,16 @@ mod tests {
         r.action = Some(json!({"class": "read", "sql": "SELECT ?"}));
         r.decision = Some(json!({"verdict": verdict, "rule": "r"}));
         r
+    }
+
+    #[test]
+    fn refusals_left_out_of_the_log_are_counted() {
+        let mut first = rec(0, "01:00:00", Kind::ControlRefused, Some(("ann", "human")));
+        first.action = Some(json!({"op": "status"}));
+        let mut later = rec(1, "01:00:20", Kind::ControlRefused, Some(("ann", "human")));
+        later.action = Some(json!({"op": "status", "suppressed": 40}));
+        let r = run(&[first, later]);
+        assert_eq!(r.containment.by_kind["control.refused"], 42);
     }
 
     #[test]
