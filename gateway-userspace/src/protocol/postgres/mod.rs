@@ -7,8 +7,10 @@
 //!   denial is placed).
 //! - [`mask`]: rewriting `DataRow` and `COPY TO STDOUT` data per masking rules.
 //! - [`catalog`]: table-OID names and `COPY` column lists for the masker (pure).
-//! - [`proxy`]: the tokio connection handler that drives all of the above; the
-//!   only I/O in this module.
+//! - [`proxy`]: the tokio connection handler that drives all of the above,
+//!   with [`upstream`] (the connection to the server, TLS) the only I/O in
+//!   this module; [`cancel`] keeps the cancel keys it issued, [`error`] says
+//!   why a connection ended.
 //!
 //! What fails closed here, and why:
 //!
@@ -37,11 +39,14 @@
 //! be inspected); it is never forwarded. `SSLRequest` is answered by the proxy per
 //! its own TLS configuration.
 
+pub mod cancel;
 pub mod catalog;
 pub mod codec;
+pub mod error;
 pub mod mask;
 pub mod proxy;
 pub mod session;
+mod upstream;
 
 use bytes::Bytes;
 

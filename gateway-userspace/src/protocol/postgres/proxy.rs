@@ -99,7 +99,6 @@
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
-    net::SocketAddr,
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
@@ -111,15 +110,17 @@ use tokio::{
     net::TcpStream,
 };
 
+use super::cancel::{CancelKeyGuard, Issued};
+pub use super::{cancel::CancelKeys, error::PgProxyError};
 use super::{
     catalog::{self, Catalog, CopyOut, TableName},
     codec::{
-        self, Authentication, BackendMessage, ErrorFields, FrontendMessage, Limits, ProtocolError,
-        RowDescription, StartupPacket, TxStatus,
+        self, Authentication, BackendMessage, ErrorFields, FrontendMessage, Limits, RowDescription,
+        StartupPacket, TxStatus,
     },
     mask::{CopyPlan, MaskError, MaskReport, MaskResult, RowMasker, RowPlan, Scratch, Unmaskable},
-    session::{self, BackendAction, Disposition, Session, SessionError},
-    strip_channel_binding,
+    session::{self, BackendAction, Disposition, Session},
+    strip_channel_binding, upstream,
 };
 use crate::{
     approval::Broker,
@@ -130,7 +131,7 @@ use crate::{
         truncate_chars,
     },
     mask::{MaskPolicy, Strategy, lineage},
-    policy::{Action, Decision, PolicySet, PolicyStore, Resource, Subject, TlsMode, Verdict},
+    policy::{Action, Decision, PolicySet, PolicyStore, Resource, Subject, Verdict},
     proxy::LiveConnection,
     sql::{
         Analysis, AnalysisCache, Classification, Dialect, MAX_CACHED_LEN, StatementClass,
@@ -205,61 +206,7 @@ impl PgSettings {
 pub const MAX_UNCONFIRMED: usize = 64;
 
 // ---------------------------------------------------------------------------
-// Cancel keys
-
-/// The cancel keys servers gave to sessions through this proxy. A
-/// `CancelRequest` is forwarded only with a key issued here, to the server
-/// that issued it, for the identity whose session it was: an agent cannot
-/// cancel another identity's queries, nor probe for keys. One entry per live
-/// session (bounded by the proxy's connection limit).
-#[derive(Clone, Default)]
-pub struct CancelKeys(Arc<std::sync::Mutex<HashMap<(i32, Bytes), Issued>>>);
-
-#[derive(Clone)]
-struct Issued {
-    destination: SocketAddr,
-    identity: String,
-    /// The proxy connection of the session: its held statement is the one a
-    /// cancel withdraws.
-    conn: u64,
-}
-
-/// Removes its key when the session ends.
-struct CancelKeyGuard {
-    keys: CancelKeys,
-    key: (i32, Bytes),
-}
-
-impl CancelKeys {
-    fn issue(&self, pid: i32, secret: Bytes, issued: Issued) -> CancelKeyGuard {
-        let key = (pid, secret);
-        self.lock().insert(key.clone(), issued);
-        CancelKeyGuard {
-            keys: self.clone(),
-            key,
-        }
-    }
-
-    fn issued_to(&self, pid: i32, secret: &Bytes) -> Option<Issued> {
-        self.lock().get(&(pid, secret.clone())).cloned()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(i32, Bytes), Issued>> {
-        // A panic while holding the lock cannot leave the map half-updated.
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-impl Drop for CancelKeyGuard {
-    fn drop(&mut self) {
-        self.keys.lock().remove(&self.key);
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Context and errors
+// Context
 
 /// Everything [`serve`] needs about one attributed connection.
 pub struct PgContext {
@@ -281,60 +228,8 @@ pub struct PgContext {
     pub sql_cache: Arc<AnalysisCache>,
 }
 
-/// Why a proxied Postgres connection ended abnormally; says which side.
-#[derive(Debug, thiserror::Error)]
-pub enum PgProxyError {
-    #[error("client (downstream) I/O: {source}")]
-    ClientIo {
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("server (upstream) I/O: {source}")]
-    UpstreamIo {
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{source}")]
-    Protocol {
-        #[source]
-        source: ProtocolError,
-    },
-    #[error("client (downstream): {what}")]
-    Client { what: String },
-    #[error("server (upstream): connecting to {addr}: {reason}")]
-    Connect { addr: SocketAddr, reason: String },
-    #[error("server (upstream): TLS to {addr}: {reason}")]
-    Tls { addr: SocketAddr, reason: String },
-    #[error("{source}")]
-    Session {
-        #[source]
-        source: SessionError,
-    },
-    #[error("{source}")]
-    Mask {
-        #[source]
-        source: MaskError,
-    },
-    #[error("proxy: {source}")]
-    Audit {
-        #[source]
-        source: AuditUnavailable,
-    },
-    #[error("{phase} timed out")]
-    Timeout { phase: &'static str },
-}
-
-impl From<SessionError> for PgProxyError {
-    fn from(source: SessionError) -> Self {
-        PgProxyError::Session { source }
-    }
-}
-
 // ---------------------------------------------------------------------------
 // Startup
-
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 fn fatal_bytes(sqlstate: &str, message: &str) -> Bytes {
     BackendMessage::ErrorResponse(ErrorFields::new("FATAL", sqlstate, message)).to_bytes()
@@ -412,84 +307,6 @@ pub async fn refuse(mut client: TcpStream, rule: &str, reason: &str) -> Result<(
     Ok(())
 }
 
-async fn connect_upstream(ctx: &PgContext) -> Result<(Box<dyn Io>, bool), PgProxyError> {
-    let addr = ctx.conn.destination;
-    let mut tcp = tokio::time::timeout(ctx.settings.connect_timeout, TcpStream::connect(addr))
-        .await
-        .map_err(|_| PgProxyError::Connect {
-            addr,
-            reason: "timed out".into(),
-        })?
-        .map_err(|e| PgProxyError::Connect {
-            addr,
-            reason: e.to_string(),
-        })?;
-    let _ = tcp.set_nodelay(true);
-    let Some(tls) = ctx
-        .resource
-        .tls
-        .as_ref()
-        .filter(|t| t.mode == TlsMode::VerifyFull)
-    else {
-        return Ok((Box::new(tcp), false));
-    };
-    let tls_err = |reason: String| PgProxyError::Tls { addr, reason };
-    let mut req = BytesMut::new();
-    StartupPacket::SslRequest.encode(&mut req);
-    tcp.write_all(&req)
-        .await
-        .map_err(|source| PgProxyError::UpstreamIo { source })?;
-    let mut answer = [0u8; 1];
-    tcp.read_exact(&mut answer)
-        .await
-        .map_err(|source| PgProxyError::UpstreamIo { source })?;
-    if answer[0] != b'S' {
-        return Err(tls_err(
-            "the server does not accept TLS (answered the SSLRequest with N)".into(),
-        ));
-    }
-    let config = tls_client_config(tls.ca_file.as_deref()).map_err(tls_err)?;
-    let name = match &tls.server_name {
-        Some(n) => rustls_pki_types::ServerName::try_from(n.clone())
-            .map_err(|e| tls_err(format!("server_name {n:?}: {e}")))?,
-        None => rustls_pki_types::ServerName::IpAddress(addr.ip().into()),
-    };
-    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .map_err(|e| tls_err(e.to_string()))?;
-    Ok((Box::new(stream), true))
-}
-
-fn tls_client_config(
-    ca_file: Option<&std::path::Path>,
-) -> Result<tokio_rustls::rustls::ClientConfig, String> {
-    use rustls_pki_types::{CertificateDer, pem::PemObject as _};
-    use tokio_rustls::rustls;
-    let mut roots = rustls::RootCertStore::empty();
-    if let Some(path) = ca_file {
-        let certs = CertificateDer::pem_file_iter(path)
-            .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
-        for c in certs {
-            let c = c.map_err(|e| format!("ca_file {}: {e}", path.display()))?;
-            roots
-                .add(c)
-                .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
-        }
-    } else {
-        for c in rustls_native_certs::load_native_certs().certs {
-            let _ = roots.add(c);
-        }
-    }
-    if roots.is_empty() {
-        return Err("no trust anchors".into());
-    }
-    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())
-        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
-}
-
 /// Serves one allowed client connection until either side closes.
 pub async fn serve(mut client: TcpStream, ctx: PgContext) -> Result<(), PgProxyError> {
     let _ = client.set_nodelay(true);
@@ -532,7 +349,13 @@ pub async fn serve(mut client: TcpStream, ctx: PgContext) -> Result<(), PgProxyE
             .await;
         return Ok(());
     }
-    let (upstream, tls) = match connect_upstream(&ctx).await {
+    let (upstream, tls) = match upstream::connect(
+        ctx.conn.destination,
+        ctx.resource.tls.as_ref(),
+        ctx.settings.connect_timeout,
+    )
+    .await
+    {
         Ok(u) => u,
         Err(e) => {
             let _ = client
@@ -597,7 +420,12 @@ async fn forward_cancel(ctx: &PgContext, pid: i32, secret: Bytes) -> Result<(), 
             .withdraw_connection(i.conn, "the client cancelled the statement")
             .await;
     }
-    let (mut up, _) = connect_upstream(ctx).await?;
+    let (mut up, _) = upstream::connect(
+        ctx.conn.destination,
+        ctx.resource.tls.as_ref(),
+        ctx.settings.connect_timeout,
+    )
+    .await?;
     let mut b = BytesMut::new();
     StartupPacket::CancelRequest { pid, secret }.encode(&mut b);
     up.write_all(&b)
@@ -2148,6 +1976,7 @@ fn denial_error(d: &Denial) -> ErrorFields {
 mod tests {
     use std::{
         future::Future,
+        net::SocketAddr,
         pin::Pin,
         sync::{Mutex, atomic::AtomicU64},
     };

@@ -1,0 +1,99 @@
+//! The connection to the server: TCP to the agent's original destination,
+//! from the daemon's untagged context (so it is never redirected), then,
+//! when the resource's `tls` says `verify-full`, `SSLRequest` and TLS with
+//! rustls (ring): chain verified against `ca_file` (else the platform
+//! roots), name against `server_name` (else the IP dialled). Fails closed:
+//! a server that refuses TLS when it is required is an error, never a
+//! plaintext fallback.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::BytesMut;
+use tokio::{
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    net::TcpStream,
+};
+
+use super::{codec::StartupPacket, error::PgProxyError};
+use crate::policy::{TlsMode, UpstreamTls};
+
+/// The server's stream, TLS or not.
+pub(super) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// Connects to `addr`; `true` when the stream is TLS.
+pub(super) async fn connect(
+    addr: SocketAddr,
+    tls: Option<&UpstreamTls>,
+    timeout: Duration,
+) -> Result<(Box<dyn Io>, bool), PgProxyError> {
+    let mut tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| PgProxyError::Connect {
+            addr,
+            reason: "timed out".into(),
+        })?
+        .map_err(|e| PgProxyError::Connect {
+            addr,
+            reason: e.to_string(),
+        })?;
+    let _ = tcp.set_nodelay(true);
+    let Some(tls) = tls.filter(|t| t.mode == TlsMode::VerifyFull) else {
+        return Ok((Box::new(tcp), false));
+    };
+    let tls_err = |reason: String| PgProxyError::Tls { addr, reason };
+    let mut req = BytesMut::new();
+    StartupPacket::SslRequest.encode(&mut req);
+    tcp.write_all(&req)
+        .await
+        .map_err(|source| PgProxyError::UpstreamIo { source })?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer)
+        .await
+        .map_err(|source| PgProxyError::UpstreamIo { source })?;
+    if answer[0] != b'S' {
+        return Err(tls_err(
+            "the server does not accept TLS (answered the SSLRequest with N)".into(),
+        ));
+    }
+    let config = tls_client_config(tls.ca_file.as_deref()).map_err(tls_err)?;
+    let name = match &tls.server_name {
+        Some(n) => rustls_pki_types::ServerName::try_from(n.clone())
+            .map_err(|e| tls_err(format!("server_name {n:?}: {e}")))?,
+        None => rustls_pki_types::ServerName::IpAddress(addr.ip().into()),
+    };
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| tls_err(e.to_string()))?;
+    Ok((Box::new(stream), true))
+}
+
+fn tls_client_config(
+    ca_file: Option<&std::path::Path>,
+) -> Result<tokio_rustls::rustls::ClientConfig, String> {
+    use rustls_pki_types::{CertificateDer, pem::PemObject as _};
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(path) = ca_file {
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+        for c in certs {
+            let c = c.map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+            roots
+                .add(c)
+                .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+        }
+    } else {
+        for c in rustls_native_certs::load_native_certs().certs {
+            let _ = roots.add(c);
+        }
+    }
+    if roots.is_empty() {
+        return Err("no trust anchors".into());
+    }
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())
+        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
+}
