@@ -4,6 +4,7 @@
 
 use std::{
     fs,
+    path::PathBuf,
     process::{Command, Stdio},
     time::Duration,
 };
@@ -266,11 +267,13 @@ fn sudo_user_names_the_user_a_root_caller_runs_the_agent_as() {
     assert!(text(&out.stderr).contains(ROOT_REFUSAL));
 }
 
-#[test]
-fn control_socket_refuses_callers_in_tagged_cgroups_even_root() {
-    let mut env = Env::prepare("ctlrefuse", DaemonOptions::default()).unwrap();
-    // Let a tagged process reach the control socket at all where the kernel
-    // checks Unix paths: this test is about the daemon's own check, behind that.
+/// A running daemon and a cgroup `svc` tagged with `agentgate tag` as
+/// `demo` (as a systemd unit would be): its root processes have no seccomp
+/// filter, and the policy lets tagged processes reach the control socket's
+/// path where the kernel checks Unix paths, so what is tested is the
+/// daemon's own check, behind those.
+fn tagged_caller(name: &str) -> (Env, PathBuf) {
+    let mut env = Env::prepare(name, DaemonOptions::default()).unwrap();
     fs::write(
         env.state.join("policy/control-socket.toml"),
         format!(
@@ -280,11 +283,6 @@ fn control_socket_refuses_callers_in_tagged_cgroups_even_root() {
     )
     .unwrap();
     env.start_daemon().unwrap();
-    let bin = agentgate_bin();
-    let bin = bin.to_str().unwrap();
-    let config = env.config.to_str().unwrap();
-    // A cgroup tagged with `agentgate tag` (as a systemd unit would be): its
-    // root processes have no seccomp filter, so they reach the socket.
     let svc = env.cgroup.child("svc").unwrap();
     run_ok(&mut env.agentgate(&[
         "tag",
@@ -294,6 +292,15 @@ fn control_socket_refuses_callers_in_tagged_cgroups_even_root() {
         "demo",
     ]))
     .unwrap();
+    (env, svc)
+}
+
+#[test]
+fn control_socket_refuses_callers_in_tagged_cgroups_even_root() {
+    let (env, svc) = tagged_caller("ctlrefuse");
+    let bin = agentgate_bin();
+    let bin = bin.to_str().unwrap();
+    let config = env.config.to_str().unwrap();
     for (args, op) in [("status", "status"), ("approvals list", "approvals-list")] {
         let script = format!(
             "echo $$ > {}/cgroup.procs && exec {bin} --config {config} {args}",
@@ -373,28 +380,10 @@ fn control_socket_refuses_callers_in_tagged_cgroups_even_root() {
 fn control_socket_refusals_in_a_loop_are_counted_not_each_recorded() {
     const CALLS: usize = 50;
     const PER_WINDOW: usize = 10;
-    let mut env = Env::prepare("ctlflood", DaemonOptions::default()).unwrap();
-    fs::write(
-        env.state.join("policy/control-socket.toml"),
-        format!(
-            "[[allow_unix]]\npath = \"{}\"\n",
-            env.state.join("control.sock").display()
-        ),
-    )
-    .unwrap();
-    env.start_daemon().unwrap();
+    let (env, svc) = tagged_caller("ctlflood");
     let bin = agentgate_bin();
     let bin = bin.to_str().unwrap();
     let config = env.config.to_str().unwrap();
-    let svc = env.cgroup.child("svc").unwrap();
-    run_ok(&mut env.agentgate(&[
-        "tag",
-        "--cgroup",
-        svc.to_str().unwrap(),
-        "--identity",
-        "demo",
-    ]))
-    .unwrap();
     // Each call must be refused (exit 2, the refusal message); `refused`
     // counts those, and the script fails on any other answer.
     let flood = |calls: usize| {
