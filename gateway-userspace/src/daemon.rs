@@ -1314,6 +1314,7 @@ impl Daemon {
                 "redirected": counters[0], "refused_not_ready": counters[1],
                 "established": counters[2], "closed": counters[3], "fast_path_inserted": counters[4],
                 "fast_path_declined": counters[5],
+                "stale_peer_removed": counters[agentgate_common::counter::STALE_PEER_REMOVED as usize],
             },
             "fast_path": s.config.fast_path,
             "audit": audit_status(&s.audit),
