@@ -9,9 +9,11 @@
 
 mod detectors;
 pub mod lineage;
+mod masker;
 mod rules;
 mod strategy;
 
 pub use detectors::{Detection, Detector, DetectorSet, scan, scan_with};
+pub use masker::{ColumnStrategy, MaskResult, Masker, ResultMasks, RowMasker};
 pub use rules::{ColumnRule, Derived, MaskOutcome, MaskPolicy, Predicates};
 pub use strategy::{MaskKey, Strategy, apply, apply_into, fixed_text};

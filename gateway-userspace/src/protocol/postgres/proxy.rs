@@ -118,7 +118,7 @@ use super::{
         self, Authentication, BackendMessage, ErrorFields, FrontendMessage, Limits, RowDescription,
         StartupPacket, TxStatus,
     },
-    mask::{CopyPlan, MaskError, MaskReport, MaskResult, RowMasker, RowPlan, Scratch, Unmaskable},
+    mask::{CopyPlan, MaskError, MaskReport, RowPlan, Scratch, Unmaskable},
     session::{self, BackendAction, Disposition, Session},
     strip_channel_binding, upstream,
 };
@@ -130,7 +130,7 @@ use crate::{
         self, AuditSink, AuditUnavailable, Covered, Denial, DenialKind, Gate, ResultRecord,
         truncate_chars,
     },
-    mask::{MaskPolicy, Strategy, lineage},
+    mask::{ColumnStrategy, MaskPolicy, Masker, ResultMasks, lineage},
     policy::{Action, Decision, PolicySet, PolicyStore, Resource, Subject, Verdict},
     proxy::LiveConnection,
     sql::{
@@ -575,83 +575,6 @@ struct Plan {
     lineage: Option<Value>,
     /// The JSON masks [`ColumnStrategy::Json`] points into.
     json: Vec<Arc<lineage::JsonMask>>,
-}
-
-/// How one result column is masked: a strategy for the whole value, or a
-/// JSON value's protected fields masked inside it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ColumnStrategy {
-    Value(Strategy),
-    /// An index into [`Masker::json`].
-    Json(usize),
-}
-
-/// The masking policy as the row masker sees it (public so benchmarks measure
-/// exactly this adapter).
-pub struct Masker<'m> {
-    pub policy: &'m MaskPolicy,
-    pub json: &'m [Arc<lineage::JsonMask>],
-}
-
-impl<'m> Masker<'m> {
-    pub fn new(policy: &'m MaskPolicy) -> Self {
-        Masker { policy, json: &[] }
-    }
-}
-
-impl RowMasker for Masker<'_> {
-    type Strategy = ColumnStrategy;
-
-    fn column_strategy(&self, table: Option<&str>, column: &str) -> Option<ColumnStrategy> {
-        self.policy
-            .column_rule(table, column)
-            .map(ColumnStrategy::Value)
-    }
-
-    fn has_detectors(&self) -> bool {
-        self.policy.detectors_enabled()
-    }
-
-    fn fixed_text(&self, strategy: ColumnStrategy) -> Option<&'static str> {
-        match strategy {
-            ColumnStrategy::Value(s) => self.policy.fixed_replacement(s),
-            ColumnStrategy::Json(_) => None,
-        }
-    }
-
-    fn mask_text(
-        &self,
-        value: &str,
-        strategy: Option<ColumnStrategy>,
-        out: &mut String,
-    ) -> MaskResult {
-        let strategy = match strategy {
-            Some(ColumnStrategy::Json(i)) => {
-                let Some(mask) = self.json.get(i) else {
-                    return MaskResult::Refuse;
-                };
-                let mut fields = String::new();
-                if !mask.apply(self.policy, value, &mut fields) {
-                    return self.mask_text(value, None, out);
-                }
-                // Then the detectors, over what is left.
-                let detectors = self
-                    .policy
-                    .mask_value_into(&fields, None, out)
-                    .unwrap_or_else(|| {
-                        out.push_str(&fields);
-                        Vec::new()
-                    });
-                return MaskResult::Masked { detectors };
-            }
-            Some(ColumnStrategy::Value(s)) => Some(s),
-            None => None,
-        };
-        match self.policy.mask_value_into(value, strategy, out) {
-            Some(detectors) => MaskResult::Masked { detectors },
-            None => MaskResult::Unchanged,
-        }
-    }
 }
 
 /// An error or notice about a statement that reads a protected column:
@@ -1317,33 +1240,19 @@ impl<'a> Pg<'a> {
             None => Some(&s.outputs),
         });
         let functions = stmt.map_or(&[][..], |s| s.functions.as_slice());
-        let masks = lineage::plan(policy, &self.catalog, outputs, functions, &fields);
-        let mut json = Vec::new();
-        let strategies: Vec<Option<ColumnStrategy>> = masks
-            .iter()
-            .map(|m| match m {
-                lineage::ColumnMask::Json(j) => {
-                    json.push(Arc::clone(j));
-                    Some(ColumnStrategy::Json(json.len() - 1))
-                }
-                m => m.strategy().map(ColumnStrategy::Value),
-            })
-            .collect();
-        let decided: Vec<Value> = masks
-            .iter()
-            .zip(&desc.fields)
-            .filter_map(|(m, f)| {
-                m.label()
-                    .map(|l| json!({"column": String::from_utf8_lossy(&f.name), "lineage": l}))
-            })
-            .collect();
-        let plan =
-            RowPlan::with_strategies(desc, &masker, &strategies, self.ctx.settings.unmaskable);
+        let masks = ResultMasks::plan(policy, &self.catalog, outputs, functions, &fields);
+        let decided = masks.record(|i| String::from_utf8_lossy(&desc.fields[i].name).into_owned());
+        let plan = RowPlan::with_strategies(
+            desc,
+            &masker,
+            &masks.strategies,
+            self.ctx.settings.unmaskable,
+        );
         self.plan = Some(Plan {
             desc: desc.clone(),
             rows: plan,
-            lineage: (!decided.is_empty()).then(|| json!(decided)),
-            json,
+            lineage: decided,
+            json: masks.json,
         });
         Ok(())
     }
