@@ -72,6 +72,9 @@ pub struct Shared {
     pub pg_cancel_keys: crate::protocol::postgres::proxy::CancelKeys,
     /// Statement analyses by shape (class, tables, redacted text).
     pub sql_cache: Arc<crate::sql::AnalysisCache>,
+    /// Equality probes on protected columns per identity, for every SQL
+    /// handler ([`crate::mask::ProbeBudget`]).
+    pub probes: Arc<crate::mask::ProbeBudget>,
     /// How many `control.refused` records a caller may cause (control socket
     /// and approvals API together).
     pub refusal_limit: crate::containment::refusals::RefusalLimit,
@@ -467,6 +470,7 @@ async fn dispatch(
                     ),
                     cancel_keys: shared.pg_cancel_keys.clone(),
                     sql_cache: shared.sql_cache.clone(),
+                    probes: shared.probes.clone(),
                 };
                 crate::protocol::postgres::proxy::serve(client, ctx)
                     .await

@@ -130,7 +130,7 @@ use crate::{
         self, AuditSink, AuditUnavailable, Covered, Denial, DenialKind, Gate, ResultRecord,
         truncate_chars,
     },
-    mask::{ColumnStrategy, MaskPolicy, Masker, ResultMasks, lineage},
+    mask::{ColumnStrategy, MaskPolicy, Masker, ProbeBudget, ResultMasks, lineage},
     policy::{Action, Decision, PolicySet, PolicyStore, Resource, Subject, Verdict},
     proxy::LiveConnection,
     sql::{
@@ -226,6 +226,9 @@ pub struct PgContext {
     pub cancel_keys: CancelKeys,
     /// Statement analyses by shape, shared by every connection.
     pub sql_cache: Arc<AnalysisCache>,
+    /// Equality probes on protected columns, per identity (shared by every
+    /// connection, whatever its protocol).
+    pub probes: Arc<ProbeBudget>,
 }
 
 // ---------------------------------------------------------------------------
@@ -553,6 +556,9 @@ struct Pg<'a> {
     cur: Running,
     /// The latest `Bind`'s parameters, counted (never the values), by portal.
     last_bind: Option<(Bytes, Value)>,
+    /// The latest `Bind`'s parameter bytes, by portal: the equality budget
+    /// counts the values a prepared statement compares (never recorded).
+    last_bind_values: Option<(Bytes, Vec<Option<Bytes>>)>,
     statements: u64,
     user: String,
     database: String,
@@ -643,6 +649,7 @@ impl<'a> Pg<'a> {
             scratch: Scratch::default(),
             cur: Running::new(),
             last_bind: None,
+            last_bind_values: None,
             statements: 0,
             user: param("user").unwrap_or_default(),
             database: param("database")
@@ -1277,28 +1284,46 @@ impl<'a> Pg<'a> {
     }
 
     /// A statement the masking policy refuses: it searches a protected
-    /// column beyond its rule's `predicates`, copies one into a table, or
-    /// computes from one whose rule says `derived = "deny"`.
-    fn lineage_refusal(&self, analysis: &Analysis) -> Option<lineage::Refusal> {
+    /// column beyond its rule's `predicates` (any oracle but a bounded
+    /// equality test), passes the identity's equality budget, copies a
+    /// protected column into a table, or computes from one whose rule says
+    /// `derived = "deny"`.
+    fn lineage_refusal(
+        &self,
+        sql: &Bytes,
+        analysis: &Analysis,
+        params: &lineage::Params<'_>,
+    ) -> Option<lineage::Refusal> {
         let policy = self.set.masking_for(&self.ctx.resource);
         if policy.columns().is_empty() {
             return None;
         }
         let statements = analysis.lineage.as_ref()?;
-        statements
-            .iter()
-            .find_map(|s| lineage::check(policy, &self.catalog, s).err())
+        lineage::admit(
+            policy,
+            &self.catalog,
+            &self.ctx.probes,
+            &self.ctx.subject.identity,
+            &self.ctx.resource.name,
+            &String::from_utf8_lossy(sql),
+            Dialect::Postgres,
+            statements,
+            params,
+        )
+        .err()
     }
 
     /// Denies a statement the masking policy refuses, naming the rule, the
-    /// column and why. `true`: denied.
+    /// column, the oracle and why (never a value). `true`: denied.
     async fn refuse_by_lineage(
         &mut self,
         m: &FrontendMessage,
+        sql: &Bytes,
         analysis: &Analysis,
+        params: &lineage::Params<'_>,
         stmt: &mut Option<StmtRecord>,
     ) -> bool {
-        let Some(r) = self.lineage_refusal(analysis) else {
+        let Some(r) = self.lineage_refusal(sql, analysis, params) else {
             return false;
         };
         let reason = format!("{} ({})", r.reason, r.column);
@@ -1308,7 +1333,10 @@ impl<'a> Pg<'a> {
             },
             rule: r.rule.clone(),
         };
-        if let Some(stmt) = stmt.take() {
+        if let Some(mut stmt) = stmt.take() {
+            if let Some(o) = r.oracle {
+                stmt.action["masking_refusal"] = json!({"oracle": o.as_str(), "column": r.column});
+            }
             self.gate.deny(stmt.command("", false), &decision).await;
         }
         self.deny_with(
@@ -1474,6 +1502,7 @@ impl<'a> Pg<'a> {
             Disposition::Discard => Ok(()),
             Disposition::Forward => {
                 if let FrontendMessage::Bind(b) = &m {
+                    self.last_bind_values = Some((b.portal.clone(), b.params.clone()));
                     self.last_bind = Some((
                         b.portal.clone(),
                         json!({
@@ -1605,7 +1634,10 @@ impl<'a> Pg<'a> {
             }
         }
         let mut stmt = Some(stmt);
-        if self.refuse_by_lineage(&m, &analysis, &mut stmt).await {
+        if self
+            .refuse_by_lineage(&m, &sql, &analysis, &lineage::Params::NotBound, &mut stmt)
+            .await
+        {
             return Ok(());
         }
         let stmt = stmt.expect("not taken unless refused");
@@ -1714,7 +1746,26 @@ impl<'a> Pg<'a> {
         };
         self.set = self.ctx.policy.current();
         let mut stmt = Some(stmt);
-        if self.refuse_by_lineage(&m, &analysis, &mut stmt).await {
+        let values = match self.last_bind_values.take() {
+            Some((p, values)) if p == *portal => values,
+            _ => Vec::new(),
+        };
+        let param = |n: usize| -> Option<Vec<u8>> {
+            values.get(n.checked_sub(1)?).map(|v| {
+                v.as_ref()
+                    .map_or_else(|| b"\0null".to_vec(), |b| b.to_vec())
+            })
+        };
+        if self
+            .refuse_by_lineage(
+                &m,
+                &sql,
+                &analysis,
+                &lineage::Params::Bound(&param),
+                &mut stmt,
+            )
+            .await
+        {
             return Ok(());
         }
         let stmt = stmt.expect("not taken unless refused");
@@ -2140,6 +2191,7 @@ timeout = "30s"
             correlation_key: [7; 32],
             cancel_keys: CancelKeys::default(),
             sql_cache: Arc::default(),
+            probes: Arc::default(),
             settings: PgSettings::default(),
         }
     }
