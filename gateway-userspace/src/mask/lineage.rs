@@ -58,6 +58,28 @@ pub trait Relations {
     fn is_user_function(&self, _name: &str) -> bool {
         false
     }
+
+    /// Whether a server parameter ([`crate::sql::lineage::PARAMETER`]) is
+    /// built in: its value describes the server, not data, and is not
+    /// masked. The default serves Postgres and MySQL: a plain name (`[a-z0-9_]`,
+    /// no `.`: Postgres custom parameters are `x.y`), or a MySQL system
+    /// variable (`@@name`); never a MySQL user variable (`@x`), a
+    /// parameter whose name is an expression, or `application_name` (free
+    /// text any session may set). A handler with its own list overrides it.
+    fn builtin_parameter(&self, name: &str) -> bool {
+        is_builtin_parameter(name)
+    }
+}
+
+/// See [`Relations::builtin_parameter`].
+pub fn is_builtin_parameter(name: &str) -> bool {
+    let plain = name.strip_prefix("@@").unwrap_or(name);
+    let plain_ok = !plain.is_empty()
+        && (plain == "*"
+            || plain
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'));
+    plain_ok && (name.starts_with("@@") || plain != "*") && plain != "application_name"
 }
 
 /// Without a catalog: every relation is a table, but for [`DATA_CATALOGS`].
@@ -115,6 +137,14 @@ fn expand<'p>(
             flow: Flow::Derived,
         });
     };
+    if src.relation == crate::sql::lineage::PARAMETER {
+        // A parameter the session can set may carry a value out.
+        let name = src.column.as_deref().unwrap_or_default();
+        if !rels.builtin_parameter(name) {
+            wholesale(out, &format!("parameter {name}"));
+        }
+        return;
+    }
     match rels.kind(&src.relation) {
         RelationKind::View(Some(cols)) if depth < MAX_VIEW_DEPTH => {
             let mut found = false;
@@ -427,6 +457,26 @@ pub fn reads_protected(
         || stmt.predicates.iter().any(|p| reads(&p.lineage))
         || stmt.writes.iter().any(|w| reads(&w.lineage))
         || stmt.cursor.as_ref().is_some_and(|(_, o)| returns(o))
+}
+
+/// The SQLSTATE a client sees for an error of a statement that reads a
+/// protected column ([`reads_protected`]): the class only (`22012` →
+/// `22000`), so that which error it was (division by zero rather than an
+/// invalid cast, a unique violation rather than a check) does not tell
+/// which branch a value took. Statements whose success itself could depend
+/// on a protected value beyond a budgeted equality test are refused before
+/// they run ([`check`]); what is left to the class is the rest. Kept whole:
+/// the classes that describe the connection or transaction, not a value,
+/// and that clients act on (`08` connection, `25` transaction state, `40`
+/// rollback and serialization, `53` resources, `57` operator intervention).
+pub fn withheld_sqlstate(code: &str) -> String {
+    if code.len() != 5 || !code.is_ascii() {
+        return "XX000".into();
+    }
+    match &code[..2] {
+        "08" | "25" | "40" | "53" | "57" => code.to_owned(),
+        class => format!("{class}000"),
+    }
 }
 
 /// A rule with `derived = "deny"` on a table the statement names.
@@ -1151,6 +1201,63 @@ mod tests {
         for _ in 0..3 {
             assert!(run("a", "SELECT id FROM customers WHERE ssn = $1").is_ok());
         }
+    }
+
+    #[test]
+    fn errors_of_statements_reading_protected_columns_keep_their_class_only() {
+        assert_eq!(withheld_sqlstate("22012"), "22000");
+        assert_eq!(withheld_sqlstate("22P02"), "22000");
+        assert_eq!(withheld_sqlstate("23505"), "23000");
+        assert_eq!(withheld_sqlstate("P0001"), "P0000");
+        assert_eq!(withheld_sqlstate("40001"), "40001");
+        assert_eq!(withheld_sqlstate("57014"), "57014");
+        assert_eq!(withheld_sqlstate("bad"), "XX000");
+    }
+
+    #[test]
+    fn built_in_server_parameters_are_not_data_settable_ones_are() {
+        let label = |sql: &str, dialect: Dialect| {
+            let s = lineage(sql, dialect).unwrap().remove(0);
+            plan(
+                &policy(Derived::Redact),
+                &NoCatalog,
+                Some(&s.outputs),
+                &s.functions,
+                &computed(1),
+            )[0]
+            .label()
+        };
+        for sql in [
+            "SHOW server_version_num",
+            "SHOW standard_conforming_strings",
+            "SELECT version()",
+            "SELECT current_setting('server_version_num')",
+            "SELECT pg_catalog.current_setting('TimeZone')",
+        ] {
+            assert_eq!(label(sql, Dialect::Postgres), None, "{sql}");
+        }
+        for sql in [
+            "SHOW my.v",
+            "SHOW ALL",
+            "SELECT current_setting('my.v')",
+            "SELECT current_setting('application_name')",
+        ] {
+            assert!(label(sql, Dialect::Postgres).is_some(), "{sql}");
+        }
+        assert_eq!(label("SELECT @@version", Dialect::MySql), None);
+        assert_eq!(label("SELECT @@session.sql_mode", Dialect::MySql), None);
+        assert_eq!(
+            label("SHOW VARIABLES LIKE 'version%'", Dialect::MySql),
+            None
+        );
+        assert!(label("SELECT @x", Dialect::MySql).is_some());
+        // Without column rules nothing is masked at all.
+        let s = stmt("SHOW my.v");
+        let none = MaskPolicy::none();
+        assert_eq!(
+            plan(&none, &NoCatalog, Some(&s.outputs), &[], &computed(1))[0],
+            ColumnMask::Pass
+        );
     }
 
     struct Cols;

@@ -655,6 +655,31 @@ fn statement(stmt: &Statement, probes: bool) -> StatementLineage {
             cx.absorb(self::statement(inner, cx.probes));
             Outputs::None
         }
+        Statement::ShowVariable { variable } => {
+            let name = variable.iter().map(ident).collect::<Vec<_>>().join(".");
+            if name == "all" {
+                // Every parameter, custom ones too.
+                Outputs::Unknown
+            } else {
+                Outputs::Known(vec![Output::Column {
+                    lineage: parameter(&name),
+                    name,
+                }])
+            }
+        }
+        Statement::ShowVariables { .. } => {
+            // MySQL: system variables only (never user variables).
+            Outputs::Known(vec![
+                Output::Column {
+                    name: "Variable_name".into(),
+                    lineage: Lineage::default(),
+                },
+                Output::Column {
+                    name: "Value".into(),
+                    lineage: parameter("@@*"),
+                },
+            ])
+        }
         Statement::StartTransaction { .. }
         | Statement::Commit { .. }
         | Statement::Rollback { .. }
@@ -1216,6 +1241,14 @@ impl Ctx {
                 .at_least(Flow::Derived);
         }
         match e {
+            Expr::Identifier(id) if id.quote_style.is_none() && id.value.starts_with('@') => {
+                // MySQL: `@@[scope.]name` a system variable, `@name` a user
+                // variable (which can carry any value: never built in).
+                match id.value.strip_prefix("@@") {
+                    Some(v) => parameter(&format!("@@{}", v.rsplit('.').next().unwrap_or(v))),
+                    None => parameter(&id.value),
+                }
+            }
             Expr::Identifier(id) => self.scope.resolve(&[ident(id)]),
             Expr::CompoundIdentifier(ids) => {
                 let parts: Vec<String> = ids.iter().map(ident).collect();
@@ -1308,6 +1341,9 @@ impl Ctx {
     fn function(&mut self, f: &Function) -> Lineage {
         let name = last_part(&f.name);
         self.functions.push(name.clone());
+        if let Some(l) = server_parameter(&name, f) {
+            return l;
+        }
         let mut args = Vec::new();
         let mut arg_exprs: Vec<Option<&Expr>> = Vec::new();
         let mut extra = Lineage::default();
@@ -1764,6 +1800,47 @@ impl Visitor for Children {
     fn post_visit_expr(&mut self, _e: &Expr) -> ControlFlow<()> {
         self.depth -= 1;
         ControlFlow::Continue(())
+    }
+}
+
+/// The relation of a [`Source`] that is a server parameter (`SHOW x`,
+/// `current_setting('x')`, `version()`, MySQL `@@x`, `@x`): its column is
+/// the parameter's name (`@@name` for a MySQL system variable, `@name` for
+/// a user variable). The policy side decides which are built in (not data,
+/// [`crate::mask::lineage::Relations::builtin_parameter`]).
+pub const PARAMETER: &str = "(server parameter)";
+
+fn parameter(name: &str) -> Lineage {
+    Lineage::from_source(
+        Source {
+            relation: PARAMETER.into(),
+            column: Some(name.to_lowercase()),
+        },
+        Flow::Direct,
+    )
+}
+
+/// `version()`, `current_setting('name' [, missing_ok])`: the parameter
+/// read. A name that is not a literal is a parameter of unknown name.
+fn server_parameter(name: &str, f: &Function) -> Option<Lineage> {
+    let FunctionArguments::List(list) = &f.args else {
+        return (name == "version" && matches!(f.args, FunctionArguments::None))
+            .then(|| parameter("server_version"));
+    };
+    match (name, list.args.first()) {
+        ("version", None) => Some(parameter("server_version")),
+        ("current_setting", Some(FunctionArg::Unnamed(FunctionArgExpr::Expr(e))))
+            if list.args.len() <= 2 && f.over.is_none() && f.filter.is_none() =>
+        {
+            match e {
+                Expr::Value(v) => match &v.value {
+                    Value::SingleQuotedString(s) => Some(parameter(s)),
+                    _ => Some(parameter("(expression)")),
+                },
+                _ => None,
+            }
+        }
+        _ => None,
     }
 }
 

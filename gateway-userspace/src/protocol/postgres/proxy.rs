@@ -584,29 +584,27 @@ struct Plan {
 }
 
 /// An error or notice about a statement that reads a protected column:
-/// severity, SQLSTATE, position and the names of the objects involved are
-/// kept; the message, detail, hint and context, which may quote a value, are
-/// replaced.
+/// severity and the names of the objects involved are kept; the SQLSTATE
+/// is reduced to its class ([`lineage::withheld_sqlstate`]); the message,
+/// detail, hint, context and position, which may quote or point at a value,
+/// are replaced or dropped.
 fn withheld(f: &ErrorFields) -> ErrorFields {
     let code = f
         .sqlstate()
         .map(|s| String::from_utf8_lossy(s).into_owned())
         .unwrap_or_default();
+    let code = lineage::withheld_sqlstate(&code);
     let mut fields: Vec<(u8, Bytes)> = f
         .fields
         .iter()
-        .filter(|(k, _)| {
-            matches!(
-                k,
-                b'S' | b'V' | b'C' | b'P' | b's' | b't' | b'c' | b'd' | b'n'
-            )
-        })
+        .filter(|(k, _)| matches!(k, b'S' | b'V' | b's' | b't' | b'c' | b'd' | b'n'))
         .cloned()
         .collect();
+    fields.push((b'C', Bytes::from(code.clone())));
     fields.push((
         b'M',
         Bytes::from(format!(
-            "agentgate: the server's message (SQLSTATE {code}) is withheld: the statement reads a protected column, and the message may quote its value"
+            "agentgate: the server's error (SQLSTATE class {code}) is withheld: the statement reads a protected column, and the error may depend on or quote its value"
         )),
     ));
     ErrorFields { fields }
