@@ -7,7 +7,11 @@
 //! ([`Flow::Derived`]), whatever the function: the re-encoding class is
 //! closed by construction, not by a list. A rule with `derived = "deny"`
 //! refuses such statements instead; its `predicates` setting limits the
-//! conditions a statement may put on the column. Where lineage is not known
+//! conditions a statement may put on the column, and with it every oracle
+//! class (a value steering a condition, failing, sleeping, counting rows, or
+//! compared with too many literals: [`check`]); equality tests admitted are
+//! counted per identity ([`admit`], [`super::ProbeBudget`]). Built-in server
+//! parameters are not data ([`Relations::builtin_parameter`]). Where lineage is not known
 //! (a statement whose rows do not show their origin, a view whose definition
 //! cannot be read), computed columns are redacted.
 
@@ -241,6 +245,17 @@ pub fn check(
         return Ok(uses);
     }
     let wholesale = EqualityLimits::default();
+    // The refusal names the most telling class when several apply (a
+    // sleep inside a CASE is a timing oracle).
+    let rank = |o: Oracle| match o {
+        Oracle::Timing => 5,
+        Oracle::RowCount => 4,
+        Oracle::Error => 3,
+        Oracle::Enumeration => 2,
+        Oracle::Conditional => 1,
+        Oracle::Search => 0,
+    };
+    let mut worst: Option<Refusal> = None;
     for (i, p) in stmt.predicates.iter().enumerate() {
         for h in hits(policy, rels, &p.lineage) {
             let mode = h.rule.map_or(Predicates::Equality, |r| r.predicates);
@@ -253,7 +268,13 @@ pub fn check(
                     Test::Equality { .. } => "an equality test",
                     Test::Search(why) => why,
                 };
-                return Err(Refusal {
+                if worst
+                    .as_ref()
+                    .is_some_and(|w| w.oracle.map_or(0, rank) >= rank(p.oracle))
+                {
+                    continue;
+                }
+                worst = Some(Refusal {
                     rule: rule_name(h.rule),
                     column: h.column,
                     oracle: Some(p.oracle),
@@ -267,6 +288,7 @@ pub fn check(
                         }
                     ),
                 });
+                continue;
             }
             if mode == Predicates::Equality && matches!(p.test, Test::Equality { .. }) {
                 uses.push(EqualityUse {
@@ -278,6 +300,9 @@ pub fn check(
                 });
             }
         }
+    }
+    if let Some(r) = worst {
+        return Err(r);
     }
     // Values per rule and column, over every test of the statement (`OR`
     // chains, several `IN` lists).

@@ -7,7 +7,12 @@
 //! column it computes the set of source columns (`table.column`, or a whole
 //! row) with the [`Flow`] through which each reaches the output, and it lists
 //! the predicates (`WHERE`, `JOIN ON`, `HAVING`, `GROUP BY`, `ORDER BY`,
-//! window partitions) and writes that read columns. The result does not depend
+//! window partitions) and writes that read columns. A predicate is also every
+//! use of a value that gives an answer without returning it (an [`Oracle`]):
+//! a condition anywhere (`CASE`, `FILTER`, `GREATEST`, a boolean in the select
+//! list), an operation that can fail on it, a sleep or a row count it drives.
+//! Functions are classed by what they can do with a value; one not listed may
+//! fail (closed by construction, not by a deny list). The result does not depend
 //! on the policy, so it is cached with the statement's classification; the
 //! masking policy is applied to it per result ([`crate::mask::lineage`]).
 //!
