@@ -170,6 +170,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         correlation_key,
         handlers,
         sql_cache: Arc::default(),
+        probes: Arc::default(),
         refusal_limit: crate::containment::refusals::RefusalLimit::default(),
     });
     let daemon = Arc::new(Daemon {
@@ -313,17 +314,21 @@ fn spawn_http(
     crate::approval::webhook::spawn(hooks, &tx, &metrics.webhooks, tasks, shutdown)
         .map_err(|e| DaemonError::Api(e.to_string()))?;
     let mut events = shared.approvals.subscribe();
+    // Masking alerts (an identity past its equality probe budget) go to
+    // the same hooks, through the same queues.
+    let mut alerts = shared.probes.subscribe();
     let mut stop = shutdown.clone();
     let dropped = metrics.webhooks.clone();
     tasks.spawn(async move {
         loop {
             let event = tokio::select! {
-                e = events.recv() => e,
+                e = events.recv() => e.map(|e| serde_json::to_value(&e).ok()),
+                a = alerts.recv() => a.map(Some),
                 _ = stop.wait_for(|s| *s) => return,
             };
             match event {
                 Ok(e) => {
-                    if let Ok(v) = serde_json::to_value(&e) {
+                    if let Some(v) = e {
                         let _ = tx.send(v);
                     }
                 }
