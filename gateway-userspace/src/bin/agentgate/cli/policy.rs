@@ -7,7 +7,10 @@ use std::{
 };
 
 use agentgate::{
-    policy::{Action, ArchiveError, PolicyArchive, PolicyErrors, PolicySet, Subject, Verdict, diff, load_dir},
+    policy::{
+        Action, ArchiveError, PolicyArchive, PolicyErrors, PolicySet, Subject, Verdict, diff,
+        load_dir,
+    },
     sql,
 };
 use anyhow::Context;
@@ -50,7 +53,9 @@ pub enum PolicyCommand {
     /// policy digest (64 hex digits, or a unique prefix of at least 8) from the
     /// daemon's policy archive, as `policy.reload` and `daemon.start` records
     /// and the evidence package name them.
-    #[command(after_help = "Exit status: 0 when both versions load (whether or not they differ), 1 when one does not load or its archive was altered, 2 on a usage error (an argument that is neither a directory nor an archived digest).")]
+    #[command(
+        after_help = "Exit status: 0 when both versions load (whether or not they differ), 1 when one does not load or its archive was altered, 2 on a usage error (an argument that is neither a directory nor an archived digest)."
+    )]
     Diff {
         /// The older version: a policy directory or an archived digest.
         old: String,
