@@ -19,7 +19,7 @@ use serde_json::Value;
 use crate::audit::{Kind, Record};
 
 /// `schema` of `evidence.json` (docs/evidence.schema.json).
-pub const SCHEMA: &str = "agentgate.evidence/1";
+pub const SCHEMA: &str = "agentgate.evidence/2";
 /// Entries kept per list (commands, denials, approvals, ...).
 pub const LIST_CAP: usize = 500;
 /// Records cited per answer or aggregate entry.

@@ -219,9 +219,12 @@ impl Tracker {
         {
             return;
         }
-        let digest = self.current.as_ref().map(|c| c.digest.clone());
-        let start = self.at_start.as_ref().map(|c| c.digest.as_str());
-        if digest.is_some() && digest.as_deref() == start {
+        // No version on record at all (a log from before versions were
+        // recorded): no change is on record either.
+        let Some(digest) = self.current.as_ref().map(|c| c.digest.clone()) else {
+            return;
+        };
+        if self.at_start.as_ref().is_some_and(|c| c.digest == digest) {
             return;
         }
         if self.candidates.len() >= LIST_CAP {
@@ -234,7 +237,7 @@ impl Tracker {
             resource: rec.resource.clone(),
             summary: text(rec.action.as_ref(), "sql")
                 .or_else(|| text(rec.action.as_ref(), "summary")),
-            digest: digest.unwrap_or_default(),
+            digest,
             cite: cite(),
         });
     }
@@ -691,6 +694,20 @@ approval = { approver_groups = ["ops"], timeout = "60s" }
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].record.seq, 2);
         assert_eq!(listed[0].because, ["ddl (loosened)"]);
+        let schema: Value = serde_json::from_str(
+            &std::fs::read_to_string(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../docs/evidence.schema.json"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let errors: Vec<String> = jsonschema::validator_for(&schema)
+            .unwrap()
+            .iter_errors(&serde_json::to_value(&r).unwrap())
+            .map(|e| e.to_string())
+            .collect();
+        assert!(errors.is_empty(), "{errors:?}");
         let html = crate::evidence::html::render(&r);
         assert!(html.contains("Allowed only by a policy change"));
         assert!(html.contains("see policy changes"));
