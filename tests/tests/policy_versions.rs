@@ -178,8 +178,18 @@ fn finish(mut p: Proc) -> Output {
         std::thread::sleep(Duration::from_millis(50));
     }
     let (mut out, mut err) = (String::new(), String::new());
-    p.child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-    p.child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    p.child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    p.child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     Output {
         status: p.child.wait().unwrap(),
         stdout: out.into_bytes(),
@@ -251,7 +261,10 @@ fn a_policy_change_cannot_launder_a_command() {
         .into_iter()
         .find(|r| r["kind"] == "daemon.start")
         .unwrap();
-    let base_digest = start["action"]["policy_digest"].as_str().unwrap().to_owned();
+    let base_digest = start["action"]["policy_digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
 
     // 1. No change: the DROP waits for bob.
     let from1 = utc(-1);
@@ -267,7 +280,10 @@ fn a_policy_change_cannot_launder_a_command() {
     assert_ne!(loose_digest, base_digest);
     set_plan(&plan, "DROP TABLE scratch2");
     let q = run_agent(&env, &url, None);
-    assert_eq!(q["ok"], true, "ran without approval under the looser policy: {q}");
+    assert_eq!(
+        q["ok"], true,
+        "ran without approval under the looser policy: {q}"
+    );
     assert!(!table_exists(&pg, "scratch2"));
     assert_eq!(install(&env, &baseline), base_digest);
     let to2 = utc(1);
@@ -338,7 +354,12 @@ fn a_policy_change_cannot_launder_a_command() {
     assert_eq!(change["name"], RULE, "{pol:#}");
     assert_eq!(change["change"], "loosened");
     assert_eq!(change["how"][0], "action: require_approval -> allow");
-    assert!(change["new_text"].as_str().unwrap().contains("action = \"allow\""));
+    assert!(
+        change["new_text"]
+            .as_str()
+            .unwrap()
+            .contains("action = \"allow\"")
+    );
     let listed = pol["allowed_by_change"]["items"].as_array().unwrap();
     assert_eq!(listed.len(), 1, "{pol:#}");
     assert!(
@@ -382,10 +403,14 @@ fn a_policy_change_cannot_launder_a_command() {
     .unwrap();
     let d: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(d["changes"][0], *change);
-    let bad = env.agentgate(&["policy", "diff", "nonsense", &base_digest]).output().unwrap();
+    let bad = env
+        .agentgate(&["policy", "diff", "nonsense", &base_digest])
+        .output()
+        .unwrap();
     assert_eq!(bad.status.code(), Some(2));
     assert!(
-        String::from_utf8_lossy(&bad.stderr).contains("neither a policy directory nor a policy digest"),
+        String::from_utf8_lossy(&bad.stderr)
+            .contains("neither a policy directory nor a policy digest"),
         "{}",
         String::from_utf8_lossy(&bad.stderr)
     );

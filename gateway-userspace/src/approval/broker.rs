@@ -1,6 +1,7 @@
 //! The broker: pending requests, votes and grants, and their lifecycle.
 //!
-//! pending → approved | rejected | expired | cancelled | withdrawn. Every
+//! pending → approved | rejected | expired | cancelled | withdrawn |
+//! released | refused (a policy reload decided it again). Every
 //! transition is serialized by one async lock (`transitions`) that is held
 //! across its audit append, so two votes can never both release a command or
 //! count twice; the record is written first and, if it cannot be, the vote

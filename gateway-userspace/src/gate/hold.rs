@@ -1,7 +1,12 @@
 //! Holding a command for approval: the request goes to the approval
 //! [`Broker`](crate::approval::Broker), which writes `approval.requested`
 //! before the request exists, and the outcome becomes a forward or a denial
-//! with its command record.
+//! with its command record. A command admitted with its decoded action
+//! ([`Gate::admit_action`]) is decided again by the broker when the policy
+//! is reloaded: released (recorded `approval.released`, then its command
+//! record names the rule that now allows it) or denied like any policy
+//! denial; the gate keeps what it needs (subject, resource, action) and
+//! still imports no protocol.
 //!
 //! Fails closed: a request that cannot be recorded is a denial; a
 //! rejection, an expiry, a withdrawal or a client that went away never

@@ -226,10 +226,10 @@ struct Findings {
 fn compare_list(f: &mut Findings, what: &str, old: &[String], new: &[String], stops: (bool, bool)) {
     let added: Vec<&String> = new.iter().filter(|p| !old.contains(p)).collect();
     let removed: Vec<&String> = old.iter().filter(|p| !new.contains(p)).collect();
-    widened(f, what, !added.is_empty(), stops, || {
+    widened(f, !added.is_empty(), stops, || {
         format!("{what}: added {}", quoted(&added))
     });
-    narrowed(f, what, !removed.is_empty(), stops, || {
+    narrowed(f, !removed.is_empty(), stops, || {
         format!("{what}: removed {}", quoted(&removed))
     });
 }
@@ -244,13 +244,13 @@ fn compare_condition(
 ) {
     match (old, new) {
         (None, None) => {}
-        (Some(o), None) => widened(f, what, true, stops, || {
+        (Some(o), None) => widened(f, true, stops, || {
             format!(
                 "match.{what}: dropped (was {}; now any)",
                 quoted(&o.iter().collect::<Vec<_>>())
             )
         }),
-        (None, Some(n)) => narrowed(f, what, true, stops, || {
+        (None, Some(n)) => narrowed(f, true, stops, || {
             format!(
                 "match.{what}: added {}",
                 quoted(&n.iter().collect::<Vec<_>>())
@@ -265,9 +265,8 @@ fn compare_condition(
 /// that stops tightens.
 fn widened(
     f: &mut Findings,
-    _what: &str,
     happened: bool,
-    (_old_stops, new_passes): (bool, bool),
+    (_, new_passes): (bool, bool),
     line: impl FnOnce() -> String,
 ) {
     if !happened {
@@ -282,9 +281,8 @@ fn widened(
 
 fn narrowed(
     f: &mut Findings,
-    _what: &str,
     happened: bool,
-    (old_stops, _new_passes): (bool, bool),
+    (old_stops, _): (bool, bool),
     line: impl FnOnce() -> String,
 ) {
     if !happened {
