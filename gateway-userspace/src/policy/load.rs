@@ -483,6 +483,17 @@ fn load_sources(sources: &[Source]) -> Result<PolicySet, PolicyErrors> {
         allow_unix,
         unknown_destination,
         files: sources.iter().map(|s| s.path.clone()).collect(),
+        texts: sources
+            .iter()
+            .map(|s| {
+                let name = s
+                    .path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                (name, s.text.clone())
+            })
+            .collect(),
     })
 }
 

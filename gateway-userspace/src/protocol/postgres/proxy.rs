@@ -1642,9 +1642,13 @@ impl<'a> Pg<'a> {
         self.remember_analysis(&sql, &analysis);
         self.remember_cursors(&analysis);
         let read_only = classification.class <= StatementClass::Read;
-        let decision = self.gate.decide(&self.set, &Action::Sql(classification));
+        let action = Action::Sql(classification);
+        let decision = self.gate.decide(&self.set, &action);
         let command = stmt.command(&analysis.redacted, !read_only);
-        let outcome = self.gate.admit(command, &decision, None).await;
+        let outcome = self
+            .gate
+            .admit_action(command, &decision, None, &action)
+            .await;
         self.carry_out(m, outcome);
         Ok(())
     }
@@ -1767,10 +1771,8 @@ impl<'a> Pg<'a> {
             return Ok(());
         }
         let stmt = stmt.expect("not taken unless refused");
-        let decision = self.gate.decide(
-            &self.set,
-            &Action::Sql(Arc::clone(&analysis.classification)),
-        );
+        let action = Action::Sql(Arc::clone(&analysis.classification));
+        let decision = self.gate.decide(&self.set, &action);
         let covered = statement
             .as_ref()
             .is_some_and(|name| self.approved_parse.remove(name))
@@ -1779,7 +1781,10 @@ impl<'a> Pg<'a> {
             });
         let read_only = class <= StatementClass::Read;
         let command = stmt.command(&analysis.redacted, !read_only);
-        let outcome = self.gate.admit(command, &decision, covered).await;
+        let outcome = self
+            .gate
+            .admit_action(command, &decision, covered, &action)
+            .await;
         self.carry_out(m, outcome);
         Ok(())
     }
