@@ -65,9 +65,9 @@ pub trait Relations {
 
     /// Whether a server parameter ([`crate::sql::lineage::PARAMETER`]) is
     /// built in: its value describes the server, not data, and is not
-    /// masked. The default serves Postgres and MySQL: a plain name (`[a-z0-9_]`,
-    /// no `.`: Postgres custom parameters are `x.y`), or a MySQL system
-    /// variable (`@@name`); never a MySQL user variable (`@x`), a
+    /// masked. The default serves Postgres and `MySQL`: a plain name (`[a-z0-9_]`,
+    /// no `.`: Postgres custom parameters are `x.y`), or a `MySQL` system
+    /// variable (`@@name`); never a `MySQL` user variable (`@x`), a
     /// parameter whose name is an expression, or `application_name` (free
     /// text any session may set). A handler with its own list overrides it.
     fn builtin_parameter(&self, name: &str) -> bool {
@@ -1194,7 +1194,7 @@ mod tests {
                     EqualityLimits {
                         max_values: 10,
                         budget: 3,
-                        window: std::time::Duration::from_secs(3600),
+                        window: std::time::Duration::from_hours(1),
                     },
                 ),
             ],
@@ -1427,6 +1427,7 @@ mod tests {
         /// An expression and whether a protected column (ssn, email) is in
         /// it, and whether it is a bare column reference.
         #[derive(Debug, Clone)]
+        #[allow(clippy::struct_excessive_bools)] // what the property checks, one flag each
         struct Gen {
             sql: String,
             protected: bool,
@@ -1456,6 +1457,7 @@ mod tests {
             })
         }
 
+        #[allow(clippy::too_many_lines)] // one generator, one arm per form
         fn expr() -> impl Strategy<Value = Gen> {
             let leaf = prop_oneof![
                 4 => column(),
@@ -1589,6 +1591,7 @@ mod tests {
             /// Whatever the select list, no output column with a protected
             /// column in it is passed raw; a bare reference keeps its rule.
             #[test]
+            #[allow(clippy::too_many_lines)]
             fn no_protected_column_is_ever_passed_raw(
                 items in proptest::collection::vec(expr(), 1..5),
                 wrap in 0u8..3,

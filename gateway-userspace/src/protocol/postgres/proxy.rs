@@ -1631,10 +1631,16 @@ impl<'a> Pg<'a> {
                 return Ok(());
             }
         }
+        // The policy first (its denial names its own rule, and a denied
+        // statement costs no equality budget), then the masking's searches.
+        let decision = self
+            .gate
+            .decide(&self.set, &Action::Sql(Arc::clone(&classification)));
         let mut stmt = Some(stmt);
-        if self
-            .refuse_by_lineage(&m, &sql, &analysis, &lineage::Params::NotBound, &mut stmt)
-            .await
+        if !matches!(decision.verdict, Verdict::Deny { .. })
+            && self
+                .refuse_by_lineage(&m, &sql, &analysis, &lineage::Params::NotBound, &mut stmt)
+                .await
         {
             return Ok(());
         }
@@ -1642,7 +1648,6 @@ impl<'a> Pg<'a> {
         self.remember_analysis(&sql, &analysis);
         self.remember_cursors(&analysis);
         let read_only = classification.class <= StatementClass::Read;
-        let decision = self.gate.decide(&self.set, &Action::Sql(classification));
         let command = stmt.command(&analysis.redacted, !read_only);
         let outcome = self.gate.admit(command, &decision, None).await;
         self.carry_out(m, outcome);
@@ -1754,23 +1759,24 @@ impl<'a> Pg<'a> {
                     .map_or_else(|| b"\0null".to_vec(), |b| b.to_vec())
             })
         };
-        if self
-            .refuse_by_lineage(
-                &m,
-                &sql,
-                &analysis,
-                &lineage::Params::Bound(&param),
-                &mut stmt,
-            )
-            .await
-        {
-            return Ok(());
-        }
-        let stmt = stmt.expect("not taken unless refused");
         let decision = self.gate.decide(
             &self.set,
             &Action::Sql(Arc::clone(&analysis.classification)),
         );
+        if !matches!(decision.verdict, Verdict::Deny { .. })
+            && self
+                .refuse_by_lineage(
+                    &m,
+                    &sql,
+                    &analysis,
+                    &lineage::Params::Bound(&param),
+                    &mut stmt,
+                )
+                .await
+        {
+            return Ok(());
+        }
+        let stmt = stmt.expect("not taken unless refused");
         let covered = statement
             .as_ref()
             .is_some_and(|name| self.approved_parse.remove(name))
