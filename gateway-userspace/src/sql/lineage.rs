@@ -69,6 +69,10 @@ pub struct Lineage {
     /// Set when the value is a JSON object (or array of objects) built from
     /// named fields, so that protected fields can be masked inside it.
     pub json: Option<Box<JsonShape>>,
+    /// A literal or parameter may reach the value (`VALUES`, a `UNION`
+    /// arm, a `CASE` result, a `COALESCE` default): a value the statement's
+    /// author chose, which a keyed hash must not be computed of.
+    pub constant: bool,
 }
 
 /// A JSON value built by a known builder: `row_to_json(t)`, `to_json(t)`,
@@ -100,6 +104,7 @@ impl Lineage {
 
     /// The union; a JSON shape survives only a union with nothing.
     pub fn merge(&mut self, other: &Lineage) {
+        self.constant |= other.constant;
         if other.sources.is_empty() && other.json.is_none() {
             return;
         }
@@ -1260,7 +1265,10 @@ impl Ctx {
                 self.scope.resolve(&parts)
             }
             Expr::Nested(inner) => self.expr(inner),
-            Expr::Value(_) | Expr::TypedString(_) => Lineage::default(),
+            Expr::Value(_) | Expr::TypedString(_) => Lineage {
+                constant: true,
+                ..Lineage::default()
+            },
             Expr::Cast {
                 kind,
                 expr,
