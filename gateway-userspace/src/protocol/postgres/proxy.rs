@@ -1631,10 +1631,15 @@ impl<'a> Pg<'a> {
                 return Ok(());
             }
         }
+        // The policy first (its denial names its own rule, and a denied
+        // statement costs no equality budget), then the masking's searches.
+        let action = Action::Sql(Arc::clone(&classification));
+        let decision = self.gate.decide(&self.set, &action);
         let mut stmt = Some(stmt);
-        if self
-            .refuse_by_lineage(&m, &sql, &analysis, &lineage::Params::NotBound, &mut stmt)
-            .await
+        if !matches!(decision.verdict, Verdict::Deny { .. })
+            && self
+                .refuse_by_lineage(&m, &sql, &analysis, &lineage::Params::NotBound, &mut stmt)
+                .await
         {
             return Ok(());
         }
@@ -1642,8 +1647,6 @@ impl<'a> Pg<'a> {
         self.remember_analysis(&sql, &analysis);
         self.remember_cursors(&analysis);
         let read_only = classification.class <= StatementClass::Read;
-        let action = Action::Sql(classification);
-        let decision = self.gate.decide(&self.set, &action);
         let command = stmt.command(&analysis.redacted, !read_only);
         let outcome = self
             .gate
@@ -1758,21 +1761,22 @@ impl<'a> Pg<'a> {
                     .map_or_else(|| b"\0null".to_vec(), |b| b.to_vec())
             })
         };
-        if self
-            .refuse_by_lineage(
-                &m,
-                &sql,
-                &analysis,
-                &lineage::Params::Bound(&param),
-                &mut stmt,
-            )
-            .await
+        let action = Action::Sql(Arc::clone(&analysis.classification));
+        let decision = self.gate.decide(&self.set, &action);
+        if !matches!(decision.verdict, Verdict::Deny { .. })
+            && self
+                .refuse_by_lineage(
+                    &m,
+                    &sql,
+                    &analysis,
+                    &lineage::Params::Bound(&param),
+                    &mut stmt,
+                )
+                .await
         {
             return Ok(());
         }
         let stmt = stmt.expect("not taken unless refused");
-        let action = Action::Sql(Arc::clone(&analysis.classification));
-        let decision = self.gate.decide(&self.set, &action);
         let covered = statement
             .as_ref()
             .is_some_and(|name| self.approved_parse.remove(name))
