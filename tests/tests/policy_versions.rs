@@ -1,6 +1,6 @@
 //! Issue 29 end to end: a policy change cannot launder a command. One
 //! daemon, a real `PostgreSQL` and the real agent (tests/agent, as in
-//! agent_evidence.rs), in three periods:
+//! `agent_evidence.rs`), in three periods:
 //!
 //! 1. the baseline holds the agent's DROP for approval; bob approves; the
 //!    package answers question 2 "no";
