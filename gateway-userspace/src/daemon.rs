@@ -53,6 +53,8 @@ pub enum DaemonError {
     Approvals(String),
     #[error("{0}")]
     Containment(String),
+    #[error("protocol handlers: {0}")]
+    Handlers(String),
     #[error("{0}")]
     Api(String),
     #[error("policy is invalid; not starting:\n{errors}")]
@@ -150,6 +152,8 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
     let identities = identities(cfg.identity.as_ref())?;
     let (audit, correlation_key) = open_audit(&cfg, &policy, &hooks, &resolver_pairs).await?;
     let approvals = open_approvals(&cfg, &audit).await?;
+    let handlers = crate::protocol::Handlers::from_sections(&cfg.proxy.handlers)
+        .map_err(DaemonError::Handlers)?;
     let shared = Arc::new(Shared {
         redirector: Mutex::new(redirector),
         bindings: Mutex::new(bindings),
@@ -164,8 +168,9 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         identities,
         audit: audit.clone(),
         correlation_key,
-        pg_cancel_keys: crate::protocol::postgres::proxy::CancelKeys::default(),
+        handlers,
         sql_cache: Arc::default(),
+        probes: Arc::default(),
         refusal_limit: crate::containment::refusals::RefusalLimit::default(),
     });
     let daemon = Arc::new(Daemon {
@@ -310,17 +315,21 @@ fn spawn_http(
     crate::approval::webhook::spawn(hooks, &tx, &metrics.webhooks, tasks, shutdown)
         .map_err(|e| DaemonError::Api(e.to_string()))?;
     let mut events = shared.approvals.subscribe();
+    // Masking alerts (an identity past its equality probe budget) go to
+    // the same hooks, through the same queues.
+    let mut alerts = shared.probes.subscribe();
     let mut stop = shutdown.clone();
     let dropped = metrics.webhooks.clone();
     tasks.spawn(async move {
         loop {
             let event = tokio::select! {
-                e = events.recv() => e,
+                e = events.recv() => e.map(|e| serde_json::to_value(&e).ok()),
+                a = alerts.recv() => a.map(Some),
                 _ = stop.wait_for(|s| *s) => return,
             };
             match event {
                 Ok(e) => {
-                    if let Ok(v) = serde_json::to_value(&e) {
+                    if let Some(v) = e {
                         let _ = tx.send(v);
                     }
                 }
@@ -1341,6 +1350,7 @@ impl Daemon {
                 "redirected": counters[0], "refused_not_ready": counters[1],
                 "established": counters[2], "closed": counters[3], "fast_path_inserted": counters[4],
                 "fast_path_declined": counters[5],
+                "stale_peer_removed": counters[agentgate_common::counter::STALE_PEER_REMOVED as usize],
             },
             "fast_path": s.config.fast_path,
             "audit": audit_status(&s.audit),

@@ -282,6 +282,10 @@ pub struct Masking {
     pub lineage: BTreeMap<String, u64>,
     /// `masking.failure` records: the value was not sent, the connection closed.
     pub failures: Option<Capped<Cite>>,
+    /// Statements the masking refused as searches on a protected column, by
+    /// the kind of answer they sought (`search`, `conditional`, `error`,
+    /// `timing`, `row-count`, `enumeration`): an agent probing for values.
+    pub refusals: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -1204,6 +1208,12 @@ impl Collector {
 
     fn observe_command(&mut self, rec: &Record, who: &str, cite: &Cite, verdict: Option<String>) {
         let action = rec.action.as_ref();
+        if let Some(oracle) = text(field(action, "masking_refusal"), "oracle")
+            && (self.masking.refusals.len() < KEY_CAP
+                || self.masking.refusals.contains_key(&oracle))
+        {
+            *self.masking.refusals.entry(clip(&oracle)).or_default() += 1;
+        }
         let approval = rec.approval.as_ref();
         let verdict = verdict.unwrap_or_else(|| "none".into());
         let approved = verdict == "allow"
@@ -2392,6 +2402,27 @@ mod tests {
         denied.decision = Some(json!({"verdict": "deny", "rule": "r"}));
         let r = run(&[req, denied]);
         assert_eq!(answer_of(&r, "q5").0, "no");
+    }
+
+    #[test]
+    fn masking_refusals_are_counted_by_oracle() {
+        let mut recs = Vec::new();
+        for (i, oracle) in ["enumeration", "error", "enumeration"].iter().enumerate() {
+            let mut r = rec(
+                i as u64,
+                "01:00:00",
+                Kind::Statement,
+                Some(("ann", "human")),
+            );
+            r.action = Some(
+                json!({"class": "read", "masking_refusal": {"oracle": oracle, "column": "customers.ssn"}}),
+            );
+            r.decision = Some(json!({"verdict": "deny", "rule": "masking.column customers.ssn"}));
+            recs.push(r);
+        }
+        let r = run(&recs);
+        assert_eq!(r.masking.refusals.get("enumeration"), Some(&2));
+        assert_eq!(r.masking.refusals.get("error"), Some(&1));
     }
 
     #[test]
