@@ -74,6 +74,9 @@ pub struct Shared {
     pub handlers: Handlers,
     /// Statement analyses by shape (class, tables, redacted text).
     pub sql_cache: Arc<crate::sql::AnalysisCache>,
+    /// Equality probes on protected columns per identity, for every SQL
+    /// handler ([`crate::mask::ProbeBudget`]).
+    pub probes: Arc<crate::mask::ProbeBudget>,
     /// How many `control.refused` records a caller may cause (control socket
     /// and approvals API together).
     pub refusal_limit: crate::containment::refusals::RefusalLimit,
@@ -94,6 +97,7 @@ impl Shared {
             audit: Arc::new(self.audit.clone()),
             correlation_key: self.correlation_key,
             sql_cache: self.sql_cache.clone(),
+            probes: self.probes.clone(),
             upstream_connect_timeout: self.config.upstream_connect_timeout(),
         }
     }
