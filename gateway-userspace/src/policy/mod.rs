@@ -24,8 +24,8 @@ pub use load::{
     PolicyError, PolicyErrors, load_dir, load_str, unix_allow,
 };
 pub use model::{
-    Action, ActionKind, AddressPattern, ApprovalSpec, CgroupBinding, Conditions, Decision,
-    GrantScope, Protocol, Resource, Rule, RuleAction, Subject, TlsMode, UnixAllow,
+    Action, ActionKind, AddressPattern, ApprovalSpec, CgroupBinding, Conditions, Credential,
+    Decision, GrantScope, Protocol, Resource, Rule, RuleAction, Subject, TlsMode, UnixAllow,
     UnknownDestination, UpstreamTls, Verdict,
 };
 pub use set::{DNS_LOOKUP_TIMEOUT, DnsAnswer, PolicySet};

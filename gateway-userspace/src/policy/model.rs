@@ -63,6 +63,7 @@ pub(crate) struct ResourceSpec {
     pub protocol: Spanned<Protocol>,
     pub addresses: Spanned<Vec<Spanned<String>>>,
     pub tls: Option<Spanned<TlsSpec>>,
+    pub credential: Option<Spanned<CredentialSpec>>,
     pub default_action: Option<Spanned<ActionKind>>,
     pub default_approval: Option<Spanned<ApprovalSpecFile>>,
 }
@@ -73,6 +74,14 @@ pub(crate) struct TlsSpec {
     pub mode: Option<TlsMode>,
     pub ca_file: Option<Spanned<PathBuf>>,
     pub server_name: Option<Spanned<String>>,
+}
+
+/// `credential = { user = "...", password_file = "/..." }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CredentialSpec {
+    pub user: Spanned<String>,
+    pub password_file: Spanned<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -216,6 +225,45 @@ pub struct UpstreamTls {
     pub server_name: Option<String>,
 }
 
+/// A database login the daemon holds for a resource (`credential`): the
+/// handler logs in upstream as `user` with the secret in `password_file`
+/// (read at each login, never logged), whatever the agent sent. Records name
+/// the user and the file, never the secret. Any database handler uses it
+/// (Postgres: SCRAM-SHA-256, MD5 or cleartext, as the server asks).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credential {
+    pub user: String,
+    /// Absolute; readable by its owner only (checked when the policy loads).
+    pub password_file: PathBuf,
+}
+
+/// Longest secret read from a `password_file`.
+pub const MAX_SECRET_BYTES: u64 = 4096;
+
+impl Credential {
+    /// The secret: the file's content without its trailing newline.
+    pub fn read_secret(&self) -> std::io::Result<secrecy::SecretString> {
+        use std::io::Read as _;
+        let mut text = String::new();
+        std::fs::File::open(&self.password_file)?
+            .take(MAX_SECRET_BYTES + 1)
+            .read_to_string(&mut text)?;
+        if text.len() as u64 > MAX_SECRET_BYTES {
+            return Err(std::io::Error::other(format!(
+                "longer than {MAX_SECRET_BYTES} bytes"
+            )));
+        }
+        let trimmed = text.trim_end_matches(['\n', '\r']).len();
+        text.truncate(trimmed);
+        Ok(secrecy::SecretString::from(text))
+    }
+
+    /// What records say about it (never the secret).
+    pub fn describe(&self) -> serde_json::Value {
+        serde_json::json!({ "user": self.user, "password_file": self.password_file.display().to_string() })
+    }
+}
+
 /// One entry of a resource's `addresses`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AddressPattern {
@@ -325,6 +373,9 @@ pub struct Resource {
     pub protocol: Protocol,
     pub addresses: Vec<AddressPattern>,
     pub tls: Option<UpstreamTls>,
+    /// The upstream login the daemon holds for this resource; `None`:
+    /// the agent's own login is passed through.
+    pub credential: Option<Credential>,
     /// Applies when no rule matches.
     pub default: RuleAction,
     /// Index in its `PolicySet` (a fast path; lookups fall back to the name).
