@@ -72,10 +72,19 @@ const APT_PACKAGES: &[&str] = &[
     "nftables",
     // The approvals page test and the report screenshots drive it (npm playwright-core).
     "chromium",
+    // `cargo xtask bench mysql` drives it.
+    "sysbench",
 ];
 
 /// Python modules the tests import, with the `PyPI` requirement that provides each.
-const PY_PACKAGES: &[(&str, &str)] = &[("psycopg", "psycopg[binary]==3.2.*")];
+const PY_PACKAGES: &[(&str, &str)] = &[
+    ("psycopg", "psycopg[binary]==3.2.*"),
+    // MySQL: text protocol (PyMySQL, ed25519 through PyNaCl) and binary
+    // protocol (mysql-connector-python's prepared cursors).
+    ("pymysql", "PyMySQL==1.1.*"),
+    ("nacl", "PyNaCl==1.5.*"),
+    ("mysql.connector", "mysql-connector-python==9.*"),
+];
 
 fn main() -> ExitCode {
     match run(Cli::parse()) {
