@@ -28,7 +28,78 @@
 //! on the same host; no local CA is configured for it).
 
 pub mod codec;
+pub mod config;
 pub mod proxy;
 pub mod rows;
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::net::TcpStream;
+
+use super::{Attributed, BoxFuture, Handler, HandlerError, Registration, Services};
+use crate::policy::Protocol;
+
+/// The `MySQL` handler's place in [`super::REGISTRY`].
+pub const REGISTRATION: Registration = Registration {
+    protocol: Protocol::Mysql,
+    section: "mysql",
+    check: config::check,
+    build: |section| {
+        let c = match section {
+            None => config::MysqlConfig::default(),
+            Some(v) => v.clone().try_into().map_err(|e| e.to_string())?,
+        };
+        c.validate()?;
+        Ok(Arc::new(Mysql { config: c }))
+    },
+};
+
+/// The handler: its section (it keeps no state across connections).
+pub struct Mysql {
+    config: config::MysqlConfig,
+}
+
+impl Handler for Mysql {
+    fn serve(
+        &self,
+        client: TcpStream,
+        conn: Attributed,
+        services: Services,
+    ) -> BoxFuture<'_, Result<(), HandlerError>> {
+        let ctx = proxy::MyContext {
+            conn: conn.conn,
+            subject: conn.subject,
+            resource: conn.resource,
+            policy: services.policy,
+            approvals: services.approvals,
+            audit: services.audit,
+            correlation_key: services.correlation_key,
+            settings: proxy::MySettings {
+                limits: codec::Limits {
+                    max_packet: self.config.max_packet_bytes,
+                    max_sql_len: self.config.max_sql_bytes,
+                    ..codec::Limits::default()
+                },
+                handshake_timeout: Duration::from_secs(self.config.handshake_timeout_secs),
+                connect_timeout: services.upstream_connect_timeout,
+            },
+            sql_cache: services.sql_cache,
+        };
+        Box::pin(async move { proxy::serve(client, ctx).await.map_err(Into::into) })
+    }
+
+    fn refuse<'a>(
+        &'a self,
+        client: TcpStream,
+        rule: &'a str,
+        reason: &'a str,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            if let Err(e) = proxy::refuse(client, rule, reason).await {
+                tracing::debug!(error = %e, "refusal not delivered");
+            }
+        })
+    }
+}
 #[cfg(test)]
 mod tests;

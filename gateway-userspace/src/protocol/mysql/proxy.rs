@@ -83,13 +83,13 @@ use super::{
 use crate::{
     approval::Broker,
     audit::Kind,
+    connection::LiveConnection,
     gate::{self, AuditSink, Covered, Denial, DenialKind, Gate, ResultRecord, truncate_chars},
     mask::{
         MaskPolicy, MaskResult, ResultMasks, RowMasker as _,
         lineage::{self, Field, NoCatalog},
     },
     policy::{Action, Decision, PolicySet, PolicyStore, Resource, Subject, Verdict},
-    proxy::LiveConnection,
     sql::{Analysis, AnalysisCache, Dialect, StatementClass},
 };
 

@@ -28,9 +28,9 @@ use super::{
 use crate::{
     approval::Broker,
     audit::NewRecord,
+    connection::LiveConnection,
     gate::{AuditSink, AuditUnavailable},
     policy::{PolicyStore, Subject, load_str},
-    proxy::LiveConnection,
 };
 
 const POLICY: &str = r#"
