@@ -111,6 +111,42 @@ pub fn unwrap_executable_comments(sql: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// Whether the text stores a value in a user variable (`@x := ...`,
+/// `SET @x = ...`, `SELECT ... INTO @x`): a value there is beyond masking
+/// (a later `SELECT @x` has no lineage). Text that does not tokenize counts.
+pub fn assigns_user_variable(sql: &str) -> bool {
+    let sql = unwrap_executable_comments(sql);
+    let Ok(tokens) = Tokenizer::new(Dialect::MySql.parser_dialect(), &sql).tokenize() else {
+        return true;
+    };
+    let is_var = |t: &Token| match t {
+        Token::Word(w) => w.value.starts_with('@') && !w.value.starts_with("@@"),
+        Token::AtSign => true,
+        _ => false,
+    };
+    for segment in tokens.split(|t| *t == Token::SemiColon) {
+        let sig: Vec<&Token> = segment
+            .iter()
+            .filter(|t| !matches!(t, Token::Whitespace(_)))
+            .collect();
+        if sig.iter().any(|t| matches!(t, Token::Assignment)) {
+            return true;
+        }
+        let first_set =
+            matches!(sig.first(), Some(Token::Word(w)) if w.value.eq_ignore_ascii_case("SET"));
+        if first_set && sig.iter().any(|t| is_var(t)) {
+            return true;
+        }
+        let into_var = sig.windows(2).any(|p| {
+            matches!(p[0], Token::Word(w) if w.value.eq_ignore_ascii_case("INTO")) && is_var(p[1])
+        });
+        if into_var {
+            return true;
+        }
+    }
+    false
+}
+
 /// One statement's class from its keywords, if the keywords decide it.
 fn by_keywords(words: &[String]) -> Option<StatementInfo> {
     let w = |i: usize| words.get(i).map_or("", String::as_str);
@@ -389,6 +425,29 @@ mod tests {
                 .unwrap()
                 .starts_with("file read")
         );
+    }
+
+    #[test]
+    fn user_variable_assignments_are_found() {
+        for sql in [
+            "SELECT @x := ssn FROM t",
+            "SET @x = (SELECT ssn FROM t)",
+            "SELECT ssn INTO @v FROM t",
+            "SELECT a, b INTO @a, @b FROM t",
+            "SELECT 1; SET @y = 2",
+            "/*!50000 SET @x = 1 */",
+        ] {
+            assert!(assigns_user_variable(sql), "{sql}");
+        }
+        for sql in [
+            "SELECT @x",
+            "SELECT ssn FROM t WHERE id = @id",
+            "SELECT @@version",
+            "SET NAMES utf8mb4",
+            "SELECT ':=' FROM t",
+        ] {
+            assert!(!assigns_user_variable(sql), "{sql}");
+        }
     }
 
     #[test]

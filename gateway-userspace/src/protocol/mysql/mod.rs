@@ -27,6 +27,7 @@
 //! execute, progress reports), and `CLIENT_SSL` (the agent's leg is loopback
 //! on the same host; no local CA is configured for it).
 
+pub mod catalog;
 pub mod codec;
 pub mod config;
 pub mod proxy;

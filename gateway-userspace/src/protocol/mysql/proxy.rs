@@ -74,6 +74,7 @@ use tokio::{
 };
 
 use super::{
+    catalog::{self, Catalog},
     codec::{
         self, ClientHello, ColumnDef, Command, Framer, Limits, Packet, ProtocolError, Reply,
         Response,
@@ -87,10 +88,10 @@ use crate::{
     gate::{self, AuditSink, Covered, Denial, DenialKind, Gate, ResultRecord, truncate_chars},
     mask::{
         MaskPolicy, MaskResult, ResultMasks, RowMasker as _,
-        lineage::{self, Field, NoCatalog},
+        lineage::{self, Field, NoCatalog, RelationKind, Relations},
     },
     policy::{Action, Decision, PolicySet, PolicyStore, Resource, Subject, Verdict},
-    sql::{Analysis, AnalysisCache, Dialect, StatementClass},
+    sql::{Analysis, AnalysisCache, Classification, Dialect, StatementClass},
 };
 
 /// Redacted SQL kept in an audit record.
@@ -237,6 +238,7 @@ pub async fn serve(client: TcpStream, ctx: MyContext) -> Result<(), MyProxyError
         statements: 0,
         opened_at: Instant::now(),
         started: false,
+        catalog: None,
     };
     let result = my.run().await;
     my.close_record(result.as_ref().err()).await;
@@ -305,6 +307,8 @@ struct My<'a> {
     opened_at: Instant,
     /// `session.start` is on record.
     started: bool,
+    /// Views and routines, read after login when column rules apply.
+    catalog: Option<Catalog>,
 }
 
 /// Counters of one result.
@@ -535,7 +539,105 @@ impl<'a> My<'a> {
             return Ok(false);
         }
         self.session_start().await?;
+        if !self.masking().columns().is_empty() {
+            self.load_catalog().await?;
+        }
         Ok(true)
+    }
+
+    /// Reads views and routines on the client's connection, before its
+    /// first command. A catalog that cannot be read protects every relation
+    /// wholesale (fails closed).
+    async fn load_catalog(&mut self) -> Result<(), MyProxyError> {
+        let views = self.side_query(catalog::VIEWS_SQL).await?;
+        let routines = self.side_query(catalog::ROUTINES_SQL).await?;
+        self.catalog = Some(match (views, routines) {
+            (Some(v), Some(r)) => Catalog::from_rows(&v, &r),
+            _ => {
+                tracing::warn!(
+                    conn = self.ctx.conn.id,
+                    "catalog unreadable: relations protected wholesale"
+                );
+                Catalog::unavailable()
+            }
+        });
+        Ok(())
+    }
+
+    /// A query of the proxy's own, its rows as text; `None` when the server
+    /// refuses it or it returns more than [`catalog::MAX_CATALOG_ROWS`].
+    async fn side_query(
+        &mut self,
+        sql: &str,
+    ) -> Result<Option<Vec<Vec<Option<String>>>>, MyProxyError> {
+        self.uf.reset();
+        let mut p = vec![0x03];
+        p.extend_from_slice(sql.as_bytes());
+        self.to_upstream(&p).await?;
+        let mut resp = Response::new(Reply::ResultSets { binary: false }, self.deprecate_eof());
+        let mut columns = 0;
+        let mut rows = Vec::new();
+        let mut ok = true;
+        let server = |source| MyProxyError::Server { source };
+        while !resp.done() {
+            let p = self.read_upstream().await?;
+            match resp.feed(&p).map_err(server)? {
+                Packet::ColumnCount(n) => columns = n as usize,
+                Packet::Row if ok => {
+                    let values = rows::text_values(&p, columns).map_err(server)?;
+                    rows.push(
+                        values
+                            .into_iter()
+                            .map(|r| r.map(|r| String::from_utf8_lossy(&p[r]).into_owned()))
+                            .collect(),
+                    );
+                    ok = rows.len() <= catalog::MAX_CATALOG_ROWS;
+                }
+                Packet::Err { .. } | Packet::LocalInfile { .. } => ok = false,
+                _ => {}
+            }
+        }
+        Ok(ok.then_some(rows))
+    }
+
+    /// What names in statements are (views, routines).
+    fn relations(&self) -> &dyn Relations {
+        match &self.catalog {
+            Some(c) => c,
+            None => &NoCatalog,
+        }
+    }
+
+    /// A statement that stores a value of a protected table (or a view, or
+    /// through a routine) in a user variable: beyond masking from there.
+    fn variable_refusal(&self, sql: &[u8], c: &Classification) -> Option<(String, String)> {
+        let policy = self.masking();
+        if policy.columns().is_empty()
+            || !crate::sql::mysql::assigns_user_variable(&String::from_utf8_lossy(sql))
+        {
+            return None;
+        }
+        let rels = self.relations();
+        let touched = c
+            .tables
+            .iter()
+            .find(|t| {
+                policy.rule_for_any_column(Some(t)).is_some()
+                    || !matches!(rels.kind(t), RelationKind::Table)
+            })
+            .or_else(|| c.functions.iter().find(|f| rels.is_user_function(f)))
+            .cloned()
+            .or_else(|| {
+                c.reason
+                    .as_ref()
+                    .map(|_| "a statement that does not parse".to_owned())
+            })?;
+        Some((
+            "masking: user variables".to_owned(),
+            format!(
+                "stores a value read from {touched} in a user variable, where it would no longer be masked"
+            ),
+        ))
     }
 
     /// Relays an authentication exchange until the server's `OK` (`true`)
@@ -821,7 +923,7 @@ impl<'a> My<'a> {
             .lineage
             .as_ref()?
             .iter()
-            .find_map(|s| lineage::check(policy, &NoCatalog, s).err())
+            .find_map(|s| lineage::check(policy, self.relations(), s).err())
     }
 
     /// Decides a SQL command and carries the decision out.
@@ -865,11 +967,19 @@ impl<'a> My<'a> {
     ) -> Result<(), MyProxyError> {
         self.statements += 1;
         let analysis = Arc::clone(&stmt.analysis);
-        if let Some(r) = self.lineage_refusal(&analysis) {
-            let reason = format!("{} ({})", r.reason, r.column);
+        let refusal = self
+            .variable_refusal(
+                stmt.raw.as_deref().unwrap_or_default(),
+                &analysis.classification,
+            )
+            .or_else(|| {
+                self.lineage_refusal(&analysis)
+                    .map(|r| (r.rule, format!("{} ({})", r.reason, r.column)))
+            });
+        if let Some((rule, reason)) = refusal {
             let decision = Decision {
                 verdict: Verdict::Deny { reason },
-                rule: r.rule,
+                rule,
             };
             let denial = self.gate.deny(self.command_of(&stmt), &decision).await;
             return self.to_client(&denial_err(&denial));
@@ -1119,7 +1229,7 @@ impl<'a> My<'a> {
             None => true,
             Some(all) => all
                 .iter()
-                .any(|s| lineage::reads_protected(policy, &NoCatalog, Some(s))),
+                .any(|s| lineage::reads_protected(policy, self.relations(), Some(s))),
         }
     }
 
@@ -1159,7 +1269,7 @@ impl<'a> My<'a> {
             });
         let outputs = st.map(|s| &s.outputs);
         let functions = st.map_or(&[][..], |s| s.functions.as_slice());
-        let masks = ResultMasks::plan(policy, &NoCatalog, outputs, functions, &fields);
+        let masks = ResultMasks::plan(policy, self.relations(), outputs, functions, &fields);
         let names: Vec<String> = columns.iter().map(|c| c.name.clone()).collect();
         let lineage = masks.record(|i| names.get(i).cloned().unwrap_or_default());
         ResultPlan {
