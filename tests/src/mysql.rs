@@ -2,7 +2,8 @@
 //! network namespace.
 //!
 //! Its own data directory (removed on drop), no defaults files read, runs
-//! as the `mysql` system user, listens on 127.0.0.1 only; administered over
+//! as the `mysql` system user, listens on the namespace's loopback (127.0.0.1,
+//! and 127.0.0.2 for the benchmark's TCP resource); administered over
 //! its unix socket (not through agentgate). Users: `app` with
 //! `mysql_native_password` and `edu` with `ed25519`, both granted the
 //! `shop` database, whose `customers` table holds fake, test-only PII.
@@ -48,7 +49,7 @@ impl MariaDb {
         c.args([
             "--no-defaults",
             "--user=mysql",
-            "--bind-address=127.0.0.1",
+            "--bind-address=0.0.0.0",
             "--skip-name-resolve",
             "--skip-log-bin",
             "--innodb-buffer-pool-size=64M",

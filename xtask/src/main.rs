@@ -530,7 +530,7 @@ fn test(root: &Path, filter: Option<&str>, no_lint: bool) -> Result<()> {
 /// the run; its input is left in gateway-userspace/fuzz/artifacts.
 fn fuzz_smoke(root: &Path) -> Result<()> {
     let dir = root.join("gateway-userspace");
-    for target in ["pg_frontend", "pg_backend", "pg_mask_row"] {
+    for target in ["pg_frontend", "pg_backend", "pg_mask_row", "mysql_codec"] {
         let corpus = dir.join("fuzz/corpus").join(target);
         fs::create_dir_all(&corpus)?;
         status(
@@ -580,12 +580,17 @@ fn bench(root: &Path, which: Option<&str>, quick: bool) -> Result<()> {
     setup(root)?;
     let all = which.is_none();
     let mut ran = false;
-    for name in ["audit", "policy", "evidence", "pg"] {
+    for name in ["audit", "policy", "evidence", "pg", "mysql"] {
         if !(all || which == Some(name)) {
             continue;
         }
         if name == "pg" {
             bench_pg(root, quick)?;
+            ran = true;
+            continue;
+        }
+        if name == "mysql" {
+            bench_mysql(root, quick)?;
             ran = true;
             continue;
         }
@@ -601,6 +606,30 @@ fn bench(root: &Path, which: Option<&str>, quick: bool) -> Result<()> {
         bail!("no benchmarks ran");
     }
     Ok(())
+}
+
+/// sysbench against MariaDB directly, through the TCP passthrough and through
+/// the MySQL handler (`tests/src/bin/my_bench.rs`): the release daemon, as root.
+fn bench_mysql(root: &Path, quick: bool) -> Result<()> {
+    if !is_root() {
+        bail!("`bench mysql` runs the daemon with its eBPF programs: run it as root");
+    }
+    status(cmd("cargo").args(["build", "--release", "-p", "agentgate"]))?;
+    let mut c = cmd("cargo");
+    c.args([
+        "run",
+        "--release",
+        "-p",
+        "agentgate-e2e",
+        "--bin",
+        "my_bench",
+        "--",
+    ])
+    .env("AGENTGATE_BIN", target_dir(root).join("release/agentgate"));
+    if quick {
+        c.arg("--quick");
+    }
+    status(&mut c)
 }
 
 /// pgbench against Postgres directly, through agentgate and through pgbouncer

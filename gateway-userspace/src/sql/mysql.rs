@@ -185,12 +185,12 @@ fn by_keywords(words: &[String]) -> Option<StatementInfo> {
             i.destructive = false;
             Some(i)
         }
-        ("LOAD", "INDEX") | ("CACHE", "INDEX") => admin("admin: key cache control"),
+        ("LOAD" | "CACHE", "INDEX") => admin("admin: key cache control"),
         ("HANDLER", _) => admin("HANDLER reads table rows outside SQL (no lineage, no WHERE)"),
         ("CREATE" | "ALTER" | "DROP" | "RENAME", "USER" | "ROLE") => {
             dcl("privilege: account management")
         }
-        ("SET", "PASSWORD") | ("SET", "DEFAULT") | ("GRANT" | "REVOKE", _) => {
+        ("SET", "PASSWORD" | "DEFAULT") | ("GRANT" | "REVOKE", _) => {
             dcl("privilege: grants or passwords")
         }
         ("SET", "GLOBAL" | "PERSIST" | "PERSIST_ONLY") => {
@@ -219,7 +219,7 @@ fn by_keywords(words: &[String]) -> Option<StatementInfo> {
         ("UNLOCK", "TABLE" | "TABLES") => {
             Some(info(StatementClass::Transaction, "releases table locks"))
         }
-        ("DEALLOCATE", "PREPARE") | ("DROP", "PREPARE") => Some(info(
+        ("DEALLOCATE" | "DROP", "PREPARE") => Some(info(
             StatementClass::Transaction,
             "releases a prepared statement",
         )),
@@ -318,7 +318,7 @@ pub(super) fn classify_segments(segments: &[Segment]) -> Vec<StatementInfo> {
             .parse_statements();
         match parsed {
             Ok(statements) => {
-                infos.extend(statements.iter().map(super::classify::classify_statement))
+                infos.extend(statements.iter().map(super::classify::classify_statement));
             }
             Err(_) => infos.push(StatementInfo {
                 class: StatementClass::Unknown,

@@ -1,5 +1,5 @@
 //! `[proxy.mysql]`: the `MySQL` handler's config section, parsed here (not
-//! in `config.rs`). A bad value refuses to start with file:line.
+//! in `config.rs`). A bad value refuses to start with the file and line.
 
 use serde::Deserialize;
 

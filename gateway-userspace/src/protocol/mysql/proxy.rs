@@ -399,7 +399,7 @@ impl<'a> My<'a> {
         }
     }
 
-    fn to_client(&mut self, payload: &[u8]) -> Result<(), MyProxyError> {
+    fn send_client(&mut self, payload: &[u8]) -> Result<(), MyProxyError> {
         self.cf
             .encode(payload, &mut self.cout)
             .map_err(|source| MyProxyError::Server { source })
@@ -421,7 +421,7 @@ impl<'a> My<'a> {
         Ok(())
     }
 
-    async fn to_upstream(&mut self, payload: &[u8]) -> Result<(), MyProxyError> {
+    async fn send_upstream(&mut self, payload: &[u8]) -> Result<(), MyProxyError> {
         let mut out = BytesMut::with_capacity(payload.len() + 8);
         self.uf
             .encode(payload, &mut out)
@@ -439,7 +439,7 @@ impl<'a> My<'a> {
 
     /// An `ERR` to the client, then close.
     async fn fatal(&mut self, code: u16, state: &str, message: &str) {
-        let _ = self.to_client(&codec::err_packet(code, state, message));
+        let _ = self.send_client(&codec::err_packet(code, state, message));
         let _ = self.flush_client().await;
         let _ = self.c.shutdown().await;
     }
@@ -478,7 +478,7 @@ impl<'a> My<'a> {
         let mut greeting = self.read_upstream().await?;
         if greeting.first() == Some(&0xFF) {
             // The server refuses (too many connections, host blocked): as it said.
-            self.to_client(&greeting)?;
+            self.send_client(&greeting)?;
             self.flush_client().await?;
             return Ok(false);
         }
@@ -498,7 +498,7 @@ impl<'a> My<'a> {
             });
         }
         self.server_version.clone_from(&g.server_version);
-        self.to_client(&greeting)?;
+        self.send_client(&greeting)?;
         self.flush_client().await?;
         let Some(mut hello) = self.read_client().await? else {
             return Ok(false);
@@ -525,7 +525,7 @@ impl<'a> My<'a> {
             let mut caps = capabilities;
             caps.insert(CapabilityFlags::CLIENT_SSL);
             codec::set_client_capabilities(&mut hello, caps);
-            self.to_upstream(&hello[..codec::SSL_REQUEST_LEN]).await?;
+            self.send_upstream(&hello[..codec::SSL_REQUEST_LEN]).await?;
             let tcp = std::mem::replace(&mut self.u, Box::new(tokio::io::duplex(1).0));
             let stream = crate::protocol::tls::connect(tcp, &tls, self.ctx.conn.destination)
                 .await
@@ -533,7 +533,7 @@ impl<'a> My<'a> {
             self.u = Box::new(stream);
             self.tls_upstream = true;
         }
-        self.to_upstream(&hello).await?;
+        self.send_upstream(&hello).await?;
         drop(hello);
         if !self.relay_auth().await? {
             return Ok(false);
@@ -551,15 +551,14 @@ impl<'a> My<'a> {
     async fn load_catalog(&mut self) -> Result<(), MyProxyError> {
         let views = self.side_query(catalog::VIEWS_SQL).await?;
         let routines = self.side_query(catalog::ROUTINES_SQL).await?;
-        self.catalog = Some(match (views, routines) {
-            (Some(v), Some(r)) => Catalog::from_rows(&v, &r),
-            _ => {
-                tracing::warn!(
-                    conn = self.ctx.conn.id,
-                    "catalog unreadable: relations protected wholesale"
-                );
-                Catalog::unavailable()
-            }
+        self.catalog = Some(if let (Some(v), Some(r)) = (views, routines) {
+            Catalog::from_rows(&v, &r)
+        } else {
+            tracing::warn!(
+                conn = self.ctx.conn.id,
+                "catalog unreadable: relations protected wholesale"
+            );
+            Catalog::unavailable()
         });
         Ok(())
     }
@@ -573,7 +572,7 @@ impl<'a> My<'a> {
         self.uf.reset();
         let mut p = vec![0x03];
         p.extend_from_slice(sql.as_bytes());
-        self.to_upstream(&p).await?;
+        self.send_upstream(&p).await?;
         let mut resp = Response::new(Reply::ResultSets { binary: false }, self.deprecate_eof());
         let mut columns = 0;
         let mut rows = Vec::new();
@@ -647,7 +646,7 @@ impl<'a> My<'a> {
         for _ in 0..MAX_AUTH_ROUNDS {
             let p = self.read_upstream().await?;
             let head = p.first().copied();
-            self.to_client(&p)?;
+            self.send_client(&p)?;
             match head {
                 Some(0x00) => return Ok(true),
                 Some(0xFF) => {
@@ -660,7 +659,7 @@ impl<'a> My<'a> {
                     let Some(answer) = self.read_client().await? else {
                         return Ok(false);
                     };
-                    self.to_upstream(&answer).await?;
+                    self.send_upstream(&answer).await?;
                 }
                 _ => {
                     return Err(MyProxyError::Server {
@@ -736,7 +735,7 @@ impl<'a> My<'a> {
         self.set = self.ctx.policy.current();
         match *cmd {
             Command::Quit => {
-                let _ = self.to_upstream(packet).await;
+                let _ = self.send_upstream(packet).await;
                 return Ok(false);
             }
             Command::Ping
@@ -744,25 +743,22 @@ impl<'a> My<'a> {
             | Command::SetOption(_)
             | Command::StmtReset { .. }
             | Command::StmtSendLongData { .. } => {
-                self.to_upstream(packet).await?;
+                self.send_upstream(packet).await?;
                 self.relay(cmd.reply(), None).await?;
             }
             Command::StmtClose { stmt_id } => {
                 self.prepared.remove(&stmt_id);
                 self.approved_prepare.remove(&stmt_id);
-                self.to_upstream(packet).await?;
+                self.send_upstream(packet).await?;
             }
             Command::ResetConnection => {
                 self.prepared.clear();
                 self.approved_prepare.clear();
-                self.to_upstream(packet).await?;
+                self.send_upstream(packet).await?;
                 self.relay(cmd.reply(), None).await?;
             }
             Command::ChangeUser => return self.change_user(packet).await,
-            Command::Query(sql) => {
-                self.sql(cmd.name(), sql, packet, None).await?;
-            }
-            Command::StmtPrepare(sql) => {
+            Command::Query(sql) | Command::StmtPrepare(sql) => {
                 self.sql(cmd.name(), sql, packet, None).await?;
             }
             Command::InitDb(db) => {
@@ -858,7 +854,7 @@ impl<'a> My<'a> {
                 &decision,
             )
             .await;
-        self.to_client(&denial_err(&denial))?;
+        self.send_client(&denial_err(&denial))?;
         Ok(())
     }
 
@@ -981,8 +977,8 @@ impl<'a> My<'a> {
                 verdict: Verdict::Deny { reason },
                 rule,
             };
-            let denial = self.gate.deny(self.command_of(&stmt), &decision).await;
-            return self.to_client(&denial_err(&denial));
+            let denial = self.gate.deny(Self::command_of(&stmt), &decision).await;
+            return self.send_client(&denial_err(&denial));
         }
         let decision = self.gate.decide(
             &self.set,
@@ -1003,7 +999,7 @@ impl<'a> My<'a> {
         self.carry_out(stmt, packet, outcome).await
     }
 
-    fn command_of<'s>(&self, stmt: &'s Stmt) -> gate::Command<'s> {
+    fn command_of(stmt: &Stmt) -> gate::Command<'_> {
         gate::Command {
             action: stmt.action.clone(),
             fingerprint: stmt.hash.clone(),
@@ -1025,7 +1021,7 @@ impl<'a> My<'a> {
                 gate::Outcome::ForwardNow { recording } => {
                     // The server works while the record is written; nothing
                     // of its reply reaches the client before it is durable.
-                    self.to_upstream(packet).await?;
+                    self.send_upstream(packet).await?;
                     if let Err(e) = recording.await {
                         tracing::error!(conn = self.ctx.conn.id, error = %e, "audit append failed; results withheld");
                         self.fatal(
@@ -1042,11 +1038,11 @@ impl<'a> My<'a> {
                 }
                 gate::Outcome::Forward { approved: a } => {
                     approved = a;
-                    self.to_upstream(packet).await?;
+                    self.send_upstream(packet).await?;
                     break;
                 }
                 gate::Outcome::Deny(denial) => {
-                    return self.to_client(&denial_err(&denial));
+                    return self.send_client(&denial_err(&denial));
                 }
                 gate::Outcome::Held(mut hold) => {
                     tracing::info!(
@@ -1069,14 +1065,13 @@ impl<'a> My<'a> {
                             }
                         }
                     };
-                    match answer {
-                        Some(a) => outcome = self.gate.release(hold, a).await,
-                        None => {
-                            self.gate.cancel(hold).await;
-                            return Err(MyProxyError::ClientIo {
-                                source: std::io::ErrorKind::UnexpectedEof.into(),
-                            });
-                        }
+                    if let Some(a) = answer {
+                        outcome = self.gate.release(hold, a).await;
+                    } else {
+                        self.gate.cancel(hold).await;
+                        return Err(MyProxyError::ClientIo {
+                            source: std::io::ErrorKind::UnexpectedEof.into(),
+                        });
                     }
                 }
             }
@@ -1139,13 +1134,13 @@ impl<'a> My<'a> {
                 Packet::ColumnCount(_) => {
                     columns.clear();
                     plan = None;
-                    self.to_client(&p)?;
+                    self.send_client(&p)?;
                 }
                 Packet::Column(_) | Packet::PrepareColumn(_) => {
                     if columns.len() < codec::MAX_COLUMNS as usize {
                         columns.push(ColumnDef::parse(&p).map_err(server)?);
                     }
-                    self.to_client(&p)?;
+                    self.send_client(&p)?;
                 }
                 Packet::Row => {
                     if plan.is_none() {
@@ -1155,10 +1150,10 @@ impl<'a> My<'a> {
                     let masked = self.mask_row(plan, &p, resp.binary(), &mut cur)?;
                     cur.rows += 1;
                     cur.bytes += p.len() as u64;
-                    self.to_client(masked.as_deref().unwrap_or(&p))?;
+                    self.send_client(masked.as_deref().unwrap_or(&p))?;
                 }
                 Packet::ResultEnd { .. } | Packet::Ok { .. } => {
-                    self.to_client(&p)?;
+                    self.send_client(&p)?;
                     out.ok = true;
                     if let Some(pl) = plan.take() {
                         cur.lineage = pl.lineage;
@@ -1180,13 +1175,13 @@ impl<'a> My<'a> {
                 Packet::Err { code, ref sqlstate } => {
                     out.ok = false;
                     if withhold {
-                        self.to_client(&codec::err_packet(
+                        self.send_client(&codec::err_packet(
                             code,
                             sqlstate,
                             &format!("agentgate: the server's message (error {code}) is withheld: the statement reads a protected column, and the message may quote its value"),
                         ))?;
                     } else {
-                        self.to_client(&p)?;
+                        self.send_client(&p)?;
                     }
                     if let Some(s) = stmt {
                         self.completed(
@@ -1202,13 +1197,15 @@ impl<'a> My<'a> {
                 } => {
                     out.prepared = Some((stmt_id, params));
                     out.ok = true;
-                    self.to_client(&p)?;
+                    self.send_client(&p)?;
                 }
                 Packet::LocalInfile { ref file } => {
                     self.local_infile(&p, file, stmt, &mut cur).await?;
                     resp.infile_sent();
                 }
-                Packet::PrepareParam | Packet::ColumnsEnd | Packet::Other => self.to_client(&p)?,
+                Packet::PrepareParam | Packet::ColumnsEnd | Packet::Other => {
+                    self.send_client(&p)?;
+                }
             }
             if self.cout.len() >= FLUSH_AT {
                 self.flush_client().await?;
@@ -1367,14 +1364,14 @@ impl<'a> My<'a> {
         let asked = stmt.is_some_and(|s| s.local_infile)
             && self.caps.contains(CapabilityFlags::CLIENT_LOCAL_FILES);
         if !asked {
-            self.to_upstream(&[]).await?;
+            self.send_upstream(&[]).await?;
             cur.infile = Some(json!({
                 "file": file,
                 "refused": "the server asked for a file the statement does not load",
             }));
             return Ok(());
         }
-        self.to_client(request)?;
+        self.send_client(request)?;
         self.flush_client().await?;
         let mut hash = sha2::Sha256::new();
         let mut size = 0u64;
@@ -1384,7 +1381,7 @@ impl<'a> My<'a> {
                     source: std::io::ErrorKind::UnexpectedEof.into(),
                 });
             };
-            self.to_upstream(&chunk).await?;
+            self.send_upstream(&chunk).await?;
             if chunk.is_empty() {
                 break;
             }
@@ -1461,7 +1458,7 @@ impl<'a> My<'a> {
         }));
         ev.decision = Some(json!({"verdict": "allow", "rule": "agentgate:mysql-change-user"}));
         if let Err(e) = self.ctx.audit.append(ev).await {
-            self.to_client(&codec::err_packet(
+            self.send_client(&codec::err_packet(
                 1105,
                 "HY000",
                 "agentgate: audit log unavailable; the command was not run (fails closed)",
@@ -1470,7 +1467,7 @@ impl<'a> My<'a> {
             tracing::error!(conn = self.ctx.conn.id, error = %e, "audit append failed");
             return Ok(true);
         }
-        self.to_upstream(packet).await?;
+        self.send_upstream(packet).await?;
         self.prepared.clear();
         self.approved_prepare.clear();
         let ok = self.relay_auth().await?;

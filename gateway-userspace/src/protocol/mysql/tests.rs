@@ -87,8 +87,8 @@ const OK: &[u8] = &[0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00];
 /// A scripted server: greets, authenticates per `auth`, answers `SELECT`s
 /// with one row (`t.x` = the text after `SELECT `) and anything else with
 /// OK. Records every packet it receives after the greeting.
-async fn fake_server(l: TcpListener, auth: Auth, seen: Arc<Mutex<Vec<Vec<u8>>>>) {
-    let (mut s, _) = l.accept().await.unwrap();
+async fn fake_server(listener: TcpListener, auth: Auth, seen: Arc<Mutex<Vec<Vec<u8>>>>) {
+    let (mut s, _) = listener.accept().await.unwrap();
     let mut f = Framer::new(1 << 24);
     let mut inb = BytesMut::new();
     let plugin: &[u8] = if auth == Auth::Native {
@@ -96,7 +96,7 @@ async fn fake_server(l: TcpListener, auth: Auth, seen: Arc<Mutex<Vec<Vec<u8>>>>)
     } else {
         b"caching_sha2_password"
     };
-    let mut g = Vec::new();
+    let mut greeting = Vec::new();
     HandshakePacket::new(
         10,
         &b"10.11.6-MariaDB-fake"[..],
@@ -108,9 +108,9 @@ async fn fake_server(l: TcpListener, auth: Auth, seen: Arc<Mutex<Vec<Vec<u8>>>>)
         StatusFlags::SERVER_STATUS_AUTOCOMMIT,
         Some(plugin),
     )
-    .serialize(&mut g);
+    .serialize(&mut greeting);
     let mut out = BytesMut::new();
-    f.encode(&g, &mut out).unwrap();
+    f.encode(&greeting, &mut out).unwrap();
     s.write_all(&out).await.unwrap();
     let read = async |f: &mut Framer, s: &mut TcpStream, inb: &mut BytesMut| loop {
         if let Some(p) = f.decode(inb).unwrap() {
@@ -153,7 +153,7 @@ async fn fake_server(l: TcpListener, auth: Auth, seen: Arc<Mutex<Vec<Vec<u8>>>>)
             0x01 => return,
             0x03 if cmd[1..].starts_with(b"SELECT ") => {
                 send(&mut f, &[1], &mut out);
-                let mut c = Vec::new();
+                let mut col = Vec::new();
                 Column::new(ColumnType::MYSQL_TYPE_VAR_STRING)
                     .with_schema(b"db")
                     .with_table(b"t")
@@ -161,8 +161,8 @@ async fn fake_server(l: TcpListener, auth: Auth, seen: Arc<Mutex<Vec<Vec<u8>>>>)
                     .with_name(b"x")
                     .with_org_name(b"x")
                     .with_character_set(45)
-                    .serialize(&mut c);
-                send(&mut f, &c, &mut out);
+                    .serialize(&mut col);
+                send(&mut f, &col, &mut out);
                 if !deprecate {
                     send(&mut f, &[0xFE, 0, 0, 2, 0], &mut out);
                 }
@@ -341,7 +341,7 @@ impl Harness {
         self.c.write_all(&out).await.unwrap();
     }
 
-    fn hello(&self, caps: CapabilityFlags) -> Vec<u8> {
+    fn hello(caps: CapabilityFlags) -> Vec<u8> {
         let mut b = Vec::new();
         HandshakeResponse::new(
             Some(&[9u8; 20][..]),
@@ -370,7 +370,7 @@ impl Harness {
 
     /// Logs in; returns the server's final authentication packet.
     async fn login(&mut self) -> Vec<u8> {
-        let hello = self.hello(self.client_caps());
+        let hello = Self::hello(self.client_caps());
         self.send(&hello).await;
         self.read().await.expect("an answer to the login")
     }
@@ -515,7 +515,7 @@ async fn garbage_before_the_handshake_is_refused_and_never_forwarded() {
 #[tokio::test]
 async fn a_wrong_sequence_id_is_refused() {
     let h = Harness::start(Auth::Native, accept_all).await;
-    let hello = h.hello(h.client_caps());
+    let hello = Harness::hello(h.client_caps());
     drop(h);
     let mut bad = vec![hello.len() as u8, 0, 0, 7];
     bad.extend_from_slice(&hello);
@@ -535,7 +535,7 @@ async fn an_oversized_packet_is_refused() {
 #[tokio::test]
 async fn a_client_that_claims_capabilities_it_was_not_offered_is_refused() {
     let mut h = Harness::start(Auth::Native, accept_all).await;
-    let hello = h.hello(h.client_caps() | CapabilityFlags::CLIENT_COMPRESS);
+    let hello = Harness::hello(h.client_caps() | CapabilityFlags::CLIENT_COMPRESS);
     h.send(&hello).await;
     let a = h.read().await.unwrap();
     assert_eq!(a[0], 0xFF);
