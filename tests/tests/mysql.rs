@@ -1,5 +1,5 @@
 //! `MariaDB` through agentgate's `MySQL` handler, with a real server
-//! (Debian's `mariadb-server`) and real clients: the `mariadb` CLI, PyMySQL
+//! (Debian's `mariadb-server`) and real clients: the `mariadb` CLI, `PyMySQL`
 //! (text protocol) and mysql-connector-python's prepared cursor (binary
 //! protocol).
 

@@ -276,7 +276,7 @@ strategy = "redact"
     )
 }
 
-/// Runs attempts (lists of statements) with PyMySQL, one session each;
+/// Runs attempts (lists of statements) with `PyMySQL`, one session each;
 /// prints one JSON list: per attempt `ok`, `rows` (every result set's rows
 /// as text, with each result's column names first) and `error`.
 const RUNNER: &str = r#"

@@ -608,8 +608,8 @@ fn bench(root: &Path, which: Option<&str>, quick: bool) -> Result<()> {
     Ok(())
 }
 
-/// sysbench against MariaDB directly, through the TCP passthrough and through
-/// the MySQL handler (`tests/src/bin/my_bench.rs`): the release daemon, as root.
+/// sysbench against `MariaDB` directly, through the TCP passthrough and through
+/// the `MySQL` handler (`tests/src/bin/my_bench.rs`): the release daemon, as root.
 fn bench_mysql(root: &Path, quick: bool) -> Result<()> {
     if !is_root() {
         bail!("`bench mysql` runs the daemon with its eBPF programs: run it as root");
