@@ -87,10 +87,19 @@ const APT_PACKAGES: &[&str] = &[
     "nftables",
     // The approvals page test and the report screenshots drive it (npm playwright-core).
     "chromium",
+    // `cargo xtask bench mysql` drives it.
+    "sysbench",
 ];
 
 /// Python modules the tests import, with the `PyPI` requirement that provides each.
-const PY_PACKAGES: &[(&str, &str)] = &[("psycopg", "psycopg[binary]==3.2.*")];
+const PY_PACKAGES: &[(&str, &str)] = &[
+    ("psycopg", "psycopg[binary]==3.2.*"),
+    // MySQL: text protocol (PyMySQL, ed25519 through PyNaCl) and binary
+    // protocol (mysql-connector-python's prepared cursors).
+    ("pymysql", "PyMySQL==1.1.*"),
+    ("nacl", "PyNaCl==1.5.*"),
+    ("mysql.connector", "mysql-connector-python==9.*"),
+];
 
 fn main() -> ExitCode {
     match run(Cli::parse()) {
@@ -479,7 +488,7 @@ fn test(root: &Path, filter: Option<&str>, no_lint: bool) -> Result<()> {
 /// the run; its input is left in gateway-userspace/fuzz/artifacts.
 fn fuzz_smoke(root: &Path) -> Result<()> {
     let dir = root.join("gateway-userspace");
-    for target in ["pg_frontend", "pg_backend", "pg_mask_row"] {
+    for target in ["pg_frontend", "pg_backend", "pg_mask_row", "mysql_codec"] {
         let corpus = dir.join("fuzz/corpus").join(target);
         fs::create_dir_all(&corpus)?;
         status(
@@ -529,12 +538,17 @@ fn bench(root: &Path, which: Option<&str>, quick: bool) -> Result<()> {
     setup(root)?;
     let all = which.is_none();
     let mut ran = false;
-    for name in ["audit", "policy", "evidence", "pg"] {
+    for name in ["audit", "policy", "evidence", "pg", "mysql"] {
         if !(all || which == Some(name)) {
             continue;
         }
         if name == "pg" {
             bench_pg(root, quick)?;
+            ran = true;
+            continue;
+        }
+        if name == "mysql" {
+            bench_mysql(root, quick)?;
             ran = true;
             continue;
         }
@@ -550,6 +564,30 @@ fn bench(root: &Path, which: Option<&str>, quick: bool) -> Result<()> {
         bail!("no benchmarks ran");
     }
     Ok(())
+}
+
+/// sysbench against `MariaDB` directly, through the TCP passthrough and through
+/// the `MySQL` handler (`tests/src/bin/my_bench.rs`): the release daemon, as root.
+fn bench_mysql(root: &Path, quick: bool) -> Result<()> {
+    if !is_root() {
+        bail!("`bench mysql` runs the daemon with its eBPF programs: run it as root");
+    }
+    status(cmd("cargo").args(["build", "--release", "-p", "agentgate"]))?;
+    let mut c = cmd("cargo");
+    c.args([
+        "run",
+        "--release",
+        "-p",
+        "agentgate-e2e",
+        "--bin",
+        "my_bench",
+        "--",
+    ])
+    .env("AGENTGATE_BIN", target_dir(root).join("release/agentgate"));
+    if quick {
+        c.arg("--quick");
+    }
+    status(&mut c)
 }
 
 /// pgbench against Postgres directly, through agentgate and through pgbouncer
