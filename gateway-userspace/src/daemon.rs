@@ -63,6 +63,8 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    #[error("local CA: {0}")]
+    Ca(#[from] crate::tls::TlsError),
     #[error("{what} {path}")]
     Io {
         what: &'static str,
@@ -147,6 +149,8 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
     redirector.set_unix_allow(policy.current().allow_unix())?;
     let hooks = redirector.hooks().to_vec();
 
+    // The local CA: made at the first start; its key never leaves the state directory.
+    let ca = Arc::new(crate::tls::LocalCa::load_or_create(state_dir)?);
     let identities = identities(cfg.identity.as_ref())?;
     let (audit, correlation_key) = open_audit(&cfg, &policy, &hooks, &resolver_pairs).await?;
     let approvals = open_approvals(&cfg, &audit).await?;
@@ -167,6 +171,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         pg_cancel_keys: crate::protocol::postgres::proxy::CancelKeys::default(),
         sql_cache: Arc::default(),
         refusal_limit: crate::containment::refusals::RefusalLimit::default(),
+        ca,
     });
     let daemon = Arc::new(Daemon {
         shared: shared.clone(),

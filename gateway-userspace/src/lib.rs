@@ -38,3 +38,4 @@ pub mod redirect;
 pub mod sql;
 pub mod sys;
 pub mod time;
+pub mod tls;

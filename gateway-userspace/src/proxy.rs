@@ -75,6 +75,8 @@ pub struct Shared {
     /// How many `control.refused` records a caller may cause (control socket
     /// and approvals API together).
     pub refusal_limit: crate::containment::refusals::RefusalLimit,
+    /// The local CA that TLS-intercepting handlers present leaves from.
+    pub ca: Arc<crate::tls::LocalCa>,
 }
 
 /// The `OpenID` provider client and the sessions the daemon holds.

@@ -56,7 +56,7 @@ pub(super) async fn connect(
             "the server does not accept TLS (answered the SSLRequest with N)".into(),
         ));
     }
-    let config = tls_client_config(tls.ca_file.as_deref()).map_err(tls_err)?;
+    let config = crate::tls::client_config(tls.ca_file.as_deref(), &[]).map_err(tls_err)?;
     let name = match &tls.server_name {
         Some(n) => rustls_pki_types::ServerName::try_from(n.clone())
             .map_err(|e| tls_err(format!("server_name {n:?}: {e}")))?,
@@ -67,33 +67,4 @@ pub(super) async fn connect(
         .await
         .map_err(|e| tls_err(e.to_string()))?;
     Ok((Box::new(stream), true))
-}
-
-fn tls_client_config(
-    ca_file: Option<&std::path::Path>,
-) -> Result<tokio_rustls::rustls::ClientConfig, String> {
-    use rustls_pki_types::{CertificateDer, pem::PemObject as _};
-    use tokio_rustls::rustls;
-    let mut roots = rustls::RootCertStore::empty();
-    if let Some(path) = ca_file {
-        let certs = CertificateDer::pem_file_iter(path)
-            .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
-        for c in certs {
-            let c = c.map_err(|e| format!("ca_file {}: {e}", path.display()))?;
-            roots
-                .add(c)
-                .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
-        }
-    } else {
-        for c in rustls_native_certs::load_native_certs().certs {
-            let _ = roots.add(c);
-        }
-    }
-    if roots.is_empty() {
-        return Err("no trust anchors".into());
-    }
-    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())
-        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
 }
