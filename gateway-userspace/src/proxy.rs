@@ -474,7 +474,28 @@ async fn dispatch(
                     .await
                     .map_err(std::io::Error::other)
             }
-            protocol @ (Protocol::Mysql | Protocol::Http) => Err(std::io::Error::other(format!(
+            // A pinned client: relayed unopened, recorded as a connection only.
+            Protocol::Https if !resource.intercept => {
+                connect_and_relay(client, conn, &shared.config).await
+            }
+            Protocol::Http | Protocol::Https => {
+                let ctx = crate::protocol::http::proxy::HttpContext {
+                    conn: conn.clone(),
+                    subject,
+                    resource,
+                    policy: shared.policy.clone(),
+                    approvals: shared.approvals.clone(),
+                    audit: Arc::new(shared.audit.clone()),
+                    correlation_key: shared.correlation_key,
+                    ca: shared.ca.clone(),
+                    settings: shared.config.http.clone(),
+                    connect_timeout: shared.config.upstream_connect_timeout(),
+                };
+                crate::protocol::http::proxy::serve(client, ctx)
+                    .await
+                    .map_err(std::io::Error::other)
+            }
+            protocol @ Protocol::Mysql => Err(std::io::Error::other(format!(
                 "no handler for {protocol:?} resources yet"
             ))),
         }

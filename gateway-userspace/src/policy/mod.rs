@@ -22,8 +22,8 @@ pub use load::{
 };
 pub use model::{
     Action, ActionKind, AddressPattern, ApprovalSpec, CgroupBinding, Conditions, Decision,
-    GrantScope, Protocol, Resource, Rule, RuleAction, Subject, TlsMode, UnixAllow,
-    UnknownDestination, UpstreamTls, Verdict,
+    GrantScope, HttpProfile, PromptDlp, Protocol, Resource, Rule, RuleAction, Subject, TlsMode,
+    UnixAllow, UnknownDestination, UpstreamTls, Verdict,
 };
 pub use set::{DNS_LOOKUP_TIMEOUT, DnsAnswer, PolicySet};
 pub use store::{PolicyStore, ReloadOutcome, WatchEvent, WatchOptions, watch};

@@ -4,4 +4,5 @@
 //! `proxy` submodule (e.g. [`postgres::proxy`]): bytes go in, messages (or "need
 //! more bytes") come out. The proxy loop owns I/O and drives these.
 
+pub mod http;
 pub mod postgres;
