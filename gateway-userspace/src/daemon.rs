@@ -53,6 +53,8 @@ pub enum DaemonError {
     Approvals(String),
     #[error("{0}")]
     Containment(String),
+    #[error("protocol handlers: {0}")]
+    Handlers(String),
     #[error("{0}")]
     Api(String),
     #[error("policy is invalid; not starting:\n{errors}")]
@@ -154,6 +156,8 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
     let identities = identities(cfg.identity.as_ref())?;
     let (audit, correlation_key) = open_audit(&cfg, &policy, &hooks, &resolver_pairs).await?;
     let approvals = open_approvals(&cfg, &audit).await?;
+    let handlers = crate::protocol::Handlers::from_sections(&cfg.proxy.handlers)
+        .map_err(DaemonError::Handlers)?;
     let shared = Arc::new(Shared {
         redirector: Mutex::new(redirector),
         bindings: Mutex::new(bindings),
@@ -168,7 +172,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         identities,
         audit: audit.clone(),
         correlation_key,
-        pg_cancel_keys: crate::protocol::postgres::proxy::CancelKeys::default(),
+        handlers,
         sql_cache: Arc::default(),
         refusal_limit: crate::containment::refusals::RefusalLimit::default(),
         ca,

@@ -49,19 +49,19 @@ use tokio_rustls::rustls;
 
 use super::{
     body::{self, Coding, Kind, Masked, SseMasker},
+    config::{HttpConfig, Uninspectable},
     openai, request,
 };
 use crate::{
     approval::Broker,
     audit::Kind as RecordKind,
-    config::{HttpConfig, Uninspectable},
+    connection::LiveConnection,
     gate::{self, Command, DenialKind, Gate, ResultRecord},
     mask::MaskPolicy,
     policy::{
         Action, Decision, HttpProfile, PolicySet, PolicyStore, PromptDlp, Protocol, Resource,
         Subject, TlsMode, Verdict,
     },
-    proxy::LiveConnection,
     tls::LocalCa,
 };
 

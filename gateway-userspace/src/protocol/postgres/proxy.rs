@@ -111,6 +111,7 @@ use tokio::{
 };
 
 use super::cancel::{CancelKeyGuard, Issued};
+use super::config::{PostgresConfig, UnmaskableBinary};
 pub use super::{cancel::CancelKeys, error::PgProxyError};
 use super::{
     catalog::{self, Catalog, CopyOut, TableName},
@@ -125,14 +126,13 @@ use super::{
 use crate::{
     approval::Broker,
     audit::{Kind, NewRecord},
-    config::{PostgresConfig, UnmaskableBinary},
+    connection::LiveConnection,
     gate::{
         self, AuditSink, AuditUnavailable, Covered, Denial, DenialKind, Gate, ResultRecord,
         truncate_chars,
     },
     mask::{MaskPolicy, Strategy, lineage},
     policy::{Action, Decision, PolicySet, PolicyStore, Resource, Subject, Verdict},
-    proxy::LiveConnection,
     sql::{
         Analysis, AnalysisCache, Classification, Dialect, MAX_CACHED_LEN, StatementClass,
         lineage as lineage_sql,
