@@ -9,7 +9,8 @@ is that the real OpenAI Agents SDK drives real tool calls through agentgate.
 Every request's tool results are appended as JSON lines to the file named by
 --transcript, so a test can check what reached "the model" (masked values only).
 
-Usage: python model_stub.py --port 0 --transcript FILE   (prints the port when ready)
+Usage: python model_stub.py --port 0 --transcript FILE [--tls-cert C --tls-key K]
+(prints the port when ready)
 """
 
 import argparse
@@ -96,9 +97,17 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--transcript", required=True)
+    p.add_argument("--tls-cert", help="serve HTTPS with this certificate (and --tls-key)")
+    p.add_argument("--tls-key")
     a = p.parse_args()
     server = ThreadingHTTPServer(("127.0.0.1", a.port), Handler)
     server.transcript = a.transcript
+    if a.tls_cert:
+        import ssl
+
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(a.tls_cert, a.tls_key)
+        server.socket = ctx.wrap_socket(server.socket, server_side=True)
     print(server.server_address[1], flush=True)
     try:
         server.serve_forever()

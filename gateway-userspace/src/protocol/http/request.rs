@@ -2,9 +2,13 @@
 //! redaction over the request head hyper parsed.
 //!
 //! hyper (httparse) already refuses bare CR, obs-fold, invalid header names
-//! and conflicting `Content-Length` values; this module refuses what hyper
-//! lets through but an upstream could read differently (fails closed):
-//! `Content-Length` together with `Transfer-Encoding`, a `Transfer-Encoding`
+//! and conflicting `Content-Length` values, and reads `Content-Length` with
+//! `Transfer-Encoding: chunked` as RFC 9112 says (chunked wins, the length is
+//! dropped, the connection closes after the answer; every request is framed
+//! anew toward the upstream, so nothing hidden in a body is ever parsed as a
+//! request). This module refuses what hyper lets through but an upstream could
+//! read differently (fails closed): both headers where they survive (HTTP/2
+//! to HTTP/1.1), a `Transfer-Encoding`
 //! other than a final `chunked`, dot segments and encoded slashes or dots in
 //! the path (a rule on `/api/*` must not be walked around by `/api/../admin`),
 //! a missing or conflicting host. The record keeps the path with query
