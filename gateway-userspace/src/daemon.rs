@@ -151,8 +151,6 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
     redirector.set_unix_allow(policy.current().allow_unix())?;
     let hooks = redirector.hooks().to_vec();
 
-    // The local CA: made at the first start; its key never leaves the state directory.
-    let ca = Arc::new(crate::tls::LocalCa::load_or_create(state_dir)?);
     let identities = identities(cfg.identity.as_ref())?;
     let (audit, correlation_key) = open_audit(&cfg, &policy, &hooks, &resolver_pairs).await?;
     let approvals = open_approvals(&cfg, &audit).await?;
@@ -175,7 +173,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         handlers,
         sql_cache: Arc::default(),
         refusal_limit: crate::containment::refusals::RefusalLimit::default(),
-        ca,
+        ca: Arc::new(crate::tls::LocalCa::load_or_create(state_dir)?),
     });
     let daemon = Arc::new(Daemon {
         shared: shared.clone(),

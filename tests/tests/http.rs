@@ -237,8 +237,8 @@ fn curl(w: &World, args: &[&str]) -> Output {
         format!("upstream.test:{}:127.0.0.1", w.pinned),
     ];
     c.extend(args.iter().map(|s| (*s).to_owned()));
-    let argv: Vec<&str> = c.iter().map(String::as_str).collect();
-    w.env.exec("demo", &argv).output().unwrap()
+    let words: Vec<&str> = c.iter().map(String::as_str).collect();
+    w.env.exec("demo", &words).output().unwrap()
 }
 
 fn api_log(w: &World) -> String {
@@ -292,7 +292,7 @@ fn reads_are_masked_in_every_shape_and_the_chain_is_the_agentgate_ca() {
     );
     let mut cmd = w.env.exec("demo", &[venv.to_str().unwrap(), "-c", &script]);
     cmd.env("PYTHONPATH", "");
-    let out = run_with_hosts(&w, cmd);
+    let out = run_with_hosts(&w, &cmd);
     let v: Value = serde_json::from_str(text(&out.stdout).trim())
         .unwrap_or_else(|e| panic!("{e}: {}{}", text(&out.stdout), text(&out.stderr)));
     assert_eq!(v["status"], serde_json::json!([200, 200]));
@@ -335,7 +335,7 @@ fn reads_are_masked_in_every_shape_and_the_chain_is_the_agentgate_ca() {
 /// Runs a tagged command with /etc/hosts-free name resolution: Python and
 /// Node take the name from the URL, so the names map through a hosts file
 /// bind-mounted for the command.
-fn run_with_hosts(w: &World, cmd: Command) -> Output {
+fn run_with_hosts(w: &World, cmd: &Command) -> Output {
     let hosts = w.env.state.join("hosts");
     fs::write(&hosts, "127.0.0.1 localhost upstream.test model.test\n").unwrap();
     // unshare a mount namespace just for this command, with our hosts file.
@@ -513,7 +513,7 @@ fn bad_upstream_certificates_are_refused_and_pinned_clients_are_relayed() {
         "fetch({:?}).then(r => r.text()).then(t => console.log(t))",
         url(&w, "/customers")
     );
-    let out = run_with_hosts(&w, w.env.exec("demo", &["node", "-e", &js]));
+    let out = run_with_hosts(&w, &w.env.exec("demo", &["node", "-e", &js]));
     let t = text(&out.stdout);
     assert!(
         t.contains("Ada") && !t.contains(SSN),
@@ -644,7 +644,7 @@ except openai.APIStatusError as e:
     };
     let out = run_with_hosts(
         &w,
-        w.env
+        &w.env
             .exec("demo", &[venv.to_str().unwrap(), "-c", &call(w.model)]),
     );
     let v: Value = serde_json::from_str(text(&out.stdout).trim())
@@ -658,7 +658,7 @@ except openai.APIStatusError as e:
     // The strict resource refuses; the SDK shows the reason; the stub saw nothing.
     let out = run_with_hosts(
         &w,
-        w.env.exec(
+        &w.env.exec(
             "demo",
             &[venv.to_str().unwrap(), "-c", &call(w.model_refuse)],
         ),
@@ -723,9 +723,8 @@ fn ca_show_prints_the_ca_and_rotation_keeps_the_old_one_trusted() {
         95
     );
     let key = w.env.state.join("ca/ca.key");
-    use std::os::unix::fs::PermissionsExt as _;
     assert_eq!(
-        fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        std::os::unix::fs::PermissionsExt::mode(&fs::metadata(&key).unwrap().permissions()) & 0o777,
         0o600
     );
     let key_text = fs::read_to_string(&key).unwrap();

@@ -387,6 +387,8 @@ pub struct Report {
     pub failures: Capped<Denial>,
     pub approvals: Capped<Approval>,
     pub containment: Containment,
+    /// Model API calls and prompt DLP (`evidence::model_channel`).
+    pub model_channel: super::model_channel::ModelChannel,
     pub controls: Vec<Control>,
     /// Records cited but left out of `records.jsonl` (over its cap).
     pub citations_omitted: u64,
@@ -577,6 +579,7 @@ pub struct Collector {
     /// Grants of identities in scope not revoked: (identity, expiry, record).
     grants: HashMap<String, (Open, Option<String>)>,
     containment: Containment,
+    model_channel: super::model_channel::ModelChannel,
     findings: BTreeMap<String, Findings>,
     sessions: HashMap<String, Open>,
     /// Sign-ins the daemon holds, by identity, with their expiry (unix seconds).
@@ -637,6 +640,7 @@ impl Collector {
                 items: Some(Capped::new(LIST_CAP)),
                 ..Containment::default()
             },
+            model_channel: super::model_channel::ModelChannel::default(),
             findings,
             sessions: HashMap::new(),
             logins: HashMap::new(),
@@ -706,6 +710,7 @@ impl Collector {
             self.track_open(seq, hash, rec, &who);
             if in_period {
                 self.observe_identity(seq, hash, rec, &who);
+                self.model_channel.observe(seq, rec);
             }
         }
         self.daemon.last_time = Some(rec.time.clone());
@@ -1971,6 +1976,7 @@ impl Collector {
             failures: self.failures,
             approvals,
             containment: self.containment,
+            model_channel: self.model_channel,
             controls: controls(),
             citations_omitted: 0,
             unproven: Vec::new(),

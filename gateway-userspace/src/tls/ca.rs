@@ -727,7 +727,7 @@ mod tests {
                 && trusted.contains(after.current.pem.trim())
         );
         // The daemon's CA notices within its check interval and mints from the new CA.
-        ca.state.lock().unwrap().checked = Instant::now() - RELOAD_CHECK * 2;
+        ca.state.lock().unwrap().checked = Instant::now().checked_sub(RELOAD_CHECK * 2).unwrap();
         let new_leaf = ca.leaf("svc.test").unwrap();
         assert!(!Arc::ptr_eq(&old_leaf, &new_leaf));
         assert_eq!(

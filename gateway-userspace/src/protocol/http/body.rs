@@ -7,7 +7,7 @@
 //! rule. The detectors' replacements hold no quote or backslash, so masking
 //! text in place keeps JSON inside it valid.
 
-use std::io::Read as _;
+use std::{fmt::Write as _, io::Read as _};
 
 use bytes::Bytes;
 use serde_json::Value;
@@ -152,7 +152,7 @@ pub fn mask_json(policy: &MaskPolicy, v: &mut Value, path: &mut String, masked: 
         Value::Array(items) => {
             for (i, item) in items.iter_mut().enumerate() {
                 let len = path.len();
-                path.push_str(&format!("[{i}]"));
+                let _ = write!(path, "[{i}]");
                 mask_json(policy, item, path, masked);
                 path.truncate(len);
             }

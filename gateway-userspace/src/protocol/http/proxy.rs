@@ -274,6 +274,7 @@ async fn refuse_own(
     problem(status, &d.rule, &d.reason, None, grpc)
 }
 
+#[allow(clippy::too_many_lines)] // the request lifecycle, phase by phase, as the module doc lists it
 async fn handle(
     req: Request<Incoming>,
     ctx: Arc<HttpContext>,
@@ -510,13 +511,14 @@ async fn handle(
             );
         }
     };
-    let send = tokio::time::timeout(ctx.settings.request_timeout(), client.request(upstream_req));
-    let (sent, durable) = match recording {
+    let exchange =
+        tokio::time::timeout(ctx.settings.request_timeout(), client.request(upstream_req));
+    let (upstream_answer, durable) = match recording {
         Some(r) => {
-            let (s, d) = tokio::join!(send, r);
-            (s, d.is_ok())
+            let (answer, durable) = tokio::join!(exchange, r);
+            (answer, durable.is_ok())
         }
-        None => (send.await, true),
+        None => (exchange.await, true),
     };
     if !durable {
         let mut r = problem(
@@ -535,7 +537,7 @@ async fn handle(
         action: json!({ "protocol": described.action["protocol"], "method": head.method, "host": head.host, "path": described.action["path"], "request_hash": described.fingerprint }),
         started,
     };
-    let resp = match sent {
+    let resp = match upstream_answer {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             let why = format!("upstream: {}", error_chain(&e));
@@ -698,6 +700,7 @@ impl Done {
     }
 }
 
+#[allow(clippy::too_many_lines)] // one branch per body kind: streamed, event stream, inspected whole
 async fn respond(
     resp: Response<Incoming>,
     mut done: Done,
