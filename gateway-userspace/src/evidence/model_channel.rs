@@ -121,6 +121,54 @@ impl ModelChannel {
     }
 }
 
+impl ModelChannel {
+    /// The section of `index.html`.
+    pub fn html(&self) -> String {
+        use super::html::esc;
+        use std::fmt::Write as _;
+        let mut h = format!(
+            "<section id=model-channel><h2>Model channel</h2><p>{} model call(s). Prompts sent with values masked: {}. Prompts refused: {}. No prompt text is recorded.</p><table><tr><th>Model</th><th>Calls</th><th>Prompt tokens</th><th>Completion tokens</th></tr>",
+            self.calls,
+            esc(&kv(&self.prompts_masked)),
+            esc(&kv(&self.prompts_refused)),
+        );
+        for (m, e) in &self.models {
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                esc(m),
+                e.calls,
+                e.prompt_tokens,
+                e.completion_tokens
+            );
+        }
+        h.push_str("</table><table><tr><th>Record</th><th>Time</th><th>Resource</th><th>Prompt</th><th>Detectors</th></tr>");
+        for d in &self.dlp_events {
+            let _ = write!(
+                h,
+                "<tr><td>#{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                d.seq,
+                esc(&d.time),
+                esc(d.resource.as_deref().unwrap_or("")),
+                d.outcome,
+                esc(&d.detectors.join(", "))
+            );
+        }
+        h.push_str("</table></section>");
+        h
+    }
+}
+
+fn kv(m: &BTreeMap<String, u64>) -> String {
+    if m.is_empty() {
+        return "none".into();
+    }
+    m.iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
