@@ -50,6 +50,9 @@ pub struct Services {
     pub correlation_key: [u8; 32],
     /// Statement analyses by shape, shared by every connection.
     pub sql_cache: Arc<AnalysisCache>,
+    /// Equality probes on protected columns per identity, for every SQL
+    /// handler ([`crate::mask::ProbeBudget`]).
+    pub probes: Arc<crate::mask::ProbeBudget>,
     /// `[proxy] upstream_connect_timeout_ms`.
     pub upstream_connect_timeout: Duration,
     /// The local CA TLS-terminating handlers present leaves from.

@@ -40,7 +40,7 @@ use tokio::{
 pub use crate::connection::{LiveConnection, Verified};
 use crate::{
     approval::Broker,
-    audit::{AuditLog, IdentityRef, Kind},
+    audit::{AuditLog, IdentityRef, Kind, NewRecord},
     binding::Bindings,
     cgroup::Hierarchy,
     config::{LabelIdentity, ProxyConfig},
@@ -74,6 +74,9 @@ pub struct Shared {
     pub handlers: Handlers,
     /// Statement analyses by shape (class, tables, redacted text).
     pub sql_cache: Arc<crate::sql::AnalysisCache>,
+    /// Equality probes on protected columns per identity, for every SQL
+    /// handler ([`crate::mask::ProbeBudget`]).
+    pub probes: Arc<crate::mask::ProbeBudget>,
     /// How many `control.refused` records a caller may cause (control socket
     /// and approvals API together).
     pub refusal_limit: crate::containment::refusals::RefusalLimit,
@@ -96,6 +99,7 @@ impl Shared {
             audit: Arc::new(self.audit.clone()),
             correlation_key: self.correlation_key,
             sql_cache: self.sql_cache.clone(),
+            probes: self.probes.clone(),
             upstream_connect_timeout: self.config.upstream_connect_timeout(),
             ca: self.ca.clone(),
         }
@@ -240,46 +244,91 @@ pub async fn serve(
     }
 }
 
-/// Phase 2 and 3: the kernel's record of this connection and the identity
-/// its cgroup is bound to. No record, or no binding: not ours to serve.
-fn attribute(
+/// Phase 2: the kernel's record of this connection (taken from the map). No
+/// record: not redirected, not ours to serve (an unattributed dial is only
+/// logged: any local process can make one, and it names no identity).
+fn provenance(
     client: &TcpStream,
     peer: SocketAddr,
     shared: &Shared,
-) -> Result<(agentgate_common::Provenance, String), &'static str> {
+) -> Result<agentgate_common::Provenance, &'static str> {
     let local = client.local_addr().map_err(|_| "no local address")?;
     let key = PeerKey {
         peer: redirect::sock_addr(peer),
         local: redirect::sock_addr(local),
         netns_cookie: shared.netns_cookie,
     };
-    let prov = shared
+    shared
         .redirector
         .lock()
         .expect("redirector lock")
-        .provenance(&key)
-        .ok_or("not redirected: no provenance record")?;
-    let identity = shared
+        .take_provenance(&key)
+        .ok_or("not redirected: no provenance record")
+}
+
+/// A tagged connection refused before it got a connection id (its binding
+/// is gone, or the connection limit): recorded like a policy denial, with
+/// the workload the kernel saw, then closed.
+async fn refuse_attributed(
+    workload: &Workload,
+    identity: Option<IdentityRef>,
+    destination: SocketAddr,
+    rule: &str,
+    reason: &'static str,
+    shared: &Shared,
+) -> &'static str {
+    let mut rec = NewRecord::new(Kind::ConnectionOpen)
+        .workload(workload.to_audit())
+        .action(serde_json::json!({ "destination": destination.to_string() }))
+        .decision(serde_json::json!({ "verdict": "deny", "rule": rule, "detail": reason }));
+    if let Some(identity) = identity {
+        rec = rec.identity(identity);
+    }
+    if let Err(e) = shared.audit.append(rec).await {
+        tracing::error!(event = "log.failure", error = %e, "cannot record a refused connection");
+    }
+    reason
+}
+
+async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<(), &'static str> {
+    let prov = provenance(&client, peer, shared)?;
+    let workload = Workload::from_kernel(&prov, &shared.hierarchy);
+    let destination = redirect::socket_addr(&prov.orig_dst);
+    let binding = shared
         .bindings
         .lock()
         .expect("bindings lock")
         .get(prov.binding)
-        .map(|b| b.identity.clone())
-        .ok_or("cgroup binding is gone")?;
-    Ok((prov, identity))
-}
-
-async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<(), &'static str> {
-    let (prov, identity) = attribute(&client, peer, shared)?;
+        .map(|b| b.identity.clone());
+    let Some(identity) = binding else {
+        let reason = "cgroup binding is gone";
+        return Err(refuse_attributed(
+            &workload,
+            None,
+            destination,
+            "agentgate:binding-gone",
+            reason,
+            shared,
+        )
+        .await);
+    };
     let Ok(permit) = shared.limit.clone().try_acquire_owned() else {
         tracing::warn!(
             max = shared.config.max_connections,
             "connection limit reached"
         );
-        return Err("connection limit reached");
+        let who = shared.identity_ref(&identity).await;
+        let reason = "connection limit reached";
+        return Err(refuse_attributed(
+            &workload,
+            Some(who),
+            destination,
+            "agentgate:connection-limit",
+            reason,
+            shared,
+        )
+        .await);
     };
-    let workload = Workload::from_kernel(&prov, &shared.hierarchy);
-    let destination = redirect::socket_addr(&prov.orig_dst);
     let policy = shared.policy.current();
     // An identity whose session ended (expired, revoked, logged out) is denied
     // like any other denial: recorded, and answered in the protocol's own terms.

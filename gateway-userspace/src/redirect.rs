@@ -340,9 +340,18 @@ impl Redirector {
         &self.hooks
     }
 
-    /// The record the connect hook made for the connection the proxy accepted.
-    pub fn provenance(&self, key: &PeerKey) -> Option<Provenance> {
-        self.by_peer.get(key, 0).ok()
+    /// The record the connect hook made for the connection the proxy
+    /// accepted, taken out of the map: each record attributes one accept.
+    /// (The kernel leaves it there when the socket closes, so a connection
+    /// that closed before its accept is still attributed.)
+    pub fn take_provenance(&mut self, key: &PeerKey) -> Option<Provenance> {
+        let prov = self.by_peer.get(key, 0).ok()?;
+        if let Err(e) = self.by_peer.remove(key) {
+            // Left behind it is evicted (LRU) or deleted when its 4-tuple is
+            // next used by a socket without a connect record.
+            tracing::warn!(error = %e, "cannot delete a provenance record after reading it");
+        }
+        Some(prov)
     }
 
     /// Entries in the per-socket maps, for leak checks: (provenance by
@@ -477,7 +486,7 @@ fn attach_lsm(
                 let error = e.to_string();
                 let error = error.split(". Verifier output:").next().unwrap_or_default();
                 let why = format!("the kernel refused the BPF LSM program{lsm_note}: {error}");
-                tracing::error!(hook = name, reason = %why, "containment hook not attached");
+                tracing::debug!(hook = name, reason = %why, "containment hook not attached");
                 hooks.push(Hook {
                     name,
                     role,
@@ -486,6 +495,22 @@ fn attach_lsm(
                 });
             }
         }
+    }
+    // One line, not one per hook: a kernel without BPF LSM is a known host
+    // kind with a documented fallback; `status` keeps each hook's reason.
+    let missing: Vec<&str> = hooks
+        .iter()
+        .filter(|h| !h.attached)
+        .map(|h| h.name)
+        .collect();
+    if !missing.is_empty() {
+        tracing::warn!(
+            hooks = %missing.join(","),
+            "this kernel cannot load BPF LSM programs{lsm_note}: agents started by \
+             `agentgate exec` get a seccomp filter for socket families and Unix sockets \
+             instead (README, Containment: \"Hosts without BPF LSM\"); `agentgate status` \
+             shows each hook"
+        );
     }
     Ok(hooks)
 }

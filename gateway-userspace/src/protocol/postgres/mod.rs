@@ -104,6 +104,7 @@ impl Handler for Postgres {
             ),
             cancel_keys: self.cancel_keys.clone(),
             sql_cache: services.sql_cache,
+            probes: services.probes,
         };
         Box::pin(async move { proxy::serve(client, ctx).await.map_err(Into::into) })
     }
