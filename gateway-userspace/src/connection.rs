@@ -55,6 +55,8 @@ pub struct Services {
     pub probes: Arc<crate::mask::ProbeBudget>,
     /// `[proxy] upstream_connect_timeout_ms`.
     pub upstream_connect_timeout: Duration,
+    /// The local CA TLS-terminating handlers present leaves from.
+    pub ca: Arc<crate::tls::LocalCa>,
 }
 
 #[derive(Debug, Serialize)]

@@ -80,6 +80,8 @@ pub struct Shared {
     /// How many `control.refused` records a caller may cause (control socket
     /// and approvals API together).
     pub refusal_limit: crate::containment::refusals::RefusalLimit,
+    /// The local CA that TLS-intercepting handlers present leaves from.
+    pub ca: Arc<crate::tls::LocalCa>,
 }
 
 /// The `OpenID` provider client and the sessions the daemon holds.
@@ -99,6 +101,7 @@ impl Shared {
             sql_cache: self.sql_cache.clone(),
             probes: self.probes.clone(),
             upstream_connect_timeout: self.config.upstream_connect_timeout(),
+            ca: self.ca.clone(),
         }
     }
 
@@ -434,7 +437,11 @@ async fn dispatch(
         let Some(resource) = resource else {
             return connect_and_relay(client, conn, &shared.config).await;
         };
-        if resource.protocol == Protocol::Tcp {
+        // Plain TCP, and HTTPS a pinned client speaks (`intercept = false`):
+        // relayed unopened and recorded as a connection only.
+        if resource.protocol == Protocol::Tcp
+            || (resource.protocol == Protocol::Https && !resource.intercept)
+        {
             return connect_and_relay(client, conn, &shared.config).await;
         }
         let Some(handler) = shared.handlers.get(resource.protocol) else {

@@ -484,11 +484,17 @@ fn test(root: &Path, filter: Option<&str>, no_lint: bool) -> Result<()> {
     Ok(())
 }
 
-/// The Postgres decoder fuzz targets, 20 s each (60 s in all). A crash fails
+/// The Postgres decoders' and the HTTP glue's fuzz targets, 20 s each (80 s in all). A crash fails
 /// the run; its input is left in gateway-userspace/fuzz/artifacts.
 fn fuzz_smoke(root: &Path) -> Result<()> {
     let dir = root.join("gateway-userspace");
-    for target in ["pg_frontend", "pg_backend", "pg_mask_row", "mysql_codec"] {
+    for target in [
+        "pg_frontend",
+        "pg_backend",
+        "pg_mask_row",
+        "mysql_codec",
+        "http_glue",
+    ] {
         let corpus = dir.join("fuzz/corpus").join(target);
         fs::create_dir_all(&corpus)?;
         status(

@@ -321,6 +321,30 @@ fn load_sources(sources: &[Source]) -> Result<PolicySet, PolicyErrors> {
                     Err(msg) => errors.at(&a.span(), msg),
                 }
             }
+            if !protocol.is_http() {
+                if let Some(i) = &r.intercept {
+                    errors.at(&i.span(), "`intercept` applies to `https` resources only");
+                }
+                if let Some(p) = &r.profile {
+                    errors.at(
+                        &p.span(),
+                        "`profile` applies to `http` and `https` resources only",
+                    );
+                }
+                if let Some(p) = &r.prompt_dlp {
+                    errors.at(
+                        &p.span(),
+                        "`prompt_dlp` applies to `http` and `https` resources only",
+                    );
+                }
+            } else if let Some(i) = &r.intercept
+                && protocol == Protocol::Http
+            {
+                errors.at(
+                    &i.span(),
+                    "`intercept` applies to `https` resources only (plain HTTP is always read)",
+                );
+            }
             let tls = r.tls.as_ref().map(|t| {
                 let spec = t.get_ref();
                 let mode = spec.mode.unwrap_or_default();
@@ -372,6 +396,13 @@ fn load_sources(sources: &[Source]) -> Result<PolicySet, PolicyErrors> {
                 tls,
                 credential,
                 default: default.unwrap_or(RuleAction::Deny),
+                intercept: r.intercept.as_ref().is_none_or(|i| *i.get_ref()),
+                profile: r.profile.as_ref().map(|p| *p.get_ref()),
+                prompt_dlp: r
+                    .prompt_dlp
+                    .as_ref()
+                    .map(|p| *p.get_ref())
+                    .unwrap_or_default(),
                 index,
             });
         }
@@ -1001,7 +1032,7 @@ fn build_rule(
             } else if !matched.is_empty() {
                 let fits = |p: Protocol| {
                     (c.has_sql() && p.sql_dialect().is_some())
-                        || ((c.has_http() || c.has_kube()) && p == Protocol::Http)
+                        || ((c.has_http() || c.has_kube()) && p.is_http())
                 };
                 if kinds == 1 && !matched.iter().any(|res| fits(res.protocol)) {
                     let what = if c.has_sql() {

@@ -66,6 +66,31 @@ pub(crate) struct ResourceSpec {
     pub credential: Option<Spanned<CredentialSpec>>,
     pub default_action: Option<Spanned<ActionKind>>,
     pub default_approval: Option<Spanned<ApprovalSpecFile>>,
+    /// HTTPS only: `false` relays the TLS connection unopened (pinned clients).
+    pub intercept: Option<Spanned<bool>>,
+    /// HTTP(S) only: an API profile (`openai`) with its own records and checks.
+    pub profile: Option<Spanned<HttpProfile>>,
+    /// `openai` profile: what a prompt carrying a detected value gets.
+    pub prompt_dlp: Option<Spanned<PromptDlp>>,
+}
+
+/// What prompt DLP does with a model call whose body carries a detected value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PromptDlp {
+    /// Replace each detected value in place and send the call.
+    #[default]
+    Mask,
+    /// Refuse the call (403 with a problem body naming detector and path).
+    Refuse,
+}
+
+/// An HTTP API whose calls the handler understands beyond method and path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpProfile {
+    /// OpenAI-compatible model APIs: chat completions and Responses.
+    Openai,
 }
 
 #[derive(Debug, Deserialize)]
@@ -181,6 +206,9 @@ pub enum Protocol {
     Postgres,
     Mysql,
     Http,
+    /// HTTP inside TLS: the agent's TLS ends at the gateway (a leaf from the
+    /// local CA), the upstream gets TLS again.
+    Https,
     Tcp,
 }
 
@@ -190,6 +218,7 @@ impl Protocol {
             Protocol::Postgres => "postgres",
             Protocol::Mysql => "mysql",
             Protocol::Http => "http",
+            Protocol::Https => "https",
             Protocol::Tcp => "tcp",
         }
     }
@@ -199,8 +228,13 @@ impl Protocol {
         match self {
             Protocol::Postgres => Some(crate::sql::Dialect::Postgres),
             Protocol::Mysql => Some(crate::sql::Dialect::MySql),
-            Protocol::Http | Protocol::Tcp => None,
+            Protocol::Http | Protocol::Https | Protocol::Tcp => None,
         }
+    }
+
+    /// Served by the HTTP handler.
+    pub fn is_http(self) -> bool {
+        matches!(self, Protocol::Http | Protocol::Https)
     }
 }
 
@@ -378,6 +412,13 @@ pub struct Resource {
     pub credential: Option<Credential>,
     /// Applies when no rule matches.
     pub default: RuleAction,
+    /// HTTPS: terminate the agent's TLS and decide per request (the
+    /// default); `false`: relay the connection and record it only.
+    pub intercept: bool,
+    /// HTTP(S): the API profile, if any.
+    pub profile: Option<HttpProfile>,
+    /// `openai` profile: mask or refuse a prompt carrying a detected value.
+    pub prompt_dlp: PromptDlp,
     /// Index in its `PolicySet` (a fast path; lookups fall back to the name).
     pub(crate) index: usize,
 }

@@ -23,9 +23,9 @@
 //! Below each handler's `proxy` (or equivalent I/O) submodule, its layers are
 //! sans-IO: bytes go in, messages (or "need more bytes") come out.
 
+pub mod http;
 pub mod mysql;
 pub mod postgres;
-pub mod tls;
 
 use std::{collections::HashMap, error::Error, fmt, future::Future, pin::Pin, sync::Arc};
 
@@ -79,7 +79,12 @@ pub struct Registration {
 }
 
 /// Every handler. Adding one: a line here.
-pub const REGISTRY: &[Registration] = &[postgres::REGISTRATION, mysql::REGISTRATION];
+pub const REGISTRY: &[Registration] = &[
+    postgres::REGISTRATION,
+    mysql::REGISTRATION,
+    http::REGISTRATION,
+    http::REGISTRATION_TLS,
+];
 
 /// The daemon's handlers, one instance each, by protocol.
 #[derive(Clone, Default)]

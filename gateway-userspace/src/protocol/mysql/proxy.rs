@@ -13,7 +13,7 @@
 //!    before its handshake response parses and claims only what it was
 //!    offered.
 //! 2. **TLS upstream** when the resource says `verify-full`: an
-//!    `SSLRequest` and TLS with rustls ([`crate::protocol::tls`]) before the
+//!    `SSLRequest` and TLS with rustls ([`crate::tls::client`]) before the
 //!    client's handshake response is sent on; a server without TLS is an
 //!    error, never a plaintext fallback.
 //! 3. **Authentication** is relayed packet by packet until the server's
@@ -527,7 +527,7 @@ impl<'a> My<'a> {
             codec::set_client_capabilities(&mut hello, caps);
             self.send_upstream(&hello[..codec::SSL_REQUEST_LEN]).await?;
             let tcp = std::mem::replace(&mut self.u, Box::new(tokio::io::duplex(1).0));
-            let stream = crate::protocol::tls::connect(tcp, &tls, self.ctx.conn.destination)
+            let stream = crate::tls::client::connect(tcp, &tls, self.ctx.conn.destination)
                 .await
                 .map_err(|reason| MyProxyError::Connect { reason })?;
             self.u = Box::new(stream);

@@ -1,7 +1,7 @@
 //! The connection to the server: TCP to the agent's original destination,
 //! from the daemon's untagged context (so it is never redirected), then,
 //! when the resource's `tls` says `verify-full`, `SSLRequest` and TLS with
-//! rustls ([`crate::protocol::tls`], shared with `MySQL`). Fails closed:
+//! rustls ([`crate::tls::client`], shared with every handler). Fails closed:
 //! a server that refuses TLS when it is required is an error, never a
 //! plaintext fallback.
 
@@ -55,7 +55,7 @@ pub(super) async fn connect(
             "the server does not accept TLS (answered the SSLRequest with N)".into(),
         ));
     }
-    let stream = crate::protocol::tls::connect(tcp, tls, addr)
+    let stream = crate::tls::client::connect(tcp, tls, addr)
         .await
         .map_err(tls_err)?;
     Ok((Box::new(stream), true))

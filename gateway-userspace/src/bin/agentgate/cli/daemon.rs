@@ -470,6 +470,14 @@ pub fn exec(config: &Path, args: &ExecArgs) -> anyhow::Result<ExitCode> {
     agentgate::cgroup::enter(Path::new(&cgroup), std::process::id())?;
     let mut command = Command::new(program);
     command.args(rest);
+    // TLS interception: the command trusts the local CA through the usual
+    // variables (the daemon made the bundle at its start).
+    let ca = agentgate::tls::CaPaths::new(&cfg.daemon.state_dir);
+    if ca.bundle().exists() {
+        for (var, file) in agentgate::tls::ca::exec_env(&ca) {
+            command.env(var, file);
+        }
+    }
     if let RunAs::User(a) = &run_as {
         command
             .env("HOME", &a.user.home)
