@@ -472,9 +472,9 @@ async fn dispatch(
                     .await
                     .map_err(std::io::Error::other)
             }
-            protocol @ (Protocol::Mysql | Protocol::Http) => Err(std::io::Error::other(format!(
-                "no handler for {protocol:?} resources yet"
-            ))),
+            protocol @ (Protocol::Mysql | Protocol::Http | Protocol::Ssh) => Err(
+                std::io::Error::other(format!("no handler for {protocol:?} resources yet")),
+            ),
         }
     };
     tokio::select! {

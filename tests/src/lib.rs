@@ -601,3 +601,4 @@ pub fn read_until(out: &mut impl std::io::Read, pred: impl Fn(&str) -> bool) -> 
 }
 pub mod leak;
 pub mod pg;
+pub mod ssh;

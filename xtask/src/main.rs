@@ -70,6 +70,11 @@ const APT_PACKAGES: &[&str] = &[
     "pgbouncer",
     "curl",
     "nftables",
+    // The SSH handler's tests: a real sshd, the OpenSSH clients, paramiko (Debian's python3).
+    "openssh-server",
+    "openssh-client",
+    "python3-paramiko",
+    "sudo",
     // The approvals page test and the report screenshots drive it (npm playwright-core).
     "chromium",
 ];
@@ -517,11 +522,11 @@ fn test(root: &Path, filter: Option<&str>, no_lint: bool) -> Result<()> {
     Ok(())
 }
 
-/// The Postgres decoder fuzz targets, 20 s each (60 s in all). A crash fails
+/// The Postgres decoder and SSH command classifier fuzz targets, 20 s each (80 s in all). A crash fails
 /// the run; its input is left in gateway-userspace/fuzz/artifacts.
 fn fuzz_smoke(root: &Path) -> Result<()> {
     let dir = root.join("gateway-userspace");
-    for target in ["pg_frontend", "pg_backend", "pg_mask_row"] {
+    for target in ["pg_frontend", "pg_backend", "pg_mask_row", "ssh_command"] {
         let corpus = dir.join("fuzz/corpus").join(target);
         fs::create_dir_all(&corpus)?;
         status(

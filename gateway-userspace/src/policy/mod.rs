@@ -22,7 +22,7 @@ pub use load::{
 };
 pub use model::{
     Action, ActionKind, AddressPattern, ApprovalSpec, CgroupBinding, Conditions, Decision,
-    GrantScope, Protocol, Resource, Rule, RuleAction, Subject, TlsMode, UnixAllow,
+    GrantScope, Protocol, Resource, Rule, RuleAction, SSH_CLASSES, Subject, TlsMode, UnixAllow,
     UnknownDestination, UpstreamTls, Verdict,
 };
 pub use set::{DNS_LOOKUP_TIMEOUT, DnsAnswer, PolicySet};

@@ -5,3 +5,4 @@
 //! more bytes") come out. The proxy loop owns I/O and drives these.
 
 pub mod postgres;
+pub mod ssh;
