@@ -510,6 +510,8 @@ pub struct ProxyConfig {
     pub buffer_bytes: usize,
     /// `[proxy.postgres]`: limits of the Postgres handler.
     pub postgres: PostgresConfig,
+    /// `[proxy.ssh]`: the SSH handler's keys, limits and credentials.
+    pub ssh: crate::protocol::ssh::config::SshConfig,
 }
 
 /// `[proxy.postgres]`: what a Postgres client or server may send, and how
@@ -591,6 +593,7 @@ impl Default for ProxyConfig {
             upstream_connect_timeout_ms: 5000,
             buffer_bytes: 64 * 1024,
             postgres: PostgresConfig::default(),
+            ssh: crate::protocol::ssh::config::SshConfig::default(),
         }
     }
 }
@@ -667,6 +670,10 @@ impl Config {
             .postgres
             .validate()
             .map_err(|e| invalid(format!("[proxy.postgres] {e}")))?;
+        self.proxy
+            .ssh
+            .validate()
+            .map_err(|e| invalid(format!("[proxy.ssh] {e}")))?;
         self.containment
             .validate()
             .map_err(|e| invalid(format!("[containment] {e}")))?;

@@ -165,6 +165,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         audit: audit.clone(),
         correlation_key,
         pg_cancel_keys: crate::protocol::postgres::proxy::CancelKeys::default(),
+        ssh: Arc::new(crate::protocol::ssh::Ssh::new(cfg.proxy.ssh.clone())),
         sql_cache: Arc::default(),
         refusal_limit: crate::containment::refusals::RefusalLimit::default(),
     });

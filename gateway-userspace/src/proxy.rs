@@ -70,6 +70,8 @@ pub struct Shared {
     pub correlation_key: [u8; 32],
     /// Cancel keys of the live Postgres sessions.
     pub pg_cancel_keys: crate::protocol::postgres::proxy::CancelKeys,
+    /// The SSH handler (its keys and `known_hosts` block).
+    pub ssh: Arc<crate::protocol::ssh::Ssh>,
     /// Statement analyses by shape (class, tables, redacted text).
     pub sql_cache: Arc<crate::sql::AnalysisCache>,
     /// How many `control.refused` records a caller may cause (control socket
@@ -472,9 +474,30 @@ async fn dispatch(
                     .await
                     .map_err(std::io::Error::other)
             }
-            protocol @ (Protocol::Mysql | Protocol::Http | Protocol::Ssh) => Err(
-                std::io::Error::other(format!("no handler for {protocol:?} resources yet")),
-            ),
+            Protocol::Ssh => {
+                let services = crate::protocol::ssh::proxy::SshServices {
+                    policy: shared.policy.clone(),
+                    approvals: shared.approvals.clone(),
+                    audit: Arc::new(shared.audit.clone()),
+                    correlation_key: shared.correlation_key,
+                    upstream_connect_timeout: shared.config.upstream_connect_timeout(),
+                };
+                shared
+                    .ssh
+                    .serve(
+                        client,
+                        conn.clone(),
+                        subject,
+                        resource,
+                        services,
+                        shared.audit.dir().to_path_buf(),
+                    )
+                    .await
+                    .map_err(std::io::Error::other)
+            }
+            protocol @ (Protocol::Mysql | Protocol::Http) => Err(std::io::Error::other(format!(
+                "no handler for {protocol:?} resources yet"
+            ))),
         }
     };
     tokio::select! {
