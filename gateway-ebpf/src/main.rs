@@ -97,7 +97,14 @@ static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 #[map(name = "AG_BY_COOKIE")]
 static BY_COOKIE: LruHashMap<u64, Provenance> = LruHashMap::with_max_entries(65536, 0);
 
-/// Provenance by the 4-tuple the proxy sees; userspace reads it at accept.
+/// Provenance by the 4-tuple the proxy sees. Userspace reads it at accept
+/// and deletes it then; the close callback leaves it, so a connection that
+/// closes before the proxy accepts it is still attributed and recorded. LRU
+/// bounds what connections never accepted leave behind. A socket that reaches
+/// the proxy without a connect record (an untagged process, or a direct dial
+/// of the listener) deletes any entry for its own 4-tuple when it is
+/// established, before the proxy can accept it: a reused tuple does not
+/// inherit a closed connection's record (see `ag_sock_ops`).
 #[map(name = "AG_BY_PEER")]
 static BY_PEER: LruHashMap<PeerKey, Provenance> = LruHashMap::with_max_entries(65536, 0);
 
@@ -822,6 +829,22 @@ pub fn ag_sock_ops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
             // SAFETY: read-only lookup of a Copy value.
             let Some(prov) = (unsafe { BY_COOKIE.get(&cookie) }).copied() else {
+                // No connect record: this socket was not redirected. If it
+                // reached the proxy, a record left for its 4-tuple belongs to
+                // a closed socket that used the tuple before (see AG_BY_PEER):
+                // delete it before this handshake completes on the proxy's
+                // side, so the proxy finds nothing and refuses.
+                let pair = sock_ops_pair(&ctx);
+                if config().is_some_and(|c| {
+                    same_endpoint(&pair.remote, &c.proxy4) || same_endpoint(&pair.remote, &c.proxy6)
+                }) {
+                    // SAFETY: sock_ops context.
+                    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx_ptr) };
+                    let key = PeerKey { peer: pair.local, local: pair.remote, netns_cookie };
+                    if BY_PEER.remove(&key).is_ok() {
+                        bump(counter::STALE_PEER_REMOVED);
+                    }
+                }
                 return 0;
             };
             let pair = sock_ops_pair(&ctx);
@@ -865,11 +888,8 @@ pub fn ag_sock_ops(ctx: SockOpsContext) -> u32 {
             if ctx.arg(1) == BPF_TCP_CLOSE {
                 // SAFETY: presence check only.
                 if unsafe { BY_COOKIE.get(&cookie) }.is_some() {
+                    // AG_BY_PEER stays until the proxy has read it.
                     let pair = sock_ops_pair(&ctx);
-                    // SAFETY: sock_ops context.
-                    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx_ptr) };
-                    let key = PeerKey { peer: pair.local, local: pair.remote, netns_cookie };
-                    let _ = BY_PEER.remove(&key);
                     let _ = BY_COOKIE.remove(&cookie);
                     let _ = FAST_MODE.remove(&pair);
                     bump(counter::CLOSED);

@@ -494,8 +494,11 @@ impl Default for DaemonConfig {
     }
 }
 
+/// `[proxy]`. Not `deny_unknown_fields` (serde cannot combine it with
+/// `flatten`): keys it does not know land in `handlers`, and
+/// [`crate::protocol::check_sections`] refuses those no handler owns.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct ProxyConfig {
     pub listen_v4: Ipv4Addr,
     pub listen_v6: Ipv6Addr,
@@ -508,78 +511,11 @@ pub struct ProxyConfig {
     pub upstream_connect_timeout_ms: u64,
     /// Relay buffer per direction.
     pub buffer_bytes: usize,
-    /// `[proxy.postgres]`: limits of the Postgres handler.
-    pub postgres: PostgresConfig,
-    /// `[proxy.ssh]`: the SSH handler's keys, limits and credentials.
-    pub ssh: crate::protocol::ssh::config::SshConfig,
-}
-
-/// `[proxy.postgres]`: what a Postgres client or server may send, and how
-/// long it may take. Anything over a limit is a protocol error that ends the
-/// connection (`08P01`); nothing over a limit is forwarded.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
-pub struct PostgresConfig {
-    /// Largest startup packet, length word included.
-    pub max_startup_bytes: usize,
-    /// Largest SQL text in one `Query` or `Parse` (what the SQL parser sees).
-    pub max_sql_bytes: usize,
-    /// Largest body of any other message, either direction (`DataRow`,
-    /// `CopyData`, `Bind`, ...).
-    pub max_message_bytes: usize,
-    /// From accept to a complete startup packet.
-    pub startup_timeout_secs: u64,
-    /// From the startup packet to the server's first `ReadyForQuery`.
-    pub auth_timeout_secs: u64,
-    /// A binary result value whose type cannot carry masked text, in a
-    /// column that must be masked: `"null"` sends SQL NULL in its place,
-    /// `"refuse"` fails the statement.
-    pub unmaskable_binary: UnmaskableBinary,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum UnmaskableBinary {
-    Null,
-    Refuse,
-}
-
-impl Default for PostgresConfig {
-    /// The handler's defaults (its own `Default`s agree; a test there checks).
-    fn default() -> Self {
-        Self {
-            max_startup_bytes: 10 * 1024,
-            max_sql_bytes: 1024 * 1024,
-            max_message_bytes: 64 * 1024 * 1024,
-            startup_timeout_secs: 30,
-            auth_timeout_secs: 60,
-            unmaskable_binary: UnmaskableBinary::Null,
-        }
-    }
-}
-
-impl PostgresConfig {
-    fn validate(&self) -> Result<(), String> {
-        if !(64..=1024 * 1024).contains(&self.max_startup_bytes) {
-            return Err("max_startup_bytes must be between 64 and 1048576".into());
-        }
-        if !(1024..=crate::sql::MAX_SQL_LEN).contains(&self.max_sql_bytes) {
-            return Err(format!(
-                "max_sql_bytes must be between 1024 and {} (longer text is never parsed)",
-                crate::sql::MAX_SQL_LEN
-            ));
-        }
-        // Postgres itself accepts at most 1 GiB per message.
-        if !(self.max_sql_bytes..=1 << 30).contains(&self.max_message_bytes) {
-            return Err(
-                "max_message_bytes must be at least max_sql_bytes and at most 1073741824".into(),
-            );
-        }
-        if self.startup_timeout_secs == 0 || self.auth_timeout_secs == 0 {
-            return Err("startup_timeout_secs and auth_timeout_secs must be at least 1".into());
-        }
-        Ok(())
-    }
+    /// `[proxy.<handler>]` sections (e.g. `[proxy.postgres]`), kept as TOML:
+    /// each is parsed and checked by its protocol handler (see
+    /// [`crate::protocol`]); a section no handler registered is an error.
+    #[serde(flatten)]
+    pub handlers: toml::Table,
 }
 
 impl Default for ProxyConfig {
@@ -592,8 +528,7 @@ impl Default for ProxyConfig {
             max_connections: 4096,
             upstream_connect_timeout_ms: 5000,
             buffer_bytes: 64 * 1024,
-            postgres: PostgresConfig::default(),
-            ssh: crate::protocol::ssh::config::SshConfig::default(),
+            handlers: toml::Table::new(),
         }
     }
 }
@@ -622,6 +557,12 @@ impl Config {
             message: e.to_string().trim_end().to_owned(),
         })?;
         cfg.validate(path)?;
+        crate::protocol::check_sections(text, cfg.proxy.handlers.keys()).map_err(|message| {
+            ConfigError::Parse {
+                path: path.into(),
+                message,
+            }
+        })?;
         // Relative file paths in the config are relative to the config file.
         let base = path.parent().unwrap_or(Path::new("."));
         for p in [
@@ -666,14 +607,6 @@ impl Config {
                 "proxy.buffer_bytes must be between 4096 and 16777216".into(),
             ));
         }
-        self.proxy
-            .postgres
-            .validate()
-            .map_err(|e| invalid(format!("[proxy.postgres] {e}")))?;
-        self.proxy
-            .ssh
-            .validate()
-            .map_err(|e| invalid(format!("[proxy.ssh] {e}")))?;
         self.containment
             .validate()
             .map_err(|e| invalid(format!("[containment] {e}")))?;
@@ -722,31 +655,6 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.daemon.state_dir, Path::new("/x/y/state"));
-    }
-
-    #[test]
-    fn postgres_limits_are_read_and_checked() {
-        let c = Config::parse(
-            Path::new("a.toml"),
-            "[proxy.postgres]\nmax_sql_bytes = 4096\nunmaskable_binary = \"refuse\"\n",
-        )
-        .unwrap();
-        let pg = &c.proxy.postgres;
-        assert_eq!(pg.max_sql_bytes, 4096);
-        assert_eq!(pg.max_message_bytes, 64 << 20, "the default");
-        assert_eq!(pg.unmaskable_binary, UnmaskableBinary::Refuse);
-        for bad in [
-            "max_sql_bytes = 0",
-            "max_sql_bytes = 2097152",
-            "max_message_bytes = 2048",
-            "auth_timeout_secs = 0",
-            "max_sql = 1",
-        ] {
-            let err = Config::parse(Path::new("a.toml"), &format!("[proxy.postgres]\n{bad}\n"))
-                .unwrap_err()
-                .to_string();
-            assert!(err.starts_with("a.toml: "), "{bad}: {err}");
-        }
     }
 
     #[test]

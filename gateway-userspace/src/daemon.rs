@@ -53,6 +53,8 @@ pub enum DaemonError {
     Approvals(String),
     #[error("{0}")]
     Containment(String),
+    #[error("protocol handlers: {0}")]
+    Handlers(String),
     #[error("{0}")]
     Api(String),
     #[error("policy is invalid; not starting:\n{errors}")]
@@ -150,6 +152,8 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
     let identities = identities(cfg.identity.as_ref())?;
     let (audit, correlation_key) = open_audit(&cfg, &policy, &hooks, &resolver_pairs).await?;
     let approvals = open_approvals(&cfg, &audit).await?;
+    let handlers = crate::protocol::Handlers::from_sections(&cfg.proxy.handlers)
+        .map_err(DaemonError::Handlers)?;
     let shared = Arc::new(Shared {
         redirector: Mutex::new(redirector),
         bindings: Mutex::new(bindings),
@@ -164,9 +168,9 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         identities,
         audit: audit.clone(),
         correlation_key,
-        pg_cancel_keys: crate::protocol::postgres::proxy::CancelKeys::default(),
-        ssh: Arc::new(crate::protocol::ssh::Ssh::new(cfg.proxy.ssh.clone())),
+        handlers,
         sql_cache: Arc::default(),
+        probes: Arc::default(),
         refusal_limit: crate::containment::refusals::RefusalLimit::default(),
     });
     let daemon = Arc::new(Daemon {
@@ -217,6 +221,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
     tasks.spawn(watch_policy(
         policy,
         audit.clone(),
+        shared.approvals.clone(),
         &cfg.policy,
         shutdown.clone(),
     ));
@@ -310,17 +315,21 @@ fn spawn_http(
     crate::approval::webhook::spawn(hooks, &tx, &metrics.webhooks, tasks, shutdown)
         .map_err(|e| DaemonError::Api(e.to_string()))?;
     let mut events = shared.approvals.subscribe();
+    // Masking alerts (an identity past its equality probe budget) go to
+    // the same hooks, through the same queues.
+    let mut alerts = shared.probes.subscribe();
     let mut stop = shutdown.clone();
     let dropped = metrics.webhooks.clone();
     tasks.spawn(async move {
         loop {
             let event = tokio::select! {
-                e = events.recv() => e,
+                e = events.recv() => e.map(|e| serde_json::to_value(&e).ok()),
+                a = alerts.recv() => a.map(Some),
                 _ = stop.wait_for(|s| *s) => return,
             };
             match event {
                 Ok(e) => {
-                    if let Ok(v) = serde_json::to_value(&e) {
+                    if let Some(v) = e {
                         let _ = tx.send(v);
                     }
                 }
@@ -464,8 +473,9 @@ async fn audit_identity_event(audit: &AuditLog, event: &crate::identity::Identit
     }
 }
 
-/// The policy in force at start, with the masking key (made on first start).
-/// An invalid policy refuses the start.
+/// The policy in force at start, with the masking key (made on first start),
+/// archived by digest under `<state_dir>/policies`. An invalid policy, or
+/// one that cannot be archived, refuses the start.
 fn load_policy(cfg: &PolicyConfig, state_dir: &Path) -> Result<Arc<PolicyStore>, DaemonError> {
     let mask_key_path = state_dir.join("mask.key");
     let mask_key =
@@ -474,11 +484,13 @@ fn load_policy(cfg: &PolicyConfig, state_dir: &Path) -> Result<Arc<PolicyStore>,
             path: mask_key_path,
             source,
         })?;
-    let store = PolicyStore::open(
+    let (store, archived) = PolicyStore::open_archived(
         &cfg.dir,
         Some(Arc::new(crate::mask::MaskKey::new(mask_key))),
+        crate::policy::PolicyArchive::in_state_dir(state_dir),
     )
     .map_err(|errors| DaemonError::Policy { errors })?;
+    tracing::info!(digest = %store.current().digest(), archive = %archived.display(), "policy in force");
     Ok(Arc::new(store))
 }
 
@@ -567,6 +579,7 @@ async fn open_audit(
 fn watch_policy(
     store: Arc<PolicyStore>,
     audit: AuditLog,
+    approvals: crate::approval::Broker,
     cfg: &PolicyConfig,
     mut shutdown: watch::Receiver<bool>,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
@@ -576,9 +589,17 @@ fn watch_policy(
     };
     async move {
         let file_audit = audit.clone();
+        let (file_store, file_approvals) = (store.clone(), approvals.clone());
         let on_event = move |event: WatchEvent| match event {
-            WatchEvent::Reloaded(o) => record_reload(&file_audit, "file-change", Ok(&o)),
-            WatchEvent::Rejected(errors) => record_reload(&file_audit, "file-change", Err(&errors)),
+            WatchEvent::Reloaded(o) => record_reload(
+                &file_audit,
+                "file-change",
+                Ok(&o),
+                Some((file_approvals.clone(), file_store.current())),
+            ),
+            WatchEvent::Rejected(errors) => {
+                record_reload(&file_audit, "file-change", Err(&errors), None);
+            }
         };
         let sighup_store = store.clone();
         let mut stop = shutdown.clone();
@@ -596,7 +617,8 @@ fn watch_policy(
                 tokio::select! {
                     _ = hup.recv() => {
                         let r = sighup_store.reload(sighup_store.dir());
-                        record_reload(&audit, "SIGHUP", r.as_ref());
+                        let after = r.is_ok().then(|| (approvals.clone(), sighup_store.current()));
+                        record_reload(&audit, "SIGHUP", r.as_ref(), after);
                     }
                     _ = stop.wait_for(|s| *s) => return,
                 }
@@ -609,15 +631,27 @@ fn watch_policy(
     }
 }
 
+/// Records a reload; after an accepted one, `after` (the broker and the
+/// policy now in force) decides the held commands again, once the reload
+/// is on record.
 fn record_reload(
     audit: &AuditLog,
     trigger: &'static str,
     outcome: Result<&crate::policy::ReloadOutcome, &crate::policy::PolicyErrors>,
+    after: Option<(crate::approval::Broker, Arc<crate::policy::PolicySet>)>,
 ) {
     let result = match outcome {
         Ok(o) => {
             tracing::info!(event = "policy.reload", trigger, outcome = "accepted", digest = %o.digest, previous = %o.previous_digest);
-            json!({ "outcome": "accepted", "digest": o.digest, "previous_digest": o.previous_digest, "files": o.files, "rules": o.rules })
+            json!({
+                "outcome": "accepted",
+                "digest": o.digest,
+                "previous_digest": o.previous_digest,
+                "files": o.files,
+                "rules": o.rules,
+                "archived": o.archived,
+                "file_stamps": o.stamps,
+            })
         }
         Err(errors) => {
             tracing::error!(event = "policy.reload", trigger, outcome = "rejected", errors = %errors, "new policy rejected; the previous policy stays in force");
@@ -632,6 +666,11 @@ fn record_reload(
     tokio::spawn(async move {
         if let Err(e) = audit.append(rec).await {
             tracing::error!(event = "log.failure", error = %e, "cannot record a policy reload");
+        }
+        if let Some((approvals, policy)) = after {
+            for (id, outcome) in approvals.policy_reloaded(&policy).await {
+                tracing::info!(request = %id, outcome, digest = %policy.digest(), "held command decided again after a policy reload");
+            }
         }
     });
 }
@@ -1311,6 +1350,7 @@ impl Daemon {
                 "redirected": counters[0], "refused_not_ready": counters[1],
                 "established": counters[2], "closed": counters[3], "fast_path_inserted": counters[4],
                 "fast_path_declined": counters[5],
+                "stale_peer_removed": counters[agentgate_common::counter::STALE_PEER_REMOVED as usize],
             },
             "fast_path": s.config.fast_path,
             "audit": audit_status(&s.audit),

@@ -5,7 +5,8 @@
 //! 1. `redirect`: eBPF connect hooks rewrite a tagged process's `connect()` to
 //!    the proxy listener and record its provenance.
 //! 2. `proxy`: accept, look the peer up in the provenance map (no record: refuse),
-//!    enrich from /proc (`provenance`), bind to an identity.
+//!    enrich from /proc (`provenance`), bind to an identity, and hand the
+//!    `connection` to the resource's handler through the `protocol` seam.
 //! 3. `policy`: decide on the resource; then, per command decoded by a
 //!    `protocol` handler, the `gate` decides by policy, writes the record
 //!    ahead, holds what needs a human (`approval`) and records the result;
@@ -22,6 +23,7 @@ pub mod audit;
 pub mod binding;
 pub mod cgroup;
 pub mod config;
+pub mod connection;
 pub mod containment;
 pub mod control;
 pub mod daemon;

@@ -31,20 +31,22 @@ use std::{
 };
 
 use agentgate_common::PeerKey;
-use serde::Serialize;
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
     sync::{Semaphore, watch},
 };
 
+pub use crate::connection::{LiveConnection, Verified};
 use crate::{
     approval::Broker,
     audit::{AuditLog, IdentityRef, Kind, NewRecord},
     binding::Bindings,
     cgroup::Hierarchy,
     config::{LabelIdentity, ProxyConfig},
+    connection::{Attributed, Services},
     policy::{PolicyStore, Protocol, Resource, Subject, Verdict},
+    protocol::Handlers,
     provenance::Workload,
     redirect::{self, Redirector},
 };
@@ -68,12 +70,13 @@ pub struct Shared {
     pub audit: AuditLog,
     /// Key of the keyed hashes that correlate redacted statements.
     pub correlation_key: [u8; 32],
-    /// Cancel keys of the live Postgres sessions.
-    pub pg_cancel_keys: crate::protocol::postgres::proxy::CancelKeys,
-    /// The SSH handler (its keys and `known_hosts` block).
-    pub ssh: Arc<crate::protocol::ssh::Ssh>,
+    /// The protocol handlers, by the resource's `protocol` (each owns its state).
+    pub handlers: Handlers,
     /// Statement analyses by shape (class, tables, redacted text).
     pub sql_cache: Arc<crate::sql::AnalysisCache>,
+    /// Equality probes on protected columns per identity, for every SQL
+    /// handler ([`crate::mask::ProbeBudget`]).
+    pub probes: Arc<crate::mask::ProbeBudget>,
     /// How many `control.refused` records a caller may cause (control socket
     /// and approvals API together).
     pub refusal_limit: crate::containment::refusals::RefusalLimit,
@@ -86,6 +89,20 @@ pub struct Identities {
 }
 
 impl Shared {
+    /// What a handler gets besides its connection.
+    pub fn services(&self) -> Services {
+        Services {
+            policy: self.policy.clone(),
+            approvals: self.approvals.clone(),
+            audit: Arc::new(self.audit.clone()),
+            correlation_key: self.correlation_key,
+            sql_cache: self.sql_cache.clone(),
+            probes: self.probes.clone(),
+            upstream_connect_timeout: self.config.upstream_connect_timeout(),
+            audit_dir: self.audit.dir().to_path_buf(),
+        }
+    }
+
     /// The policy subject for an identity name: its groups come from the
     /// verified identity (or the configured label).
     pub async fn subject(&self, identity: &str) -> Option<Subject> {
@@ -164,96 +181,6 @@ pub struct Registry {
     live: Mutex<BTreeMap<u64, Arc<LiveConnection>>>,
 }
 
-#[derive(Debug, Serialize)]
-pub struct LiveConnection {
-    pub id: u64,
-    pub identity: String,
-    pub workload: Workload,
-    pub destination: SocketAddr,
-    pub since: String,
-    #[serde(serialize_with = "ser_atomic")]
-    pub bytes_up: AtomicU64,
-    #[serde(serialize_with = "ser_atomic")]
-    pub bytes_down: AtomicU64,
-    /// Signalled to end the connection (its identity expired or logged out).
-    #[serde(skip)]
-    pub close: tokio::sync::Notify,
-    /// The policy resource the destination belongs to.
-    pub resource: Option<String>,
-    /// The identity as audit records name it.
-    #[serde(skip)]
-    pub audit_identity: IdentityRef,
-    /// Issuer and `sub` of the identity, when the daemon verified it.
-    #[serde(skip)]
-    pub verified: Option<Verified>,
-    #[serde(skip)]
-    pub started: Instant,
-}
-
-/// Who a verified identity is at its issuer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Verified {
-    pub issuer: String,
-    pub subject: String,
-}
-
-impl LiveConnection {
-    /// Who asks when one of this connection's commands is held: its
-    /// identity (issuer and `sub` when verified; a label is its own
-    /// subject) and its kernel provenance.
-    pub fn requester(&self) -> crate::approval::Requester {
-        let w = &self.workload;
-        crate::approval::Requester {
-            identity: self.identity.clone(),
-            identity_kind: self.audit_identity.kind.clone(),
-            issuer: self.verified.as_ref().map(|v| v.issuer.clone()),
-            subject: self
-                .verified
-                .as_ref()
-                .map_or_else(|| self.identity.clone(), |v| v.subject.clone()),
-            groups: self.audit_identity.groups.clone(),
-            pid: w.pid,
-            exe: w.exe.clone(),
-            uid: w.uid,
-            cgroup_id: w.cgroup_id,
-            tagged_cgroup_id: w.tagged_cgroup_id,
-            cgroup: w.cgroup.clone().unwrap_or_default(),
-            conn: self.id,
-        }
-    }
-
-    /// A record about this connection, with who, from where and to what filled in.
-    pub fn record(&self, kind: Kind) -> NewRecord {
-        let mut rec = NewRecord::new(kind)
-            .connection(self.id)
-            .session(format!("conn-{}", self.id))
-            .identity(self.audit_identity.clone())
-            .workload(self.workload.to_audit());
-        if let Some(r) = &self.resource {
-            rec = rec.resource(r.clone());
-        }
-        rec
-    }
-}
-
-impl crate::gate::Origin for LiveConnection {
-    fn record(&self, kind: Kind) -> NewRecord {
-        LiveConnection::record(self, kind)
-    }
-
-    fn connection_id(&self) -> u64 {
-        self.id
-    }
-
-    fn requester(&self) -> crate::approval::Requester {
-        LiveConnection::requester(self)
-    }
-}
-
-fn ser_atomic<S: serde::Serializer>(v: &AtomicU64, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_u64(v.load(Ordering::Relaxed))
-}
-
 impl Registry {
     pub fn snapshot(&self) -> Vec<Arc<LiveConnection>> {
         self.live
@@ -315,46 +242,91 @@ pub async fn serve(
     }
 }
 
-/// Phase 2 and 3: the kernel's record of this connection and the identity
-/// its cgroup is bound to. No record, or no binding: not ours to serve.
-fn attribute(
+/// Phase 2: the kernel's record of this connection (taken from the map). No
+/// record: not redirected, not ours to serve (an unattributed dial is only
+/// logged: any local process can make one, and it names no identity).
+fn provenance(
     client: &TcpStream,
     peer: SocketAddr,
     shared: &Shared,
-) -> Result<(agentgate_common::Provenance, String), &'static str> {
+) -> Result<agentgate_common::Provenance, &'static str> {
     let local = client.local_addr().map_err(|_| "no local address")?;
     let key = PeerKey {
         peer: redirect::sock_addr(peer),
         local: redirect::sock_addr(local),
         netns_cookie: shared.netns_cookie,
     };
-    let prov = shared
+    shared
         .redirector
         .lock()
         .expect("redirector lock")
-        .provenance(&key)
-        .ok_or("not redirected: no provenance record")?;
-    let identity = shared
+        .take_provenance(&key)
+        .ok_or("not redirected: no provenance record")
+}
+
+/// A tagged connection refused before it got a connection id (its binding
+/// is gone, or the connection limit): recorded like a policy denial, with
+/// the workload the kernel saw, then closed.
+async fn refuse_attributed(
+    workload: &Workload,
+    identity: Option<IdentityRef>,
+    destination: SocketAddr,
+    rule: &str,
+    reason: &'static str,
+    shared: &Shared,
+) -> &'static str {
+    let mut rec = NewRecord::new(Kind::ConnectionOpen)
+        .workload(workload.to_audit())
+        .action(serde_json::json!({ "destination": destination.to_string() }))
+        .decision(serde_json::json!({ "verdict": "deny", "rule": rule, "detail": reason }));
+    if let Some(identity) = identity {
+        rec = rec.identity(identity);
+    }
+    if let Err(e) = shared.audit.append(rec).await {
+        tracing::error!(event = "log.failure", error = %e, "cannot record a refused connection");
+    }
+    reason
+}
+
+async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<(), &'static str> {
+    let prov = provenance(&client, peer, shared)?;
+    let workload = Workload::from_kernel(&prov, &shared.hierarchy);
+    let destination = redirect::socket_addr(&prov.orig_dst);
+    let binding = shared
         .bindings
         .lock()
         .expect("bindings lock")
         .get(prov.binding)
-        .map(|b| b.identity.clone())
-        .ok_or("cgroup binding is gone")?;
-    Ok((prov, identity))
-}
-
-async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<(), &'static str> {
-    let (prov, identity) = attribute(&client, peer, shared)?;
+        .map(|b| b.identity.clone());
+    let Some(identity) = binding else {
+        let reason = "cgroup binding is gone";
+        return Err(refuse_attributed(
+            &workload,
+            None,
+            destination,
+            "agentgate:binding-gone",
+            reason,
+            shared,
+        )
+        .await);
+    };
     let Ok(permit) = shared.limit.clone().try_acquire_owned() else {
         tracing::warn!(
             max = shared.config.max_connections,
             "connection limit reached"
         );
-        return Err("connection limit reached");
+        let who = shared.identity_ref(&identity).await;
+        let reason = "connection limit reached";
+        return Err(refuse_attributed(
+            &workload,
+            Some(who),
+            destination,
+            "agentgate:connection-limit",
+            reason,
+            shared,
+        )
+        .await);
     };
-    let workload = Workload::from_kernel(&prov, &shared.hierarchy);
-    let destination = redirect::socket_addr(&prov.orig_dst);
     let policy = shared.policy.current();
     // An identity whose session ended (expired, revoked, logged out) is denied
     // like any other denial: recorded, and answered in the protocol's own terms.
@@ -397,14 +369,13 @@ async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<
         return Err("audit log unavailable");
     }
     if !allowed {
-        if protocol == Protocol::Postgres {
+        if let Some(handler) = shared.handlers.get(protocol) {
             // A protocol-native refusal: the client sees which rule, not a reset.
             let reason = match &decision.verdict {
                 Verdict::Deny { reason } => reason.clone(),
-                _ => "the connection needs an approval, which Postgres connections cannot wait for"
-                    .into(),
+                _ => "the connection needs an approval, which a connection cannot wait for".into(),
             };
-            let _ = crate::protocol::postgres::proxy::refuse(client, &decision.rule, &reason).await;
+            handler.refuse(client, &decision.rule, &reason).await;
         }
         tracing::info!(
             event = "connection.denied",
@@ -452,53 +423,24 @@ async fn dispatch(
         let Some(resource) = resource else {
             return connect_and_relay(client, conn, &shared.config).await;
         };
-        match resource.protocol {
-            Protocol::Tcp => connect_and_relay(client, conn, &shared.config).await,
-            Protocol::Postgres => {
-                let ctx = crate::protocol::postgres::proxy::PgContext {
-                    conn: conn.clone(),
-                    subject,
-                    resource,
-                    policy: shared.policy.clone(),
-                    approvals: shared.approvals.clone(),
-                    audit: Arc::new(shared.audit.clone()),
-                    correlation_key: shared.correlation_key,
-                    settings: crate::protocol::postgres::proxy::PgSettings::from_config(
-                        &shared.config.postgres,
-                        shared.config.upstream_connect_timeout(),
-                    ),
-                    cancel_keys: shared.pg_cancel_keys.clone(),
-                    sql_cache: shared.sql_cache.clone(),
-                };
-                crate::protocol::postgres::proxy::serve(client, ctx)
-                    .await
-                    .map_err(std::io::Error::other)
-            }
-            Protocol::Ssh => {
-                let services = crate::protocol::ssh::proxy::SshServices {
-                    policy: shared.policy.clone(),
-                    approvals: shared.approvals.clone(),
-                    audit: Arc::new(shared.audit.clone()),
-                    correlation_key: shared.correlation_key,
-                    upstream_connect_timeout: shared.config.upstream_connect_timeout(),
-                };
-                shared
-                    .ssh
-                    .serve(
-                        client,
-                        conn.clone(),
-                        subject,
-                        resource,
-                        services,
-                        shared.audit.dir().to_path_buf(),
-                    )
-                    .await
-                    .map_err(std::io::Error::other)
-            }
-            protocol @ (Protocol::Mysql | Protocol::Http) => Err(std::io::Error::other(format!(
-                "no handler for {protocol:?} resources yet"
-            ))),
+        if resource.protocol == Protocol::Tcp {
+            return connect_and_relay(client, conn, &shared.config).await;
         }
+        let Some(handler) = shared.handlers.get(resource.protocol) else {
+            return Err(std::io::Error::other(format!(
+                "no handler for {} resources yet",
+                resource.protocol.as_str()
+            )));
+        };
+        let attributed = Attributed {
+            conn: conn.clone(),
+            subject,
+            resource,
+        };
+        handler
+            .serve(client, attributed, shared.services())
+            .await
+            .map_err(std::io::Error::other)
     };
     tokio::select! {
         r = handler => r,
@@ -577,54 +519,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_requester_comes_from_the_connection_and_its_verified_identity() {
-        let conn = |subject: &str, kind: &str, verified: Option<Verified>| LiveConnection {
-            id: 9,
-            identity: "bob".into(),
-            workload: crate::provenance::Workload {
-                pid: 77,
-                tid: 77,
-                uid: 1000,
-                gid: 1000,
-                comm: "psql".into(),
-                exe: Some("/usr/bin/psql".into()),
-                cmdline: None,
-                ppid: None,
-                cgroup: Some("/agentgate/exec-1".into()),
-                cgroup_id: 5,
-                tagged_cgroup_id: 5,
-            },
-            destination: "127.0.0.1:5432".parse().unwrap(),
-            since: String::new(),
-            bytes_up: std::sync::atomic::AtomicU64::new(0),
-            bytes_down: std::sync::atomic::AtomicU64::new(0),
-            close: tokio::sync::Notify::new(),
-            resource: Some("db".into()),
-            audit_identity: crate::audit::IdentityRef {
-                subject: subject.into(),
-                kind: kind.into(),
-                groups: vec!["approvers".into()],
-            },
-            verified,
-            started: std::time::Instant::now(),
-        };
-        let verified = Verified {
-            issuer: "https://idp.test".into(),
-            subject: "u-42".into(),
-        };
-        let r = conn("bob (https://idp.test#u-42)", "human", Some(verified)).requester();
-        assert_eq!(
-            (r.issuer.as_deref(), r.subject.as_str()),
-            (Some("https://idp.test"), "u-42")
-        );
-        assert_eq!((r.pid, r.uid, r.conn, r.cgroup_id), (77, 1000, 9, 5));
-        assert_eq!(r.cgroup, "/agentgate/exec-1");
-        // A label has no issuer; its subject is its name.
-        let r = conn("bob", "label", None).requester();
-        assert_eq!((r.issuer, r.subject.as_str()), (None, "bob"));
-    }
 
     #[tokio::test]
     async fn pipe_half_closes_and_counts() {

@@ -340,9 +340,18 @@ impl Redirector {
         &self.hooks
     }
 
-    /// The record the connect hook made for the connection the proxy accepted.
-    pub fn provenance(&self, key: &PeerKey) -> Option<Provenance> {
-        self.by_peer.get(key, 0).ok()
+    /// The record the connect hook made for the connection the proxy
+    /// accepted, taken out of the map: each record attributes one accept.
+    /// (The kernel leaves it there when the socket closes, so a connection
+    /// that closed before its accept is still attributed.)
+    pub fn take_provenance(&mut self, key: &PeerKey) -> Option<Provenance> {
+        let prov = self.by_peer.get(key, 0).ok()?;
+        if let Err(e) = self.by_peer.remove(key) {
+            // Left behind it is evicted (LRU) or deleted when its 4-tuple is
+            // next used by a socket without a connect record.
+            tracing::warn!(error = %e, "cannot delete a provenance record after reading it");
+        }
+        Some(prov)
     }
 
     /// Entries in the per-socket maps, for leak checks: (provenance by

@@ -342,6 +342,8 @@ fn bad_policy_files_report_exact_positions() {
             &[
                 "bad_masking.toml:7:14: unknown detector `ssn` (one of: all, us_ssn, card_pan, email, phone, iban, aba_routing)",
                 "bad_masking.toml:12:14: `nope` matches no resource",
+                "bad_masking.toml:14:19: `equality_budget` must be at most 1000000",
+                "bad_masking.toml:13:19: `equality_window` must be more than 0 and at most 30d",
                 "bad_masking.toml:10:12: invalid column `a..b`: expected column, table.column or schema.table.column",
             ],
         ),

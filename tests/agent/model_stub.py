@@ -9,7 +9,10 @@ is that the real OpenAI Agents SDK drives real tool calls through agentgate.
 Every request's tool results are appended as JSON lines to the file named by
 --transcript, so a test can check what reached "the model" (masked values only).
 
-Usage: python model_stub.py --port 0 --transcript FILE   (prints the port when ready)
+With --script FILE the plan is read from FILE (a JSON list of [tool, arguments]) at
+each request instead of SCRIPT, so a test can give each agent run its own plan.
+
+Usage: python model_stub.py --port 0 --transcript FILE [--script FILE]   (prints the port when ready)
 """
 
 import argparse
@@ -61,8 +64,12 @@ class Handler(BaseHTTPRequestHandler):
         with open(self.server.transcript, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": len(results), "tool_results": results}) + "\n")
         step = len(results)
-        if step < len(SCRIPT):
-            name, args = SCRIPT[step]
+        script = SCRIPT
+        if self.server.script:
+            with open(self.server.script, encoding="utf-8") as f:
+                script = [tuple(s) for s in json.load(f)]
+        if step < len(script):
+            name, args = script[step]
             message = {
                 "role": "assistant",
                 "content": None,
@@ -96,9 +103,11 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--transcript", required=True)
+    p.add_argument("--script", help="JSON list of [tool, arguments], read at each request")
     a = p.parse_args()
     server = ThreadingHTTPServer(("127.0.0.1", a.port), Handler)
     server.transcript = a.transcript
+    server.script = a.script
     print(server.server_address[1], flush=True)
     try:
         server.serve_forever()

@@ -599,6 +599,7 @@ pub fn read_until(out: &mut impl std::io::Read, pred: impl Fn(&str) -> bool) -> 
         }
     }
 }
+pub mod agent;
 pub mod leak;
 pub mod pg;
 pub mod ssh;

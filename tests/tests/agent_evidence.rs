@@ -15,7 +15,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agentgate_e2e::{DaemonOptions, Env, Proc, pg::PgServer, run_ok};
+use agentgate_e2e::{
+    DaemonOptions, Env, Proc,
+    agent::{self, lines_of, next_request, utc},
+    pg::PgServer,
+    run_ok,
+};
 use serde_json::Value;
 
 const OIDC_PORT: u16 = 18080;
@@ -25,10 +30,6 @@ const REJECT_REASON: &str = "dropping customers is not in the change plan (CHG-1
 
 fn repo_tests() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn agent_dir() -> PathBuf {
-    repo_tests().join("agent")
 }
 
 fn oidc_dir() -> PathBuf {
@@ -90,66 +91,6 @@ strategy = "redact"
     )
 }
 
-/// Now (plus `offset_secs`) as RFC 3339 in UTC, from `date`.
-fn utc(offset_secs: i64) -> String {
-    let out = run_ok(Command::new("date").args([
-        "-u",
-        "-d",
-        &format!("{offset_secs:+} seconds"),
-        "+%Y-%m-%dT%H:%M:%SZ",
-    ]))
-    .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-fn pending(env: &Env) -> Vec<Value> {
-    let out = run_ok(&mut env.agentgate(&["approvals", "list", "--json"])).unwrap();
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    v.as_array().cloned().unwrap_or_default()
-}
-
-/// Waits for the one pending request; returns it.
-fn next_request(env: &Env, agent: &mut Proc) -> Value {
-    let deadline = Instant::now() + Duration::from_mins(1);
-    loop {
-        let mut p = pending(env);
-        if p.len() == 1 {
-            return p.remove(0);
-        }
-        assert!(p.is_empty(), "more than one request pending: {p:?}");
-        assert!(
-            agent.child.try_wait().unwrap().is_none(),
-            "the agent exited before asking"
-        );
-        assert!(Instant::now() < deadline, "no approval request came");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn lines_of(text: &str) -> Vec<Value> {
-    text.lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
-fn evidence(env: &Env, from: &str, to: &str, out: &Path) -> std::process::Output {
-    env.agentgate(&[
-        "evidence",
-        "--identity",
-        AGENT,
-        "--from",
-        from,
-        "--to",
-        to,
-        "--out",
-        &out.display().to_string(),
-        "--dir",
-        &env.state.join("audit").display().to_string(),
-    ])
-    .output()
-    .unwrap()
-}
-
 /// Opens `index.html` in headless Chromium (tests/oidc/screenshot.mjs), saves a
 /// PNG next to it, returns what the page showed.
 fn screenshot(index: &Path) -> (Value, PathBuf) {
@@ -174,11 +115,7 @@ fn screenshot(index: &Path) -> (Value, PathBuf) {
 #[allow(clippy::too_many_lines)] // one scenario, told in order
 fn a_real_agent_run_is_told_by_the_evidence_package() {
     let started = Instant::now();
-    let python = agent_dir().join(".venv/bin/python");
-    assert!(
-        python.exists(),
-        "tests/agent/.venv is missing: run `cargo xtask setup`"
-    );
+    agent::python();
     assert!(
         oidc_dir().join("node_modules/playwright-core").is_dir(),
         "tests/oidc/node_modules is incomplete: run `cargo xtask setup`"
@@ -221,13 +158,7 @@ fn a_real_agent_run_is_told_by_the_evidence_package() {
     assert!(provider.read_line().unwrap().contains("issuer"));
 
     let transcript = env.state.join("model-transcript.jsonl");
-    let mut c = env.netns.command("python3");
-    c.arg(agent_dir().join("model_stub.py"))
-        .args(["--port", &STUB_PORT.to_string(), "--transcript"])
-        .arg(&transcript)
-        .stdout(Stdio::piped());
-    let mut stub = Proc::spawn("model stub", c).unwrap();
-    assert_eq!(stub.read_line().unwrap().trim(), STUB_PORT.to_string());
+    let stub = agent::model_stub(&env, STUB_PORT, &transcript, None);
 
     env.start_daemon().unwrap();
     let from = utc(-2);
@@ -236,23 +167,7 @@ fn a_real_agent_run_is_told_by_the_evidence_package() {
 
     // The agent, as an ordinary user, tagged as the verified contractor.
     let url = pg.url("127.0.0.1", "postgres", "postgres");
-    let mut c = env.exec_as(
-        "nobody",
-        AGENT,
-        &[
-            &python.display().to_string(),
-            &agent_dir().join("agent.py").display().to_string(),
-        ],
-    );
-    c.env(
-        "AGENT_MODEL_URL",
-        format!("http://127.0.0.1:{STUB_PORT}/v1"),
-    )
-    .env("AGENT_PG_URL", &url)
-    .env("HOME", "/tmp")
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let mut agent = Proc::spawn("agent", c).unwrap();
+    let mut agent = agent::spawn_agent(&env, "nobody", AGENT, STUB_PORT, &url);
 
     // The DROP is held; bob rejects it with a reason.
     let drop_req = next_request(&env, &mut agent);
@@ -282,14 +197,8 @@ fn a_real_agent_run_is_told_by_the_evidence_package() {
     assert_ne!(update_id, drop_id);
     run_ok(&mut env.agentgate(&["approvals", "approve", &update_id, "--as", "bob"])).unwrap();
 
-    let deadline = Instant::now() + Duration::from_mins(1);
-    while agent.child.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "the agent did not finish");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let out = agent.child.wait_with_output_compat();
-    let stdout = String::from_utf8_lossy(&out.0).into_owned();
-    let stderr = String::from_utf8_lossy(&out.1).into_owned();
+    let out = agent::wait_agent(&mut agent, Duration::from_mins(1));
+    let (stdout, stderr) = (out.0.clone(), out.1.clone());
     assert!(out.2, "the agent failed:\n{stdout}\n{stderr}");
     // The exec cgroup is released once the agent is gone.
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -369,7 +278,7 @@ fn a_real_agent_run_is_told_by_the_evidence_package() {
 
     // The evidence package.
     let pkg = env.state.join("evidence");
-    let run = evidence(&env, &from, &to, &pkg);
+    let run = agent::evidence(&env, AGENT, &from, &to, &pkg);
     assert_eq!(
         run.status.code(),
         Some(0),
@@ -519,7 +428,7 @@ fn a_real_agent_run_is_told_by_the_evidence_package() {
         .unwrap();
     assert_eq!(verify.status.code(), Some(1), "{verify:?}");
     let tampered = env.state.join("evidence-tampered");
-    let run = evidence(&env, &from, &to, &tampered);
+    let run = agent::evidence(&env, AGENT, &from, &to, &tampered);
     assert_eq!(run.status.code(), Some(1), "{run:?}");
     let html = fs::read_to_string(tampered.join("index.html")).unwrap();
     let banner = html.find("id=not-intact").expect("a red banner");
@@ -564,25 +473,4 @@ fn find_line(dir: &Path, needle: &[u8]) -> (PathBuf, usize, Vec<u8>) {
         }
     }
     panic!("no line with {needle:?}");
-}
-
-/// `wait_with_output` for a child already waited for: (stdout, stderr, success).
-trait WaitCompat {
-    fn wait_with_output_compat(&mut self) -> (Vec<u8>, Vec<u8>, bool);
-}
-
-impl WaitCompat for std::process::Child {
-    fn wait_with_output_compat(&mut self) -> (Vec<u8>, Vec<u8>, bool) {
-        use std::io::Read as _;
-        let mut out = Vec::new();
-        let mut err = Vec::new();
-        if let Some(mut s) = self.stdout.take() {
-            s.read_to_end(&mut out).unwrap();
-        }
-        if let Some(mut s) = self.stderr.take() {
-            s.read_to_end(&mut err).unwrap();
-        }
-        let ok = self.wait().is_ok_and(|s| s.success());
-        (out, err, ok)
-    }
 }

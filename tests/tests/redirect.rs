@@ -479,7 +479,9 @@ fn two_hundred_concurrent_connections_leave_no_map_entries() {
             s["connections"].as_array().is_some_and(|c| c.len() == 200)
         })
         .unwrap();
-    assert_eq!(s["maps"]["by_peer"].as_u64(), Some(200));
+    // The proxy takes each record out of AG_BY_PEER when it accepts.
+    assert_eq!(s["maps"]["by_cookie"].as_u64(), Some(200));
+    assert_eq!(s["maps"]["by_peer"], before["by_peer"]);
     fs::write(&hold, "").unwrap();
     assert!(agent.child.wait().unwrap().success());
     let after = env
@@ -488,6 +490,125 @@ fn two_hundred_concurrent_connections_leave_no_map_entries() {
         })
         .unwrap();
     assert_eq!(after["counters"]["closed"].as_u64(), Some(200));
+}
+
+/// Sends SIGCONT to the stopped daemon when dropped (also when a test fails).
+struct Stopped(u32);
+
+impl Stopped {
+    fn daemon(env: &Env) -> Self {
+        let pid = env.daemon.as_ref().expect("daemon running").pid();
+        run_ok(Command::new("kill").args(["-STOP", &pid.to_string()])).unwrap();
+        Self(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.0.to_string()])
+            .status();
+    }
+}
+
+/// The race of issue 16, made certain by stopping the daemon: a tagged
+/// connection that closes before the proxy accepts it is still attributed
+/// and recorded; and an untagged process that reuses the 4-tuple of a tagged
+/// connection the proxy never read (reset before its accept) dials the
+/// listener directly and is refused, not served as the tagged identity.
+#[test]
+fn a_closed_connection_is_recorded_and_its_tuple_is_not_inherited() {
+    let env = Env::new("closed-early", DaemonOptions::default()).unwrap();
+    let (_echo, port) = env.echo_server("127.0.0.1").unwrap();
+    let (go, done) = (env.state.join("go"), env.state.join("done"));
+    // Tagged (alive until `done`, so its binding stays): waits for `go`, then one connection closed normally (FIN) and
+    // one reset (linger 0), each before the stopped proxy can accept it.
+    let tagged = format!(
+        "import os,socket,struct,time,sys\nprint(os.getpid(), flush=True)\n\
+         while not os.path.exists({go:?}): time.sleep(0.02)\n\
+         a=socket.create_connection(('127.0.0.1',{port})); pa=a.getsockname()[1]; a.close()\n\
+         b=socket.create_connection(('127.0.0.1',{port})); pb=b.getsockname()[1]\n\
+         b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii',1,0)); b.close()\n\
+         print(pa, pb, flush=True)\n\
+         while not os.path.exists({done:?}): time.sleep(0.02)",
+        go = go.display().to_string(),
+        done = done.display().to_string(),
+    );
+    let mut c = env.exec("demo", &["python3", "-c", &tagged]);
+    c.stdout(Stdio::piped());
+    let mut agent = Proc::spawn("tagged client", c).unwrap();
+    let pid: u64 = agent.read_line().unwrap().trim().parse().unwrap();
+    let stopped = Stopped::daemon(&env);
+    fs::write(&go, "").unwrap();
+    let ports = agent.read_line().unwrap();
+    let reset_port: u16 = ports.split(' ').nth(1).unwrap().trim().parse().unwrap();
+    // Untagged, below the attach cgroup (where sock_ops sees its sockets):
+    // the reset connection's source port, straight to the proxy listener.
+    let untagged_cg = env.cgroup.child("untagged").unwrap();
+    let dial = format!(
+        "import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('127.0.0.1',{reset_port})); s.connect(('127.0.0.1',{proxy})); s.sendall(b'GET /')\n\
+         print('connected', flush=True); s.settimeout(10)\ntry:\n  print(repr(s.recv(10)))\nexcept ConnectionResetError:\n  print('reset')",
+        proxy = env.opts.port
+    );
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg(format!(
+            "echo $$ > {procs} && exec nsenter --net=/run/netns/{ns} -- python3 -c \"$0\"",
+            procs = untagged_cg.join("cgroup.procs").display(),
+            ns = env.netns.name,
+        ))
+        .arg(&dial)
+        .stdout(Stdio::piped());
+    let mut intruder = Proc::spawn("untagged dial", c).unwrap();
+    // Its handshake completes in the kernel while the daemon is stopped.
+    assert_eq!(intruder.read_line().unwrap(), "connected");
+    drop(stopped);
+    let got = intruder.read_line().unwrap();
+    assert!(
+        got == "b''" || got == "reset",
+        "the untagged dial was served as the tagged connection: {got}"
+    );
+    let s = env.status().unwrap();
+    assert!(
+        s["counters"]["stale_peer_removed"].as_u64() >= Some(1),
+        "sock_ops deleted the stale record: {}\n{}",
+        s["counters"],
+        env.daemon_log()
+    );
+    let opened = || -> Vec<Value> {
+        env.audit_records()
+            .unwrap()
+            .into_iter()
+            .filter(|r| {
+                r["kind"] == "connection.open" && r["workload"]["pid"].as_u64() == Some(pid)
+            })
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while opened().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let opened = opened();
+    // The closed one. The reset one is still queued for accept, but the
+    // untagged dial deleted the record of the tuple they share: both are
+    // refused (fails closed), neither as the tagged identity.
+    assert_eq!(opened.len(), 1, "{opened:#?}");
+    for o in &opened {
+        assert_eq!(o["identity"]["subject"], "demo", "{o:#}");
+        assert_eq!(o["decision"]["verdict"], "allow", "{o:#}");
+    }
+    let log = env.daemon_log();
+    let refused = log
+        .lines()
+        .filter(|l| l.contains("not redirected") && l.contains(&format!(":{reset_port}")))
+        .count();
+    assert_eq!(
+        refused, 2,
+        "the reset connection and the dial are refused:\n{log}"
+    );
+    fs::write(&done, "").unwrap();
+    assert!(agent.child.wait().unwrap().success());
 }
 
 #[test]

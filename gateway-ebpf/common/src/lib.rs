@@ -242,6 +242,9 @@ pub mod counter {
     pub const MIGRATIONS: u32 = 12;
     /// Packets from other hosts dropped before a tagged process's socket.
     pub const INBOUND_REFUSED: u32 = 13;
+    /// Records of closed connections deleted because a socket without a
+    /// connect record reached the proxy from the same 4-tuple.
+    pub const STALE_PEER_REMOVED: u32 = 14;
     /// Events that did not fit in the ring buffer.
     pub const EVENTS_LOST: u32 = 11;
     pub const LEN: u32 = 16;

@@ -1,6 +1,7 @@
 //! The broker: pending requests, votes and grants, and their lifecycle.
 //!
-//! pending → approved | rejected | expired | cancelled | withdrawn. Every
+//! pending → approved | rejected | expired | cancelled | withdrawn |
+//! released | refused (a policy reload decided it again). Every
 //! transition is serialized by one async lock (`transitions`) that is held
 //! across its audit append, so two votes can never both release a command or
 //! count twice; the record is written first and, if it cannot be, the vote
@@ -66,6 +67,7 @@ pub enum Submitted {
 struct Pending {
     request: ApprovalRequest,
     tx: Option<oneshot::Sender<Outcome>>,
+    redecide: Option<Arc<dyn super::Redecide>>,
 }
 
 struct LiveGrant {
@@ -390,6 +392,7 @@ impl Broker {
                 Pending {
                     request: request.clone(),
                     tx: Some(tx),
+                    redecide: new.redecide,
                 },
             );
         self.emit(ApprovalEvent::Requested {
@@ -705,19 +708,43 @@ impl Broker {
     /// either way, so a record that fails is logged and the request still
     /// ends. `false` if it was no longer pending.
     async fn end(&self, id: &str, kind: Kind, reason: &str, outcome: Option<Outcome>) -> bool {
+        self.end_with(id, kind, reason, outcome, None).await
+    }
+
+    /// [`Broker::end`] with more fields for the record. `extra` also makes
+    /// the record a precondition: when it is given and the record cannot be
+    /// written, nothing changes (a release must be on record before the
+    /// command runs).
+    async fn end_with(
+        &self,
+        id: &str,
+        kind: Kind,
+        reason: &str,
+        outcome: Option<Outcome>,
+        extra: Option<serde_json::Value>,
+    ) -> bool {
         let _serial = self.inner.transitions.lock().await;
         let Some(req) = self.get(id) else {
             return false;
         };
         let name = kind.as_str().trim_start_matches("approval.");
-        let rec = requester_record(kind, &req).approval(json!({
+        let mut fields = json!({
             "id": id,
             "outcome": name,
             "reason": reason,
             "votes": req.votes.len(),
             "quorum": req.quorum,
-        }));
+        });
+        let strict = extra.is_some();
+        if let (Some(serde_json::Value::Object(more)), Some(f)) = (extra, fields.as_object_mut()) {
+            f.extend(more);
+        }
+        let rec = requester_record(kind, &req).approval(fields);
         if let Err(e) = self.inner.recorder.record(rec).await {
+            if strict {
+                tracing::error!(event = "log.failure", request = id, error = %e, "cannot record a policy re-decision; the request stays pending");
+                return false;
+            }
             tracing::error!(event = "log.failure", request = id, error = %e, "cannot record the end of an approval request; the command does not run");
         }
         tracing::info!(event = kind.as_str(), request = id, reason);
@@ -741,6 +768,81 @@ impl Broker {
             }),
         )
         .await
+    }
+
+    /// The policy was reloaded: decides every held command that carries a
+    /// [`Redecide`](super::Redecide) again under `policy`. One the new policy
+    /// allows is released (`approval.released`, naming the rule and the
+    /// policy digest, written before it runs; if it cannot be written the
+    /// request stays pending); one it denies is denied (`approval.refused`).
+    /// One that still needs approval keeps waiting as it was filed (its
+    /// approvers, quorum and deadline). Returns `(request id, outcome)` for
+    /// each request that ended.
+    pub async fn policy_reloaded(
+        &self,
+        policy: &crate::policy::PolicySet,
+    ) -> Vec<(String, &'static str)> {
+        use crate::policy::Verdict;
+        let held: Vec<(String, String, Arc<dyn super::Redecide>)> = {
+            let st = self.inner.state.lock().expect("approval state");
+            st.pending
+                .iter()
+                .filter_map(|(id, p)| {
+                    p.redecide
+                        .clone()
+                        .map(|r| (id.clone(), p.request.rule.clone(), r))
+                })
+                .collect()
+        };
+        let digest = policy.digest().to_owned();
+        let short = crate::policy::diff::short(&digest).to_owned();
+        let mut ended = Vec::new();
+        for (id, held_by, r) in held {
+            let d = r.redecide(policy);
+            let (kind, reason, outcome, name) = match d.verdict {
+                Verdict::RequireApproval(_) => continue,
+                Verdict::Allow => {
+                    let reason = format!(
+                        "policy {short} now in force allows it by rule `{}` (held under rule `{held_by}`)",
+                        d.rule
+                    );
+                    (
+                        Kind::ApprovalReleased,
+                        reason.clone(),
+                        Outcome::Released {
+                            rule: d.rule.clone(),
+                            reason,
+                            policy: digest.clone(),
+                        },
+                        "released",
+                    )
+                }
+                Verdict::Deny { reason: why } => {
+                    let reason = format!(
+                        "policy {short} now in force denies it by rule `{}`: {why}",
+                        d.rule
+                    );
+                    (
+                        Kind::ApprovalRefused,
+                        reason.clone(),
+                        Outcome::Refused {
+                            rule: d.rule.clone(),
+                            reason,
+                            policy: digest.clone(),
+                        },
+                        "refused",
+                    )
+                }
+            };
+            let extra = json!({ "rule": d.rule, "held_by": held_by, "policy_digest": digest });
+            if self
+                .end_with(&id, kind, &reason, Some(outcome), Some(extra))
+                .await
+            {
+                ended.push((id, name));
+            }
+        }
+        ended
     }
 
     /// Withdraws every request held for proxy connection `conn` (its client

@@ -51,6 +51,14 @@ impl Recorder for crate::audit::AuditLog {
     }
 }
 
+/// Decides a held command again under another policy: the gate supplies
+/// one per held command (subject, resource and the decoded action it
+/// decided on), so the broker can re-decide on a reload without knowing the
+/// protocol.
+pub trait Redecide: Send + Sync {
+    fn redecide(&self, policy: &crate::policy::PolicySet) -> crate::policy::Decision;
+}
+
 /// The broker's settings, from `[approvals]`.
 #[derive(Debug, Clone, Default)]
 pub struct Settings {
@@ -312,6 +320,10 @@ pub struct NewApproval {
     pub rule: String,
     pub spec: ApprovalSpec,
     pub record: crate::audit::NewRecord,
+    /// Decides the command again when the policy is reloaded
+    /// ([`Broker::policy_reloaded`]); `None`: it waits for approvers whatever
+    /// the policy says.
+    pub redecide: Option<std::sync::Arc<dyn Redecide>>,
 }
 
 /// How a held command ends, as its handler sees it.
@@ -327,9 +339,22 @@ pub enum Outcome {
     Rejected { by: String, reason: String },
     /// Nobody decided in time.
     Expired,
-    /// Taken back while the client still waits (the rule no longer asks, or
-    /// the daemon is stopping): denied.
+    /// Taken back while the client still waits (its own cancel, or the
+    /// daemon is stopping): denied.
     Withdrawn { reason: String },
+    /// A policy reload allows it now (`rule`, in policy `policy`): it runs
+    /// without approvers.
+    Released {
+        rule: String,
+        reason: String,
+        policy: String,
+    },
+    /// A policy reload denies it now (`rule`): it is denied.
+    Refused {
+        rule: String,
+        reason: String,
+        policy: String,
+    },
 }
 
 /// What a vote did.

@@ -42,6 +42,7 @@ fn new(identity: &str, s: &ApprovalSpec) -> NewApproval {
         rule: "writes-need-approval".into(),
         spec: s.clone(),
         record: NewRecord::new(Kind::ApprovalRequested),
+        redecide: None,
     }
 }
 

@@ -179,6 +179,17 @@ fn slack(event: &Value) -> Value {
     };
     let req = &event["request"];
     let text_of = |v: &Value| v.as_str().map(esc).unwrap_or_default();
+    if event["event"] == "masking.probe_budget_exceeded" {
+        let text = format!(
+            "Masking alert: {} passed the equality probe budget on {} ({}, {} values per {} s); its statements comparing new values are refused",
+            text_of(&event["identity"]),
+            text_of(&event["resource"]),
+            text_of(&event["column"]),
+            event["budget"],
+            event["window_seconds"],
+        );
+        return json!({"text": text});
+    }
     let id = text_of(&req["id"]);
     let who = text_of(&req["requester"]["identity"]);
     let resource = text_of(&req["resource"]);

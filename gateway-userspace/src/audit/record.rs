@@ -76,6 +76,12 @@ pub enum Kind {
     /// Taken back while the client waited; the command is denied.
     #[serde(rename = "approval.withdrawn")]
     ApprovalWithdrawn,
+    /// A policy reload allows the held command now: it runs.
+    #[serde(rename = "approval.released")]
+    ApprovalReleased,
+    /// A policy reload denies the held command now: it is denied.
+    #[serde(rename = "approval.refused")]
+    ApprovalRefused,
     /// A grant window ended early.
     #[serde(rename = "grant.revoked")]
     GrantRevoked,
@@ -148,6 +154,8 @@ impl Kind {
             Kind::ApprovalVote => "approval.vote",
             Kind::ApprovalCancelled => "approval.cancelled",
             Kind::ApprovalWithdrawn => "approval.withdrawn",
+            Kind::ApprovalReleased => "approval.released",
+            Kind::ApprovalRefused => "approval.refused",
             Kind::GrantRevoked => "grant.revoked",
             Kind::IdentityLogin => "identity.login",
             Kind::IdentityRefresh => "identity.refresh",
@@ -583,6 +591,8 @@ mod tests {
             Kind::ApprovalVote,
             Kind::ApprovalCancelled,
             Kind::ApprovalWithdrawn,
+            Kind::ApprovalReleased,
+            Kind::ApprovalRefused,
             Kind::GrantRevoked,
             Kind::AuditAccess,
             Kind::KeyRotation,

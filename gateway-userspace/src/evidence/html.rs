@@ -38,7 +38,7 @@ fn opt(s: Option<&str>) -> String {
     s.map_or_else(|| "<span class=muted>–</span>".into(), esc)
 }
 
-fn cite(c: &Cite) -> String {
+pub(super) fn cite(c: &Cite) -> String {
     format!(
         "<a href=\"#r{0}\" title=\"{1} {2}\">#{0}</a>",
         c.seq,
@@ -47,7 +47,7 @@ fn cite(c: &Cite) -> String {
     )
 }
 
-fn cites<'a>(cs: impl IntoIterator<Item = &'a Cite>, omitted: u64) -> String {
+pub(super) fn cites<'a>(cs: impl IntoIterator<Item = &'a Cite>, omitted: u64) -> String {
     let mut s = String::from("<span class=cites>");
     for c in cs {
         s.push_str(&cite(c));
@@ -112,7 +112,7 @@ pub fn render(r: &Report) -> String {
             esc(i.root.as_deref().unwrap_or(""))
         );
     }
-    h.push_str("<nav><a href=#attestation>Attestation</a><a href=#integrity>Integrity</a><a href=#identities>Identities</a><a href=#workloads>Workloads</a><a href=#resources>Resources</a><a href=#timeline>Timeline</a><a href=#commands>Commands</a><a href=#masking>Masking</a><a href=#denials>Denials and failures</a><a href=#approvals>Approvals</a><a href=#containment>Containment</a><a href=#controls>Controls</a><a href=#records>Cited records</a></nav></header>");
+    h.push_str("<nav><a href=#attestation>Attestation</a><a href=#integrity>Integrity</a><a href=#identities>Identities</a><a href=#workloads>Workloads</a><a href=#resources>Resources</a><a href=#timeline>Timeline</a><a href=#commands>Commands</a><a href=#masking>Masking</a><a href=#denials>Denials and failures</a><a href=#approvals>Approvals</a><a href=#policy>Policy in force</a><a href=#containment>Containment</a><a href=#controls>Controls</a><a href=#records>Cited records</a></nav></header>");
 
     // Attestation.
     h.push_str("<section id=attestation><h2>Offboarding attestation</h2>");
@@ -134,7 +134,11 @@ pub fn render(r: &Report) -> String {
                 } else {
                     "yes"
                 },
-                q.answer.to_uppercase(),
+                if q.id == "q2" && q.detail.starts_with("See policy changes") {
+                    "YES, <a href=#policy>see policy changes</a>".to_owned()
+                } else {
+                    q.answer.to_uppercase()
+                },
                 esc(&q.detail),
                 cites(&q.records.items, q.records.omitted)
             );
@@ -471,6 +475,9 @@ pub fn render(r: &Report) -> String {
     h.push_str("</section>");
 
     // Controls.
+    if let Some(p) = &r.policy {
+        h.push_str(&super::policy::render_html(p));
+    }
     h.push_str("<section id=controls><h2>Control mapping</h2><table><tr><th>Framework</th><th>Control</th><th>Requirement</th><th>Evidence here</th><th>Sections</th></tr>");
     for c in &r.controls {
         let links: Vec<String> = c

@@ -22,6 +22,7 @@
 
 pub mod html;
 pub mod model;
+pub mod policy;
 
 use std::{
     collections::BTreeSet,
@@ -55,6 +56,9 @@ pub struct Options {
     pub out: PathBuf,
     /// Older exported checkpoint(s) the log must be consistent with.
     pub checkpoint: Option<PathBuf>,
+    /// The daemon's policy archive (`<state_dir>/policies`), for the rules
+    /// of each policy version; without it versions are listed by digest only.
+    pub policy_archive: Option<PathBuf>,
 }
 
 /// What was built.
@@ -261,7 +265,13 @@ pub fn build(opts: &Options, progress: &mut dyn FnMut(u64, u64)) -> Result<Outco
             i.checkpoints = 0;
         }
     });
+    let versions = collector.take_policy();
     let mut report = collector.finish(crate::audit::now_rfc3339(), opts.dir.display().to_string());
+    let archive = opts
+        .policy_archive
+        .as_ref()
+        .map(crate::policy::PolicyArchive::new);
+    policy::apply(&mut report, versions.finish(archive.as_ref()));
 
     // Pass 2: proofs of what the report cites.
     let mut cited = BTreeSet::new();

@@ -19,7 +19,7 @@ use serde_json::Value;
 use crate::audit::{Kind, Record};
 
 /// `schema` of `evidence.json` (docs/evidence.schema.json).
-pub const SCHEMA: &str = "agentgate.evidence/1";
+pub const SCHEMA: &str = "agentgate.evidence/2";
 /// Entries kept per list (commands, denials, approvals, ...).
 pub const LIST_CAP: usize = 500;
 /// Records cited per answer or aggregate entry.
@@ -282,6 +282,10 @@ pub struct Masking {
     pub lineage: BTreeMap<String, u64>,
     /// `masking.failure` records: the value was not sent, the connection closed.
     pub failures: Option<Capped<Cite>>,
+    /// Statements the masking refused as searches on a protected column, by
+    /// the kind of answer they sought (`search`, `conditional`, `error`,
+    /// `timing`, `row-count`, `enumeration`): an agent probing for values.
+    pub refusals: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -387,6 +391,9 @@ pub struct Report {
     pub failures: Capped<Denial>,
     pub approvals: Capped<Approval>,
     pub containment: Containment,
+    /// Policy versions in force and what their changes let through
+    /// (evidence/policy.rs); `None` until added by the builder.
+    pub policy: Option<super::policy::PolicyInForce>,
     pub controls: Vec<Control>,
     /// Records cited but left out of `records.jsonl` (over its cap).
     pub citations_omitted: u64,
@@ -407,8 +414,14 @@ pub fn controls() -> Vec<Control> {
             framework: "FFIEC IT Handbook, Information Security",
             id: "II.C.15",
             title: "Privileged access",
-            evidence: "Each identity and how it was verified; every command with the rule that allowed it; approvals per command (just in time) with approvers who are not the requester.",
-            sections: &["identities", "commands", "approvals", "attestation"],
+            evidence: "Each identity and how it was verified; every command with the rule that allowed it; approvals per command (just in time) with approvers who are not the requester; the policy versions in force and any command a policy change let through.",
+            sections: &[
+                "identities",
+                "commands",
+                "approvals",
+                "policy",
+                "attestation",
+            ],
         },
         Control {
             framework: "FFIEC IT Handbook, Information Security",
@@ -588,6 +601,8 @@ pub struct Collector {
     daemon: DaemonState,
     /// Gateway not in force: daemon down with fail mode open.
     not_in_force: Capped<Cite>,
+    /// Policy versions and the commands they let through.
+    policy: super::policy::Tracker,
 }
 
 impl Collector {
@@ -645,6 +660,7 @@ impl Collector {
             open_overflow: 0,
             daemon: DaemonState::default(),
             not_in_force: Capped::new(CITE_CAP),
+            policy: super::policy::Tracker::default(),
             scope,
         }
     }
@@ -682,6 +698,8 @@ impl Collector {
                 | Kind::ApprovalExpired
                 | Kind::ApprovalCancelled
                 | Kind::ApprovalWithdrawn
+                | Kind::ApprovalReleased
+                | Kind::ApprovalRefused
         ) && let Some(r) = field(rec.action.as_ref(), "requester").and_then(Value::as_str)
         {
             return named(r);
@@ -695,6 +713,12 @@ impl Collector {
         None
     }
 
+    /// The policy versions seen, for the "Policy in force" section (taken
+    /// once, before [`Collector::finish`]).
+    pub fn take_policy(&mut self) -> super::policy::Tracker {
+        std::mem::take(&mut self.policy)
+    }
+
     /// Takes one verified record (seq order); `hash` is its hash (hex).
     pub fn observe(&mut self, seq: u64, hash: &str, rec: &Record) {
         if rec.time.as_str() >= self.scope.to.as_str() {
@@ -702,7 +726,10 @@ impl Collector {
         }
         let in_period = self.in_period(&rec.time);
         self.observe_log(seq, hash, rec, in_period);
-        if let Some(who) = self.subject_of(rec) {
+        let who = self.subject_of(rec);
+        self.policy
+            .observe(seq, hash, rec, who.as_deref(), in_period);
+        if let Some(who) = who {
             self.track_open(seq, hash, rec, &who);
             if in_period {
                 self.observe_identity(seq, hash, rec, &who);
@@ -884,7 +911,9 @@ impl Collector {
             | Kind::ApprovalDenied
             | Kind::ApprovalExpired
             | Kind::ApprovalCancelled
-            | Kind::ApprovalWithdrawn => {
+            | Kind::ApprovalWithdrawn
+            | Kind::ApprovalReleased
+            | Kind::ApprovalRefused => {
                 if let Some(id) = text(rec.approval.as_ref(), "id") {
                     self.pending.remove(&id);
                 }
@@ -1038,7 +1067,9 @@ impl Collector {
             | Kind::ApprovalExpired
             | Kind::ApprovalVote
             | Kind::ApprovalCancelled
-            | Kind::ApprovalWithdrawn => {
+            | Kind::ApprovalWithdrawn
+            | Kind::ApprovalReleased
+            | Kind::ApprovalRefused => {
                 self.observe_approval_decision(rec, &cite);
             }
             Kind::GrantRevoked => self.grant_revoked(rec, &cite),
@@ -1177,6 +1208,12 @@ impl Collector {
 
     fn observe_command(&mut self, rec: &Record, who: &str, cite: &Cite, verdict: Option<String>) {
         let action = rec.action.as_ref();
+        if let Some(oracle) = text(field(action, "masking_refusal"), "oracle")
+            && (self.masking.refusals.len() < KEY_CAP
+                || self.masking.refusals.contains_key(&oracle))
+        {
+            *self.masking.refusals.entry(clip(&oracle)).or_default() += 1;
+        }
         let approval = rec.approval.as_ref();
         let verdict = verdict.unwrap_or_else(|| "none".into());
         let approved = verdict == "allow"
@@ -1311,7 +1348,9 @@ impl Collector {
         let outcome = text(Some(a), "outcome").unwrap_or_default();
         let approvers = strings(Some(a), "approvers");
         let f = self.findings.get_mut(who).expect("identity in scope");
-        if decision == "allow" {
+        // Released by a policy reload: no approval was asked of anyone; the
+        // policy section judges it (evidence/policy.rs).
+        if decision == "allow" && outcome != "released" {
             if !AUTHORIZED_OUTCOMES.contains(&outcome.as_str())
                 || approvers.iter().any(|p| p == who)
             {
@@ -1344,6 +1383,8 @@ impl Collector {
             Kind::ApprovalVote => "pending",
             Kind::ApprovalCancelled => "cancelled",
             Kind::ApprovalWithdrawn => "withdrawn",
+            Kind::ApprovalReleased => "released",
+            Kind::ApprovalRefused => "refused",
             _ => "expired",
         };
         // Approver-side records carry the voter; the requester's side (expiry,
@@ -1971,6 +2012,7 @@ impl Collector {
             failures: self.failures,
             approvals,
             containment: self.containment,
+            policy: None,
             controls: controls(),
             citations_omitted: 0,
             unproven: Vec::new(),
@@ -2360,6 +2402,27 @@ mod tests {
         denied.decision = Some(json!({"verdict": "deny", "rule": "r"}));
         let r = run(&[req, denied]);
         assert_eq!(answer_of(&r, "q5").0, "no");
+    }
+
+    #[test]
+    fn masking_refusals_are_counted_by_oracle() {
+        let mut recs = Vec::new();
+        for (i, oracle) in ["enumeration", "error", "enumeration"].iter().enumerate() {
+            let mut r = rec(
+                i as u64,
+                "01:00:00",
+                Kind::Statement,
+                Some(("ann", "human")),
+            );
+            r.action = Some(
+                json!({"class": "read", "masking_refusal": {"oracle": oracle, "column": "customers.ssn"}}),
+            );
+            r.decision = Some(json!({"verdict": "deny", "rule": "masking.column customers.ssn"}));
+            recs.push(r);
+        }
+        let r = run(&recs);
+        assert_eq!(r.masking.refusals.get("enumeration"), Some(&2));
+        assert_eq!(r.masking.refusals.get("error"), Some(&1));
     }
 
     #[test]

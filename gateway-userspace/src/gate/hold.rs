@@ -1,7 +1,12 @@
 //! Holding a command for approval: the request goes to the approval
 //! [`Broker`](crate::approval::Broker), which writes `approval.requested`
 //! before the request exists, and the outcome becomes a forward or a denial
-//! with its command record.
+//! with its command record. A command admitted with its decoded action
+//! ([`Gate::admit_action`]) is decided again by the broker when the policy
+//! is reloaded: released (recorded `approval.released`, then its command
+//! record names the rule that now allows it) or denied like any policy
+//! denial; the gate keeps what it needs (subject, resource, action) and
+//! still imports no protocol.
 //!
 //! Fails closed: a request that cannot be recorded is a denial; a
 //! rejection, an expiry, a withdrawal or a client that went away never
@@ -10,7 +15,7 @@
 //! command stalls its whole session until approvers answer or the deadline
 //! passes.
 
-use std::{future::Future, pin::Pin};
+use std::{future::Future, pin::Pin, sync::Arc};
 
 use serde_json::Value;
 
@@ -19,10 +24,24 @@ use super::{
     ResultRecord, record::NotRun, truncate_chars,
 };
 use crate::{
-    approval::{self, NewApproval, Submitted},
+    approval::{self, NewApproval, Redecide, Submitted},
     audit::Kind,
-    policy::{ApprovalSpec, Decision},
+    policy::{Action, ApprovalSpec, Decision, PolicySet, Resource, Subject},
 };
+
+/// What the broker decides a held command again with when the policy is
+/// reloaded: the subject, resource and decoded action the gate decided on.
+struct Redecider {
+    subject: Subject,
+    resource: Resource,
+    action: Action,
+}
+
+impl Redecide for Redecider {
+    fn redecide(&self, policy: &PolicySet) -> Decision {
+        policy.decide(&self.subject, &self.resource, &self.action)
+    }
+}
 
 /// A command held for approval. Dropping it cancels the request (the
 /// broker's waiter does) without a command record; [`Gate::cancel`] records it.
@@ -56,8 +75,16 @@ impl<'a> Gate<'a> {
         command: Command<'_>,
         decision: &Decision,
         spec: &ApprovalSpec,
+        action: Option<&Action>,
     ) -> Outcome<'a> {
         let held = DecisionRecord::of(decision);
+        let redecide = action.map(|a| {
+            Arc::new(Redecider {
+                subject: self.subject.clone(),
+                resource: self.resource.clone(),
+                action: a.clone(),
+            }) as Arc<dyn Redecide>
+        });
         let base = self.event(Kind::ApprovalRequested, command.action.clone(), &held);
         let new = NewApproval {
             requester: self.origin.requester(),
@@ -68,6 +95,7 @@ impl<'a> Gate<'a> {
             rule: decision.rule.clone(),
             spec: spec.clone(),
             record: base,
+            redecide,
         };
         match self.approvals.submit(new).await {
             Ok(Submitted::Covered { grant }) => {
@@ -142,6 +170,38 @@ impl<'a> Gate<'a> {
                     request: id.clone(),
                 },
             ),
+            approval::Outcome::Released {
+                rule: now,
+                reason,
+                policy,
+            } => {
+                let released = ApprovalOutcome::Released {
+                    id,
+                    held_by: rule,
+                    reason,
+                    policy,
+                };
+                let record = DecisionRecord::allowed(&now, Some(released));
+                return self.allow(action, &record, false).await;
+            }
+            approval::Outcome::Refused {
+                rule: now,
+                reason,
+                policy,
+            } => {
+                let refused = ApprovalOutcome::Refused {
+                    id,
+                    held_by: rule,
+                    policy,
+                };
+                let record = DecisionRecord::denied(&now, reason.clone(), Some(refused));
+                let _ = self.record(Kind::Statement, action, &record).await;
+                return Outcome::Deny(Denial {
+                    kind: DenialKind::Policy,
+                    rule: now,
+                    reason,
+                });
+            }
             approval::Outcome::Expired => (
                 "expired without a decision".to_owned(),
                 ApprovalOutcome::Expired { id: id.clone() },

@@ -165,6 +165,31 @@ impl<'a> Gate<'a> {
         decision: &Decision,
         covered: Option<Covered>,
     ) -> Outcome<'a> {
+        self.admit_inner(command, decision, covered, None).await
+    }
+
+    /// [`Gate::admit`] for a command decided on `action`: held for
+    /// approval, it is decided again on `action` when the policy is reloaded
+    /// (the broker releases it if the new policy allows it, denies it if the
+    /// new policy denies it; see [`Broker::policy_reloaded`]).
+    pub async fn admit_action(
+        &self,
+        command: Command<'_>,
+        decision: &Decision,
+        covered: Option<Covered>,
+        action: &Action,
+    ) -> Outcome<'a> {
+        self.admit_inner(command, decision, covered, Some(action))
+            .await
+    }
+
+    async fn admit_inner(
+        &self,
+        command: Command<'_>,
+        decision: &Decision,
+        covered: Option<Covered>,
+        action: Option<&Action>,
+    ) -> Outcome<'a> {
         match (&decision.verdict, covered) {
             (Verdict::Allow, _) => {
                 let record = DecisionRecord::allowed(&decision.rule, None);
@@ -179,7 +204,9 @@ impl<'a> Gate<'a> {
                 );
                 self.allow(command.action, &record, false).await
             }
-            (Verdict::RequireApproval(spec), None) => self.hold(command, decision, spec).await,
+            (Verdict::RequireApproval(spec), None) => {
+                self.hold(command, decision, spec, action).await
+            }
         }
     }
 
@@ -209,7 +236,11 @@ impl<'a> Gate<'a> {
     /// Write-ahead: the record is durable before the command is forwarded;
     /// a read goes at once and the handler holds its results for the record.
     async fn allow(&self, action: Value, record: &DecisionRecord, read_only: bool) -> Outcome<'a> {
-        let approved = record.approval.is_some();
+        // A release by a policy reload is no approval: nothing it covers later.
+        let approved = record
+            .approval
+            .as_ref()
+            .is_some_and(|a| !matches!(a, ApprovalOutcome::Released { .. }));
         if read_only {
             let ev = self.event(Kind::Statement, action, record);
             return Outcome::ForwardNow {

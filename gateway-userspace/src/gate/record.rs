@@ -68,6 +68,20 @@ pub enum ApprovalOutcome {
     Withdrawn { id: String, reason: String },
     /// The client went away while it was held.
     Cancelled { id: String },
+    /// A policy reload allowed it while it was held (`held_by`: the rule
+    /// that had asked for approval; `policy`: the digest now in force).
+    Released {
+        id: String,
+        held_by: String,
+        reason: String,
+        policy: String,
+    },
+    /// A policy reload denied it while it was held.
+    Refused {
+        id: String,
+        held_by: String,
+        policy: String,
+    },
 }
 
 #[derive(Serialize)]

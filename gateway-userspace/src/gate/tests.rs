@@ -402,3 +402,115 @@ async fn an_approval_that_covers_the_command_is_named_in_its_record() {
         Some(json!({"outcome": "granted", "covered_by": "the approval of its parse"}))
     );
 }
+
+/// The held command's policy, then the reloads that decide it again: `r`
+/// asks for approval of DDL; `after` is what the reloaded policy says.
+fn policies(after: &str) -> (PolicySet, PolicySet) {
+    let base =
+        "[[resource]]\nname = \"db\"\nprotocol = \"postgres\"\naddresses = [\"127.0.0.1:1\"]\n";
+    let held = format!(
+        "{base}[[rule]]\nname = \"r\"\nidentities = [\"agent\"]\nresources = [\"db\"]\nmatch = {{ sql = [\"ddl\"] }}\naction = \"require_approval\"\napproval = {{ approver_groups = [\"dba\"], timeout = \"5m\" }}\n"
+    );
+    let now = format!(
+        "{base}[[rule]]\nname = \"r2\"\nidentities = [\"agent\"]\nresources = [\"db\"]\nmatch = {{ sql = [\"ddl\"] }}\naction = \"{after}\"\n"
+    );
+    (
+        load_str(&[("p.toml", &held)]).unwrap(),
+        load_str(&[("p.toml", &now)]).unwrap(),
+    )
+}
+
+fn drop_table() -> Action {
+    Action::Sql(Arc::new(crate::sql::classify(
+        "DROP TABLE t",
+        crate::sql::Dialect::Postgres,
+    )))
+}
+
+/// Holds DROP TABLE under `held`'s rule, with `held`'s resource.
+async fn hold_under(f: &Fixture, held: &PolicySet) -> Hold {
+    let action = drop_table();
+    let resource = held.resource("db").unwrap();
+    let gate = Gate::new(&Conn, &f.subject, resource, &f.sink, &f.broker);
+    let decision = gate.decide(held, &action);
+    assert_eq!(decision.rule, "r");
+    let Outcome::Held(hold) = gate
+        .admit_action(command(true), &decision, None, &action)
+        .await
+    else {
+        panic!("held")
+    };
+    hold
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_that_allows_a_held_command_releases_it_on_record() {
+    let f = Fixture::new();
+    let (held, now) = policies("allow");
+    let mut hold = hold_under(&f, &held).await;
+    let id = hold.request_id.clone();
+    assert_eq!(
+        f.broker.policy_reloaded(&now).await,
+        [(id.clone(), "released")]
+    );
+    assert!(f.broker.list().is_empty());
+    let kept = f.kept.records.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(kept.kind, Kind::ApprovalReleased);
+    let a = kept.approval.unwrap();
+    assert_eq!(
+        (a["id"].as_str(), a["rule"].as_str(), a["held_by"].as_str()),
+        (Some(id.as_str()), Some("r2"), Some("r"))
+    );
+    assert_eq!(a["policy_digest"], now.digest());
+    let answer = hold.decided().await;
+    let out = f.gate().release(hold, answer).await;
+    assert!(
+        matches!(out, Outcome::Forward { approved: false }),
+        "released, not approved"
+    );
+    let r = f.sink.last();
+    assert_eq!(
+        r.decision,
+        Some(json!({"verdict": "allow", "rule": "r2", "reason": null}))
+    );
+    assert_eq!(outcome_of(&r), "released");
+    assert_eq!(r.approval.unwrap()["held_by"], "r");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_that_denies_a_held_command_denies_it_on_record() {
+    let f = Fixture::new();
+    let (held, now) = policies("deny");
+    let mut hold = hold_under(&f, &held).await;
+    assert_eq!(f.broker.policy_reloaded(&now).await.len(), 1);
+    assert_eq!(f.kept.kinds().last().copied(), Some("approval.refused"));
+    let answer = hold.decided().await;
+    let Outcome::Deny(d) = f.gate().release(hold, answer).await else {
+        panic!("denied")
+    };
+    assert_eq!((d.kind, d.rule.as_str()), (DenialKind::Policy, "r2"));
+    assert!(d.reason.contains("denied by rule `r2`"), "{}", d.reason);
+    let r = f.sink.last();
+    assert_eq!(r.decision.as_ref().unwrap()["verdict"], "deny");
+    assert_eq!(outcome_of(&r), "refused");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_that_still_asks_leaves_the_request_and_a_failed_record_releases_nothing() {
+    let f = Fixture::new();
+    let (held, allow) = policies("allow");
+    let hold = hold_under(&f, &held).await;
+    // The same policy again: still held, as filed.
+    assert!(f.broker.policy_reloaded(&held).await.is_empty());
+    assert_eq!(f.broker.list().len(), 1);
+    // The release cannot be recorded: it does not happen.
+    f.kept.fail(true);
+    assert!(f.broker.policy_reloaded(&allow).await.is_empty());
+    assert_eq!(f.broker.list()[0].id, hold.request_id);
+    f.kept.fail(false);
+    // A command held without its action waits for approvers whatever the policy.
+    let other = f.gate().admit(command(true), &approval(None), None).await;
+    assert!(matches!(other, Outcome::Held(_)));
+    assert_eq!(f.broker.policy_reloaded(&allow).await.len(), 1);
+    assert_eq!(f.broker.list().len(), 1);
+}

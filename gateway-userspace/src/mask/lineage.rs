@@ -7,17 +7,21 @@
 //! ([`Flow::Derived`]), whatever the function: the re-encoding class is
 //! closed by construction, not by a list. A rule with `derived = "deny"`
 //! refuses such statements instead; its `predicates` setting limits the
-//! conditions a statement may put on the column. Where lineage is not known
+//! conditions a statement may put on the column, and with it every oracle
+//! class (a value steering a condition, failing, sleeping, counting rows, or
+//! compared with too many literals: [`check`]); equality tests admitted are
+//! counted per identity ([`admit`], [`super::ProbeBudget`]). Built-in server
+//! parameters are not data ([`Relations::builtin_parameter`]). Where lineage is not known
 //! (a statement whose rows do not show their origin, a view whose definition
 //! cannot be read), computed columns are redacted.
 
 use std::{collections::HashMap, sync::Arc};
 
 use crate::sql::lineage::{
-    Flow, JsonShape, Lineage, Output, Outputs, Source, StatementLineage, Test,
+    Flow, JsonShape, Lineage, Oracle, Output, Outputs, Probe, Source, StatementLineage, Test,
 };
 
-use super::{ColumnRule, Derived, MaskPolicy, Predicates, Strategy};
+use super::{ColumnRule, Derived, EqualityLimits, MaskPolicy, Predicates, Strategy};
 
 /// System relations that hold values of user tables (statistics, query
 /// texts): treated as protected wholesale when any column rule exists.
@@ -58,6 +62,28 @@ pub trait Relations {
     fn is_user_function(&self, _name: &str) -> bool {
         false
     }
+
+    /// Whether a server parameter ([`crate::sql::lineage::PARAMETER`]) is
+    /// built in: its value describes the server, not data, and is not
+    /// masked. The default serves Postgres and MySQL: a plain name (`[a-z0-9_]`,
+    /// no `.`: Postgres custom parameters are `x.y`), or a MySQL system
+    /// variable (`@@name`); never a MySQL user variable (`@x`), a
+    /// parameter whose name is an expression, or `application_name` (free
+    /// text any session may set). A handler with its own list overrides it.
+    fn builtin_parameter(&self, name: &str) -> bool {
+        is_builtin_parameter(name)
+    }
+}
+
+/// See [`Relations::builtin_parameter`].
+pub fn is_builtin_parameter(name: &str) -> bool {
+    let plain = name.strip_prefix("@@").unwrap_or(name);
+    let plain_ok = !plain.is_empty()
+        && (plain == "*"
+            || plain
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'));
+    plain_ok && (name.starts_with("@@") || plain != "*") && plain != "application_name"
 }
 
 /// Without a catalog: every relation is a table, but for [`DATA_CATALOGS`].
@@ -115,6 +141,14 @@ fn expand<'p>(
             flow: Flow::Derived,
         });
     };
+    if src.relation == crate::sql::lineage::PARAMETER {
+        // A parameter the session can set may carry a value out.
+        let name = src.column.as_deref().unwrap_or_default();
+        if !rels.builtin_parameter(name) {
+            wholesale(out, &format!("parameter {name}"));
+        }
+        return;
+    }
     match rels.kind(&src.relation) {
         RelationKind::View(Some(cols)) if depth < MAX_VIEW_DEPTH => {
             let mut found = false;
@@ -166,42 +200,87 @@ fn expand<'p>(
     }
 }
 
-/// Why a statement is refused: the rule, the protected column, the reason.
+/// Why a statement is refused: the rule, the protected column, the kind of
+/// answer it would have given ([`Oracle`]; `None` for a refusal that is not
+/// about a search: a copy, a computed value under `derived = "deny"`), the
+/// reason. Never a value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
     pub rule: String,
     pub column: String,
+    pub oracle: Option<Oracle>,
     pub reason: String,
 }
 
+/// An equality test on a protected column in a statement the policy
+/// admits: what the per-identity budget counts ([`super::ProbeBudget`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EqualityUse {
+    /// Index of the statement in its text (set by [`admit`]).
+    pub statement: usize,
+    /// Index of the predicate in [`StatementLineage::predicates`].
+    pub predicate: usize,
+    /// The rule as written (the budget is kept per rule).
+    pub rule: String,
+    /// The protected column, as the statement names it.
+    pub column: String,
+    pub limits: EqualityLimits,
+}
+
 /// Refuses a statement whose conditions search a protected column beyond
-/// its rule's `predicates`, that copies a protected column into a table, or
-/// that computes from a column whose rule says `derived = "deny"`.
+/// its rule's `predicates` (any use of a value that answers a question of
+/// an [`Oracle`] kind other than an equality test with literals), that
+/// compares it with more literals than `max_equality_values`, that copies a
+/// protected column into a table, or that computes from a column whose rule
+/// says `derived = "deny"`. Admitted: the equality tests on protected
+/// columns, for the budget.
+#[allow(clippy::too_many_lines)] // the refusals in the order they are checked
 pub fn check(
     policy: &MaskPolicy,
     rels: &dyn Relations,
     stmt: &StatementLineage,
-) -> Result<(), Refusal> {
+) -> Result<Vec<EqualityUse>, Refusal> {
+    let mut uses = Vec::new();
     if policy.columns().is_empty() {
-        return Ok(());
+        return Ok(uses);
     }
-    for p in &stmt.predicates {
+    let wholesale = EqualityLimits::default();
+    // The refusal names the most telling class when several apply (a
+    // sleep inside a CASE is a timing oracle).
+    let rank = |o: Oracle| match o {
+        Oracle::Timing => 5,
+        Oracle::RowCount => 4,
+        Oracle::Error => 3,
+        Oracle::Enumeration => 2,
+        Oracle::Conditional => 1,
+        Oracle::Search => 0,
+    };
+    let mut worst: Option<Refusal> = None;
+    for (i, p) in stmt.predicates.iter().enumerate() {
         for h in hits(policy, rels, &p.lineage) {
             let mode = h.rule.map_or(Predicates::Equality, |r| r.predicates);
             let allowed = match (mode, p.test) {
-                (Predicates::Any, _) | (Predicates::Equality, Test::Equality) => true,
+                (Predicates::Any, _) | (Predicates::Equality, Test::Equality { .. }) => true,
                 (Predicates::Equality, Test::Search(_)) | (Predicates::None, _) => false,
             };
             if !allowed {
                 let what = match p.test {
-                    Test::Equality => "an equality test",
+                    Test::Equality { .. } => "an equality test",
                     Test::Search(why) => why,
                 };
-                return Err(Refusal {
+                if worst
+                    .as_ref()
+                    .is_some_and(|w| w.oracle.map_or(0, rank) >= rank(p.oracle))
+                {
+                    continue;
+                }
+                worst = Some(Refusal {
                     rule: rule_name(h.rule),
                     column: h.column,
+                    oracle: Some(p.oracle),
                     reason: format!(
-                        "{what} on a protected column lets the values be found by search (the rule allows {})",
+                        "{what} on a protected column lets its values be found by search ({} oracle; the rule allows {})",
+                        p.oracle.as_str(),
                         match mode {
                             Predicates::Any => "any condition",
                             Predicates::Equality => "only equality with literals or parameters",
@@ -209,14 +288,53 @@ pub fn check(
                         }
                     ),
                 });
+                continue;
+            }
+            if mode == Predicates::Equality && matches!(p.test, Test::Equality { .. }) {
+                uses.push(EqualityUse {
+                    statement: 0,
+                    predicate: i,
+                    rule: rule_name(h.rule),
+                    column: h.column,
+                    limits: h.rule.map_or(wholesale, |r| r.equality),
+                });
             }
         }
+    }
+    if let Some(r) = worst {
+        return Err(r);
+    }
+    // Values per rule and column, over every test of the statement (`OR`
+    // chains, several `IN` lists).
+    let mut counted: Vec<(&str, &str, usize, usize)> = Vec::new();
+    for u in &uses {
+        let Test::Equality { values } = stmt.predicates[u.predicate].test else {
+            continue;
+        };
+        match counted
+            .iter_mut()
+            .find(|(r, c, _, _)| *r == u.rule && *c == u.column)
+        {
+            Some(entry) => entry.2 += values,
+            None => counted.push((&u.rule, &u.column, values, u.limits.max_values)),
+        }
+    }
+    if let Some((rule, column, n, max)) = counted.into_iter().find(|(_, _, n, max)| n > max) {
+        return Err(Refusal {
+            rule: rule.to_owned(),
+            column: column.to_owned(),
+            oracle: Some(Oracle::Enumeration),
+            reason: format!(
+                "{n} values compared by equality with a protected column in one statement enumerate it (enumeration oracle; the rule allows {max})"
+            ),
+        });
     }
     for w in &stmt.writes {
         if let Some(h) = hits(policy, rels, &w.lineage).into_iter().next() {
             return Err(Refusal {
                 rule: rule_name(h.rule),
                 column: h.column,
+                oracle: None,
                 reason: format!(
                     "copies a protected column into {} (where it would no longer be masked)",
                     w.target
@@ -232,6 +350,7 @@ pub fn check(
         return Err(Refusal {
             rule: rule_name(Some(rule)),
             column: format!("{relation}.*"),
+            oracle: None,
             reason: "the origin of its result cannot be established (a function defined in the database, or rows of unknown origin) and the rule says derived = \"deny\"".into(),
         });
     }
@@ -248,13 +367,87 @@ pub fn check(
                     return Err(Refusal {
                         rule: rule_name(h.rule),
                         column: h.column,
+                        oracle: None,
                         reason: "computes a value from a protected column (the rule says derived = \"deny\")".into(),
                     });
                 }
             }
         }
     }
-    Ok(())
+    Ok(uses)
+}
+
+/// The values bound to a statement's parameters.
+pub enum Params<'a> {
+    /// Not bound yet (a `Parse`, a `PREPARE`): parameters are not counted
+    /// now; each execution is.
+    NotBound,
+    /// Bound: the bytes of `$n` (1-based), `None` when not known (then each
+    /// execution counts as a value of its own).
+    Bound(&'a (dyn Fn(usize) -> Option<Vec<u8>> + Sync)),
+}
+
+/// What a SQL handler asks before it forwards a statement text: refused
+/// (the first refusal of any statement in it, see [`check`]) or admitted,
+/// with its equality tests on protected columns counted against the
+/// identity's budget on the resource ([`ProbeBudget`](super::ProbeBudget)).
+/// `statements`: the text's lineage, possibly shared by its shape; the
+/// values compared are read from `sql` itself.
+#[allow(clippy::too_many_arguments)] // each is one thing the decision needs
+pub fn admit(
+    policy: &MaskPolicy,
+    rels: &dyn Relations,
+    budget: &super::ProbeBudget,
+    identity: &str,
+    resource: &str,
+    sql: &str,
+    dialect: crate::sql::Dialect,
+    statements: &[StatementLineage],
+    params: &Params<'_>,
+) -> Result<(), Refusal> {
+    let mut uses = Vec::new();
+    for (i, s) in statements.iter().enumerate() {
+        for mut u in check(policy, rels, s)? {
+            u.statement = i;
+            uses.push(u);
+        }
+    }
+    if uses.is_empty() {
+        return Ok(());
+    }
+    let fresh = crate::sql::lineage::lineage_with_probes(sql, dialect);
+    let values = |u: &EqualityUse| -> Vec<Probe> {
+        let probes = fresh
+            .as_ref()
+            .and_then(|f| f.get(u.statement))
+            .and_then(|s| s.predicates.get(u.predicate))
+            .map(|p| p.probes.clone());
+        let probes = probes.unwrap_or_else(|| {
+            // Not re-read (cannot happen for a text that parsed): each
+            // value counts as new.
+            vec![Probe::Param(usize::MAX)]
+        });
+        match params {
+            Params::NotBound => probes
+                .into_iter()
+                .filter(|p| !matches!(p, Probe::Param(_)))
+                .collect(),
+            Params::Bound(_) => probes,
+        }
+    };
+    let param = |n: usize| match params {
+        Params::Bound(f) if n != usize::MAX => f(n),
+        _ => None,
+    };
+    budget.charge(
+        identity,
+        resource,
+        &super::Probes {
+            uses: &uses,
+            values: &values,
+            param: &param,
+        },
+    )
 }
 
 /// Whether a statement reads a protected column anywhere (its result, its
@@ -289,6 +482,26 @@ pub fn reads_protected(
         || stmt.predicates.iter().any(|p| reads(&p.lineage))
         || stmt.writes.iter().any(|w| reads(&w.lineage))
         || stmt.cursor.as_ref().is_some_and(|(_, o)| returns(o))
+}
+
+/// The SQLSTATE a client sees for an error of a statement that reads a
+/// protected column ([`reads_protected`]): the class only (`22012` →
+/// `22000`), so that which error it was (division by zero rather than an
+/// invalid cast, a unique violation rather than a check) does not tell
+/// which branch a value took. Statements whose success itself could depend
+/// on a protected value beyond a budgeted equality test are refused before
+/// they run ([`check`]); what is left to the class is the rest. Kept whole:
+/// the classes that describe the connection or transaction, not a value,
+/// and that clients act on (`08` connection, `25` transaction state, `40`
+/// rollback and serialization, `53` resources, `57` operator intervention).
+pub fn withheld_sqlstate(code: &str) -> String {
+    if code.len() != 5 || !code.is_ascii() {
+        return "XX000".into();
+    }
+    match &code[..2] {
+        "08" | "25" | "40" | "53" | "57" => code.to_owned(),
+        class => format!("{class}000"),
+    }
 }
 
 /// A rule with `derived = "deny"` on a table the statement names.
@@ -793,7 +1006,7 @@ fn same_relation(catalog: &str, written: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mask::DetectorSet;
+    use crate::mask::{DetectorSet, EqualityLimits};
     use crate::sql::{Dialect, lineage::lineage};
 
     fn policy(derived: Derived) -> MaskPolicy {
@@ -938,6 +1151,140 @@ mod tests {
         );
     }
 
+    #[test]
+    fn refusals_name_the_oracle_and_equality_is_bounded() {
+        let p = policy(Derived::Redact);
+        let r = check(
+            &p,
+            &NoCatalog,
+            &stmt("SELECT CASE WHEN substr(ssn, 1, 1) = '1' THEN 1 / 0 END FROM customers WHERE id = 1"),
+        )
+        .unwrap_err();
+        assert_eq!(r.oracle, Some(Oracle::Conditional));
+        assert_eq!(r.column, "customers.ssn");
+        let r = check(&p, &NoCatalog, &stmt("SELECT ssn::int FROM customers")).unwrap_err();
+        assert_eq!(r.oracle, Some(Oracle::Error));
+        let list: Vec<String> = (0..11).map(|i| format!("'{i}'")).collect();
+        let sql = format!(
+            "SELECT id FROM customers WHERE ssn IN ({})",
+            list.join(", ")
+        );
+        let r = check(&p, &NoCatalog, &stmt(&sql)).unwrap_err();
+        assert_eq!(r.oracle, Some(Oracle::Enumeration));
+        assert!(r.reason.starts_with("11 values"), "{}", r.reason);
+        // Ten are allowed; an OR chain counts like a list.
+        let sql = format!(
+            "SELECT id FROM customers WHERE ssn IN ({})",
+            list[..10].join(", ")
+        );
+        assert_eq!(check(&p, &NoCatalog, &stmt(&sql)).unwrap().len(), 1);
+        let chain: Vec<String> = list.iter().map(|v| format!("ssn = {v}")).collect();
+        let sql = format!("SELECT id FROM customers WHERE {}", chain.join(" OR "));
+        assert!(check(&p, &NoCatalog, &stmt(&sql)).is_err());
+        // Other columns are not bounded.
+        let sql = format!("SELECT id FROM customers WHERE id IN ({})", list.join(", "));
+        assert!(check(&p, &NoCatalog, &stmt(&sql)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn admit_counts_equality_probes_against_the_identity_budget() {
+        let p = MaskPolicy::new(
+            vec![
+                ColumnRule::parse("customers.ssn", Strategy::KeepLast4).with_equality(
+                    EqualityLimits {
+                        max_values: 10,
+                        budget: 3,
+                        window: std::time::Duration::from_secs(3600),
+                    },
+                ),
+            ],
+            DetectorSet::NONE,
+            Strategy::Redact,
+        );
+        let budget = crate::mask::ProbeBudget::default();
+        let run = |who: &str, sql: &str| {
+            let s = lineage(sql, Dialect::Postgres).unwrap();
+            admit(
+                &p,
+                &NoCatalog,
+                &budget,
+                who,
+                "pg",
+                sql,
+                Dialect::Postgres,
+                &s,
+                &Params::NotBound,
+            )
+        };
+        assert!(run("a", "SELECT id FROM customers WHERE ssn IN ('1', '2')").is_ok());
+        // The same shape, other literals: the values of this text count.
+        assert!(run("a", "SELECT id FROM customers WHERE ssn IN ('1', '3')").is_ok());
+        let r = run("a", "SELECT id FROM customers WHERE ssn = '4'").unwrap_err();
+        assert_eq!(r.oracle, Some(Oracle::Enumeration));
+        assert!(run("b", "SELECT id FROM customers WHERE ssn = '4'").is_ok());
+        // Parameters are counted when bound, not at parse.
+        for _ in 0..3 {
+            assert!(run("a", "SELECT id FROM customers WHERE ssn = $1").is_ok());
+        }
+    }
+
+    #[test]
+    fn errors_of_statements_reading_protected_columns_keep_their_class_only() {
+        assert_eq!(withheld_sqlstate("22012"), "22000");
+        assert_eq!(withheld_sqlstate("22P02"), "22000");
+        assert_eq!(withheld_sqlstate("23505"), "23000");
+        assert_eq!(withheld_sqlstate("P0001"), "P0000");
+        assert_eq!(withheld_sqlstate("40001"), "40001");
+        assert_eq!(withheld_sqlstate("57014"), "57014");
+        assert_eq!(withheld_sqlstate("bad"), "XX000");
+    }
+
+    #[test]
+    fn built_in_server_parameters_are_not_data_settable_ones_are() {
+        let label = |sql: &str, dialect: Dialect| {
+            let s = lineage(sql, dialect).unwrap().remove(0);
+            plan(
+                &policy(Derived::Redact),
+                &NoCatalog,
+                Some(&s.outputs),
+                &s.functions,
+                &computed(1),
+            )[0]
+            .label()
+        };
+        for sql in [
+            "SHOW server_version_num",
+            "SHOW standard_conforming_strings",
+            "SELECT version()",
+            "SELECT current_setting('server_version_num')",
+            "SELECT pg_catalog.current_setting('TimeZone')",
+        ] {
+            assert_eq!(label(sql, Dialect::Postgres), None, "{sql}");
+        }
+        for sql in [
+            "SHOW my.v",
+            "SHOW ALL",
+            "SELECT current_setting('my.v')",
+            "SELECT current_setting('application_name')",
+        ] {
+            assert!(label(sql, Dialect::Postgres).is_some(), "{sql}");
+        }
+        assert_eq!(label("SELECT @@version", Dialect::MySql), None);
+        assert_eq!(label("SELECT @@session.sql_mode", Dialect::MySql), None);
+        assert_eq!(
+            label("SHOW VARIABLES LIKE 'version%'", Dialect::MySql),
+            None
+        );
+        assert!(label("SELECT @x", Dialect::MySql).is_some());
+        // Without column rules nothing is masked at all.
+        let s = stmt("SHOW my.v");
+        let none = MaskPolicy::none();
+        assert_eq!(
+            plan(&none, &NoCatalog, Some(&s.outputs), &[], &computed(1))[0],
+            ColumnMask::Pass
+        );
+    }
+
     struct Cols;
     impl Relations for Cols {
         fn kind(&self, relation: &str) -> RelationKind<'_> {
@@ -1072,7 +1419,7 @@ mod tests {
         use super::{computed, policy, stmt};
         use crate::mask::{
             Derived,
-            lineage::{ColumnMask, NoCatalog, plan},
+            lineage::{ColumnMask, NoCatalog, check, plan},
         };
         use crate::sql::lineage::Flow;
         use proptest::prelude::*;
@@ -1084,6 +1431,11 @@ mod tests {
             sql: String,
             protected: bool,
             bare: bool,
+            /// A protected value reaches it through a computation.
+            derived: bool,
+            /// A protected value steers a condition, can make it fail or
+            /// is ordered in it: the statement must be refused.
+            hazard: bool,
         }
 
         fn column() -> impl Strategy<Value = Gen> {
@@ -1099,14 +1451,16 @@ mod tests {
                 sql: c.into(),
                 protected: p,
                 bare: true,
+                derived: false,
+                hazard: false,
             })
         }
 
         fn expr() -> impl Strategy<Value = Gen> {
             let leaf = prop_oneof![
                 4 => column(),
-                1 => Just(Gen { sql: "'lit'".into(), protected: false, bare: false }),
-                1 => Just(Gen { sql: "42".into(), protected: false, bare: false }),
+                1 => Just(Gen { sql: "'lit'".into(), protected: false, bare: false, derived: false, hazard: false }),
+                1 => Just(Gen { sql: "42".into(), protected: false, bare: false, derived: false, hazard: false }),
             ];
             leaf.prop_recursive(4, 24, 3, |inner| {
                 let f1 = prop_oneof![
@@ -1123,54 +1477,107 @@ mod tests {
                     Just("coalesce"),
                     Just("btrim"),
                 ];
+                let hazard_ops = prop_oneof![
+                    Just("case_like"),
+                    Just("cast_int"),
+                    Just("divide"),
+                    Just("nullif"),
+                    Just("greatest"),
+                ];
                 prop_oneof![
-                    (f1, inner.clone()).prop_map(|(f, a)| {
+                    4 => (f1, inner.clone()).prop_map(|(f, a)| {
                         let sql = if f == "string_agg_one" {
                             format!("string_agg({}, ',')", a.sql)
                         } else {
                             format!("{f}({})", a.sql)
                         };
+                        let chooses = matches!(f, "max" | "min" | "coalesce");
                         Gen {
                             sql,
                             protected: a.protected,
                             bare: false,
+                            derived: a.derived || (a.protected && !chooses),
+                            hazard: a.hazard || (a.protected && matches!(f, "max" | "min")),
                         }
                     }),
-                    (inner.clone(), inner.clone()).prop_map(|(a, b)| Gen {
+                    2 => (inner.clone(), inner.clone()).prop_map(|(a, b)| Gen {
                         sql: format!("({} || {})", a.sql, b.sql),
                         protected: a.protected || b.protected,
                         bare: false,
+                        derived: a.protected || b.protected,
+                        hazard: a.hazard || b.hazard,
                     }),
-                    (inner.clone(), inner.clone(), inner.clone()).prop_map(|(a, b, c)| Gen {
+                    2 => (inner.clone(), inner.clone(), inner.clone()).prop_map(|(a, b, c)| Gen {
                         sql: format!(
                             "CASE WHEN {} = 'x' THEN {} ELSE {} END",
                             a.sql, b.sql, c.sql
                         ),
                         protected: a.protected || b.protected || c.protected,
                         bare: false,
+                        derived: a.protected || b.derived || c.derived,
+                        hazard: a.hazard || b.hazard || c.hazard || (a.protected && a.derived),
                     }),
-                    inner.clone().prop_map(|a| Gen {
+                    2 => inner.clone().prop_map(|a| Gen {
                         sql: format!("{}::text", a.sql),
                         protected: a.protected,
                         bare: false,
+                        derived: a.derived,
+                        hazard: a.hazard,
                     }),
-                    inner.clone().prop_map(|a| Gen {
+                    2 => inner.clone().prop_map(|a| Gen {
                         sql: format!("substr({}::text, 2, 3)", a.sql),
                         protected: a.protected,
                         bare: false,
+                        derived: a.protected,
+                        hazard: a.hazard,
                     }),
-                    inner.clone().prop_map(|a| Gen {
+                    2 => inner.clone().prop_map(|a| Gen {
                         sql: format!(
                             "(SELECT {} FROM customers c2 LIMIT 1)",
                             a.sql.replace("c.", "c2.")
                         ),
                         protected: a.protected,
                         bare: false,
+                        derived: a.derived,
+                        hazard: a.hazard,
                     }),
-                    inner.prop_map(|a| Gen {
+                    2 => inner.clone().prop_map(|a| Gen {
                         sql: format!("first_value({}) OVER (PARTITION BY id)", a.sql),
                         protected: a.protected,
                         bare: false,
+                        derived: a.protected,
+                        hazard: a.hazard,
+                    }),
+                    // Conditions, failures and orderings on values.
+                    3 => (hazard_ops, inner.clone(), inner).prop_map(|(op, a, b)| {
+                        let sql = match op {
+                            "case_like" => format!("CASE WHEN {} LIKE 'x%' THEN {} END", a.sql, b.sql),
+                            "cast_int" => format!("({})::int", a.sql),
+                            "divide" => format!("1 / length(({})::text)", a.sql),
+                            "nullif" => format!("nullif({}, 'x')", a.sql),
+                            _ => format!("greatest({}, {})", a.sql, b.sql),
+                        };
+                        let uses_b = matches!(op, "case_like" | "greatest");
+                        let protected = a.protected || (uses_b && b.protected);
+                        let hazard = a.hazard
+                            || (uses_b && b.hazard)
+                            || match op {
+                                "nullif" => a.protected && a.derived,
+                                "greatest" => protected,
+                                _ => a.protected,
+                            };
+                        Gen {
+                            sql,
+                            protected,
+                            bare: false,
+                            derived: match op {
+                                "nullif" => a.derived,
+                                "case_like" => a.protected || b.derived,
+                                "greatest" => a.derived || b.derived,
+                                _ => a.protected,
+                            },
+                            hazard,
+                        }
                     }),
                 ]
             })
@@ -1209,6 +1616,29 @@ mod tests {
                     if !g.protected {
                         prop_assert!(*m == ColumnMask::Pass, "{sql}: {} masked as {m:?}", g.sql);
                     }
+                }
+            }
+
+            /// A protected value in a condition, an operation that can fail
+            /// or an ordering is refused under the default settings,
+            /// wherever it sits in the statement.
+            #[test]
+            fn searches_through_any_expression_are_refused(
+                items in proptest::collection::vec(expr(), 1..4),
+                wrap in 0u8..3,
+            ) {
+                let list: Vec<String> =
+                    items.iter().enumerate().map(|(i, g)| format!("{} AS o{i}", g.sql)).collect();
+                let inner = format!("SELECT {} FROM customers c", list.join(", "));
+                let sql = match wrap {
+                    0 => inner,
+                    1 => format!("SELECT * FROM ({inner}) t"),
+                    _ => format!("WITH w AS ({inner}) SELECT count(*) FROM w"),
+                };
+                let s = stmt(&sql);
+                let refused = check(&policy(Derived::Redact), &NoCatalog, &s).is_err();
+                if items.iter().any(|g| g.hazard) {
+                    prop_assert!(refused, "{sql}: admitted");
                 }
             }
         }

@@ -7,11 +7,15 @@
 //! when a column's table is unknown, a rule naming that column under any table
 //! applies; a keyed hash without a key becomes a redaction.
 
+mod budget;
 mod detectors;
 pub mod lineage;
+mod masker;
 mod rules;
 mod strategy;
 
+pub use budget::{ProbeBudget, Probes};
 pub use detectors::{Detection, Detector, DetectorSet, scan, scan_with};
-pub use rules::{ColumnRule, Derived, MaskOutcome, MaskPolicy, Predicates};
+pub use masker::{ColumnStrategy, MaskResult, Masker, ResultMasks, RowMasker};
+pub use rules::{ColumnRule, Derived, EqualityLimits, MaskOutcome, MaskPolicy, Predicates};
 pub use strategy::{MaskKey, Strategy, apply, apply_into, fixed_text};

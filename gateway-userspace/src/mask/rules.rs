@@ -1,6 +1,6 @@
 //! The masking policy in force for one resource.
 
-use std::{borrow::Cow, sync::Arc};
+use std::{borrow::Cow, sync::Arc, time::Duration};
 
 use super::{DetectorSet, MaskKey, Strategy, apply_into, fixed_text, scan_with};
 use crate::policy::glob::Glob;
@@ -16,8 +16,41 @@ pub struct ColumnRule {
     pub predicates: Predicates,
     /// What happens to a value computed from the column.
     pub derived: Derived,
+    /// How far equality tests on the column may go.
+    pub equality: EqualityLimits,
     /// The rule as written, for refusals and records.
     pub spec: String,
+}
+
+/// Bounds on equality tests with literals, which `predicates = "equality"`
+/// allows: each answers "is it this value", so many of them enumerate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EqualityLimits {
+    /// Most values one statement may compare the column with (`IN` lists,
+    /// `OR` chains, `= ANY(ARRAY[...])`, `CASE col WHEN ...`).
+    pub max_values: usize,
+    /// Most distinct values one identity may compare the column with
+    /// within [`Self::window`] (each parameter execution counts as one
+    /// value of its own); past it, statements comparing new values are
+    /// refused and an alert is sent.
+    pub budget: u32,
+    pub window: Duration,
+}
+
+impl EqualityLimits {
+    pub const DEFAULT_MAX_VALUES: usize = 10;
+    pub const DEFAULT_BUDGET: u32 = 50;
+    pub const DEFAULT_WINDOW: Duration = Duration::from_hours(24);
+}
+
+impl Default for EqualityLimits {
+    fn default() -> Self {
+        EqualityLimits {
+            max_values: Self::DEFAULT_MAX_VALUES,
+            budget: Self::DEFAULT_BUDGET,
+            window: Self::DEFAULT_WINDOW,
+        }
+    }
 }
 
 /// Conditions a statement may put on a protected column (`WHERE`, `JOIN ON`,
@@ -61,6 +94,7 @@ impl ColumnRule {
             strategy,
             predicates: Predicates::default(),
             derived: Derived::default(),
+            equality: EqualityLimits::default(),
             spec: spec.to_owned(),
         }
     }
@@ -70,6 +104,13 @@ impl ColumnRule {
     pub fn with_modes(mut self, predicates: Predicates, derived: Derived) -> Self {
         self.predicates = predicates;
         self.derived = derived;
+        self
+    }
+
+    /// With bounds on its equality tests.
+    #[must_use]
+    pub fn with_equality(mut self, equality: EqualityLimits) -> Self {
+        self.equality = equality;
         self
     }
 

@@ -483,6 +483,17 @@ fn load_sources(sources: &[Source]) -> Result<PolicySet, PolicyErrors> {
         allow_unix,
         unknown_destination,
         files: sources.iter().map(|s| s.path.clone()).collect(),
+        texts: sources
+            .iter()
+            .map(|s| {
+                let name = s
+                    .path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                (name, s.text.clone())
+            })
+            .collect(),
     })
 }
 
@@ -1041,6 +1052,47 @@ fn resource_globs(
     out
 }
 
+/// Longest `equality_window` a column rule may set.
+pub const MAX_EQUALITY_WINDOW: Duration = Duration::from_hours(30 * 24);
+
+/// A column rule's `max_equality_values`, `equality_budget` and
+/// `equality_window`, the defaults where not set.
+fn equality_limits(
+    errors: &mut Errors<'_>,
+    col: &crate::policy::model::ColumnSpec,
+) -> crate::mask::EqualityLimits {
+    let mut limits = crate::mask::EqualityLimits::default();
+    if let Some(n) = &col.max_equality_values {
+        if *n.get_ref() > 10_000 {
+            errors.at(
+                &n.span(),
+                "`max_equality_values` must be at most 10000".to_owned(),
+            );
+        }
+        limits.max_values = *n.get_ref();
+    }
+    if let Some(n) = &col.equality_budget {
+        if *n.get_ref() > 1_000_000 {
+            errors.at(
+                &n.span(),
+                "`equality_budget` must be at most 1000000".to_owned(),
+            );
+        }
+        limits.budget = *n.get_ref();
+    }
+    if let Some(w) = &col.equality_window {
+        match parse_duration(w.get_ref()) {
+            Ok(d) if !d.is_zero() && d <= MAX_EQUALITY_WINDOW => limits.window = d,
+            Ok(_) => errors.at(
+                &w.span(),
+                "`equality_window` must be more than 0 and at most 30d".to_owned(),
+            ),
+            Err(msg) => errors.at(&w.span(), msg),
+        }
+    }
+    limits
+}
+
 fn build_masking<'a>(
     errors: &mut Errors<'a>,
     parsed: &[(&'a Source, PolicyFileSpec)],
@@ -1111,6 +1163,7 @@ fn build_masking<'a>(
                 "masking.column.resources",
                 resources,
             );
+            let equality = equality_limits(errors, col);
             for spec in non_empty_list(errors, &col.columns, "masking.column.columns") {
                 let v = spec.get_ref();
                 if v.split('.').count() > 3 || v.split('.').any(str::is_empty) {
@@ -1123,7 +1176,8 @@ fn build_masking<'a>(
                 columns.push((
                     globs.clone(),
                     ColumnRule::parse(v, *col.strategy.get_ref())
-                        .with_modes(col.predicates, col.derived),
+                        .with_modes(col.predicates, col.derived)
+                        .with_equality(equality),
                 ));
             }
         }

@@ -8,13 +8,16 @@
 //! default action, `deny` unless the policy says otherwise. Matching semantics
 //! are documented in [`decide`](self::decide) and the README.
 
+pub mod archive;
 mod decide;
+pub mod diff;
 pub mod glob;
 mod load;
 mod model;
 mod set;
 mod store;
 
+pub use archive::{ArchiveError, PolicyArchive};
 pub use decide::{Candidate, Explanation};
 pub use load::{
     MAX_APPROVAL_TIMEOUT, MAX_GRANT_WINDOW, MAX_POLICY_FILE_BYTES, MAX_POLICY_FILES, MAX_QUORUM,
@@ -26,4 +29,4 @@ pub use model::{
     UnknownDestination, UpstreamTls, Verdict,
 };
 pub use set::{DNS_LOOKUP_TIMEOUT, DnsAnswer, PolicySet};
-pub use store::{PolicyStore, ReloadOutcome, WatchEvent, WatchOptions, watch};
+pub use store::{FileStamp, PolicyStore, ReloadOutcome, WatchEvent, WatchOptions, watch};

@@ -139,6 +139,10 @@ pub(crate) struct ColumnSpec {
     pub predicates: crate::mask::Predicates,
     #[serde(default)]
     pub derived: crate::mask::Derived,
+    /// Bounds on equality tests (see `mask::EqualityLimits`).
+    pub max_equality_values: Option<Spanned<usize>>,
+    pub equality_budget: Option<Spanned<u32>>,
+    pub equality_window: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

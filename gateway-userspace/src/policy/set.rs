@@ -47,6 +47,8 @@ pub struct PolicySet {
     pub(crate) allow_unix: Vec<UnixAllow>,
     pub(crate) unknown_destination: UnknownDestination,
     pub(crate) files: Vec<PathBuf>,
+    /// Each file's name and the exact text loaded (what the digest covers).
+    pub(crate) texts: Vec<(String, String)>,
     pub(crate) digest: String,
 }
 
@@ -138,6 +140,12 @@ impl PolicySet {
     /// The files this set was loaded from.
     pub fn files(&self) -> &[PathBuf] {
         &self.files
+    }
+
+    /// Each file's name and the text that was loaded, in load order: what
+    /// [`PolicySet::digest`] covers and what the archive keeps.
+    pub fn texts(&self) -> &[(String, String)] {
+        &self.texts
     }
 
     /// BLAKE3 (hex) over the files' names and contents, in load order.

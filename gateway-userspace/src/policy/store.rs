@@ -14,8 +14,44 @@ use std::{
 
 use arc_swap::ArcSwap;
 
-use super::{PolicyErrors, PolicySet, load_dir};
+use super::{PolicyError, PolicyErrors, PolicySet, archive::PolicyArchive, load_dir};
 use crate::mask::MaskKey;
+
+/// A policy file as the reload found it: who the host says owns it and
+/// when it was last written (the host records no more about who changed it).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FileStamp {
+    pub name: String,
+    pub bytes: u64,
+    /// Last modification, RFC 3339 UTC (`None` if the host cannot tell).
+    pub modified: Option<String>,
+    /// Owner uid, and its name from the passwd database when known.
+    pub owner_uid: u32,
+    pub owner: Option<String>,
+}
+
+fn stamp(path: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(FileStamp {
+        name: path.file_name()?.to_string_lossy().into_owned(),
+        bytes: m.len(),
+        modified: m.modified().ok().map(crate::time::rfc3339),
+        owner_uid: m.uid(),
+        owner: user_name(m.uid()),
+    })
+}
+
+/// The name of `uid` in /etc/passwd, if listed.
+fn user_name(uid: u32) -> Option<String> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|l| {
+        let mut f = l.split(':');
+        let name = f.next()?;
+        let id: u32 = f.nth(1)?.parse().ok()?;
+        (id == uid).then(|| name.to_owned())
+    })
+}
 
 /// What a successful reload installed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +64,10 @@ pub struct ReloadOutcome {
     pub digest: String,
     /// The digest of the policy replaced.
     pub previous_digest: String,
+    /// Where the archive keeps this version (`None` without an archive).
+    pub archived: Option<PathBuf>,
+    /// Each file's owner and modification time, as the host reports them.
+    pub stamps: Vec<FileStamp>,
 }
 
 /// Holds the current [`PolicySet`].
@@ -36,6 +76,7 @@ pub struct PolicyStore {
     dir: PathBuf,
     current: ArcSwap<PolicySet>,
     mask_key: Option<Arc<MaskKey>>,
+    archive: Option<PolicyArchive>,
 }
 
 impl PolicyStore {
@@ -46,7 +87,24 @@ impl PolicyStore {
             dir: dir.to_owned(),
             current: ArcSwap::from_pointee(set),
             mask_key,
+            archive: None,
         })
+    }
+
+    /// [`PolicyStore::open`], archiving the version loaded and every version
+    /// a reload puts in force (a version that cannot be archived is not put
+    /// in force). Returns the store and where the first version is archived.
+    pub fn open_archived(
+        dir: &Path,
+        mask_key: Option<Arc<MaskKey>>,
+        archive: PolicyArchive,
+    ) -> Result<(Self, PathBuf), PolicyErrors> {
+        let mut store = Self::open(dir, mask_key)?;
+        let at = archive
+            .store(&store.current())
+            .map_err(|e| archive_error(&archive, &e))?;
+        store.archive = Some(archive);
+        Ok((store, at))
     }
 
     /// Wrap an already-loaded set (tests, tools).
@@ -55,6 +113,7 @@ impl PolicyStore {
             dir: dir.to_owned(),
             current: ArcSwap::from_pointee(set.with_mask_key(mask_key.as_ref())),
             mask_key,
+            archive: None,
         }
     }
 
@@ -74,9 +133,15 @@ impl PolicyStore {
     /// after to pick up new names.
     pub fn reload(&self, dir: &Path) -> Result<ReloadOutcome, PolicyErrors> {
         let new = load_dir(dir)?.with_mask_key(self.mask_key.as_ref());
+        let archived = match &self.archive {
+            Some(a) => Some(a.store(&new).map_err(|e| archive_error(a, &e))?),
+            None => None,
+        };
         let old = self.current.load_full();
         new.inherit_dns(&old);
         let outcome = ReloadOutcome {
+            archived,
+            stamps: new.files().iter().filter_map(|p| stamp(p)).collect(),
             dir: dir.to_owned(),
             files: new.files().to_vec(),
             resources: new.resources().len(),
@@ -92,6 +157,15 @@ impl PolicyStore {
     pub async fn refresh_dns(&self) {
         self.current().refresh_dns().await;
     }
+}
+
+fn archive_error(archive: &PolicyArchive, e: &super::archive::ArchiveError) -> PolicyErrors {
+    PolicyErrors(vec![PolicyError {
+        file: archive.dir().to_owned(),
+        line: 0,
+        column: 0,
+        message: format!("cannot archive the policy, so it is not put in force: {e}"),
+    }])
 }
 
 /// A watcher's report.

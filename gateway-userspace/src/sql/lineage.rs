@@ -7,7 +7,12 @@
 //! column it computes the set of source columns (`table.column`, or a whole
 //! row) with the [`Flow`] through which each reaches the output, and it lists
 //! the predicates (`WHERE`, `JOIN ON`, `HAVING`, `GROUP BY`, `ORDER BY`,
-//! window partitions) and writes that read columns. The result does not depend
+//! window partitions) and writes that read columns. A predicate is also every
+//! use of a value that gives an answer without returning it (an [`Oracle`]):
+//! a condition anywhere (`CASE`, `FILTER`, `GREATEST`, a boolean in the select
+//! list), an operation that can fail on it, a sleep or a row count it drives.
+//! Functions are classed by what they can do with a value; one not listed may
+//! fail (closed by construction, not by a deny list). The result does not depend
 //! on the policy, so it is cached with the statement's classification; the
 //! masking policy is applied to it per result ([`crate::mask::lineage`]).
 //!
@@ -26,10 +31,11 @@ use std::{
 };
 
 use sqlparser::ast::{
-    CastKind, DataType, Distinct, Expr, FromTable, Function, FunctionArg, FunctionArgExpr,
-    FunctionArguments, GroupByExpr, Ident, JoinConstraint, JoinOperator, ObjectName, OrderByKind,
-    Query, Select, SelectItem, SelectItemQualifiedWildcardKind, SetExpr, Statement, TableFactor,
-    TableWithJoins, UnaryOperator, Value, Visit, Visitor, visit_expressions,
+    CastKind, DataType, Distinct, DuplicateTreatment, Expr, FromTable, Function, FunctionArg,
+    FunctionArgExpr, FunctionArguments, GroupByExpr, Ident, JoinConstraint, JoinOperator,
+    ObjectName, OrderByKind, Query, Select, SelectItem, SelectItemQualifiedWildcardKind, SetExpr,
+    SetOperator, SetQuantifier, Statement, TableFactor, TableWithJoins, UnaryOperator, Value,
+    Visit, Visitor,
 };
 
 use super::{Dialect, classify::object_name};
@@ -147,18 +153,72 @@ pub enum Outputs {
 /// How a predicate uses the values it reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Test {
-    /// `col = literal`, `col <> literal`, `col IN (literals)`, `col IS [NOT]
-    /// NULL`: answers only "is it this value".
-    Equality,
+    /// `col = literal`, `col <> literal`, `col IN (literals)`, `col = ANY
+    /// (ARRAY[literals])`, `NULLIF(col, literal)`, `CASE col WHEN literal`,
+    /// `col IS [NOT] NULL`: answers only "is it one of these values".
+    /// `values`: how many literals or parameters it compares with (`IS
+    /// NULL`: none); the same for every statement of one shape.
+    Equality { values: usize },
     /// Anything else, named for the reason it gives.
     Search(&'static str),
 }
 
-/// A condition or ordering that reads columns.
+/// The kind of answer a condition or an operation on a value gives a
+/// statement's author, whatever the result shows: what a refusal names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Oracle {
+    /// Which rows come back, their number or their order (`WHERE`, `JOIN`,
+    /// `HAVING`, `GROUP BY`, `ORDER BY`, `DISTINCT`, set operations, `LIMIT`).
+    Search,
+    /// Which branch or value is taken (`CASE`, `FILTER`, `NULLIF`,
+    /// `COALESCE`, `GREATEST`/`LEAST`, `min`/`max`, a condition in the
+    /// select list, a window's partitions and order).
+    Conditional,
+    /// Whether the statement fails (arithmetic, casts, functions that raise).
+    Error,
+    /// How long it takes (sleeps, repetition).
+    Timing,
+    /// How many rows a function returns.
+    RowCount,
+    /// More values compared by equality than a statement may use, or a
+    /// number of them that is not bounded (an array literal or parameter).
+    Enumeration,
+}
+
+impl Oracle {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Oracle::Search => "search",
+            Oracle::Conditional => "conditional",
+            Oracle::Error => "error",
+            Oracle::Timing => "timing",
+            Oracle::RowCount => "row-count",
+            Oracle::Enumeration => "enumeration",
+        }
+    }
+}
+
+/// A literal or parameter an equality test compares with.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Probe {
+    /// The literal's text (unquoted).
+    Literal(String),
+    /// `$n` (1-based), bound at execution.
+    Param(usize),
+    /// Something else constant (a typed literal, an expression of literals).
+    Other(String),
+}
+
+/// A condition, ordering or operation that reads columns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Predicate {
     pub test: Test,
+    pub oracle: Oracle,
     pub lineage: Lineage,
+    /// For [`Test::Equality`]: the values compared with, in order. Only
+    /// filled by [`lineage_with_probes`]: an analysis shared by statements
+    /// of one shape must not carry one statement's literals.
+    pub probes: Vec<Probe>,
 }
 
 /// Data a statement writes into a table (`INSERT ... SELECT`, `UPDATE ...
@@ -199,9 +259,23 @@ pub fn lineage(sql: &str, dialect: Dialect) -> Option<Vec<StatementLineage>> {
     Some(of_statements(&statements))
 }
 
+/// [`lineage`] with the values each equality test compares with
+/// ([`Predicate::probes`]), for the statement at hand only.
+pub fn lineage_with_probes(sql: &str, dialect: Dialect) -> Option<Vec<StatementLineage>> {
+    if sql.len() > super::MAX_SQL_LEN {
+        return None;
+    }
+    let statements = sqlparser::parser::Parser::new(dialect.parser_dialect())
+        .with_recursion_limit(super::classify::PARSER_RECURSION_LIMIT)
+        .try_with_sql(sql)
+        .and_then(|mut p| p.parse_statements())
+        .ok()?;
+    Some(statements.iter().map(|s| statement(s, true)).collect())
+}
+
 /// Lineage of statements already parsed.
 pub(super) fn of_statements(statements: &[Statement]) -> Vec<StatementLineage> {
-    statements.iter().map(statement).collect()
+    statements.iter().map(|s| statement(s, false)).collect()
 }
 
 /// The lineage of a view's (or materialized view's) defining query, from its
@@ -404,11 +478,16 @@ struct Ctx {
     predicates: Vec<Predicate>,
     writes: Vec<Write>,
     functions: Vec<String>,
+    /// Fill [`Predicate::probes`].
+    probes: bool,
 }
 
 #[allow(clippy::too_many_lines)] // one arm per statement kind
-fn statement(stmt: &Statement) -> StatementLineage {
-    let mut cx = Ctx::default();
+fn statement(stmt: &Statement, probes: bool) -> StatementLineage {
+    let mut cx = Ctx {
+        probes,
+        ..Ctx::default()
+    };
     let mut cursor = None;
     let mut fetch = None;
     let outputs = match stmt {
@@ -547,7 +626,7 @@ fn statement(stmt: &Statement) -> StatementLineage {
         } => {
             // The plan is text about the query, not its data; the query's
             // predicates still count (EXPLAIN ANALYZE runs it and counts rows).
-            cx.absorb(self::statement(inner));
+            cx.absorb(self::statement(inner, cx.probes));
             Outputs::Known(vec![Output::Column {
                 name: "QUERY PLAN".into(),
                 lineage: Lineage::default(),
@@ -578,8 +657,33 @@ fn statement(stmt: &Statement) -> StatementLineage {
         } => {
             // Its rows come with `EXECUTE`, of unknown origin there; its
             // conditions and writes are checked now.
-            cx.absorb(self::statement(inner));
+            cx.absorb(self::statement(inner, cx.probes));
             Outputs::None
+        }
+        Statement::ShowVariable { variable } => {
+            let name = variable.iter().map(ident).collect::<Vec<_>>().join(".");
+            if name == "all" {
+                // Every parameter, custom ones too.
+                Outputs::Unknown
+            } else {
+                Outputs::Known(vec![Output::Column {
+                    lineage: parameter(&name),
+                    name,
+                }])
+            }
+        }
+        Statement::ShowVariables { .. } => {
+            // MySQL: system variables only (never user variables).
+            Outputs::Known(vec![
+                Output::Column {
+                    name: "Variable_name".into(),
+                    lineage: Lineage::default(),
+                },
+                Output::Column {
+                    name: "Value".into(),
+                    lineage: parameter("@@*"),
+                },
+            ])
         }
         Statement::StartTransaction { .. }
         | Statement::Commit { .. }
@@ -651,7 +755,8 @@ impl Ctx {
             .map(|l| l as &dyn VisitDyn)
             .chain(q.fetch.iter().map(|f| f as &dyn VisitDyn))
         {
-            e.each_expr(&mut |x| bounds.merge(&self.expr(x)));
+            let l = self.top_level(e);
+            bounds.merge(&l);
         }
         self.search(bounds, "LIMIT");
         if ctes > 0 {
@@ -699,10 +804,25 @@ impl Ctx {
                 self.order_by(order_by, &outs);
                 outs
             }
-            SetExpr::SetOperation { left, right, .. } => {
+            SetExpr::SetOperation {
+                left,
+                right,
+                op,
+                set_quantifier,
+            } => {
                 let l = self.set_expr(left, None);
                 let r = self.set_expr(right, None);
                 let outs = union_positional(l, r);
+                // Anything but `UNION ALL` compares the rows of both sides:
+                // `SELECT ssn ... INTERSECT VALUES ('guess')`.
+                let all = matches!(
+                    set_quantifier,
+                    SetQuantifier::All | SetQuantifier::AllByName
+                );
+                if !(all && matches!(op, SetOperator::Union)) {
+                    let l = all_of(&outs);
+                    self.search(l, "a set operation (it compares rows)");
+                }
                 self.order_by(order_by, &outs);
                 outs
             }
@@ -734,7 +854,7 @@ impl Ctx {
             }
             SetExpr::Insert(s) | SetExpr::Update(s) | SetExpr::Delete(s) | SetExpr::Merge(s) => {
                 // A data-modifying CTE: its RETURNING list, if modelled.
-                let l = statement(s);
+                let l = statement(s, self.probes);
                 self.predicates.extend(l.predicates);
                 self.writes.extend(l.writes);
                 match l.outputs {
@@ -784,6 +904,8 @@ impl Ctx {
                 }
             }
             Some(Distinct::Distinct) => {
+                let l = all_of(&outs);
+                self.search(l, "DISTINCT (it compares rows)");
                 for o in &mut outs {
                     if let Output::Column { lineage, .. } = o {
                         *lineage = std::mem::take(lineage).at_least(Flow::Preserved);
@@ -793,13 +915,13 @@ impl Ctx {
             _ => {}
         }
         for w in &s.named_window {
-            let mut l = Lineage::default();
             // Named windows partition and order: searches on their columns.
-            let _ = visit_expressions(w, |e| {
-                l.merge(&self.expr(e));
-                ControlFlow::<()>::Continue(())
-            });
-            self.search(l, "window ordering");
+            let l = self.top_level(w);
+            self.flag(
+                l,
+                Oracle::Conditional,
+                "a window's partitions, order or frame",
+            );
         }
         self.order_by(order_by, &outs);
         self.scope.levels.pop();
@@ -855,11 +977,20 @@ impl Ctx {
         l
     }
 
+    /// A condition that selects or orders rows.
     fn search(&mut self, lineage: Lineage, why: &'static str) {
+        self.flag(lineage, Oracle::Search, why);
+    }
+
+    /// Values of `lineage` used where they can give an answer of `oracle`'s
+    /// kind.
+    fn flag(&mut self, lineage: Lineage, oracle: Oracle, why: &'static str) {
         if !lineage.is_empty() {
             self.predicates.push(Predicate {
                 test: Test::Search(why),
+                oracle,
                 lineage,
+                probes: Vec::new(),
             });
         }
     }
@@ -991,6 +1122,7 @@ impl Ctx {
                     for a in &args.args {
                         l.merge(&self.arg(a));
                     }
+                    self.flag(l.clone(), Oracle::RowCount, ROWS_OF_FUNCTION);
                     Body::Opaque(l.at_least(Flow::Derived))
                 } else if name.0.len() == 1
                     && let Some(outs) = self.scope.cte(&relation)
@@ -1017,6 +1149,7 @@ impl Ctx {
                 for a in args {
                     l.merge(&self.arg(a));
                 }
+                self.flag(l.clone(), Oracle::RowCount, ROWS_OF_FUNCTION);
                 aliased(
                     last_part(name),
                     alias.as_ref(),
@@ -1030,6 +1163,7 @@ impl Ctx {
                 for e in array_exprs {
                     l.merge(&self.expr(e));
                 }
+                self.flag(l.clone(), Oracle::RowCount, ROWS_OF_FUNCTION);
                 aliased(
                     "unnest".into(),
                     alias.as_ref(),
@@ -1055,11 +1189,8 @@ impl Ctx {
             other => {
                 // Anything else (JSON_TABLE, PIVOT, ...): every expression in
                 // it, derived, for every column.
-                let mut l = Lineage::default();
-                let _ = visit_expressions(other, |e| {
-                    l.merge(&self.expr(e));
-                    ControlFlow::<()>::Continue(())
-                });
+                let l = self.top_level(other);
+                self.flag(l.clone(), Oracle::RowCount, ROWS_OF_FUNCTION);
                 let l = l.at_least(Flow::Derived);
                 Rel {
                     alias: String::new(),
@@ -1104,9 +1235,25 @@ impl Ctx {
         }
     }
 
-    /// The lineage of an expression's value.
+    /// The lineage of an expression's value. A condition in it is recorded
+    /// as a predicate ([`Oracle::Conditional`]), and so is every use of a
+    /// value that can make the statement fail, take longer or return more
+    /// rows ([`Self::function`], [`Self::generic`]).
     fn expr(&mut self, e: &Expr) -> Lineage {
+        if is_condition(e) {
+            return self
+                .condition(e, Oracle::Conditional)
+                .at_least(Flow::Derived);
+        }
         match e {
+            Expr::Identifier(id) if id.quote_style.is_none() && id.value.starts_with('@') => {
+                // MySQL: `@@[scope.]name` a system variable, `@name` a user
+                // variable (which can carry any value: never built in).
+                match id.value.strip_prefix("@@") {
+                    Some(v) => parameter(&format!("@@{}", v.rsplit('.').next().unwrap_or(v))),
+                    None => parameter(&id.value),
+                }
+            }
             Expr::Identifier(id) => self.scope.resolve(&[ident(id)]),
             Expr::CompoundIdentifier(ids) => {
                 let parts: Vec<String> = ids.iter().map(ident).collect();
@@ -1132,14 +1279,33 @@ impl Ctx {
                 ..
             } => {
                 // The branch taken depends on the conditions: derived from
-                // them; the results pass through.
+                // them, and each is a predicate; the results pass through.
                 let mut tests = Lineage::default();
-                if let Some(op) = operand {
-                    tests.merge(&self.expr(op));
+                match operand {
+                    Some(op) => {
+                        let l = self.expr(op);
+                        let whens: Vec<&Expr> = conditions.iter().map(|c| &c.condition).collect();
+                        if whens.iter().all(|w| is_constant(w)) {
+                            self.equality(l.clone(), &whens, Oracle::Conditional, "CASE");
+                        } else {
+                            let mut all = l.clone();
+                            for w in whens {
+                                all.merge(&self.expr(w));
+                            }
+                            tests.merge(&all);
+                            self.flag(all, Oracle::Conditional, "CASE");
+                        }
+                        tests.merge(&l);
+                    }
+                    None => {
+                        for c in conditions {
+                            let l = self.condition(&c.condition, Oracle::Conditional);
+                            tests.merge(&l);
+                        }
+                    }
                 }
                 let mut results = Lineage::default();
                 for c in conditions {
-                    tests.merge(&self.expr(&c.condition));
                     results.merge(&self.expr(&c.result));
                 }
                 if let Some(e) = else_result {
@@ -1154,15 +1320,39 @@ impl Ctx {
                 let outs = self.query(q);
                 all_of(&outs).at_least(Flow::Preserved)
             }
+            Expr::Substring {
+                expr,
+                substring_from,
+                substring_for,
+                ..
+            } => {
+                // Total on the value; a position or length from a value can
+                // make it fail.
+                let mut l = self.expr(expr);
+                let mut control = Lineage::default();
+                for x in substring_from.iter().chain(substring_for) {
+                    control.merge(&self.expr(x));
+                }
+                self.flag(control.clone(), Oracle::Error, CONTROL_ARGUMENT);
+                l.merge(&control);
+                l.json = None;
+                l.at_least(Flow::Derived)
+            }
             _ => self.generic(e),
         }
     }
 
+    #[allow(clippy::too_many_lines)] // one place for what each kind of function may do with a value
     fn function(&mut self, f: &Function) -> Lineage {
         let name = last_part(&f.name);
         self.functions.push(name.clone());
+        if let Some(l) = server_parameter(&name, f) {
+            return l;
+        }
         let mut args = Vec::new();
+        let mut arg_exprs: Vec<Option<&Expr>> = Vec::new();
         let mut extra = Lineage::default();
+        let mut distinct = false;
         match &f.args {
             FunctionArguments::None => {}
             FunctionArguments::Subquery(q) => {
@@ -1170,14 +1360,20 @@ impl Ctx {
                 extra.merge(&all_of(&outs));
             }
             FunctionArguments::List(list) => {
+                distinct = matches!(list.duplicate_treatment, Some(DuplicateTreatment::Distinct));
                 for a in &list.args {
                     args.push(self.arg(a));
+                    arg_exprs.push(match a {
+                        FunctionArg::Unnamed(FunctionArgExpr::Expr(e))
+                        | FunctionArg::Named {
+                            arg: FunctionArgExpr::Expr(e),
+                            ..
+                        } => Some(e),
+                        _ => None,
+                    });
                 }
                 for c in &list.clauses {
-                    let _ = visit_expressions(c, |e| {
-                        extra.merge(&self.expr(e));
-                        ControlFlow::<()>::Continue(())
-                    });
+                    extra.merge(&self.top_level(c));
                 }
             }
         }
@@ -1187,16 +1383,84 @@ impl Ctx {
             }
         }
         if let Some(filter) = &f.filter {
-            extra.merge(&self.expr(filter));
+            extra.merge(&self.condition(filter, Oracle::Conditional));
         }
         for o in &f.within_group {
             extra.merge(&self.expr(&o.expr));
         }
         if let Some(over) = &f.over {
-            let _ = visit_expressions(over, |e| {
-                extra.merge(&self.expr(e));
-                ControlFlow::<()>::Continue(())
-            });
+            // Partitions, order and frame choose which rows a value comes
+            // from.
+            let w = self.top_level(over);
+            self.flag(
+                w.clone(),
+                Oracle::Conditional,
+                "a window's partitions, order or frame",
+            );
+            extra.merge(&w);
+        }
+        let mut all_args = Lineage::default();
+        for a in &args {
+            all_args.merge(a);
+        }
+        if distinct {
+            self.search(all_args.clone(), "DISTINCT (it compares rows)");
+        }
+        match function_kind(&name) {
+            FunctionKind::Total { control_from } => {
+                for (i, a) in args.iter().enumerate() {
+                    let control = match control_from {
+                        Control::From(n) => i >= n,
+                        Control::EvenPositions => i % 2 == 0,
+                    };
+                    if control {
+                        self.flag(a.clone(), Oracle::Error, CONTROL_ARGUMENT);
+                    }
+                }
+            }
+            FunctionKind::Orders => {
+                if args.len() > 1 || matches!(name.as_str(), "min" | "max") {
+                    self.flag(
+                        all_args.clone(),
+                        Oracle::Conditional,
+                        "an ordering (GREATEST, LEAST, min, max)",
+                    );
+                }
+            }
+            FunctionKind::Coalesce => {
+                // Which argument comes back says which were NULL.
+                for (a, e) in args
+                    .iter()
+                    .zip(&arg_exprs)
+                    .take(args.len().saturating_sub(1))
+                {
+                    let _ = e;
+                    self.equality(a.clone(), &[], Oracle::Conditional, "COALESCE");
+                }
+            }
+            FunctionKind::NullIf => match (args.first(), arg_exprs.get(1).copied().flatten()) {
+                (Some(a), Some(b))
+                    if is_constant(b) && args.get(1).is_none_or(Lineage::is_empty) =>
+                {
+                    self.equality(a.clone(), &[b], Oracle::Conditional, "NULLIF");
+                }
+                _ => self.flag(all_args.clone(), Oracle::Conditional, "NULLIF"),
+            },
+            FunctionKind::Timing => {
+                let mut l = all_args.clone();
+                l.merge(&extra);
+                self.flag(
+                    l,
+                    Oracle::Timing,
+                    "a sleep or repetition whose cost follows the value",
+                );
+            }
+            FunctionKind::Rows => {
+                self.flag(all_args.clone(), Oracle::RowCount, ROWS_OF_FUNCTION);
+            }
+            FunctionKind::Other => {
+                self.flag(all_args.clone(), Oracle::Error, "a function that can fail");
+            }
         }
         let shape = if f.over.is_none() && extra.is_empty() {
             self.json_shape(&name, f, &args)
@@ -1209,14 +1473,11 @@ impl Ctx {
                 name.as_str(),
                 "min" | "max" | "coalesce" | "greatest" | "least" | "any_value"
             );
-        let mut l = Lineage::default();
-        for a in args {
-            l.merge(&a);
-        }
+        let mut l = all_args;
         let mut l = if chooses {
-            l.at_least(Flow::Preserved)
+            std::mem::take(&mut l).at_least(Flow::Preserved)
         } else {
-            l.at_least(Flow::Derived)
+            std::mem::take(&mut l).at_least(Flow::Derived)
         };
         l.merge(&extra.at_least(Flow::Derived));
         l.json = shape.map(Box::new);
@@ -1290,60 +1551,144 @@ impl Ctx {
         }
     }
 
-    /// Any other expression: derived from every column it mentions, and
-    /// from every subquery in it (analysed in its own scope).
+    /// Any other expression: derived from its operands (subqueries in it
+    /// analysed in their own scope), and a predicate of the kind its
+    /// operation can answer ([`hazard`]).
     fn generic(&mut self, e: &Expr) -> Lineage {
-        let mut found = TopLevel::default();
+        let l = self.operands(e);
+        if let Some((oracle, why)) = hazard(e) {
+            self.flag(l.clone(), oracle, why);
+        }
+        l
+    }
+
+    /// The lineage of an expression's direct operands, derived.
+    fn operands(&mut self, e: &Expr) -> Lineage {
+        let mut found = Children::new(1);
         let _ = e.visit(&mut found);
+        self.children(found)
+    }
+
+    /// The lineage of the outermost expressions (and queries) in an AST
+    /// node of any type, derived.
+    fn top_level(&mut self, node: &dyn VisitDyn) -> Lineage {
+        let mut found = Children::new(0);
+        node.visit_dyn(&mut found);
+        self.children(found)
+    }
+
+    fn children(&mut self, found: Children) -> Lineage {
         let mut l = Lineage::default();
+        for q in &found.queries {
+            let outs = self.query(q);
+            l.merge(&all_of(&outs));
+        }
         for x in &found.exprs {
-            match x {
-                Expr::Subquery(q)
-                | Expr::Exists { subquery: q, .. }
-                | Expr::InSubquery { subquery: q, .. } => {
-                    let outs = self.query(q);
-                    l.merge(&all_of(&outs));
-                }
-                other => l.merge(&self.expr(other)),
-            }
+            l.merge(&self.expr(x));
         }
         // An operator over a JSON value may move values between keys.
         l.json = None;
         l.at_least(Flow::Derived)
     }
 
-    /// A boolean condition: split at `AND`/`OR`/`NOT`; each leaf is an
-    /// equality test or a search.
+    /// A boolean condition that selects rows (`WHERE`, `ON`, `HAVING`).
     fn predicate(&mut self, e: &Expr) {
+        let _ = self.condition(e, Oracle::Search);
+    }
+
+    /// A boolean condition: split at `AND`/`OR`/`NOT`; each leaf is an
+    /// equality test or a search, recorded as answering `oracle`. Returns
+    /// what the condition reads.
+    fn condition(&mut self, e: &Expr, oracle: Oracle) -> Lineage {
         use sqlparser::ast::BinaryOperator as B;
         match e {
-            Expr::Nested(inner) => self.predicate(inner),
+            Expr::Nested(inner) => self.condition(inner, oracle),
             Expr::UnaryOp {
                 op: UnaryOperator::Not,
                 expr,
-            } => self.predicate(expr),
+            }
+            | Expr::IsTrue(expr)
+            | Expr::IsFalse(expr)
+            | Expr::IsNotTrue(expr)
+            | Expr::IsNotFalse(expr)
+            | Expr::IsUnknown(expr)
+            | Expr::IsNotUnknown(expr) => self.condition(expr, oracle),
             Expr::BinaryOp {
                 left,
                 op: B::And | B::Or,
                 right,
             } => {
-                self.predicate(left);
-                self.predicate(right);
+                let mut l = self.condition(left, oracle);
+                l.merge(&self.condition(right, oracle));
+                l
             }
             Expr::BinaryOp {
                 left,
                 op: B::Eq | B::NotEq,
                 right,
-            } if is_constant(right) || is_constant(left) => {
-                let col = if is_constant(right) { left } else { right };
-                self.leaf(col, "a comparison");
+            }
+            | Expr::IsDistinctFrom(left, right)
+            | Expr::IsNotDistinctFrom(left, right)
+                if is_constant(right) || is_constant(left) =>
+            {
+                let (col, lit) = if is_constant(right) {
+                    (left, right)
+                } else {
+                    (right, left)
+                };
+                let l = self.expr(col);
+                self.equality(l.clone(), &[lit.as_ref()], oracle, "a comparison");
+                l
             }
             Expr::InList { expr, list, .. } if list.iter().all(is_constant) => {
-                self.leaf(expr, "IN");
+                let l = self.expr(expr);
+                let values: Vec<&Expr> = list.iter().collect();
+                self.equality(l.clone(), &values, oracle, "IN");
+                l
             }
-            Expr::IsNull(x) | Expr::IsNotNull(x) => self.leaf(x, "IS NULL"),
+            Expr::AnyOp {
+                left,
+                compare_op: B::Eq,
+                right,
+                ..
+            }
+            | Expr::AllOp {
+                left,
+                compare_op: B::NotEq,
+                right,
+            } if is_constant(right) || matches!(right.as_ref(), Expr::Array(_)) => {
+                let l = self.expr(left);
+                match right.as_ref() {
+                    Expr::Array(a) if a.elem.iter().all(is_constant) => {
+                        let values: Vec<&Expr> = a.elem.iter().collect();
+                        self.equality(l.clone(), &values, oracle, "= ANY");
+                    }
+                    Expr::Array(a) => {
+                        let mut all = l.clone();
+                        for x in &a.elem {
+                            all.merge(&self.expr(x));
+                        }
+                        self.flag(all, oracle, "= ANY");
+                    }
+                    _ => self.flag(
+                        l.clone(),
+                        Oracle::Enumeration,
+                        "= ANY over an array literal or parameter (its number of values is not bounded)",
+                    ),
+                }
+                l
+            }
+            Expr::IsNull(x) | Expr::IsNotNull(x) => {
+                let l = self.expr(x);
+                self.equality(l.clone(), &[], oracle, "IS NULL");
+                l
+            }
             other => {
-                let l = self.expr(other);
+                let l = if is_condition(other) {
+                    self.operands(other)
+                } else {
+                    self.expr(other)
+                };
                 let why = match other {
                     Expr::Like { .. } | Expr::ILike { .. } => "LIKE",
                     Expr::SimilarTo { .. } | Expr::RLike { .. } => "a pattern match",
@@ -1352,28 +1697,45 @@ impl Ctx {
                         op: B::Lt | B::LtEq | B::Gt | B::GtEq,
                         ..
                     } => "a range comparison",
+                    Expr::BinaryOp {
+                        op: B::Eq | B::NotEq,
+                        ..
+                    } => "a comparison with a column or an expression",
                     Expr::BinaryOp { .. } => "an operator",
+                    Expr::InList { .. } => "IN with expressions",
+                    Expr::InSubquery { .. } => "IN (subquery)",
                     _ => "an expression",
                 };
-                self.search(l, why);
+                self.flag(l.clone(), oracle, why);
+                l
             }
         }
     }
 
-    /// One side of an equality test with a constant.
-    fn leaf(&mut self, col: &Expr, why: &'static str) {
-        let l = self.expr(col);
-        if l.is_empty() {
+    /// `lineage` compared for equality with `values` (literals or
+    /// parameters): an equality test when the value compared is the
+    /// column's own (not computed from it), a search otherwise.
+    fn equality(&mut self, lineage: Lineage, values: &[&Expr], oracle: Oracle, why: &'static str) {
+        if lineage.is_empty() {
             return;
         }
-        let direct = l.sources.values().all(|f| *f <= Flow::Preserved);
+        let direct = lineage.sources.values().all(|f| *f <= Flow::Preserved);
+        if !direct {
+            self.flag(lineage, oracle, why);
+            return;
+        }
+        let probes = if self.probes {
+            values.iter().map(|v| probe(v)).collect()
+        } else {
+            Vec::new()
+        };
         self.predicates.push(Predicate {
-            test: if direct {
-                Test::Equality
-            } else {
-                Test::Search(why)
+            test: Test::Equality {
+                values: values.len(),
             },
-            lineage: l,
+            oracle,
+            lineage,
+            probes,
         });
     }
 }
@@ -1383,78 +1745,345 @@ impl Ctx {
 
 /// Visits the expressions of an AST node of any type.
 trait VisitDyn {
-    fn each_expr(&self, f: &mut dyn FnMut(&Expr));
+    fn visit_dyn(&self, v: &mut Children);
 }
 
 impl<T: Visit> VisitDyn for T {
-    fn each_expr(&self, f: &mut dyn FnMut(&Expr)) {
-        let _ = visit_expressions(self, |e| {
-            f(e);
-            ControlFlow::<()>::Continue(())
-        });
+    fn visit_dyn(&self, v: &mut Children) {
+        let _ = self.visit(v);
     }
 }
 
-/// The column references, function calls and subqueries of an expression
-/// that are not inside a subquery (those resolve in the subquery's scope).
-#[derive(Default)]
-struct TopLevel {
+/// The expressions one level below the root (`level` 1 for an expression's
+/// operands, 0 for the outermost expressions of another node), and the
+/// queries at that level that are not expressions (`EXISTS`, `IN`). What is
+/// inside a subquery resolves in the subquery's scope and is not collected.
+struct Children {
+    level: usize,
     depth: usize,
-    /// Inside a function call or subquery already collected.
-    covered: usize,
+    in_query: usize,
     exprs: Vec<Expr>,
+    queries: Vec<Query>,
 }
 
-impl Visitor for TopLevel {
+impl Children {
+    fn new(level: usize) -> Self {
+        Children {
+            level,
+            depth: 0,
+            in_query: 0,
+            exprs: Vec::new(),
+            queries: Vec::new(),
+        }
+    }
+}
+
+impl Visitor for Children {
     type Break = ();
 
-    fn pre_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
-        self.depth += 1;
+    fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
+        if self.in_query == 0 && self.depth == self.level {
+            self.queries.push(q.clone());
+        }
+        self.in_query += 1;
         ControlFlow::Continue(())
     }
 
     fn post_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
-        self.depth -= 1;
+        self.in_query -= 1;
         ControlFlow::Continue(())
     }
 
     fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
-        if self.depth == 0 && self.covered == 0 {
-            match e {
-                Expr::Identifier(_) | Expr::CompoundIdentifier(_) => self.exprs.push(e.clone()),
-                Expr::Function(_)
-                | Expr::Subquery(_)
-                | Expr::Exists { .. }
-                | Expr::InSubquery { .. } => {
-                    self.exprs.push(e.clone());
-                    if let Expr::InSubquery { expr, .. } = e {
-                        self.exprs.push(expr.as_ref().clone());
-                    }
-                    self.covered += 1;
-                    return ControlFlow::Continue(());
-                }
-                _ => {}
-            }
+        if self.in_query == 0 && self.depth == self.level {
+            self.exprs.push(e.clone());
         }
-        if self.covered > 0 && is_covering(e) {
-            self.covered += 1;
-        }
+        self.depth += 1;
         ControlFlow::Continue(())
     }
 
-    fn post_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
-        if self.covered > 0 && is_covering(e) {
-            self.covered -= 1;
-        }
+    fn post_visit_expr(&mut self, _e: &Expr) -> ControlFlow<()> {
+        self.depth -= 1;
         ControlFlow::Continue(())
     }
 }
 
-fn is_covering(e: &Expr) -> bool {
-    matches!(
-        e,
-        Expr::Function(_) | Expr::Subquery(_) | Expr::Exists { .. } | Expr::InSubquery { .. }
+/// The relation of a [`Source`] that is a server parameter (`SHOW x`,
+/// `current_setting('x')`, `version()`, MySQL `@@x`, `@x`): its column is
+/// the parameter's name (`@@name` for a MySQL system variable, `@name` for
+/// a user variable). The policy side decides which are built in (not data,
+/// [`crate::mask::lineage::Relations::builtin_parameter`]).
+pub const PARAMETER: &str = "(server parameter)";
+
+fn parameter(name: &str) -> Lineage {
+    Lineage::from_source(
+        Source {
+            relation: PARAMETER.into(),
+            column: Some(name.to_lowercase()),
+        },
+        Flow::Direct,
     )
+}
+
+/// `version()`, `current_setting('name' [, missing_ok])`: the parameter
+/// read. A name that is not a literal is a parameter of unknown name.
+fn server_parameter(name: &str, f: &Function) -> Option<Lineage> {
+    let FunctionArguments::List(list) = &f.args else {
+        return (name == "version" && matches!(f.args, FunctionArguments::None))
+            .then(|| parameter("server_version"));
+    };
+    match (name, list.args.first()) {
+        ("version", None) => Some(parameter("server_version")),
+        ("current_setting", Some(FunctionArg::Unnamed(FunctionArgExpr::Expr(e))))
+            if list.args.len() <= 2 && f.over.is_none() && f.filter.is_none() =>
+        {
+            match e {
+                Expr::Value(v) => match &v.value {
+                    Value::SingleQuotedString(s) => Some(parameter(s)),
+                    _ => Some(parameter("(expression)")),
+                },
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// Why a value used by a function in `FROM` (or a set-returning one) is
+/// a search: how many rows come back follows it.
+const ROWS_OF_FUNCTION: &str = "a set-returning function (its number of rows follows the value)";
+/// Why a value used as a position, length or count is a search.
+const CONTROL_ARGUMENT: &str =
+    "a value used as a function's position, length, count or key (the call can fail)";
+
+/// Which arguments of a total function are not the value it works on.
+#[derive(Debug, Clone, Copy)]
+enum Control {
+    From(usize),
+    /// `json_build_object(key, value, ...)`: the keys.
+    EvenPositions,
+}
+
+/// What a function can do with a value that reaches it.
+#[derive(Debug, Clone, Copy)]
+enum FunctionKind {
+    /// Never fails on the value it works on, and costs about its length;
+    /// arguments from `control_from` on steer it (a position, a length).
+    Total {
+        control_from: Control,
+    },
+    /// Chooses by comparing: `greatest`, `least`, `min`, `max`.
+    Orders,
+    Coalesce,
+    NullIf,
+    /// Takes a time that follows its arguments.
+    Timing,
+    /// Returns a number of rows that follows its arguments.
+    Rows,
+    /// Anything else: it may fail.
+    Other,
+}
+
+/// Functions (Postgres and MySQL names) by what they can do with a value.
+/// A function not listed is [`FunctionKind::Other`]: it may fail.
+fn function_kind(name: &str) -> FunctionKind {
+    use FunctionKind as K;
+    match name {
+        "upper" | "lower" | "ucase" | "lcase" | "initcap" | "reverse" | "length"
+        | "char_length" | "character_length" | "octet_length" | "bit_length" | "md5" | "ascii"
+        | "concat" | "concat_ws" | "quote_literal" | "quote_ident" | "quote_nullable"
+        | "to_json" | "to_jsonb" | "row_to_json" | "json_build_array" | "jsonb_build_array"
+        | "json_agg" | "jsonb_agg" | "array_agg" | "string_agg" | "group_concat" | "count"
+        | "any_value" | "strpos" | "array_to_string" | "cardinality" | "json_array"
+        | "json_arrayagg" => K::Total {
+            control_from: Control::From(usize::MAX),
+        },
+        "substr" | "substring" | "left" | "right" | "lpad" | "rpad" | "split_part" | "replace"
+        | "translate" | "btrim" | "ltrim" | "rtrim" | "trim" | "mid" => K::Total {
+            control_from: Control::From(1),
+        },
+        "json_build_object" | "jsonb_build_object" | "json_object" => K::Total {
+            control_from: Control::EvenPositions,
+        },
+        "greatest" | "least" | "min" | "max" => K::Orders,
+        "coalesce" | "ifnull" | "nvl" => K::Coalesce,
+        "nullif" => K::NullIf,
+        "pg_sleep" | "pg_sleep_for" | "pg_sleep_until" | "sleep" | "benchmark" | "repeat" => {
+            K::Timing
+        }
+        "generate_series"
+        | "generate_subscripts"
+        | "unnest"
+        | "regexp_matches"
+        | "regexp_split_to_table"
+        | "string_to_table"
+        | "json_array_elements"
+        | "json_array_elements_text"
+        | "jsonb_array_elements"
+        | "jsonb_array_elements_text"
+        | "json_each"
+        | "json_each_text"
+        | "jsonb_each"
+        | "jsonb_each_text"
+        | "json_object_keys"
+        | "jsonb_object_keys"
+        | "jsonb_path_query"
+        | "json_populate_recordset"
+        | "jsonb_populate_recordset"
+        | "json_to_recordset"
+        | "jsonb_to_recordset"
+        | "json_table" => K::Rows,
+        _ => K::Other,
+    }
+}
+
+/// Whether an expression is a condition (its value is a truth value
+/// computed by comparing).
+fn is_condition(e: &Expr) -> bool {
+    use sqlparser::ast::BinaryOperator as B;
+    match e {
+        Expr::BinaryOp { op, .. } => matches!(
+            op,
+            B::Eq
+                | B::NotEq
+                | B::Lt
+                | B::LtEq
+                | B::Gt
+                | B::GtEq
+                | B::Spaceship
+                | B::And
+                | B::Or
+                | B::Xor
+                | B::Match
+                | B::Regexp
+                | B::Glob
+                | B::PGOverlap
+                | B::PGRegexMatch
+                | B::PGRegexIMatch
+                | B::PGRegexNotMatch
+                | B::PGRegexNotIMatch
+                | B::PGLikeMatch
+                | B::PGILikeMatch
+                | B::PGNotLikeMatch
+                | B::PGNotILikeMatch
+                | B::PGStartsWith
+                | B::AtAt
+                | B::AtArrow
+                | B::ArrowAt
+        ),
+        Expr::UnaryOp {
+            op: UnaryOperator::Not,
+            ..
+        } => true,
+        Expr::IsFalse(_)
+        | Expr::IsNotFalse(_)
+        | Expr::IsTrue(_)
+        | Expr::IsNotTrue(_)
+        | Expr::IsNull(_)
+        | Expr::IsNotNull(_)
+        | Expr::IsUnknown(_)
+        | Expr::IsNotUnknown(_)
+        | Expr::IsDistinctFrom(..)
+        | Expr::IsNotDistinctFrom(..)
+        | Expr::IsJson { .. }
+        | Expr::IsNormalized { .. }
+        | Expr::InList { .. }
+        | Expr::InSubquery { .. }
+        | Expr::InUnnest { .. }
+        | Expr::Between { .. }
+        | Expr::Like { .. }
+        | Expr::ILike { .. }
+        | Expr::SimilarTo { .. }
+        | Expr::RLike { .. }
+        | Expr::AnyOp { .. }
+        | Expr::AllOp { .. }
+        | Expr::Exists { .. }
+        | Expr::MatchAgainst { .. }
+        | Expr::MemberOf(_) => true,
+        _ => false,
+    }
+}
+
+/// What an operation (not a function call or a condition) can answer about
+/// its operands: arithmetic and casts can fail; concatenation, JSON field
+/// access, arrays, rows, `SUBSTRING`, `TRIM`, `POSITION` and casts to text
+/// types cannot. An operation not listed may fail.
+fn hazard(e: &Expr) -> Option<(Oracle, &'static str)> {
+    use sqlparser::ast::BinaryOperator as B;
+    const ARITHMETIC: &str = "arithmetic (it can fail: division by zero, overflow)";
+    match e {
+        Expr::BinaryOp { op, .. } => match op {
+            B::StringConcat | B::Arrow | B::LongArrow | B::HashArrow | B::HashLongArrow => None,
+            B::Plus
+            | B::Minus
+            | B::Multiply
+            | B::Divide
+            | B::Modulo
+            | B::DuckIntegerDivide
+            | B::MyIntegerDivide
+            | B::PGExp => Some((Oracle::Error, ARITHMETIC)),
+            _ => Some((Oracle::Error, "an operator that can fail")),
+        },
+        Expr::UnaryOp {
+            op: UnaryOperator::Plus,
+            ..
+        }
+        | Expr::Nested(_)
+        | Expr::Collate { .. }
+        | Expr::Array(_)
+        | Expr::Tuple(_)
+        | Expr::Trim { .. }
+        | Expr::Position { .. }
+        | Expr::CompoundFieldAccess { .. }
+        | Expr::JsonAccess { .. }
+        | Expr::Value(_)
+        | Expr::TypedString(_)
+        | Expr::Identifier(_)
+        | Expr::CompoundIdentifier(_)
+        | Expr::Interval(_)
+        | Expr::Named { .. } => None,
+        Expr::UnaryOp { .. } => Some((Oracle::Error, ARITHMETIC)),
+        Expr::Cast { data_type, .. } if is_text_like(data_type) => None,
+        Expr::Cast { .. } | Expr::Convert { .. } => Some((Oracle::Error, "a cast (it can fail)")),
+        _ => Some((Oracle::Error, "an expression that can fail")),
+    }
+}
+
+/// A text type, bounded or not: a cast to it never fails.
+fn is_text_like(t: &DataType) -> bool {
+    match t {
+        DataType::Text
+        | DataType::Varchar(_)
+        | DataType::CharacterVarying(_)
+        | DataType::CharVarying(_)
+        | DataType::Char(_)
+        | DataType::Character(_)
+        | DataType::String(_)
+        | DataType::Nvarchar(_) => true,
+        DataType::Custom(name, _) => {
+            matches!(last_part(name).as_str(), "name" | "bpchar" | "citext")
+        }
+        _ => false,
+    }
+}
+
+/// The value a constant stands for.
+fn probe(e: &Expr) -> Probe {
+    match e {
+        Expr::Value(v) => match &v.value {
+            Value::Placeholder(p) => p
+                .strip_prefix('$')
+                .and_then(|n| n.parse().ok())
+                .map_or_else(|| Probe::Other(p.clone()), Probe::Param),
+            Value::Number(n, _) => Probe::Literal(n.clone()),
+            other => other
+                .clone()
+                .into_string()
+                .map_or_else(|| Probe::Other(other.to_string()), Probe::Literal),
+        },
+        Expr::Cast { expr, .. } | Expr::Nested(expr) => probe(expr),
+        other => Probe::Other(other.to_string()),
+    }
 }
 
 fn ident(i: &Ident) -> String {
@@ -1658,7 +2287,7 @@ mod tests {
                         .collect::<Vec<_>>()
                         .join(" ")
                 )),
-                Test::Equality => None,
+                Test::Equality { .. } => None,
             })
             .collect()
     }
@@ -1804,8 +2433,161 @@ mod tests {
         );
         assert_eq!(
             searches("SELECT o.id FROM orders o JOIN customers c ON c.ssn = o.ssn"),
-            ["an operator: customers.ssn orders.ssn"]
+            ["a comparison with a column or an expression: customers.ssn orders.ssn"]
         );
+    }
+
+    /// The oracle class of every predicate that reads `ssn`: `E<n>` for an
+    /// equality test with n values, else the class.
+    fn oracles(sql: &str) -> Vec<String> {
+        one(sql)
+            .predicates
+            .iter()
+            .filter(|p| {
+                p.lineage
+                    .sources
+                    .keys()
+                    .any(|s| s.column.as_deref() == Some("ssn"))
+            })
+            .map(|p| match p.test {
+                Test::Equality { values } => format!("E{values}"),
+                Test::Search(_) => p.oracle.as_str().to_owned(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_value_that_steers_control_flow_is_a_predicate_wherever_it_is() {
+        for (sql, want) in [
+            // Conditions in the select list, CASE, FILTER, NULLIF, COALESCE.
+            (
+                "SELECT CASE WHEN substr(ssn, 1, 1) = '1' THEN 1 END FROM customers",
+                &["conditional"][..],
+            ),
+            (
+                "SELECT CASE WHEN ssn = '123-45-6789' THEN 1 END FROM customers",
+                &["E1"],
+            ),
+            (
+                "SELECT CASE ssn WHEN 'a' THEN 1 WHEN 'b' THEN 2 END FROM customers",
+                &["E2"],
+            ),
+            ("SELECT ssn LIKE '1%' FROM customers", &["conditional"]),
+            (
+                "SELECT count(*) FILTER (WHERE ssn > '5') FROM customers",
+                &["conditional"],
+            ),
+            ("SELECT nullif(ssn, 'x') FROM customers", &["E1"]),
+            ("SELECT nullif(ssn, name) FROM customers", &["conditional"]),
+            ("SELECT coalesce(ssn, 'x') FROM customers", &["E0"]),
+            ("SELECT greatest(ssn, '5') FROM customers", &["conditional"]),
+            ("SELECT max(ssn) FROM customers", &["conditional"]),
+            (
+                "SELECT first_value(id) OVER (PARTITION BY ssn) FROM customers",
+                &["conditional"],
+            ),
+            // Failing operations: arithmetic, casts, raising functions.
+            (
+                "SELECT 1 / (ascii(ssn) - 49) FROM customers",
+                &["error", "error"],
+            ),
+            ("SELECT ssn::int FROM customers", &["error"]),
+            (
+                "SELECT chr(ascii(substr(ssn, 12, 1))) FROM customers",
+                &["error"],
+            ),
+            (
+                "SELECT substr('abc', length(ssn)) FROM customers",
+                &["error"],
+            ),
+            (
+                "SELECT json_build_object(ssn, 1) FROM customers",
+                &["error"],
+            ),
+            // Timing and row counts.
+            ("SELECT pg_sleep(length(ssn)) FROM customers", &["timing"]),
+            ("SELECT md5(repeat(ssn, 1000)) FROM customers", &["timing"]),
+            (
+                "SELECT count(*) FROM customers c, generate_series(1, ascii(c.ssn))",
+                &["row-count"],
+            ),
+            (
+                "SELECT regexp_matches(ssn, '1', 'g') FROM customers",
+                &["row-count"],
+            ),
+            // Set operations and DISTINCT compare rows.
+            (
+                "SELECT ssn FROM customers INTERSECT SELECT 'x'",
+                &["search"],
+            ),
+            ("SELECT DISTINCT ssn FROM customers", &["search"]),
+            ("SELECT count(DISTINCT ssn) FROM customers", &["search"]),
+            // Enumeration: counted values, unbounded arrays.
+            (
+                "SELECT id FROM customers WHERE ssn IN ('a', 'b', 'c')",
+                &["E3"],
+            ),
+            (
+                "SELECT id FROM customers WHERE ssn = ANY(ARRAY['a', 'b'])",
+                &["E2"],
+            ),
+            (
+                "SELECT id FROM customers WHERE ssn = ANY('{a,b}')",
+                &["enumeration"],
+            ),
+            (
+                "SELECT id FROM customers WHERE ssn = ANY($1)",
+                &["enumeration"],
+            ),
+            (
+                "SELECT id FROM customers WHERE ssn = 'a' OR ssn = 'b'",
+                &["E1", "E1"],
+            ),
+            // Joins against values or other tables are searches.
+            (
+                "SELECT c.id FROM customers c JOIN (VALUES ('a')) v(x) ON c.ssn = v.x",
+                &["search"],
+            ),
+            (
+                "SELECT id FROM customers WHERE ssn IN (SELECT x FROM probes)",
+                &["search"],
+            ),
+        ] {
+            assert_eq!(oracles(sql), want, "{sql}");
+        }
+        // What cannot fail, choose or take longer is not a predicate.
+        for sql in [
+            "SELECT reverse(ssn), upper(ssn), md5(ssn), length(ssn) FROM customers",
+            "SELECT substr(ssn, 1, 3), left(ssn, 2), replace(ssn, '-', '') FROM customers",
+            "SELECT ssn || 'x', ssn::text, ssn::varchar(3), row_to_json(c) FROM customers c",
+            "SELECT string_agg(ssn, ',') FROM customers",
+            "SELECT ssn FROM customers UNION ALL SELECT 'x'",
+            "SELECT json_build_object('s', ssn) FROM customers",
+        ] {
+            assert!(oracles(sql).is_empty(), "{sql}: {:?}", oracles(sql));
+        }
+    }
+
+    #[test]
+    fn probes_are_read_only_when_asked_for() {
+        let sql =
+            "SELECT id FROM customers WHERE ssn IN ('123-45-6789', $2) OR nullif(ssn, 'z') IS NULL";
+        let cached = one(sql);
+        assert!(cached.predicates.iter().all(|p| p.probes.is_empty()));
+        let fresh = lineage_with_probes(sql, Dialect::Postgres)
+            .unwrap()
+            .remove(0);
+        let probes: Vec<&Probe> = fresh.predicates.iter().flat_map(|p| &p.probes).collect();
+        assert_eq!(
+            probes,
+            [
+                &Probe::Literal("123-45-6789".into()),
+                &Probe::Param(2),
+                &Probe::Literal("z".into())
+            ]
+        );
+        // Same predicates, same order.
+        assert_eq!(cached.predicates.len(), fresh.predicates.len());
     }
 
     #[test]

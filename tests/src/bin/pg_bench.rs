@@ -34,10 +34,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agentgate::protocol::postgres::{
-    codec::{DataRow, FieldDescription, RowDescription},
-    mask::{MaskReport, RowPlan, Scratch, Unmaskable, oid},
-    proxy::Masker,
+use agentgate::{
+    mask::Masker,
+    protocol::postgres::{
+        codec::{DataRow, FieldDescription, RowDescription},
+        mask::{MaskReport, RowPlan, Scratch, Unmaskable, oid},
+    },
 };
 use agentgate_e2e::{
     DaemonOptions, Env, Proc,

@@ -67,46 +67,7 @@ pub mod oid {
     ];
 }
 
-/// The policy side of masking. `Strategy` is the policy's own strategy type
-/// (e.g. `crate::mask::Strategy`); this module only passes it back.
-pub trait RowMasker {
-    type Strategy: Copy;
-
-    /// The strategy for a column, if a rule names it. `table` is `None` for a
-    /// computed column (no table OID).
-    fn column_strategy(&self, table: Option<&str>, column: &str) -> Option<Self::Strategy>;
-
-    /// Whether value detectors are configured (if not, columns without a rule are
-    /// not looked at).
-    fn has_detectors(&self) -> bool;
-
-    /// The text `strategy` puts in place of any value, if it does not depend
-    /// on the value (a redaction): such columns skip [`Self::mask_text`].
-    fn fixed_text(&self, _strategy: Self::Strategy) -> Option<&'static str> {
-        None
-    }
-
-    /// Mask `value`: with `strategy` for a rule column, and/or by detectors. On
-    /// [`MaskResult::Masked`] the replacement is in `out` (cleared by the caller).
-    fn mask_text(
-        &self,
-        value: &str,
-        strategy: Option<Self::Strategy>,
-        out: &mut String,
-    ) -> MaskResult;
-}
-
-/// What [`RowMasker::mask_text`] did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MaskResult {
-    Unchanged,
-    /// Replacement written to `out`; detector names that fired (empty for a rule).
-    Masked {
-        detectors: Vec<&'static str>,
-    },
-    /// The value cannot be masked: the row must not be sent.
-    Refuse,
-}
+pub use crate::mask::{MaskResult, RowMasker};
 
 /// What to do with a binary value whose type cannot carry masked text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

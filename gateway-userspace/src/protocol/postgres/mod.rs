@@ -42,15 +42,86 @@
 pub mod cancel;
 pub mod catalog;
 pub mod codec;
+pub mod config;
 pub mod error;
 pub mod mask;
 pub mod proxy;
 pub mod session;
 mod upstream;
 
-use bytes::Bytes;
+use std::sync::Arc;
 
+use bytes::Bytes;
 use codec::Authentication;
+use tokio::net::TcpStream;
+
+use super::{Attributed, BoxFuture, Handler, HandlerError, Registration, Services};
+use crate::policy::Protocol;
+
+/// The Postgres handler's place in [`super::REGISTRY`].
+pub const REGISTRATION: Registration = Registration {
+    protocol: Protocol::Postgres,
+    section: "postgres",
+    check: config::check,
+    build: |section| {
+        let c = match section {
+            None => config::PostgresConfig::default(),
+            Some(v) => v.clone().try_into().map_err(|e| e.to_string())?,
+        };
+        c.validate()?;
+        Ok(Arc::new(Postgres {
+            config: c,
+            cancel_keys: proxy::CancelKeys::default(),
+        }))
+    },
+};
+
+/// The handler: its section and its state (the cancel keys of every live
+/// Postgres session of the daemon).
+pub struct Postgres {
+    config: config::PostgresConfig,
+    cancel_keys: proxy::CancelKeys,
+}
+
+impl Handler for Postgres {
+    fn serve(
+        &self,
+        client: TcpStream,
+        conn: Attributed,
+        services: Services,
+    ) -> BoxFuture<'_, Result<(), HandlerError>> {
+        let ctx = proxy::PgContext {
+            conn: conn.conn,
+            subject: conn.subject,
+            resource: conn.resource,
+            policy: services.policy,
+            approvals: services.approvals,
+            audit: services.audit,
+            correlation_key: services.correlation_key,
+            settings: proxy::PgSettings::from_config(
+                &self.config,
+                services.upstream_connect_timeout,
+            ),
+            cancel_keys: self.cancel_keys.clone(),
+            sql_cache: services.sql_cache,
+            probes: services.probes,
+        };
+        Box::pin(async move { proxy::serve(client, ctx).await.map_err(Into::into) })
+    }
+
+    fn refuse<'a>(
+        &'a self,
+        client: TcpStream,
+        rule: &'a str,
+        reason: &'a str,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            if let Err(e) = proxy::refuse(client, rule, reason).await {
+                tracing::debug!(error = %e, "refusal not delivered");
+            }
+        })
+    }
+}
 
 /// Remove channel-binding SASL mechanisms (`*-PLUS`) from an
 /// `AuthenticationSASL` before it reaches the client. Returns whether a usable

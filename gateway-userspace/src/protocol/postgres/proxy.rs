@@ -111,6 +111,7 @@ use tokio::{
 };
 
 use super::cancel::{CancelKeyGuard, Issued};
+use super::config::{PostgresConfig, UnmaskableBinary};
 pub use super::{cancel::CancelKeys, error::PgProxyError};
 use super::{
     catalog::{self, Catalog, CopyOut, TableName},
@@ -118,21 +119,20 @@ use super::{
         self, Authentication, BackendMessage, ErrorFields, FrontendMessage, Limits, RowDescription,
         StartupPacket, TxStatus,
     },
-    mask::{CopyPlan, MaskError, MaskReport, MaskResult, RowMasker, RowPlan, Scratch, Unmaskable},
+    mask::{CopyPlan, MaskError, MaskReport, RowPlan, Scratch, Unmaskable},
     session::{self, BackendAction, Disposition, Session},
     strip_channel_binding, upstream,
 };
 use crate::{
     approval::Broker,
     audit::{Kind, NewRecord},
-    config::{PostgresConfig, UnmaskableBinary},
+    connection::LiveConnection,
     gate::{
         self, AuditSink, AuditUnavailable, Covered, Denial, DenialKind, Gate, ResultRecord,
         truncate_chars,
     },
-    mask::{MaskPolicy, Strategy, lineage},
+    mask::{ColumnStrategy, MaskPolicy, Masker, ProbeBudget, ResultMasks, lineage},
     policy::{Action, Decision, PolicySet, PolicyStore, Resource, Subject, Verdict},
-    proxy::LiveConnection,
     sql::{
         Analysis, AnalysisCache, Classification, Dialect, MAX_CACHED_LEN, StatementClass,
         lineage as lineage_sql,
@@ -226,6 +226,9 @@ pub struct PgContext {
     pub cancel_keys: CancelKeys,
     /// Statement analyses by shape, shared by every connection.
     pub sql_cache: Arc<AnalysisCache>,
+    /// Equality probes on protected columns, per identity (shared by every
+    /// connection, whatever its protocol).
+    pub probes: Arc<ProbeBudget>,
 }
 
 // ---------------------------------------------------------------------------
@@ -553,6 +556,9 @@ struct Pg<'a> {
     cur: Running,
     /// The latest `Bind`'s parameters, counted (never the values), by portal.
     last_bind: Option<(Bytes, Value)>,
+    /// The latest `Bind`'s parameter bytes, by portal: the equality budget
+    /// counts the values a prepared statement compares (never recorded).
+    last_bind_values: Option<(Bytes, Vec<Option<Bytes>>)>,
     statements: u64,
     user: String,
     database: String,
@@ -577,107 +583,28 @@ struct Plan {
     json: Vec<Arc<lineage::JsonMask>>,
 }
 
-/// How one result column is masked: a strategy for the whole value, or a
-/// JSON value's protected fields masked inside it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ColumnStrategy {
-    Value(Strategy),
-    /// An index into [`Masker::json`].
-    Json(usize),
-}
-
-/// The masking policy as the row masker sees it (public so benchmarks measure
-/// exactly this adapter).
-pub struct Masker<'m> {
-    pub policy: &'m MaskPolicy,
-    pub json: &'m [Arc<lineage::JsonMask>],
-}
-
-impl<'m> Masker<'m> {
-    pub fn new(policy: &'m MaskPolicy) -> Self {
-        Masker { policy, json: &[] }
-    }
-}
-
-impl RowMasker for Masker<'_> {
-    type Strategy = ColumnStrategy;
-
-    fn column_strategy(&self, table: Option<&str>, column: &str) -> Option<ColumnStrategy> {
-        self.policy
-            .column_rule(table, column)
-            .map(ColumnStrategy::Value)
-    }
-
-    fn has_detectors(&self) -> bool {
-        self.policy.detectors_enabled()
-    }
-
-    fn fixed_text(&self, strategy: ColumnStrategy) -> Option<&'static str> {
-        match strategy {
-            ColumnStrategy::Value(s) => self.policy.fixed_replacement(s),
-            ColumnStrategy::Json(_) => None,
-        }
-    }
-
-    fn mask_text(
-        &self,
-        value: &str,
-        strategy: Option<ColumnStrategy>,
-        out: &mut String,
-    ) -> MaskResult {
-        let strategy = match strategy {
-            Some(ColumnStrategy::Json(i)) => {
-                let Some(mask) = self.json.get(i) else {
-                    return MaskResult::Refuse;
-                };
-                let mut fields = String::new();
-                if !mask.apply(self.policy, value, &mut fields) {
-                    return self.mask_text(value, None, out);
-                }
-                // Then the detectors, over what is left.
-                let detectors = self
-                    .policy
-                    .mask_value_into(&fields, None, out)
-                    .unwrap_or_else(|| {
-                        out.push_str(&fields);
-                        Vec::new()
-                    });
-                return MaskResult::Masked { detectors };
-            }
-            Some(ColumnStrategy::Value(s)) => Some(s),
-            None => None,
-        };
-        match self.policy.mask_value_into(value, strategy, out) {
-            Some(detectors) => MaskResult::Masked { detectors },
-            None => MaskResult::Unchanged,
-        }
-    }
-}
-
 /// An error or notice about a statement that reads a protected column:
-/// severity, SQLSTATE, position and the names of the objects involved are
-/// kept; the message, detail, hint and context, which may quote a value, are
-/// replaced.
+/// severity and the names of the objects involved are kept; the SQLSTATE
+/// is reduced to its class ([`lineage::withheld_sqlstate`]); the message,
+/// detail, hint, context and position, which may quote or point at a value,
+/// are replaced or dropped.
 fn withheld(f: &ErrorFields) -> ErrorFields {
     let code = f
         .sqlstate()
         .map(|s| String::from_utf8_lossy(s).into_owned())
         .unwrap_or_default();
+    let code = lineage::withheld_sqlstate(&code);
     let mut fields: Vec<(u8, Bytes)> = f
         .fields
         .iter()
-        .filter(|(k, _)| {
-            matches!(
-                k,
-                b'S' | b'V' | b'C' | b'P' | b's' | b't' | b'c' | b'd' | b'n'
-            )
-        })
+        .filter(|(k, _)| matches!(k, b'S' | b'V' | b's' | b't' | b'c' | b'd' | b'n'))
         .cloned()
         .collect();
+    fields.push((b'C', Bytes::from(code.clone())));
     fields.push((
         b'M',
         Bytes::from(format!(
-            "agentgate: the server's message (SQLSTATE {code}) is withheld: the statement reads a protected column, and the message may quote its value"
+            "agentgate: the server's error (SQLSTATE class {code}) is withheld: the statement reads a protected column, and the error may depend on or quote its value"
         )),
     ));
     ErrorFields { fields }
@@ -720,6 +647,7 @@ impl<'a> Pg<'a> {
             scratch: Scratch::default(),
             cur: Running::new(),
             last_bind: None,
+            last_bind_values: None,
             statements: 0,
             user: param("user").unwrap_or_default(),
             database: param("database")
@@ -1317,33 +1245,19 @@ impl<'a> Pg<'a> {
             None => Some(&s.outputs),
         });
         let functions = stmt.map_or(&[][..], |s| s.functions.as_slice());
-        let masks = lineage::plan(policy, &self.catalog, outputs, functions, &fields);
-        let mut json = Vec::new();
-        let strategies: Vec<Option<ColumnStrategy>> = masks
-            .iter()
-            .map(|m| match m {
-                lineage::ColumnMask::Json(j) => {
-                    json.push(Arc::clone(j));
-                    Some(ColumnStrategy::Json(json.len() - 1))
-                }
-                m => m.strategy().map(ColumnStrategy::Value),
-            })
-            .collect();
-        let decided: Vec<Value> = masks
-            .iter()
-            .zip(&desc.fields)
-            .filter_map(|(m, f)| {
-                m.label()
-                    .map(|l| json!({"column": String::from_utf8_lossy(&f.name), "lineage": l}))
-            })
-            .collect();
-        let plan =
-            RowPlan::with_strategies(desc, &masker, &strategies, self.ctx.settings.unmaskable);
+        let masks = ResultMasks::plan(policy, &self.catalog, outputs, functions, &fields);
+        let decided = masks.record(|i| String::from_utf8_lossy(&desc.fields[i].name).into_owned());
+        let plan = RowPlan::with_strategies(
+            desc,
+            &masker,
+            &masks.strategies,
+            self.ctx.settings.unmaskable,
+        );
         self.plan = Some(Plan {
             desc: desc.clone(),
             rows: plan,
-            lineage: (!decided.is_empty()).then(|| json!(decided)),
-            json,
+            lineage: decided,
+            json: masks.json,
         });
         Ok(())
     }
@@ -1368,28 +1282,46 @@ impl<'a> Pg<'a> {
     }
 
     /// A statement the masking policy refuses: it searches a protected
-    /// column beyond its rule's `predicates`, copies one into a table, or
-    /// computes from one whose rule says `derived = "deny"`.
-    fn lineage_refusal(&self, analysis: &Analysis) -> Option<lineage::Refusal> {
+    /// column beyond its rule's `predicates` (any oracle but a bounded
+    /// equality test), passes the identity's equality budget, copies a
+    /// protected column into a table, or computes from one whose rule says
+    /// `derived = "deny"`.
+    fn lineage_refusal(
+        &self,
+        sql: &Bytes,
+        analysis: &Analysis,
+        params: &lineage::Params<'_>,
+    ) -> Option<lineage::Refusal> {
         let policy = self.set.masking_for(&self.ctx.resource);
         if policy.columns().is_empty() {
             return None;
         }
         let statements = analysis.lineage.as_ref()?;
-        statements
-            .iter()
-            .find_map(|s| lineage::check(policy, &self.catalog, s).err())
+        lineage::admit(
+            policy,
+            &self.catalog,
+            &self.ctx.probes,
+            &self.ctx.subject.identity,
+            &self.ctx.resource.name,
+            &String::from_utf8_lossy(sql),
+            Dialect::Postgres,
+            statements,
+            params,
+        )
+        .err()
     }
 
     /// Denies a statement the masking policy refuses, naming the rule, the
-    /// column and why. `true`: denied.
+    /// column, the oracle and why (never a value). `true`: denied.
     async fn refuse_by_lineage(
         &mut self,
         m: &FrontendMessage,
+        sql: &Bytes,
         analysis: &Analysis,
+        params: &lineage::Params<'_>,
         stmt: &mut Option<StmtRecord>,
     ) -> bool {
-        let Some(r) = self.lineage_refusal(analysis) else {
+        let Some(r) = self.lineage_refusal(sql, analysis, params) else {
             return false;
         };
         let reason = format!("{} ({})", r.reason, r.column);
@@ -1399,7 +1331,10 @@ impl<'a> Pg<'a> {
             },
             rule: r.rule.clone(),
         };
-        if let Some(stmt) = stmt.take() {
+        if let Some(mut stmt) = stmt.take() {
+            if let Some(o) = r.oracle {
+                stmt.action["masking_refusal"] = json!({"oracle": o.as_str(), "column": r.column});
+            }
             self.gate.deny(stmt.command("", false), &decision).await;
         }
         self.deny_with(
@@ -1565,6 +1500,7 @@ impl<'a> Pg<'a> {
             Disposition::Discard => Ok(()),
             Disposition::Forward => {
                 if let FrontendMessage::Bind(b) = &m {
+                    self.last_bind_values = Some((b.portal.clone(), b.params.clone()));
                     self.last_bind = Some((
                         b.portal.clone(),
                         json!({
@@ -1696,16 +1632,23 @@ impl<'a> Pg<'a> {
             }
         }
         let mut stmt = Some(stmt);
-        if self.refuse_by_lineage(&m, &analysis, &mut stmt).await {
+        if self
+            .refuse_by_lineage(&m, &sql, &analysis, &lineage::Params::NotBound, &mut stmt)
+            .await
+        {
             return Ok(());
         }
         let stmt = stmt.expect("not taken unless refused");
         self.remember_analysis(&sql, &analysis);
         self.remember_cursors(&analysis);
         let read_only = classification.class <= StatementClass::Read;
-        let decision = self.gate.decide(&self.set, &Action::Sql(classification));
+        let action = Action::Sql(classification);
+        let decision = self.gate.decide(&self.set, &action);
         let command = stmt.command(&analysis.redacted, !read_only);
-        let outcome = self.gate.admit(command, &decision, None).await;
+        let outcome = self
+            .gate
+            .admit_action(command, &decision, None, &action)
+            .await;
         self.carry_out(m, outcome);
         Ok(())
     }
@@ -1805,14 +1748,31 @@ impl<'a> Pg<'a> {
         };
         self.set = self.ctx.policy.current();
         let mut stmt = Some(stmt);
-        if self.refuse_by_lineage(&m, &analysis, &mut stmt).await {
+        let values = match self.last_bind_values.take() {
+            Some((p, values)) if p == *portal => values,
+            _ => Vec::new(),
+        };
+        let param = |n: usize| -> Option<Vec<u8>> {
+            values.get(n.checked_sub(1)?).map(|v| {
+                v.as_ref()
+                    .map_or_else(|| b"\0null".to_vec(), |b| b.to_vec())
+            })
+        };
+        if self
+            .refuse_by_lineage(
+                &m,
+                &sql,
+                &analysis,
+                &lineage::Params::Bound(&param),
+                &mut stmt,
+            )
+            .await
+        {
             return Ok(());
         }
         let stmt = stmt.expect("not taken unless refused");
-        let decision = self.gate.decide(
-            &self.set,
-            &Action::Sql(Arc::clone(&analysis.classification)),
-        );
+        let action = Action::Sql(Arc::clone(&analysis.classification));
+        let decision = self.gate.decide(&self.set, &action);
         let covered = statement
             .as_ref()
             .is_some_and(|name| self.approved_parse.remove(name))
@@ -1821,7 +1781,10 @@ impl<'a> Pg<'a> {
             });
         let read_only = class <= StatementClass::Read;
         let command = stmt.command(&analysis.redacted, !read_only);
-        let outcome = self.gate.admit(command, &decision, covered).await;
+        let outcome = self
+            .gate
+            .admit_action(command, &decision, covered, &action)
+            .await;
         self.carry_out(m, outcome);
         Ok(())
     }
@@ -2231,6 +2194,7 @@ timeout = "30s"
             correlation_key: [7; 32],
             cancel_keys: CancelKeys::default(),
             sql_cache: Arc::default(),
+            probes: Arc::default(),
             settings: PgSettings::default(),
         }
     }

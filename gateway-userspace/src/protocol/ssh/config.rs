@@ -121,3 +121,13 @@ impl SshConfig {
         })
     }
 }
+
+/// Checks `[proxy.ssh]` in a whole config text (errors with line and column).
+pub fn check(text: &str) -> Result<(), String> {
+    let c = super::super::section::<SshConfig>(text, "ssh")
+        .map_err(|e| format!("[proxy.ssh]: {}", e.to_string().trim_end()))?;
+    if let Some(c) = c {
+        c.validate().map_err(|e| format!("[proxy.ssh]: {e}"))?;
+    }
+    Ok(())
+}

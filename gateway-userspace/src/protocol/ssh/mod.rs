@@ -21,16 +21,30 @@ pub mod config;
 pub mod keys;
 pub mod proxy;
 
-use std::{
-    path::PathBuf,
-    sync::{Arc, Mutex},
-};
+use std::sync::{Arc, Mutex};
 
 use tokio::net::TcpStream;
 
-use crate::{
-    policy::{PolicySet, Protocol, Resource, Subject},
-    proxy::LiveConnection,
+use super::{Attributed, BoxFuture, Handler, HandlerError, Registration, Services};
+use crate::policy::{PolicySet, Protocol};
+
+/// The SSH handler's place in [`super::REGISTRY`].
+pub const REGISTRATION: Registration = Registration {
+    protocol: Protocol::Ssh,
+    section: "ssh",
+    check: config::check,
+    build: |section| {
+        let c: config::SshConfig = match section {
+            None => config::SshConfig::default(),
+            Some(v) => v.clone().try_into().map_err(|e| e.to_string())?,
+        };
+        c.validate()?;
+        Ok(Arc::new(Ssh {
+            config: Arc::new(c),
+            keys: Mutex::new(None),
+            known_hosts: Mutex::new(Vec::new()),
+        }))
+    },
 };
 
 /// The handler: its section, its keys (loaded, or created, at the first
@@ -42,15 +56,6 @@ pub struct Ssh {
 }
 
 impl Ssh {
-    /// From a validated `[proxy.ssh]`.
-    pub fn new(config: config::SshConfig) -> Self {
-        Self {
-            config: Arc::new(config),
-            keys: Mutex::new(None),
-            known_hosts: Mutex::new(Vec::new()),
-        }
-    }
-
     fn keys(&self) -> Result<Arc<proxy::ProxyKeys>, keys::KeyError> {
         let mut k = self.keys.lock().expect("keys lock");
         if let Some(k) = &*k {
@@ -107,28 +112,39 @@ impl Ssh {
             Err(e) => tracing::error!(error = %e, "cannot write the SSH known_hosts block"),
         }
     }
+}
 
-    /// Serves one agent connection to an SSH resource.
-    pub async fn serve(
+impl Handler for Ssh {
+    fn serve(
         &self,
         client: TcpStream,
-        conn: Arc<LiveConnection>,
-        subject: Subject,
-        resource: Resource,
-        services: proxy::SshServices,
-        audit_dir: PathBuf,
-    ) -> Result<(), proxy::SshError> {
-        let keys = self.keys()?;
-        self.refresh_known_hosts(&keys, &services.policy.current());
-        let ctx = proxy::SshContext {
-            conn,
-            subject,
-            resource,
-            audit_dir,
-            services,
-            config: self.config.clone(),
-            keys,
-        };
-        proxy::serve(client, ctx).await
+        conn: Attributed,
+        services: Services,
+    ) -> BoxFuture<'_, Result<(), HandlerError>> {
+        Box::pin(async move {
+            let keys = self.keys()?;
+            self.refresh_known_hosts(&keys, &services.policy.current());
+            let ctx = proxy::SshContext {
+                conn: conn.conn,
+                subject: conn.subject,
+                resource: conn.resource,
+                audit_dir: services.audit_dir.clone(),
+                services,
+                config: self.config.clone(),
+                keys,
+            };
+            proxy::serve(client, ctx).await.map_err(Into::into)
+        })
+    }
+
+    fn refuse<'a>(
+        &'a self,
+        client: TcpStream,
+        _rule: &'a str,
+        _reason: &'a str,
+    ) -> BoxFuture<'a, ()> {
+        // SSH has no message before key exchange that a client shows; the
+        // refusal is on record, the socket is closed.
+        Box::pin(async move { drop(client) })
     }
 }

@@ -45,12 +45,11 @@ use super::{
     keys,
 };
 use crate::{
-    approval::Broker,
     audit::Kind,
-    gate::{AuditSink, Command, Denial, DenialKind, Gate, Outcome, ResultRecord},
+    connection::{LiveConnection, Services},
+    gate::{Command, Denial, DenialKind, Gate, Outcome, ResultRecord},
     mask::MaskPolicy,
-    policy::{Action, PolicySet, PolicyStore, Resource, Subject},
-    proxy::LiveConnection,
+    policy::{Action, PolicySet, Resource, Subject},
     recording::{Chunk, Header, Recorder},
 };
 
@@ -77,23 +76,12 @@ pub struct ProxyKeys {
     pub host_key: PrivateKey,
 }
 
-/// The daemon's services the handler uses.
-#[derive(Clone)]
-pub struct SshServices {
-    pub policy: Arc<PolicyStore>,
-    pub approvals: Broker,
-    pub audit: Arc<dyn AuditSink>,
-    /// Key of the keyed hashes that correlate commands.
-    pub correlation_key: [u8; 32],
-    pub upstream_connect_timeout: Duration,
-}
-
 /// Everything one connection needs.
 pub struct SshContext {
     pub conn: Arc<LiveConnection>,
     pub subject: Subject,
     pub resource: Resource,
-    pub services: SshServices,
+    pub services: Services,
     pub config: Arc<SshConfig>,
     pub keys: Arc<ProxyKeys>,
     /// Where recordings go: `<audit dir>/recordings/`.

@@ -33,9 +33,17 @@ pub struct EvidenceArgs {
     /// Exported checkpoint(s) the log must be consistent with.
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
+    /// The daemon's policy archive, for the "Policy in force" section
+    /// (default: `policies` in `[daemon] state_dir` of the config).
+    #[arg(long)]
+    pub policies: Option<PathBuf>,
 }
 
 pub fn run(config: &std::path::Path, args: EvidenceArgs) -> anyhow::Result<ExitCode> {
+    let policy_archive = match args.policies {
+        Some(p) => p,
+        None => super::policy::archive_from_config(config)?.dir().to_owned(),
+    };
     let cfg = load_config(config, args.dir)?;
     existing_dir(&cfg)?;
     let time = |v: &str, name: &str| {
@@ -70,6 +78,7 @@ pub fn run(config: &std::path::Path, args: EvidenceArgs) -> anyhow::Result<ExitC
         to,
         out: args.out,
         checkpoint: args.checkpoint,
+        policy_archive: Some(policy_archive),
     };
     let result = evidence::build(&opts, &mut |done, total| {
         if let Some(b) = &bar {

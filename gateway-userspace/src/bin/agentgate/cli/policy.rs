@@ -1,4 +1,4 @@
-//! `agentgate policy ...`: validate and explain policies.
+//! `agentgate policy ...`: validate, explain and compare policies.
 
 use std::{
     path::{Path, PathBuf},
@@ -7,7 +7,10 @@ use std::{
 };
 
 use agentgate::{
-    policy::{Action, PolicyErrors, PolicySet, Subject, Verdict, load_dir},
+    policy::{
+        Action, ArchiveError, PolicyArchive, PolicyErrors, PolicySet, Subject, Verdict, diff,
+        load_dir,
+    },
     sql,
 };
 use anyhow::Context;
@@ -43,11 +46,45 @@ pub enum PolicyCommand {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Rule-level changes from OLD to NEW: each rule added, removed, loosened,
+    /// tightened or changed, by name, with its text. A change is "loosening"
+    /// when it can let through a command OLD stopped (see README, "Policy
+    /// versions"). OLD and NEW are each a directory of policy files or a
+    /// policy digest (64 hex digits, or a unique prefix of at least 8) from the
+    /// daemon's policy archive, as `policy.reload` and `daemon.start` records
+    /// and the evidence package name them.
+    #[command(
+        after_help = "Exit status: 0 when both versions load (whether or not they differ), 1 when one does not load or its archive was altered, 2 on a usage error (an argument that is neither a directory nor an archived digest)."
+    )]
+    Diff {
+        /// The older version: a policy directory or an archived digest.
+        old: String,
+        /// The newer version: a policy directory or an archived digest.
+        new: String,
+        /// Print the change list as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Policy archive (default: `policies` in `[daemon] state_dir` of the configuration, else /var/lib/agentgate/policies).
+        #[arg(long)]
+        archive: Option<PathBuf>,
+    },
 }
 
 pub fn run(config: &Path, cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         PolicyCommand::Check { dir } => Ok(check(&dir)),
+        PolicyCommand::Diff {
+            old,
+            new,
+            json,
+            archive,
+        } => {
+            let archive = match archive {
+                Some(a) => PolicyArchive::new(a),
+                None => archive_from_config(config)?,
+            };
+            policy_diff(&archive, &old, &new, json)
+        }
         PolicyCommand::Explain {
             identity,
             groups,
@@ -89,6 +126,97 @@ fn policy_dir_from_config(config: &Path) -> anyhow::Result<PathBuf> {
         ))
         .into()),
     }
+}
+
+/// The policy archive of the configured daemon: `policies` in its state directory.
+pub(super) fn archive_from_config(config: &Path) -> anyhow::Result<PolicyArchive> {
+    let state = if config.is_file() {
+        agentgate::config::Config::load(config)
+            .map_err(|e| UsageError(e.to_string()))?
+            .daemon
+            .state_dir
+    } else {
+        agentgate::config::Config::default().daemon.state_dir
+    };
+    Ok(PolicyArchive::in_state_dir(&state))
+}
+
+/// A version named on the command line: a directory, or a digest (or a
+/// unique prefix of one, 8 hex digits at least) in the archive.
+fn resolve(archive: &PolicyArchive, arg: &str) -> anyhow::Result<Result<PolicySet, ExitCode>> {
+    let path = Path::new(arg);
+    if path.is_dir() {
+        return Ok(load(path));
+    }
+    let hex = arg.len() >= 8 && arg.len() <= 64 && arg.bytes().all(|b| b.is_ascii_hexdigit());
+    if !hex {
+        return Err(UsageError(format!(
+            "`{arg}` is neither a policy directory nor a policy digest (8 to 64 hex digits)"
+        ))
+        .into());
+    }
+    let arg = arg.to_ascii_lowercase();
+    let digest = if arg.len() == 64 {
+        arg
+    } else {
+        let mut found: Vec<String> = std::fs::read_dir(archive.dir())
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|n| n.len() == 64 && n.starts_with(&arg))
+                    .collect()
+            })
+            .unwrap_or_default();
+        match found.len() {
+            1 => found.remove(0),
+            0 => {
+                return Err(UsageError(format!(
+                    "no archived policy {arg}… in {}",
+                    archive.dir().display()
+                ))
+                .into());
+            }
+            n => {
+                return Err(UsageError(format!(
+                    "{arg} is the start of {n} archived digests; give more digits"
+                ))
+                .into());
+            }
+        }
+    };
+    match archive.load(&digest) {
+        Ok(set) => Ok(Ok(set)),
+        Err(e @ (ArchiveError::Missing { .. } | ArchiveError::BadDigest(_))) => {
+            Err(UsageError(e.to_string()).into())
+        }
+        Err(e) => {
+            eprintln!("agentgate: {e}");
+            Ok(Err(ExitCode::from(1)))
+        }
+    }
+}
+
+fn policy_diff(
+    archive: &PolicyArchive,
+    old: &str,
+    new: &str,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let old = match resolve(archive, old)? {
+        Ok(s) => s,
+        Err(code) => return Ok(code),
+    };
+    let new = match resolve(archive, new)? {
+        Ok(s) => s,
+        Err(code) => return Ok(code),
+    };
+    let d = diff::diff(&old, &new);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&d)?);
+    } else {
+        print!("{}", diff::render_text(&d));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn print_errors(errors: &PolicyErrors) -> ExitCode {
