@@ -102,6 +102,7 @@ impl Shared {
             probes: self.probes.clone(),
             upstream_connect_timeout: self.config.upstream_connect_timeout(),
             ca: self.ca.clone(),
+            audit_dir: self.audit.dir().to_path_buf(),
         }
     }
 

@@ -1211,3 +1211,89 @@ fn credential_files_must_be_private_and_for_databases() {
     assert!(err(policy("postgres", "pw")).contains("absolute path"));
     assert!(err(policy("postgres", "/nonexistent/agentgate/pw")).contains("No such file"));
 }
+
+#[test]
+fn ssh_rules_match_classes_and_forward_destinations() {
+    let text = r#"
+[[resource]]
+name = "ops"
+protocol = "ssh"
+addresses = ["10.0.0.9:22"]
+default_action = "deny"
+
+[[rule]]
+name = "reads"
+identities = ["u"]
+resources = ["ops"]
+action = "allow"
+match = { ssh = ["read"] }
+
+[[rule]]
+name = "root"
+identities = ["u"]
+resources = ["ops"]
+action = "require_approval"
+match = { ssh = ["privileged", "shell"] }
+approval = { approver_groups = ["x"], timeout = "1m" }
+
+[[rule]]
+name = "metrics-tunnel"
+identities = ["u"]
+resources = ["ops"]
+action = "allow"
+match = { ssh = ["forward"], ssh_destinations = ["127.0.0.1:9100"] }
+"#;
+    let set = load_str(&[("t.toml", text)]).unwrap_or_else(|e| panic!("{e}"));
+    let r = set.resource("ops").unwrap();
+    let u = Subject {
+        identity: "u".into(),
+        groups: Vec::new(),
+    };
+    let ssh = |class: &'static str, dest: Option<&str>| {
+        short(&set.decide(
+            &u,
+            r,
+            &Action::Ssh {
+                class,
+                destination: dest.map(str::to_owned),
+            },
+        ))
+    };
+    assert_eq!(ssh("read", None), "A:reads");
+    assert_eq!(ssh("privileged", None), "R:root");
+    assert_eq!(ssh("shell", None), "R:root");
+    assert_eq!(ssh("dangerous", None), "D:default:resource:ops");
+    assert_eq!(ssh("forward", Some("127.0.0.1:9100")), "A:metrics-tunnel");
+    assert_eq!(
+        ssh("forward", Some("10.0.0.1:5432")),
+        "D:default:resource:ops"
+    );
+    assert_eq!(ssh("forward", None), "D:default:resource:ops");
+    // An unknown class and SSH conditions on a Postgres resource are refused.
+    let bad = load_str(&[(
+        "t.toml",
+        "[[resource]]\nname = \"ops\"\nprotocol = \"ssh\"\naddresses = [\"10.0.0.9:22\"]\n\
+         [[rule]]\nname = \"r\"\nresources = [\"ops\"]\naction = \"allow\"\nmatch = { ssh = [\"reed\"] }\n",
+    )])
+    .unwrap_err()
+    .to_string();
+    assert!(bad.contains("unknown SSH class `reed`"), "{bad}");
+    let bad = load_str(&[(
+        "t.toml",
+        "[[resource]]\nname = \"pg\"\nprotocol = \"postgres\"\naddresses = [\"10.0.0.1:5432\"]\n\
+         [[rule]]\nname = \"r\"\nresources = [\"pg\"]\naction = \"allow\"\nmatch = { ssh = [\"read\"] }\n",
+    )])
+    .unwrap_err()
+    .to_string();
+    assert!(bad.contains("SSH conditions can never match"), "{bad}");
+}
+
+#[test]
+fn the_policy_knows_every_class_the_ssh_classifier_returns() {
+    for c in agentgate::protocol::ssh::classify::Class::ALL {
+        assert!(
+            agentgate::policy::SSH_CLASSES.contains(&c.as_str()),
+            "{c} is not an SSH class policy files may name"
+        );
+    }
+}

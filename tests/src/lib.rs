@@ -603,3 +603,4 @@ pub mod agent;
 pub mod leak;
 pub mod mysql;
 pub mod pg;
+pub mod ssh;

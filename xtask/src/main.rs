@@ -85,6 +85,11 @@ const APT_PACKAGES: &[&str] = &[
     "pgbouncer",
     "curl",
     "nftables",
+    // The SSH handler's tests: a real sshd, the OpenSSH clients, paramiko (Debian's python3).
+    "openssh-server",
+    "openssh-client",
+    "python3-paramiko",
+    "sudo",
     // The approvals page test and the report screenshots drive it (npm playwright-core).
     "chromium",
     // `cargo xtask bench mysql` drives it.
@@ -484,7 +489,8 @@ fn test(root: &Path, filter: Option<&str>, no_lint: bool) -> Result<()> {
     Ok(())
 }
 
-/// The Postgres decoders' and the HTTP glue's fuzz targets, 20 s each (80 s in all). A crash fails
+/// The decoders' and classifiers' fuzz targets (Postgres, MySQL, the HTTP
+/// glue, the SSH command classifier), 15 s each (90 s in all). A crash fails
 /// the run; its input is left in gateway-userspace/fuzz/artifacts.
 fn fuzz_smoke(root: &Path) -> Result<()> {
     let dir = root.join("gateway-userspace");
@@ -494,6 +500,7 @@ fn fuzz_smoke(root: &Path) -> Result<()> {
         "pg_mask_row",
         "mysql_codec",
         "http_glue",
+        "ssh_command",
     ] {
         let corpus = dir.join("fuzz/corpus").join(target);
         fs::create_dir_all(&corpus)?;
@@ -502,7 +509,7 @@ fn fuzz_smoke(root: &Path) -> Result<()> {
                 .args(["run", "nightly", "cargo", "fuzz", "run", "-O", target])
                 .arg(&corpus)
                 .arg(dir.join("fuzz/seeds").join(target))
-                .args(["--", "-max_total_time=20"])
+                .args(["--", "-max_total_time=15"])
                 .current_dir(&dir),
         )?;
     }

@@ -963,6 +963,28 @@ fn build_conditions(errors: &mut Errors<'_>, m: &MatchSpec) -> Conditions {
     if let Some(l) = &m.kube_namespaces {
         c.kube_namespaces = Some(globs_ci(errors, l, "match.kube_namespaces"));
     }
+    if let Some(l) = &m.ssh {
+        let mut classes = Vec::new();
+        for item in non_empty_list(errors, l, "match.ssh") {
+            if super::model::SSH_CLASSES.contains(&item.get_ref().as_str()) {
+                classes.push(item.get_ref().clone());
+            } else {
+                errors.at(
+                    &item.span(),
+                    format!(
+                        "unknown SSH class `{}` (one of: {})",
+                        item.get_ref(),
+                        super::model::SSH_CLASSES.join(", ")
+                    ),
+                );
+            }
+        }
+        c.ssh = Some(classes);
+    }
+    if let Some(l) = &m.ssh_destinations {
+        let items = non_empty_list(errors, l, "match.ssh_destinations");
+        c.ssh_destinations = Some(items.iter().map(|s| Glob::new(s.get_ref())).collect());
+    }
     c
 }
 
@@ -1023,22 +1045,28 @@ fn build_rule(
     let conditions = match &r.conditions {
         Some(m) => {
             let c = build_conditions(errors, m.get_ref());
-            let kinds = u8::from(c.has_sql()) + u8::from(c.has_http()) + u8::from(c.has_kube());
+            let kinds = u8::from(c.has_sql())
+                + u8::from(c.has_http())
+                + u8::from(c.has_kube())
+                + u8::from(c.has_ssh());
             if kinds > 1 {
                 errors.at(
                     &m.span(),
-                    "a rule's `match` may hold SQL, HTTP or Kubernetes conditions, not a mix: split it into rules",
+                    "a rule's `match` may hold SQL, HTTP, Kubernetes or SSH conditions, not a mix: split it into rules",
                 );
             } else if !matched.is_empty() {
                 let fits = |p: Protocol| {
                     (c.has_sql() && p.sql_dialect().is_some())
                         || ((c.has_http() || c.has_kube()) && p.is_http())
+                        || (c.has_ssh() && p == Protocol::Ssh)
                 };
                 if kinds == 1 && !matched.iter().any(|res| fits(res.protocol)) {
                     let what = if c.has_sql() {
                         "SQL"
                     } else if c.has_http() {
                         "HTTP"
+                    } else if c.has_ssh() {
+                        "SSH"
                     } else {
                         "Kubernetes"
                     };

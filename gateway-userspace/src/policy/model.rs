@@ -149,6 +149,8 @@ pub(crate) struct MatchSpec {
     pub kube_verbs: Option<Spanned<Vec<Spanned<String>>>>,
     pub kube_resources: Option<Spanned<Vec<Spanned<String>>>>,
     pub kube_namespaces: Option<Spanned<Vec<Spanned<String>>>>,
+    pub ssh: Option<Spanned<Vec<Spanned<String>>>>,
+    pub ssh_destinations: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -210,6 +212,7 @@ pub enum Protocol {
     /// local CA), the upstream gets TLS again.
     Https,
     Tcp,
+    Ssh,
 }
 
 impl Protocol {
@@ -220,6 +223,7 @@ impl Protocol {
             Protocol::Http => "http",
             Protocol::Https => "https",
             Protocol::Tcp => "tcp",
+            Protocol::Ssh => "ssh",
         }
     }
 
@@ -228,7 +232,7 @@ impl Protocol {
         match self {
             Protocol::Postgres => Some(crate::sql::Dialect::Postgres),
             Protocol::Mysql => Some(crate::sql::Dialect::MySql),
-            Protocol::Http | Protocol::Https | Protocol::Tcp => None,
+            Protocol::Http | Protocol::Https | Protocol::Tcp | Protocol::Ssh => None,
         }
     }
 
@@ -436,7 +440,28 @@ pub struct Conditions {
     pub kube_verbs: Option<Vec<Glob>>,
     pub kube_resources: Option<Vec<Glob>>,
     pub kube_namespaces: Option<Vec<Glob>>,
+    /// SSH request classes (names from [`SSH_CLASSES`]).
+    pub ssh: Option<Vec<String>>,
+    /// Forwarding destinations (`host:port`) and SFTP paths.
+    pub ssh_destinations: Option<Vec<Glob>>,
 }
+
+/// The classes an SSH request has (`protocol::ssh::classify` and the
+/// handler's own: `sftp-read`, `sftp-write`, `forward`).
+pub const SSH_CLASSES: &[&str] = &[
+    "read",
+    "write",
+    "delete",
+    "service",
+    "package",
+    "database",
+    "privileged",
+    "shell",
+    "dangerous",
+    "sftp-read",
+    "sftp-write",
+    "forward",
+];
 
 impl Conditions {
     /// How many fields are set: the first key of rule specificity.
@@ -451,6 +476,8 @@ impl Conditions {
             + u32::from(self.kube_verbs.is_some())
             + u32::from(self.kube_resources.is_some())
             + u32::from(self.kube_namespaces.is_some())
+            + u32::from(self.ssh.is_some())
+            + u32::from(self.ssh_destinations.is_some())
     }
 
     pub(crate) fn has_sql(&self) -> bool {
@@ -461,6 +488,9 @@ impl Conditions {
     }
     pub(crate) fn has_http(&self) -> bool {
         self.http_methods.is_some() || self.http_hosts.is_some() || self.http_paths.is_some()
+    }
+    pub(crate) fn has_ssh(&self) -> bool {
+        self.ssh.is_some() || self.ssh_destinations.is_some()
     }
     pub(crate) fn has_kube(&self) -> bool {
         self.kube_verbs.is_some() || self.kube_resources.is_some() || self.kube_namespaces.is_some()
@@ -522,6 +552,12 @@ pub enum Action {
         verb: String,
         resource: String,
         namespace: Option<String>,
+    },
+    /// An SSH channel request: its class and, for forwarding and SFTP, what
+    /// it reaches (`host:port`, a path).
+    Ssh {
+        class: &'static str,
+        destination: Option<String>,
     },
 }
 

@@ -26,6 +26,7 @@
 pub mod http;
 pub mod mysql;
 pub mod postgres;
+pub mod ssh;
 
 use std::{collections::HashMap, error::Error, fmt, future::Future, pin::Pin, sync::Arc};
 
@@ -84,6 +85,7 @@ pub const REGISTRY: &[Registration] = &[
     mysql::REGISTRATION,
     http::REGISTRATION,
     http::REGISTRATION_TLS,
+    ssh::REGISTRATION,
 ];
 
 /// The daemon's handlers, one instance each, by protocol.
