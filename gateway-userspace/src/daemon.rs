@@ -221,13 +221,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         cfg.containment.on_escape,
         &shutdown,
     );
-    tasks.spawn(watch_policy(
-        policy,
-        audit.clone(),
-        shared.approvals.clone(),
-        &cfg.policy,
-        shutdown.clone(),
-    ));
+    tasks.spawn(watch_policy(&shared, &cfg.policy, shutdown.clone()));
     daemon
         .clone()
         .spawn_background(&mut tasks, attach, &shutdown);
@@ -580,12 +574,12 @@ async fn open_audit(
 /// Reloads the policy on SIGHUP and when its files change. A rejected policy
 /// leaves the previous one in force; both outcomes are logged and audited.
 fn watch_policy(
-    store: Arc<PolicyStore>,
-    audit: AuditLog,
-    approvals: crate::approval::Broker,
+    shared: &Shared,
     cfg: &PolicyConfig,
     mut shutdown: watch::Receiver<bool>,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let (store, audit) = (shared.policy.clone(), shared.audit.clone());
+    let approvals = shared.approvals.clone();
     let opts = WatchOptions {
         poll: Duration::from_secs(cfg.watch_interval_secs),
         dns_refresh: Duration::from_secs(cfg.dns_refresh_secs),
