@@ -57,6 +57,9 @@ pub struct Services {
     pub upstream_connect_timeout: Duration,
     /// The local CA TLS-terminating handlers present leaves from.
     pub ca: Arc<crate::tls::LocalCa>,
+    /// The audit log's directory: session recordings go in its
+    /// `recordings/` (`audit verify` checks them there).
+    pub audit_dir: std::path::PathBuf,
 }
 
 #[derive(Debug, Serialize)]

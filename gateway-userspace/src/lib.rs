@@ -36,6 +36,7 @@ pub mod policy;
 pub mod protocol;
 pub mod provenance;
 pub mod proxy;
+pub mod recording;
 pub mod redirect;
 pub mod sql;
 pub mod sys;

@@ -85,12 +85,26 @@ const APT_PACKAGES: &[&str] = &[
     "pgbouncer",
     "curl",
     "nftables",
+    // The SSH handler's tests: a real sshd, the OpenSSH clients, paramiko (Debian's python3).
+    "openssh-server",
+    "openssh-client",
+    "python3-paramiko",
+    "sudo",
     // The approvals page test and the report screenshots drive it (npm playwright-core).
     "chromium",
+    // `cargo xtask bench mysql` drives it.
+    "sysbench",
 ];
 
 /// Python modules the tests import, with the `PyPI` requirement that provides each.
-const PY_PACKAGES: &[(&str, &str)] = &[("psycopg", "psycopg[binary]==3.2.*")];
+const PY_PACKAGES: &[(&str, &str)] = &[
+    ("psycopg", "psycopg[binary]==3.2.*"),
+    // MySQL: text protocol (PyMySQL, ed25519 through PyNaCl) and binary
+    // protocol (mysql-connector-python's prepared cursors).
+    ("pymysql", "PyMySQL==1.1.*"),
+    ("nacl", "PyNaCl==1.5.*"),
+    ("mysql.connector", "mysql-connector-python==9.*"),
+];
 
 fn main() -> ExitCode {
     match run(Cli::parse()) {
@@ -475,11 +489,19 @@ fn test(root: &Path, filter: Option<&str>, no_lint: bool) -> Result<()> {
     Ok(())
 }
 
-/// The Postgres decoders' and the HTTP glue's fuzz targets, 20 s each (80 s in all). A crash fails
+/// The decoders' and classifiers' fuzz targets (Postgres, MySQL, the HTTP
+/// glue, the SSH command classifier), 15 s each (90 s in all). A crash fails
 /// the run; its input is left in gateway-userspace/fuzz/artifacts.
 fn fuzz_smoke(root: &Path) -> Result<()> {
     let dir = root.join("gateway-userspace");
-    for target in ["pg_frontend", "pg_backend", "pg_mask_row", "http_glue"] {
+    for target in [
+        "pg_frontend",
+        "pg_backend",
+        "pg_mask_row",
+        "mysql_codec",
+        "http_glue",
+        "ssh_command",
+    ] {
         let corpus = dir.join("fuzz/corpus").join(target);
         fs::create_dir_all(&corpus)?;
         status(
@@ -487,7 +509,7 @@ fn fuzz_smoke(root: &Path) -> Result<()> {
                 .args(["run", "nightly", "cargo", "fuzz", "run", "-O", target])
                 .arg(&corpus)
                 .arg(dir.join("fuzz/seeds").join(target))
-                .args(["--", "-max_total_time=20"])
+                .args(["--", "-max_total_time=15"])
                 .current_dir(&dir),
         )?;
     }
@@ -529,12 +551,17 @@ fn bench(root: &Path, which: Option<&str>, quick: bool) -> Result<()> {
     setup(root)?;
     let all = which.is_none();
     let mut ran = false;
-    for name in ["audit", "policy", "evidence", "pg"] {
+    for name in ["audit", "policy", "evidence", "pg", "mysql"] {
         if !(all || which == Some(name)) {
             continue;
         }
         if name == "pg" {
             bench_pg(root, quick)?;
+            ran = true;
+            continue;
+        }
+        if name == "mysql" {
+            bench_mysql(root, quick)?;
             ran = true;
             continue;
         }
@@ -550,6 +577,30 @@ fn bench(root: &Path, which: Option<&str>, quick: bool) -> Result<()> {
         bail!("no benchmarks ran");
     }
     Ok(())
+}
+
+/// sysbench against `MariaDB` directly, through the TCP passthrough and through
+/// the `MySQL` handler (`tests/src/bin/my_bench.rs`): the release daemon, as root.
+fn bench_mysql(root: &Path, quick: bool) -> Result<()> {
+    if !is_root() {
+        bail!("`bench mysql` runs the daemon with its eBPF programs: run it as root");
+    }
+    status(cmd("cargo").args(["build", "--release", "-p", "agentgate"]))?;
+    let mut c = cmd("cargo");
+    c.args([
+        "run",
+        "--release",
+        "-p",
+        "agentgate-e2e",
+        "--bin",
+        "my_bench",
+        "--",
+    ])
+    .env("AGENTGATE_BIN", target_dir(root).join("release/agentgate"));
+    if quick {
+        c.arg("--quick");
+    }
+    status(&mut c)
 }
 
 /// pgbench against Postgres directly, through agentgate and through pgbouncer

@@ -130,6 +130,9 @@ pub enum Kind {
     /// A DNS query of a tagged process, through the daemon's forwarder.
     #[serde(rename = "dns.query")]
     DnsQuery,
+    /// A written chunk of a session recording (file, offset, length, blake3).
+    #[serde(rename = "recording.chunk")]
+    RecordingChunk,
 }
 
 impl Kind {
@@ -173,6 +176,7 @@ impl Kind {
             Kind::ContainmentRefused => "containment.refused",
             Kind::ControlRefused => "control.refused",
             Kind::DnsQuery => "dns.query",
+            Kind::RecordingChunk => "recording.chunk",
         }
     }
 

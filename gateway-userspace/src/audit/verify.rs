@@ -27,6 +27,7 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use super::{
     checkpoint::{Checkpoint, KeyRotation, read_public_key},
@@ -168,6 +169,11 @@ pub enum Broken {
     Inconsistent(String),
     /// The log starts after seq 0 without a valid retention anchor.
     Anchor(String),
+    /// A session recording does not match its chunk records.
+    Recording {
+        file: String,
+        what: String,
+    },
 }
 
 impl fmt::Display for Broken {
@@ -205,6 +211,7 @@ impl fmt::Display for Broken {
             ),
             Broken::Inconsistent(e) => write!(f, "inconsistent with the older checkpoint: {e}"),
             Broken::Anchor(e) => write!(f, "retention anchor: {e}"),
+            Broken::Recording { file, what } => write!(f, "recording {file}: {what}"),
         }
     }
 }
@@ -331,6 +338,7 @@ pub fn verify_dir(
         })?,
         None => Vec::new(),
     };
+    let mut chunks = Vec::new();
     let st = scan(
         dir,
         &ScanOptions {
@@ -338,8 +346,13 @@ pub fn verify_dir(
             older: &older,
             resume: None,
         },
-        |_, _, _, _| {},
+        |_, _, p, _| {
+            if p.record.kind == Kind::RecordingChunk {
+                chunks.push((p.record.seq, p.record.result.clone()));
+            }
+        },
     )?;
+    check_recordings(dir, chunks)?;
     Ok(VerifyReport {
         first_seq: st.first_seq,
         size: st.next_seq,
@@ -352,6 +365,57 @@ pub fn verify_dir(
         older_predating_retention: st.older_predating,
         quarantined: quarantine_files(dir),
     })
+}
+
+/// Every session recording against its `recording.chunk` records (in the
+/// verified chain): a changed, cut or extended recording fails, named.
+fn check_recordings(dir: &Path, chunks: Vec<(u64, Option<Value>)>) -> Result<(), VerifyFailure> {
+    let mut parsed = Vec::with_capacity(chunks.len());
+    for (seq, v) in chunks {
+        let c = v
+            .and_then(|v| serde_json::from_value::<ChunkRecord>(v).ok())
+            .ok_or_else(|| {
+                fail(
+                    None,
+                    Some(seq),
+                    None,
+                    Broken::Malformed("a recording.chunk record without its chunk".into()),
+                )
+            })?;
+        parsed.push((
+            seq,
+            crate::recording::Chunk {
+                file: c.file,
+                index: c.index,
+                offset: c.offset,
+                len: c.len,
+                blake3: c.blake3,
+                last: c.last,
+            },
+        ));
+    }
+    crate::recording::verify_chunks(dir, &parsed).map_err(|m| {
+        fail(
+            None,
+            Some(m.seq),
+            None,
+            Broken::Recording {
+                file: m.file,
+                what: m.what,
+            },
+        )
+    })
+}
+
+#[derive(serde::Deserialize)]
+struct ChunkRecord {
+    file: String,
+    index: u32,
+    offset: u64,
+    len: u64,
+    blake3: String,
+    #[serde(rename = "final")]
+    last: bool,
 }
 
 fn fail(

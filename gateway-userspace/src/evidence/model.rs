@@ -1211,14 +1211,19 @@ impl Collector {
         }
     }
 
-    fn observe_command(&mut self, rec: &Record, who: &str, cite: &Cite, verdict: Option<String>) {
-        let action = rec.action.as_ref();
+    /// A statement the masking refused as a search, by oracle class.
+    fn count_masking_refusal(&mut self, action: Option<&Value>) {
         if let Some(oracle) = text(field(action, "masking_refusal"), "oracle")
             && (self.masking.refusals.len() < KEY_CAP
                 || self.masking.refusals.contains_key(&oracle))
         {
             *self.masking.refusals.entry(clip(&oracle)).or_default() += 1;
         }
+    }
+
+    fn observe_command(&mut self, rec: &Record, who: &str, cite: &Cite, verdict: Option<String>) {
+        let action = rec.action.as_ref();
+        self.count_masking_refusal(action);
         let approval = rec.approval.as_ref();
         let verdict = verdict.unwrap_or_else(|| "none".into());
         let approved = verdict == "allow"

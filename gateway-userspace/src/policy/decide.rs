@@ -185,10 +185,16 @@ fn any_glob(pats: Option<&Vec<Glob>>, v: &str) -> bool {
 fn conditions_hold(cond: &Conditions, action: &Action, permissive: bool) -> bool {
     match action {
         Action::Connect => cond.count() == 0,
-        Action::Sql(c) => !cond.has_http() && !cond.has_kube() && sql_holds(cond, c, permissive),
+        Action::Sql(c) => {
+            !cond.has_http()
+                && !cond.has_kube()
+                && !cond.has_ssh()
+                && sql_holds(cond, c, permissive)
+        }
         Action::Http { method, host, path } => {
             !cond.has_sql()
                 && !cond.has_kube()
+                && !cond.has_ssh()
                 && cond
                     .http_methods
                     .as_ref()
@@ -203,12 +209,27 @@ fn conditions_hold(cond: &Conditions, action: &Action, permissive: bool) -> bool
         } => {
             !cond.has_sql()
                 && !cond.has_http()
+                && !cond.has_ssh()
                 && any_glob(cond.kube_verbs.as_ref(), verb)
                 && any_glob(cond.kube_resources.as_ref(), resource)
                 && cond.kube_namespaces.as_ref().is_none_or(|p| {
                     namespace
                         .as_deref()
                         .is_some_and(|ns| p.iter().any(|g| g.matches(ns)))
+                })
+        }
+        Action::Ssh { class, destination } => {
+            !cond.has_sql()
+                && !cond.has_http()
+                && !cond.has_kube()
+                && cond
+                    .ssh
+                    .as_ref()
+                    .is_none_or(|c| c.iter().any(|x| x == class))
+                && cond.ssh_destinations.as_ref().is_none_or(|p| {
+                    destination
+                        .as_deref()
+                        .is_some_and(|d| p.iter().any(|g| g.matches(d)))
                 })
         }
     }

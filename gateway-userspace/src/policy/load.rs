@@ -384,12 +384,17 @@ fn load_sources(sources: &[Source]) -> Result<PolicySet, PolicyErrors> {
                 "default_action",
                 "default_approval",
             );
+            let credential = r
+                .credential
+                .as_ref()
+                .and_then(|c| build_credential(&mut errors, c, protocol));
             by_name.insert(name.clone(), index);
             resources.push(Resource {
                 name,
                 protocol,
                 addresses,
                 tls,
+                credential,
                 default: default.unwrap_or(RuleAction::Deny),
                 intercept: r.intercept.as_ref().is_none_or(|i| *i.get_ref()),
                 profile: r.profile.as_ref().map(|p| *p.get_ref()),
@@ -579,6 +584,52 @@ pub fn unix_allow(pattern: &str) -> Result<UnixAllow, String> {
         pattern: pattern.to_owned(),
         prefix,
         exact,
+    })
+}
+
+/// A resource's `credential`: only database protocols log in; the file
+/// must be absolute, a regular file, and unreadable to group and others.
+fn build_credential(
+    errors: &mut Errors<'_>,
+    c: &Spanned<super::model::CredentialSpec>,
+    protocol: Protocol,
+) -> Option<super::model::Credential> {
+    use std::os::unix::fs::PermissionsExt as _;
+    if !matches!(protocol, Protocol::Postgres | Protocol::Mysql) {
+        errors.at(
+            &c.span(),
+            "`credential` is for database resources (protocol postgres or mysql)",
+        );
+        return None;
+    }
+    let spec = c.get_ref();
+    if spec.user.get_ref().is_empty() {
+        errors.at(&spec.user.span(), "`user` is empty");
+    }
+    let file = spec.password_file.get_ref();
+    let at = spec.password_file.span();
+    if !file.is_absolute() {
+        errors.at(&at, "`password_file` must be an absolute path");
+        return None;
+    }
+    match std::fs::metadata(file) {
+        Err(e) => errors.at(&at, format!("`password_file` {}: {e}", file.display())),
+        Ok(m) if !m.is_file() => {
+            errors.at(&at, format!("`password_file` {} is not a regular file", file.display()));
+        }
+        Ok(m) if m.permissions().mode() & 0o077 != 0 => errors.at(
+            &at,
+            format!(
+                "`password_file` {} is accessible to group or others (mode {:o}); it must be readable by its owner only (chmod 600)",
+                file.display(),
+                m.permissions().mode() & 0o777
+            ),
+        ),
+        Ok(_) => {}
+    }
+    Some(super::model::Credential {
+        user: spec.user.get_ref().clone(),
+        password_file: file.clone(),
     })
 }
 
@@ -912,6 +963,28 @@ fn build_conditions(errors: &mut Errors<'_>, m: &MatchSpec) -> Conditions {
     if let Some(l) = &m.kube_namespaces {
         c.kube_namespaces = Some(globs_ci(errors, l, "match.kube_namespaces"));
     }
+    if let Some(l) = &m.ssh {
+        let mut classes = Vec::new();
+        for item in non_empty_list(errors, l, "match.ssh") {
+            if super::model::SSH_CLASSES.contains(&item.get_ref().as_str()) {
+                classes.push(item.get_ref().clone());
+            } else {
+                errors.at(
+                    &item.span(),
+                    format!(
+                        "unknown SSH class `{}` (one of: {})",
+                        item.get_ref(),
+                        super::model::SSH_CLASSES.join(", ")
+                    ),
+                );
+            }
+        }
+        c.ssh = Some(classes);
+    }
+    if let Some(l) = &m.ssh_destinations {
+        let items = non_empty_list(errors, l, "match.ssh_destinations");
+        c.ssh_destinations = Some(items.iter().map(|s| Glob::new(s.get_ref())).collect());
+    }
     c
 }
 
@@ -972,22 +1045,28 @@ fn build_rule(
     let conditions = match &r.conditions {
         Some(m) => {
             let c = build_conditions(errors, m.get_ref());
-            let kinds = u8::from(c.has_sql()) + u8::from(c.has_http()) + u8::from(c.has_kube());
+            let kinds = u8::from(c.has_sql())
+                + u8::from(c.has_http())
+                + u8::from(c.has_kube())
+                + u8::from(c.has_ssh());
             if kinds > 1 {
                 errors.at(
                     &m.span(),
-                    "a rule's `match` may hold SQL, HTTP or Kubernetes conditions, not a mix: split it into rules",
+                    "a rule's `match` may hold SQL, HTTP, Kubernetes or SSH conditions, not a mix: split it into rules",
                 );
             } else if !matched.is_empty() {
                 let fits = |p: Protocol| {
                     (c.has_sql() && p.sql_dialect().is_some())
                         || ((c.has_http() || c.has_kube()) && p.is_http())
+                        || (c.has_ssh() && p == Protocol::Ssh)
                 };
                 if kinds == 1 && !matched.iter().any(|res| fits(res.protocol)) {
                     let what = if c.has_sql() {
                         "SQL"
                     } else if c.has_http() {
                         "HTTP"
+                    } else if c.has_ssh() {
+                        "SSH"
                     } else {
                         "Kubernetes"
                     };

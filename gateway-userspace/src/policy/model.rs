@@ -63,6 +63,7 @@ pub(crate) struct ResourceSpec {
     pub protocol: Spanned<Protocol>,
     pub addresses: Spanned<Vec<Spanned<String>>>,
     pub tls: Option<Spanned<TlsSpec>>,
+    pub credential: Option<Spanned<CredentialSpec>>,
     pub default_action: Option<Spanned<ActionKind>>,
     pub default_approval: Option<Spanned<ApprovalSpecFile>>,
     /// HTTPS only: `false` relays the TLS connection unopened (pinned clients).
@@ -98,6 +99,14 @@ pub(crate) struct TlsSpec {
     pub mode: Option<TlsMode>,
     pub ca_file: Option<Spanned<PathBuf>>,
     pub server_name: Option<Spanned<String>>,
+}
+
+/// `credential = { user = "...", password_file = "/..." }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CredentialSpec {
+    pub user: Spanned<String>,
+    pub password_file: Spanned<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -140,6 +149,8 @@ pub(crate) struct MatchSpec {
     pub kube_verbs: Option<Spanned<Vec<Spanned<String>>>>,
     pub kube_resources: Option<Spanned<Vec<Spanned<String>>>>,
     pub kube_namespaces: Option<Spanned<Vec<Spanned<String>>>>,
+    pub ssh: Option<Spanned<Vec<Spanned<String>>>>,
+    pub ssh_destinations: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -201,6 +212,7 @@ pub enum Protocol {
     /// local CA), the upstream gets TLS again.
     Https,
     Tcp,
+    Ssh,
 }
 
 impl Protocol {
@@ -211,6 +223,7 @@ impl Protocol {
             Protocol::Http => "http",
             Protocol::Https => "https",
             Protocol::Tcp => "tcp",
+            Protocol::Ssh => "ssh",
         }
     }
 
@@ -219,7 +232,7 @@ impl Protocol {
         match self {
             Protocol::Postgres => Some(crate::sql::Dialect::Postgres),
             Protocol::Mysql => Some(crate::sql::Dialect::MySql),
-            Protocol::Http | Protocol::Https | Protocol::Tcp => None,
+            Protocol::Http | Protocol::Https | Protocol::Tcp | Protocol::Ssh => None,
         }
     }
 
@@ -248,6 +261,45 @@ pub struct UpstreamTls {
     pub ca_file: Option<PathBuf>,
     /// Name to verify and send as SNI; `None`: the DNS name the agent dialled, if any.
     pub server_name: Option<String>,
+}
+
+/// A database login the daemon holds for a resource (`credential`): the
+/// handler logs in upstream as `user` with the secret in `password_file`
+/// (read at each login, never logged), whatever the agent sent. Records name
+/// the user and the file, never the secret. Any database handler uses it
+/// (Postgres: SCRAM-SHA-256, MD5 or cleartext, as the server asks).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credential {
+    pub user: String,
+    /// Absolute; readable by its owner only (checked when the policy loads).
+    pub password_file: PathBuf,
+}
+
+/// Longest secret read from a `password_file`.
+pub const MAX_SECRET_BYTES: u64 = 4096;
+
+impl Credential {
+    /// The secret: the file's content without its trailing newline.
+    pub fn read_secret(&self) -> std::io::Result<secrecy::SecretString> {
+        use std::io::Read as _;
+        let mut text = String::new();
+        std::fs::File::open(&self.password_file)?
+            .take(MAX_SECRET_BYTES + 1)
+            .read_to_string(&mut text)?;
+        if text.len() as u64 > MAX_SECRET_BYTES {
+            return Err(std::io::Error::other(format!(
+                "longer than {MAX_SECRET_BYTES} bytes"
+            )));
+        }
+        let trimmed = text.trim_end_matches(['\n', '\r']).len();
+        text.truncate(trimmed);
+        Ok(secrecy::SecretString::from(text))
+    }
+
+    /// What records say about it (never the secret).
+    pub fn describe(&self) -> serde_json::Value {
+        serde_json::json!({ "user": self.user, "password_file": self.password_file.display().to_string() })
+    }
 }
 
 /// One entry of a resource's `addresses`.
@@ -359,6 +411,9 @@ pub struct Resource {
     pub protocol: Protocol,
     pub addresses: Vec<AddressPattern>,
     pub tls: Option<UpstreamTls>,
+    /// The upstream login the daemon holds for this resource; `None`:
+    /// the agent's own login is passed through.
+    pub credential: Option<Credential>,
     /// Applies when no rule matches.
     pub default: RuleAction,
     /// HTTPS: terminate the agent's TLS and decide per request (the
@@ -385,7 +440,28 @@ pub struct Conditions {
     pub kube_verbs: Option<Vec<Glob>>,
     pub kube_resources: Option<Vec<Glob>>,
     pub kube_namespaces: Option<Vec<Glob>>,
+    /// SSH request classes (names from [`SSH_CLASSES`]).
+    pub ssh: Option<Vec<String>>,
+    /// Forwarding destinations (`host:port`) and SFTP paths.
+    pub ssh_destinations: Option<Vec<Glob>>,
 }
+
+/// The classes an SSH request has (`protocol::ssh::classify` and the
+/// handler's own: `sftp-read`, `sftp-write`, `forward`).
+pub const SSH_CLASSES: &[&str] = &[
+    "read",
+    "write",
+    "delete",
+    "service",
+    "package",
+    "database",
+    "privileged",
+    "shell",
+    "dangerous",
+    "sftp-read",
+    "sftp-write",
+    "forward",
+];
 
 impl Conditions {
     /// How many fields are set: the first key of rule specificity.
@@ -400,6 +476,8 @@ impl Conditions {
             + u32::from(self.kube_verbs.is_some())
             + u32::from(self.kube_resources.is_some())
             + u32::from(self.kube_namespaces.is_some())
+            + u32::from(self.ssh.is_some())
+            + u32::from(self.ssh_destinations.is_some())
     }
 
     pub(crate) fn has_sql(&self) -> bool {
@@ -410,6 +488,9 @@ impl Conditions {
     }
     pub(crate) fn has_http(&self) -> bool {
         self.http_methods.is_some() || self.http_hosts.is_some() || self.http_paths.is_some()
+    }
+    pub(crate) fn has_ssh(&self) -> bool {
+        self.ssh.is_some() || self.ssh_destinations.is_some()
     }
     pub(crate) fn has_kube(&self) -> bool {
         self.kube_verbs.is_some() || self.kube_resources.is_some() || self.kube_namespaces.is_some()
@@ -471,6 +552,12 @@ pub enum Action {
         verb: String,
         resource: String,
         namespace: Option<String>,
+    },
+    /// An SSH channel request: its class and, for forwarding and SFTP, what
+    /// it reaches (`host:port`, a path).
+    Ssh {
+        class: &'static str,
+        destination: Option<String>,
     },
 }
 

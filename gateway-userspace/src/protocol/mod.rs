@@ -24,7 +24,9 @@
 //! sans-IO: bytes go in, messages (or "need more bytes") come out.
 
 pub mod http;
+pub mod mysql;
 pub mod postgres;
+pub mod ssh;
 
 use std::{collections::HashMap, error::Error, fmt, future::Future, pin::Pin, sync::Arc};
 
@@ -80,8 +82,10 @@ pub struct Registration {
 /// Every handler. Adding one: a line here.
 pub const REGISTRY: &[Registration] = &[
     postgres::REGISTRATION,
+    mysql::REGISTRATION,
     http::REGISTRATION,
     http::REGISTRATION_TLS,
+    ssh::REGISTRATION,
 ];
 
 /// The daemon's handlers, one instance each, by protocol.
@@ -235,10 +239,10 @@ mod tests {
     }
 
     #[test]
-    fn every_registered_protocol_has_one_handler_and_mysql_http_none_yet() {
+    fn every_registered_protocol_has_one_handler_and_http_none_yet() {
         let h = Handlers::from_sections(&toml::Table::new()).unwrap();
         assert!(h.get(Protocol::Postgres).is_some());
-        assert!(h.get(Protocol::Mysql).is_none());
+        assert!(h.get(Protocol::Mysql).is_some());
         assert!(h.get(Protocol::Http).is_none());
         assert!(
             h.get(Protocol::Tcp).is_none(),

@@ -1,11 +1,36 @@
-//! The daemon's TLS client toward upstreams: rustls (ring), the chain
-//! verified against the resource's `ca_file` or else the platform roots (read
-//! once per process), the name against what the caller passes. Fails closed:
-//! no trust anchors is an error, never "accept anything".
+//! The daemon's TLS client toward upstreams, for every handler: rustls
+//! (ring), the chain verified against the resource's `ca_file` or else the
+//! platform roots (read once per process), the name against the resource's
+//! `server_name` or else the IP dialled. Each protocol asks for TLS its own
+//! way (Postgres `SSLRequest`, `MySQL`'s capability flag, HTTPS at once) and
+//! then hands its stream here. Fails closed: no trust anchors, a bad name
+//! or a failed handshake is an error, never a plaintext fallback.
 
-use std::{path::Path, sync::Arc, sync::OnceLock};
+use std::{net::SocketAddr, path::Path, sync::Arc, sync::OnceLock};
 
-use tokio_rustls::rustls;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::{client::TlsStream, rustls};
+
+use crate::policy::UpstreamTls;
+
+/// TLS over `stream` to the database server at `addr`, per the resource's
+/// `tls` (no ALPN).
+pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    tls: &UpstreamTls,
+    addr: SocketAddr,
+) -> Result<TlsStream<S>, String> {
+    let config = client_config(tls.ca_file.as_deref(), &[])?;
+    let name = match &tls.server_name {
+        Some(n) => rustls_pki_types::ServerName::try_from(n.clone())
+            .map_err(|e| format!("server_name {n:?}: {e}"))?,
+        None => rustls_pki_types::ServerName::IpAddress(addr.ip().into()),
+    };
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, stream)
+        .await
+        .map_err(|e| e.to_string())
+}
 
 fn system_roots() -> Arc<rustls::RootCertStore> {
     static ROOTS: OnceLock<Arc<rustls::RootCertStore>> = OnceLock::new();

@@ -1,12 +1,11 @@
 //! The connection to the server: TCP to the agent's original destination,
 //! from the daemon's untagged context (so it is never redirected), then,
 //! when the resource's `tls` says `verify-full`, `SSLRequest` and TLS with
-//! rustls (ring): chain verified against `ca_file` (else the platform
-//! roots), name against `server_name` (else the IP dialled). Fails closed:
+//! rustls ([`crate::tls::client`], shared with every handler). Fails closed:
 //! a server that refuses TLS when it is required is an error, never a
 //! plaintext fallback.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use bytes::BytesMut;
 use tokio::{
@@ -56,15 +55,8 @@ pub(super) async fn connect(
             "the server does not accept TLS (answered the SSLRequest with N)".into(),
         ));
     }
-    let config = crate::tls::client_config(tls.ca_file.as_deref(), &[]).map_err(tls_err)?;
-    let name = match &tls.server_name {
-        Some(n) => rustls_pki_types::ServerName::try_from(n.clone())
-            .map_err(|e| tls_err(format!("server_name {n:?}: {e}")))?,
-        None => rustls_pki_types::ServerName::IpAddress(addr.ip().into()),
-    };
-    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
+    let stream = crate::tls::client::connect(tcp, tls, addr)
         .await
-        .map_err(|e| tls_err(e.to_string()))?;
+        .map_err(tls_err)?;
     Ok((Box::new(stream), true))
 }
