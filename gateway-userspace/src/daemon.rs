@@ -131,6 +131,7 @@ type DnsContext =
     crate::containment::dns::DnsContext<crate::containment::udp_owner::TaggedUdpOwner>;
 
 /// Runs until `shutdown` becomes true.
+#[allow(clippy::too_many_lines)] // the daemon's start, step by step, in order
 pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(), DaemonError> {
     let (hierarchy, attach, exec_root) = prepare(&cfg)?;
     let state_dir = &cfg.daemon.state_dir;
