@@ -55,6 +55,8 @@ pub struct Services {
     pub probes: Arc<crate::mask::ProbeBudget>,
     /// `[proxy] upstream_connect_timeout_ms`.
     pub upstream_connect_timeout: Duration,
+    /// The local CA TLS-terminating handlers present leaves from.
+    pub ca: Arc<crate::tls::LocalCa>,
     /// The audit log's directory: session recordings go in its
     /// `recordings/` (`audit verify` checks them there).
     pub audit_dir: std::path::PathBuf,

@@ -135,7 +135,7 @@ impl Response {
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error(
-        "agentgate daemon is not running (no control socket at {path}); start it with `agentgate run`"
+        "agentgate daemon is not running (no control socket at {path}); start it with `agentgate run`, or, if it runs with another config, set AGENTGATE_CONFIG=FILE (or pass --config FILE)"
     )]
     NotRunning { path: PathBuf },
     #[error("permission denied on {path}: the control socket is root-only")]

@@ -65,6 +65,8 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    #[error("local CA: {0}")]
+    Ca(#[from] crate::tls::TlsError),
     #[error("{what} {path}")]
     Io {
         what: &'static str,
@@ -172,6 +174,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         sql_cache: Arc::default(),
         probes: Arc::default(),
         refusal_limit: crate::containment::refusals::RefusalLimit::default(),
+        ca: Arc::new(crate::tls::LocalCa::load_or_create(state_dir)?),
     });
     let daemon = Arc::new(Daemon {
         shared: shared.clone(),

@@ -41,3 +41,4 @@ pub mod redirect;
 pub mod sql;
 pub mod sys;
 pub mod time;
+pub mod tls;

@@ -80,6 +80,8 @@ pub struct Shared {
     /// How many `control.refused` records a caller may cause (control socket
     /// and approvals API together).
     pub refusal_limit: crate::containment::refusals::RefusalLimit,
+    /// The local CA that TLS-intercepting handlers present leaves from.
+    pub ca: Arc<crate::tls::LocalCa>,
 }
 
 /// The `OpenID` provider client and the sessions the daemon holds.
@@ -99,6 +101,7 @@ impl Shared {
             sql_cache: self.sql_cache.clone(),
             probes: self.probes.clone(),
             upstream_connect_timeout: self.config.upstream_connect_timeout(),
+            ca: self.ca.clone(),
             audit_dir: self.audit.dir().to_path_buf(),
         }
     }
@@ -288,10 +291,14 @@ async fn refuse_attributed(
     reason
 }
 
-async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<(), &'static str> {
-    let prov = provenance(&client, peer, shared)?;
-    let workload = Workload::from_kernel(&prov, &shared.hierarchy);
-    let destination = redirect::socket_addr(&prov.orig_dst);
+/// Phase 3 and the connection limit: the identity the connection's cgroup
+/// is bound to, and a connection slot. A refusal here is recorded.
+async fn admit(
+    prov: &agentgate_common::Provenance,
+    workload: &Workload,
+    destination: SocketAddr,
+    shared: &Shared,
+) -> Result<(String, tokio::sync::OwnedSemaphorePermit), &'static str> {
     let binding = shared
         .bindings
         .lock()
@@ -301,7 +308,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<
     let Some(identity) = binding else {
         let reason = "cgroup binding is gone";
         return Err(refuse_attributed(
-            &workload,
+            workload,
             None,
             destination,
             "agentgate:binding-gone",
@@ -318,7 +325,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<
         let who = shared.identity_ref(&identity).await;
         let reason = "connection limit reached";
         return Err(refuse_attributed(
-            &workload,
+            workload,
             Some(who),
             destination,
             "agentgate:connection-limit",
@@ -327,6 +334,14 @@ async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<
         )
         .await);
     };
+    Ok((identity, permit))
+}
+
+async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<(), &'static str> {
+    let prov = provenance(&client, peer, shared)?;
+    let workload = Workload::from_kernel(&prov, &shared.hierarchy);
+    let destination = redirect::socket_addr(&prov.orig_dst);
+    let (identity, permit) = admit(&prov, &workload, destination, shared).await?;
     let policy = shared.policy.current();
     // An identity whose session ended (expired, revoked, logged out) is denied
     // like any other denial: recorded, and answered in the protocol's own terms.
@@ -423,7 +438,11 @@ async fn dispatch(
         let Some(resource) = resource else {
             return connect_and_relay(client, conn, &shared.config).await;
         };
-        if resource.protocol == Protocol::Tcp {
+        // Plain TCP, and HTTPS a pinned client speaks (`intercept = false`):
+        // relayed unopened and recorded as a connection only.
+        if resource.protocol == Protocol::Tcp
+            || (resource.protocol == Protocol::Https && !resource.intercept)
+        {
             return connect_and_relay(client, conn, &shared.config).await;
         }
         let Some(handler) = shared.handlers.get(resource.protocol) else {

@@ -486,7 +486,7 @@ fn attach_lsm(
                 let error = e.to_string();
                 let error = error.split(". Verifier output:").next().unwrap_or_default();
                 let why = format!("the kernel refused the BPF LSM program{lsm_note}: {error}");
-                tracing::error!(hook = name, reason = %why, "containment hook not attached");
+                tracing::debug!(hook = name, reason = %why, "containment hook not attached");
                 hooks.push(Hook {
                     name,
                     role,
@@ -495,6 +495,22 @@ fn attach_lsm(
                 });
             }
         }
+    }
+    // One line, not one per hook: a kernel without BPF LSM is a known host
+    // kind with a documented fallback; `status` keeps each hook's reason.
+    let missing: Vec<&str> = hooks
+        .iter()
+        .filter(|h| !h.attached)
+        .map(|h| h.name)
+        .collect();
+    if !missing.is_empty() {
+        tracing::warn!(
+            hooks = %missing.join(","),
+            "this kernel cannot load BPF LSM programs{lsm_note}: agents started by \
+             `agentgate exec` get a seccomp filter for socket families and Unix sockets \
+             instead (README, Containment: \"Hosts without BPF LSM\"); `agentgate status` \
+             shows each hook"
+        );
     }
     Ok(hooks)
 }

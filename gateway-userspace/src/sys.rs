@@ -794,14 +794,23 @@ const INET_DIAG_CGROUP_ID: u16 = 21;
 /// `SOCK_DIAG_BY_FAMILY`.
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 
-/// The cgroup (v2 id) of the TCP socket in this network namespace whose local
-/// end is `local` and remote end is `remote`, asked of the kernel with
-/// `sock_diag` (`NETLINK_SOCK_DIAG`, an exact lookup). `Ok(None)`: no such
-/// socket; an error when the kernel does not report cgroups.
-pub fn tcp_socket_cgroup(
+/// What the kernel says about one TCP socket (see [`tcp_socket_diag`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketDiag {
+    /// The cgroup (v2 id) the socket was created in.
+    pub cgroup: u64,
+    /// The socket's inode: `/proc/PID/fd/N` links read `socket:[inode]`.
+    pub inode: u32,
+}
+
+/// The TCP socket in this network namespace whose local end is `local` and
+/// remote end is `remote`, asked of the kernel with `sock_diag`
+/// (`NETLINK_SOCK_DIAG`, an exact lookup). `Ok(None)`: no such socket; an
+/// error when the kernel does not report cgroups.
+pub fn tcp_socket_diag(
     local: std::net::SocketAddr,
     remote: std::net::SocketAddr,
-) -> io::Result<Option<u64>> {
+) -> io::Result<Option<SocketDiag>> {
     use std::os::fd::{FromRawFd as _, OwnedFd};
     let family = match (local, remote) {
         (std::net::SocketAddr::V4(_), std::net::SocketAddr::V4(_)) => libc::AF_INET,
@@ -890,8 +899,8 @@ pub fn tcp_socket_cgroup(
     parse_diag_cgroup(&buf[..n as usize])
 }
 
-/// The cgroup id in a `sock_diag` answer (one message).
-fn parse_diag_cgroup(msg: &[u8]) -> io::Result<Option<u64>> {
+/// The cgroup id and inode in a `sock_diag` answer (one message).
+fn parse_diag_cgroup(msg: &[u8]) -> io::Result<Option<SocketDiag>> {
     let u16_at = |b: &[u8], i: usize| b.get(i..i + 2).map(|s| u16::from_ne_bytes([s[0], s[1]]));
     let u32_at = |b: &[u8], i: usize| {
         b.get(i..i + 4)
@@ -911,7 +920,9 @@ fn parse_diag_cgroup(msg: &[u8]) -> io::Result<Option<u64>> {
     if kind != SOCK_DIAG_BY_FAMILY {
         return Err(bad());
     }
-    // struct nlmsghdr (16) + struct inet_diag_msg (72), then attributes.
+    // struct nlmsghdr (16) + struct inet_diag_msg (72: idiag_inode last),
+    // then attributes.
+    let inode = u32_at(msg, 16 + 68).ok_or_else(bad)?;
     let mut at = 16 + 72;
     while at + 4 <= msg.len() {
         let alen = u16_at(msg, at).ok_or_else(bad)? as usize;
@@ -921,7 +932,8 @@ fn parse_diag_cgroup(msg: &[u8]) -> io::Result<Option<u64>> {
         }
         if atype == INET_DIAG_CGROUP_ID {
             let v = msg.get(at + 4..at + 12).ok_or_else(bad)?;
-            return Ok(Some(u64::from_ne_bytes(v.try_into().map_err(|_| bad())?)));
+            let cgroup = u64::from_ne_bytes(v.try_into().map_err(|_| bad())?);
+            return Ok(Some(SocketDiag { cgroup, inode }));
         }
         at += (alen + 3) & !3;
     }
@@ -929,4 +941,19 @@ fn parse_diag_cgroup(msg: &[u8]) -> io::Result<Option<u64>> {
         io::ErrorKind::Unsupported,
         "the kernel names no cgroup for sockets (INET_DIAG_CGROUP_ID needs Linux 5.9+)",
     ))
+}
+
+/// Whether this process holds the socket with `inode` (one of its
+/// descriptors links to `socket:[inode]`). An error when /proc/self/fd
+/// cannot be read.
+pub fn holds_socket(inode: u32) -> io::Result<bool> {
+    let want = format!("socket:[{inode}]");
+    for entry in std::fs::read_dir("/proc/self/fd")? {
+        let Ok(entry) = entry else { continue };
+        // A descriptor closed since the listing has no link: not the one.
+        if std::fs::read_link(entry.path()).is_ok_and(|l| l.as_os_str() == want.as_str()) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }

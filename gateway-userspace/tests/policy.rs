@@ -303,7 +303,7 @@ fn bad_policy_files_report_exact_positions() {
         (
             "unknown_field.toml",
             &[
-                "unknown_field.toml:5:1: unknown field `colour`, expected one of `name`, `description`, `protocol`, `addresses`, `tls`, `default_action`, `default_approval`",
+                "unknown_field.toml:5:1: unknown field `colour`, expected one of `name`, `description`, `protocol`, `addresses`, `tls`, `credential`, `default_action`, `default_approval`",
             ],
         ),
         (
@@ -1171,6 +1171,45 @@ fn allow_unix_entries_are_parsed_and_checked() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("longer than 107 bytes"), "{err}");
+}
+
+/// A resource's `credential`: database protocols only, an absolute path to a
+/// regular file that only its owner can access; errors name the file, line and column.
+#[test]
+fn credential_files_must_be_private_and_for_databases() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("pw");
+    std::fs::write(&secret, "x\n").unwrap();
+    let set_mode =
+        |m: u32| std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(m)).unwrap();
+    let policy = |protocol: &str, file: &str| {
+        format!(
+            "[[resource]]\nname = \"db\"\nprotocol = \"{protocol}\"\naddresses = [\"127.0.0.1:5432\"]\n\
+             credential = {{ user = \"app\", password_file = \"{file}\" }}\n"
+        )
+    };
+    let path = secret.display().to_string();
+    set_mode(0o600);
+    let set = load_str(&[("p.toml", &policy("postgres", &path))]).unwrap();
+    let c = set.resources()[0].credential.clone().unwrap();
+    assert_eq!(c.user, "app");
+    assert_eq!(c.password_file, secret);
+    let err = |text: String| {
+        load_str(&[("p.toml", &text)])
+            .expect_err("must be refused")
+            .to_string()
+    };
+    set_mode(0o640);
+    let e = err(policy("postgres", &path));
+    assert!(e.starts_with("p.toml:5:"), "{e}");
+    assert!(e.contains("mode 640") && e.contains("chmod 600"), "{e}");
+    set_mode(0o604);
+    assert!(err(policy("mysql", &path)).contains("chmod 600"));
+    set_mode(0o600);
+    assert!(err(policy("tcp", &path)).contains("for database resources"));
+    assert!(err(policy("postgres", "pw")).contains("absolute path"));
+    assert!(err(policy("postgres", "/nonexistent/agentgate/pw")).contains("No such file"));
 }
 
 #[test]

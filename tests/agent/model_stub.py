@@ -12,7 +12,8 @@ Every request's tool results are appended as JSON lines to the file named by
 With --script FILE the plan is read from FILE (a JSON list of [tool, arguments]) at
 each request instead of SCRIPT, so a test can give each agent run its own plan.
 
-Usage: python model_stub.py --port 0 --transcript FILE [--script FILE]   (prints the port when ready)
+Usage: python model_stub.py --port 0 --transcript FILE [--script FILE] [--tls-cert C --tls-key K]
+(prints the port when ready)
 """
 
 import argparse
@@ -104,10 +105,18 @@ def main():
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--transcript", required=True)
     p.add_argument("--script", help="JSON list of [tool, arguments], read at each request")
+    p.add_argument("--tls-cert", help="serve HTTPS with this certificate (and --tls-key)")
+    p.add_argument("--tls-key")
     a = p.parse_args()
     server = ThreadingHTTPServer(("127.0.0.1", a.port), Handler)
     server.transcript = a.transcript
     server.script = a.script
+    if a.tls_cert:
+        import ssl
+
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(a.tls_cert, a.tls_key)
+        server.socket = ctx.wrap_socket(server.socket, server_side=True)
     print(server.server_address[1], flush=True)
     try:
         server.serve_forever()

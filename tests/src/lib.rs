@@ -601,5 +601,6 @@ pub fn read_until(out: &mut impl std::io::Read, pred: impl Fn(&str) -> bool) -> 
 }
 pub mod agent;
 pub mod leak;
+pub mod mysql;
 pub mod pg;
 pub mod ssh;

@@ -380,6 +380,39 @@ fn a_held_drop_is_approved_in_the_browser_and_the_api_enforces_who_may_vote() {
     );
     assert_eq!(pending(env).len(), 1, "still pending");
 
+    // An untagged shell that shares the daemon's cgroup (a terminal beside
+    // `agentgate run`) is not the proxy: served. The relayed call above was
+    // refused although it came from the same cgroup.
+    let procs = env.cgroup.path.join("daemon/cgroup.procs");
+    let mut c = std::process::Command::new("sh");
+    c.arg("-c").arg(format!(
+        "echo $$ > {} && exec nsenter --net=/run/netns/{} -- \"$@\"",
+        procs.display(),
+        env.netns.name
+    ));
+    c.args(["sh", "curl"]);
+    curl_args(
+        &mut c,
+        "GET",
+        &format!("/api/approvals/{id}"),
+        Some(&alice),
+        None,
+    );
+    let out = run_ok(&mut c).unwrap();
+    let (code, body) = parse_curl(&out.stdout);
+    assert_eq!(code, 200, "{body}");
+    let (code, metrics) = {
+        let mut c = std::process::Command::new("sh");
+        c.arg("-c").arg(format!(
+            "echo $$ > {} && exec nsenter --net=/run/netns/{} -- curl -sS -m 20 -w '\n%{{http_code}}' http://127.0.0.1:{API_PORT}/metrics",
+            procs.display(),
+            env.netns.name
+        ));
+        parse_curl(&run_ok(&mut c).unwrap().stdout)
+    };
+    assert_eq!(code, 200, "{metrics}");
+    assert!(metrics.contains("agentgate_"), "{metrics}");
+
     // The page's forms need a signed-in session (and its CSRF token).
     let mut c = env.netns.command("curl");
     c.args([

@@ -2,7 +2,7 @@
 //! a result, only a yes/no per statement, still gets nothing. An extractor
 //! (`scripts/ssn_extractor.py`, one psycopg connection) tries to recover a
 //! customer's full SSN through each oracle class: errors, conditions
-//! (GREATEST), timing (pg_sleep), enumeration in one statement (IN lists of
+//! (`GREATEST`), timing (`pg_sleep`), enumeration in one statement (IN lists of
 //! 2,000 guesses, `= ANY`), enumeration across statements (one guess each,
 //! past the budget) and joins against tables the agent wrote. Run directly
 //! against the server it recovers the value (so it works); through the
@@ -15,7 +15,7 @@
 //! `version()`, a JDBC-style and an ORM metadata query) returns the same
 //! bytes through the gateway as directly.
 
-use std::{fs, os::unix::fs::PermissionsExt as _, process::Stdio};
+use std::{fmt::Write as _, fs, os::unix::fs::PermissionsExt as _, process::Stdio};
 
 use agentgate_e2e::{
     DaemonOptions, Env, Proc,
@@ -194,6 +194,7 @@ const UTILITY: &[&[&str]] = &[
 ];
 
 #[test]
+#[allow(clippy::too_many_lines)] // one daemon and database for every class, in order
 fn no_oracle_recovers_a_protected_value_and_what_is_not_data_is_not_masked() {
     let mut env = Env::prepare(
         "pgoracle",
@@ -262,10 +263,11 @@ fn no_oracle_recovers_a_protected_value_and_what_is_not_data_is_not_masked() {
             let got = extract(&env, url, class, arg, true);
             let recovered = got["recovered"].as_str().unwrap_or_default();
             let learned = hidden_digits_learned(recovered);
-            table.push_str(&format!(
-                "{class:<12} {mode:<8} learned {learned} hidden digits in {} statements ({} refused)\n",
+            let _ = writeln!(
+                table,
+                "{class:<12} {mode:<8} learned {learned} hidden digits in {} statements ({} refused)",
                 got["statements"], got["refused"]
-            ));
+            );
             if learned > 0 || recovered == TARGET {
                 failures.push(format!("{class} through the gateway ({mode}): {got}"));
             }

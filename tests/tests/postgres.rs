@@ -1157,3 +1157,118 @@ print(json.dumps([before.fetchone()[0], after.fetchone()[0]]))
     let v: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
     assert_eq!(v, serde_json::json!(["Customer 2", "pipelined"]));
 }
+
+/// Reads for `demo` on a Postgres resource whose login the daemon holds.
+fn credential_policy(pw_file: &std::path::Path) -> String {
+    format!(
+        r#"
+[[resource]]
+name = "pg"
+protocol = "postgres"
+addresses = ["127.0.0.1:5432"]
+default_action = "deny"
+credential = {{ user = "app", password_file = "{}" }}
+
+[[rule]]
+name = "demo-reads"
+identities = ["demo"]
+resources = ["pg"]
+action = "allow"
+match = {{ sql = ["read", "transaction"] }}
+"#,
+        pw_file.display()
+    )
+}
+
+/// The daemon holds the database login: the agent (an unprivileged user
+/// that cannot read the secret) connects with a wrong password, or none,
+/// and its queries run as the resource's user; the records name the
+/// credential and never hold the secret; a secret file others can read
+/// refuses the policy with its file and line.
+#[test]
+fn the_daemon_logs_in_with_the_resources_credential() {
+    let secrets = std::env::temp_dir().join(format!("agentgate-cred-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&secrets);
+    std::fs::create_dir_all(&secrets).unwrap();
+    let pw_file = secrets.join("app.pw");
+    // Test-only secret, unique to this run so a leak cannot be a coincidence.
+    let secret = format!(
+        "app-secret-{}-{}",
+        std::process::id(),
+        agentgate_e2e::unique("s")
+    );
+    std::fs::write(&pw_file, format!("{secret}\n")).unwrap();
+    let mode = |m: u32| {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&pw_file, std::fs::Permissions::from_mode(m)).unwrap();
+    };
+    mode(0o600);
+    let opts = DaemonOptions {
+        policies: vec![("pg.toml".into(), credential_policy(&pw_file))],
+        ..DaemonOptions::default()
+    };
+    let env = Env::new("pgcred", opts).unwrap();
+    let pg = PgServer::start(&env.netns, 5432, false).unwrap();
+    pg.seed_customers(10).unwrap();
+    pg.admin_sql(&format!(
+        "CREATE ROLE app LOGIN PASSWORD '{secret}'; GRANT SELECT ON customers TO app;"
+    ))
+    .unwrap();
+
+    let cat = env
+        .exec_as("nobody", "demo", &["cat", &pw_file.display().to_string()])
+        .output()
+        .unwrap();
+    assert!(!cat.status.success(), "the agent cannot read the secret");
+
+    for (what, url) in [
+        (
+            "a wrong password",
+            "host=127.0.0.1 port=5432 user=agent dbname=postgres password=wrong sslmode=disable",
+        ),
+        (
+            "no password",
+            "host=127.0.0.1 port=5432 user=agent dbname=postgres sslmode=disable",
+        ),
+    ] {
+        let sql = "SELECT current_user, count(*) FROM customers";
+        let out = env
+            .exec_as("nobody", "demo", &[PSQL, url, "-w", "-qAtc", sql])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{what}: {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout).trim(), "app|10", "{what}");
+    }
+
+    let recs = audit_records(&env);
+    let starts: Vec<_> = recs
+        .iter()
+        .filter(|r| r["kind"] == "session.start")
+        .collect();
+    assert_eq!(starts.len(), 2, "{starts:#?}");
+    for s in &starts {
+        assert_eq!(s["action"]["user"], "app", "{s:#}");
+        assert_eq!(s["action"]["credential"]["user"], "app", "{s:#}");
+        let file = pw_file.display().to_string();
+        assert_eq!(s["action"]["credential"]["password_file"], file, "{s:#}");
+    }
+    let everything = format!(
+        "{}\n{}",
+        serde_json::to_string(&recs).unwrap(),
+        env.daemon_log()
+    );
+    assert!(
+        !everything.contains(&secret),
+        "the secret is in a record or the log"
+    );
+
+    // A secret file its group can read refuses the policy, with file:line.
+    mode(0o640);
+    let dir = env.state.join("policy").display().to_string();
+    let out = env.agentgate(&["policy", "check", &dir]).output().unwrap();
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("pg.toml:7:"), "{err}");
+    assert!(err.contains("chmod 600"), "{err}");
+    let _ = std::fs::remove_dir_all(&secrets);
+}

@@ -15,14 +15,18 @@ use std::{
     fs,
     io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
 
-use super::{DemoPostgres, agent_venv, cmd, setup, status, target_dir};
+use super::{
+    DemoPostgres, agent_venv, cmd,
+    procs::{ExecCgroup, Guard, Pins, start_provider},
+    setup, status, target_dir,
+};
 
 static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -55,87 +59,6 @@ const PROXY_PORT: u16 = 15011;
 const AGENT: &str = "contractor@bank";
 const APPROVER: &str = "bob";
 const REJECT_REASON: &str = "dropping customers is not in the change plan (CHG-1042)";
-
-/// A child stopped (SIGTERM, then SIGKILL) on drop.
-struct Guard {
-    name: &'static str,
-    child: Child,
-}
-
-impl Guard {
-    fn spawn(name: &'static str, c: &mut Command) -> Result<Self> {
-        let child = c.spawn().with_context(|| format!("starting {name}"))?;
-        Ok(Self { name, child })
-    }
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            if let Ok(pid) = i32::try_from(self.child.id()) {
-                #[allow(unsafe_code)]
-                // SAFETY: kill(2) on a child this process started and has not reaped.
-                unsafe {
-                    libc::kill(pid, libc::SIGTERM);
-                }
-            }
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    eprintln!("demo: stopped {}", self.name);
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-            eprintln!("demo: killed {}", self.name);
-        }
-    }
-}
-
-/// Removes the daemon's bpffs pins on drop (nothing stays attached).
-struct Pins(PathBuf);
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Removes the demo's (empty) exec cgroups on drop.
-struct ExecCgroup(Option<PathBuf>);
-
-impl ExecCgroup {
-    fn new() -> Self {
-        let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        let mount = mounts
-            .lines()
-            .map(|l| l.split_whitespace().collect::<Vec<_>>())
-            .find(|f| f.len() > 2 && f[2] == "cgroup2")
-            .map(|f| PathBuf::from(f[1]));
-        Self(mount.map(|m| m.join("agentgate-demo")))
-    }
-}
-
-fn remove_cgroups(p: &Path) {
-    if let Ok(entries) = fs::read_dir(p) {
-        for e in entries.filter_map(Result::ok) {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                remove_cgroups(&e.path());
-            }
-        }
-    }
-    let _ = fs::remove_dir(p);
-}
-
-impl Drop for ExecCgroup {
-    fn drop(&mut self) {
-        if let Some(p) = &self.0 {
-            remove_cgroups(p);
-        }
-    }
-}
 
 fn policy() -> String {
     format!(
@@ -321,26 +244,11 @@ pub fn run(root: &Path) -> Result<()> {
     }
 
     println!("== PostgreSQL on 127.0.0.1:{PG_PORT} with a `customers` table of fake personal data");
-    let Some(_pg) = DemoPostgres::start_on(&state.join("pg"), PG_PORT)? else {
+    let Some(_pg) = DemoPostgres::start_on(&state.join("pg"), PG_PORT, Path::new("/tmp"))? else {
         bail!("127.0.0.1:{PG_PORT} is in use; the demo starts its own PostgreSQL there");
     };
     println!("== the test OpenID provider (npm oidc-provider) at http://127.0.0.1:{OIDC_PORT}");
-    let mut c = cmd("node");
-    c.arg("provider.mjs")
-        .current_dir(root.join("tests/oidc"))
-        .env("OIDC_PORT", OIDC_PORT.to_string())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    let mut provider = Guard::spawn("OpenID provider", &mut c)?;
-    let mut out = BufReader::new(provider.child.stdout.take().context("stdout")?);
-    let mut ready = String::new();
-    out.read_line(&mut ready)?;
-    if !ready.contains("issuer") {
-        bail!("the OpenID provider did not start");
-    }
-    // Keep draining: oidc-provider writes notices to stdout, and a closed pipe
-    // would kill it with EPIPE.
-    std::thread::spawn(move || for _ in out.lines() {});
+    let provider = start_provider(root, OIDC_PORT)?;
     println!("== the scripted model (OpenAI-compatible) at http://127.0.0.1:{STUB_PORT}/v1");
     let mut c = cmd("python3");
     c.arg(root.join("tests/agent/model_stub.py"))
@@ -356,7 +264,7 @@ pub fn run(root: &Path) -> Result<()> {
         state.join("daemon.log").display()
     );
     let _pins = Pins(PathBuf::from("/sys/fs/bpf/agentgate-demo"));
-    let _cgroups = ExecCgroup::new();
+    let _cgroups = ExecCgroup::new("agentgate-demo");
     let log = fs::File::create(state.join("daemon.log"))?;
     let mut c = d.agentgate(&["run"]);
     c.env("AGENTGATE_LOG", "info")

@@ -16,6 +16,8 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod demo;
+mod local;
+mod procs;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "agentgate's build, run and test tasks")]
@@ -32,6 +34,19 @@ enum Task {
     BuildEbpf,
     /// Set up, build, and run the daemon in the foreground on a local default config.
     Run {
+        /// Replace `.state/agentgate.toml` with the default this command writes
+        /// (the old file is kept as `agentgate.toml.old`); the audit log is kept.
+        #[arg(long)]
+        fresh: bool,
+        /// With --fresh: also delete the audit log and the approvals store.
+        #[arg(long, requires = "fresh")]
+        discard_audit: bool,
+        /// Run this agentgate binary instead of building the release one (tests).
+        #[arg(long, hide = true)]
+        bin: Option<PathBuf>,
+        /// State directory instead of `.state` (tests; no pointer file is written).
+        #[arg(long, hide = true)]
+        state: Option<PathBuf>,
         /// Extra arguments after `agentgate run`.
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
@@ -77,10 +92,19 @@ const APT_PACKAGES: &[&str] = &[
     "sudo",
     // The approvals page test and the report screenshots drive it (npm playwright-core).
     "chromium",
+    // `cargo xtask bench mysql` drives it.
+    "sysbench",
 ];
 
 /// Python modules the tests import, with the `PyPI` requirement that provides each.
-const PY_PACKAGES: &[(&str, &str)] = &[("psycopg", "psycopg[binary]==3.2.*")];
+const PY_PACKAGES: &[(&str, &str)] = &[
+    ("psycopg", "psycopg[binary]==3.2.*"),
+    // MySQL: text protocol (PyMySQL, ed25519 through PyNaCl) and binary
+    // protocol (mysql-connector-python's prepared cursors).
+    ("pymysql", "PyMySQL==1.1.*"),
+    ("nacl", "PyNaCl==1.5.*"),
+    ("mysql.connector", "mysql-connector-python==9.*"),
+];
 
 fn main() -> ExitCode {
     match run(Cli::parse()) {
@@ -98,7 +122,22 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Task::Setup => setup(&root),
         Task::BuildEbpf => build_ebpf(&root),
-        Task::Run { args } => run_daemon(&root, &args),
+        Task::Run {
+            fresh,
+            discard_audit,
+            bin,
+            state,
+            args,
+        } => local::run(
+            &root,
+            &local::Options {
+                fresh,
+                discard_audit,
+                bin,
+                state,
+            },
+            &args,
+        ),
         Task::Test { filter, no_lint } => test(&root, filter.as_deref(), no_lint),
         Task::Demo => demo::run(&root),
         Task::Bench { which, quick } => bench(&root, which.as_deref(), quick),
@@ -297,85 +336,8 @@ fn build_ebpf(root: &Path) -> Result<()> {
 
 /// The local default: state under .state/, policies from policies/local, the
 /// product's defaults otherwise (fail-closed, fast path on).
-fn local_config(root: &Path) -> Result<PathBuf> {
-    let state = root.join(".state");
-    fs::create_dir_all(&state)?;
-    let path = state.join("agentgate.toml");
-    let text = format!(
-        "# Written by `cargo xtask run`; edit freely, it is rewritten only if missing.\n\
-         [daemon]\n\
-         state_dir = \"{state}\"\n\
-         control_socket = \"{state}/control.sock\"\n\
-         exec_cgroup = \"agentgate-local\"\n\
-         fail_mode = \"closed\"\n\
-         bpffs_dir = \"/sys/fs/bpf/agentgate-local\"\n\
-         # Unverified identities for trying agentgate without an OpenID provider.\n\
-         label_identities = [\n\
-         \x20 {{ name = \"demo\", groups = [\"demo\"] }},\n\
-         \x20 {{ name = \"approver\", groups = [\"approvers\"] }},\n\
-         ]\n\n\
-         # Label identities may vote on approvals here (local trials only).\n\
-         [approvals]\n\
-         allow_labels = true\n\n\
-         [policy]\n\
-         dir = \"{policies}\"\n\n\
-         [audit]\n\
-         dir = \"{state}/audit\"\n\n\
-         [proxy]\n\
-         port = 15001\n",
-        state = state.display(),
-        policies = root.join("policies/local").display(),
-    );
-    if !path.exists() {
-        fs::write(&path, text)?;
-    }
-    Ok(path)
-}
-
-fn run_daemon(root: &Path, args: &[String]) -> Result<()> {
-    setup(root)?;
-    status(cmd("cargo").args(["build", "--release", "-p", "agentgate"]))?;
-    let config = local_config(root)?;
-    let bin = target_dir(root).join("release/agentgate");
-    let demo_pg = DemoPostgres::start(&root.join(".state/pg"))?;
-    let psql = format!("{PG_BIN}/psql");
-    eprintln!(
-        "\nagentgate is starting with {config}.\n\
-         {pg}\n\
-         In another terminal (as root; agents run as an ordinary user), try:\n\
-         \x20 export AGENTGATE_CONFIG={config} PGPASSWORD={pw}\n\
-         \x20 # reads are allowed; ssn, card and email come back masked:\n\
-         \x20 {bin} exec --identity demo --user nobody -- {psql} -h 127.0.0.1 -U postgres -c 'SELECT * FROM customers LIMIT 3'\n\
-         \x20 # writes wait for an approver (see the NOTICE for the request id):\n\
-         \x20 {bin} exec --identity demo --user nobody -- {psql} -h 127.0.0.1 -U postgres -c \"UPDATE customers SET name = 'x' WHERE id = 1\"\n\
-         \x20 {bin} approvals list\n\
-         \x20 {bin} approvals approve <ID> --as approver\n\
-         \x20 # plain TCP: the local pack allows 127.0.0.1:7777\n\
-         \x20 python3 -m http.server 7777 --bind 127.0.0.1 &  {bin} exec --identity demo --user nobody -- curl -sS http://127.0.0.1:7777/ >/dev/null\n\
-         \x20 {bin} status\n\
-         \x20 {bin} audit verify --dir {state}/audit\n\
-         Stop with Ctrl-C. Tagged processes cannot connect anywhere while it is down (fail-closed).\n",
-        config = config.display(),
-        bin = bin.display(),
-        pw = DemoPostgres::PASSWORD,
-        state = root.join(".state").display(),
-        pg = demo_pg.as_ref().map_or_else(
-            || "A server already listens on 127.0.0.1:5432; the demo database was not started."
-                .to_owned(),
-            |_| "A demo PostgreSQL with a fake `customers` table listens on 127.0.0.1:5432."
-                .to_owned()
-        ),
-    );
-    // Ctrl-C reaches the whole foreground group: the daemon stops on it, and
-    // this process must outlive the daemon to stop the demo database after.
-    ignore_sigint();
-    let result = status(cmd(&bin).arg("--config").arg(&config).arg("run").args(args));
-    drop(demo_pg);
-    result
-}
-
 #[allow(unsafe_code)]
-fn ignore_sigint() {
+pub(crate) fn ignore_sigint() {
     // SAFETY: setting a signal to SIG_IGN has no handler to run; the daemon
     // child installs its own handler, which replaces the inherited SIG_IGN.
     unsafe {
@@ -383,7 +345,7 @@ fn ignore_sigint() {
     }
 }
 
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+pub(crate) const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
 /// A throwaway `PostgreSQL` for the local walkthrough, on 127.0.0.1:5432, with a
 /// `customers` table of fake personal data. Stopped on drop.
@@ -396,11 +358,13 @@ impl DemoPostgres {
     const PASSWORD: &'static str = "demo";
 
     fn start(dir: &Path) -> Result<Option<Self>> {
-        Self::start_on(dir, 5432)
+        Self::start_on(dir, 5432, Path::new("/tmp"))
     }
 
     /// As [`DemoPostgres::start`], on `port`; `None` if something listens there.
-    fn start_on(dir: &Path, port: u16) -> Result<Option<Self>> {
+    /// `sockets`: the directory of its Unix socket (Unix sockets are not
+    /// network-namespaced: a test's server keeps out of /tmp).
+    fn start_on(dir: &Path, port: u16, sockets: &Path) -> Result<Option<Self>> {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
             return Ok(None);
         }
@@ -436,7 +400,10 @@ impl DemoPostgres {
                 .arg("-D")
                 .arg(&data)
                 .arg("-o")
-                .arg(format!("-c listen_addresses=127.0.0.1 -p {port} -k /tmp"))
+                .arg(format!(
+                    "-c listen_addresses=127.0.0.1 -p {port} -k {}",
+                    sockets.display()
+                ))
                 .arg("-l")
                 .arg(dir.join("postgres.log"))
                 .args(["-w", "start"]),
@@ -449,7 +416,7 @@ impl DemoPostgres {
             as_postgres("psql")
                 .args([
                     "-h",
-                    "/tmp",
+                    &sockets.display().to_string(),
                     "-p",
                     &port.to_string(),
                     "-U",
@@ -522,11 +489,19 @@ fn test(root: &Path, filter: Option<&str>, no_lint: bool) -> Result<()> {
     Ok(())
 }
 
-/// The Postgres decoder and SSH command classifier fuzz targets, 20 s each (80 s in all). A crash fails
+/// The decoders' and classifiers' fuzz targets (Postgres, MySQL, the HTTP
+/// glue, the SSH command classifier), 15 s each (90 s in all). A crash fails
 /// the run; its input is left in gateway-userspace/fuzz/artifacts.
 fn fuzz_smoke(root: &Path) -> Result<()> {
     let dir = root.join("gateway-userspace");
-    for target in ["pg_frontend", "pg_backend", "pg_mask_row", "ssh_command"] {
+    for target in [
+        "pg_frontend",
+        "pg_backend",
+        "pg_mask_row",
+        "mysql_codec",
+        "http_glue",
+        "ssh_command",
+    ] {
         let corpus = dir.join("fuzz/corpus").join(target);
         fs::create_dir_all(&corpus)?;
         status(
@@ -534,7 +509,7 @@ fn fuzz_smoke(root: &Path) -> Result<()> {
                 .args(["run", "nightly", "cargo", "fuzz", "run", "-O", target])
                 .arg(&corpus)
                 .arg(dir.join("fuzz/seeds").join(target))
-                .args(["--", "-max_total_time=20"])
+                .args(["--", "-max_total_time=15"])
                 .current_dir(&dir),
         )?;
     }
@@ -576,12 +551,17 @@ fn bench(root: &Path, which: Option<&str>, quick: bool) -> Result<()> {
     setup(root)?;
     let all = which.is_none();
     let mut ran = false;
-    for name in ["audit", "policy", "evidence", "pg"] {
+    for name in ["audit", "policy", "evidence", "pg", "mysql"] {
         if !(all || which == Some(name)) {
             continue;
         }
         if name == "pg" {
             bench_pg(root, quick)?;
+            ran = true;
+            continue;
+        }
+        if name == "mysql" {
+            bench_mysql(root, quick)?;
             ran = true;
             continue;
         }
@@ -597,6 +577,30 @@ fn bench(root: &Path, which: Option<&str>, quick: bool) -> Result<()> {
         bail!("no benchmarks ran");
     }
     Ok(())
+}
+
+/// sysbench against `MariaDB` directly, through the TCP passthrough and through
+/// the `MySQL` handler (`tests/src/bin/my_bench.rs`): the release daemon, as root.
+fn bench_mysql(root: &Path, quick: bool) -> Result<()> {
+    if !is_root() {
+        bail!("`bench mysql` runs the daemon with its eBPF programs: run it as root");
+    }
+    status(cmd("cargo").args(["build", "--release", "-p", "agentgate"]))?;
+    let mut c = cmd("cargo");
+    c.args([
+        "run",
+        "--release",
+        "-p",
+        "agentgate-e2e",
+        "--bin",
+        "my_bench",
+        "--",
+    ])
+    .env("AGENTGATE_BIN", target_dir(root).join("release/agentgate"));
+    if quick {
+        c.arg("--quick");
+    }
+    status(&mut c)
 }
 
 /// pgbench against Postgres directly, through agentgate and through pgbouncer

@@ -1,13 +1,15 @@
 //! Who is on the other end of an HTTP connection, for one rule: the governed
 //! side never votes. A loopback peer's socket is looked up with `sock_diag`
-//! (`INET_DIAG_CGROUP_ID`, the cgroup the socket was created in) and refused
-//! when that cgroup is tagged or below a tagged one, or when it is the
-//! daemon's own cgroup: the daemon never calls its own API, so such a peer is
-//! the proxy relaying a tagged workload's connection. Fails closed: a
-//! loopback peer whose cgroup cannot be determined, or any peer when the
-//! lookup itself fails, is refused. A peer whose socket the kernel does not
-//! hold in this network namespace is on another host: not governed here
-//! (the API is TLS-only there).
+//! (`INET_DIAG_CGROUP_ID`, the cgroup the socket was created in, and its
+//! inode) and refused when that cgroup is tagged or below a tagged one, or
+//! when the socket is the daemon's own: the daemon never calls its own API,
+//! so a peer socket the daemon holds is the proxy relaying a tagged
+//! workload's connection. That is told apart exactly (the daemon's
+//! descriptors), not by cgroup: an untagged shell that shares the daemon's
+//! cgroup is served. Fails closed: a loopback peer whose socket cannot be
+//! looked up, or whose owner cannot be checked, is refused. A peer whose
+//! socket the kernel does not hold in this network namespace is on another
+//! host: not governed here (the API is TLS-only there).
 
 use std::net::SocketAddr;
 
@@ -23,7 +25,7 @@ const MAX_CGROUPS: usize = 4096;
 pub enum Refusal {
     /// Inside or below a tagged cgroup.
     Governed { cgroup: String, identity: String },
-    /// The daemon's own cgroup: a tagged workload's connection relayed by the proxy.
+    /// The daemon's own socket: a tagged workload's connection relayed by the proxy.
     Relayed,
     /// A local peer whose cgroup could not be read.
     Unresolved(String),
@@ -70,8 +72,8 @@ pub fn check(
     // dial one of the host's other addresses (and the proxy relays from
     // whatever source address the destination needs). A socket the kernel
     // does not know in this namespace is a remote peer's.
-    let id = match crate::sys::tcp_socket_cgroup(remote, local) {
-        Ok(Some(id)) => id,
+    let diag = match crate::sys::tcp_socket_diag(remote, local) {
+        Ok(Some(d)) => d,
         Ok(None) if !loopback => return peer,
         Ok(None) => {
             peer.refused = Some(Refusal::Unresolved("no such socket".into()));
@@ -82,10 +84,24 @@ pub fn check(
             return peer;
         }
     };
+    let id = diag.cgroup;
     peer.cgroup_id = Some(id);
+    // Only a socket made in the daemon's cgroup can be the daemon's; the
+    // descriptor scan is skipped for everyone else.
     if own_cgroup == Some(id) {
-        peer.refused = Some(Refusal::Relayed);
-        return peer;
+        match crate::sys::holds_socket(diag.inode) {
+            Ok(true) => {
+                peer.refused = Some(Refusal::Relayed);
+                return peer;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                peer.refused = Some(Refusal::Unresolved(format!(
+                    "cannot read the daemon's descriptors: {e}"
+                )));
+                return peer;
+            }
+        }
     }
     peer.refused = governing(id, hierarchy, bindings);
     peer
@@ -131,8 +147,9 @@ mod tests {
     use super::*;
 
     /// The kernel names this process's cgroup for a socket it made, and an
-    /// untagged, non-daemon peer is allowed; the same peer is refused when
-    /// its cgroup is the daemon's (a relayed connection).
+    /// untagged, non-daemon peer is allowed; a peer socket the daemon itself
+    /// holds is refused (a relayed connection), another process's socket in
+    /// the daemon's cgroup is not.
     #[test]
     fn sock_diag_finds_the_peer_sockets_cgroup() {
         let Ok(h) = Hierarchy::discover() else {
@@ -148,8 +165,27 @@ mod tests {
         let peer = check(local, remote, None, &h, &bindings);
         assert_eq!(peer.cgroup_id, Some(mine), "{peer:?}");
         assert!(peer.refused.is_none(), "{peer:?}");
+        // This process holds the peer socket: in the daemon's place, that is
+        // the proxy relaying.
         let peer = check(local, remote, Some(mine), &h, &bindings);
         assert_eq!(peer.refused, Some(Refusal::Relayed));
+        // Another process in the same cgroup (a shell beside the daemon) is
+        // served: the cgroup alone does not make a peer the proxy.
+        let mut other = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import socket,sys,time; s=socket.create_connection(('127.0.0.1',int(sys.argv[1]))); sys.stdin.read()",
+                &local.port().to_string(),
+            ])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 (the test's other process)");
+        let (_theirs, theirs) = listener.accept().unwrap();
+        let peer = check(local, theirs, Some(mine), &h, &bindings);
+        drop(other.stdin.take());
+        let _ = other.wait();
+        assert_eq!(peer.cgroup_id, Some(mine), "{peer:?}");
+        assert!(peer.refused.is_none(), "{peer:?}");
         // A socket that does not exist is not guessed at: refused.
         let gone: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let peer = check(local, gone, None, &h, &bindings);

@@ -450,6 +450,8 @@ pub fn render(r: &Report) -> String {
     h.push_str(&omitted(&r.approvals));
     h.push_str("</section>");
 
+    h.push_str(&r.model_channel.html());
+
     // Containment.
     let _ = write!(
         h,

@@ -22,6 +22,7 @@
 
 pub mod html;
 pub mod model;
+pub mod model_channel;
 pub mod policy;
 
 use std::{

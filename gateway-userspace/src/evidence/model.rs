@@ -391,6 +391,8 @@ pub struct Report {
     pub failures: Capped<Denial>,
     pub approvals: Capped<Approval>,
     pub containment: Containment,
+    /// Model API calls and prompt DLP (`evidence::model_channel`).
+    pub model_channel: super::model_channel::ModelChannel,
     /// Policy versions in force and what their changes let through
     /// (evidence/policy.rs); `None` until added by the builder.
     pub policy: Option<super::policy::PolicyInForce>,
@@ -590,6 +592,7 @@ pub struct Collector {
     /// Grants of identities in scope not revoked: (identity, expiry, record).
     grants: HashMap<String, (Open, Option<String>)>,
     containment: Containment,
+    model_channel: super::model_channel::ModelChannel,
     findings: BTreeMap<String, Findings>,
     sessions: HashMap<String, Open>,
     /// Sign-ins the daemon holds, by identity, with their expiry (unix seconds).
@@ -652,6 +655,7 @@ impl Collector {
                 items: Some(Capped::new(LIST_CAP)),
                 ..Containment::default()
             },
+            model_channel: super::model_channel::ModelChannel::default(),
             findings,
             sessions: HashMap::new(),
             logins: HashMap::new(),
@@ -733,6 +737,7 @@ impl Collector {
             self.track_open(seq, hash, rec, &who);
             if in_period {
                 self.observe_identity(seq, hash, rec, &who);
+                self.model_channel.observe(seq, rec);
             }
         }
         self.daemon.last_time = Some(rec.time.clone());
@@ -1206,14 +1211,19 @@ impl Collector {
         }
     }
 
-    fn observe_command(&mut self, rec: &Record, who: &str, cite: &Cite, verdict: Option<String>) {
-        let action = rec.action.as_ref();
+    /// A statement the masking refused as a search, by oracle class.
+    fn count_masking_refusal(&mut self, action: Option<&Value>) {
         if let Some(oracle) = text(field(action, "masking_refusal"), "oracle")
             && (self.masking.refusals.len() < KEY_CAP
                 || self.masking.refusals.contains_key(&oracle))
         {
             *self.masking.refusals.entry(clip(&oracle)).or_default() += 1;
         }
+    }
+
+    fn observe_command(&mut self, rec: &Record, who: &str, cite: &Cite, verdict: Option<String>) {
+        let action = rec.action.as_ref();
+        self.count_masking_refusal(action);
         let approval = rec.approval.as_ref();
         let verdict = verdict.unwrap_or_else(|| "none".into());
         let approved = verdict == "allow"
@@ -2012,6 +2022,7 @@ impl Collector {
             failures: self.failures,
             approvals,
             containment: self.containment,
+            model_channel: self.model_channel,
             policy: None,
             controls: controls(),
             citations_omitted: 0,

@@ -428,11 +428,11 @@ fn drop_table() -> Action {
 }
 
 /// Holds DROP TABLE under `held`'s rule, with `held`'s resource.
-async fn hold_under(f: &Fixture, held: &PolicySet) -> Hold {
+async fn hold_under(f: &Fixture, filed: &PolicySet) -> Hold {
     let action = drop_table();
-    let resource = held.resource("db").unwrap();
+    let resource = filed.resource("db").unwrap();
     let gate = Gate::new(&Conn, &f.subject, resource, &f.sink, &f.broker);
-    let decision = gate.decide(held, &action);
+    let decision = gate.decide(filed, &action);
     assert_eq!(decision.rule, "r");
     let Outcome::Held(hold) = gate
         .admit_action(command(true), &decision, None, &action)
@@ -446,8 +446,8 @@ async fn hold_under(f: &Fixture, held: &PolicySet) -> Hold {
 #[tokio::test(start_paused = true)]
 async fn a_reload_that_allows_a_held_command_releases_it_on_record() {
     let f = Fixture::new();
-    let (held, now) = policies("allow");
-    let mut hold = hold_under(&f, &held).await;
+    let (filed, now) = policies("allow");
+    let mut hold = hold_under(&f, &filed).await;
     let id = hold.request_id.clone();
     assert_eq!(
         f.broker.policy_reloaded(&now).await,
@@ -480,8 +480,8 @@ async fn a_reload_that_allows_a_held_command_releases_it_on_record() {
 #[tokio::test(start_paused = true)]
 async fn a_reload_that_denies_a_held_command_denies_it_on_record() {
     let f = Fixture::new();
-    let (held, now) = policies("deny");
-    let mut hold = hold_under(&f, &held).await;
+    let (filed, now) = policies("deny");
+    let mut hold = hold_under(&f, &filed).await;
     assert_eq!(f.broker.policy_reloaded(&now).await.len(), 1);
     assert_eq!(f.kept.kinds().last().copied(), Some("approval.refused"));
     let answer = hold.decided().await;
@@ -498,10 +498,10 @@ async fn a_reload_that_denies_a_held_command_denies_it_on_record() {
 #[tokio::test(start_paused = true)]
 async fn a_reload_that_still_asks_leaves_the_request_and_a_failed_record_releases_nothing() {
     let f = Fixture::new();
-    let (held, allow) = policies("allow");
-    let hold = hold_under(&f, &held).await;
+    let (filed, allow) = policies("allow");
+    let hold = hold_under(&f, &filed).await;
     // The same policy again: still held, as filed.
-    assert!(f.broker.policy_reloaded(&held).await.is_empty());
+    assert!(f.broker.policy_reloaded(&filed).await.is_empty());
     assert_eq!(f.broker.list().len(), 1);
     // The release cannot be recorded: it does not happen.
     f.kept.fail(true);

@@ -217,19 +217,18 @@ impl ProbeBudget {
                 h.update(b"v");
                 h.update(s.as_bytes());
             }
-            Probe::Param(n) => match param(*n) {
-                Some(bytes) => {
+            Probe::Param(n) => {
+                if let Some(bytes) = param(*n) {
                     h.update(b"v");
                     h.update(&bytes);
-                }
-                None => {
+                } else {
                     let n = self
                         .unknown
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     h.update(b"u");
                     h.update(&n.to_le_bytes());
                 }
-            },
+            }
         }
         let mut out = [0u8; 16];
         out.copy_from_slice(&h.finalize().as_bytes()[..16]);
@@ -240,9 +239,9 @@ impl ProbeBudget {
 /// `24h`, `90m`, `45s`.
 fn shown(d: Duration) -> String {
     let s = d.as_secs();
-    if s > 0 && s % 3600 == 0 {
+    if s > 0 && s.is_multiple_of(3600) {
         format!("{}h", s / 3600)
-    } else if s > 0 && s % 60 == 0 {
+    } else if s > 0 && s.is_multiple_of(60) {
         format!("{}m", s / 60)
     } else {
         format!("{s}s")
@@ -276,7 +275,7 @@ mod tests {
     fn distinct_values_are_counted_per_identity_and_the_window_renews_them() {
         let b = ProbeBudget::default();
         let mut alerts = b.subscribe();
-        let uses = [use_of(3, Duration::from_secs(60))];
+        let uses = [use_of(3, Duration::from_mins(1))];
         let t0 = Instant::now();
         let charge = |who: &str, v: &[&str], at: Instant| {
             let values = lits(v);
@@ -313,7 +312,7 @@ mod tests {
     #[test]
     fn parameters_count_by_their_bytes_or_once_per_execution() {
         let b = ProbeBudget::default();
-        let uses = [use_of(2, Duration::from_secs(60))];
+        let uses = [use_of(2, Duration::from_mins(1))];
         let t0 = Instant::now();
         let values = vec![Probe::Param(1)];
         let known = Probes {

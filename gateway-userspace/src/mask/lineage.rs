@@ -65,9 +65,9 @@ pub trait Relations {
 
     /// Whether a server parameter ([`crate::sql::lineage::PARAMETER`]) is
     /// built in: its value describes the server, not data, and is not
-    /// masked. The default serves Postgres and MySQL: a plain name (`[a-z0-9_]`,
-    /// no `.`: Postgres custom parameters are `x.y`), or a MySQL system
-    /// variable (`@@name`); never a MySQL user variable (`@x`), a
+    /// masked. The default serves Postgres and `MySQL`: a plain name (`[a-z0-9_]`,
+    /// no `.`: Postgres custom parameters are `x.y`), or a `MySQL` system
+    /// variable (`@@name`); never a `MySQL` user variable (`@x`), a
     /// parameter whose name is an expression, or `application_name` (free
     /// text any session may set). A handler with its own list overrides it.
     fn builtin_parameter(&self, name: &str) -> bool {
@@ -611,9 +611,22 @@ pub fn column(policy: &MaskPolicy, rels: &dyn Relations, lineage: &Lineage) -> C
     {
         return ColumnMask::Json(Arc::new(m));
     }
+    // A keyed hash of a value the statement's author chose (a literal, a
+    // row of a table without the rule) would let it test guesses against
+    // the hashes of the protected values: `SELECT email ... UNION ALL
+    // VALUES ('guess')`. Such a column is redacted instead.
+    let mixed = lineage.constant
+        || lineage.sources.iter().any(|(s, f)| {
+            let mut one = Vec::new();
+            expand(policy, rels, s, *f, 0, &mut one);
+            one.is_empty()
+        });
     let mut mask = ColumnMask::Pass;
     for h in hits {
         let m = match (h.rule, h.flow) {
+            (Some(rule), _) if mixed && rule.strategy == Strategy::KeyedHash => {
+                ColumnMask::Redact { unknown: false }
+            }
             (Some(rule), flow @ (Flow::Direct | Flow::Preserved)) => ColumnMask::Rule {
                 strategy: rule.strategy,
                 flow,
@@ -1194,7 +1207,7 @@ mod tests {
                     EqualityLimits {
                         max_values: 10,
                         budget: 3,
-                        window: std::time::Duration::from_secs(3600),
+                        window: std::time::Duration::from_hours(1),
                     },
                 ),
             ],
@@ -1225,6 +1238,31 @@ mod tests {
         // Parameters are counted when bound, not at parse.
         for _ in 0..3 {
             assert!(run("a", "SELECT id FROM customers WHERE ssn = $1").is_ok());
+        }
+    }
+
+    #[test]
+    fn a_keyed_hash_is_never_computed_of_a_value_the_agent_chose() {
+        let p = MaskPolicy::new(
+            vec![ColumnRule::parse("customers.email", Strategy::KeyedHash)],
+            DetectorSet::NONE,
+            Strategy::Redact,
+        )
+        .with_key(Some(Arc::new(crate::mask::MaskKey::new([3; 32]))));
+        let label = |sql: &str| {
+            let s = stmt(sql);
+            plan(&p, &NoCatalog, Some(&s.outputs), &[], &computed(1))[0].label()
+        };
+        assert_eq!(label("SELECT email FROM customers"), Some("direct"));
+        assert_eq!(label("SELECT max(email) FROM customers"), Some("preserved"));
+        for sql in [
+            "SELECT email FROM customers UNION ALL SELECT 'guess'",
+            "SELECT email FROM customers WHERE false UNION ALL VALUES ('a'), ('b')",
+            "SELECT coalesce(email, 'guess') FROM customers",
+            "SELECT CASE WHEN id = 1 THEN email ELSE 'guess' END FROM customers",
+            "SELECT email FROM customers UNION ALL SELECT g FROM guesses",
+        ] {
+            assert_eq!(label(sql), Some("derived-redacted"), "{sql}");
         }
     }
 
@@ -1427,6 +1465,7 @@ mod tests {
         /// An expression and whether a protected column (ssn, email) is in
         /// it, and whether it is a bare column reference.
         #[derive(Debug, Clone)]
+        #[allow(clippy::struct_excessive_bools)] // what the property checks, one flag each
         struct Gen {
             sql: String,
             protected: bool,
@@ -1456,6 +1495,7 @@ mod tests {
             })
         }
 
+        #[allow(clippy::too_many_lines)] // one generator, one arm per form
         fn expr() -> impl Strategy<Value = Gen> {
             let leaf = prop_oneof![
                 4 => column(),
@@ -1589,6 +1629,7 @@ mod tests {
             /// Whatever the select list, no output column with a protected
             /// column in it is passed raw; a bare reference keeps its rule.
             #[test]
+            #[allow(clippy::too_many_lines)]
             fn no_protected_column_is_ever_passed_raw(
                 items in proptest::collection::vec(expr(), 1..5),
                 wrap in 0u8..3,

@@ -26,7 +26,7 @@
 //! loosening, never towards hiding one. Changes that are not loosening are
 //! `tightened` (the mirror image) or `changed` (an approval timeout).
 
-use std::time::Duration;
+use std::{fmt::Write as _, time::Duration};
 
 use serde::Serialize;
 
@@ -323,16 +323,16 @@ fn condition_lists(c: &Conditions) -> Vec<(&'static str, Option<Vec<String>>)> {
     ]
 }
 
-fn compare_approvals(f: &mut Findings, o: &ApprovalSpec, n: &ApprovalSpec) {
-    if n.quorum < o.quorum {
+fn compare_approvals(f: &mut Findings, old: &ApprovalSpec, new: &ApprovalSpec) {
+    if new.quorum < old.quorum {
         f.looser
-            .push(format!("quorum: {} -> {}", o.quorum, n.quorum));
-    } else if n.quorum > o.quorum {
+            .push(format!("quorum: {} -> {}", old.quorum, new.quorum));
+    } else if new.quorum > old.quorum {
         f.tighter
-            .push(format!("quorum: {} -> {}", o.quorum, n.quorum));
+            .push(format!("quorum: {} -> {}", old.quorum, new.quorum));
     }
-    let og: Vec<String> = o.approver_groups.clone();
-    let ng: Vec<String> = n.approver_groups.clone();
+    let og: Vec<String> = old.approver_groups.clone();
+    let ng: Vec<String> = new.approver_groups.clone();
     let added: Vec<&String> = ng.iter().filter(|g| !og.contains(g)).collect();
     let removed: Vec<&String> = og.iter().filter(|g| !ng.contains(g)).collect();
     if !added.is_empty() {
@@ -343,20 +343,25 @@ fn compare_approvals(f: &mut Findings, o: &ApprovalSpec, n: &ApprovalSpec) {
         f.tighter
             .push(format!("approver_groups: removed {}", quoted(&removed)));
     }
-    match (o.grant_window, n.grant_window) {
-        (a, b) if a == b => {}
-        (None, Some(b)) => f.looser.push(format!("grant_window: none -> {}", secs(b))),
-        (Some(a), None) => f.tighter.push(format!("grant_window: {} -> none", secs(a))),
-        (Some(a), Some(b)) if b > a => {
-            f.looser
-                .push(format!("grant_window: {} -> {}", secs(a), secs(b)))
-        }
-        (Some(a), Some(b)) => f
+    match (old.grant_window, new.grant_window) {
+        (before, after) if before == after => {}
+        (None, Some(after)) => f
+            .looser
+            .push(format!("grant_window: none -> {}", secs(after))),
+        (Some(before), None) => f
             .tighter
-            .push(format!("grant_window: {} -> {}", secs(a), secs(b))),
+            .push(format!("grant_window: {} -> none", secs(before))),
+        (Some(before), Some(after)) if after > before => {
+            f.looser
+                .push(format!("grant_window: {} -> {}", secs(before), secs(after)));
+        }
+        (Some(before), Some(after)) => {
+            f.tighter
+                .push(format!("grant_window: {} -> {}", secs(before), secs(after)));
+        }
         (None, None) => {}
     }
-    match (o.grant_scope, n.grant_scope) {
+    match (old.grant_scope, new.grant_scope) {
         (GrantScope::Statement, GrantScope::Class) => {
             f.looser.push("grant_scope: statement -> class".into());
         }
@@ -365,11 +370,11 @@ fn compare_approvals(f: &mut Findings, o: &ApprovalSpec, n: &ApprovalSpec) {
         }
         _ => {}
     }
-    if o.timeout != n.timeout {
+    if old.timeout != new.timeout {
         f.other.push(format!(
             "approval timeout: {} -> {}",
-            secs(o.timeout),
-            secs(n.timeout)
+            secs(old.timeout),
+            secs(new.timeout)
         ));
     }
 }
@@ -542,11 +547,12 @@ fn approval_text(a: &ApprovalSpec) -> String {
         q(&secs(a.timeout))
     );
     if let Some(w) = a.grant_window {
-        s.push_str(&format!(
+        let _ = write!(
+            s,
             ", grant_window = {}, grant_scope = {}",
             q(&secs(w)),
             q(a.grant_scope.as_str())
-        ));
+        );
     }
     s.push_str(" }");
     s
@@ -564,12 +570,12 @@ fn strip_origin(text: &str) -> &str {
 pub fn rule_text(r: &Rule) -> String {
     let mut s = format!("[[rule]]\nname = {}\n", q(&r.name));
     if !r.identities.is_empty() {
-        s.push_str(&format!("identities = {}\n", list(&globs(&r.identities))));
+        let _ = writeln!(s, "identities = {}", list(&globs(&r.identities)));
     }
     if !r.groups.is_empty() {
-        s.push_str(&format!("groups = {}\n", list(&globs(&r.groups))));
+        let _ = writeln!(s, "groups = {}", list(&globs(&r.groups)));
     }
-    s.push_str(&format!("resources = {}\n", list(&globs(&r.resources))));
+    let _ = writeln!(s, "resources = {}", list(&globs(&r.resources)));
     let conds: Vec<String> = condition_lists(&r.conditions)
         .into_iter()
         .filter_map(|(k, v)| {
@@ -583,11 +589,11 @@ pub fn rule_text(r: &Rule) -> String {
         })
         .collect();
     if !conds.is_empty() {
-        s.push_str(&format!("match = {{ {} }}\n", conds.join(", ")));
+        let _ = writeln!(s, "match = {{ {} }}", conds.join(", "));
     }
-    s.push_str(&format!("action = {}\n", q(r.action.as_str())));
+    let _ = writeln!(s, "action = {}", q(r.action.as_str()));
     if let RuleAction::RequireApproval(a) = &r.action {
-        s.push_str(&format!("approval = {}\n", approval_text(a)));
+        let _ = writeln!(s, "approval = {}", approval_text(a));
     }
     s.push_str(ORIGIN);
     s.push_str(&r.origin);
@@ -602,7 +608,7 @@ fn default_text(r: &Resource) -> String {
         q(r.default.as_str())
     );
     if let RuleAction::RequireApproval(a) = &r.default {
-        s.push_str(&format!("\ndefault_approval = {}", approval_text(a)));
+        let _ = write!(s, "\ndefault_approval = {}", approval_text(a));
     }
     s
 }
@@ -618,25 +624,26 @@ pub fn render_text(d: &PolicyDiff) -> String {
         d.changes.iter().filter(|c| c.loosens).count()
     );
     for c in &d.changes {
-        s.push_str(&format!(
+        let _ = write!(
+            s,
             "\n{} {}{}\n",
             c.change.as_str().to_uppercase(),
             c.name,
             if c.loosens { "  (loosens)" } else { "" }
-        ));
+        );
         for h in &c.how {
-            s.push_str(&format!("  {h}\n"));
+            let _ = writeln!(s, "  {h}");
         }
         if let Some(t) = &c.old_text {
             s.push_str("  --- old\n");
             for l in t.lines() {
-                s.push_str(&format!("  - {l}\n"));
+                let _ = writeln!(s, "  - {l}");
             }
         }
         if let Some(t) = &c.new_text {
             s.push_str("  +++ new\n");
             for l in t.lines() {
-                s.push_str(&format!("  + {l}\n"));
+                let _ = writeln!(s, "  + {l}");
             }
         }
     }

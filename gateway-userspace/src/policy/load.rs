@@ -321,6 +321,30 @@ fn load_sources(sources: &[Source]) -> Result<PolicySet, PolicyErrors> {
                     Err(msg) => errors.at(&a.span(), msg),
                 }
             }
+            if !protocol.is_http() {
+                if let Some(i) = &r.intercept {
+                    errors.at(&i.span(), "`intercept` applies to `https` resources only");
+                }
+                if let Some(p) = &r.profile {
+                    errors.at(
+                        &p.span(),
+                        "`profile` applies to `http` and `https` resources only",
+                    );
+                }
+                if let Some(p) = &r.prompt_dlp {
+                    errors.at(
+                        &p.span(),
+                        "`prompt_dlp` applies to `http` and `https` resources only",
+                    );
+                }
+            } else if let Some(i) = &r.intercept
+                && protocol == Protocol::Http
+            {
+                errors.at(
+                    &i.span(),
+                    "`intercept` applies to `https` resources only (plain HTTP is always read)",
+                );
+            }
             let tls = r.tls.as_ref().map(|t| {
                 let spec = t.get_ref();
                 let mode = spec.mode.unwrap_or_default();
@@ -360,13 +384,25 @@ fn load_sources(sources: &[Source]) -> Result<PolicySet, PolicyErrors> {
                 "default_action",
                 "default_approval",
             );
+            let credential = r
+                .credential
+                .as_ref()
+                .and_then(|c| build_credential(&mut errors, c, protocol));
             by_name.insert(name.clone(), index);
             resources.push(Resource {
                 name,
                 protocol,
                 addresses,
                 tls,
+                credential,
                 default: default.unwrap_or(RuleAction::Deny),
+                intercept: r.intercept.as_ref().is_none_or(|i| *i.get_ref()),
+                profile: r.profile.as_ref().map(|p| *p.get_ref()),
+                prompt_dlp: r
+                    .prompt_dlp
+                    .as_ref()
+                    .map(|p| *p.get_ref())
+                    .unwrap_or_default(),
                 index,
             });
         }
@@ -548,6 +584,52 @@ pub fn unix_allow(pattern: &str) -> Result<UnixAllow, String> {
         pattern: pattern.to_owned(),
         prefix,
         exact,
+    })
+}
+
+/// A resource's `credential`: only database protocols log in; the file
+/// must be absolute, a regular file, and unreadable to group and others.
+fn build_credential(
+    errors: &mut Errors<'_>,
+    c: &Spanned<super::model::CredentialSpec>,
+    protocol: Protocol,
+) -> Option<super::model::Credential> {
+    use std::os::unix::fs::PermissionsExt as _;
+    if !matches!(protocol, Protocol::Postgres | Protocol::Mysql) {
+        errors.at(
+            &c.span(),
+            "`credential` is for database resources (protocol postgres or mysql)",
+        );
+        return None;
+    }
+    let spec = c.get_ref();
+    if spec.user.get_ref().is_empty() {
+        errors.at(&spec.user.span(), "`user` is empty");
+    }
+    let file = spec.password_file.get_ref();
+    let at = spec.password_file.span();
+    if !file.is_absolute() {
+        errors.at(&at, "`password_file` must be an absolute path");
+        return None;
+    }
+    match std::fs::metadata(file) {
+        Err(e) => errors.at(&at, format!("`password_file` {}: {e}", file.display())),
+        Ok(m) if !m.is_file() => {
+            errors.at(&at, format!("`password_file` {} is not a regular file", file.display()));
+        }
+        Ok(m) if m.permissions().mode() & 0o077 != 0 => errors.at(
+            &at,
+            format!(
+                "`password_file` {} is accessible to group or others (mode {:o}); it must be readable by its owner only (chmod 600)",
+                file.display(),
+                m.permissions().mode() & 0o777
+            ),
+        ),
+        Ok(_) => {}
+    }
+    Some(super::model::Credential {
+        user: spec.user.get_ref().clone(),
+        password_file: file.clone(),
     })
 }
 
@@ -975,7 +1057,7 @@ fn build_rule(
             } else if !matched.is_empty() {
                 let fits = |p: Protocol| {
                     (c.has_sql() && p.sql_dialect().is_some())
-                        || ((c.has_http() || c.has_kube()) && p == Protocol::Http)
+                        || ((c.has_http() || c.has_kube()) && p.is_http())
                         || (c.has_ssh() && p == Protocol::Ssh)
                 };
                 if kinds == 1 && !matched.iter().any(|res| fits(res.protocol)) {

@@ -24,9 +24,9 @@ pub use load::{
     PolicyError, PolicyErrors, load_dir, load_str, unix_allow,
 };
 pub use model::{
-    Action, ActionKind, AddressPattern, ApprovalSpec, CgroupBinding, Conditions, Decision,
-    GrantScope, Protocol, Resource, Rule, RuleAction, SSH_CLASSES, Subject, TlsMode, UnixAllow,
-    UnknownDestination, UpstreamTls, Verdict,
+    Action, ActionKind, AddressPattern, ApprovalSpec, CgroupBinding, Conditions, Credential,
+    Decision, GrantScope, HttpProfile, PromptDlp, Protocol, Resource, Rule, RuleAction,
+    SSH_CLASSES, Subject, TlsMode, UnixAllow, UnknownDestination, UpstreamTls, Verdict,
 };
 pub use set::{DNS_LOOKUP_TIMEOUT, DnsAnswer, PolicySet};
 pub use store::{FileStamp, PolicyStore, ReloadOutcome, WatchEvent, WatchOptions, watch};

@@ -63,8 +63,34 @@ pub(crate) struct ResourceSpec {
     pub protocol: Spanned<Protocol>,
     pub addresses: Spanned<Vec<Spanned<String>>>,
     pub tls: Option<Spanned<TlsSpec>>,
+    pub credential: Option<Spanned<CredentialSpec>>,
     pub default_action: Option<Spanned<ActionKind>>,
     pub default_approval: Option<Spanned<ApprovalSpecFile>>,
+    /// HTTPS only: `false` relays the TLS connection unopened (pinned clients).
+    pub intercept: Option<Spanned<bool>>,
+    /// HTTP(S) only: an API profile (`openai`) with its own records and checks.
+    pub profile: Option<Spanned<HttpProfile>>,
+    /// `openai` profile: what a prompt carrying a detected value gets.
+    pub prompt_dlp: Option<Spanned<PromptDlp>>,
+}
+
+/// What prompt DLP does with a model call whose body carries a detected value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PromptDlp {
+    /// Replace each detected value in place and send the call.
+    #[default]
+    Mask,
+    /// Refuse the call (403 with a problem body naming detector and path).
+    Refuse,
+}
+
+/// An HTTP API whose calls the handler understands beyond method and path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpProfile {
+    /// OpenAI-compatible model APIs: chat completions and Responses.
+    Openai,
 }
 
 #[derive(Debug, Deserialize)]
@@ -73,6 +99,14 @@ pub(crate) struct TlsSpec {
     pub mode: Option<TlsMode>,
     pub ca_file: Option<Spanned<PathBuf>>,
     pub server_name: Option<Spanned<String>>,
+}
+
+/// `credential = { user = "...", password_file = "/..." }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CredentialSpec {
+    pub user: Spanned<String>,
+    pub password_file: Spanned<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -174,6 +208,9 @@ pub enum Protocol {
     Postgres,
     Mysql,
     Http,
+    /// HTTP inside TLS: the agent's TLS ends at the gateway (a leaf from the
+    /// local CA), the upstream gets TLS again.
+    Https,
     Tcp,
     Ssh,
 }
@@ -184,6 +221,7 @@ impl Protocol {
             Protocol::Postgres => "postgres",
             Protocol::Mysql => "mysql",
             Protocol::Http => "http",
+            Protocol::Https => "https",
             Protocol::Tcp => "tcp",
             Protocol::Ssh => "ssh",
         }
@@ -194,8 +232,13 @@ impl Protocol {
         match self {
             Protocol::Postgres => Some(crate::sql::Dialect::Postgres),
             Protocol::Mysql => Some(crate::sql::Dialect::MySql),
-            Protocol::Http | Protocol::Tcp | Protocol::Ssh => None,
+            Protocol::Http | Protocol::Https | Protocol::Tcp | Protocol::Ssh => None,
         }
+    }
+
+    /// Served by the HTTP handler.
+    pub fn is_http(self) -> bool {
+        matches!(self, Protocol::Http | Protocol::Https)
     }
 }
 
@@ -218,6 +261,45 @@ pub struct UpstreamTls {
     pub ca_file: Option<PathBuf>,
     /// Name to verify and send as SNI; `None`: the DNS name the agent dialled, if any.
     pub server_name: Option<String>,
+}
+
+/// A database login the daemon holds for a resource (`credential`): the
+/// handler logs in upstream as `user` with the secret in `password_file`
+/// (read at each login, never logged), whatever the agent sent. Records name
+/// the user and the file, never the secret. Any database handler uses it
+/// (Postgres: SCRAM-SHA-256, MD5 or cleartext, as the server asks).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credential {
+    pub user: String,
+    /// Absolute; readable by its owner only (checked when the policy loads).
+    pub password_file: PathBuf,
+}
+
+/// Longest secret read from a `password_file`.
+pub const MAX_SECRET_BYTES: u64 = 4096;
+
+impl Credential {
+    /// The secret: the file's content without its trailing newline.
+    pub fn read_secret(&self) -> std::io::Result<secrecy::SecretString> {
+        use std::io::Read as _;
+        let mut text = String::new();
+        std::fs::File::open(&self.password_file)?
+            .take(MAX_SECRET_BYTES + 1)
+            .read_to_string(&mut text)?;
+        if text.len() as u64 > MAX_SECRET_BYTES {
+            return Err(std::io::Error::other(format!(
+                "longer than {MAX_SECRET_BYTES} bytes"
+            )));
+        }
+        let trimmed = text.trim_end_matches(['\n', '\r']).len();
+        text.truncate(trimmed);
+        Ok(secrecy::SecretString::from(text))
+    }
+
+    /// What records say about it (never the secret).
+    pub fn describe(&self) -> serde_json::Value {
+        serde_json::json!({ "user": self.user, "password_file": self.password_file.display().to_string() })
+    }
 }
 
 /// One entry of a resource's `addresses`.
@@ -329,8 +411,18 @@ pub struct Resource {
     pub protocol: Protocol,
     pub addresses: Vec<AddressPattern>,
     pub tls: Option<UpstreamTls>,
+    /// The upstream login the daemon holds for this resource; `None`:
+    /// the agent's own login is passed through.
+    pub credential: Option<Credential>,
     /// Applies when no rule matches.
     pub default: RuleAction,
+    /// HTTPS: terminate the agent's TLS and decide per request (the
+    /// default); `false`: relay the connection and record it only.
+    pub intercept: bool,
+    /// HTTP(S): the API profile, if any.
+    pub profile: Option<HttpProfile>,
+    /// `openai` profile: mask or refuse a prompt carrying a detected value.
+    pub prompt_dlp: PromptDlp,
     /// Index in its `PolicySet` (a fast path; lookups fall back to the name).
     pub(crate) index: usize,
 }

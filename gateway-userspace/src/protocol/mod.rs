@@ -23,6 +23,8 @@
 //! Below each handler's `proxy` (or equivalent I/O) submodule, its layers are
 //! sans-IO: bytes go in, messages (or "need more bytes") come out.
 
+pub mod http;
+pub mod mysql;
 pub mod postgres;
 pub mod ssh;
 
@@ -78,7 +80,13 @@ pub struct Registration {
 }
 
 /// Every handler. Adding one: a line here.
-pub const REGISTRY: &[Registration] = &[postgres::REGISTRATION, ssh::REGISTRATION];
+pub const REGISTRY: &[Registration] = &[
+    postgres::REGISTRATION,
+    mysql::REGISTRATION,
+    http::REGISTRATION,
+    http::REGISTRATION_TLS,
+    ssh::REGISTRATION,
+];
 
 /// The daemon's handlers, one instance each, by protocol.
 #[derive(Clone, Default)]
@@ -231,10 +239,10 @@ mod tests {
     }
 
     #[test]
-    fn every_registered_protocol_has_one_handler_and_mysql_http_none_yet() {
+    fn every_registered_protocol_has_one_handler_and_http_none_yet() {
         let h = Handlers::from_sections(&toml::Table::new()).unwrap();
         assert!(h.get(Protocol::Postgres).is_some());
-        assert!(h.get(Protocol::Mysql).is_none());
+        assert!(h.get(Protocol::Mysql).is_some());
         assert!(h.get(Protocol::Http).is_none());
         assert!(
             h.get(Protocol::Tcp).is_none(),

@@ -50,6 +50,13 @@ pub struct AnalysisCache {
 impl AnalysisCache {
     /// The statement's analysis, from the cache when its shape was seen.
     pub fn analyze(&self, sql: &str, dialect: Dialect) -> Arc<Analysis> {
+        // MySQL's executable comments are code: the shape (which drops
+        // comments) must see them as such.
+        let unwrapped = match dialect {
+            Dialect::MySql => super::mysql::unwrap_executable_comments(sql),
+            Dialect::Postgres => std::borrow::Cow::Borrowed(sql),
+        };
+        let sql = &*unwrapped;
         let Some(shape) = shape(sql, dialect) else {
             return Arc::new(analyze_uncached(sql, dialect));
         };
@@ -86,6 +93,23 @@ impl AnalysisCache {
 
 /// Parse, classify and redact, without the cache.
 pub fn analyze_uncached(sql: &str, dialect: Dialect) -> Analysis {
+    if dialect == Dialect::MySql {
+        let sql = super::mysql::unwrap_executable_comments(sql);
+        if super::mysql::preclassify(&sql, 0).is_some() {
+            // Statements the parser does not model: no lineage (their
+            // results, if any, are masked as of unknown origin).
+            return Analysis {
+                classification: Arc::new(classify(&sql, dialect)),
+                redacted: redact_for_log(&sql, dialect),
+                lineage: None,
+            };
+        }
+        return analyze_parsed(&sql, dialect);
+    }
+    analyze_parsed(sql, dialect)
+}
+
+fn analyze_parsed(sql: &str, dialect: Dialect) -> Analysis {
     // One parse for both; text that does not parse is classified on its
     // own terms (cursor moves, the reason) and has no lineage.
     let parsed = (sql.len() <= super::MAX_SQL_LEN)

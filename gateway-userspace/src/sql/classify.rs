@@ -173,6 +173,28 @@ fn literal_free_error(msg: &str) -> String {
 
 /// Classify SQL text. Never fails: what cannot be classified is `Unknown`.
 pub fn classify(sql: &str, dialect: Dialect) -> Classification {
+    classify_at(sql, dialect, 0)
+}
+
+/// [`classify`], `depth` levels into `PREPARE ... FROM '...'` texts.
+pub(super) fn classify_at(sql: &str, dialect: Dialect, depth: u8) -> Classification {
+    if sql.len() > MAX_SQL_LEN {
+        return Classification::unparsed(format!(
+            "SQL text is {} bytes, over the {MAX_SQL_LEN}-byte limit",
+            sql.len()
+        ));
+    }
+    if dialect == Dialect::MySql {
+        let sql = super::mysql::unwrap_executable_comments(sql);
+        if let Some(segments) = super::mysql::preclassify(&sql, depth) {
+            return combine(super::mysql::classify_segments(&segments));
+        }
+        return classify_plain(&sql, dialect);
+    }
+    classify_plain(sql, dialect)
+}
+
+fn classify_plain(sql: &str, dialect: Dialect) -> Classification {
     if sql.len() > MAX_SQL_LEN {
         return Classification::unparsed(format!(
             "SQL text is {} bytes, over the {MAX_SQL_LEN}-byte limit",
@@ -830,7 +852,7 @@ impl Walker {
     }
 }
 
-fn classify_statement(stmt: &Statement) -> StatementInfo {
+pub(super) fn classify_statement(stmt: &Statement) -> StatementInfo {
     let mut w = Walker {
         class: StatementClass::Transaction,
         destructive: false,

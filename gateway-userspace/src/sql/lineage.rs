@@ -69,6 +69,10 @@ pub struct Lineage {
     /// Set when the value is a JSON object (or array of objects) built from
     /// named fields, so that protected fields can be masked inside it.
     pub json: Option<Box<JsonShape>>,
+    /// A literal or parameter may reach the value (`VALUES`, a `UNION`
+    /// arm, a `CASE` result, a `COALESCE` default): a value the statement's
+    /// author chose, which a keyed hash must not be computed of.
+    pub constant: bool,
 }
 
 /// A JSON value built by a known builder: `row_to_json(t)`, `to_json(t)`,
@@ -100,6 +104,7 @@ impl Lineage {
 
     /// The union; a JSON shape survives only a union with nothing.
     pub fn merge(&mut self, other: &Lineage) {
+        self.constant |= other.constant;
         if other.sources.is_empty() && other.json.is_none() {
             return;
         }
@@ -1260,7 +1265,10 @@ impl Ctx {
                 self.scope.resolve(&parts)
             }
             Expr::Nested(inner) => self.expr(inner),
-            Expr::Value(_) | Expr::TypedString(_) => Lineage::default(),
+            Expr::Value(_) | Expr::TypedString(_) => Lineage {
+                constant: true,
+                ..Lineage::default()
+            },
             Expr::Cast {
                 kind,
                 expr,
@@ -1566,7 +1574,7 @@ impl Ctx {
     fn operands(&mut self, e: &Expr) -> Lineage {
         let mut found = Children::new(1);
         let _ = e.visit(&mut found);
-        self.children(found)
+        self.children(&found)
     }
 
     /// The lineage of the outermost expressions (and queries) in an AST
@@ -1574,10 +1582,10 @@ impl Ctx {
     fn top_level(&mut self, node: &dyn VisitDyn) -> Lineage {
         let mut found = Children::new(0);
         node.visit_dyn(&mut found);
-        self.children(found)
+        self.children(&found)
     }
 
-    fn children(&mut self, found: Children) -> Lineage {
+    fn children(&mut self, found: &Children) -> Lineage {
         let mut l = Lineage::default();
         for q in &found.queries {
             let outs = self.query(q);
@@ -1599,6 +1607,7 @@ impl Ctx {
     /// A boolean condition: split at `AND`/`OR`/`NOT`; each leaf is an
     /// equality test or a search, recorded as answering `oracle`. Returns
     /// what the condition reads.
+    #[allow(clippy::too_many_lines)] // one arm per kind of test
     fn condition(&mut self, e: &Expr, oracle: Oracle) -> Lineage {
         use sqlparser::ast::BinaryOperator as B;
         match e {
@@ -1809,8 +1818,8 @@ impl Visitor for Children {
 }
 
 /// The relation of a [`Source`] that is a server parameter (`SHOW x`,
-/// `current_setting('x')`, `version()`, MySQL `@@x`, `@x`): its column is
-/// the parameter's name (`@@name` for a MySQL system variable, `@name` for
+/// `current_setting('x')`, `version()`, `MySQL` `@@x`, `@x`): its column is
+/// the parameter's name (`@@name` for a `MySQL` system variable, `@name` for
 /// a user variable). The policy side decides which are built in (not data,
 /// [`crate::mask::lineage::Relations::builtin_parameter`]).
 pub const PARAMETER: &str = "(server parameter)";
@@ -1834,16 +1843,13 @@ fn server_parameter(name: &str, f: &Function) -> Option<Lineage> {
     };
     match (name, list.args.first()) {
         ("version", None) => Some(parameter("server_version")),
-        ("current_setting", Some(FunctionArg::Unnamed(FunctionArgExpr::Expr(e))))
+        ("current_setting", Some(FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(v)))))
             if list.args.len() <= 2 && f.over.is_none() && f.filter.is_none() =>
         {
-            match e {
-                Expr::Value(v) => match &v.value {
-                    Value::SingleQuotedString(s) => Some(parameter(s)),
-                    _ => Some(parameter("(expression)")),
-                },
-                _ => None,
-            }
+            Some(match &v.value {
+                Value::SingleQuotedString(s) => parameter(s),
+                _ => parameter("(expression)"),
+            })
         }
         _ => None,
     }
@@ -1884,7 +1890,7 @@ enum FunctionKind {
     Other,
 }
 
-/// Functions (Postgres and MySQL names) by what they can do with a value.
+/// Functions (Postgres and `MySQL` names) by what they can do with a value.
 /// A function not listed is [`FunctionKind::Other`]: it may fail.
 fn function_kind(name: &str) -> FunctionKind {
     use FunctionKind as K;
@@ -1974,8 +1980,8 @@ fn is_condition(e: &Expr) -> bool {
         Expr::UnaryOp {
             op: UnaryOperator::Not,
             ..
-        } => true,
-        Expr::IsFalse(_)
+        }
+        | Expr::IsFalse(_)
         | Expr::IsNotFalse(_)
         | Expr::IsTrue(_)
         | Expr::IsNotTrue(_)
@@ -2457,6 +2463,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::too_many_lines)] // one table of cases
     fn a_value_that_steers_control_flow_is_a_predicate_wherever_it_is() {
         for (sql, want) in [
             // Conditions in the select list, CASE, FILTER, NULLIF, COALESCE.

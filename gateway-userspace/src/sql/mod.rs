@@ -9,6 +9,7 @@
 mod analysis;
 mod classify;
 pub mod lineage;
+pub mod mysql;
 mod redact;
 
 pub use analysis::{Analysis, AnalysisCache, MAX_CACHED_LEN, MAX_SHAPES, analyze_uncached};

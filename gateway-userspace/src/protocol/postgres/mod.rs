@@ -43,6 +43,7 @@ pub mod cancel;
 pub mod catalog;
 pub mod codec;
 pub mod config;
+mod credential;
 pub mod error;
 pub mod mask;
 pub mod proxy;

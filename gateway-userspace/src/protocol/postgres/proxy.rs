@@ -352,7 +352,13 @@ pub async fn serve(mut client: TcpStream, ctx: PgContext) -> Result<(), PgProxyE
             .await;
         return Ok(());
     }
-    let (upstream, tls) = match upstream::connect(
+    // The resource's own login, when it names one: read now (a rotated
+    // secret applies to the next connection), never shown to anyone.
+    let credential = match &ctx.resource.credential {
+        None => None,
+        Some(c) => Some((c, super::credential::read(&mut client, &ctx, c).await?)),
+    };
+    let (mut upstream, tls) = match upstream::connect(
         ctx.conn.destination,
         ctx.resource.tls.as_ref(),
         ctx.settings.connect_timeout,
@@ -371,8 +377,21 @@ pub async fn serve(mut client: TcpStream, ctx: PgContext) -> Result<(), PgProxyE
         }
     };
     let mut uout = BytesMut::new();
-    startup.encode(&mut uout);
+    let Some((cred, secret)) = credential else {
+        startup.encode(&mut uout);
+        let mut pg = Pg::new(&ctx, cin, uout, tls, param);
+        let (cr, cw) = client.into_split();
+        let (ur, uw) = tokio::io::split(upstream);
+        let result = pg.run(cr, cw, ur, uw).await;
+        pg.close_record(result.as_ref().err()).await;
+        return result;
+    };
+    let (params, rest) =
+        super::credential::start(&mut client, &mut *upstream, &ctx, cred, secret, startup).await?;
+    let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     let mut pg = Pg::new(&ctx, cin, uout, tls, param);
+    pg.uin = rest;
+    pg.credential = Some(cred.describe());
     let (cr, cw) = client.into_split();
     let (ur, uw) = tokio::io::split(upstream);
     let result = pg.run(cr, cw, ur, uw).await;
@@ -563,6 +582,9 @@ struct Pg<'a> {
     user: String,
     database: String,
     application_name: String,
+    /// The resource's credential the proxy logged in with (user and
+    /// file, never the secret); `None`: the client's own login.
+    credential: Option<Value>,
     tls_upstream: bool,
     /// Flush what is queued for the client, then close.
     closing: bool,
@@ -654,6 +676,7 @@ impl<'a> Pg<'a> {
                 .or_else(|| param("user"))
                 .unwrap_or_default(),
             application_name: param("application_name").unwrap_or_default(),
+            credential: None,
             tls_upstream,
             closing: false,
             client_eof: false,
@@ -1106,6 +1129,7 @@ impl<'a> Pg<'a> {
                     "application_name": self.application_name,
                     "destination": self.ctx.conn.destination.to_string(),
                     "tls_upstream": self.tls_upstream,
+                    "credential": self.credential,
                 }),
             );
             ev.decision = Some(json!({"verdict": "allow"}));
@@ -1631,10 +1655,15 @@ impl<'a> Pg<'a> {
                 return Ok(());
             }
         }
+        // The policy first (its denial names its own rule, and a denied
+        // statement costs no equality budget), then the masking's searches.
+        let action = Action::Sql(Arc::clone(&classification));
+        let decision = self.gate.decide(&self.set, &action);
         let mut stmt = Some(stmt);
-        if self
-            .refuse_by_lineage(&m, &sql, &analysis, &lineage::Params::NotBound, &mut stmt)
-            .await
+        if !matches!(decision.verdict, Verdict::Deny { .. })
+            && self
+                .refuse_by_lineage(&m, &sql, &analysis, &lineage::Params::NotBound, &mut stmt)
+                .await
         {
             return Ok(());
         }
@@ -1642,8 +1671,6 @@ impl<'a> Pg<'a> {
         self.remember_analysis(&sql, &analysis);
         self.remember_cursors(&analysis);
         let read_only = classification.class <= StatementClass::Read;
-        let action = Action::Sql(classification);
-        let decision = self.gate.decide(&self.set, &action);
         let command = stmt.command(&analysis.redacted, !read_only);
         let outcome = self
             .gate
@@ -1758,21 +1785,22 @@ impl<'a> Pg<'a> {
                     .map_or_else(|| b"\0null".to_vec(), |b| b.to_vec())
             })
         };
-        if self
-            .refuse_by_lineage(
-                &m,
-                &sql,
-                &analysis,
-                &lineage::Params::Bound(&param),
-                &mut stmt,
-            )
-            .await
+        let action = Action::Sql(Arc::clone(&analysis.classification));
+        let decision = self.gate.decide(&self.set, &action);
+        if !matches!(decision.verdict, Verdict::Deny { .. })
+            && self
+                .refuse_by_lineage(
+                    &m,
+                    &sql,
+                    &analysis,
+                    &lineage::Params::Bound(&param),
+                    &mut stmt,
+                )
+                .await
         {
             return Ok(());
         }
         let stmt = stmt.expect("not taken unless refused");
-        let action = Action::Sql(Arc::clone(&analysis.classification));
-        let decision = self.gate.decide(&self.set, &action);
         let covered = statement
             .as_ref()
             .is_some_and(|name| self.approved_parse.remove(name))

@@ -1,12 +1,11 @@
 //! The connection to the server: TCP to the agent's original destination,
 //! from the daemon's untagged context (so it is never redirected), then,
 //! when the resource's `tls` says `verify-full`, `SSLRequest` and TLS with
-//! rustls (ring): chain verified against `ca_file` (else the platform
-//! roots), name against `server_name` (else the IP dialled). Fails closed:
+//! rustls ([`crate::tls::client`], shared with every handler). Fails closed:
 //! a server that refuses TLS when it is required is an error, never a
 //! plaintext fallback.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use bytes::BytesMut;
 use tokio::{
@@ -56,44 +55,8 @@ pub(super) async fn connect(
             "the server does not accept TLS (answered the SSLRequest with N)".into(),
         ));
     }
-    let config = tls_client_config(tls.ca_file.as_deref()).map_err(tls_err)?;
-    let name = match &tls.server_name {
-        Some(n) => rustls_pki_types::ServerName::try_from(n.clone())
-            .map_err(|e| tls_err(format!("server_name {n:?}: {e}")))?,
-        None => rustls_pki_types::ServerName::IpAddress(addr.ip().into()),
-    };
-    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
+    let stream = crate::tls::client::connect(tcp, tls, addr)
         .await
-        .map_err(|e| tls_err(e.to_string()))?;
+        .map_err(tls_err)?;
     Ok((Box::new(stream), true))
-}
-
-fn tls_client_config(
-    ca_file: Option<&std::path::Path>,
-) -> Result<tokio_rustls::rustls::ClientConfig, String> {
-    use rustls_pki_types::{CertificateDer, pem::PemObject as _};
-    use tokio_rustls::rustls;
-    let mut roots = rustls::RootCertStore::empty();
-    if let Some(path) = ca_file {
-        let certs = CertificateDer::pem_file_iter(path)
-            .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
-        for c in certs {
-            let c = c.map_err(|e| format!("ca_file {}: {e}", path.display()))?;
-            roots
-                .add(c)
-                .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
-        }
-    } else {
-        for c in rustls_native_certs::load_native_certs().certs {
-            let _ = roots.add(c);
-        }
-    }
-    if roots.is_empty() {
-        return Err("no trust anchors".into());
-    }
-    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())
-        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
 }

@@ -67,8 +67,25 @@ pub struct UntagArgs {
 /// client commands. Any other missing path is an error.
 pub const DEFAULT_CONFIG: &str = "/etc/agentgate/agentgate.toml";
 
+/// Where `cargo xtask run` writes the path of the local trial's config while
+/// its daemon runs, so that a client command in a new terminal (no
+/// `--config`, no `AGENTGATE_CONFIG`) finds that daemon.
+/// `AGENTGATE_LOCAL_TRIAL_POINTER` names another pointer file (tests).
+pub const LOCAL_TRIAL_POINTER: &str = "/run/agentgate/local-trial";
+
 pub fn load_config(path: &Path, required: bool) -> anyhow::Result<Config> {
     if !required && path == Path::new(DEFAULT_CONFIG) && !path.exists() {
+        let pointer = std::env::var_os("AGENTGATE_LOCAL_TRIAL_POINTER")
+            .map_or_else(|| LOCAL_TRIAL_POINTER.into(), std::path::PathBuf::from);
+        if let Some(trial) = local_trial(&pointer) {
+            let cfg = Config::load(&trial)?;
+            eprintln!(
+                "agentgate: no {DEFAULT_CONFIG}; using the local trial's config {} \
+                 (from `cargo xtask run`). Set AGENTGATE_CONFIG or pass --config to choose another.",
+                trial.display()
+            );
+            return Ok(cfg);
+        }
         return Ok(Config::default());
     }
     if !path.exists() {
@@ -79,6 +96,15 @@ pub fn load_config(path: &Path, required: bool) -> anyhow::Result<Config> {
         .into());
     }
     Ok(Config::load(path)?)
+}
+
+/// The config named by the local trial's pointer file, when the file names a
+/// config that exists and whose daemon's control socket exists.
+fn local_trial(pointer: &Path) -> Option<std::path::PathBuf> {
+    let text = std::fs::read_to_string(pointer).ok()?;
+    let config = std::path::PathBuf::from(text.trim());
+    let cfg = Config::load(&config).ok()?;
+    cfg.daemon.control_socket.exists().then_some(config)
 }
 
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -252,10 +278,17 @@ fn write_root_processes(
 fn write_audit_status(out: &mut impl std::io::Write, a: &serde_json::Value) -> std::io::Result<()> {
     let s = &a["stats"];
     let n = |k: &str| s[k].as_u64().unwrap_or(0);
+    // Relative to the working directory when below it: what a person typed.
+    let dir = a["dir"].as_str().unwrap_or("?");
+    let cwd = std::env::current_dir().unwrap_or_default();
+    let shown = Path::new(dir)
+        .strip_prefix(&cwd)
+        .ok()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map_or_else(|| dir.to_owned(), |p| p.display().to_string());
     writeln!(
         out,
-        "audit log: {} ({} durability)",
-        a["dir"].as_str().unwrap_or("?"),
+        "audit log: {shown} ({} durability)",
         a["durability"].as_str().unwrap_or("?")
     )?;
     let fsyncs = n("fsyncs");
@@ -437,6 +470,14 @@ pub fn exec(config: &Path, args: &ExecArgs) -> anyhow::Result<ExitCode> {
     agentgate::cgroup::enter(Path::new(&cgroup), std::process::id())?;
     let mut command = Command::new(program);
     command.args(rest);
+    // TLS interception: the command trusts the local CA through the usual
+    // variables (the daemon made the bundle at its start).
+    let ca = agentgate::tls::CaPaths::new(&cfg.daemon.state_dir);
+    if ca.bundle().exists() {
+        for (var, file) in agentgate::tls::ca::exec_env(&ca) {
+            command.env(var, file);
+        }
+    }
     if let RunAs::User(a) = &run_as {
         command
             .env("HOME", &a.user.home)

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod approvals;
 mod audit;
+mod ca;
 mod daemon;
 mod evidence;
 mod identity;
@@ -58,6 +59,9 @@ pub enum Command {
     Audit(audit::AuditCommand),
     /// Write the examiner's evidence package for identities and a period.
     Evidence(evidence::EvidenceArgs),
+    /// The local CA that TLS interception signs with.
+    #[command(subcommand)]
+    Ca(ca::CaCommand),
 }
 
 /// An error that is the caller's to fix: exit code 2.
@@ -83,6 +87,7 @@ pub fn main() -> ExitCode {
         Command::Approvals(cmd) => approvals::run(&cli.config, &cmd),
         Command::Audit(cmd) => audit::run(&cli.config, cmd),
         Command::Evidence(args) => evidence::run(&cli.config, args),
+        Command::Ca(cmd) => ca::run(&cli.config, &cmd),
     };
     match result {
         Ok(code) => code,
