@@ -309,7 +309,7 @@ fn bad_policy_files_report_exact_positions() {
         (
             "bad_protocol.toml",
             &[
-                "bad_protocol.toml:3:12: unknown variant `oracle`, expected one of `postgres`, `mysql`, `http`, `tcp`",
+                "bad_protocol.toml:3:12: unknown variant `oracle`, expected one of `postgres`, `mysql`, `http`, `tcp`, `ssh`",
             ],
         ),
         (

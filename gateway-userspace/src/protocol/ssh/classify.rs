@@ -132,6 +132,8 @@ enum LexError {
 }
 
 /// Splits a command line into words and operators, with `sh` quoting.
+// One character loop: splitting it would spread the quoting state over functions.
+#[allow(clippy::too_many_lines)]
 fn lex(s: &str) -> Result<Vec<Token>, LexError> {
     let mut out = Vec::new();
     let mut cur: Option<Word> = None;
@@ -581,6 +583,8 @@ const GIT_READ: &[&str] = &[
     "config",
 ];
 
+// The program tables in one place, read top to bottom.
+#[allow(clippy::too_many_lines)]
 fn simple(words: &[&Word], depth: usize, acc: &mut Acc) {
     // Leading `NAME=value` assignments set the environment of the command.
     let mut i = 0;

@@ -33,7 +33,7 @@ pub enum KeyError {
     Sign(String),
 }
 
-fn file_err(path: &Path, what: impl ToString) -> KeyError {
+fn file_err(path: &Path, what: impl std::fmt::Display) -> KeyError {
     KeyError::File {
         path: path.to_path_buf(),
         what: what.to_string(),
@@ -118,9 +118,7 @@ pub fn sign_user_cert(
     b.cert_type(certificate::CertType::User).map_err(sign)?;
     b.key_id(key_id).map_err(sign)?;
     b.valid_principal(principal).map_err(sign)?;
-    for ext in ["permit-pty"] {
-        b.extension(ext, "").map_err(sign)?;
-    }
+    b.extension("permit-pty", "").map_err(sign)?;
     b.sign(ca).map_err(sign)
 }
 
@@ -136,7 +134,7 @@ pub fn sign_host_cert(
         nonce()?,
         host_key.public_key().key_data().clone(),
         unix(now) - 300,
-        unix(now + Duration::from_secs(24 * 3600)),
+        unix(now + Duration::from_hours(24)),
     )
     .map_err(|e| KeyError::Sign(e.to_string()))?;
     let sign = |e: ssh_key::Error| KeyError::Sign(e.to_string());
