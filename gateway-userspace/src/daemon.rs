@@ -31,6 +31,7 @@ use crate::{
     config::PolicyConfig,
     control::{ErrorKind, MAX_REQUEST, Request, Response},
     policy::{PolicyStore, WatchEvent, WatchOptions},
+    protocol::Handlers,
     proxy::{self, Registry, Shared},
     redirect::{RedirectConfig, Redirector},
 };
@@ -131,7 +132,9 @@ type DnsContext =
     crate::containment::dns::DnsContext<crate::containment::udp_owner::TaggedUdpOwner>;
 
 /// Runs until `shutdown` becomes true.
-#[allow(clippy::too_many_lines)] // the daemon's start, step by step, in order
+// The start-up sequence, one step per line in the order it must run;
+// splitting it would hide that order.
+#[allow(clippy::too_many_lines)]
 pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(), DaemonError> {
     let (hierarchy, attach, exec_root) = prepare(&cfg)?;
     let state_dir = &cfg.daemon.state_dir;
@@ -155,8 +158,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
     let identities = identities(cfg.identity.as_ref())?;
     let (audit, correlation_key) = open_audit(&cfg, &policy, &hooks, &resolver_pairs).await?;
     let approvals = open_approvals(&cfg, &audit).await?;
-    let handlers = crate::protocol::Handlers::from_sections(&cfg.proxy.handlers)
-        .map_err(DaemonError::Handlers)?;
+    let handlers = Handlers::from_sections(&cfg.proxy.handlers).map_err(DaemonError::Handlers)?;
     let shared = Arc::new(Shared {
         redirector: Mutex::new(redirector),
         bindings: Mutex::new(bindings),
