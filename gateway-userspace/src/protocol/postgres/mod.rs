@@ -22,7 +22,9 @@
 //! - Rows that cannot be masked are not sent ([`mask::MaskError`]).
 //!
 //! Authentication is passed through (cleartext, MD5, SCRAM-SHA-256): the proxy
-//! never sees a usable password hash for SCRAM and does not need one. SCRAM
+//! never sees a usable password hash for SCRAM and does not need one; unless
+//! the resource names a `credential`, when the proxy logs in upstream itself
+//! and the agent's password is never asked for (`credential`). SCRAM
 //! channel binding (`SCRAM-SHA-256-PLUS`) binds the exchange to the TLS channel
 //! the client sees; when the proxy terminates TLS that is not the server's
 //! channel, so binding cannot pass. The proxy offers the client only the
@@ -43,7 +45,7 @@ pub mod cancel;
 pub mod catalog;
 pub mod codec;
 pub mod config;
-mod credential;
+pub mod credential;
 pub mod error;
 pub mod mask;
 pub mod proxy;

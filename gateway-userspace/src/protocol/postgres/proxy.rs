@@ -21,6 +21,9 @@
 //!    except that `-PLUS` SASL mechanisms are removed: channel binding cannot pass
 //!    a proxy that terminates the client's connection (see the module doc of
 //!    [`super`]). Only authentication responses are accepted from the client.
+//!    When the resource names a `credential`, the proxy logs in itself as its
+//!    user instead and the client only sees `AuthenticationOk`
+//!    ([`super::credential`]).
 //! 4. **First `ReadyForQuery`**: the `connection.open` record must be durable (else
 //!    `FATAL 58030` and close); when the resource has column masking rules the
 //!    proxy runs its catalog query ([`super::catalog`]) before the client's first
