@@ -121,12 +121,12 @@ fn world() -> World {
 }
 
 impl World {
-    /// The known_hosts file the daemon keeps (its `@cert-authority` block).
+    /// The `known_hosts` file the daemon keeps (its `@cert-authority` block).
     fn proxy_known_hosts(&self) -> PathBuf {
         self.env.state.join("ssh/known_hosts")
     }
 
-    /// A user's own known_hosts: the real host's key under the same name,
+    /// A user's own `known_hosts`: the real host's key under the same name,
     /// as if the user had logged in directly before.
     fn user_known_hosts(&self) -> PathBuf {
         let p = self.env.state.join("user_known_hosts");
@@ -138,7 +138,7 @@ impl World {
         p
     }
 
-    /// `ssh` run tagged as `demo`, trusting only the daemon's known_hosts
+    /// `ssh` run tagged as `demo`, trusting only the daemon's `known_hosts`
     /// (plus the user's own entry for the host).
     fn ssh(&self, port: u16, extra: &[&str], command: Option<&str>) -> Command {
         let gk = format!(
@@ -199,11 +199,17 @@ impl World {
 /// goes through files: a killed client's children cannot hold a pipe open.
 fn output(c: &mut Command) -> Output {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let seq = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = std::env::temp_dir();
     let (o, e) = (
-        dir.join(format!("agentgate-ssh-test-{}-{n}.out", std::process::id())),
-        dir.join(format!("agentgate-ssh-test-{}-{n}.err", std::process::id())),
+        dir.join(format!(
+            "agentgate-ssh-test-{}-{seq}.out",
+            std::process::id()
+        )),
+        dir.join(format!(
+            "agentgate-ssh-test-{}-{seq}.err",
+            std::process::id()
+        )),
     );
     c.stdin(Stdio::null())
         .stdout(fs::File::create(&o).unwrap())
@@ -272,6 +278,7 @@ fn finish(p: Proc) -> Output {
 }
 
 #[test]
+#[allow(clippy::too_many_lines)] // one daemon and sshd, the scenario step by step
 fn ssh_commands_shells_forwarding_and_recordings() {
     let w = world();
     let env = &w.env;

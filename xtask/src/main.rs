@@ -489,7 +489,7 @@ fn test(root: &Path, filter: Option<&str>, no_lint: bool) -> Result<()> {
     Ok(())
 }
 
-/// The decoders' and classifiers' fuzz targets (Postgres, MySQL, the HTTP
+/// The decoders' and classifiers' fuzz targets (Postgres, `MySQL`, the HTTP
 /// glue, the SSH command classifier), 15 s each (90 s in all). A crash fails
 /// the run; its input is left in gateway-userspace/fuzz/artifacts.
 fn fuzz_smoke(root: &Path) -> Result<()> {

@@ -214,7 +214,7 @@ mod tests {
         let ca = generate().unwrap();
         let key = generate().unwrap();
         let cert =
-            sign_user_cert(&ca, &key, "deploy", "alice req-1", Duration::from_secs(300)).unwrap();
+            sign_user_cert(&ca, &key, "deploy", "alice req-1", Duration::from_mins(5)).unwrap();
         assert_eq!(cert.key_id(), "alice req-1");
         assert_eq!(cert.valid_principals(), ["deploy"]);
         assert_eq!(cert.cert_type(), certificate::CertType::User);
