@@ -158,7 +158,10 @@ impl<'a> Gate<'a> {
 
     /// Carries out `decision` on `command`: records it and says what to do.
     /// `covered`: an approval already given stands for this command (only
-    /// consulted when the rule asks for approval).
+    /// consulted when the rule asks for approval). A command held here is
+    /// not decided again when the policy is reloaded: handlers whose
+    /// commands can be held use [`Gate::admit_action`] (every handler does;
+    /// this form is for tests and commands that are never held).
     pub async fn admit(
         &self,
         command: Command<'_>,

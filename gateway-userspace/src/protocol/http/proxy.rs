@@ -465,7 +465,7 @@ async fn handle(
         summary: &summary,
         ..command(&described)
     };
-    let mut outcome = gate.admit(cmd, &decision, None).await;
+    let mut outcome = gate.admit_action(cmd, &decision, None, &action).await;
     if let gate::Outcome::Held(mut hold) = outcome {
         tracing::info!(conn = ctx.conn.id, request = %hold.request_id, "HTTP request held for approval");
         let answer = hold.decided().await;

@@ -980,10 +980,8 @@ impl<'a> My<'a> {
             let denial = self.gate.deny(Self::command_of(&stmt), &decision).await;
             return self.send_client(&denial_err(&denial));
         }
-        let decision = self.gate.decide(
-            &self.set,
-            &Action::Sql(Arc::clone(&analysis.classification)),
-        );
+        let action = Action::Sql(Arc::clone(&analysis.classification));
+        let decision = self.gate.decide(&self.set, &action);
         let class = stmt.class;
         let read_only = class <= StatementClass::Read;
         let outcome = {
@@ -994,7 +992,9 @@ impl<'a> My<'a> {
                 summary: &analysis.redacted,
                 changes_state: !read_only,
             };
-            self.gate.admit(command, &decision, covered).await
+            self.gate
+                .admit_action(command, &decision, covered, &action)
+                .await
         };
         self.carry_out(stmt, packet, outcome).await
     }

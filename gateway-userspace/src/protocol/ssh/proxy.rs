@@ -970,13 +970,11 @@ impl ChannelTask {
         }});
         let policy: Arc<PolicySet> = ctx.services.policy.current();
         let gate = gate_of(ctx);
-        let decision = gate.decide(
-            &policy,
-            &Action::Ssh {
-                class: class.as_str(),
-                destination: None,
-            },
-        );
+        let decided_on = Action::Ssh {
+            class: class.as_str(),
+            destination: None,
+        };
+        let decision = gate.decide(&policy, &decided_on);
         let cmd = Command {
             action,
             fingerprint: hash.clone(),
@@ -984,7 +982,7 @@ impl ChannelTask {
             summary: &summary,
             changes_state: class.changes_state(),
         };
-        let mut outcome = gate.admit(cmd, &decision, None).await;
+        let mut outcome = gate.admit_action(cmd, &decision, None, &decided_on).await;
         if let Outcome::Held(mut hold) = outcome {
             let note = format!(
                 "agentgate: held for approval as request {} (until {}); waiting\r\n",
