@@ -126,6 +126,13 @@ pub fn redact_cmdline(args: &[String]) -> String {
             hide_next = true;
             continue;
         }
+        // `-pSECRET`: the MySQL clients' password with the flag attached
+        // (also a port for some tools: over-redacting a port is the cheap
+        // side of the trade).
+        if arg.len() > 2 && arg.starts_with("-p") {
+            out.push("-p<redacted>".to_owned());
+            continue;
+        }
         if arg.contains(|c: char| c.is_whitespace() || c == '\'' || c == '"') {
             out.push(format!("<redacted: {} bytes>", arg.len()));
             continue;
@@ -215,6 +222,15 @@ mod tests {
             r(&["psql", "postgresql://app:hunter2@db:5432/x"]),
             "psql postgresql://app:<redacted>@db:5432/x"
         );
+    }
+
+    #[test]
+    fn an_attached_short_password_flag_is_removed() {
+        assert_eq!(
+            r(&["mariadb", "-uapp", "-phunter2", "-h127.0.0.1"]),
+            "mariadb -uapp -p<redacted> -h127.0.0.1"
+        );
+        assert_eq!(r(&["mariadb", "-p"]), "mariadb -p");
     }
 
     #[test]
