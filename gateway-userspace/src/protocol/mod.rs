@@ -239,21 +239,28 @@ mod tests {
     }
 
     #[test]
-    fn every_registered_protocol_has_one_handler_and_http_none_yet() {
+    fn every_registered_protocol_has_one_handler_and_tcp_none() {
         let h = Handlers::from_sections(&toml::Table::new()).unwrap();
-        assert!(h.get(Protocol::Postgres).is_some());
-        assert!(h.get(Protocol::Mysql).is_some());
-        assert!(h.get(Protocol::Http).is_none());
+        for p in [
+            Protocol::Postgres,
+            Protocol::Mysql,
+            Protocol::Http,
+            Protocol::Https,
+            Protocol::Ssh,
+        ] {
+            assert!(h.get(p).is_some(), "no handler for {}", p.as_str());
+        }
         assert!(
             h.get(Protocol::Tcp).is_none(),
             "tcp is relayed by the accept path"
         );
+        // One registration per protocol (http and https share a section).
         let mut seen = std::collections::HashSet::new();
         for r in REGISTRY {
             assert!(
-                seen.insert(r.section),
-                "section {} registered twice",
-                r.section
+                seen.insert(r.protocol),
+                "{} registered twice",
+                r.protocol.as_str()
             );
         }
     }
