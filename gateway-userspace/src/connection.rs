@@ -153,6 +153,39 @@ fn ser_atomic<S: serde::Serializer>(v: &AtomicU64, s: S) -> Result<S::Ok, S::Err
 }
 
 #[cfg(test)]
+impl LiveConnection {
+    /// A connection of identity `agent` to `dest` on `resource`, for handler unit tests.
+    pub fn for_test(dest: SocketAddr, resource: &str) -> Self {
+        Self {
+            id: 1,
+            identity: "agent".into(),
+            workload: Workload {
+                pid: 1,
+                tid: 1,
+                uid: 0,
+                gid: 0,
+                comm: "test".into(),
+                exe: None,
+                cmdline: None,
+                ppid: None,
+                cgroup: None,
+                cgroup_id: 0,
+                tagged_cgroup_id: 0,
+            },
+            destination: dest,
+            since: String::new(),
+            bytes_up: AtomicU64::new(0),
+            bytes_down: AtomicU64::new(0),
+            close: tokio::sync::Notify::new(),
+            resource: Some(resource.into()),
+            audit_identity: crate::audit::IdentityRef::default(),
+            verified: None,
+            started: std::time::Instant::now(),
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

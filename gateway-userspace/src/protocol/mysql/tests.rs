@@ -6,8 +6,8 @@ use std::{
     future::Future,
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, Mutex, atomic::AtomicU64},
-    time::{Duration, Instant},
+    sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use bytes::BytesMut;
@@ -225,32 +225,7 @@ fn ctx(dest: SocketAddr, audit: Arc<dyn AuditSink>) -> MyContext {
         set,
         None,
     ));
-    let conn = Arc::new(LiveConnection {
-        id: 1,
-        identity: "agent".into(),
-        workload: crate::provenance::Workload {
-            pid: 1,
-            tid: 1,
-            uid: 0,
-            gid: 0,
-            comm: "test".into(),
-            exe: None,
-            cmdline: None,
-            ppid: None,
-            cgroup: None,
-            cgroup_id: 0,
-            tagged_cgroup_id: 0,
-        },
-        destination: dest,
-        since: String::new(),
-        bytes_up: AtomicU64::new(0),
-        bytes_down: AtomicU64::new(0),
-        close: tokio::sync::Notify::new(),
-        resource: Some("db".into()),
-        audit_identity: crate::audit::IdentityRef::default(),
-        verified: None,
-        started: Instant::now(),
-    });
+    let conn = Arc::new(LiveConnection::for_test(dest, "db"));
     MyContext {
         conn,
         subject: Subject {

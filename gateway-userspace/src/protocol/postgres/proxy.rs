@@ -1968,12 +1968,7 @@ fn denial_error(d: &Denial) -> ErrorFields {
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        future::Future,
-        net::SocketAddr,
-        pin::Pin,
-        sync::{Mutex, atomic::AtomicU64},
-    };
+    use std::{future::Future, net::SocketAddr, pin::Pin, sync::Mutex};
 
     use tokio::net::TcpListener;
 
@@ -2183,32 +2178,7 @@ timeout = "30s"
             set,
             None,
         ));
-        let conn = Arc::new(LiveConnection {
-            id: 1,
-            identity: "agent".into(),
-            workload: crate::provenance::Workload {
-                pid: 1,
-                tid: 1,
-                uid: 0,
-                gid: 0,
-                comm: "test".into(),
-                exe: None,
-                cmdline: None,
-                ppid: None,
-                cgroup: None,
-                cgroup_id: 0,
-                tagged_cgroup_id: 0,
-            },
-            destination: dest,
-            since: String::new(),
-            bytes_up: AtomicU64::new(0),
-            bytes_down: AtomicU64::new(0),
-            close: tokio::sync::Notify::new(),
-            resource: Some("db".into()),
-            audit_identity: crate::audit::IdentityRef::default(),
-            verified: None,
-            started: Instant::now(),
-        });
+        let conn = Arc::new(LiveConnection::for_test(dest, "db"));
         PgContext {
             conn,
             subject: Subject {
