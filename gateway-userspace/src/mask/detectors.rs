@@ -124,7 +124,7 @@ pub fn scan_with(text: &str, set: DetectorSet) -> Vec<Detection> {
             if at < after {
                 continue;
             }
-            if let Some(r) = email_at(b, at) {
+            if let Some(r) = email_at(b, at, after) {
                 after = r.end;
                 emails.push(Detection {
                     detector: Detector::Email.as_str(),
@@ -514,9 +514,12 @@ fn is_local_char(c: u8) -> bool {
     c.is_ascii_alphanumeric() || b".!#$%&'*+/=?^_`{|}~-".contains(&c)
 }
 
-fn email_at(b: &[u8], at: usize) -> Option<Range<usize>> {
+/// The e-mail address around the `@` at `at`, its local part starting no
+/// earlier than `floor` (the end of the previous address: detections never
+/// overlap, so `a@b.cc@d.ee` is one address, not two sharing `b.cc`).
+fn email_at(b: &[u8], at: usize, floor: usize) -> Option<Range<usize>> {
     let mut start = at;
-    while start > 0 && at - start < 64 && is_local_char(b[start - 1]) {
+    while start > floor && at - start < 64 && is_local_char(b[start - 1]) {
         start -= 1;
     }
     while start < at && b[start] == b'.' {
@@ -554,6 +557,16 @@ mod tests {
 
     fn found(text: &str) -> Vec<(&'static str, &str)> {
         scan(text).map(|d| (d.detector, &text[d.range])).collect()
+    }
+
+    #[test]
+    fn chained_addresses_do_not_overlap() {
+        // Found by the http_glue fuzz target: the second `@` took the first
+        // address's domain as its local part, and masking sliced backwards.
+        let text = "x@y.examx@y.example";
+        let hits = scan_with(text, DetectorSet::ALL);
+        assert_eq!(found(text), vec![("email", "x@y.examx")]);
+        assert!(hits.windows(2).all(|w| w[0].range.end <= w[1].range.start));
     }
 
     #[test]
