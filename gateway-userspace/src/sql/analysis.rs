@@ -95,13 +95,27 @@ impl AnalysisCache {
 pub fn analyze_uncached(sql: &str, dialect: Dialect) -> Analysis {
     if dialect == Dialect::MySql {
         let sql = super::mysql::unwrap_executable_comments(sql);
-        if super::mysql::preclassify(&sql, 0).is_some() {
+        if let Some(segments) = super::mysql::preclassify(&sql, 0) {
             // Statements the parser does not model: no lineage (their
-            // results, if any, are masked as of unknown origin).
+            // results, if any, are masked as of unknown origin), unless
+            // they only describe the schema.
+            let lineage = super::mysql::only_schema_descriptions(&segments).then(|| {
+                segments
+                    .iter()
+                    .map(|_| super::lineage::StatementLineage {
+                        outputs: super::lineage::Outputs::Known(Vec::new()),
+                        predicates: Vec::new(),
+                        writes: Vec::new(),
+                        functions: Vec::new(),
+                        cursor: None,
+                        fetch: None,
+                    })
+                    .collect()
+            });
             return Analysis {
                 classification: Arc::new(classify(&sql, dialect)),
                 redacted: redact_for_log(&sql, dialect),
-                lineage: None,
+                lineage,
             };
         }
         return analyze_parsed(&sql, dialect);

@@ -275,7 +275,48 @@ pub fn lineage_with_probes(sql: &str, dialect: Dialect) -> Option<Vec<StatementL
         .try_with_sql(sql)
         .and_then(|mut p| p.parse_statements())
         .ok()?;
+    let mut statements = statements;
+    number_positional_placeholders(&mut statements);
     Some(statements.iter().map(|s| statement(s, true)).collect())
+}
+
+/// `MySQL`'s positional `?` placeholders become `$n` (1-based, in the order
+/// they appear in the text, which is the order of a `COM_STMT_EXECUTE`'s
+/// values), so each equality test knows which bound value it compares with.
+/// Fails safe: when two placeholders cannot be told apart by position,
+/// every `?` becomes a parameter whose value is never known (each
+/// execution then counts as a new value).
+fn number_positional_placeholders(statements: &mut Vec<Statement>) {
+    use sqlparser::ast::{visit_expressions, visit_expressions_mut};
+    let is_positional = |e: &Expr| match e {
+        Expr::Value(v) => matches!(&v.value, Value::Placeholder(p) if p == "?"),
+        _ => false,
+    };
+    let mut at = Vec::new();
+    let _ = visit_expressions(statements, |e| {
+        if let (true, Expr::Value(v)) = (is_positional(e), e) {
+            at.push((v.span.start.line, v.span.start.column));
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    if at.is_empty() {
+        return;
+    }
+    at.sort_unstable();
+    let distinct = at.windows(2).all(|w| w[0] != w[1]);
+    let _ = visit_expressions_mut(statements, |e| {
+        if is_positional(e)
+            && let Expr::Value(v) = e
+        {
+            let key = (v.span.start.line, v.span.start.column);
+            let n = match at.binary_search(&key) {
+                Ok(i) if distinct => i + 1,
+                _ => usize::MAX,
+            };
+            v.value = Value::Placeholder(format!("${n}"));
+        }
+        ControlFlow::<()>::Continue(())
+    });
 }
 
 /// Lineage of statements already parsed.
@@ -676,6 +717,31 @@ fn statement(stmt: &Statement, probes: bool) -> StatementLineage {
                     name,
                 }])
             }
+        }
+        Statement::ShowCreate { obj_type, .. } => {
+            // MySQL: the object's definition as the server keeps it (names,
+            // types, defaults, a view's or routine's text): a description
+            // of the schema, never its rows.
+            use sqlparser::ast::ShowCreateObject as O;
+            let names: &[&str] = match obj_type {
+                O::Table => &["Table", "Create Table"],
+                O::View => &[
+                    "View",
+                    "Create View",
+                    "character_set_client",
+                    "collation_connection",
+                ],
+                O::Function | O::Procedure | O::Trigger | O::Event => &[],
+            };
+            Outputs::Known(
+                names
+                    .iter()
+                    .map(|n| Output::Column {
+                        name: (*n).to_owned(),
+                        lineage: Lineage::default(),
+                    })
+                    .collect(),
+            )
         }
         Statement::ShowVariables { .. } => {
             // MySQL: system variables only (never user variables).
@@ -2595,6 +2661,23 @@ mod tests {
         );
         // Same predicates, same order.
         assert_eq!(cached.predicates.len(), fresh.predicates.len());
+    }
+
+    #[test]
+    fn positional_placeholders_are_numbered_in_text_order() {
+        // MySQL's `?`: the n-th in the text is the n-th bound value.
+        let sql =
+            "SELECT id FROM customers WHERE name = ? AND (ssn = ? OR ssn IN (?, 'x')) LIMIT ?";
+        let fresh = lineage_with_probes(sql, Dialect::MySql).unwrap().remove(0);
+        let probes: Vec<&Probe> = fresh.predicates.iter().flat_map(|p| &p.probes).collect();
+        assert!(probes.contains(&&Probe::Param(2)), "{probes:?}");
+        assert!(probes.contains(&&Probe::Param(3)), "{probes:?}");
+        assert!(
+            !probes
+                .iter()
+                .any(|p| matches!(p, Probe::Other(o) if o.contains('?'))),
+            "{probes:?}"
+        );
     }
 
     #[test]

@@ -147,6 +147,21 @@ pub fn assigns_user_variable(sql: &str) -> bool {
     false
 }
 
+/// The note of a statement the keywords decide describes the schema
+/// (`SHOW CREATE DATABASE`): a read whose result is no table's rows.
+pub(super) const SCHEMA_DESCRIPTION: &str = "schema description: SHOW CREATE DATABASE";
+
+/// Whether every statement of a pre-classified text only describes the
+/// schema: then its results are not data (each statement's lineage has no
+/// source), else they are of unknown origin.
+pub(super) fn only_schema_descriptions(segments: &[Segment]) -> bool {
+    segments.iter().all(|s| {
+        s.info
+            .as_ref()
+            .is_some_and(|i| i.note.as_deref() == Some(SCHEMA_DESCRIPTION))
+    })
+}
+
 /// One statement's class from its keywords, if the keywords decide it.
 fn by_keywords(words: &[String]) -> Option<StatementInfo> {
     let w = |i: usize| words.get(i).map_or("", String::as_str);
@@ -184,6 +199,12 @@ fn by_keywords(words: &[String]) -> Option<StatementInfo> {
             }
             i.destructive = false;
             Some(i)
+        }
+        ("SHOW", "CREATE") if matches!(w(2), "DATABASE" | "SCHEMA") => {
+            Some(info(StatementClass::Read, SCHEMA_DESCRIPTION))
+        }
+        ("SHOW", "CREATE") if w(2) == "USER" => {
+            dcl("privilege: account definitions (with password hashes)")
         }
         ("LOAD" | "CACHE", "INDEX") => admin("admin: key cache control"),
         ("HANDLER", _) => admin("HANDLER reads table rows outside SQL (no lineage, no WHERE)"),
@@ -412,6 +433,9 @@ mod tests {
                 StatementClass::Admin,
             ),
             ("SELECT 1; SELECT 2", StatementClass::Read),
+            ("SHOW CREATE DATABASE shop", StatementClass::Read),
+            ("SHOW CREATE SCHEMA shop", StatementClass::Read),
+            ("SHOW CREATE USER app", StatementClass::Dcl),
         ];
         for (sql, want) in cases {
             assert_eq!(class(sql), want, "{sql}");
@@ -425,6 +449,29 @@ mod tests {
                 .unwrap()
                 .starts_with("file read")
         );
+    }
+
+    #[test]
+    fn schema_descriptions_are_not_data_and_anything_else_unparsed_is_unknown() {
+        use crate::sql::{analyze_uncached, lineage::Outputs};
+        let a = analyze_uncached("SHOW CREATE DATABASE shop", Dialect::MySql);
+        let l = a.lineage.expect("a schema description has lineage");
+        assert!(matches!(&l[0].outputs, Outputs::Known(o) if o.is_empty()));
+        let a = analyze_uncached("SHOW CREATE TABLE customers", Dialect::MySql);
+        assert!(matches!(
+            &a.lineage.unwrap()[0].outputs,
+            Outputs::Known(o) if o.len() == 2
+        ));
+        for sql in [
+            "SHOW CREATE DATABASE shop; HANDLER t OPEN",
+            "SHOW CREATE USER app",
+            "LOAD DATA LOCAL INFILE 'x' INTO TABLE t",
+        ] {
+            assert!(
+                analyze_uncached(sql, Dialect::MySql).lineage.is_none(),
+                "{sql}"
+            );
+        }
     }
 
     #[test]

@@ -85,6 +85,7 @@ impl Handler for Mysql {
                 connect_timeout: services.upstream_connect_timeout,
             },
             sql_cache: services.sql_cache,
+            probes: services.probes,
         };
         Box::pin(async move { proxy::serve(client, ctx).await.map_err(Into::into) })
     }

@@ -135,6 +135,9 @@ pub struct MyContext {
     pub correlation_key: [u8; 32],
     pub settings: MySettings,
     pub sql_cache: Arc<AnalysisCache>,
+    /// Equality probes on protected columns per identity (shared by every
+    /// SQL handler of the daemon).
+    pub probes: Arc<crate::mask::ProbeBudget>,
 }
 
 /// Why a proxied `MySQL` connection ended abnormally; says which side.
@@ -267,6 +270,11 @@ struct Prepared {
     /// Its result columns' types (from the prepare reply; an execute's own
     /// column definitions replace them).
     params: u16,
+    /// The parameter types the client last sent for it.
+    param_types: Option<rows::ParamTypes>,
+    /// Long data was sent for a parameter since the last execution (its
+    /// value is then not in the execute packet).
+    long_data: bool,
 }
 
 /// What the records say about one decided command.
@@ -279,6 +287,10 @@ struct Stmt {
     local_infile: bool,
     /// The SQL text as sent (kept for `COM_STMT_PREPARE` and `USE`).
     raw: Option<Vec<u8>>,
+    /// `COM_STMT_EXECUTE`: the values bound (`None` inside: NULL), or
+    /// `Some(None)` when they cannot be read (each then counts as new for
+    /// the equality budget). `None`: nothing bound (a text or a prepare).
+    bound: Option<Option<Vec<Option<Vec<u8>>>>>,
 }
 
 struct My<'a> {
@@ -738,11 +750,20 @@ impl<'a> My<'a> {
                 let _ = self.send_upstream(packet).await;
                 return Ok(false);
             }
-            Command::Ping
-            | Command::Statistics
-            | Command::SetOption(_)
-            | Command::StmtReset { .. }
-            | Command::StmtSendLongData { .. } => {
+            Command::StmtSendLongData { stmt_id } => {
+                if let Some(p) = self.prepared.get_mut(&stmt_id) {
+                    p.long_data = true;
+                }
+                self.send_upstream(packet).await?;
+            }
+            Command::StmtReset { stmt_id } => {
+                if let Some(p) = self.prepared.get_mut(&stmt_id) {
+                    p.long_data = false;
+                }
+                self.send_upstream(packet).await?;
+                self.relay(cmd.reply(), None).await?;
+            }
+            Command::Ping | Command::Statistics | Command::SetOption(_) => {
                 self.send_upstream(packet).await?;
                 self.relay(cmd.reply(), None).await?;
             }
@@ -900,6 +921,7 @@ impl<'a> My<'a> {
             local_infile,
             analysis,
             raw: Some(sql.to_vec()),
+            bound: None,
         }
     }
 
@@ -907,19 +929,38 @@ impl<'a> My<'a> {
         self.set.masking_for(&self.ctx.resource)
     }
 
-    /// A statement the masking policy refuses (searches a protected column
-    /// beyond its rule's `predicates`, copies one into a table, or computes
-    /// from one whose rule says `derived = "deny"`).
-    fn lineage_refusal(&self, analysis: &Analysis) -> Option<lineage::Refusal> {
+    /// A statement the masking policy refuses: it searches a protected
+    /// column beyond its rule's `predicates` (any oracle but a bounded
+    /// equality test), passes the identity's equality budget (counted here,
+    /// the same budget as every SQL handler's), copies a protected column
+    /// into a table, or computes from one whose rule says `derived = "deny"`.
+    fn lineage_refusal(&self, stmt: &Stmt) -> Option<lineage::Refusal> {
         let policy = self.masking();
         if policy.columns().is_empty() {
             return None;
         }
-        analysis
-            .lineage
-            .as_ref()?
-            .iter()
-            .find_map(|s| lineage::check(policy, self.relations(), s).err())
+        let statements = stmt.analysis.lineage.as_ref()?;
+        let values = stmt.bound.as_ref();
+        let param = |n: usize| -> Option<Vec<u8>> {
+            let v = values?.as_ref()?.get(n.checked_sub(1)?)?;
+            Some(v.clone().unwrap_or_else(|| b"\0null".to_vec()))
+        };
+        let params = match values {
+            None => lineage::Params::NotBound,
+            Some(_) => lineage::Params::Bound(&param),
+        };
+        lineage::admit(
+            policy,
+            self.relations(),
+            &self.ctx.probes,
+            &self.ctx.subject.identity,
+            &self.ctx.resource.name,
+            &String::from_utf8_lossy(stmt.raw.as_deref().unwrap_or_default()),
+            Dialect::MySql,
+            statements,
+            &params,
+        )
+        .err()
     }
 
     /// Decides a SQL command and carries the decision out.
@@ -946,7 +987,13 @@ impl<'a> My<'a> {
                 .await;
         };
         let (sql, params, analysis) = (p.sql.clone(), p.params, Arc::clone(&p.analysis));
+        let bound = self.prepared.get_mut(&stmt_id).and_then(|p| {
+            let long_data = std::mem::take(&mut p.long_data);
+            let values = rows::execute_params(packet, usize::from(params), &mut p.param_types);
+            (!long_data).then_some(values.ok()).flatten()
+        });
         let mut stmt = self.stmt("COM_STMT_EXECUTE", &sql, Some(stmt_id), Some(analysis));
+        stmt.bound = Some(bound);
         stmt.action["sql"] = Value::Null;
         stmt.action["params"] = json!(params);
         let covered = self.approved_prepare.remove(&stmt_id).then_some(Covered {
@@ -963,16 +1010,10 @@ impl<'a> My<'a> {
     ) -> Result<(), MyProxyError> {
         self.statements += 1;
         let analysis = Arc::clone(&stmt.analysis);
-        let refusal = self
-            .variable_refusal(
-                stmt.raw.as_deref().unwrap_or_default(),
-                &analysis.classification,
-            )
-            .or_else(|| {
-                self.lineage_refusal(&analysis)
-                    .map(|r| (r.rule, format!("{} ({})", r.reason, r.column)))
-            });
-        if let Some((rule, reason)) = refusal {
+        if let Some((rule, reason)) = self.variable_refusal(
+            stmt.raw.as_deref().unwrap_or_default(),
+            &analysis.classification,
+        ) {
             let decision = Decision {
                 verdict: Verdict::Deny { reason },
                 rule,
@@ -980,8 +1021,27 @@ impl<'a> My<'a> {
             let denial = self.gate.deny(Self::command_of(&stmt), &decision).await;
             return self.send_client(&denial_err(&denial));
         }
+        // The policy first (its denial names its own rule, and a denied
+        // statement costs no equality budget), then the masking's searches.
         let action = Action::Sql(Arc::clone(&analysis.classification));
         let decision = self.gate.decide(&self.set, &action);
+        if !matches!(decision.verdict, Verdict::Deny { .. })
+            && let Some(r) = self.lineage_refusal(&stmt)
+        {
+            let decision = Decision {
+                verdict: Verdict::Deny {
+                    reason: format!("{} ({})", r.reason, r.column),
+                },
+                rule: r.rule.clone(),
+            };
+            let mut command = Self::command_of(&stmt);
+            if let Some(o) = r.oracle {
+                command.action["masking_refusal"] =
+                    json!({"oracle": o.as_str(), "column": r.column});
+            }
+            let denial = self.gate.deny(command, &decision).await;
+            return self.send_client(&denial_err(&denial));
+        }
         let class = stmt.class;
         let read_only = class <= StatementClass::Read;
         let outcome = {
@@ -1096,6 +1156,8 @@ impl<'a> My<'a> {
                         sql: stmt.raw.clone().unwrap_or_default(),
                         analysis: Arc::clone(&stmt.analysis),
                         params,
+                        param_types: None,
+                        long_data: false,
                     },
                 );
                 if approved {

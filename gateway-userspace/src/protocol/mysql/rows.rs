@@ -164,6 +164,100 @@ pub fn binary_values(
     Ok(out)
 }
 
+/// The parameter types of a `COM_STMT_EXECUTE` (type, unsigned), as the
+/// client last sent them for the statement.
+pub type ParamTypes = Vec<(ColumnType, bool)>;
+
+/// The values bound by a `COM_STMT_EXECUTE` payload (command byte first)
+/// for a statement of `count` parameters: each value's bytes (strings as
+/// sent, integers as decimal text, anything else in its binary encoding),
+/// `None` for NULL. `types`: the types the client sent last for this
+/// statement; replaced when this execution sends new ones. `Err`: the
+/// values cannot be read (types never sent, lengths that do not add up);
+/// the caller then treats every value as unknown.
+pub fn execute_params(
+    payload: &[u8],
+    count: usize,
+    types: &mut Option<ParamTypes>,
+) -> Result<Vec<Option<Vec<u8>>>, ProtocolError> {
+    // 0x17, statement id (4), flags (1), iteration count (4).
+    const HEAD: usize = 10;
+    if count == 0 {
+        return Ok(Vec::new());
+    }
+    let bitmap = count.div_ceil(8);
+    let nulls = payload.get(HEAD..HEAD + bitmap).ok_or_else(bad_row)?;
+    let mut at = HEAD + bitmap;
+    let bound = *payload.get(at).ok_or_else(bad_row)?;
+    at += 1;
+    if bound == 1 {
+        let raw = payload.get(at..at + 2 * count).ok_or_else(bad_row)?;
+        let parsed = raw
+            .chunks_exact(2)
+            .map(|t| {
+                ColumnType::try_from(t[0])
+                    .map(|ty| (ty, t[1] & 0x80 != 0))
+                    .map_err(|_| bad_row())
+            })
+            .collect::<Result<ParamTypes, _>>()?;
+        *types = Some(parsed);
+        at += 2 * count;
+    }
+    let ts = types
+        .as_ref()
+        .filter(|t| t.len() == count)
+        .ok_or_else(bad_row)?;
+    let mut out = Vec::with_capacity(count);
+    for (i, &(t, unsigned)) in ts.iter().enumerate() {
+        if nulls[i / 8] & (1 << (i % 8)) != 0 {
+            out.push(None);
+            continue;
+        }
+        let (start, len) = if let Some(w) = fixed_width(t)? {
+            (at, w)
+        } else if is_temporal(t) {
+            (at + 1, *payload.get(at).ok_or_else(bad_row)? as usize)
+        } else {
+            let mut b = ParseBuf(payload.get(at..).ok_or_else(bad_row)?);
+            let before = b.len();
+            let len = b.checked_eat_lenenc_int().ok_or_else(bad_row)?;
+            (
+                at + (before - b.len()),
+                usize::try_from(len).map_err(|_| bad_row())?,
+            )
+        };
+        let end = start
+            .checked_add(len)
+            .filter(|&e| e <= payload.len())
+            .ok_or_else(bad_row)?;
+        let v = &payload[start..end];
+        let int = |v: &[u8]| -> Option<String> {
+            let mut b = [0u8; 8];
+            b[..v.len()].copy_from_slice(v);
+            let u = u64::from_le_bytes(b);
+            if unsigned {
+                return Some(u.to_string());
+            }
+            let shift = 64 - 8 * v.len() as u32;
+            #[allow(clippy::cast_possible_wrap)] // sign extension, on purpose
+            let i = ((u << shift) as i64) >> shift;
+            Some(i.to_string())
+        };
+        let value = match t {
+            ColumnType::MYSQL_TYPE_TINY
+            | ColumnType::MYSQL_TYPE_SHORT
+            | ColumnType::MYSQL_TYPE_INT24
+            | ColumnType::MYSQL_TYPE_LONG
+            | ColumnType::MYSQL_TYPE_LONGLONG
+            | ColumnType::MYSQL_TYPE_YEAR => int(v).map_or_else(|| v.to_vec(), String::into_bytes),
+            _ => v.to_vec(),
+        };
+        out.push(Some(value));
+        at = end;
+    }
+    Ok(out)
+}
+
 fn put_lenenc(out: &mut Vec<u8>, n: usize) {
     let n = n as u64;
     if n < 251 {
@@ -290,6 +384,37 @@ mod tests {
         assert!(text_values(b"\x05ab", 1).is_err());
         assert!(text_values(b"\x01a\x01b", 1).is_err());
         assert!(text_values(b"\xfe\xff\xff\xff\xff\xff\xff\xff\xff", 1).is_err());
+    }
+
+    #[test]
+    fn execute_parameters_are_read_with_sent_or_remembered_types() {
+        // Three parameters: a string, a signed tiny -2, NULL.
+        let mut p = vec![0x17, 1, 0, 0, 0, 0, 1, 0, 0, 0];
+        p.push(0b100); // NULL bitmap: the third
+        p.push(1); // new types follow
+        p.extend([ColumnType::MYSQL_TYPE_VAR_STRING as u8, 0]);
+        p.extend([ColumnType::MYSQL_TYPE_TINY as u8, 0]);
+        p.extend([ColumnType::MYSQL_TYPE_NULL as u8, 0]);
+        p.push(11);
+        p.extend(b"483-27-9150");
+        p.push(0xFE);
+        let mut types = None;
+        let v = execute_params(&p, 3, &mut types).unwrap();
+        assert_eq!(
+            v,
+            [Some(b"483-27-9150".to_vec()), Some(b"-2".to_vec()), None]
+        );
+        // Next execution without types: the remembered ones apply.
+        let mut q = vec![0x17, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0b000, 0, 3];
+        q.extend(b"abc");
+        q.push(7);
+        assert_eq!(
+            execute_params(&q, 3, &mut types).unwrap(),
+            [Some(b"abc".to_vec()), Some(b"7".to_vec()), Some(Vec::new())]
+        );
+        // Types never sent, or lengths that do not add up: not readable.
+        assert!(execute_params(&q, 3, &mut None).is_err());
+        assert!(execute_params(&p[..p.len() - 3], 3, &mut None).is_err());
     }
 
     #[test]

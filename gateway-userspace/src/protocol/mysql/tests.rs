@@ -241,6 +241,7 @@ fn ctx(dest: SocketAddr, audit: Arc<dyn AuditSink>) -> MyContext {
         audit,
         correlation_key: [7; 32],
         sql_cache: Arc::default(),
+        probes: Arc::default(),
         settings: MySettings {
             limits: Limits {
                 max_packet: 1 << 20,
