@@ -395,3 +395,130 @@ fn writes_wait_for_approval_and_rejections_and_timeouts_are_1142() {
     assert_eq!(name_of_1(), "approved-x");
     assert!(pending(&env).is_empty());
 }
+
+/// Reads for `demo` on two `MariaDB` resources whose logins the daemon
+/// holds: `held` (`mysql_native_password`) on 127.0.0.1, `held_ed`
+/// (`ed25519`, reached by an auth switch) on 127.0.0.2.
+fn credential_policy(native: &std::path::Path, ed: &std::path::Path) -> String {
+    format!(
+        r#"
+[defaults]
+unknown_destination = "deny"
+
+[[resource]]
+name = "shop"
+protocol = "mysql"
+addresses = ["127.0.0.1:3306"]
+default_action = "deny"
+credential = {{ user = "held", password_file = "{}" }}
+
+[[resource]]
+name = "shop-ed"
+protocol = "mysql"
+addresses = ["127.0.0.2:3306"]
+default_action = "deny"
+credential = {{ user = "held_ed", password_file = "{}" }}
+
+[[rule]]
+name = "demo-reads"
+identities = ["demo"]
+resources = ["shop", "shop-ed"]
+action = "allow"
+match = {{ sql = ["read", "transaction"] }}
+"#,
+        native.display(),
+        ed.display()
+    )
+}
+
+/// The daemon holds the database login: the agent connects with no
+/// password (the `mariadb` CLI) or a wrong one (`PyMySQL`), and its queries
+/// run as the resource's user (native password, and ed25519 by an auth
+/// switch); the records name the credential and never hold the secret.
+#[test]
+fn the_daemon_logs_in_with_the_resources_credential() {
+    let secrets = std::env::temp_dir().join(format!("agentgate-mycred-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&secrets);
+    std::fs::create_dir_all(&secrets).unwrap();
+    // Test-only secret, unique to this run so a leak cannot be a coincidence.
+    let secret = format!("held-secret-{}", agentgate_e2e::unique("s"));
+    let (native, ed) = (secrets.join("held.pw"), secrets.join("held_ed.pw"));
+    for f in [&native, &ed] {
+        std::fs::write(f, format!("{secret}\n")).unwrap();
+        std::fs::set_permissions(f, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    }
+    let opts = DaemonOptions {
+        policies: vec![("shop.toml".into(), credential_policy(&native, &ed))],
+        ..DaemonOptions::default()
+    };
+    let env = Env::new("mycred", opts).unwrap();
+    let db = MariaDb::start(&env.netns, 3306).unwrap();
+    db.seed_customers(3).unwrap();
+    db.admin_sql(&format!(
+        "CREATE USER 'held'@'%' IDENTIFIED BY '{secret}';\n\
+         CREATE USER 'held_ed'@'%' IDENTIFIED VIA ed25519 USING PASSWORD('{secret}');\n\
+         GRANT SELECT ON shop.* TO 'held'@'%';\n\
+         GRANT SELECT ON shop.* TO 'held_ed'@'%';"
+    ))
+    .unwrap();
+
+    for (host, user) in [("-h127.0.0.1", "held@%"), ("-h127.0.0.2", "held_ed@%")] {
+        let out = env
+            .exec(
+                "demo",
+                &[
+                    "mariadb",
+                    host,
+                    "-P3306",
+                    "-uagent",
+                    "--skip-ssl",
+                    "shop",
+                    "-N",
+                    "-e",
+                    "SELECT CURRENT_USER(), count(*) FROM customers",
+                ],
+            )
+            .env_remove("MYSQL_PWD")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{host}: {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout).trim(), format!("{user}\t3"), "{host}");
+    }
+    let out = python(
+        &env,
+        &db,
+        "import os, pymysql\n\
+         c = pymysql.connect(host='127.0.0.1', port=int(os.environ['PORT']), user='whoever', password='wrong', database='shop')\n\
+         cur = c.cursor(); cur.execute('SELECT CURRENT_USER()'); print(cur.fetchone()[0])\n",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "held@%");
+
+    let records = env.audit_records().unwrap();
+    let starts: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| r["kind"] == "session.start" && r["action"]["protocol"] == "mysql")
+        .collect();
+    assert_eq!(starts.len(), 3, "{starts:#?}");
+    for s in &starts {
+        let c = &s["action"]["credential"];
+        assert_eq!(c["kind"], "resource", "{s:#}");
+        assert!(c["user"] == "held" || c["user"] == "held_ed", "{s:#}");
+        assert_eq!(s["action"]["user"], c["user"], "{s:#}");
+    }
+    assert!(
+        starts
+            .iter()
+            .any(|s| s["action"]["credential"]["auth_plugin"] == "client_ed25519")
+    );
+    assert!(
+        starts
+            .iter()
+            .any(|s| s["action"]["agent_user"] == "whoever")
+    );
+    let all = serde_json::to_string(&records).unwrap();
+    assert!(!all.contains(&secret), "no record holds the secret");
+    let log = std::fs::read_to_string(env.state.join("daemon.log")).unwrap_or_default();
+    assert!(!log.contains(&secret), "no log line holds the secret");
+    let _ = std::fs::remove_dir_all(&secrets);
+}

@@ -134,6 +134,8 @@ pub struct Greeting {
     /// What the server itself offered.
     pub server_capabilities: CapabilityFlags,
     pub auth_plugin: Option<String>,
+    /// The authentication challenge (both parts, without the trailing NUL).
+    pub scramble: Vec<u8>,
 }
 
 /// Capabilities the proxy never lets through: compression (the proxy reads
@@ -180,6 +182,7 @@ pub fn rewrite_greeting(
             capabilities: caps - strip,
             server_capabilities: caps,
             auth_plugin: p.auth_plugin_name_str().map(std::borrow::Cow::into_owned),
+            scramble: p.nonce(),
         };
         (p.server_version_ref().len(), caps, g)
     };

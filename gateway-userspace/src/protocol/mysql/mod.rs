@@ -30,6 +30,7 @@
 pub mod catalog;
 pub mod codec;
 pub mod config;
+pub mod credential;
 pub mod proxy;
 pub mod rows;
 

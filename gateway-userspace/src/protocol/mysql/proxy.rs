@@ -242,6 +242,8 @@ pub async fn serve(client: TcpStream, ctx: MyContext) -> Result<(), MyProxyError
         opened_at: Instant::now(),
         started: false,
         catalog: None,
+        credential: None,
+        agent_user: None,
     };
     let result = my.run().await;
     my.close_record(result.as_ref().err()).await;
@@ -321,6 +323,11 @@ struct My<'a> {
     started: bool,
     /// Views and routines, read after login when column rules apply.
     catalog: Option<Catalog>,
+    /// The resource's credential as recorded (never its secret), when the
+    /// proxy logged in with it.
+    credential: Option<Value>,
+    /// The user name the agent sent, when the credential's replaced it.
+    agent_user: Option<String>,
 }
 
 /// Counters of one result.
@@ -533,8 +540,46 @@ impl<'a> My<'a> {
         self.caps = capabilities & g.capabilities;
         self.user = user;
         self.database = database;
+        // The resource's own login, when it names one: read now (a rotated
+        // secret applies to the next connection), never shown to anyone.
+        let mut login = None;
+        if let Some(cred) = self.ctx.resource.credential.clone() {
+            let secret = match cred.read_secret() {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(conn = self.ctx.conn.id, file = %cred.password_file.display(), error = %e, "cannot read the resource's credential");
+                    self.fatal(
+                        1045,
+                        "28000",
+                        "agentgate: the resource's credential cannot be read; see the daemon's log",
+                    )
+                    .await;
+                    return Err(MyProxyError::Proxy {
+                        what: format!(
+                            "the resource's credential {}: {e}",
+                            cred.password_file.display()
+                        ),
+                    });
+                }
+            };
+            let (upstream_hello, l) = super::credential::hello(
+                &hello,
+                &cred.user,
+                secret,
+                g.auth_plugin.as_deref(),
+                g.scramble.clone(),
+            )
+            .map_err(|what| MyProxyError::Proxy {
+                what: format!("login with the resource's credential: {what}"),
+            })?;
+            hello = BytesMut::from(&upstream_hello[..]);
+            self.agent_user = Some(std::mem::replace(&mut self.user, cred.user.clone()));
+            login = Some((l, cred));
+        }
         if let Some(tls) = tls {
-            let mut caps = capabilities;
+            let mut caps = CapabilityFlags::from_bits_retain(u32::from_le_bytes([
+                hello[0], hello[1], hello[2], hello[3],
+            ]));
             caps.insert(CapabilityFlags::CLIENT_SSL);
             codec::set_client_capabilities(&mut hello, caps);
             self.send_upstream(&hello[..codec::SSL_REQUEST_LEN]).await?;
@@ -547,7 +592,19 @@ impl<'a> My<'a> {
         }
         self.send_upstream(&hello).await?;
         drop(hello);
-        if !self.relay_auth().await? {
+        let logged_in = match login {
+            Some((mut l, cred)) => {
+                l.tls = self.tls_upstream;
+                let ok = self.login(&mut l, &cred.user).await?;
+                let mut d = cred.describe();
+                d["kind"] = json!("resource");
+                d["auth_plugin"] = json!(l.plugin);
+                self.credential = Some(d);
+                ok
+            }
+            None => self.relay_auth().await?,
+        };
+        if !logged_in {
             return Ok(false);
         }
         self.session_start().await?;
@@ -651,6 +708,40 @@ impl<'a> My<'a> {
         ))
     }
 
+    /// Logs in upstream with the resource's credential
+    /// ([`super::credential`]); the client gets the server's `OK` (`true`)
+    /// or its `ERR` (`false`), never an authentication request.
+    async fn login(
+        &mut self,
+        l: &mut super::credential::Login,
+        user: &str,
+    ) -> Result<bool, MyProxyError> {
+        use super::credential::Step;
+        for _ in 0..MAX_AUTH_ROUNDS {
+            let p = self.read_upstream().await?;
+            let step = l.step(&p).map_err(|what| MyProxyError::Proxy {
+                what: format!("login with the resource's credential: {what}"),
+            })?;
+            match step {
+                Step::Done => {
+                    self.send_client(&p)?;
+                    return Ok(true);
+                }
+                Step::Refused => {
+                    tracing::warn!(conn = self.ctx.conn.id, user = %user, "the server refused the resource's credential");
+                    self.send_client(&p)?;
+                    self.flush_client().await?;
+                    return Ok(false);
+                }
+                Step::Send(answer) => self.send_upstream(&answer).await?,
+                Step::Wait => {}
+            }
+        }
+        Err(MyProxyError::Proxy {
+            what: "authentication took too many rounds".into(),
+        })
+    }
+
     /// Relays an authentication exchange until the server's `OK` (`true`)
     /// or `ERR` (`false`). The packets are never logged: one may carry a
     /// cleartext password (`caching_sha2_password` full authentication).
@@ -696,6 +787,8 @@ impl<'a> My<'a> {
             "destination": self.ctx.conn.destination.to_string(),
             "tls_upstream": self.tls_upstream,
             "tls_client": false,
+            "credential": self.credential,
+            "agent_user": self.agent_user,
         }));
         ev.decision = Some(json!({"verdict": "allow"}));
         if let Err(e) = self.ctx.audit.append(ev).await {
@@ -1505,6 +1598,18 @@ impl<'a> My<'a> {
     /// changes, the agentgate identity does not. `Ok(false)`: the server
     /// refused it (and closes).
     async fn change_user(&mut self, packet: &[u8]) -> Result<bool, MyProxyError> {
+        if self.credential.is_some() {
+            // The agent holds no database password here; a login of its
+            // own would bypass the resource's credential.
+            self.refuse_command(
+                "COM_CHANGE_USER",
+                "agentgate:mysql-credential",
+                "the resource's credential logs in to this server; COM_CHANGE_USER is not relayed",
+            )
+            .await?;
+            self.flush_client().await?;
+            return Ok(true);
+        }
         let (user, database) =
             change_user_fields(packet, self.caps).ok_or(MyProxyError::Client {
                 source: ProtocolError::Malformed {
