@@ -186,8 +186,14 @@ const LEAKS: &[&str] = &[
     "SELECT leak_ssn(1)",
     "SELECT leak_ssn(id) FROM customers",
     "CALL dump_ssn()",
-    // multi-statement queries
+    // multi-statement queries, and USE inside them (the rule names the
+    // schema: names resolve in the database each statement runs in)
     "SELECT 1; SELECT REVERSE(ssn) FROM customers",
+    "USE shop; SELECT REVERSE(ssn) FROM customers",
+    "SELECT 1; USE shop; SELECT HEX(ssn) FROM customers",
+    "USE information_schema;; SELECT REVERSE(ssn) FROM shop.customers",
+    "USE information_schema; USE shop; SELECT TO_BASE64(ssn) FROM customers",
+    "USE information_schema;; USE shop; SELECT ssn FROM customers",
     "SELECT name FROM customers; SELECT HEX(card) FROM customers",
     // errors that echo values
     "SELECT EXTRACTVALUE(1, CONCAT(0x7e, ssn)) FROM customers",
@@ -266,7 +272,7 @@ match = {{ sql = ["write", "ddl", "dcl", "admin", "unknown"] }}
 detectors = ["all"]
 
 [[masking.column]]
-columns = ["customers.ssn", "customers.card"]
+columns = ["shop.customers.ssn", "customers.card"]
 strategy = "keep_last4"
 
 [[masking.column]]

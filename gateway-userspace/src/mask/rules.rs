@@ -10,6 +10,9 @@ use crate::policy::glob::Glob;
 pub struct ColumnRule {
     /// `None`: any table.
     pub table: Option<Glob>,
+    /// For a schema-qualified `table`: its last part, which a table named
+    /// without a schema may be (fails closed: the rule applies).
+    pub unqualified: Option<Glob>,
     pub column: Glob,
     pub strategy: Strategy,
     /// Which conditions on the column a statement may use.
@@ -85,11 +88,15 @@ impl ColumnRule {
     /// case-insensitively.
     pub fn parse(spec: &str, strategy: Strategy) -> Self {
         let (table, column) = match spec.rsplit_once('.') {
-            Some((table, column)) => (Some(Glob::new_case_insensitive(table)), column),
+            Some((table, column)) => (Some(table), column),
             None => (None, spec),
         };
+        let unqualified = table
+            .and_then(|t| t.rsplit_once('.'))
+            .map(|(_, last)| Glob::new_case_insensitive(last));
         ColumnRule {
-            table,
+            table: table.map(Glob::new_case_insensitive),
+            unqualified,
             column: Glob::new_case_insensitive(column),
             strategy,
             predicates: Predicates::default(),
@@ -122,6 +129,7 @@ impl ColumnRule {
                 pat.matches(t)
                     || t.rsplit_once('.')
                         .is_some_and(|(_, unqualified)| pat.matches(unqualified))
+                    || (!t.contains('.') && self.unqualified.as_ref().is_some_and(|u| u.matches(t)))
             }
         }
     }
@@ -311,6 +319,18 @@ mod tests {
             DetectorSet::ALL,
             Strategy::Redact,
         )
+    }
+
+    #[test]
+    fn a_schema_qualified_rule_covers_its_table_named_with_or_without_a_schema() {
+        let r = ColumnRule::parse("shop.customers.ssn", Strategy::Redact);
+        assert!(r.matches(Some("shop.customers"), "ssn"));
+        // Named without a schema, it may be that table: the rule applies.
+        assert!(r.matches(Some("customers"), "ssn"));
+        assert!(!r.matches(Some("other.customers"), "ssn"));
+        assert!(!r.matches(Some("orders"), "ssn"));
+        let r = ColumnRule::parse("customers.ssn", Strategy::Redact);
+        assert!(r.matches(Some("other.customers"), "ssn"));
     }
 
     #[test]

@@ -250,6 +250,62 @@ pub struct StatementLineage {
     pub fetch: Option<String>,
 }
 
+/// A relation named without its schema: in `schema` (`MySQL`'s current
+/// database); a qualified name stays as written.
+fn qualified(relation: &str, schema: &str) -> String {
+    if relation.contains('.') {
+        relation.to_owned()
+    } else {
+        format!("{schema}.{relation}")
+    }
+}
+
+impl Lineage {
+    /// Every source's relation qualified with `schema` where the statement
+    /// named none ([`qualified`]).
+    pub fn qualify(&mut self, schema: &str) {
+        self.sources = std::mem::take(&mut self.sources)
+            .into_iter()
+            .map(|(mut s, f)| {
+                s.relation = qualified(&s.relation, schema);
+                (s, f)
+            })
+            .collect();
+        if let Some(j) = self.json.as_mut() {
+            qualify_outputs(&mut j.fields, schema);
+        }
+    }
+}
+
+fn qualify_outputs(outputs: &mut [Output], schema: &str) {
+    for o in outputs {
+        match o {
+            Output::Column { lineage, .. } => lineage.qualify(schema),
+            Output::Star { relation } => *relation = qualified(relation, schema),
+        }
+    }
+}
+
+impl StatementLineage {
+    /// The statement as run in database `schema` (`MySQL`'s `USE`): every
+    /// relation it names without a schema is in `schema`.
+    pub fn qualify(&mut self, schema: &str) {
+        if let Outputs::Known(o) = &mut self.outputs {
+            qualify_outputs(o, schema);
+        }
+        if let Some((_, Outputs::Known(o))) = &mut self.cursor {
+            qualify_outputs(o, schema);
+        }
+        for p in &mut self.predicates {
+            p.lineage.qualify(schema);
+        }
+        for w in &mut self.writes {
+            w.lineage.qualify(schema);
+            w.target = qualified(&w.target, schema);
+        }
+    }
+}
+
 /// Lineage of every statement of a text; `None` when the text does not parse
 /// (the statement is then classified `Unknown` and decided as such).
 pub fn lineage(sql: &str, dialect: Dialect) -> Option<Vec<StatementLineage>> {

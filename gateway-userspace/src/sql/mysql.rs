@@ -147,6 +147,46 @@ pub fn assigns_user_variable(sql: &str) -> bool {
     false
 }
 
+/// The database each statement of a text runs in, in order (`MySQL`'s
+/// `USE db` changes it for the statements after it): `current` until a
+/// `USE`; and the database after the text. `None` when the statements cannot be told apart by their
+/// semicolons (a compound statement, a text that does not tokenize): the
+/// caller then leaves names unqualified, which rules match as any schema's.
+pub fn databases_per_statement(
+    sql: &str,
+    current: Option<&str>,
+) -> Option<(Vec<Option<String>>, Option<String>)> {
+    let tokens = Tokenizer::new(Dialect::MySql.parser_dialect(), sql)
+        .tokenize()
+        .ok()?;
+    let mut db = current.map(str::to_owned);
+    let mut out = Vec::new();
+    for segment in tokens.split(|t| *t == Token::SemiColon) {
+        let mut words = segment
+            .iter()
+            .filter(|t| !matches!(t, Token::Whitespace(_)))
+            .peekable();
+        let Some(first) = words.next() else { continue };
+        let is = |t: Option<&&Token>, k: &str| matches!(t, Some(Token::Word(w)) if w.quote_style.is_none() && w.value.eq_ignore_ascii_case(k));
+        let compound = (is(Some(&first), "CREATE")
+            && segment.iter().any(|t| is(Some(&t), "BEGIN")))
+            || (is(Some(&first), "BEGIN") && is(words.peek(), "NOT"));
+        if compound {
+            // A stored program or `BEGIN NOT ATOMIC`: its inner semicolons
+            // are not statement ends.
+            return None;
+        }
+        out.push(db.clone());
+        if is(Some(&first), "USE") {
+            match (words.next(), words.next()) {
+                (Some(Token::Word(name)), None) => db = Some(name.value.clone()),
+                _ => return None,
+            }
+        }
+    }
+    Some((out, db))
+}
+
 /// The note of a statement the keywords decide describes the schema
 /// (`SHOW CREATE DATABASE`): a read whose result is no table's rows.
 pub(super) const SCHEMA_DESCRIPTION: &str = "schema description: SHOW CREATE DATABASE";
@@ -472,6 +512,60 @@ mod tests {
                 "{sql}"
             );
         }
+    }
+
+    #[test]
+    fn use_inside_a_text_moves_the_statements_after_it() {
+        let (dbs, after) = databases_per_statement(
+            "SELECT 1; USE `other`; SELECT ssn FROM customers; use shop ; SELECT 2; USE x",
+            Some("shop"),
+        )
+        .unwrap();
+        assert_eq!(after.as_deref(), Some("x"));
+        let want = [
+            Some("shop"),
+            Some("shop"),
+            Some("other"),
+            Some("other"),
+            Some("shop"),
+            Some("shop"),
+        ];
+        assert_eq!(dbs, want.map(|d| d.map(str::to_owned)));
+        assert_eq!(
+            databases_per_statement("SELECT ';'; SELECT 2", None).unwrap(),
+            (vec![None, None], None)
+        );
+        assert!(
+            databases_per_statement("CREATE PROCEDURE p() BEGIN SELECT 1; SELECT 2; END", None)
+                .is_none()
+        );
+        assert!(databases_per_statement("BEGIN NOT ATOMIC SELECT 1; END", None).is_none());
+        assert_eq!(
+            databases_per_statement("BEGIN; SELECT 1", None)
+                .unwrap()
+                .0
+                .len(),
+            2
+        );
+        // And the lineage of the statement after the USE names `other`'s table.
+        let mut l =
+            crate::sql::lineage::lineage("SELECT REVERSE(ssn) FROM customers", Dialect::MySql)
+                .unwrap()
+                .remove(0);
+        l.qualify("other");
+        let crate::sql::lineage::Outputs::Known(o) = &l.outputs else {
+            panic!()
+        };
+        let crate::sql::lineage::Output::Column { lineage, .. } = &o[0] else {
+            panic!()
+        };
+        assert!(
+            lineage
+                .sources
+                .keys()
+                .all(|s| s.relation == "other.customers"),
+            "{lineage:?}"
+        );
     }
 
     #[test]

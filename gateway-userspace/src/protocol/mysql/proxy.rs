@@ -91,7 +91,9 @@ use crate::{
         lineage::{self, Field, NoCatalog, RelationKind, Relations},
     },
     policy::{Action, Decision, PolicySet, PolicyStore, Resource, Subject, Verdict},
-    sql::{Analysis, AnalysisCache, Classification, Dialect, StatementClass},
+    sql::{
+        Analysis, AnalysisCache, Classification, Dialect, StatementClass, lineage::StatementLineage,
+    },
 };
 
 /// Redacted SQL kept in an audit record.
@@ -289,6 +291,10 @@ struct Stmt {
     local_infile: bool,
     /// The SQL text as sent (kept for `COM_STMT_PREPARE` and `USE`).
     raw: Option<Vec<u8>>,
+    /// The statements' lineage with the relations they name without a
+    /// schema in the database each runs in (`USE` inside the text moves
+    /// the statements after it); `None` without column rules or lineage.
+    lineage: Option<Arc<Vec<StatementLineage>>>,
     /// `COM_STMT_EXECUTE`: the values bound (`None` inside: NULL), or
     /// `Some(None)` when they cannot be read (each then counts as new for
     /// the equality budget). `None`: nothing bound (a text or a prepare).
@@ -985,6 +991,7 @@ impl<'a> My<'a> {
                 .sql_cache
                 .analyze(&String::from_utf8_lossy(sql), Dialect::MySql)
         });
+        let lineage = self.qualified_lineage(sql, &analysis);
         let c = &analysis.classification;
         let hash = crate::audit::keyed_hash(&self.ctx.correlation_key, sql);
         let local_infile = c.statements.iter().any(|s| {
@@ -1015,7 +1022,37 @@ impl<'a> My<'a> {
             analysis,
             raw: Some(sql.to_vec()),
             bound: None,
+            lineage,
         }
+    }
+
+    /// [`Stmt::lineage`]: names without a schema qualified with the
+    /// database each statement runs in. When the statements cannot be told
+    /// apart (a stored program's body) or no database is selected, names
+    /// stay as written, and rules naming a schema cover them too.
+    fn qualified_lineage(
+        &self,
+        sql: &[u8],
+        analysis: &Analysis,
+    ) -> Option<Arc<Vec<StatementLineage>>> {
+        let all = analysis.lineage.as_ref()?;
+        if self.masking().columns().is_empty() {
+            return None;
+        }
+        let text = String::from_utf8_lossy(sql);
+        let text = crate::sql::mysql::unwrap_executable_comments(&text);
+        let dbs = crate::sql::mysql::databases_per_statement(&text, self.database.as_deref())
+            .map(|(d, _)| d)
+            .filter(|d| d.len() == all.len());
+        let mut out = all.clone();
+        if let Some(dbs) = dbs {
+            for (l, db) in out.iter_mut().zip(dbs) {
+                if let Some(db) = db {
+                    l.qualify(&db);
+                }
+            }
+        }
+        Some(Arc::new(out))
     }
 
     fn masking(&self) -> &MaskPolicy {
@@ -1032,7 +1069,7 @@ impl<'a> My<'a> {
         if policy.columns().is_empty() {
             return None;
         }
-        let statements = stmt.analysis.lineage.as_ref()?;
+        let statements = stmt.lineage.as_deref()?;
         let values = stmt.bound.as_ref();
         let param = |n: usize| -> Option<Vec<u8>> {
             let v = values?.as_ref()?.get(n.checked_sub(1)?)?;
@@ -1258,11 +1295,39 @@ impl<'a> My<'a> {
                 }
             }
         }
+        let whole_use = stmt.raw.as_deref().and_then(use_database);
         if relayed.ok {
             if packet.first() == Some(&0x02) {
                 self.database = Some(String::from_utf8_lossy(&packet[1..]).into_owned());
-            } else if let Some(db) = stmt.raw.as_deref().and_then(use_database) {
+            } else if let Some(db) = whole_use.clone() {
                 self.database = Some(db);
+            }
+        }
+        if whole_use.is_none()
+            && packet.first() == Some(&0x03)
+            && let Some(raw) = stmt.raw.as_deref()
+        {
+            // A `USE` inside a multi-statement text (the server stops at
+            // the first error, perhaps after it): the server says where the
+            // session is now.
+            let text = String::from_utf8_lossy(raw);
+            let text = crate::sql::mysql::unwrap_executable_comments(&text);
+            let current = self.database.clone();
+            let moves = crate::sql::mysql::databases_per_statement(&text, current.as_deref())
+                .is_none_or(|(each, after)| after != current || each.iter().any(|d| *d != current));
+            if moves && text.to_ascii_lowercase().contains("use") {
+                match self.side_query("SELECT DATABASE()").await? {
+                    Some(rows) => {
+                        self.database = rows.first().and_then(|r| r.first().cloned().flatten());
+                    }
+                    None => {
+                        tracing::warn!(
+                            conn = self.ctx.conn.id,
+                            "the current database is unknown after a multi-statement USE; names stay unqualified"
+                        );
+                        self.database = None;
+                    }
+                }
             }
         }
         Ok(())
@@ -1280,7 +1345,7 @@ impl<'a> My<'a> {
         let mut columns: Vec<ColumnDef> = Vec::new();
         let mut plan: Option<ResultPlan> = None;
         let mut index = 0usize;
-        let withhold = stmt.is_some_and(|s| self.withholds_messages(&s.analysis));
+        let withhold = stmt.is_some_and(|s| self.withholds_messages(s));
         let server = |source| MyProxyError::Server { source };
         while !resp.done() {
             let p = self.read_upstream().await?;
@@ -1372,7 +1437,7 @@ impl<'a> My<'a> {
 
     /// Whether the server's error messages about a statement are withheld:
     /// it reads a protected column, and a message may quote a value.
-    fn withholds_messages(&self, a: &Analysis) -> bool {
+    fn withholds_messages(&self, a: &Stmt) -> bool {
         let policy = self.masking();
         if policy.columns().is_empty() {
             return false;
@@ -1401,7 +1466,14 @@ impl<'a> My<'a> {
         let fields: Vec<Field> = columns
             .iter()
             .map(|c| Field {
-                relation: (!c.org_table.is_empty()).then(|| c.org_table.clone()),
+                // As the server names it: in its schema.
+                relation: (!c.org_table.is_empty()).then(|| {
+                    if c.schema.is_empty() {
+                        c.org_table.clone()
+                    } else {
+                        format!("{}.{}", c.schema, c.org_table)
+                    }
+                }),
                 column: if c.org_name.is_empty() {
                     c.name.clone()
                 } else {
@@ -1410,15 +1482,13 @@ impl<'a> My<'a> {
                 computed: c.org_table.is_empty(),
             })
             .collect();
-        let st = stmt
-            .and_then(|s| s.analysis.lineage.as_ref())
-            .and_then(|l| {
-                if l.len() == 1 {
-                    l.first()
-                } else {
-                    l.get(index)
-                }
-            });
+        let st = stmt.and_then(|s| s.lineage.as_deref()).and_then(|l| {
+            if l.len() == 1 {
+                l.first()
+            } else {
+                l.get(index)
+            }
+        });
         let outputs = st.map(|s| &s.outputs);
         let functions = st.map_or(&[][..], |s| s.functions.as_slice());
         let masks = ResultMasks::plan(policy, self.relations(), outputs, functions, &fields);
