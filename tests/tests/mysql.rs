@@ -522,3 +522,104 @@ fn the_daemon_logs_in_with_the_resources_credential() {
     assert!(!log.contains(&secret), "no log line holds the secret");
     let _ = std::fs::remove_dir_all(&secrets);
 }
+
+/// `LOAD DATA LOCAL INFILE` reads a file on the agent's host: refused
+/// unless a rule allows it (class `admin`, here only into `imports`), and
+/// then the file's name, size and SHA-256 are in the result record.
+#[test]
+fn load_data_local_runs_only_where_a_rule_allows_it_and_is_recorded() {
+    let policy = r#"
+[defaults]
+unknown_destination = "deny"
+
+[[resource]]
+name = "shop"
+protocol = "mysql"
+addresses = ["127.0.0.1:3306"]
+default_action = "deny"
+
+[[rule]]
+name = "demo-reads"
+identities = ["demo"]
+resources = ["shop"]
+action = "allow"
+match = { sql = ["read", "transaction"] }
+
+[[rule]]
+name = "demo-imports"
+identities = ["demo"]
+resources = ["shop"]
+action = "allow"
+match = { sql = ["admin"], tables = ["imports"] }
+"#;
+    let opts = DaemonOptions {
+        policies: vec![("shop.toml".into(), policy.into())],
+        ..DaemonOptions::default()
+    };
+    let env = Env::new("myinfile", opts).unwrap();
+    let db = MariaDb::start(&env.netns, 3306).unwrap();
+    db.seed_customers(3).unwrap();
+    db.admin_sql("CREATE TABLE shop.imports (a int, b text)")
+        .unwrap();
+    let file = env.state.join("import.csv");
+    let body = "1,one\n2,two\n3,three\n";
+    std::fs::write(&file, body).unwrap();
+    let load = |table: &str| {
+        cli(
+            &env,
+            &db,
+            "app",
+            &[
+                "--local-infile=1",
+                "-e",
+                &format!(
+                    "LOAD DATA LOCAL INFILE '{}' INTO TABLE {table} FIELDS TERMINATED BY ','",
+                    file.display()
+                ),
+            ],
+        )
+    };
+    let count = |t: &str| {
+        db.admin_sql(&format!("SELECT count(*) FROM shop.{t}"))
+            .unwrap()
+    };
+
+    // No rule allows it into customers: refused, nothing read or loaded.
+    let out = load("customers");
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("ERROR 1142 (42000)"), "{err}");
+    assert_eq!(count("customers").trim(), "3");
+
+    // Into imports it runs; the record names the file, its size and hash.
+    let out = load("imports");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(count("imports").trim(), "3");
+    let records = env.audit_records().unwrap();
+    let refused = records
+        .iter()
+        .find(|r| r["decision"]["verdict"] == "deny" && r["action"]["class"] == "admin")
+        .expect("the refusal's record");
+    assert!(
+        refused["action"]["notes"][0]
+            .as_str()
+            .unwrap()
+            .contains("LOAD DATA LOCAL"),
+        "{refused:#}"
+    );
+    let loaded = records
+        .iter()
+        .find(|r| r["action"]["local_infile"].is_object())
+        .expect("the load's result record");
+    let f = &loaded["action"]["local_infile"];
+    assert_eq!(f["file"], file.display().to_string(), "{loaded:#}");
+    assert_eq!(f["bytes"], body.len(), "{loaded:#}");
+    let want = {
+        use sha2::Digest as _;
+        sha2::Sha256::digest(body.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    assert_eq!(f["sha256"], want, "{loaded:#}");
+}
