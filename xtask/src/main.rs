@@ -464,8 +464,16 @@ fn test(root: &Path, filter: Option<&str>, no_lint: bool) -> Result<()> {
     status(cmd("cargo").args(["build", "-p", "agentgate"]))?;
     let bin = target_dir(root).join("debug/agentgate");
     let mut c = cmd("cargo");
-    c.args(["test", "--workspace", "--lib", "--bins", "--tests"])
-        .env("AGENTGATE_BIN", &bin);
+    // Every test binary runs, so that one failure does not hide the rest.
+    c.args([
+        "test",
+        "--workspace",
+        "--lib",
+        "--bins",
+        "--tests",
+        "--no-fail-fast",
+    ])
+    .env("AGENTGATE_BIN", &bin);
     if let Some(f) = filter {
         c.arg(f);
     }
