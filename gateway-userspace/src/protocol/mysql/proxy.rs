@@ -295,10 +295,11 @@ struct Stmt {
     /// schema in the database each runs in (`USE` inside the text moves
     /// the statements after it); `None` without column rules or lineage.
     lineage: Option<Arc<Vec<StatementLineage>>>,
-    /// `COM_STMT_EXECUTE`: the values bound (`None` inside: NULL), or
-    /// `Some(None)` when they cannot be read (each then counts as new for
-    /// the equality budget). `None`: nothing bound (a text or a prepare).
-    bound: Option<Option<Vec<Option<Vec<u8>>>>>,
+    /// A `COM_STMT_EXECUTE`: values are bound (else a text or a prepare).
+    executes: bool,
+    /// The values bound (`None` inside: NULL); `None` when they cannot be
+    /// read (each then counts as new for the equality budget).
+    bound: Option<Vec<Option<Vec<u8>>>>,
 }
 
 struct My<'a> {
@@ -546,42 +547,7 @@ impl<'a> My<'a> {
         self.caps = capabilities & g.capabilities;
         self.user = user;
         self.database = database;
-        // The resource's own login, when it names one: read now (a rotated
-        // secret applies to the next connection), never shown to anyone.
-        let mut login = None;
-        if let Some(cred) = self.ctx.resource.credential.clone() {
-            let secret = match cred.read_secret() {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(conn = self.ctx.conn.id, file = %cred.password_file.display(), error = %e, "cannot read the resource's credential");
-                    self.fatal(
-                        1045,
-                        "28000",
-                        "agentgate: the resource's credential cannot be read; see the daemon's log",
-                    )
-                    .await;
-                    return Err(MyProxyError::Proxy {
-                        what: format!(
-                            "the resource's credential {}: {e}",
-                            cred.password_file.display()
-                        ),
-                    });
-                }
-            };
-            let (upstream_hello, l) = super::credential::hello(
-                &hello,
-                &cred.user,
-                secret,
-                g.auth_plugin.as_deref(),
-                g.scramble.clone(),
-            )
-            .map_err(|what| MyProxyError::Proxy {
-                what: format!("login with the resource's credential: {what}"),
-            })?;
-            hello = BytesMut::from(&upstream_hello[..]);
-            self.agent_user = Some(std::mem::replace(&mut self.user, cred.user.clone()));
-            login = Some((l, cred));
-        }
+        let login = self.credential_hello(&mut hello, &g).await?;
         if let Some(tls) = tls {
             let mut caps = CapabilityFlags::from_bits_retain(u32::from_le_bytes([
                 hello[0], hello[1], hello[2], hello[3],
@@ -618,6 +584,50 @@ impl<'a> My<'a> {
             self.load_catalog().await?;
         }
         Ok(true)
+    }
+
+    /// The resource's own login, when it names one: the secret read now (a
+    /// rotated secret applies to the next connection), never shown to
+    /// anyone; `hello` replaced by the handshake response to send upstream.
+    async fn credential_hello(
+        &mut self,
+        hello: &mut BytesMut,
+        g: &codec::Greeting,
+    ) -> Result<Option<(super::credential::Login, crate::policy::Credential)>, MyProxyError> {
+        let Some(cred) = self.ctx.resource.credential.clone() else {
+            return Ok(None);
+        };
+        let secret = match cred.read_secret() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(conn = self.ctx.conn.id, file = %cred.password_file.display(), error = %e, "cannot read the resource's credential");
+                self.fatal(
+                    1045,
+                    "28000",
+                    "agentgate: the resource's credential cannot be read; see the daemon's log",
+                )
+                .await;
+                return Err(MyProxyError::Proxy {
+                    what: format!(
+                        "the resource's credential {}: {e}",
+                        cred.password_file.display()
+                    ),
+                });
+            }
+        };
+        let (upstream_hello, l) = super::credential::hello(
+            hello,
+            &cred.user,
+            secret,
+            g.auth_plugin.as_deref(),
+            g.scramble.clone(),
+        )
+        .map_err(|what| MyProxyError::Proxy {
+            what: format!("login with the resource's credential: {what}"),
+        })?;
+        *hello = BytesMut::from(&upstream_hello[..]);
+        self.agent_user = Some(std::mem::replace(&mut self.user, cred.user.clone()));
+        Ok(Some((l, cred)))
     }
 
     /// Reads views and routines on the client's connection, before its
@@ -1021,6 +1031,7 @@ impl<'a> My<'a> {
             local_infile,
             analysis,
             raw: Some(sql.to_vec()),
+            executes: false,
             bound: None,
             lineage,
         }
@@ -1072,12 +1083,13 @@ impl<'a> My<'a> {
         let statements = stmt.lineage.as_deref()?;
         let values = stmt.bound.as_ref();
         let param = |n: usize| -> Option<Vec<u8>> {
-            let v = values?.as_ref()?.get(n.checked_sub(1)?)?;
+            let v = values?.get(n.checked_sub(1)?)?;
             Some(v.clone().unwrap_or_else(|| b"\0null".to_vec()))
         };
-        let params = match values {
-            None => lineage::Params::NotBound,
-            Some(_) => lineage::Params::Bound(&param),
+        let params = if stmt.executes {
+            lineage::Params::Bound(&param)
+        } else {
+            lineage::Params::NotBound
         };
         lineage::admit(
             policy,
@@ -1123,7 +1135,8 @@ impl<'a> My<'a> {
             (!long_data).then_some(values.ok()).flatten()
         });
         let mut stmt = self.stmt("COM_STMT_EXECUTE", &sql, Some(stmt_id), Some(analysis));
-        stmt.bound = Some(bound);
+        stmt.executes = true;
+        stmt.bound = bound;
         stmt.action["sql"] = Value::Null;
         stmt.action["params"] = json!(params);
         let covered = self.approved_prepare.remove(&stmt_id).then_some(Covered {
@@ -1295,8 +1308,22 @@ impl<'a> My<'a> {
                 }
             }
         }
-        let whole_use = stmt.raw.as_deref().and_then(use_database);
-        if relayed.ok {
+        self.track_database(packet, stmt.raw.as_deref(), relayed.ok)
+            .await?;
+        Ok(())
+    }
+
+    /// The session's database after a command: `COM_INIT_DB` or a text
+    /// that is one `USE` (when it succeeded), or, after a multi-statement
+    /// text with a `USE` inside, what the server says.
+    async fn track_database(
+        &mut self,
+        packet: &[u8],
+        raw: Option<&[u8]>,
+        ok: bool,
+    ) -> Result<(), MyProxyError> {
+        let whole_use = raw.and_then(use_database);
+        if ok {
             if packet.first() == Some(&0x02) {
                 self.database = Some(String::from_utf8_lossy(&packet[1..]).into_owned());
             } else if let Some(db) = whole_use.clone() {
@@ -1305,7 +1332,7 @@ impl<'a> My<'a> {
         }
         if whole_use.is_none()
             && packet.first() == Some(&0x03)
-            && let Some(raw) = stmt.raw.as_deref()
+            && let Some(raw) = raw
         {
             // A `USE` inside a multi-statement text (the server stops at
             // the first error, perhaps after it): the server says where the
@@ -1316,17 +1343,14 @@ impl<'a> My<'a> {
             let moves = crate::sql::mysql::databases_per_statement(&text, current.as_deref())
                 .is_none_or(|(each, after)| after != current || each.iter().any(|d| *d != current));
             if moves && text.to_ascii_lowercase().contains("use") {
-                match self.side_query("SELECT DATABASE()").await? {
-                    Some(rows) => {
-                        self.database = rows.first().and_then(|r| r.first().cloned().flatten());
-                    }
-                    None => {
-                        tracing::warn!(
-                            conn = self.ctx.conn.id,
-                            "the current database is unknown after a multi-statement USE; names stay unqualified"
-                        );
-                        self.database = None;
-                    }
+                if let Some(rows) = self.side_query("SELECT DATABASE()").await? {
+                    self.database = rows.first().and_then(|r| r.first().cloned().flatten());
+                } else {
+                    tracing::warn!(
+                        conn = self.ctx.conn.id,
+                        "the current database is unknown after a multi-statement USE; names stay unqualified"
+                    );
+                    self.database = None;
                 }
             }
         }
