@@ -1,6 +1,6 @@
 //! SSH at L7 end to end: a real daemon, Debian's OpenSSH `sshd` (its own
-//! host key and `TrustedUserCAKeys`), and real clients (OpenSSH `ssh` and
-//! `scp`, paramiko) run tagged as the label `demo`; `bob` approves.
+//! host key and `TrustedUserCAKeys`), and real clients (OpenSSH `ssh`,
+//! `scp` and `sftp`, paramiko) run tagged as the label `demo`; `bob` approves.
 //!
 //! One world per file (one daemon, two sshds: the host and an impostor with
 //! another host key); the scenarios run in order inside one test so the
@@ -66,6 +66,20 @@ identities = ["demo"]
 resources = ["ops"]
 action = "deny"
 match = {{ ssh = ["write", "delete"] }}
+
+[[rule]]
+name = "sftp-reads"
+identities = ["demo"]
+resources = ["ops"]
+action = "allow"
+match = {{ ssh = ["sftp-read"] }}
+
+[[rule]]
+name = "sftp-no-uploads"
+identities = ["demo"]
+resources = ["ops"]
+action = "deny"
+match = {{ ssh = ["sftp-write"] }}
 
 [masking]
 detectors = ["us_ssn"]
@@ -282,6 +296,7 @@ fn finish(p: Proc) -> Output {
 fn ssh_commands_shells_forwarding_and_recordings() {
     let w = world();
     let env = &w.env;
+    let from = agentgate_e2e::agent::utc(-60);
 
     // The agent's own user has no key the host accepts: straight to sshd
     // (untagged, not through the proxy) it is refused.
@@ -540,7 +555,7 @@ fn ssh_commands_shells_forwarding_and_recordings() {
     assert!(forwards.iter().all(|r| r["decision"]["verdict"] == "deny"));
 
     // 6. scp (legacy protocol: an exec of `scp -f` / `scp -t`): download
-    //    allowed and recorded, upload denied by rule; sftp refused.
+    //    allowed and recorded, upload denied by rule.
     let local = env.state.join("downloaded");
     let mut scp = env.exec(
         "demo",
@@ -589,10 +604,27 @@ fn ssh_commands_shells_forwarding_and_recordings() {
     let out = output(up.env("HOME", "/tmp"));
     assert!(!out.status.success(), "an upload went through");
     assert!(!Path::new("/tmp/agentgate-uploaded").exists());
-    let mut sftp = env.exec(
-        "demo",
-        &[
-            "sftp",
+    // 6b. SFTP (OpenSSH `sftp`, and `scp` in its default SFTP mode): a
+    //     download is recorded with its size; an upload, a remove and a
+    //     rename are refused by rule with nothing changed on the host, and
+    //     the session stays usable.
+    let keep = env.state.join("keep-me");
+    fs::write(&keep, b"kept").unwrap();
+    let fetched = env.state.join("fetched");
+    let batch = env.state.join("sftp-batch");
+    fs::write(
+        &batch,
+        format!(
+            "get /etc/hostname {f}\n-put {f} /tmp/agentgate-sftp-up\n-rm {k}\n\
+             -rename {k} {k}-moved\nls {k}\n",
+            f = fetched.display(),
+            k = keep.display()
+        ),
+    )
+    .unwrap();
+    let sftp_opts = |prog: &str, port_flag: &str| -> Vec<String> {
+        [
+            prog,
             "-F",
             "/dev/null",
             "-o",
@@ -601,16 +633,78 @@ fn ssh_commands_shells_forwarding_and_recordings() {
             &format!("GlobalKnownHostsFile={}", w.proxy_known_hosts().display()),
             "-o",
             "UserKnownHostsFile=/dev/null",
-            "-P",
+            port_flag,
             &HOST_PORT.to_string(),
-            "root@127.0.0.1",
-        ],
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect()
+    };
+    let mut args = sftp_opts("sftp", "-P");
+    args.extend([
+        "-b".into(),
+        batch.display().to_string(),
+        "root@127.0.0.1".into(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = output(env.exec("demo", &args).env("HOME", "/tmp"));
+    let (said, err) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{said}{err}");
+    assert_eq!(
+        fs::read(&fetched).unwrap(),
+        fs::read("/etc/hostname").unwrap()
     );
-    let out = output(sftp.env("HOME", "/tmp"));
+    assert!(err.contains("Permission denied"), "{err}");
     assert!(
-        !out.status.success(),
-        "sftp is not decoded and must be refused"
+        !Path::new("/tmp/agentgate-sftp-up").exists(),
+        "an sftp upload was written"
     );
+    assert_eq!(
+        fs::read(&keep).unwrap(),
+        b"kept",
+        "remove or rename went through"
+    );
+    assert!(
+        said.contains(&keep.display().to_string()),
+        "the session did not go on: {said}"
+    );
+    let mut args = sftp_opts("scp", "-P");
+    args.extend([
+        fetched.display().to_string(),
+        "root@127.0.0.1:/tmp/agentgate-scp-up".into(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = output(env.exec("demo", &args).env("HOME", "/tmp"));
+    assert!(!out.status.success(), "an scp (sftp) upload went through");
+    assert!(!Path::new("/tmp/agentgate-scp-up").exists());
+    let sftp_recs: Vec<Value> = w
+        .records()
+        .into_iter()
+        .filter(|r| r["action"]["ssh"]["request"] == "sftp")
+        .collect();
+    let size = fs::metadata("/etc/hostname").unwrap().len();
+    let download = sftp_recs
+        .iter()
+        .find(|r| {
+            r["action"]["ssh"]["op"] == "open-read"
+                && r["action"]["ssh"]["path"] == "/etc/hostname"
+                && r["result"]["status"] == "ok"
+        })
+        .unwrap_or_else(|| panic!("no download result: {sftp_recs:#?}"));
+    assert_eq!(download["action"]["ssh"]["read_bytes"], size, "{download}");
+    for (op, path) in [
+        ("open-write", "/tmp/agentgate-sftp-up".to_owned()),
+        ("open-write", "/tmp/agentgate-scp-up".to_owned()),
+        ("remove", keep.display().to_string()),
+        ("posix-rename", keep.display().to_string()),
+    ] {
+        let denied = sftp_recs
+            .iter()
+            .find(|r| r["action"]["ssh"]["op"] == op && r["action"]["ssh"]["path"] == path.as_str())
+            .unwrap_or_else(|| panic!("no {op} {path} record: {sftp_recs:#?}"));
+        assert_eq!(denied["decision"]["verdict"], "deny", "{denied}");
+        assert_eq!(denied["decision"]["rule"], "sftp-no-uploads", "{denied}");
+    }
 
     // 7. paramiko, verifying the proxy against the daemon's known_hosts.
     let script = format!(
@@ -708,7 +802,66 @@ print(opened, refused)
     );
     env.status().unwrap();
 
-    // 10. A changed byte in a recording fails `audit verify`, naming it.
+    // 10. The evidence package lists the sessions (host, login, command,
+    //     decision, approver, exit status) and shows the recordings' output
+    //     in the page, masked values still masked.
+    let pkg = env.state.join("evidence");
+    let run =
+        agentgate_e2e::agent::evidence(env, "demo", &from, &agentgate_e2e::agent::utc(5), &pkg);
+    assert_eq!(run.status.code(), Some(0), "{}", text(&run.stderr));
+    let report: Value =
+        serde_json::from_slice(&fs::read(pkg.join("evidence.json")).unwrap()).unwrap();
+    let sessions = report["ssh_sessions"]["sessions"]
+        .as_array()
+        .unwrap_or_else(|| {
+            panic!(
+                "no ssh_sessions: {:?} {}",
+                report.as_object().unwrap().keys().collect::<Vec<_>>(),
+                report["ssh_sessions"]
+            )
+        });
+    let find = |needle: &str| {
+        sessions
+            .iter()
+            .find(|e| e["command"].as_str().is_some_and(|c| c.contains(needle)))
+            .unwrap_or_else(|| panic!("no {needle} session: {sessions:#?}"))
+    };
+    let sudo = sessions
+        .iter()
+        .find(|e| {
+            e["command"]
+                .as_str()
+                .is_some_and(|c| c.contains("approved-marker"))
+        })
+        .expect("the approved sudo session");
+    assert_eq!(sudo["approvers"][0], "bob", "{sudo}");
+    assert_eq!(sudo["exit_status"], "exit-status 0", "{sudo}");
+    assert_eq!(sudo["host"], format!("127.0.0.1:{HOST_PORT}"), "{sudo}");
+    assert_eq!(sudo["upstream_user"], "root", "{sudo}");
+    assert!(sudo["duration_ms"].as_u64().is_some(), "{sudo}");
+    assert_eq!(find("rm -rf")["verdict"], "deny");
+    let uname = find("uname -s");
+    assert!(
+        uname["transcript"]
+            .as_str()
+            .unwrap()
+            .contains("[REDACTED:us_ssn]"),
+        "{uname}"
+    );
+    let shell = find("interactive shell");
+    assert!(
+        shell["transcript"].as_str().unwrap().contains("typed-42"),
+        "{shell}"
+    );
+    assert!(find("sftp")["sftp_denied"].as_u64().unwrap() >= 3);
+    let page = fs::read_to_string(pkg.join("index.html")).unwrap();
+    assert!(
+        page.contains("SSH sessions") && page.contains("typed-42"),
+        "the page does not replay the shell"
+    );
+    assert!(!page.contains("123-45-6789"), "an SSN in the evidence page");
+
+    // 11. A changed byte in a recording fails `audit verify`, naming it.
     let dir = env.state.join("audit");
     run_ok(&mut env.agentgate(&["audit", "verify", "--dir", &dir.display().to_string()])).unwrap();
     let mut bytes = fs::read(&cast).unwrap();

@@ -15,8 +15,9 @@
 //! Fails closed: a request that cannot be classified is `dangerous`; one
 //! whose record cannot be written is not run; a recording that cannot be
 //! written ends the channel. Port forwarding, agent forwarding, X11 and
-//! subsystems (SFTP included: its operations are not decoded yet) are
-//! refused unless stated otherwise below. The trade-off: while a request is
+//! subsystems other than SFTP are refused unless stated otherwise below;
+//! SFTP is decoded operation by operation (`proxy/sftp_relay.rs`). The
+//! trade-off: while a request is
 //! held the channel reads nothing more from the agent (russh then stops the
 //! whole connection's reads once its per-channel buffer is full), exactly
 //! as the gate holds a Postgres session.
@@ -52,6 +53,8 @@ use crate::{
     policy::{Action, PolicySet, Resource, Subject},
     recording::{Chunk, Header, Recorder},
 };
+
+mod sftp_relay;
 
 /// Why an SSH connection ended badly.
 #[derive(Debug, thiserror::Error)]
@@ -803,6 +806,11 @@ impl ChannelTask {
             ChannelMsg::RequestShell { .. } => {
                 return self.request("shell", None, agent, backlog).await;
             }
+            ChannelMsg::RequestSubsystem { name, .. }
+                if name == "sftp" && self.running.is_none() =>
+            {
+                return self.sftp(agent, backlog).await;
+            }
             ChannelMsg::RequestSubsystem { name, .. } => {
                 let name = classify::redact(&name, 64);
                 self.refuse_request(
@@ -1037,17 +1045,8 @@ impl ChannelTask {
     /// dropping the reason; this way every client shows the rule and gets
     /// the shell's "cannot execute" status.
     async fn deny(&mut self, d: &Denial) {
-        let why = match &d.kind {
-            DenialKind::Policy => format!("denied by rule {}: {}", d.rule, d.reason),
-            DenialKind::Approval { request } | DenialKind::Withdrawn { request } => {
-                format!("not approved (request {request}): {}", d.reason)
-            }
-            DenialKind::AuditUnavailable => {
-                format!("not run: the audit log is unavailable ({})", d.reason)
-            }
-        };
         let _ = self.handle.channel_success(self.id).await;
-        let line = format!("agentgate: {}\r\n", why.replace(['\r', '\n'], " "));
+        let line = format!("{}\r\n", denial_text(d));
         let _ = self
             .handle
             .extended_data(self.id, 1, bytes::Bytes::from(line.into_bytes()))
@@ -1264,6 +1263,20 @@ impl ChannelTask {
             },
         );
     }
+}
+
+/// A denial in one line, as the client shows it (`agentgate: ...`).
+fn denial_text(d: &Denial) -> String {
+    let why = match &d.kind {
+        DenialKind::Policy => format!("denied by rule {}: {}", d.rule, d.reason),
+        DenialKind::Approval { request } | DenialKind::Withdrawn { request } => {
+            format!("not approved (request {request}): {}", d.reason)
+        }
+        DenialKind::AuditUnavailable => {
+            format!("not run: the audit log is unavailable ({})", d.reason)
+        }
+    };
+    format!("agentgate: {}", why.replace(['\r', '\n'], " "))
 }
 
 /// The command as records, approvers and recordings see it: secret-looking
