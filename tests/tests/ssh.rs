@@ -51,6 +51,14 @@ identities = ["demo"]
 resources = ["ops", "impostor"]
 action = "allow"
 match = {{ ssh = ["read"] }}
+ssh_user = "root"
+
+[[rule]]
+name = "intern-reads"
+identities = ["intern"]
+resources = ["ops"]
+action = "allow"
+match = {{ ssh = ["read"] }}
 
 [[rule]]
 name = "ssh-privileged"
@@ -99,7 +107,10 @@ fn world() -> World {
         "ssh",
         DaemonOptions {
             policies: vec![("ssh.toml".into(), policy())],
-            labels: vec![("bob".into(), vec!["approvers".into()])],
+            labels: vec![
+                ("bob".into(), vec!["approvers".into()]),
+                ("intern".into(), Vec::new()),
+            ],
             ..DaemonOptions::default()
         },
     )
@@ -117,7 +128,7 @@ fn world() -> World {
     env.opts.extra = format!(
         "\n[proxy.ssh]\nhost_ca_key = \"{s}/ssh/host_ca\"\nhost_key = \"{s}/ssh/host_key\"\n\
          known_hosts = \"{s}/ssh/known_hosts\"\nhandshake_timeout_secs = 3\nmax_channels = 4\n\n\
-         [proxy.ssh.resources.ops]\nuser = \"root\"\nuser_ca_key = \"{ca}\"\nknown_hosts = \"{kh}\"\n\n\
+         [proxy.ssh.resources.ops]\nuser = \"nobody\"\nuser_ca_key = \"{ca}\"\nknown_hosts = \"{kh}\"\n\n\
          [proxy.ssh.resources.impostor]\nuser = \"root\"\nuser_ca_key = \"{ca2}\"\nknown_hosts = \"{bad}\"\n\n\
          [approvals]\nallow_labels = true\n",
         ca = host.user_ca.display(),
@@ -155,6 +166,10 @@ impl World {
     /// `ssh` run tagged as `demo`, trusting only the daemon's `known_hosts`
     /// (plus the user's own entry for the host).
     fn ssh(&self, port: u16, extra: &[&str], command: Option<&str>) -> Command {
+        self.ssh_as("demo", port, extra, command)
+    }
+
+    fn ssh_as(&self, who: &str, port: u16, extra: &[&str], command: Option<&str>) -> Command {
         let gk = format!(
             "GlobalKnownHostsFile={}",
             self.proxy_known_hosts().display()
@@ -183,7 +198,7 @@ impl World {
         if let Some(c) = command {
             args.push(c);
         }
-        let mut c = self.env.exec("demo", &args);
+        let mut c = self.env.exec(who, &args);
         c.env("HOME", "/tmp");
         c
     }
@@ -364,7 +379,10 @@ fn ssh_commands_shells_forwarding_and_recordings() {
         s["host_key"].as_str().unwrap().starts_with("SHA256:"),
         "{start}"
     );
+    // The login comes from the rule that names one (the resource's default
+    // is `nobody`).
     assert_eq!(s["upstream_user"], "root");
+    assert_eq!(s["upstream_user_rule"], "ssh-reads", "{start}");
     assert_eq!(s["agent_auth"][0], "none", "{start}");
     let exec = &w.exec_records("uname -s")[0];
     assert_eq!(exec["action"]["ssh"]["class"], "read");
@@ -394,6 +412,22 @@ fn ssh_commands_shells_forwarding_and_recordings() {
         "{cast_text}"
     );
     eprintln!("first exec through the handler: {first_exec:?}");
+
+    // 1b. An identity whose rules name no login gets the resource's: the
+    //     host sees `nobody` (whose shell refuses to run anything).
+    let _ = output(&mut w.ssh_as("intern", HOST_PORT, &[], Some("id -un")));
+    w.host
+        .wait_log("Accepted publickey for nobody", Duration::from_secs(5))
+        .unwrap();
+    let intern = w
+        .records()
+        .into_iter()
+        .find(|r| r["kind"] == "session.start" && r["identity"]["subject"] == "intern")
+        .expect("intern's session.start");
+    assert_eq!(
+        intern["action"]["ssh"]["upstream_user"], "nobody",
+        "{intern}"
+    );
 
     // 2. A denied command never reaches the host: 126 and one line on stderr.
     let before = w.sessions_started();

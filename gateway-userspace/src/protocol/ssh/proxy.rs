@@ -602,7 +602,17 @@ async fn login_upstream(
                     ctx.resource.name
                 ))
             })?;
-    start["upstream_user"] = json!(cred.user);
+    // The login: the most specific applicable rule's `ssh_user`, else the
+    // resource's `user`.
+    let policy = ctx.services.policy.current();
+    let user = match policy.ssh_user_for(&ctx.subject, &ctx.resource) {
+        Some((rule, u)) => {
+            start["upstream_user_rule"] = json!(rule);
+            u.to_owned()
+        }
+        None => cred.user.clone(),
+    };
+    start["upstream_user"] = json!(user);
     let dst: SocketAddr = ctx.conn.destination;
     let tcp = tokio::time::timeout(
         ctx.services.upstream_connect_timeout,
@@ -646,7 +656,7 @@ async fn login_upstream(
         let cert = keys::sign_user_cert(
             &ca,
             &key,
-            &cred.user,
+            &user,
             &key_id,
             Duration::from_secs(cred.cert_minutes * 60),
         )?;
@@ -657,7 +667,7 @@ async fn login_upstream(
             "valid_minutes": cred.cert_minutes,
         });
         handle
-            .authenticate_openssh_cert(cred.user.clone(), Arc::new(key), cert)
+            .authenticate_openssh_cert(user.clone(), Arc::new(key), cert)
             .await?
     } else if let Some(path) = &cred.key_file {
         let key = keys::load(path)?;
@@ -667,7 +677,7 @@ async fn login_upstream(
         });
         handle
             .authenticate_publickey(
-                cred.user.clone(),
+                user.clone(),
                 PrivateKeyWithHashAlg::new(Arc::new(key), None),
             )
             .await?
@@ -678,8 +688,7 @@ async fn login_upstream(
     };
     if !auth.success() {
         return Err(SshError::Upstream(format!(
-            "the host refused the credential for {}",
-            cred.user
+            "the host refused the credential for {user}"
         )));
     }
     Ok(handle)
