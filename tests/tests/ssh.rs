@@ -2,9 +2,10 @@
 //! host key and `TrustedUserCAKeys`), and real clients (OpenSSH `ssh`,
 //! `scp` and `sftp`, paramiko) run tagged as the label `demo`; `bob` approves.
 //!
-//! One world per file (one daemon, two sshds: the host and an impostor with
-//! another host key); the scenarios run in order inside one test so the
-//! sshd starts once.
+//! One world per file (one daemon, three sshds: the host, trusted through
+//! its host CA, and two impostors, one with another host key, one with a
+//! host certificate from another CA); the scenarios run in order inside one
+//! test so the sshds start once.
 
 use std::{
     fs,
@@ -19,6 +20,7 @@ use serde_json::Value;
 
 const HOST_PORT: u16 = 2222;
 const IMPOSTOR_PORT: u16 = 2223;
+const IMPOSTOR_CA_PORT: u16 = 2224;
 const PY: &str = "/usr/bin/python3";
 
 fn policy() -> String {
@@ -40,6 +42,12 @@ addresses = ["127.0.0.1:{IMPOSTOR_PORT}"]
 default_action = "deny"
 
 [[resource]]
+name = "impostor-ca"
+protocol = "ssh"
+addresses = ["127.0.0.1:{IMPOSTOR_CA_PORT}"]
+default_action = "deny"
+
+[[resource]]
 name = "loopback"
 protocol = "tcp"
 addresses = ["127.0.0.0/8:*"]
@@ -48,7 +56,7 @@ default_action = "deny"
 [[rule]]
 name = "ssh-reads"
 identities = ["demo"]
-resources = ["ops", "impostor"]
+resources = ["ops", "impostor", "impostor-ca"]
 action = "allow"
 match = {{ ssh = ["read"] }}
 ssh_user = "root"
@@ -100,6 +108,7 @@ struct World {
     env: Env,
     host: SshServer,
     impostor: SshServer,
+    impostor_ca: SshServer,
 }
 
 fn world() -> World {
@@ -117,6 +126,9 @@ fn world() -> World {
     .unwrap();
     let host = SshServer::start(&env.netns, HOST_PORT, "host").unwrap();
     let impostor = SshServer::start(&env.netns, IMPOSTOR_PORT, "impostor").unwrap();
+    // Another host with a host certificate from another CA, checked against
+    // the real host's CA.
+    let impostor_ca = SshServer::start(&env.netns, IMPOSTOR_CA_PORT, "impostor-ca").unwrap();
     // The impostor is checked against the real host's key.
     let bad_known_hosts = env.state.join("impostor_known_hosts");
     fs::write(
@@ -128,11 +140,13 @@ fn world() -> World {
     env.opts.extra = format!(
         "\n[proxy.ssh]\nhost_ca_key = \"{s}/ssh/host_ca\"\nhost_key = \"{s}/ssh/host_key\"\n\
          known_hosts = \"{s}/ssh/known_hosts\"\nhandshake_timeout_secs = 3\nmax_channels = 4\n\n\
-         [proxy.ssh.resources.ops]\nuser = \"nobody\"\nuser_ca_key = \"{ca}\"\nknown_hosts = \"{kh}\"\n\n\
+         [proxy.ssh.resources.ops]\nuser = \"nobody\"\nuser_ca_key = \"{ca}\"\nhost_ca = \"{hca}\"\n\n\
+         [proxy.ssh.resources.impostor-ca]\nuser = \"root\"\nuser_ca_key = \"{ca3}\"\nhost_ca = \"{hca}\"\n\n\
          [proxy.ssh.resources.impostor]\nuser = \"root\"\nuser_ca_key = \"{ca2}\"\nknown_hosts = \"{bad}\"\n\n\
          [approvals]\nallow_labels = true\n",
         ca = host.user_ca.display(),
-        kh = host.known_hosts.display(),
+        hca = host.host_ca_pub.display(),
+        ca3 = impostor_ca.user_ca.display(),
         ca2 = impostor.user_ca.display(),
         bad = bad_known_hosts.display(),
     );
@@ -142,6 +156,7 @@ fn world() -> World {
         env,
         host,
         impostor,
+        impostor_ca,
     }
 }
 
@@ -374,7 +389,13 @@ fn ssh_commands_shells_forwarding_and_recordings() {
             .starts_with("demo conn-"),
         "{start}"
     );
+    // The host is trusted through its host CA (the resource names no
+    // known_hosts).
     assert_eq!(s["host_key_check"], "match", "{start}");
+    assert!(
+        s["host_ca"].as_str().unwrap().starts_with("SHA256:"),
+        "{start}"
+    );
     assert!(
         s["host_key"].as_str().unwrap().starts_with("SHA256:"),
         "{start}"
@@ -775,6 +796,19 @@ print(out.read().decode().strip(), out.channel.recv_exit_status())
         "{refused}"
     );
     assert_eq!(refused["result"]["status"], "refused");
+    // And a host certificate from another CA.
+    let out = output(&mut w.ssh(IMPOSTOR_CA_PORT, &[], Some("uname")));
+    assert!(!out.status.success(), "the CA impostor was reached");
+    assert!(!w.impostor_ca.log().contains("Accepted"));
+    let refused = w
+        .records()
+        .into_iter()
+        .find(|r| r["kind"] == "session.start" && r["resource"] == "impostor-ca")
+        .expect("the refused session on record");
+    assert_eq!(
+        refused["action"]["ssh"]["host_key_check"], "host certificate not signed by the host CA",
+        "{refused}"
+    );
 
     // 9. Hostile clients: no key exchange, garbage, a channel flood, a huge
     //    window. Each is closed or refused; nothing reaches the host.

@@ -507,9 +507,14 @@ async fn relay(mut agent: Channel<Msg>, mut up: Channel<client::Msg>) {
     }
 }
 
-/// Checks the host's key against the resource's `known_hosts`.
+/// Checks the host's key against the resource's `known_hosts`, or its
+/// host certificate against the resource's host CA.
 struct HostCheck {
-    known_hosts: PathBuf,
+    known_hosts: Option<PathBuf>,
+    host_ca: Option<russh::keys::ssh_key::PublicKey>,
+    /// The names a host certificate may be for (the resource's, and the
+    /// address dialled).
+    names: Vec<String>,
     host: String,
     port: u16,
     seen: Arc<Mutex<HostKeySeen>>,
@@ -528,22 +533,38 @@ impl client::Handler for HostCheck {
         &mut self,
         key: &PublicKeyOrCertificate,
     ) -> Result<bool, Self::Error> {
-        let key = match key {
-            PublicKeyOrCertificate::PublicKey { key, .. } => key.clone(),
-            PublicKeyOrCertificate::Certificate(c) => {
-                russh::keys::ssh_key::PublicKey::new(c.public_key().clone(), "")
+        let (key, verdict) = match (key, &self.host_ca) {
+            (PublicKeyOrCertificate::Certificate(c), Some(ca)) => {
+                let now =
+                    u64::try_from(time::OffsetDateTime::now_utc().unix_timestamp()).unwrap_or(0);
+                let verdict = match keys::check_host_cert(c, ca, &self.names, now) {
+                    Ok(()) => "match",
+                    Err(why) => why,
+                };
+                (
+                    russh::keys::ssh_key::PublicKey::new(c.public_key().clone(), ""),
+                    verdict,
+                )
             }
-        };
-        let verdict = match russh::keys::check_known_hosts_path(
-            &self.host,
-            self.port,
-            &key,
-            &self.known_hosts,
-        ) {
-            Ok(true) => "match",
-            Ok(false) => "unknown host",
-            Err(russh::keys::Error::KeyChanged { .. }) => "mismatch",
-            Err(_) => "known_hosts unreadable",
+            (PublicKeyOrCertificate::Certificate(c), None) => (
+                russh::keys::ssh_key::PublicKey::new(c.public_key().clone(), ""),
+                "a host certificate, but the resource names no host_ca",
+            ),
+            (PublicKeyOrCertificate::PublicKey { key, .. }, _) => {
+                let verdict = match &self.known_hosts {
+                    None => "no host certificate (the resource trusts only its host_ca)",
+                    Some(path) => {
+                        match russh::keys::check_known_hosts_path(&self.host, self.port, key, path)
+                        {
+                            Ok(true) => "match",
+                            Ok(false) => "unknown host",
+                            Err(russh::keys::Error::KeyChanged { .. }) => "mismatch",
+                            Err(_) => "known_hosts unreadable",
+                        }
+                    }
+                };
+                (key.clone(), verdict)
+            }
         };
         let mut seen = self.seen.lock().expect("seen lock");
         seen.fingerprint = Some(keys::fingerprint(&key));
@@ -622,13 +643,36 @@ async fn login_upstream(
     .map_err(|_| SshError::Upstream("connect timed out".into()))?
     .map_err(|e| SshError::Upstream(format!("connect: {e}")))?;
     let _ = tcp.set_nodelay(true);
+    let host_ca = cred.host_ca.as_deref().map(keys::load_public).transpose()?;
+    if let Some(ca) = &host_ca {
+        start["host_ca"] = json!(keys::fingerprint(ca));
+    }
+    let mut names = resource_names(&ctx.resource).0;
+    names.push(dst.ip().to_string());
+    let mut preferred = russh::Preferred::default();
+    if host_ca.is_some() {
+        // Ask the host for its certificate (OpenSSH presents one when it
+        // has a `HostCertificate`).
+        preferred.host_key_certificates = std::borrow::Cow::Owned(vec![
+            russh::keys::Algorithm::Ed25519,
+            russh::keys::Algorithm::Ecdsa {
+                curve: russh::keys::EcdsaCurve::NistP256,
+            },
+            russh::keys::Algorithm::Rsa {
+                hash: Some(russh::keys::HashAlg::Sha512),
+            },
+        ]);
+    }
     let check = HostCheck {
+        host_ca,
+        names,
         known_hosts: cred.known_hosts.clone(),
         host: dst.ip().to_string(),
         port: dst.port(),
         seen: seen.clone(),
     };
     let config = Arc::new(client::Config {
+        preferred,
         inactivity_timeout: None,
         window_size: ctx.config.window_bytes,
         maximum_packet_size: ctx.config.max_packet_bytes,
