@@ -303,13 +303,13 @@ fn bad_policy_files_report_exact_positions() {
         (
             "unknown_field.toml",
             &[
-                "unknown_field.toml:5:1: unknown field `colour`, expected one of `name`, `description`, `protocol`, `addresses`, `tls`, `credential`, `default_action`, `default_approval`",
+                "unknown_field.toml:5:1: unknown field `colour`, expected one of `name`, `description`, `protocol`, `addresses`, `tls`, `credential`, `default_action`, `default_approval`, `intercept`, `profile`, `prompt_dlp`",
             ],
         ),
         (
             "bad_protocol.toml",
             &[
-                "bad_protocol.toml:3:12: unknown variant `oracle`, expected one of `postgres`, `mysql`, `http`, `tcp`, `ssh`",
+                "bad_protocol.toml:3:12: unknown variant `oracle`, expected one of `postgres`, `mysql`, `http`, `https`, `tcp`, `ssh`",
             ],
         ),
         (

@@ -14,7 +14,7 @@ mod masker;
 mod rules;
 mod strategy;
 
-pub use budget::{ProbeBudget, Probes};
+pub use budget::{ProbeBudget, Probes, StoreError as BudgetStoreError};
 pub use detectors::{Detection, Detector, DetectorSet, scan, scan_with};
 pub use masker::{ColumnStrategy, MaskResult, Masker, ResultMasks, RowMasker};
 pub use rules::{ColumnRule, Derived, EqualityLimits, MaskOutcome, MaskPolicy, Predicates};
