@@ -91,11 +91,9 @@ impl SshSessions {
             return;
         };
         match rec.kind {
-            Kind::SessionStart => {
-                if self.hosts.len() < super::model::OPEN_CAP {
-                    self.hosts
-                        .insert(conn, (s(ssh, "host"), s(ssh, "upstream_user")));
-                }
+            Kind::SessionStart if self.hosts.len() < super::model::OPEN_CAP => {
+                self.hosts
+                    .insert(conn, (s(ssh, "host"), s(ssh, "upstream_user")));
             }
             Kind::RecordingChunk => {
                 let Some(ch) = ssh.get("channel").and_then(Value::as_u64) else {
@@ -421,6 +419,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::too_many_lines)] // one scenario, record by record
     fn sessions_list_host_command_approver_exit_and_transcript() {
         let dir = tempfile::tempdir().unwrap();
         let body = "{\"version\":2,\"width\":80,\"height\":24}\n[0.1,\"o\",\"\\u001b[1mroot\\u001b[0m\\r\\n\"]\n[0.2,\"i\",\"typed\"]\n[0.3,\"o\",\"ssn 123-45-6789\\n\"]\n";

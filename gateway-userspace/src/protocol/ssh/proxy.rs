@@ -608,6 +608,8 @@ async fn connect_upstream(
     result
 }
 
+// The login's steps in order: credential, connect, host check, authenticate.
+#[allow(clippy::too_many_lines)]
 async fn login_upstream(
     ctx: &SshContext,
     seen: &Arc<Mutex<HostKeySeen>>,

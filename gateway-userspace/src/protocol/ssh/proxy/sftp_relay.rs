@@ -219,8 +219,7 @@ impl ChannelTask {
         use sftp::status::{FAILURE, OP_UNSUPPORTED, PERMISSION_DENIED};
         let unknown = || (FAILURE, "agentgate: unknown handle".to_owned());
         match op {
-            Op::Init => Ok(Pending::Pass),
-            Op::Meta { .. } => Ok(Pending::Pass),
+            Op::Init | Op::Meta { .. } => Ok(Pending::Pass),
             Op::HandleMeta { handle, .. } | Op::Readdir { handle } => s
                 .handles
                 .get(&handle)
