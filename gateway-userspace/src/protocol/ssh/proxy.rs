@@ -17,10 +17,13 @@
 //! written ends the channel. Port forwarding, agent forwarding, X11 and
 //! subsystems other than SFTP are refused unless stated otherwise below;
 //! SFTP is decoded operation by operation (`proxy/sftp_relay.rs`). The
-//! trade-off: while a request is
-//! held the channel reads nothing more from the agent (russh then stops the
-//! whole connection's reads once its per-channel buffer is full), exactly
-//! as the gate holds a Postgres session.
+//! trade-off: while a request is held its channel keeps reading, up to
+//! `MAX_HELD_MESSAGES` messages (typed-ahead input, replayed after the
+//! approval), so the connection's other channels go on; past that the held
+//! request is withdrawn and the channel closed. A channel whose host stops
+//! reading (a full upstream window) still stops the whole connection's
+//! reads: russh delivers every channel's messages from one loop, so one
+//! blocked channel task holds them all (unresolved; see the README).
 
 use std::{
     net::SocketAddr,
