@@ -3,7 +3,8 @@
 //!
 //! Listens on 127.0.0.1 with its own ed25519 host key, accepts only user
 //! certificates signed by its own user CA (`TrustedUserCAKeys`, no
-//! `authorized_keys`, no passwords), logs VERBOSE to a file (the accepted
+//! `authorized_keys`, no passwords), presents a host certificate from its
+//! own host CA for `127.0.0.1` beside its plain key, logs VERBOSE to a file (the accepted
 //! certificate's key id is there) and serves SFTP. The login is `root`
 //! (no test user is added to the machine). Removed on drop.
 
@@ -29,6 +30,8 @@ pub struct SshServer {
     pub known_hosts: PathBuf,
     /// The host's public key line (`ssh-ed25519 AAAA...`).
     pub host_public: String,
+    /// The public key of the host CA that signed its host certificate.
+    pub host_ca_pub: PathBuf,
     proc: Option<Proc>,
 }
 
@@ -57,6 +60,15 @@ impl SshServer {
         keygen(&host_key, "test host")?;
         let user_ca = dir.join("user_ca");
         keygen(&user_ca, "test user CA")?;
+        let host_ca = dir.join("host_ca");
+        keygen(&host_ca, "test host CA")?;
+        run_ok(
+            Command::new("ssh-keygen")
+                .args(["-q", "-s"])
+                .arg(&host_ca)
+                .args(["-I", "test host", "-h", "-n", "127.0.0.1"])
+                .arg(dir.join("host_key.pub")),
+        )?;
         let host_public = fs::read_to_string(dir.join("host_key.pub"))?
             .split_whitespace()
             .take(2)
@@ -70,6 +82,7 @@ impl SshServer {
             format!(
                 "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nPidFile {d}/sshd.pid\n\
                  TrustedUserCAKeys {d}/user_ca.pub\nAuthorizedKeysFile none\n\
+                 HostCertificate {d}/host_key-cert.pub\n\
                  PubkeyAuthentication yes\nPasswordAuthentication no\n\
                  KbdInteractiveAuthentication no\nPermitRootLogin yes\nUsePAM no\n\
                  StrictModes no\nLogLevel VERBOSE\nAllowTcpForwarding yes\n\
@@ -78,6 +91,7 @@ impl SshServer {
                 d = dir.display(),
             ),
         )?;
+        let host_ca_pub = dir.join("host_ca.pub");
         let log = fs::File::create(dir.join("sshd.log"))?;
         let mut c = netns.command(SSHD);
         c.args(["-D", "-e", "-f"])
@@ -91,6 +105,7 @@ impl SshServer {
             user_ca,
             known_hosts,
             host_public,
+            host_ca_pub,
             proc: Some(proc),
         };
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -1,10 +1,11 @@
 //! SSH at L7 end to end: a real daemon, Debian's OpenSSH `sshd` (its own
-//! host key and `TrustedUserCAKeys`), and real clients (OpenSSH `ssh` and
-//! `scp`, paramiko) run tagged as the label `demo`; `bob` approves.
+//! host key and `TrustedUserCAKeys`), and real clients (OpenSSH `ssh`,
+//! `scp` and `sftp`, paramiko) run tagged as the label `demo`; `bob` approves.
 //!
-//! One world per file (one daemon, two sshds: the host and an impostor with
-//! another host key); the scenarios run in order inside one test so the
-//! sshd starts once.
+//! One world per file (one daemon, three sshds: the host, trusted through
+//! its host CA, and two impostors, one with another host key, one with a
+//! host certificate from another CA); the scenarios run in order inside one
+//! test so the sshds start once.
 
 use std::{
     fs,
@@ -19,6 +20,7 @@ use serde_json::Value;
 
 const HOST_PORT: u16 = 2222;
 const IMPOSTOR_PORT: u16 = 2223;
+const IMPOSTOR_CA_PORT: u16 = 2224;
 const PY: &str = "/usr/bin/python3";
 
 fn policy() -> String {
@@ -40,6 +42,12 @@ addresses = ["127.0.0.1:{IMPOSTOR_PORT}"]
 default_action = "deny"
 
 [[resource]]
+name = "impostor-ca"
+protocol = "ssh"
+addresses = ["127.0.0.1:{IMPOSTOR_CA_PORT}"]
+default_action = "deny"
+
+[[resource]]
 name = "loopback"
 protocol = "tcp"
 addresses = ["127.0.0.0/8:*"]
@@ -48,7 +56,15 @@ default_action = "deny"
 [[rule]]
 name = "ssh-reads"
 identities = ["demo"]
-resources = ["ops", "impostor"]
+resources = ["ops", "impostor", "impostor-ca"]
+action = "allow"
+match = {{ ssh = ["read"] }}
+ssh_user = "root"
+
+[[rule]]
+name = "intern-reads"
+identities = ["intern"]
+resources = ["ops"]
 action = "allow"
 match = {{ ssh = ["read"] }}
 
@@ -67,6 +83,20 @@ resources = ["ops"]
 action = "deny"
 match = {{ ssh = ["write", "delete"] }}
 
+[[rule]]
+name = "sftp-reads"
+identities = ["demo"]
+resources = ["ops"]
+action = "allow"
+match = {{ ssh = ["sftp-read"] }}
+
+[[rule]]
+name = "sftp-no-uploads"
+identities = ["demo"]
+resources = ["ops"]
+action = "deny"
+match = {{ ssh = ["sftp-write"] }}
+
 [masking]
 detectors = ["us_ssn"]
 detector_resources = ["ops"]
@@ -78,6 +108,7 @@ struct World {
     env: Env,
     host: SshServer,
     impostor: SshServer,
+    impostor_ca: SshServer,
 }
 
 fn world() -> World {
@@ -85,13 +116,19 @@ fn world() -> World {
         "ssh",
         DaemonOptions {
             policies: vec![("ssh.toml".into(), policy())],
-            labels: vec![("bob".into(), vec!["approvers".into()])],
+            labels: vec![
+                ("bob".into(), vec!["approvers".into()]),
+                ("intern".into(), Vec::new()),
+            ],
             ..DaemonOptions::default()
         },
     )
     .unwrap();
     let host = SshServer::start(&env.netns, HOST_PORT, "host").unwrap();
     let impostor = SshServer::start(&env.netns, IMPOSTOR_PORT, "impostor").unwrap();
+    // Another host with a host certificate from another CA, checked against
+    // the real host's CA.
+    let impostor_ca = SshServer::start(&env.netns, IMPOSTOR_CA_PORT, "impostor-ca").unwrap();
     // The impostor is checked against the real host's key.
     let bad_known_hosts = env.state.join("impostor_known_hosts");
     fs::write(
@@ -103,11 +140,13 @@ fn world() -> World {
     env.opts.extra = format!(
         "\n[proxy.ssh]\nhost_ca_key = \"{s}/ssh/host_ca\"\nhost_key = \"{s}/ssh/host_key\"\n\
          known_hosts = \"{s}/ssh/known_hosts\"\nhandshake_timeout_secs = 3\nmax_channels = 4\n\n\
-         [proxy.ssh.resources.ops]\nuser = \"root\"\nuser_ca_key = \"{ca}\"\nknown_hosts = \"{kh}\"\n\n\
+         [proxy.ssh.resources.ops]\nuser = \"nobody\"\nuser_ca_key = \"{ca}\"\nhost_ca = \"{hca}\"\n\n\
+         [proxy.ssh.resources.impostor-ca]\nuser = \"root\"\nuser_ca_key = \"{ca3}\"\nhost_ca = \"{hca}\"\n\n\
          [proxy.ssh.resources.impostor]\nuser = \"root\"\nuser_ca_key = \"{ca2}\"\nknown_hosts = \"{bad}\"\n\n\
          [approvals]\nallow_labels = true\n",
         ca = host.user_ca.display(),
-        kh = host.known_hosts.display(),
+        hca = host.host_ca_pub.display(),
+        ca3 = impostor_ca.user_ca.display(),
         ca2 = impostor.user_ca.display(),
         bad = bad_known_hosts.display(),
     );
@@ -117,6 +156,7 @@ fn world() -> World {
         env,
         host,
         impostor,
+        impostor_ca,
     }
 }
 
@@ -141,6 +181,10 @@ impl World {
     /// `ssh` run tagged as `demo`, trusting only the daemon's `known_hosts`
     /// (plus the user's own entry for the host).
     fn ssh(&self, port: u16, extra: &[&str], command: Option<&str>) -> Command {
+        self.ssh_as("demo", port, extra, command)
+    }
+
+    fn ssh_as(&self, who: &str, port: u16, extra: &[&str], command: Option<&str>) -> Command {
         let gk = format!(
             "GlobalKnownHostsFile={}",
             self.proxy_known_hosts().display()
@@ -169,7 +213,7 @@ impl World {
         if let Some(c) = command {
             args.push(c);
         }
-        let mut c = self.env.exec("demo", &args);
+        let mut c = self.env.exec(who, &args);
         c.env("HOME", "/tmp");
         c
     }
@@ -282,6 +326,7 @@ fn finish(p: Proc) -> Output {
 fn ssh_commands_shells_forwarding_and_recordings() {
     let w = world();
     let env = &w.env;
+    let from = agentgate_e2e::agent::utc(-60);
 
     // The agent's own user has no key the host accepts: straight to sshd
     // (untagged, not through the proxy) it is refused.
@@ -344,12 +389,21 @@ fn ssh_commands_shells_forwarding_and_recordings() {
             .starts_with("demo conn-"),
         "{start}"
     );
+    // The host is trusted through its host CA (the resource names no
+    // known_hosts).
     assert_eq!(s["host_key_check"], "match", "{start}");
+    assert!(
+        s["host_ca"].as_str().unwrap().starts_with("SHA256:"),
+        "{start}"
+    );
     assert!(
         s["host_key"].as_str().unwrap().starts_with("SHA256:"),
         "{start}"
     );
+    // The login comes from the rule that names one (the resource's default
+    // is `nobody`).
     assert_eq!(s["upstream_user"], "root");
+    assert_eq!(s["upstream_user_rule"], "ssh-reads", "{start}");
     assert_eq!(s["agent_auth"][0], "none", "{start}");
     let exec = &w.exec_records("uname -s")[0];
     assert_eq!(exec["action"]["ssh"]["class"], "read");
@@ -379,6 +433,22 @@ fn ssh_commands_shells_forwarding_and_recordings() {
         "{cast_text}"
     );
     eprintln!("first exec through the handler: {first_exec:?}");
+
+    // 1b. An identity whose rules name no login gets the resource's: the
+    //     host sees `nobody` (whose shell refuses to run anything).
+    let _ = output(&mut w.ssh_as("intern", HOST_PORT, &[], Some("id -un")));
+    w.host
+        .wait_log("Accepted publickey for nobody", Duration::from_secs(5))
+        .unwrap();
+    let intern = w
+        .records()
+        .into_iter()
+        .find(|r| r["kind"] == "session.start" && r["identity"]["subject"] == "intern")
+        .expect("intern's session.start");
+    assert_eq!(
+        intern["action"]["ssh"]["upstream_user"], "nobody",
+        "{intern}"
+    );
 
     // 2. A denied command never reaches the host: 126 and one line on stderr.
     let before = w.sessions_started();
@@ -540,7 +610,7 @@ fn ssh_commands_shells_forwarding_and_recordings() {
     assert!(forwards.iter().all(|r| r["decision"]["verdict"] == "deny"));
 
     // 6. scp (legacy protocol: an exec of `scp -f` / `scp -t`): download
-    //    allowed and recorded, upload denied by rule; sftp refused.
+    //    allowed and recorded, upload denied by rule.
     let local = env.state.join("downloaded");
     let mut scp = env.exec(
         "demo",
@@ -589,10 +659,27 @@ fn ssh_commands_shells_forwarding_and_recordings() {
     let out = output(up.env("HOME", "/tmp"));
     assert!(!out.status.success(), "an upload went through");
     assert!(!Path::new("/tmp/agentgate-uploaded").exists());
-    let mut sftp = env.exec(
-        "demo",
-        &[
-            "sftp",
+    // 6b. SFTP (OpenSSH `sftp`, and `scp` in its default SFTP mode): a
+    //     download is recorded with its size; an upload, a remove and a
+    //     rename are refused by rule with nothing changed on the host, and
+    //     the session stays usable.
+    let keep = env.state.join("keep-me");
+    fs::write(&keep, b"kept").unwrap();
+    let fetched = env.state.join("fetched");
+    let batch = env.state.join("sftp-batch");
+    fs::write(
+        &batch,
+        format!(
+            "get /etc/hostname {f}\n-put {f} /tmp/agentgate-sftp-up\n-rm {k}\n\
+             -rename {k} {k}-moved\nls {k}\n",
+            f = fetched.display(),
+            k = keep.display()
+        ),
+    )
+    .unwrap();
+    let sftp_opts = |prog: &str, port_flag: &str| -> Vec<String> {
+        [
+            prog,
             "-F",
             "/dev/null",
             "-o",
@@ -601,16 +688,78 @@ fn ssh_commands_shells_forwarding_and_recordings() {
             &format!("GlobalKnownHostsFile={}", w.proxy_known_hosts().display()),
             "-o",
             "UserKnownHostsFile=/dev/null",
-            "-P",
+            port_flag,
             &HOST_PORT.to_string(),
-            "root@127.0.0.1",
-        ],
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect()
+    };
+    let mut args = sftp_opts("sftp", "-P");
+    args.extend([
+        "-b".into(),
+        batch.display().to_string(),
+        "root@127.0.0.1".into(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = output(env.exec("demo", &args).env("HOME", "/tmp"));
+    let (said, err) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{said}{err}");
+    assert_eq!(
+        fs::read(&fetched).unwrap(),
+        fs::read("/etc/hostname").unwrap()
     );
-    let out = output(sftp.env("HOME", "/tmp"));
+    assert!(err.contains("Permission denied"), "{err}");
     assert!(
-        !out.status.success(),
-        "sftp is not decoded and must be refused"
+        !Path::new("/tmp/agentgate-sftp-up").exists(),
+        "an sftp upload was written"
     );
+    assert_eq!(
+        fs::read(&keep).unwrap(),
+        b"kept",
+        "remove or rename went through"
+    );
+    assert!(
+        said.contains(&keep.display().to_string()),
+        "the session did not go on: {said}"
+    );
+    let mut args = sftp_opts("scp", "-P");
+    args.extend([
+        fetched.display().to_string(),
+        "root@127.0.0.1:/tmp/agentgate-scp-up".into(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = output(env.exec("demo", &args).env("HOME", "/tmp"));
+    assert!(!out.status.success(), "an scp (sftp) upload went through");
+    assert!(!Path::new("/tmp/agentgate-scp-up").exists());
+    let sftp_recs: Vec<Value> = w
+        .records()
+        .into_iter()
+        .filter(|r| r["action"]["ssh"]["request"] == "sftp")
+        .collect();
+    let size = fs::metadata("/etc/hostname").unwrap().len();
+    let download = sftp_recs
+        .iter()
+        .find(|r| {
+            r["action"]["ssh"]["op"] == "open-read"
+                && r["action"]["ssh"]["path"] == "/etc/hostname"
+                && r["result"]["status"] == "ok"
+        })
+        .unwrap_or_else(|| panic!("no download result: {sftp_recs:#?}"));
+    assert_eq!(download["action"]["ssh"]["read_bytes"], size, "{download}");
+    for (op, path) in [
+        ("open-write", "/tmp/agentgate-sftp-up".to_owned()),
+        ("open-write", "/tmp/agentgate-scp-up".to_owned()),
+        ("remove", keep.display().to_string()),
+        ("posix-rename", keep.display().to_string()),
+    ] {
+        let denied = sftp_recs
+            .iter()
+            .find(|r| r["action"]["ssh"]["op"] == op && r["action"]["ssh"]["path"] == path.as_str())
+            .unwrap_or_else(|| panic!("no {op} {path} record: {sftp_recs:#?}"));
+        assert_eq!(denied["decision"]["verdict"], "deny", "{denied}");
+        assert_eq!(denied["decision"]["rule"], "sftp-no-uploads", "{denied}");
+    }
 
     // 7. paramiko, verifying the proxy against the daemon's known_hosts.
     let script = format!(
@@ -647,6 +796,19 @@ print(out.read().decode().strip(), out.channel.recv_exit_status())
         "{refused}"
     );
     assert_eq!(refused["result"]["status"], "refused");
+    // And a host certificate from another CA.
+    let out = output(&mut w.ssh(IMPOSTOR_CA_PORT, &[], Some("uname")));
+    assert!(!out.status.success(), "the CA impostor was reached");
+    assert!(!w.impostor_ca.log().contains("Accepted"));
+    let refused = w
+        .records()
+        .into_iter()
+        .find(|r| r["kind"] == "session.start" && r["resource"] == "impostor-ca")
+        .expect("the refused session on record");
+    assert_eq!(
+        refused["action"]["ssh"]["host_key_check"], "host certificate not signed by the host CA",
+        "{refused}"
+    );
 
     // 9. Hostile clients: no key exchange, garbage, a channel flood, a huge
     //    window. Each is closed or refused; nothing reaches the host.
@@ -708,7 +870,66 @@ print(opened, refused)
     );
     env.status().unwrap();
 
-    // 10. A changed byte in a recording fails `audit verify`, naming it.
+    // 10. The evidence package lists the sessions (host, login, command,
+    //     decision, approver, exit status) and shows the recordings' output
+    //     in the page, masked values still masked.
+    let pkg = env.state.join("evidence");
+    let run =
+        agentgate_e2e::agent::evidence(env, "demo", &from, &agentgate_e2e::agent::utc(5), &pkg);
+    assert_eq!(run.status.code(), Some(0), "{}", text(&run.stderr));
+    let report: Value =
+        serde_json::from_slice(&fs::read(pkg.join("evidence.json")).unwrap()).unwrap();
+    let sessions = report["ssh_sessions"]["sessions"]
+        .as_array()
+        .unwrap_or_else(|| {
+            panic!(
+                "no ssh_sessions: {:?} {}",
+                report.as_object().unwrap().keys().collect::<Vec<_>>(),
+                report["ssh_sessions"]
+            )
+        });
+    let find = |needle: &str| {
+        sessions
+            .iter()
+            .find(|e| e["command"].as_str().is_some_and(|c| c.contains(needle)))
+            .unwrap_or_else(|| panic!("no {needle} session: {sessions:#?}"))
+    };
+    let sudo = sessions
+        .iter()
+        .find(|e| {
+            e["command"]
+                .as_str()
+                .is_some_and(|c| c.contains("approved-marker"))
+        })
+        .expect("the approved sudo session");
+    assert_eq!(sudo["approvers"][0], "bob", "{sudo}");
+    assert_eq!(sudo["exit_status"], "exit-status 0", "{sudo}");
+    assert_eq!(sudo["host"], format!("127.0.0.1:{HOST_PORT}"), "{sudo}");
+    assert_eq!(sudo["upstream_user"], "root", "{sudo}");
+    assert!(sudo["duration_ms"].as_u64().is_some(), "{sudo}");
+    assert_eq!(find("rm -rf")["verdict"], "deny");
+    let uname = find("uname -s");
+    assert!(
+        uname["transcript"]
+            .as_str()
+            .unwrap()
+            .contains("[REDACTED:us_ssn]"),
+        "{uname}"
+    );
+    let shell = find("interactive shell");
+    assert!(
+        shell["transcript"].as_str().unwrap().contains("typed-42"),
+        "{shell}"
+    );
+    assert!(find("sftp")["sftp_denied"].as_u64().unwrap() >= 3);
+    let page = fs::read_to_string(pkg.join("index.html")).unwrap();
+    assert!(
+        page.contains("SSH sessions") && page.contains("typed-42"),
+        "the page does not replay the shell"
+    );
+    assert!(!page.contains("123-45-6789"), "an SSN in the evidence page");
+
+    // 11. A changed byte in a recording fails `audit verify`, naming it.
     let dir = env.state.join("audit");
     run_ok(&mut env.agentgate(&["audit", "verify", "--dir", &dir.display().to_string()])).unwrap();
     let mut bytes = fs::read(&cast).unwrap();

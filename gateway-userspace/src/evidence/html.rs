@@ -451,6 +451,7 @@ pub fn render(r: &Report) -> String {
     h.push_str("</section>");
 
     h.push_str(&r.model_channel.html());
+    h.push_str(&r.ssh_sessions.html());
 
     // Containment.
     let _ = write!(

@@ -24,6 +24,7 @@ pub mod html;
 pub mod model;
 pub mod model_channel;
 pub mod policy;
+pub mod ssh_sessions;
 
 use std::{
     collections::BTreeSet,
@@ -273,6 +274,7 @@ pub fn build(opts: &Options, progress: &mut dyn FnMut(u64, u64)) -> Result<Outco
         .as_ref()
         .map(crate::policy::PolicyArchive::new);
     policy::apply(&mut report, versions.finish(archive.as_ref()));
+    report.ssh_sessions.attach_transcripts(&opts.dir);
 
     // Pass 2: proofs of what the report cites.
     let mut cited = BTreeSet::new();

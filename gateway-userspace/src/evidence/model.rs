@@ -393,6 +393,8 @@ pub struct Report {
     pub containment: Containment,
     /// Model API calls and prompt DLP (`evidence::model_channel`).
     pub model_channel: super::model_channel::ModelChannel,
+    /// SSH channels and their recordings (`evidence::ssh_sessions`).
+    pub ssh_sessions: super::ssh_sessions::SshSessions,
     /// Policy versions in force and what their changes let through
     /// (evidence/policy.rs); `None` until added by the builder.
     pub policy: Option<super::policy::PolicyInForce>,
@@ -593,6 +595,7 @@ pub struct Collector {
     grants: HashMap<String, (Open, Option<String>)>,
     containment: Containment,
     model_channel: super::model_channel::ModelChannel,
+    ssh_sessions: super::ssh_sessions::SshSessions,
     findings: BTreeMap<String, Findings>,
     sessions: HashMap<String, Open>,
     /// Sign-ins the daemon holds, by identity, with their expiry (unix seconds).
@@ -656,6 +659,7 @@ impl Collector {
                 ..Containment::default()
             },
             model_channel: super::model_channel::ModelChannel::default(),
+            ssh_sessions: super::ssh_sessions::SshSessions::default(),
             findings,
             sessions: HashMap::new(),
             logins: HashMap::new(),
@@ -738,6 +742,7 @@ impl Collector {
             if in_period {
                 self.observe_identity(seq, hash, rec, &who);
                 self.model_channel.observe(seq, rec);
+                self.ssh_sessions.observe(seq, hash, rec, &who);
             }
         }
         self.daemon.last_time = Some(rec.time.clone());
@@ -2023,6 +2028,7 @@ impl Collector {
             approvals,
             containment: self.containment,
             model_channel: self.model_channel,
+            ssh_sessions: self.ssh_sessions,
             policy: None,
             controls: controls(),
             citations_omitted: 0,

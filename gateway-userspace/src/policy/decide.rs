@@ -105,6 +105,12 @@ fn subject_score(rule: &Rule, subject: &Subject) -> Option<u8> {
     best
 }
 
+/// How specifically `rule` names `subject` and the resource `name`: `None`
+/// if it does not apply to the subject.
+pub(crate) fn rule_scores(rule: &Rule, subject: &Subject, name: &str) -> Option<(u8, u8)> {
+    Some((subject_score(rule, subject)?, resource_score(rule, name)))
+}
+
 fn resource_score(rule: &Rule, name: &str) -> u8 {
     rule.resources
         .iter()

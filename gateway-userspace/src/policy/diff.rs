@@ -592,6 +592,9 @@ pub fn rule_text(r: &Rule) -> String {
         let _ = writeln!(s, "match = {{ {} }}", conds.join(", "));
     }
     let _ = writeln!(s, "action = {}", q(r.action.as_str()));
+    if let Some(u) = &r.ssh_user {
+        let _ = writeln!(s, "ssh_user = {}", q(u));
+    }
     if let RuleAction::RequireApproval(a) = &r.action {
         let _ = writeln!(s, "approval = {}", approval_text(a));
     }

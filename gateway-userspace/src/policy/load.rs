@@ -1088,10 +1088,26 @@ fn build_rule(
         "action",
         "approval",
     );
+    let ssh_user = r.ssh_user.as_ref().and_then(|u| {
+        let ok = !u.get_ref().is_empty()
+            && u.get_ref().len() <= 32
+            && u.get_ref()
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            && !u.get_ref().starts_with('-');
+        if !ok {
+            errors.at(
+                &u.span(),
+                "ssh_user must be a login name: 1 to 32 of A-Z a-z 0-9 . _ -",
+            );
+        }
+        ok.then(|| u.get_ref().clone())
+    });
     if errors.list.len() > n0 {
         return None;
     }
     Some(Rule {
+        ssh_user,
         name,
         identities: r
             .identities
@@ -1368,5 +1384,31 @@ mod tests {
         assert!(parse_duration("10").is_err());
         assert!(parse_duration("s").is_err());
         assert!(parse_duration("5w").is_err());
+    }
+
+    #[test]
+    fn the_ssh_login_comes_from_the_most_specific_rule_naming_one() {
+        let text = "[[resource]]\nname = \"ops\"\nprotocol = \"ssh\"\naddresses = [\"127.0.0.1:22\"]\n\n\
+             [[rule]]\nname = \"all\"\nidentities = [\"*\"]\nresources = [\"ops\"]\naction = \"allow\"\n\
+             match = { ssh = [\"read\"] }\nssh_user = \"reader\"\n\n\
+             [[rule]]\nname = \"alice\"\nidentities = [\"alice\"]\nresources = [\"ops\"]\n\
+             action = \"allow\"\nssh_user = \"deploy\"\n\n\
+             [[rule]]\nname = \"no-bob\"\nidentities = [\"bob\"]\nresources = [\"ops\"]\n\
+             action = \"deny\"\nssh_user = \"root\"\n";
+        let p = load_str(&[("p.toml", text)]).unwrap();
+        let ops = p.resource("ops").unwrap();
+        let who = |i: &str| crate::policy::Subject {
+            identity: i.into(),
+            groups: Vec::new(),
+        };
+        assert_eq!(
+            p.ssh_user_for(&who("alice"), ops),
+            Some(("alice", "deploy"))
+        );
+        // A deny rule names no login; the wildcard rule does.
+        assert_eq!(p.ssh_user_for(&who("bob"), ops), Some(("all", "reader")));
+        let bad = text.replace("ssh_user = \"deploy\"", "ssh_user = \"-oProxyCommand\"");
+        let e = load_str(&[("p.toml", &bad)]).unwrap_err().to_string();
+        assert!(e.contains("ssh_user must be a login name"), "{e}");
     }
 }

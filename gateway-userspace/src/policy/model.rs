@@ -134,6 +134,8 @@ pub(crate) struct RuleSpec {
     pub conditions: Option<Spanned<MatchSpec>>,
     pub action: Spanned<ActionKind>,
     pub approval: Option<Spanned<ApprovalSpecFile>>,
+    /// SSH resources: the login on the host (the certificate's principal).
+    pub ssh_user: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -506,6 +508,9 @@ pub struct Rule {
     pub resources: Vec<Glob>,
     pub conditions: Conditions,
     pub action: RuleAction,
+    /// SSH resources: the login on the host for this rule's subjects
+    /// ([`super::PolicySet::ssh_user_for`]).
+    pub ssh_user: Option<String>,
     /// `file:line:col` of the rule, for `policy explain`.
     pub origin: String,
 }

@@ -12,7 +12,9 @@ use std::{
 
 use arc_swap::ArcSwap;
 
-use super::model::{AddressPattern, CgroupBinding, Resource, Rule, UnixAllow, UnknownDestination};
+use super::model::{
+    AddressPattern, CgroupBinding, Resource, Rule, Subject, UnixAllow, UnknownDestination,
+};
 use crate::mask::{MaskKey, MaskPolicy};
 
 /// How long one DNS lookup may take before it counts as failed.
@@ -94,6 +96,29 @@ impl PolicySet {
 
     pub fn rules(&self) -> &[Rule] {
         &self.rules
+    }
+
+    /// The SSH login for `subject` on `resource`: the `ssh_user` of the
+    /// most specific rule (by subject, then resource) that applies to them,
+    /// does not deny, and names one; the first such rule in the policy on a
+    /// tie. With the rule's name. The login is chosen once per connection,
+    /// before any command: conditions are not consulted.
+    pub fn ssh_user_for(&self, subject: &Subject, resource: &Resource) -> Option<(&str, &str)> {
+        let ri = self.index_of(resource)?;
+        let mut best: Option<((u8, u8), &Rule)> = None;
+        for &i in &self.rules_for[ri] {
+            let rule = &self.rules[i];
+            if rule.ssh_user.is_none() || matches!(rule.action, super::RuleAction::Deny) {
+                continue;
+            }
+            let Some(score) = super::decide::rule_scores(rule, subject, &resource.name) else {
+                continue;
+            };
+            if best.is_none_or(|(b, _)| score > b) {
+                best = Some((score, rule));
+            }
+        }
+        best.and_then(|(_, r)| Some((r.name.as_str(), r.ssh_user.as_deref()?)))
     }
 
     /// The masking that applies to a resource's responses.

@@ -57,7 +57,7 @@ pub struct Header {
 }
 
 /// A written chunk: what its `recording.chunk` record holds.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Chunk {
     /// File name inside the recordings directory.
     pub file: String,

@@ -71,9 +71,12 @@ pub struct ResourceCredential {
     /// How long a signed certificate is valid.
     #[serde(default = "default_cert_minutes")]
     pub cert_minutes: u64,
-    /// The host keys to accept (OpenSSH `known_hosts` format). Required:
-    /// a host whose key is not listed is refused.
-    pub known_hosts: PathBuf,
+    /// The host keys to accept (OpenSSH `known_hosts` format).
+    pub known_hosts: Option<PathBuf>,
+    /// Or the public key of a host CA: the host must present a host
+    /// certificate it signed, valid now, for the address or name dialled.
+    /// At least one of the two; a host matching neither is refused.
+    pub host_ca: Option<PathBuf>,
 }
 
 fn default_cert_minutes() -> u64 {
@@ -99,6 +102,11 @@ impl SshConfig {
                         "resources.{name}: exactly one of user_ca_key and key_file"
                     ));
                 }
+            }
+            if r.known_hosts.is_none() && r.host_ca.is_none() {
+                return Err(format!(
+                    "resources.{name}: known_hosts or host_ca (or both) must be set"
+                ));
             }
             if r.user.is_empty() || r.cert_minutes == 0 || r.cert_minutes > 24 * 60 {
                 return Err(format!(

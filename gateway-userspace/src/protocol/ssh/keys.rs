@@ -146,6 +146,43 @@ pub fn sign_host_cert(
     b.sign(ca).map_err(sign)
 }
 
+/// Reads an OpenSSH public key file (`ssh-ed25519 AAAA... comment`): a
+/// resource's host CA.
+pub fn load_public(path: &Path) -> Result<ssh_key::PublicKey, KeyError> {
+    let text = fs::read_to_string(path).map_err(|e| file_err(path, e))?;
+    ssh_key::PublicKey::from_openssh(text.trim()).map_err(|e| file_err(path, e))
+}
+
+/// Is `cert` a host certificate the CA `ca` signed for one of `names`,
+/// valid now (unix seconds), with no critical options? `Err`: why not, in
+/// the record's words.
+pub fn check_host_cert(
+    cert: &Certificate,
+    ca: &ssh_key::PublicKey,
+    names: &[String],
+    now: u64,
+) -> Result<(), &'static str> {
+    if cert.cert_type() != certificate::CertType::Host {
+        return Err("not a host certificate");
+    }
+    if cert.signature_key().fingerprint(HashAlg::Sha256) != ca.fingerprint(HashAlg::Sha256) {
+        return Err("host certificate not signed by the host CA");
+    }
+    if cert
+        .validate_at(now, [&ca.fingerprint(HashAlg::Sha256)])
+        .is_err()
+    {
+        return Err("host certificate invalid or expired");
+    }
+    if !cert.critical_options().is_empty() {
+        return Err("host certificate with critical options");
+    }
+    if !cert.valid_principals().iter().any(|p| names.contains(p)) {
+        return Err("host certificate not valid for this host");
+    }
+    Ok(())
+}
+
 /// `SHA256:...` of a public key, as OpenSSH prints it.
 pub fn fingerprint(key: &ssh_key::PublicKey) -> String {
     key.fingerprint(HashAlg::Sha256).to_string()
@@ -221,6 +258,36 @@ mod tests {
         assert!(cert.verify_signature().is_ok());
         let host = sign_host_cert(&ca, &key, &["ops-host".into(), "127.0.0.1".into()]).unwrap();
         assert_eq!(host.cert_type(), certificate::CertType::Host);
+    }
+
+    #[test]
+    fn host_certificates_are_checked_against_the_host_ca() {
+        let ca = generate().unwrap();
+        let other = generate().unwrap();
+        let key = generate().unwrap();
+        let now = unix(SystemTime::now());
+        let names = vec!["127.0.0.1".to_owned()];
+        let cert = sign_host_cert(&ca, &key, &names).unwrap();
+        let ca_pub = ca.public_key().clone();
+        assert_eq!(check_host_cert(&cert, &ca_pub, &names, now), Ok(()));
+        let forged = sign_host_cert(&other, &key, &names).unwrap();
+        assert_eq!(
+            check_host_cert(&forged, &ca_pub, &names, now),
+            Err("host certificate not signed by the host CA")
+        );
+        assert_eq!(
+            check_host_cert(&cert, &ca_pub, &["10.0.0.9".to_owned()], now),
+            Err("host certificate not valid for this host")
+        );
+        assert_eq!(
+            check_host_cert(&cert, &ca_pub, &names, now + 3 * 86_400),
+            Err("host certificate invalid or expired")
+        );
+        let user = sign_user_cert(&ca, &key, "127.0.0.1", "x", Duration::from_mins(5)).unwrap();
+        assert_eq!(
+            check_host_cert(&user, &ca_pub, &names, now),
+            Err("not a host certificate")
+        );
     }
 
     #[test]

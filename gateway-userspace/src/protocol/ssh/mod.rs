@@ -7,19 +7,22 @@
 //!   `known_hosts` block.
 //! - [`config`]: `[proxy.ssh]` (limits, env allow list, per-resource credentials).
 //! - [`proxy`]: the connection (russh server to the agent, russh client to the host).
+//! - [`sftp`]: the SFTP wire format the relay judges (sans-IO, fuzzed).
 //!
 //! Fails closed, as each module states: an unknown command is `dangerous`,
 //! a host whose key is not in the resource's `known_hosts` is refused, a
 //! request whose record or recording cannot be written is not run, and
-//! what is not decoded (subsystems, remote forwarding) is refused. The
-//! agent trusts the proxy through the host CA: the handler keeps an
-//! `@cert-authority` line for every SSH resource in a marked block of
-//! `[proxy.ssh] known_hosts` (refreshed when the resources change).
+//! what is not decoded (other subsystems, SFTP extensions, remote
+//! forwarding) is refused. The agent trusts the proxy through the host CA:
+//! the handler keeps an `@cert-authority` line for every SSH resource in a
+//! marked block of `[proxy.ssh] known_hosts` (refreshed when the resources
+//! change).
 
 pub mod classify;
 pub mod config;
 pub mod keys;
 pub mod proxy;
+pub mod sftp;
 
 use std::sync::{Arc, Mutex};
 

@@ -15,11 +15,15 @@
 //! Fails closed: a request that cannot be classified is `dangerous`; one
 //! whose record cannot be written is not run; a recording that cannot be
 //! written ends the channel. Port forwarding, agent forwarding, X11 and
-//! subsystems (SFTP included: its operations are not decoded yet) are
-//! refused unless stated otherwise below. The trade-off: while a request is
-//! held the channel reads nothing more from the agent (russh then stops the
-//! whole connection's reads once its per-channel buffer is full), exactly
-//! as the gate holds a Postgres session.
+//! subsystems other than SFTP are refused unless stated otherwise below;
+//! SFTP is decoded operation by operation (`proxy/sftp_relay.rs`). The
+//! trade-off: while a request is held its channel keeps reading, up to
+//! `MAX_HELD_MESSAGES` messages (typed-ahead input, replayed after the
+//! approval), so the connection's other channels go on; past that the held
+//! request is withdrawn and the channel closed. A channel whose host stops
+//! reading (a full upstream window) still stops the whole connection's
+//! reads: russh delivers every channel's messages from one loop, so one
+//! blocked channel task holds them all (unresolved; see the README).
 
 use std::{
     net::SocketAddr,
@@ -52,6 +56,8 @@ use crate::{
     policy::{Action, PolicySet, Resource, Subject},
     recording::{Chunk, Header, Recorder},
 };
+
+mod sftp_relay;
 
 /// Why an SSH connection ended badly.
 #[derive(Debug, thiserror::Error)]
@@ -504,9 +510,14 @@ async fn relay(mut agent: Channel<Msg>, mut up: Channel<client::Msg>) {
     }
 }
 
-/// Checks the host's key against the resource's `known_hosts`.
+/// Checks the host's key against the resource's `known_hosts`, or its
+/// host certificate against the resource's host CA.
 struct HostCheck {
-    known_hosts: PathBuf,
+    known_hosts: Option<PathBuf>,
+    host_ca: Option<russh::keys::ssh_key::PublicKey>,
+    /// The names a host certificate may be for (the resource's, and the
+    /// address dialled).
+    names: Vec<String>,
     host: String,
     port: u16,
     seen: Arc<Mutex<HostKeySeen>>,
@@ -525,22 +536,38 @@ impl client::Handler for HostCheck {
         &mut self,
         key: &PublicKeyOrCertificate,
     ) -> Result<bool, Self::Error> {
-        let key = match key {
-            PublicKeyOrCertificate::PublicKey { key, .. } => key.clone(),
-            PublicKeyOrCertificate::Certificate(c) => {
-                russh::keys::ssh_key::PublicKey::new(c.public_key().clone(), "")
+        let (key, verdict) = match (key, &self.host_ca) {
+            (PublicKeyOrCertificate::Certificate(c), Some(ca)) => {
+                let now =
+                    u64::try_from(time::OffsetDateTime::now_utc().unix_timestamp()).unwrap_or(0);
+                let verdict = match keys::check_host_cert(c, ca, &self.names, now) {
+                    Ok(()) => "match",
+                    Err(why) => why,
+                };
+                (
+                    russh::keys::ssh_key::PublicKey::new(c.public_key().clone(), ""),
+                    verdict,
+                )
             }
-        };
-        let verdict = match russh::keys::check_known_hosts_path(
-            &self.host,
-            self.port,
-            &key,
-            &self.known_hosts,
-        ) {
-            Ok(true) => "match",
-            Ok(false) => "unknown host",
-            Err(russh::keys::Error::KeyChanged { .. }) => "mismatch",
-            Err(_) => "known_hosts unreadable",
+            (PublicKeyOrCertificate::Certificate(c), None) => (
+                russh::keys::ssh_key::PublicKey::new(c.public_key().clone(), ""),
+                "a host certificate, but the resource names no host_ca",
+            ),
+            (PublicKeyOrCertificate::PublicKey { key, .. }, _) => {
+                let verdict = match &self.known_hosts {
+                    None => "no host certificate (the resource trusts only its host_ca)",
+                    Some(path) => {
+                        match russh::keys::check_known_hosts_path(&self.host, self.port, key, path)
+                        {
+                            Ok(true) => "match",
+                            Ok(false) => "unknown host",
+                            Err(russh::keys::Error::KeyChanged { .. }) => "mismatch",
+                            Err(_) => "known_hosts unreadable",
+                        }
+                    }
+                };
+                (key.clone(), verdict)
+            }
         };
         let mut seen = self.seen.lock().expect("seen lock");
         seen.fingerprint = Some(keys::fingerprint(&key));
@@ -584,6 +611,8 @@ async fn connect_upstream(
     result
 }
 
+// The login's steps in order: credential, connect, host check, authenticate.
+#[allow(clippy::too_many_lines)]
 async fn login_upstream(
     ctx: &SshContext,
     seen: &Arc<Mutex<HostKeySeen>>,
@@ -599,7 +628,17 @@ async fn login_upstream(
                     ctx.resource.name
                 ))
             })?;
-    start["upstream_user"] = json!(cred.user);
+    // The login: the most specific applicable rule's `ssh_user`, else the
+    // resource's `user`.
+    let policy = ctx.services.policy.current();
+    let user = match policy.ssh_user_for(&ctx.subject, &ctx.resource) {
+        Some((rule, u)) => {
+            start["upstream_user_rule"] = json!(rule);
+            u.to_owned()
+        }
+        None => cred.user.clone(),
+    };
+    start["upstream_user"] = json!(user);
     let dst: SocketAddr = ctx.conn.destination;
     let tcp = tokio::time::timeout(
         ctx.services.upstream_connect_timeout,
@@ -609,13 +648,36 @@ async fn login_upstream(
     .map_err(|_| SshError::Upstream("connect timed out".into()))?
     .map_err(|e| SshError::Upstream(format!("connect: {e}")))?;
     let _ = tcp.set_nodelay(true);
+    let host_ca = cred.host_ca.as_deref().map(keys::load_public).transpose()?;
+    if let Some(ca) = &host_ca {
+        start["host_ca"] = json!(keys::fingerprint(ca));
+    }
+    let mut names = resource_names(&ctx.resource).0;
+    names.push(dst.ip().to_string());
+    let mut preferred = russh::Preferred::default();
+    if host_ca.is_some() {
+        // Ask the host for its certificate (OpenSSH presents one when it
+        // has a `HostCertificate`).
+        preferred.host_key_certificates = std::borrow::Cow::Owned(vec![
+            russh::keys::Algorithm::Ed25519,
+            russh::keys::Algorithm::Ecdsa {
+                curve: russh::keys::EcdsaCurve::NistP256,
+            },
+            russh::keys::Algorithm::Rsa {
+                hash: Some(russh::keys::HashAlg::Sha512),
+            },
+        ]);
+    }
     let check = HostCheck {
+        host_ca,
+        names,
         known_hosts: cred.known_hosts.clone(),
         host: dst.ip().to_string(),
         port: dst.port(),
         seen: seen.clone(),
     };
     let config = Arc::new(client::Config {
+        preferred,
         inactivity_timeout: None,
         window_size: ctx.config.window_bytes,
         maximum_packet_size: ctx.config.max_packet_bytes,
@@ -643,7 +705,7 @@ async fn login_upstream(
         let cert = keys::sign_user_cert(
             &ca,
             &key,
-            &cred.user,
+            &user,
             &key_id,
             Duration::from_secs(cred.cert_minutes * 60),
         )?;
@@ -654,7 +716,7 @@ async fn login_upstream(
             "valid_minutes": cred.cert_minutes,
         });
         handle
-            .authenticate_openssh_cert(cred.user.clone(), Arc::new(key), cert)
+            .authenticate_openssh_cert(user.clone(), Arc::new(key), cert)
             .await?
     } else if let Some(path) = &cred.key_file {
         let key = keys::load(path)?;
@@ -664,7 +726,7 @@ async fn login_upstream(
         });
         handle
             .authenticate_publickey(
-                cred.user.clone(),
+                user.clone(),
                 PrivateKeyWithHashAlg::new(Arc::new(key), None),
             )
             .await?
@@ -675,8 +737,7 @@ async fn login_upstream(
     };
     if !auth.success() {
         return Err(SshError::Upstream(format!(
-            "the host refused the credential for {}",
-            cred.user
+            "the host refused the credential for {user}"
         )));
     }
     Ok(handle)
@@ -802,6 +863,11 @@ impl ChannelTask {
             }
             ChannelMsg::RequestShell { .. } => {
                 return self.request("shell", None, agent, backlog).await;
+            }
+            ChannelMsg::RequestSubsystem { name, .. }
+                if name == "sftp" && self.running.is_none() =>
+            {
+                return self.sftp(agent, backlog).await;
             }
             ChannelMsg::RequestSubsystem { name, .. } => {
                 let name = classify::redact(&name, 64);
@@ -1037,17 +1103,8 @@ impl ChannelTask {
     /// dropping the reason; this way every client shows the rule and gets
     /// the shell's "cannot execute" status.
     async fn deny(&mut self, d: &Denial) {
-        let why = match &d.kind {
-            DenialKind::Policy => format!("denied by rule {}: {}", d.rule, d.reason),
-            DenialKind::Approval { request } | DenialKind::Withdrawn { request } => {
-                format!("not approved (request {request}): {}", d.reason)
-            }
-            DenialKind::AuditUnavailable => {
-                format!("not run: the audit log is unavailable ({})", d.reason)
-            }
-        };
         let _ = self.handle.channel_success(self.id).await;
-        let line = format!("agentgate: {}\r\n", why.replace(['\r', '\n'], " "));
+        let line = format!("{}\r\n", denial_text(d));
         let _ = self
             .handle
             .extended_data(self.id, 1, bytes::Bytes::from(line.into_bytes()))
@@ -1264,6 +1321,20 @@ impl ChannelTask {
             },
         );
     }
+}
+
+/// A denial in one line, as the client shows it (`agentgate: ...`).
+fn denial_text(d: &Denial) -> String {
+    let why = match &d.kind {
+        DenialKind::Policy => format!("denied by rule {}: {}", d.rule, d.reason),
+        DenialKind::Approval { request } | DenialKind::Withdrawn { request } => {
+            format!("not approved (request {request}): {}", d.reason)
+        }
+        DenialKind::AuditUnavailable => {
+            format!("not run: the audit log is unavailable ({})", d.reason)
+        }
+    };
+    format!("agentgate: {}", why.replace(['\r', '\n'], " "))
 }
 
 /// The command as records, approvers and recordings see it: secret-looking
