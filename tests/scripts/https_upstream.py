@@ -21,8 +21,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 CUSTOMERS = {
     "customers": [
-        {"id": 1, "name": "Ada", "ssn": "123-45-6789", "email": "ada@bank.example"},
-        {"id": 2, "name": "Bob", "ssn": "234-56-7890", "card": "4111 1111 1111 1111"},
+        {"id": 1, "name": "Ada", "ssn": "123-45-6789", "email": "ada@bank.example", "passport": "X93P0417"},
+        {"id": 2, "name": "Bob", "ssn": "234-56-7890", "card": "4111 1111 1111 1111", "passport": "K20Q7781"},
     ]
 }
 

@@ -16,6 +16,8 @@ use agentgate_e2e::{DaemonOptions, Env, Proc, run_ok, scripts_dir};
 use serde_json::Value;
 
 const SSN: &str = "123-45-6789";
+/// A value no detector knows: only the `[[masking.json]]` rule protects it.
+const PASSPORT: &str = "X93P0417";
 
 struct World {
     env: Env,
@@ -135,6 +137,11 @@ match = {{ http_methods = ["DELETE"] }}
 [masking]
 detectors = ["all"]
 detector_resources = ["api", "model", "model-strict"]
+
+[[masking.json]]
+paths = ["$.customers[*].passport"]
+strategy = "keep_last4"
+resources = ["api"]
 "#
     )
 }
@@ -263,6 +270,10 @@ fn reads_are_masked_in_every_shape_and_the_chain_is_the_agentgate_ca() {
     assert!(!body.contains(SSN) && !body.contains("4111 1111"), "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["customers"][0]["name"], "Ada", "other fields untouched");
+    assert_eq!(
+        v["customers"][0]["passport"], "****0417",
+        "the JSON path rule's field, kept last 4"
+    );
     assert!(
         err.contains("issuer: O=agentgate; CN=agentgate local CA"),
         "{err}"
@@ -302,7 +313,11 @@ fn reads_are_masked_in_every_shape_and_the_chain_is_the_agentgate_ca() {
     );
     for k in ["gz", "ch"] {
         let b = v[k].as_str().unwrap();
-        assert!(b.contains("Ada") && !b.contains(SSN), "{k}: {b}");
+        assert!(
+            b.contains("Ada") && !b.contains(SSN) && !b.contains(PASSPORT),
+            "{k}: {b}"
+        );
+        assert!(b.contains("****7781"), "{k}: {b}");
     }
     // Server-sent events, streamed.
     let out = curl(&w, &["-N", &url(&w, "/stream")]);
@@ -320,7 +335,19 @@ fn reads_are_masked_in_every_shape_and_the_chain_is_the_agentgate_ca() {
     // The records: masked counts and paths, never the value.
     let recs = records(&w);
     let all = serde_json::to_string(&recs).unwrap();
-    assert!(!all.contains(SSN), "no raw SSN in the log");
+    assert!(
+        !all.contains(SSN) && !all.contains(PASSPORT),
+        "no raw protected value in the log"
+    );
+    let by_rule: Vec<&Value> = recs
+        .iter()
+        .filter(|r| r["transform"]["json_rules"]["$.customers[*].passport"] == 2)
+        .collect();
+    assert!(
+        by_rule.len() >= 3,
+        "plain, gzip and chunked each name the rule and count: {by_rule:#?}"
+    );
+    assert!(all.contains("$.customers[1].passport"));
     let masked: Vec<&Value> = recs
         .iter()
         .filter(|r| r["transform"]["masked"]["us_ssn"].as_u64().is_some())

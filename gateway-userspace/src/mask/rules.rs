@@ -139,6 +139,8 @@ pub struct MaskPolicy {
     detectors: DetectorSet,
     detector_strategy: Strategy,
     key: Option<Arc<MaskKey>>,
+    /// JSON field rules (HTTP bodies), see [`super::json_path`].
+    json: Vec<super::json_path::JsonFieldRule>,
 }
 
 /// The result of masking one value.
@@ -167,7 +169,24 @@ impl MaskPolicy {
             detectors,
             detector_strategy,
             key: None,
+            json: Vec::new(),
         }
+    }
+
+    /// With JSON field rules (for JSON bodies).
+    #[must_use]
+    pub fn with_json_fields(mut self, rules: Vec<super::json_path::JsonFieldRule>) -> Self {
+        self.json = rules;
+        self
+    }
+
+    pub fn json_fields(&self) -> &[super::json_path::JsonFieldRule] {
+        &self.json
+    }
+
+    /// Whether a body must be read to mask it: detectors or JSON field rules.
+    pub fn inspects_bodies(&self) -> bool {
+        self.detectors_enabled() || !self.json.is_empty()
     }
 
     /// Masks nothing.

@@ -1188,6 +1188,7 @@ fn build_masking<'a>(
     let mut detector_resources_at: Option<String> = None;
     // (resource globs, rule)
     let mut columns: Vec<(Vec<Glob>, ColumnRule)> = Vec::new();
+    let mut json: Vec<(Vec<Glob>, crate::mask::JsonFieldRule)> = Vec::new();
     for (src, spec) in parsed {
         errors.set_source(src);
         let Some(m) = &spec.masking else { continue };
@@ -1263,6 +1264,23 @@ fn build_masking<'a>(
                 ));
             }
         }
+        for j in &m.json {
+            let j = j.get_ref();
+            let globs =
+                resource_globs(errors, j.resources.as_ref(), "masking.json.resources", resources);
+            for p in non_empty_list(errors, &j.paths, "masking.json.paths") {
+                match crate::mask::JsonPath::parse(p.get_ref()) {
+                    Ok(path) => json.push((
+                        globs.clone(),
+                        crate::mask::JsonFieldRule {
+                            path,
+                            strategy: *j.strategy.get_ref(),
+                        },
+                    )),
+                    Err(e) => errors.at(&p.span(), e.to_string()),
+                }
+            }
+        }
     }
     resources
         .iter()
@@ -1277,7 +1295,12 @@ fn build_masking<'a>(
             } else {
                 DetectorSet::NONE
             };
-            MaskPolicy::new(cols, det, strategy)
+            let fields = json
+                .iter()
+                .filter(|(g, _)| g.iter().any(|g| g.matches(&r.name)))
+                .map(|(_, j)| j.clone())
+                .collect();
+            MaskPolicy::new(cols, det, strategy).with_json_fields(fields)
         })
         .collect()
 }

@@ -161,6 +161,18 @@ pub(crate) struct MaskingSpec {
     pub detector_resources: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
     pub column: Vec<Spanned<ColumnSpec>>,
+    /// `[[masking.json]]`: JSON field rules for HTTP bodies.
+    #[serde(default)]
+    pub json: Vec<Spanned<JsonMaskSpec>>,
+}
+
+/// `[[masking.json]] paths = ["$.customers[*].ssn"], strategy = "..."`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct JsonMaskSpec {
+    pub paths: Spanned<Vec<Spanned<String>>>,
+    pub strategy: Spanned<crate::mask::Strategy>,
+    pub resources: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Debug, Deserialize)]

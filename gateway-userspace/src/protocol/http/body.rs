@@ -7,12 +7,12 @@
 //! rule. The detectors' replacements hold no quote or backslash, so masking
 //! text in place keeps JSON inside it valid.
 
-use std::{fmt::Write as _, io::Read as _};
+use std::io::Read as _;
 
 use bytes::Bytes;
 use serde_json::Value;
 
-use crate::mask::MaskPolicy;
+use crate::mask::{JsonHit, MaskPolicy};
 
 /// A content coding the handler can decode and encode again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,11 +82,17 @@ pub fn encode(coding: Coding, body: &[u8]) -> Vec<u8> {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Masked {
     pub hits: Vec<(&'static str, String)>,
+    /// Fields a JSON rule masked: (the rule's path as written, the location).
+    pub rules: Vec<(String, String)>,
 }
 
 impl Masked {
     pub fn is_empty(&self) -> bool {
-        self.hits.is_empty()
+        self.hits.is_empty() && self.rules.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.hits.len() + self.rules.len()
     }
     /// The record's `transform` field: counts by detector, paths (never values).
     pub fn record(&self) -> Value {
@@ -94,8 +100,22 @@ impl Masked {
         for (d, _) in &self.hits {
             *counts.entry(d).or_default() += 1;
         }
-        let paths: Vec<&str> = self.hits.iter().take(64).map(|(_, p)| p.as_str()).collect();
-        serde_json::json!({ "masked": counts, "paths": paths, "fields": self.hits.len() })
+        let mut by_rule = std::collections::BTreeMap::<&str, u64>::new();
+        for (r, _) in &self.rules {
+            *by_rule.entry(r).or_default() += 1;
+        }
+        let paths: Vec<&str> = self
+            .rules
+            .iter()
+            .map(|(_, p)| p.as_str())
+            .chain(self.hits.iter().map(|(_, p)| p.as_str()))
+            .take(64)
+            .collect();
+        let mut r = serde_json::json!({ "masked": counts, "paths": paths, "fields": self.len() });
+        if !by_rule.is_empty() {
+            r["json_rules"] = serde_json::json!(by_rule);
+        }
+        r
     }
 }
 
@@ -137,47 +157,16 @@ impl Kind {
     }
 }
 
-/// Masks every string value of `v` (detectors), noting where.
-pub fn mask_json(policy: &MaskPolicy, v: &mut Value, path: &mut String, masked: &mut Masked) {
-    match v {
-        Value::String(s) => {
-            let out = policy.mask_value(s, None);
-            if out.changed {
-                for d in &out.detectors_hit {
-                    masked.hits.push((d, path.clone()));
-                }
-                *s = out.text.into_owned();
-            }
+/// Masks `v`: the policy's JSON field rules, then the detectors over every
+/// other string value (see [`crate::mask::json_path`]), noting where.
+pub fn mask_json(policy: &MaskPolicy, v: &mut Value, masked: &mut Masked) {
+    let mut hits = Vec::new();
+    crate::mask::json_path::mask_document(policy, v, &mut hits);
+    for h in hits {
+        match h {
+            JsonHit::Rule { rule, at } => masked.rules.push((rule, at)),
+            JsonHit::Detector { detector, at } => masked.hits.push((detector, at)),
         }
-        Value::Array(items) => {
-            for (i, item) in items.iter_mut().enumerate() {
-                let len = path.len();
-                let _ = write!(path, "[{i}]");
-                mask_json(policy, item, path, masked);
-                path.truncate(len);
-            }
-        }
-        Value::Object(map) => {
-            for (k, item) in map.iter_mut() {
-                let len = path.len();
-                push_key(path, k);
-                mask_json(policy, item, path, masked);
-                path.truncate(len);
-            }
-        }
-        _ => {}
-    }
-}
-
-/// `$.a.b` for plain keys, `$['a b']` otherwise.
-pub fn push_key(path: &mut String, k: &str) {
-    if !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-        path.push('.');
-        path.push_str(k);
-    } else {
-        path.push_str("['");
-        path.push_str(&k.replace('\'', "\\'"));
-        path.push_str("']");
     }
 }
 
@@ -191,9 +180,9 @@ pub fn mask_body(
     match kind {
         Kind::Json => {
             if let Ok(mut v) = serde_json::from_slice::<Value>(body) {
-                let before = masked.hits.len();
-                mask_json(policy, &mut v, &mut "$".to_owned(), masked);
-                return (masked.hits.len() > before)
+                let before = masked.len();
+                mask_json(policy, &mut v, masked);
+                return (masked.len() > before)
                     .then(|| serde_json::to_vec(&v).expect("a JSON value serialises"));
             }
             // Declared JSON that does not parse: read it as text.

@@ -486,7 +486,7 @@ async fn handle(
         }
     };
     let masking = set.masking_for(&ctx.resource);
-    let inspect = masking.detectors_enabled() || call.is_some();
+    let inspect = masking.inspects_bodies() || call.is_some();
     let upstream_req = match upstream_request(
         &parts,
         &head,
@@ -714,7 +714,7 @@ async fn respond(
     let ok = if status < 400 { "ok" } else { "error" };
     let ctx = done.ctx.clone();
     let masking = set.masking_for(&ctx.resource);
-    let inspect = masking.detectors_enabled() || llm;
+    let inspect = masking.inspects_bodies() || llm;
     let kind = Kind::of(
         parts
             .headers
@@ -748,7 +748,7 @@ async fn respond(
         }
     };
     match (kind, coding) {
-        (Kind::Opaque, _) if masking.detectors_enabled() && !is_empty_body(&parts.headers) => {
+        (Kind::Opaque, _) if masking.inspects_bodies() && !is_empty_body(&parts.headers) => {
             if let Some(r) = uninspectable(
                 format!("content type {:?}", parts.headers.get(header::CONTENT_TYPE)),
                 &done,
