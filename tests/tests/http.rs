@@ -128,6 +128,28 @@ match = {{ http_methods = ["POST"], http_paths = ["/orders*"] }}
 approval = {{ approver_groups = ["approvers"], timeout = "3s" }}
 
 [[rule]]
+name = "api-payments"
+identities = ["demo"]
+resources = ["api"]
+action = "allow"
+match = {{ http_methods = ["POST"], http_paths = ["/payments"] }}
+
+[[rule]]
+name = "api-big-payments-held"
+identities = ["demo"]
+resources = ["api"]
+action = "require_approval"
+match = {{ http_methods = ["POST"], http_paths = ["/payments"], http_json = ["$.amount > 10000", "$.force == true"] }}
+approval = {{ approver_groups = ["approvers"], timeout = "30s" }}
+
+[[rule]]
+name = "api-no-forced-reads"
+identities = ["demo"]
+resources = ["api"]
+action = "deny"
+match = {{ http_methods = ["GET"], http_query = ["force == true"] }}
+
+[[rule]]
 name = "api-no-deletes"
 identities = ["demo"]
 resources = ["api"]
@@ -471,6 +493,100 @@ fn denied_delete_never_arrives_and_a_held_post_runs_once_approved() {
     assert!(
         recs.iter()
             .any(|r| r["approval"]["outcome"] == "approved" && r["action"]["path"] == "/orders")
+    );
+}
+
+#[test]
+fn query_and_json_body_rules_decide_and_a_held_request_whose_client_leaves_never_runs() {
+    let w = world();
+    let code_and_body = |args: &[&str]| {
+        let mut a = vec!["-w", "\n%{http_code}"];
+        a.extend_from_slice(args);
+        let t = text(&curl(&w, &a).stdout);
+        let (body, code) = t.rsplit_once('\n').unwrap();
+        (code.to_owned(), body.to_owned())
+    };
+    let json = ["-H", "Content-Type: application/json", "-d"];
+    // A small payment is allowed and arrives.
+    let (code, _) = code_and_body(&[
+        json[0],
+        json[1],
+        json[2],
+        "{\"amount\": 50}",
+        &url(&w, "/payments"),
+    ]);
+    assert_eq!(code, "200");
+    assert_eq!(api_log(&w).matches("POST /payments").count(), 1);
+    // A body the rule cannot read (form data, over the limit) is refused: 403, never arrives.
+    let (code, body) = code_and_body(&["-d", "amount=20000", &url(&w, "/payments")]);
+    assert_eq!(code, "403", "{body}");
+    let p: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(p["rule"], "agentgate:http-body-unreadable", "{p}");
+    let big = format!("{{\"amount\": 1, \"pad\": \"{}\"}}", "x".repeat(70_000));
+    let (code, body) = code_and_body(&[json[0], json[1], json[2], &big, &url(&w, "/payments")]);
+    assert_eq!(code, "403", "over max_inspect_bytes: {body}");
+    // Query: `force=true` (also percent-encoded) is denied before the upstream.
+    for q in ["/customers?force=true", "/customers?page=1&for%63e=tru%65"] {
+        let (code, body) = code_and_body(&[&url(&w, q)]);
+        assert_eq!(code, "403", "{q}: {body}");
+        assert!(body.contains("api-no-forced-reads"), "{body}");
+    }
+    assert!(!api_log(&w).contains("force"), "no forced read arrived");
+    // A large payment (the amount quoted, as a string) is held; the client
+    // gives up after 3 s: the request is cancelled and never runs.
+    let mut c = w.env.exec(
+        "demo",
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "3",
+            "--resolve",
+            &format!("upstream.test:{}:127.0.0.1", w.api),
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            "{\"amount\": \"25000\"}",
+            &url(&w, "/payments"),
+        ],
+    );
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let held = c.spawn().unwrap();
+    let id = wait_pending(&w);
+    let _ = held.wait_with_output().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let cancelled = loop {
+        let recs = records(&w);
+        if let Some(r) = recs.iter().find(|r| {
+            r["kind"] == "statement"
+                && r["approval"]["id"] == id.as_str()
+                && r["approval"]["outcome"] == "cancelled"
+        }) {
+            break r.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no cancelled record for {id} after the client left"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(cancelled["result"]["status"], "not_run", "{cancelled}");
+    assert_eq!(cancelled["decision"]["rule"], "api-big-payments-held");
+    assert!(
+        records(&w)
+            .iter()
+            .any(|r| r["kind"] == "approval.cancelled"),
+        "the broker recorded the cancellation"
+    );
+    assert_eq!(
+        api_log(&w).matches("POST /payments").count(),
+        1,
+        "only the small payment ever arrived"
+    );
+    let pending = run_ok(&mut w.env.agentgate(&["approvals", "list", "--json"])).unwrap();
+    assert!(
+        !text(&pending.stdout).contains(&id),
+        "the request is no longer pending"
     );
 }
 

@@ -205,15 +205,15 @@ fn name(s: &str) -> Result<(Selector, usize), &'static str> {
     if s.starts_with('*') {
         return Ok((Selector::Any, 1));
     }
-    let n = s
-        .find(|c: char| c == '.' || c == '[')
-        .unwrap_or(s.len());
+    let n = s.find(|c: char| c == '.' || c == '[').unwrap_or(s.len());
     let k = &s[..n];
     if k.is_empty() {
         return Err("a `.` must be followed by a name or `*`");
     }
     if k.contains([']', '\'', '"', ' ', '*', '?', '(', ')', ',', ':']) {
-        return Err("a name after `.` may not hold brackets, quotes, spaces or filter syntax (use ['name'])");
+        return Err(
+            "a name after `.` may not hold brackets, quotes, spaces or filter syntax (use ['name'])",
+        );
     }
     Ok((Selector::Key(k.to_owned()), n))
 }
@@ -494,7 +494,13 @@ mod tests {
         let mut hits = Vec::new();
         mask_document(&p, &mut doc, &mut hits);
         let text = doc.to_string();
-        for raw in ["483279150", "123456789", "ann@example.com", "1234", "555-44-3333"] {
+        for raw in [
+            "483279150",
+            "123456789",
+            "ann@example.com",
+            "1234",
+            "555-44-3333",
+        ] {
             assert!(!text.contains(raw), "{raw} leaked: {text}");
         }
         assert_eq!(doc["customers"][0]["ssn"], "*****9150");
@@ -527,7 +533,10 @@ mod tests {
 
     #[test]
     fn the_strongest_matching_rule_wins() {
-        let p = policy(&[("$..ssn", Strategy::KeepLast4), ("$.a.ssn", Strategy::Redact)]);
+        let p = policy(&[
+            ("$..ssn", Strategy::KeepLast4),
+            ("$.a.ssn", Strategy::Redact),
+        ]);
         let mut doc = json!({"a": {"ssn": "483279150"}, "b": {"ssn": "483279150"}});
         mask_document(&p, &mut doc, &mut Vec::new());
         assert_eq!(doc["a"]["ssn"], "[REDACTED]");
@@ -539,7 +548,15 @@ mod tests {
         let doc = json!({"amount": 12000, "items": [{"force": true}, {"force": false}]});
         let p = JsonPath::parse("$.items[*].force").unwrap();
         assert_eq!(p.select(&doc, 10), [&json!(true), &json!(false)]);
-        assert_eq!(JsonPath::parse("$..amount").unwrap().select(&doc, 10), [&json!(12000)]);
-        assert!(JsonPath::parse("$.nope").unwrap().select(&doc, 10).is_empty());
+        assert_eq!(
+            JsonPath::parse("$..amount").unwrap().select(&doc, 10),
+            [&json!(12000)]
+        );
+        assert!(
+            JsonPath::parse("$.nope")
+                .unwrap()
+                .select(&doc, 10)
+                .is_empty()
+        );
     }
 }

@@ -954,6 +954,26 @@ fn build_conditions(errors: &mut Errors<'_>, m: &MatchSpec) -> Conditions {
         }
         c.http_paths = Some(items.iter().map(|s| Glob::new(s.get_ref())).collect());
     }
+    if let Some(l) = &m.http_query {
+        let mut tests = Vec::new();
+        for item in non_empty_list(errors, l, "match.http_query") {
+            match super::field_test::QueryTest::parse(item.get_ref()) {
+                Ok(t) => tests.push(t),
+                Err(e) => errors.at(&item.span(), format!("match.http_query: {e}")),
+            }
+        }
+        c.http_query = Some(tests);
+    }
+    if let Some(l) = &m.http_json {
+        let mut tests = Vec::new();
+        for item in non_empty_list(errors, l, "match.http_json") {
+            match super::field_test::JsonTest::parse(item.get_ref()) {
+                Ok(t) => tests.push(t),
+                Err(e) => errors.at(&item.span(), format!("match.http_json: {e}")),
+            }
+        }
+        c.http_json = Some(tests);
+    }
     if let Some(l) = &m.kube_verbs {
         c.kube_verbs = Some(globs_ci(errors, l, "match.kube_verbs"));
     }
@@ -1266,8 +1286,12 @@ fn build_masking<'a>(
         }
         for j in &m.json {
             let j = j.get_ref();
-            let globs =
-                resource_globs(errors, j.resources.as_ref(), "masking.json.resources", resources);
+            let globs = resource_globs(
+                errors,
+                j.resources.as_ref(),
+                "masking.json.resources",
+                resources,
+            );
             for p in non_empty_list(errors, &j.paths, "masking.json.paths") {
                 match crate::mask::JsonPath::parse(p.get_ref()) {
                     Ok(path) => json.push((

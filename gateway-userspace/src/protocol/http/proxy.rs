@@ -321,12 +321,17 @@ async fn handle(
     }
     let set = ctx.policy.current();
     let gate = ctx.gate();
-    let action = Action::Http {
+    let mut action = Action::Http {
         method: head.method.clone(),
         host: head.host.clone(),
         path: head.path.clone(),
+        query: head.query.clone(),
+        json: None,
     };
-    let decision = gate.decide(&set, &action);
+    // A rule that could apply tests JSON body fields: the body is read
+    // before any decision, and one that cannot be read is refused.
+    let needs_body = set.http_needs_body(&ctx.subject, &ctx.resource, &action);
+    let mut decision = gate.decide(&set, &action);
     let command = |d: &Described| Command {
         action: d.action.clone(),
         fingerprint: d.fingerprint.clone(),
@@ -334,12 +339,21 @@ async fn handle(
         summary: "",
         changes_state: request::changes_state(&head.method),
     };
-    if matches!(decision.verdict, Verdict::Deny { .. }) {
+    if !needs_body && matches!(decision.verdict, Verdict::Deny { .. }) {
         let d = gate.deny(command(&described), &decision).await;
         return render_denial(&d, grpc);
     }
     // The body, bounded: read only once the policy may allow the request.
     let limit = ctx.settings.max_inspect_bytes;
+    let (body_rule, body_note) = if needs_body {
+        (
+            "agentgate:http-body-unreadable",
+            "; a rule tests this request's JSON body, so it is refused",
+        )
+    } else {
+        ("agentgate:http-body-limit", "")
+    };
+    let body_status = |s: StatusCode| if needs_body { StatusCode::FORBIDDEN } else { s };
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
@@ -349,9 +363,9 @@ async fn handle(
         return refuse_own(
             &ctx,
             described.action,
-            "agentgate:http-body-limit",
-            format!("the request body is over the inspection limit of {limit} bytes"),
-            StatusCode::PAYLOAD_TOO_LARGE,
+            body_rule,
+            format!("the request body is over the inspection limit of {limit} bytes{body_note}"),
+            body_status(StatusCode::PAYLOAD_TOO_LARGE),
             grpc,
         )
         .await;
@@ -370,7 +384,9 @@ async fn handle(
             let (status, why) = if too_large {
                 (
                     StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("the request body is over the inspection limit of {limit} bytes"),
+                    format!(
+                        "the request body is over the inspection limit of {limit} bytes{body_note}"
+                    ),
                 )
             } else {
                 (
@@ -381,9 +397,9 @@ async fn handle(
             return refuse_own(
                 &ctx,
                 described.action,
-                "agentgate:http-body-limit",
+                body_rule,
                 why,
-                status,
+                body_status(status),
                 grpc,
             )
             .await;
@@ -402,6 +418,38 @@ async fn handle(
     };
     let trailers = collected.trailers().cloned();
     let mut body = collected.to_bytes();
+    if needs_body {
+        let encoded = Coding::parse(
+            parts
+                .headers
+                .get(header::CONTENT_ENCODING)
+                .and_then(|v| v.to_str().ok()),
+        ) != Some(Coding::Identity);
+        let doc = (!encoded)
+            .then(|| serde_json::from_slice::<Value>(&body).ok())
+            .flatten();
+        let Some(doc) = doc else {
+            let d = describe(&ctx, &head, &parts.headers, &body, tls);
+            return refuse_own(
+                &ctx,
+                d.action,
+                body_rule,
+                "the request body is not JSON the gateway can read; a rule tests this request's JSON body, so it is refused".into(),
+                StatusCode::FORBIDDEN,
+                grpc,
+            )
+            .await;
+        };
+        if let Action::Http { json, .. } = &mut action {
+            *json = Some(Arc::new(doc));
+        }
+        decision = gate.decide(&set, &action);
+        if matches!(decision.verdict, Verdict::Deny { .. }) {
+            let d = describe(&ctx, &head, &parts.headers, &body, tls);
+            let d = gate.deny(command(&d), &decision).await;
+            return render_denial(&d, grpc);
+        }
+    }
     // The openai profile: read the call, and keep the prompt's protected values in.
     let mut call = None;
     let mut dlp = None;
@@ -466,9 +514,16 @@ async fn handle(
         ..command(&described)
     };
     let mut outcome = gate.admit_action(cmd, &decision, None, &action).await;
-    if let gate::Outcome::Held(mut hold) = outcome {
+    if let gate::Outcome::Held(hold) = outcome {
         tracing::info!(conn = ctx.conn.id, request = %hold.request_id, "HTTP request held for approval");
-        let answer = hold.decided().await;
+        // The client may leave while it waits (hyper then drops this
+        // future): the guard records the request cancelled and not run.
+        let mut guard = HeldGuard {
+            ctx: ctx.clone(),
+            hold: Some(hold),
+        };
+        let answer = guard.hold.as_mut().expect("held").decided().await;
+        let hold = guard.hold.take().expect("held");
         outcome = gate.release(hold, answer).await;
     }
     let recording = match outcome {
@@ -563,6 +618,33 @@ async fn handle(
         }
     };
     respond(resp, done, set, call.is_some(), grpc).await
+}
+
+/// A held request's hold while its client waits. Dropped with the hold
+/// still in it (the client left: hyper dropped the request's future), it
+/// cancels the approval request and records the request as not run, as
+/// the other handlers do when their client leaves.
+struct HeldGuard {
+    ctx: Arc<HttpContext>,
+    hold: Option<gate::Hold>,
+}
+
+impl Drop for HeldGuard {
+    fn drop(&mut self) {
+        let Some(hold) = self.hold.take() else {
+            return;
+        };
+        let ctx = self.ctx.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move { ctx.gate().cancel(hold).await });
+            }
+            Err(_) => tracing::error!(
+                conn = ctx.conn.id,
+                "a held request's client left outside the runtime; its cancellation is not recorded"
+            ),
+        }
+    }
 }
 
 /// The detectors prompt DLP runs: the resource's, or all when it names none.
