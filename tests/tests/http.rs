@@ -34,6 +34,9 @@ struct World {
     model_refuse: u16,
     model_refuse_log: PathBuf,
     certs: PathBuf,
+    /// The WebSocket echo upstream (resource `ws`) and its log.
+    ws: u16,
+    ws_log: PathBuf,
     _procs: Vec<Proc>,
 }
 
@@ -59,7 +62,7 @@ fn make_certs(dir: &Path) {
     ));
 }
 
-fn policy(certs: &Path, api: u16, bad: u16, pinned: u16, model: u16, model_refuse: u16) -> String {
+fn policy(certs: &Path, [api, bad, pinned, model, model_refuse, ws]: [u16; 6]) -> String {
     let ca = certs.join("ca.pem");
     let ca = ca.display();
     format!(
@@ -104,6 +107,27 @@ default_action = "allow"
 profile = "openai"
 prompt_dlp = "refuse"
 tls = {{ ca_file = "{ca}" }}
+
+[[resource]]
+name = "ws"
+protocol = "https"
+addresses = ["127.0.0.1:{ws}"]
+default_action = "deny"
+tls = {{ ca_file = "{ca}" }}
+
+[[rule]]
+name = "ws-echo"
+identities = ["demo"]
+resources = ["ws"]
+action = "allow"
+match = {{ http_methods = ["WEBSOCKET"], http_paths = ["/echo"] }}
+
+[[rule]]
+name = "ws-pages"
+identities = ["demo"]
+resources = ["ws"]
+action = "allow"
+match = {{ http_methods = ["GET"] }}
 
 [[rule]]
 name = "api-reads"
@@ -224,9 +248,26 @@ fn world() -> std::sync::MutexGuard<'static, World> {
         let (p4, model) = start_model(&env, &certs, &model_log);
         let model_refuse_log = env.state.join("model-refuse.jsonl");
         let (p5, model_refuse) = start_model(&env, &certs, &model_refuse_log);
+        let ws_log = env.state.join("ws.log");
+        let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("agent/.venv/bin/python");
+        assert!(
+            venv.exists(),
+            "tests/agent/.venv is missing: run `cargo xtask setup`"
+        );
+        let mut c = env.netns.command(venv);
+        c.arg(scripts_dir().join("ws_echo.py"))
+            .arg("--cert")
+            .arg(certs.join("srv.pem"))
+            .arg("--key")
+            .arg(certs.join("srv.key"))
+            .arg("--log")
+            .arg(&ws_log)
+            .stdout(Stdio::piped());
+        let mut p6 = Proc::spawn("websocket echo", c).unwrap();
+        let ws = p6.read_line().unwrap().trim().parse().unwrap();
         fs::write(
             env.state.join("policy/http.toml"),
-            policy(&certs, api, bad, pinned, model, model_refuse),
+            policy(&certs, [api, bad, pinned, model, model_refuse, ws]),
         )
         .unwrap();
         env.start_daemon().unwrap();
@@ -241,7 +282,9 @@ fn world() -> std::sync::MutexGuard<'static, World> {
             model_refuse,
             model_refuse_log,
             certs,
-            _procs: vec![p1, p2, p3, p4, p5],
+            ws,
+            ws_log,
+            _procs: vec![p1, p2, p3, p4, p5, p6],
         })
     });
     w.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -588,6 +631,73 @@ fn query_and_json_body_rules_decide_and_a_held_request_whose_client_leaves_never
         !text(&pending.stdout).contains(&id),
         "the request is no longer pending"
     );
+}
+
+#[test]
+fn websocket_upgrades_are_relayed_or_refused_by_rule() {
+    let w = world();
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("agent/.venv/bin/python");
+    let script = format!(
+        r#"
+import json
+from websockets.sync.client import connect
+from websockets.exceptions import InvalidStatus
+out = {{}}
+# No permessage-deflate: the counts below are the bytes sent.
+with connect("wss://upstream.test:{port}/echo", compression=None) as ws:
+    got = []
+    for m in ["hello", "x" * 100000]:
+        ws.send(m)
+        got.append(ws.recv() == m)
+    out["echo"] = got
+for path in ["/admin", "/page"]:
+    try:
+        with connect("wss://upstream.test:{port}" + path) as ws:
+            out[path] = "open"
+    except InvalidStatus as e:
+        out[path] = e.response.status_code
+        out[path + "_rule"] = json.loads(e.response.body)["rule"]
+print(json.dumps(out))
+"#,
+        port = w.ws
+    );
+    let mut cmd = w.env.exec("demo", &[venv.to_str().unwrap(), "-c", &script]);
+    cmd.env("PYTHONPATH", "");
+    let out = run_with_hosts(&w, &cmd);
+    let v: Value = serde_json::from_str(text(&out.stdout).trim())
+        .unwrap_or_else(|e| panic!("{e}: {}{}", text(&out.stdout), text(&out.stderr)));
+    assert_eq!(v["echo"], serde_json::json!([true, true]), "{v}");
+    // No rule allows /admin; `GET` rules do not open a WebSocket.
+    assert_eq!(v["/admin"], 403, "{v}");
+    assert_eq!(v["/page"], 403, "{v}");
+    assert_eq!(v["/page_rule"], "default:resource:ws", "{v}");
+    let log = fs::read_to_string(&w.ws_log).unwrap();
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.starts_with("OPEN"))
+            .collect::<Vec<_>>(),
+        ["OPEN /echo"],
+        "refused upgrades never reached the upstream: {log}"
+    );
+    // The tunnel's record: method, counts each way, how it ended.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let done = loop {
+        if let Some(r) = records(&w)
+            .into_iter()
+            .find(|r| r["resource"] == "ws" && r["transform"]["tunnel"] == "WEBSOCKET")
+        {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "no tunnel record");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let t = &done["transform"];
+    assert!(
+        t["to_upstream"].as_u64().unwrap() > 100_000 && t["to_client"].as_u64().unwrap() > 100_000,
+        "{t}"
+    );
+    assert_eq!(t["ended"], "closed", "{t}");
+    assert_eq!(done["action"]["method"], "WEBSOCKET");
 }
 
 fn wait_pending(w: &World) -> String {

@@ -15,8 +15,11 @@
 //! refused with a problem body (RFC 9457; a gRPC status for gRPC); a body
 //! over the inspection limit, or a response that cannot be inspected while
 //! masking applies, is refused unless `[proxy.http] uninspectable = "pass"`
-//! (recorded either way). Upgrades (WebSocket) and `CONNECT` are refused and
-//! recorded. The trade-off: request bodies are buffered up to the limit
+//! (recorded either way). A WebSocket upgrade is decided as method
+//! `WEBSOCKET` (a rule allowing `GET` does not open one) and `CONNECT` as
+//! itself; allowed, they are relayed uninspected by [`super::tunnel`] (refused
+//! where masking applies, unless `uninspectable = "pass"`). Rules testing
+//! JSON body fields make the handler read the body before deciding. The trade-off: request bodies are buffered up to the limit
 //! (their hash is in the write-ahead record), so a request body never streams.
 
 use std::{
@@ -50,7 +53,7 @@ use tokio_rustls::rustls;
 use super::{
     body::{self, Coding, Kind, Masked, SseMasker},
     config::{HttpConfig, Uninspectable},
-    openai, request,
+    openai, request, tunnel,
 };
 use crate::{
     approval::Broker,
@@ -133,7 +136,9 @@ pub async fn serve(client: TcpStream, ctx: HttpContext) -> Result<(), HttpError>
             (Box::new(client), None, false)
         };
     let https = ctx.resource.protocol == Protocol::Https;
-    let upstream = Upstream::new(&ctx, sni.as_deref())?;
+    let upstream = Upstream::new(&ctx, sni.as_deref(), &[b"h2", b"http/1.1"])?;
+    // Upgrades (WebSocket, CONNECT) take a connection of their own, HTTP/1.1.
+    let tunnel_upstream = Upstream::new(&ctx, sni.as_deref(), &[b"http/1.1"])?;
     let session = ctx.conn.record(RecordKind::SessionStart).action(json!({
         "protocol": ctx.resource.protocol.as_str(),
         "sni": sni,
@@ -152,7 +157,8 @@ pub async fn serve(client: TcpStream, ctx: HttpContext) -> Result<(), HttpError>
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let ctx = ctx.clone();
         let client = client.clone();
-        async move { Ok::<_, Infallible>(handle(req, ctx, client).await) }
+        let tunnel_upstream = tunnel_upstream.clone();
+        async move { Ok::<_, Infallible>(handle(req, ctx, client, tunnel_upstream).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
@@ -180,7 +186,7 @@ pub async fn serve(client: TcpStream, ctx: HttpContext) -> Result<(), HttpError>
         builder
     };
     builder
-        .serve_connection(TokioIo::new(io), service)
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
         .await
         .map_err(|e| HttpError::Serve(error_chain(&*e)))
 }
@@ -279,16 +285,17 @@ async fn handle(
     req: Request<Incoming>,
     ctx: Arc<HttpContext>,
     client: Client<Upstream, HttpBody>,
+    tunnel_upstream: Upstream,
 ) -> Response<HttpBody> {
     let started = Instant::now();
-    let (parts, incoming) = req.into_parts();
+    let (mut parts, incoming) = req.into_parts();
     let grpc = parts
         .headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.starts_with("application/grpc"));
     let tls = ctx.resource.protocol == Protocol::Https;
-    let head = match request::check(&parts.method, &parts.uri, parts.version, &parts.headers) {
+    let mut head = match request::check(&parts.method, &parts.uri, parts.version, &parts.headers) {
         Ok(h) => h,
         Err(m) => {
             let action = json!({
@@ -307,19 +314,42 @@ async fn handle(
             .await;
         }
     };
+    let upgrade = tunnel::requested(&parts.method, parts.version, &parts.headers);
+    if let Ok(Some(u)) = upgrade {
+        head.method = u.method().to_owned();
+    }
     let described = describe(&ctx, &head, &parts.headers, &[], tls);
-    if parts.headers.contains_key(header::UPGRADE) {
+    let upgrade = match upgrade {
+        Ok(u) => u,
+        Err(why) => {
+            return refuse_own(
+                &ctx,
+                described.action,
+                "agentgate:http-upgrade",
+                why.into(),
+                StatusCode::FORBIDDEN,
+                grpc,
+            )
+            .await;
+        }
+    };
+    let set = ctx.policy.current();
+    if upgrade.is_some()
+        && set.masking_for(&ctx.resource).inspects_bodies()
+        && ctx.settings.uninspectable == Uninspectable::Refuse
+    {
         return refuse_own(
             &ctx,
             described.action,
-            "agentgate:http-upgrade",
-            "protocol upgrades (WebSocket, h2c) are not relayed".into(),
+            "agentgate:http-uninspectable",
+            "a WebSocket or CONNECT tunnel cannot be inspected, and this resource's responses are masked; refused".into(),
             StatusCode::FORBIDDEN,
             grpc,
         )
         .await;
     }
-    let set = ctx.policy.current();
+    let client_upgrade =
+        upgrade.and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
     let gate = ctx.gate();
     let mut action = Action::Http {
         method: head.method.clone(),
@@ -540,6 +570,25 @@ async fn handle(
             );
         }
     };
+    if let (Some(kind), Some(client_upgrade)) = (upgrade, client_upgrade) {
+        if let Some(r) = recording
+            && r.await.is_err()
+        {
+            return problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "agentgate:audit",
+                "the audit log cannot take the record",
+                None,
+                grpc,
+            );
+        }
+        let done = Done {
+            ctx: ctx.clone(),
+            action: json!({ "protocol": described.action["protocol"], "method": head.method, "host": head.host, "path": described.action["path"], "request_hash": described.fingerprint, "upgrade": kind.method() }),
+            started,
+        };
+        return open_tunnel(&parts, kind, client_upgrade, tunnel_upstream, done, grpc).await;
+    }
     let masking = set.masking_for(&ctx.resource);
     let inspect = masking.inspects_bodies() || call.is_some();
     let upstream_req = match upstream_request(
@@ -618,6 +667,149 @@ async fn handle(
         }
     };
     respond(resp, done, set, call.is_some(), grpc).await
+}
+
+/// Sends an allowed upgrade request upstream on a connection of its own;
+/// when the upstream switches protocols (101 for a WebSocket, 2xx for
+/// `CONNECT`), answers the agent the same way and relays the two upgraded
+/// connections in a task of their own, recording the byte counts when the
+/// tunnel ends. Any other answer goes back as an ordinary response.
+async fn open_tunnel(
+    parts: &http::request::Parts,
+    kind: tunnel::Upgrade,
+    client_upgrade: hyper::upgrade::OnUpgrade,
+    mut upstream: Upstream,
+    done: Done,
+    grpc: bool,
+) -> Response<HttpBody> {
+    use tower::Service as _;
+    let ctx = done.ctx.clone();
+    let target = match kind {
+        tunnel::Upgrade::Connect => parts
+            .uri
+            .authority()
+            .map_or_else(String::new, ToString::to_string),
+        tunnel::Upgrade::WebSocket => parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| "/".to_owned(), ToString::to_string),
+    };
+    let mut headers = parts.headers.clone();
+    strip_hop_by_hop(&mut headers);
+    if kind == tunnel::Upgrade::WebSocket {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    }
+    let mut b = Request::builder()
+        .method(parts.method.clone())
+        .uri(target.as_str())
+        .version(http::Version::HTTP_11);
+    *b.headers_mut().expect("a valid builder") = headers;
+    let Ok(req) = b.body(Full::new(Bytes::new())) else {
+        done.record(None, 400, 0, "error");
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "agentgate:http-malformed",
+            "the upgrade request cannot be sent on",
+            None,
+            grpc,
+        );
+    };
+    let exchange = async {
+        let io = upstream
+            .call(Uri::from_static("/"))
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| error_chain(&e))?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        sender.send_request(req).await.map_err(|e| error_chain(&e))
+    };
+    let mut resp = match tokio::time::timeout(ctx.settings.request_timeout(), exchange).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(why)) => {
+            done.record(None, 502, 0, "error");
+            return problem(
+                StatusCode::BAD_GATEWAY,
+                "agentgate:upstream",
+                &format!("upstream: {why}"),
+                None,
+                grpc,
+            );
+        }
+        Err(_) => {
+            done.record(None, 504, 0, "error");
+            return problem(
+                StatusCode::GATEWAY_TIMEOUT,
+                "agentgate:upstream",
+                "the upstream did not answer in time",
+                None,
+                grpc,
+            );
+        }
+    };
+    let switched = match kind {
+        tunnel::Upgrade::WebSocket => resp.status() == StatusCode::SWITCHING_PROTOCOLS,
+        tunnel::Upgrade::Connect => resp.status().is_success(),
+    };
+    let status = resp.status().as_u16();
+    if !switched {
+        let (parts, body) = resp.into_parts();
+        let n = body
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        done.record(None, status, n.len() as u64, "error");
+        return Response::from_parts(
+            parts,
+            Full::new(n).map_err(|e: Infallible| match e {}).boxed(),
+        );
+    }
+    let upstream_upgrade = hyper::upgrade::on(&mut resp);
+    let idle = ctx.settings.idle_timeout();
+    tokio::spawn(async move {
+        let (c, u) = tokio::join!(client_upgrade, upstream_upgrade);
+        let (Ok(c), Ok(u)) = (c, u) else {
+            done.record(
+                Some(json!({ "tunnel": "not established" })),
+                status,
+                0,
+                "error",
+            );
+            return;
+        };
+        let r = tunnel::relay(TokioIo::new(c), TokioIo::new(u), idle).await;
+        tracing::info!(
+            conn = done.ctx.conn.id,
+            to_upstream = r.to_upstream,
+            to_client = r.to_client,
+            ended = r.ended,
+            "tunnel closed"
+        );
+        done.record(
+            Some(json!({
+                "tunnel": kind.method(),
+                "inspected": false,
+                "to_upstream": r.to_upstream,
+                "to_client": r.to_client,
+                "ended": r.ended,
+            })),
+            status,
+            r.to_upstream + r.to_client,
+            if r.ended == "error" { "error" } else { "ok" },
+        );
+    });
+    let (parts, _) = resp.into_parts();
+    Response::from_parts(
+        parts,
+        Full::new(Bytes::new())
+            .map_err(|e: Infallible| match e {})
+            .boxed(),
+    )
 }
 
 /// A held request's hold while its client waits. Dropped with the hold
@@ -1211,7 +1403,7 @@ struct Upstream {
 }
 
 impl Upstream {
-    fn new(ctx: &HttpContext, sni: Option<&str>) -> Result<Self, HttpError> {
+    fn new(ctx: &HttpContext, sni: Option<&str>, alpn: &[&[u8]]) -> Result<Self, HttpError> {
         let https = ctx.resource.protocol == Protocol::Https;
         let tls = match (&ctx.resource.tls, https) {
             (Some(t), true) if t.mode == TlsMode::Disable => {
@@ -1226,8 +1418,8 @@ impl Upstream {
         let tls = match tls {
             None => None,
             Some((ca_file, server_name)) => {
-                let cfg = crate::tls::client_config(ca_file, &[b"h2", b"http/1.1"])
-                    .map_err(HttpError::UpstreamTls)?;
+                let cfg =
+                    crate::tls::client_config(ca_file, alpn).map_err(HttpError::UpstreamTls)?;
                 let name = match server_name.or_else(|| sni.map(str::to_owned)) {
                     Some(n) => rustls_pki_types::ServerName::try_from(n.clone())
                         .map_err(|e| HttpError::UpstreamTls(format!("server name {n:?}: {e}")))?,
