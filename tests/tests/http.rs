@@ -384,6 +384,43 @@ fn reads_are_masked_in_every_shape_and_the_chain_is_the_agentgate_ca() {
         );
         assert!(b.contains("****7781"), "{k}: {b}");
     }
+    // br and zstd: decoded, masked, encoded again (curl decodes them itself).
+    for enc in ["br", "zstd"] {
+        let out = curl(
+            &w,
+            &[
+                "--compressed",
+                "-D",
+                "-",
+                &url(&w, &format!("/customers?enc={enc}")),
+            ],
+        );
+        let t = text(&out.stdout);
+        assert!(
+            t.to_ascii_lowercase()
+                .contains(&format!("content-encoding: {enc}")),
+            "{enc} kept: {t}"
+        );
+        assert!(
+            t.contains("Ada")
+                && t.contains("****0417")
+                && !t.contains(SSN)
+                && !t.contains(PASSPORT),
+            "{enc}: {t}"
+        );
+    }
+    // A coding the handler cannot read is refused by rule (502), not passed silently.
+    let out = curl(
+        &w,
+        &[
+            "-w",
+            "%{http_code}",
+            "-o",
+            "/dev/null",
+            &url(&w, "/customers?enc=x-unknown"),
+        ],
+    );
+    assert_eq!(text(&out.stdout), "502");
     // Server-sent events, streamed.
     let out = curl(&w, &["-N", &url(&w, "/stream")]);
     let body = text(&out.stdout);
@@ -409,8 +446,15 @@ fn reads_are_masked_in_every_shape_and_the_chain_is_the_agentgate_ca() {
         .filter(|r| r["transform"]["json_rules"]["$.customers[*].passport"] == 2)
         .collect();
     assert!(
-        by_rule.len() >= 3,
-        "plain, gzip and chunked each name the rule and count: {by_rule:#?}"
+        by_rule.len() >= 5,
+        "plain, gzip, chunked, br and zstd each name the rule and count: {by_rule:#?}"
+    );
+    assert!(
+        recs.iter().any(|r| r["transform"]["uninspectable"]
+            .as_str()
+            .is_some_and(|u| u.contains("x-unknown"))
+            && r["transform"]["passed"] == false),
+        "the unreadable coding is recorded as refused"
     );
     assert!(all.contains("$.customers[1].passport"));
     let masked: Vec<&Value> = recs

@@ -20,15 +20,23 @@ pub enum Coding {
     Identity,
     Gzip,
     Deflate,
+    Brotli,
+    Zstd,
 }
 
 impl Coding {
-    /// `None`: a coding the handler cannot read (br, zstd, compress, stacked codings).
+    /// The codings the handler reads, as `Accept-Encoding` names them.
+    pub const READABLE: [&'static str; 4] = ["gzip", "deflate", "br", "zstd"];
+
+    /// `None`: a coding the handler cannot read (compress, stacked codings,
+    /// unknown names); the caller passes or refuses the body by rule.
     pub fn parse(header: Option<&str>) -> Option<Self> {
         match header.map(|h| h.trim().to_ascii_lowercase()).as_deref() {
             None | Some("" | "identity") => Some(Self::Identity),
             Some("gzip" | "x-gzip") => Some(Self::Gzip),
             Some("deflate") => Some(Self::Deflate),
+            Some("br") => Some(Self::Brotli),
+            Some("zstd") => Some(Self::Zstd),
             _ => None,
         }
     }
@@ -50,6 +58,14 @@ pub fn decode(coding: Coding, body: &[u8], limit: usize) -> Result<Vec<u8>, Unin
         Coding::Deflate => flate2::read::ZlibDecoder::new(body)
             .take(limit as u64 + 1)
             .read_to_end(&mut out),
+        Coding::Brotli => brotli::Decompressor::new(body, 8192)
+            .take(limit as u64 + 1)
+            .read_to_end(&mut out),
+        Coding::Zstd => zstd::stream::read::Decoder::new(body).and_then(|d| {
+            // The decoder's window is bounded (zstd's default, 128 MiB at most)
+            // and its output by the limit.
+            d.take(limit as u64 + 1).read_to_end(&mut out)
+        }),
     };
     read.map_err(|e| Uninspectable(format!("the body does not decode: {e}")))?;
     if out.len() > limit {
@@ -75,6 +91,15 @@ pub fn encode(coding: Coding, body: &[u8]) -> Vec<u8> {
             e.write_all(body).expect("writing to memory");
             e.finish().expect("writing to memory")
         }
+        Coding::Brotli => {
+            let mut out = Vec::new();
+            {
+                let mut e = brotli::CompressorWriter::new(&mut out, 8192, 4, 22);
+                e.write_all(body).expect("writing to memory");
+            }
+            out
+        }
+        Coding::Zstd => zstd::stream::encode_all(body, 3).expect("writing to memory"),
     }
 }
 
@@ -302,7 +327,25 @@ mod tests {
         let z = encode(Coding::Gzip, &plain);
         assert_eq!(decode(Coding::Gzip, &z, 1 << 20).unwrap(), plain);
         assert!(decode(Coding::Gzip, &z, 10).is_err());
-        assert_eq!(Coding::parse(Some("br")), None);
+        assert_eq!(Coding::parse(Some("compress")), None);
+        assert_eq!(Coding::parse(Some("gzip, br")), None, "stacked codings");
+    }
+
+    #[test]
+    fn br_and_zstd_round_trip_and_bombs_stop_at_the_limit() {
+        let plain = b"{\"ssn\":\"123-45-6789\"}".repeat(1000);
+        for c in [Coding::Brotli, Coding::Zstd, Coding::Deflate] {
+            let z = encode(c, &plain);
+            assert!(z.len() < plain.len() / 10, "{c:?} compresses");
+            assert_eq!(decode(c, &z, 1 << 20).unwrap(), plain, "{c:?}");
+            assert!(decode(c, &z, 100).is_err(), "{c:?} stops at the limit");
+            assert!(
+                decode(c, b"not compressed at all", 1 << 20).is_err(),
+                "{c:?}"
+            );
+        }
+        assert_eq!(Coding::parse(Some("br")), Some(Coding::Brotli));
+        assert_eq!(Coding::parse(Some(" ZSTD ")), Some(Coding::Zstd));
     }
 
     #[test]

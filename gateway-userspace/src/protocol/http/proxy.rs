@@ -921,9 +921,18 @@ fn upstream_request(
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_ascii_lowercase();
-        let readable: Vec<&str> = ["gzip", "deflate"]
+        let readable: Vec<&str> = Coding::READABLE
             .into_iter()
-            .filter(|c| accepted.contains(c))
+            .filter(|c| {
+                accepted.split(',').any(|t| {
+                    let mut p = t.split(';').map(str::trim);
+                    p.next() == Some(*c)
+                        && !p.any(|q| {
+                            q.strip_prefix("q=")
+                                .is_some_and(|v| v.parse::<f32>().is_ok_and(|q| q <= 0.0))
+                        })
+                })
+            })
             .collect();
         let value = if readable.is_empty() {
             "identity".to_owned()
