@@ -18,6 +18,8 @@ use serde_json::Value;
 const SSN: &str = "123-45-6789";
 /// A value no detector knows: only the `[[masking.json]]` rule protects it.
 const PASSPORT: &str = "X93P0417";
+/// A value only the policy's protected values file names (keyed fingerprints).
+const ACCOUNT: &str = "ACCT-99417-BRAVO";
 
 struct World {
     env: Env,
@@ -65,6 +67,13 @@ fn make_certs(dir: &Path) {
 fn policy(certs: &Path, [api, bad, pinned, model, model_refuse, ws]: [u16; 6]) -> String {
     let ca = certs.join("ca.pem");
     let ca = ca.display();
+    let protected = certs.join("protected-values.txt");
+    fs::write(
+        &protected,
+        format!("# accounts under legal hold\n{ACCOUNT}\n"),
+    )
+    .unwrap();
+    let protected = protected.display();
     format!(
         r#"
 [defaults]
@@ -183,6 +192,7 @@ match = {{ http_methods = ["DELETE"] }}
 [masking]
 detectors = ["all"]
 detector_resources = ["api", "model", "model-strict"]
+protected_values_file = "{protected}"
 
 [[masking.json]]
 paths = ["$.customers[*].passport"]
@@ -922,7 +932,7 @@ fn model_calls_are_recorded_and_prompts_with_an_ssn_are_masked_or_refused() {
         venv.exists(),
         "tests/agent/.venv is missing: run `cargo xtask setup`"
     );
-    let call = |port: u16| {
+    let call = |port: u16, leaked: &str| {
         format!(
             r#"
 import json, openai
@@ -931,7 +941,7 @@ try:
     r = c.chat.completions.create(model="stub-model", messages=[
         {{"role": "user", "content": "look up customer 1"}},
         {{"role": "assistant", "content": None, "tool_calls": [{{"id": "call_1", "type": "function", "function": {{"name": "query", "arguments": "{{}}"}}}}]}},
-        {{"role": "tool", "tool_call_id": "call_1", "content": "name Ada, ssn {SSN}"}}],
+        {{"role": "tool", "tool_call_id": "call_1", "content": "name Ada, {leaked}"}}],
         tools=[{{"type": "function", "function": {{"name": "query", "parameters": {{"type": "object", "properties": {{"sql": {{"type": "string"}}}}}}}}}}])
     print(json.dumps({{"ok": True, "model": r.model, "tokens": r.usage.total_tokens}}))
 except openai.APIStatusError as e:
@@ -941,23 +951,37 @@ except openai.APIStatusError as e:
     };
     let out = run_with_hosts(
         &w,
-        &w.env
-            .exec("demo", &[venv.to_str().unwrap(), "-c", &call(w.model)]),
+        &w.env.exec(
+            "demo",
+            &[
+                venv.to_str().unwrap(),
+                "-c",
+                &call(w.model, &format!("ssn {SSN}, account {ACCOUNT}.")),
+            ],
+        ),
     );
     let v: Value = serde_json::from_str(text(&out.stdout).trim())
         .unwrap_or_else(|e| panic!("{e}: {}{}", text(&out.stdout), text(&out.stderr)));
     assert_eq!(v["ok"], true, "{v}");
     let seen = fs::read_to_string(&w.model_log).unwrap();
     assert!(
-        seen.contains("name Ada") && !seen.contains(SSN),
+        seen.contains("name Ada") && !seen.contains(SSN) && !seen.contains(ACCOUNT),
         "the model saw the prompt masked: {seen}"
+    );
+    assert!(
+        seen.contains("[REDACTED:protected_value]"),
+        "the account was found by fingerprint: {seen}"
     );
     // The strict resource refuses; the SDK shows the reason; the stub saw nothing.
     let out = run_with_hosts(
         &w,
         &w.env.exec(
             "demo",
-            &[venv.to_str().unwrap(), "-c", &call(w.model_refuse)],
+            &[
+                venv.to_str().unwrap(),
+                "-c",
+                &call(w.model_refuse, &format!("ssn {SSN}")),
+            ],
         ),
     );
     let v: Value = serde_json::from_str(text(&out.stdout).trim())
@@ -973,11 +997,43 @@ except openai.APIStatusError as e:
             .unwrap_or_default()
             .is_empty()
     );
+    // A value no detector knows, only the protected values file: refused too.
+    let out = run_with_hosts(
+        &w,
+        &w.env.exec(
+            "demo",
+            &[
+                venv.to_str().unwrap(),
+                "-c",
+                &call(
+                    w.model_refuse,
+                    &format!("account {}", ACCOUNT.to_lowercase()),
+                ),
+            ],
+        ),
+    );
+    let v: Value = serde_json::from_str(text(&out.stdout).trim())
+        .unwrap_or_else(|e| panic!("{e}: {}{}", text(&out.stdout), text(&out.stderr)));
+    assert_eq!(v["status"], 403, "{v}");
+    let msg = v["message"].as_str().unwrap();
+    assert!(
+        msg.contains("protected_value at $.messages[2].content")
+            && !msg.to_ascii_uppercase().contains(ACCOUNT),
+        "{msg}"
+    );
+    assert!(
+        fs::read_to_string(&w.model_refuse_log)
+            .unwrap_or_default()
+            .is_empty(),
+        "the stub never saw it"
+    );
     // Records: model, usage, tools, DLP by detector and path; never the prompt.
     let recs = records(&w);
     let all = serde_json::to_string(&recs).unwrap();
     assert!(
-        !all.contains(SSN) && !all.contains("look up customer"),
+        !all.contains(SSN)
+            && !all.to_ascii_uppercase().contains(ACCOUNT)
+            && !all.contains("look up customer"),
         "no prompt text in the log"
     );
     let done = recs

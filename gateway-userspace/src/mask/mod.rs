@@ -9,6 +9,7 @@
 
 mod budget;
 mod detectors;
+pub mod fingerprints;
 pub mod json_path;
 pub mod lineage;
 mod masker;

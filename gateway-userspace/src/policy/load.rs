@@ -1195,6 +1195,25 @@ fn equality_limits(
     limits
 }
 
+/// Reads a protected values file, bounded, and keeps only fingerprints.
+fn read_protected_values(
+    path: &std::path::Path,
+) -> Result<crate::mask::fingerprints::ProtectedValues, String> {
+    use std::io::Read as _;
+    let f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    f.take(crate::mask::fingerprints::MAX_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| e.to_string())?;
+    if text.len() as u64 > crate::mask::fingerprints::MAX_FILE_BYTES {
+        return Err(format!(
+            "over {} bytes",
+            crate::mask::fingerprints::MAX_FILE_BYTES
+        ));
+    }
+    crate::mask::fingerprints::ProtectedValues::from_lines(&text)
+}
+
 fn build_masking<'a>(
     errors: &mut Errors<'a>,
     parsed: &[(&'a Source, PolicyFileSpec)],
@@ -1209,6 +1228,7 @@ fn build_masking<'a>(
     // (resource globs, rule)
     let mut columns: Vec<(Vec<Glob>, ColumnRule)> = Vec::new();
     let mut json: Vec<(Vec<Glob>, crate::mask::JsonFieldRule)> = Vec::new();
+    let mut protected: Option<std::sync::Arc<crate::mask::fingerprints::ProtectedValues>> = None;
     for (src, spec) in parsed {
         errors.set_source(src);
         let Some(m) = &spec.masking else { continue };
@@ -1244,6 +1264,28 @@ fn build_masking<'a>(
             } else {
                 strategy_at = Some(errors.here(&s.span()));
                 strategy = *s.get_ref();
+            }
+        }
+        if let Some(f) = &m.protected_values_file {
+            if protected.is_some() {
+                errors.at(
+                    &f.span(),
+                    "`masking.protected_values_file` is set twice".to_owned(),
+                );
+            } else {
+                match (f.get_ref().is_absolute())
+                    .then(|| read_protected_values(f.get_ref()))
+                    .unwrap_or_else(|| Err("must be an absolute path".into()))
+                {
+                    Ok(p) => protected = Some(std::sync::Arc::new(p)),
+                    Err(e) => errors.at(
+                        &f.span(),
+                        format!(
+                            "masking.protected_values_file {}: {e}",
+                            f.get_ref().display()
+                        ),
+                    ),
+                }
             }
         }
         if let Some(list) = &m.detector_resources {
@@ -1324,7 +1366,10 @@ fn build_masking<'a>(
                 .filter(|(g, _)| g.iter().any(|g| g.matches(&r.name)))
                 .map(|(_, j)| j.clone())
                 .collect();
-            MaskPolicy::new(cols, det, strategy).with_json_fields(fields)
+            // Used where the detectors run, and by prompt DLP on any resource.
+            MaskPolicy::new(cols, det, strategy)
+                .with_json_fields(fields)
+                .with_protected_values(protected.clone())
         })
         .collect()
 }

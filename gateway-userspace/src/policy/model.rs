@@ -161,6 +161,8 @@ pub(crate) struct MaskingSpec {
     pub detectors: Option<Spanned<Vec<Spanned<String>>>>,
     pub detector_strategy: Option<Spanned<crate::mask::Strategy>>,
     pub detector_resources: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Values found by keyed fingerprint wherever the detectors run.
+    pub protected_values_file: Option<Spanned<PathBuf>>,
     #[serde(default)]
     pub column: Vec<Spanned<ColumnSpec>>,
     /// `[[masking.json]]`: JSON field rules for HTTP bodies.

@@ -839,18 +839,17 @@ impl Drop for HeldGuard {
     }
 }
 
-/// The detectors prompt DLP runs: the resource's, or all when it names none.
+/// The detectors prompt DLP runs: the resource's, or all when it names
+/// none; and the policy's protected values, by keyed fingerprint.
 fn dlp_policy(set: &PolicySet, resource: &Resource) -> MaskPolicy {
     let m = set.masking_for(resource);
-    if m.detectors_enabled() {
-        MaskPolicy::new(Vec::new(), m.detectors(), crate::mask::Strategy::Redact)
+    let detectors = if m.detectors_enabled() {
+        m.detectors()
     } else {
-        MaskPolicy::new(
-            Vec::new(),
-            crate::mask::DetectorSet::ALL,
-            crate::mask::Strategy::Redact,
-        )
-    }
+        crate::mask::DetectorSet::ALL
+    };
+    MaskPolicy::new(Vec::new(), detectors, crate::mask::Strategy::Redact)
+        .with_protected_values(m.protected_values().cloned())
 }
 
 const HOP_BY_HOP: [&str; 9] = [
