@@ -1521,3 +1521,123 @@ impl hyper::rt::Write for UpstreamIo {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::{
+        approval::{Settings, testing::Accepting},
+        audit::NewRecord,
+        gate::AuditUnavailable,
+        policy::load_str,
+    };
+
+    struct Sink;
+    impl gate::AuditSink for Sink {
+        fn append(
+            &self,
+            _r: NewRecord,
+        ) -> Pin<Box<dyn Future<Output = Result<(), AuditUnavailable>> + Send + '_>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn append_detached(&self, _r: NewRecord) {}
+    }
+
+    /// An upstream that counts the connections it gets (and answers nothing).
+    async fn counting_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let n = Arc::new(AtomicUsize::new(0));
+        let seen = n.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                seen.fetch_add(1, Ordering::SeqCst);
+                drop(s);
+            }
+        });
+        (addr, n)
+    }
+
+    fn context(upstream: SocketAddr, dir: &std::path::Path) -> HttpContext {
+        let text = format!(
+            "[[resource]]\nname = \"api\"\nprotocol = \"http\"\naddresses = [\"{upstream}\"]\ndefault_action = \"allow\"\n"
+        );
+        let set = load_str(&[("p.toml", &text)]).unwrap();
+        let resource = set.resource("api").unwrap().clone();
+        HttpContext {
+            conn: Arc::new(LiveConnection::for_test(upstream, "api")),
+            subject: Subject {
+                identity: "agent".into(),
+                groups: vec![],
+            },
+            resource,
+            policy: Arc::new(PolicyStore::from_set(
+                std::path::Path::new("/nonexistent"),
+                set,
+                None,
+            )),
+            approvals: Broker::new(Arc::new(Accepting), Settings::default()),
+            audit: Arc::new(Sink),
+            correlation_key: [7; 32],
+            ca: Arc::new(LocalCa::load_or_create(dir).unwrap()),
+            settings: HttpConfig::default(),
+            connect_timeout: Duration::from_secs(2),
+        }
+    }
+
+    /// HTTP/2 rapid reset (CVE-2023-44487): streams opened and reset at
+    /// once, by the thousand. The handler answers with GOAWAY, ends the
+    /// connection without a panic, and no request reaches the upstream.
+    #[tokio::test]
+    async fn an_http2_rapid_reset_flood_is_cut_and_reaches_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (upstream, reached) = counting_upstream().await;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let front = l.local_addr().unwrap();
+        let ctx = context(upstream, dir.path());
+        let served = tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            serve(s, ctx).await
+        });
+        let tcp = TcpStream::connect(front).await.unwrap();
+        let (mut send, conn) = h2::client::handshake(tcp).await.unwrap();
+        let driver = tokio::spawn(conn);
+        let mut opened = 0;
+        for i in 0..5000 {
+            let req = Request::get(format!("http://api.test/flood/{i}"))
+                .body(())
+                .unwrap();
+            let Ok(s) = send.ready().await else { break };
+            send = s;
+            let Ok((_resp, mut stream)) = send.send_request(req, true) else {
+                break;
+            };
+            stream.send_reset(h2::Reason::CANCEL);
+            opened += 1;
+        }
+        let ended = tokio::time::timeout(Duration::from_secs(10), driver)
+            .await
+            .expect("the handler ends the flooded connection");
+        // The client's own side may see only the closed socket (its frames
+        // were still queued); the handler's side says why it closed.
+        drop(ended);
+        let served = tokio::time::timeout(Duration::from_secs(10), served)
+            .await
+            .expect("serve returns")
+            .expect("no panic");
+        let why = served
+            .expect_err("the flooded connection ends in error")
+            .to_string();
+        assert!(
+            why.contains("excessive load"),
+            "GOAWAY ENHANCE_YOUR_CALM: {why} (after {opened} streams queued)"
+        );
+        assert_eq!(
+            reached.load(Ordering::SeqCst),
+            0,
+            "no flooded request reached the upstream"
+        );
+    }
+}
