@@ -68,6 +68,8 @@ pub enum DaemonError {
     },
     #[error("local CA: {0}")]
     Ca(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    ProbeBudget(#[from] crate::mask::BudgetStoreError),
     #[error("{what} {path}")]
     Io {
         what: &'static str,
@@ -175,7 +177,9 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         correlation_key,
         handlers,
         sql_cache: Arc::default(),
-        probes: Arc::default(),
+        probes: Arc::new(crate::mask::ProbeBudget::open(
+            &state_dir.join("probe-budget.redb"),
+        )?),
         refusal_limit: crate::containment::refusals::RefusalLimit::default(),
         ca: Arc::new(crate::tls::LocalCa::load_or_create(state_dir)?),
     });

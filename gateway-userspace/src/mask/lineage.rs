@@ -126,6 +126,50 @@ fn hits<'p>(policy: &'p MaskPolicy, rels: &dyn Relations, lineage: &Lineage) -> 
     out
 }
 
+/// [`hits`] for columns written. A row written without a column list
+/// writes the columns the catalog lists for the table. A table the catalog
+/// does not list (one made in this session) meets only rules that name it:
+/// a rule for any table's `ssn` cannot tell whether it has one, and values
+/// reach such a table only by writes this check sees (a copy of a
+/// protected column is refused).
+fn written_hits<'p>(
+    policy: &'p MaskPolicy,
+    rels: &dyn Relations,
+    lineage: &Lineage,
+) -> Vec<Hit<'p>> {
+    let mut out = Vec::new();
+    if policy.columns().is_empty() {
+        return out;
+    }
+    for (src, flow) in &lineage.sources {
+        if src.column.is_some() || !matches!(rels.kind(&src.relation), RelationKind::Table) {
+            expand(policy, rels, src, *flow, 0, &mut out);
+            continue;
+        }
+        match rels.columns(&src.relation) {
+            Some(columns) => {
+                for c in columns {
+                    let one = Source {
+                        relation: src.relation.clone(),
+                        column: Some(c),
+                    };
+                    expand(policy, rels, &one, *flow, 0, &mut out);
+                }
+            }
+            None => {
+                if let Some(rule) = policy.rule_naming_table(&src.relation) {
+                    out.push(Hit {
+                        rule: Some(rule),
+                        column: format!("{}.*", src.relation),
+                        flow: Flow::Derived,
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
 fn expand<'p>(
     policy: &'p MaskPolicy,
     rels: &dyn Relations,
@@ -248,16 +292,22 @@ pub fn check(
     // The refusal names the most telling class when several apply (a
     // sleep inside a CASE is a timing oracle).
     let rank = |o: Oracle| match o {
-        Oracle::Timing => 5,
-        Oracle::RowCount => 4,
-        Oracle::Error => 3,
+        Oracle::Timing => 6,
+        Oracle::RowCount => 5,
+        Oracle::Error => 4,
+        Oracle::Uniqueness => 3,
         Oracle::Enumeration => 2,
         Oracle::Conditional => 1,
         Oracle::Search => 0,
     };
     let mut worst: Option<Refusal> = None;
     for (i, p) in stmt.predicates.iter().enumerate() {
-        for h in hits(policy, rels, &p.lineage) {
+        let found = if p.oracle == Oracle::Uniqueness {
+            written_hits(policy, rels, &p.lineage)
+        } else {
+            hits(policy, rels, &p.lineage)
+        };
+        for h in found {
             let mode = h.rule.map_or(Predicates::Equality, |r| r.predicates);
             let allowed = match (mode, p.test) {
                 (Predicates::Any, _) | (Predicates::Equality, Test::Equality { .. }) => true,
@@ -1197,6 +1247,157 @@ mod tests {
         // Other columns are not bounded.
         let sql = format!("SELECT id FROM customers WHERE id IN ({})", list.join(", "));
         assert!(check(&p, &NoCatalog, &stmt(&sql)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn writes_into_a_protected_column_are_probes_of_it() {
+        // A unique constraint on ssn answers "is this value there" for every
+        // value written (23505, or `ON CONFLICT DO NOTHING`'s row count).
+        let p = MaskPolicy::new(
+            vec![
+                ColumnRule::parse("customers.ssn", Strategy::KeepLast4).with_equality(
+                    EqualityLimits {
+                        max_values: 10,
+                        budget: 3,
+                        window: std::time::Duration::from_hours(1),
+                    },
+                ),
+            ],
+            DetectorSet::NONE,
+            Strategy::Redact,
+        );
+        let budget = crate::mask::ProbeBudget::default();
+        let run = |who: &str, sql: &str, dialect: Dialect| {
+            let s = lineage(sql, dialect).unwrap();
+            admit(
+                &p,
+                &NoCatalog,
+                &budget,
+                who,
+                "db",
+                sql,
+                dialect,
+                &s,
+                &Params::NotBound,
+            )
+        };
+        let pg = Dialect::Postgres;
+        // Writing other columns is not a probe.
+        assert!(run("a", "INSERT INTO customers (id, name) VALUES (1, 'x')", pg).is_ok());
+        assert!(run("a", "UPDATE customers SET name = 'y' WHERE id = 1", pg).is_ok());
+        // Each value written into ssn counts against the budget, as a
+        // WHERE ssn = ... would, and the same value twice counts once.
+        assert!(
+            run(
+                "a",
+                "INSERT INTO customers (id, ssn) VALUES (2, '111-11-1111') ON CONFLICT DO NOTHING",
+                pg
+            )
+            .is_ok()
+        );
+        assert!(
+            run(
+                "a",
+                "UPDATE customers SET ssn = '111-11-1111' WHERE id = 2",
+                pg
+            )
+            .is_ok()
+        );
+        assert!(
+            run(
+                "a",
+                "INSERT INTO customers (id, ssn) VALUES (3, '222-22-2222'), (4, '333-33-3333')",
+                pg
+            )
+            .is_ok()
+        );
+        let r = run(
+            "a",
+            "REPLACE INTO customers (id, ssn) VALUES (5, '444-44-4444')",
+            Dialect::MySql,
+        )
+        .unwrap_err();
+        assert_eq!(r.oracle, Some(Oracle::Enumeration));
+        assert_eq!(r.column, "customers.ssn");
+        // MySQL's INSERT ... SET is the same write.
+        assert!(
+            run(
+                "b",
+                "INSERT INTO customers SET id = 6, ssn = '555-55-5555'",
+                Dialect::MySql
+            )
+            .is_ok()
+        );
+        // Too many values in one statement enumerate the column.
+        let rows: Vec<String> = (0..11)
+            .map(|i| format!("({i}, '{i:03}-00-0000')"))
+            .collect();
+        let sql = format!("INSERT INTO customers (id, ssn) VALUES {}", rows.join(", "));
+        let r = run("c", &sql, pg).unwrap_err();
+        assert_eq!(r.oracle, Some(Oracle::Enumeration));
+        // Values the statement does not show are a search: from a query,
+        // without a column list, by COPY, or computed from a column.
+        for sql in [
+            "INSERT INTO customers (id, ssn) SELECT id, guess FROM guesses",
+            "INSERT INTO customers VALUES (7, 'z', '666-66-6666')",
+            "COPY customers (id, ssn) FROM STDIN",
+            "UPDATE customers SET ssn = name WHERE id = 1",
+        ] {
+            let r = run("d", sql, pg).unwrap_err();
+            assert_eq!(r.oracle, Some(Oracle::Uniqueness), "{sql}");
+            assert!(
+                r.reason.contains("uniqueness oracle"),
+                "{sql}: {}",
+                r.reason
+            );
+        }
+        // A table without protected columns is written freely.
+        assert!(run("d", "INSERT INTO orders SELECT * FROM staging", pg).is_ok());
+        assert!(run("d", "COPY orders FROM STDIN", pg).is_ok());
+    }
+
+    #[test]
+    fn a_row_written_without_a_column_list_writes_the_columns_the_catalog_lists() {
+        struct Listed;
+        impl Relations for Listed {
+            fn kind(&self, relation: &str) -> RelationKind<'_> {
+                NoCatalog.kind(relation)
+            }
+            fn columns(&self, relation: &str) -> Option<Vec<String>> {
+                match relation {
+                    "orders" => Some(vec!["id".into(), "total".into()]),
+                    "customers" => Some(vec!["id".into(), "ssn".into()]),
+                    _ => None,
+                }
+            }
+        }
+        // Under a rule for any table's ssn (the FFIEC pack's `*.ssn`), a
+        // table the catalog lists without ssn is written freely; one with
+        // ssn, or one the catalog does not know, is refused.
+        let p = MaskPolicy::new(
+            vec![ColumnRule::parse("*.ssn", Strategy::Redact)],
+            DetectorSet::NONE,
+            Strategy::Redact,
+        );
+        let run = |sql: &str| check(&p, &Listed, &stmt(sql));
+        assert!(run("INSERT INTO orders VALUES (1, 2)").is_ok());
+        assert!(run("INSERT INTO orders SELECT 1, 2").is_ok());
+        let r = run("INSERT INTO customers VALUES (1, '123-45-6789')").unwrap_err();
+        assert_eq!(r.column, "customers.ssn");
+        assert_eq!(r.oracle, Some(Oracle::Uniqueness));
+        // A table the catalog does not list (made in this session) meets
+        // only rules that name it.
+        assert!(run("INSERT INTO scratch VALUES (1)").is_ok());
+        let named = MaskPolicy::new(
+            vec![ColumnRule::parse("scratch.ssn", Strategy::Redact)],
+            DetectorSet::NONE,
+            Strategy::Redact,
+        );
+        let r = check(&named, &Listed, &stmt("INSERT INTO scratch VALUES (1)")).unwrap_err();
+        assert_eq!(r.column, "scratch.*");
+        assert!(r.reason.contains("without a column list"), "{}", r.reason);
+        // Reads keep treating a whole row as every column (unchanged).
+        assert!(run("SELECT o FROM orders o").is_ok());
     }
 
     #[test]

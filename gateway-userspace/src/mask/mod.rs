@@ -16,7 +16,7 @@ mod masker;
 mod rules;
 mod strategy;
 
-pub use budget::{ProbeBudget, Probes};
+pub use budget::{ProbeBudget, Probes, StoreError as BudgetStoreError};
 pub use detectors::{Detection, Detector, DetectorSet, scan, scan_with};
 pub use json_path::{JsonFieldRule, JsonHit, JsonPath};
 pub use masker::{ColumnStrategy, MaskResult, Masker, ResultMasks, RowMasker};

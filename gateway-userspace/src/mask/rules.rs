@@ -261,6 +261,20 @@ impl MaskPolicy {
             .max_by_key(|r| r.strategy.strength())
     }
 
+    /// The strongest rule that names `table` itself (not a pattern such as
+    /// `*.ssn` that covers every table).
+    pub fn rule_naming_table(&self, table: &str) -> Option<&ColumnRule> {
+        self.columns
+            .iter()
+            .filter(|r| {
+                r.table
+                    .as_ref()
+                    .is_some_and(crate::policy::glob::Glob::is_literal)
+                    && r.covers_table(Some(table))
+            })
+            .max_by_key(|r| r.strategy.strength())
+    }
+
     pub fn detectors_enabled(&self) -> bool {
         !self.detectors.is_empty()
     }

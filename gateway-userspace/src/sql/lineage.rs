@@ -188,6 +188,10 @@ pub enum Oracle {
     /// More values compared by equality than a statement may use, or a
     /// number of them that is not bounded (an array literal or parameter).
     Enumeration,
+    /// Whether a value can be written: a unique constraint (an error) or
+    /// `ON CONFLICT` / `ON DUPLICATE KEY` (a row count) answers whether the
+    /// value is already in the column.
+    Uniqueness,
 }
 
 impl Oracle {
@@ -199,6 +203,7 @@ impl Oracle {
             Oracle::Timing => "timing",
             Oracle::RowCount => "row-count",
             Oracle::Enumeration => "enumeration",
+            Oracle::Uniqueness => "uniqueness",
         }
     }
 }
@@ -512,6 +517,7 @@ fn statement(stmt: &Statement, probes: bool) -> StatementLineage {
         }
         Statement::Insert(ins) => {
             let target = ins.table.to_string().to_lowercase();
+            cx.inserted(&target, ins);
             if let Some(src) = &ins.source {
                 let outs = cx.query(src);
                 let lineage = all_of(&outs);
@@ -552,6 +558,7 @@ fn statement(stmt: &Statement, probes: bool) -> StatementLineage {
                 TableFactor::Table { name, .. } => object_name(name),
                 _ => "?".into(),
             };
+            cx.assigned(&target, &up.assignments);
             for a in &up.assignments {
                 let l = cx.expr(&a.value);
                 if !l.is_empty() {
@@ -611,6 +618,20 @@ fn statement(stmt: &Statement, probes: bool) -> StatementLineage {
             source: sqlparser::ast::CopySource::Query(q),
             ..
         } => Outputs::Known(cx.query(q)),
+        Statement::Copy {
+            source:
+                sqlparser::ast::CopySource::Table {
+                    table_name,
+                    columns,
+                },
+            to: false,
+            ..
+        } => {
+            let target = object_name(table_name);
+            let columns: Vec<String> = columns.iter().map(ident).collect();
+            cx.written_unseen(&target, &columns, "values written by COPY");
+            Outputs::None
+        }
         Statement::Declare { stmts } => {
             for d in stmts {
                 if let Some(q) = &d.for_query {
@@ -1721,6 +1742,108 @@ impl Ctx {
         }
     }
 
+    /// Values written into a table's columns meet every value already there
+    /// in its unique constraints (and in `ON CONFLICT` / `ON DUPLICATE KEY`):
+    /// writing a guess answers whether it exists. Each column written is an
+    /// equality test with the values written ([`Oracle::Uniqueness`]), or a
+    /// search when they are read from columns or a query, or when the
+    /// statement does not name its columns.
+    fn inserted(&mut self, target: &str, ins: &sqlparser::ast::Insert) {
+        let columns: Vec<String> = ins.columns.iter().map(last_part).collect();
+        if !ins.assignments.is_empty() {
+            // MySQL's `INSERT ... SET col = value`.
+            self.assigned(target, &ins.assignments);
+            return;
+        }
+        let Some(source) = &ins.source else { return };
+        let rows = match source.body.as_ref() {
+            SetExpr::Values(v) if source.with.is_none() => Some(&v.rows),
+            _ => None,
+        };
+        match rows {
+            Some(rows) if !columns.is_empty() => {
+                for (i, column) in columns.iter().enumerate() {
+                    let values: Vec<&Expr> = rows.iter().filter_map(|r| r.get(i)).collect();
+                    self.written(target, column, &values);
+                }
+            }
+            Some(_) => self.written_unseen(target, &columns, "a row written without a column list"),
+            None => self.written_unseen(target, &columns, "values written from a query"),
+        }
+    }
+
+    /// `UPDATE ... SET col = value` (and `MySQL`'s `INSERT ... SET`).
+    fn assigned(&mut self, target: &str, assignments: &[sqlparser::ast::Assignment]) {
+        for a in assignments {
+            match &a.target {
+                sqlparser::ast::AssignmentTarget::ColumnName(c) => {
+                    self.written(target, &last_part(c), &[&a.value]);
+                }
+                sqlparser::ast::AssignmentTarget::Tuple(cs) => {
+                    let cs: Vec<String> = cs.iter().map(last_part).collect();
+                    self.written_unseen(target, &cs, "values written from a query");
+                }
+            }
+        }
+    }
+
+    /// `values` written into `target.column`.
+    fn written(&mut self, target: &str, column: &str, values: &[&Expr]) {
+        let lineage = Lineage::from_source(
+            Source {
+                relation: target.to_owned(),
+                column: Some(column.to_owned()),
+            },
+            Flow::Direct,
+        );
+        if values.iter().all(|v| reads_no_column(v)) {
+            let probes = if self.probes {
+                values.iter().map(|v| probe(v)).collect()
+            } else {
+                Vec::new()
+            };
+            self.predicates.push(Predicate {
+                test: Test::Equality {
+                    values: values.len(),
+                },
+                oracle: Oracle::Uniqueness,
+                lineage,
+                probes,
+            });
+        } else {
+            self.flag(
+                lineage,
+                Oracle::Uniqueness,
+                "a value computed from columns written",
+            );
+        }
+    }
+
+    /// Values the statement does not show written into `columns` of
+    /// `target` (all of them when empty).
+    fn written_unseen(&mut self, target: &str, columns: &[String], why: &'static str) {
+        let mut lineage = Lineage::default();
+        if columns.is_empty() {
+            lineage.add(
+                Source {
+                    relation: target.to_owned(),
+                    column: None,
+                },
+                Flow::Direct,
+            );
+        }
+        for c in columns {
+            lineage.add(
+                Source {
+                    relation: target.to_owned(),
+                    column: Some(c.clone()),
+                },
+                Flow::Direct,
+            );
+        }
+        self.flag(lineage, Oracle::Uniqueness, why);
+    }
+
     /// `lineage` compared for equality with `values` (literals or
     /// parameters): an equality test when the value compared is the
     /// column's own (not computed from it), a search otherwise.
@@ -2071,6 +2194,20 @@ fn is_text_like(t: &DataType) -> bool {
         }
         _ => false,
     }
+}
+
+/// An expression of constants only (`DEFAULT`, literals, parameters,
+/// functions of them): no column and no subquery is read.
+fn reads_no_column(e: &Expr) -> bool {
+    let found = sqlparser::ast::visit_expressions(e, |x| match x {
+        Expr::Identifier(i) if !i.value.eq_ignore_ascii_case("default") => ControlFlow::Break(()),
+        Expr::CompoundIdentifier(_)
+        | Expr::Subquery(_)
+        | Expr::Exists { .. }
+        | Expr::InSubquery { .. } => ControlFlow::Break(()),
+        _ => ControlFlow::Continue(()),
+    });
+    found.is_continue()
 }
 
 /// The value a constant stands for.
