@@ -64,6 +64,7 @@ fn make_certs(dir: &Path) {
     ));
 }
 
+#[allow(clippy::too_many_lines)] // the policy text, one resource and rule after another
 fn policy(certs: &Path, [api, bad, pinned, model, model_refuse, ws]: [u16; 6]) -> String {
     let ca = certs.join("ca.pem");
     let ca = ca.display();
@@ -336,6 +337,7 @@ fn url(w: &World, path: &str) -> String {
 }
 
 #[test]
+#[allow(clippy::too_many_lines)] // every body shape against one world, checked as a user would
 fn reads_are_masked_in_every_shape_and_the_chain_is_the_agentgate_ca() {
     let w = world();
     // Plain JSON with Content-Length; curl trusts the gateway through CURL_CA_BUNDLE.
@@ -925,6 +927,7 @@ print(json.dumps(res))
 }
 
 #[test]
+#[allow(clippy::too_many_lines)] // masked, refused by detector, refused by fingerprint, then the records
 fn model_calls_are_recorded_and_prompts_with_an_ssn_are_masked_or_refused() {
     let w = world();
     let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("agent/.venv/bin/python");

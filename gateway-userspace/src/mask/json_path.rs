@@ -94,7 +94,7 @@ impl JsonPath {
                     descendant = true;
                     i += 2;
                     if b.get(i) != Some(&b'[') {
-                        let (sel, n) = name(&rest[i..]).map_err(|r| err(r))?;
+                        let (sel, n) = name(&rest[i..]).map_err(&err)?;
                         segments.push(Segment {
                             selector: sel,
                             descendant,
@@ -105,7 +105,7 @@ impl JsonPath {
                 }
                 b'.' => {
                     i += 1;
-                    let (sel, n) = name(&rest[i..]).map_err(|r| err(r))?;
+                    let (sel, n) = name(&rest[i..]).map_err(&err)?;
                     segments.push(Segment {
                         selector: sel,
                         descendant,
@@ -117,7 +117,7 @@ impl JsonPath {
                 _ => return Err(err("expected `.`, `..` or `[`")),
             }
             // A bracket: `[*]`, `[n]`, `['name']`, `["name"]`.
-            let (sel, n) = bracket(&rest[i..]).map_err(|r| err(r))?;
+            let (sel, n) = bracket(&rest[i..]).map_err(&err)?;
             segments.push(Segment {
                 selector: sel,
                 descendant,
@@ -205,7 +205,7 @@ fn name(s: &str) -> Result<(Selector, usize), &'static str> {
     if s.starts_with('*') {
         return Ok((Selector::Any, 1));
     }
-    let n = s.find(|c: char| c == '.' || c == '[').unwrap_or(s.len());
+    let n = s.find(['.', '[']).unwrap_or(s.len());
     let k = &s[..n];
     if k.is_empty() {
         return Err("a `.` must be followed by a name or `*`");
@@ -486,7 +486,7 @@ mod tests {
         let mut doc = json!({
             "customers": [
                 {"name": "Ann", "ssn": "483279150", "note": "mail ann@example.com"},
-                {"name": "Bob", "ssn": 123456789, "profile": {"secret": {"pin": "1234"}}},
+                {"name": "Bob", "ssn": 123_456_789, "profile": {"secret": {"pin": "1234"}}},
                 {"name": "Cy", "ssn": null}
             ],
             "ssn": "555-44-3333"

@@ -47,13 +47,15 @@ pub type JsonTest = FieldTest<JsonPath>;
 pub const MAX_OCCURRENCES: usize = 256;
 
 /// Splits `NAME OP LITERAL` at the first operator outside quotes.
-fn split(spec: &str) -> Result<(&str, Option<(Op, Value)>), String> {
+/// An operator and the literal it compares with.
+type Comparison = Option<(Op, Value)>;
+
+fn split(spec: &str) -> Result<(&str, Comparison), String> {
     let b = spec.as_bytes();
     let mut quote = None;
     for i in 0..b.len() {
         match (quote, b[i]) {
             (Some(q), c) if c == q => quote = None,
-            (Some(_), _) => {}
             (None, q @ (b'\'' | b'"')) => quote = Some(q),
             (None, b'=' | b'!' | b'>' | b'<') => {
                 let two = b.get(i + 1) == Some(&b'=');
@@ -159,11 +161,14 @@ fn number(v: &Value) -> Option<f64> {
 }
 
 fn compare(v: &Value, op: Op, lit: &Value) -> bool {
+    // Exact equality is meant: `== 10000` is that number, not a range.
+    #[allow(clippy::float_cmp)]
     let equal = || match (number(v), lit) {
         (Some(a), Value::Number(_)) => number(lit).is_some_and(|b| a == b),
         _ => match (v, lit) {
             // A query value is text: `force == true` matches `force=true`.
-            (Value::String(s), Value::Bool(_) | Value::Null) => *s == lit.to_string(),
+            (Value::String(s), Value::Bool(b)) => s == if *b { "true" } else { "false" },
+            (Value::String(s), Value::Null) => s == "null",
             _ => v == lit,
         },
     };

@@ -1214,6 +1214,7 @@ fn read_protected_values(
     crate::mask::fingerprints::ProtectedValues::from_lines(&text)
 }
 
+#[allow(clippy::too_many_lines)] // one pass over every file's `[masking]` table, key by key
 fn build_masking<'a>(
     errors: &mut Errors<'a>,
     parsed: &[(&'a Source, PolicyFileSpec)],
@@ -1273,10 +1274,12 @@ fn build_masking<'a>(
                     "`masking.protected_values_file` is set twice".to_owned(),
                 );
             } else {
-                match (f.get_ref().is_absolute())
-                    .then(|| read_protected_values(f.get_ref()))
-                    .unwrap_or_else(|| Err("must be an absolute path".into()))
-                {
+                let read = if f.get_ref().is_absolute() {
+                    read_protected_values(f.get_ref())
+                } else {
+                    Err("must be an absolute path".into())
+                };
+                match read {
                     Ok(p) => protected = Some(std::sync::Arc::new(p)),
                     Err(e) => errors.at(
                         &f.span(),

@@ -316,7 +316,7 @@ async fn handle(
     };
     let upgrade = tunnel::requested(&parts.method, parts.version, &parts.headers);
     if let Ok(Some(u)) = upgrade {
-        head.method = u.method().to_owned();
+        u.method().clone_into(&mut head.method);
     }
     let described = describe(&ctx, &head, &parts.headers, &[], tls);
     let upgrade = match upgrade {
@@ -674,6 +674,7 @@ async fn handle(
 /// `CONNECT`), answers the agent the same way and relays the two upgraded
 /// connections in a task of their own, recording the byte counts when the
 /// tunnel ends. Any other answer goes back as an ordinary response.
+#[allow(clippy::too_many_lines)] // one exchange: request, answer, then the relay task
 async fn open_tunnel(
     parts: &http::request::Parts,
     kind: tunnel::Upgrade,
@@ -761,7 +762,7 @@ async fn open_tunnel(
         let n = body
             .collect()
             .await
-            .map(|c| c.to_bytes())
+            .map(http_body_util::Collected::to_bytes)
             .unwrap_or_default();
         done.record(None, status, n.len() as u64, "error");
         return Response::from_parts(
@@ -827,14 +828,13 @@ impl Drop for HeldGuard {
             return;
         };
         let ctx = self.ctx.clone();
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
-                rt.spawn(async move { ctx.gate().cancel(hold).await });
-            }
-            Err(_) => tracing::error!(
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move { ctx.gate().cancel(hold).await });
+        } else {
+            tracing::error!(
                 conn = ctx.conn.id,
                 "a held request's client left outside the runtime; its cancellation is not recorded"
-            ),
+            );
         }
     }
 }
