@@ -226,6 +226,8 @@ fn ffiec_baseline_decides_as_documented() {
         method: m.into(),
         host: "payments.bank.internal".into(),
         path: "/v1/transfers".into(),
+        query: None,
+        json: None,
     };
     assert_eq!(set.decide(&eng, api, &http("GET")).verdict, Verdict::Allow);
     let post = set.decide(&eng, api, &http("POST"));
@@ -651,6 +653,8 @@ fn decision_matrix() {
                     method: method.into(),
                     host: "api.internal".into(),
                     path: path.into(),
+                    query: None,
+                    json: None,
                 },
             )
         } else {
@@ -1296,4 +1300,79 @@ fn the_policy_knows_every_class_the_ssh_classifier_returns() {
             "{c} is not an SSH class policy files may name"
         );
     }
+}
+
+#[test]
+fn http_rules_test_query_parameters_and_json_body_fields() {
+    let text = r#"
+[[resource]]
+name = "payments"
+protocol = "https"
+addresses = ["10.0.0.9:443"]
+default_action = "deny"
+
+[[rule]]
+name = "payments-allowed"
+identities = ["a"]
+resources = ["payments"]
+action = "allow"
+match = { http_methods = ["POST"], http_paths = ["/payments"] }
+
+[[rule]]
+name = "big-or-forced-payments-held"
+identities = ["a"]
+resources = ["payments"]
+action = "require_approval"
+approval = { approver_groups = ["x"], timeout = "1m" }
+match = { http_methods = ["POST"], http_paths = ["/payments"], http_json = ["$.amount > 10000", "$.force == true"] }
+
+[[rule]]
+name = "no-forced-listing"
+identities = ["a"]
+resources = ["payments"]
+action = "deny"
+match = { http_methods = ["GET"], http_query = ["force == true"] }
+
+[[rule]]
+name = "listing"
+identities = ["a"]
+resources = ["payments"]
+action = "allow"
+match = { http_methods = ["GET"] }
+"#;
+    let set = load_str(&[("p.toml", text)]).unwrap_or_else(|e| panic!("{e}"));
+    let r = set.resource("payments").unwrap();
+    let who = subject("a");
+    let req = |method: &str, query: Option<&str>, json: Option<serde_json::Value>| Action::Http {
+        method: method.into(),
+        host: "payments.test".into(),
+        path: "/payments".into(),
+        query: query.map(str::to_owned),
+        json: json.map(Arc::new),
+    };
+    let rule = |a: &Action| set.decide(&who, r, a).rule;
+    let small = req("POST", None, Some(serde_json::json!({"amount": 50})));
+    assert!(set.http_needs_body(&who, r, &small));
+    assert_eq!(rule(&small), "payments-allowed");
+    for held in [
+        serde_json::json!({"amount": 12000}),
+        serde_json::json!({"amount": "12000"}),
+        serde_json::json!({"amount": 5, "force": true}),
+    ] {
+        assert_eq!(
+            rule(&req("POST", None, Some(held))),
+            "big-or-forced-payments-held"
+        );
+    }
+    let get = req("GET", Some("page=2"), None);
+    assert!(!set.http_needs_body(&who, r, &get), "no body test for GET");
+    assert_eq!(rule(&get), "listing");
+    assert_eq!(
+        rule(&req("GET", Some("page=2&for%63e=true"), None)),
+        "no-forced-listing"
+    );
+    // Bad tests refuse to load, naming the position.
+    let bad = text.replace("$.amount > 10000", "$.amount > lots");
+    let e = load_str(&[("p.toml", &bad)]).unwrap_err().to_string();
+    assert!(e.contains("p.toml:") && e.contains("http_json"), "{e}");
 }

@@ -3,7 +3,9 @@
 Serves over TLS with the certificate and key it is given, and appends every
 request it receives ("METHOD PATH") to the --log file, so a test can prove a
 denied request never arrived. Routes:
-  GET  /customers            JSON with customers' SSNs (Content-Length; gzip when ?gzip=1)
+  GET  /customers            JSON with customers' SSNs (Content-Length; gzip when ?gzip=1;
+                             ?enc=br|zstd through the Debian CLIs; ?enc=x-unknown: bytes in
+                             a coding nobody reads)
   GET  /customers/chunked    the same JSON, chunked
   GET  /stream               server-sent events carrying an SSN
   GET  /image                application/octet-stream bytes
@@ -16,13 +18,14 @@ import argparse
 import gzip
 import json
 import ssl
+import subprocess
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 CUSTOMERS = {
     "customers": [
-        {"id": 1, "name": "Ada", "ssn": "123-45-6789", "email": "ada@bank.example"},
-        {"id": 2, "name": "Bob", "ssn": "234-56-7890", "card": "4111 1111 1111 1111"},
+        {"id": 1, "name": "Ada", "ssn": "123-45-6789", "email": "ada@bank.example", "passport": "X93P0417"},
+        {"id": 2, "name": "Bob", "ssn": "234-56-7890", "card": "4111 1111 1111 1111", "passport": "K20Q7781"},
     ]
 }
 
@@ -73,7 +76,14 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
             self.wfile.write(b"0\r\n\r\n")
         elif self.path.startswith("/customers"):
-            if "gzip=1" in self.path and "gzip" in self.headers.get("Accept-Encoding", ""):
+            enc = next((e for e in ("br", "zstd", "x-unknown") if f"enc={e}" in self.path), None)
+            if enc == "x-unknown":
+                self._send(200, b"\x00\x01" + data[::-1], headers=[("Content-Encoding", enc)])
+            elif enc and enc in self.headers.get("Accept-Encoding", ""):
+                tool = {"br": ["brotli", "-c"], "zstd": ["zstd", "-q", "-c"]}[enc]
+                body = subprocess.run(tool, input=data, capture_output=True, check=True).stdout
+                self._send(200, body, headers=[("Content-Encoding", enc)])
+            elif "gzip=1" in self.path and "gzip" in self.headers.get("Accept-Encoding", ""):
                 self._send(200, gzip.compress(data), headers=[("Content-Encoding", "gzip")])
             else:
                 self._send(200, data)

@@ -16,6 +16,10 @@ use agentgate_e2e::{DaemonOptions, Env, Proc, run_ok, scripts_dir};
 use serde_json::Value;
 
 const SSN: &str = "123-45-6789";
+/// A value no detector knows: only the `[[masking.json]]` rule protects it.
+const PASSPORT: &str = "X93P0417";
+/// A value only the policy's protected values file names (keyed fingerprints).
+const ACCOUNT: &str = "ACCT-99417-BRAVO";
 
 struct World {
     env: Env,
@@ -32,6 +36,9 @@ struct World {
     model_refuse: u16,
     model_refuse_log: PathBuf,
     certs: PathBuf,
+    /// The WebSocket echo upstream (resource `ws`) and its log.
+    ws: u16,
+    ws_log: PathBuf,
     _procs: Vec<Proc>,
 }
 
@@ -57,9 +64,17 @@ fn make_certs(dir: &Path) {
     ));
 }
 
-fn policy(certs: &Path, api: u16, bad: u16, pinned: u16, model: u16, model_refuse: u16) -> String {
+#[allow(clippy::too_many_lines)] // the policy text, one resource and rule after another
+fn policy(certs: &Path, [api, bad, pinned, model, model_refuse, ws]: [u16; 6]) -> String {
     let ca = certs.join("ca.pem");
     let ca = ca.display();
+    let protected = certs.join("protected-values.txt");
+    fs::write(
+        &protected,
+        format!("# accounts under legal hold\n{ACCOUNT}\n"),
+    )
+    .unwrap();
+    let protected = protected.display();
     format!(
         r#"
 [defaults]
@@ -103,6 +118,27 @@ profile = "openai"
 prompt_dlp = "refuse"
 tls = {{ ca_file = "{ca}" }}
 
+[[resource]]
+name = "ws"
+protocol = "https"
+addresses = ["127.0.0.1:{ws}"]
+default_action = "deny"
+tls = {{ ca_file = "{ca}" }}
+
+[[rule]]
+name = "ws-echo"
+identities = ["demo"]
+resources = ["ws"]
+action = "allow"
+match = {{ http_methods = ["WEBSOCKET"], http_paths = ["/echo"] }}
+
+[[rule]]
+name = "ws-pages"
+identities = ["demo"]
+resources = ["ws"]
+action = "allow"
+match = {{ http_methods = ["GET"] }}
+
 [[rule]]
 name = "api-reads"
 identities = ["demo"]
@@ -126,6 +162,28 @@ match = {{ http_methods = ["POST"], http_paths = ["/orders*"] }}
 approval = {{ approver_groups = ["approvers"], timeout = "3s" }}
 
 [[rule]]
+name = "api-payments"
+identities = ["demo"]
+resources = ["api"]
+action = "allow"
+match = {{ http_methods = ["POST"], http_paths = ["/payments"] }}
+
+[[rule]]
+name = "api-big-payments-held"
+identities = ["demo"]
+resources = ["api"]
+action = "require_approval"
+match = {{ http_methods = ["POST"], http_paths = ["/payments"], http_json = ["$.amount > 10000", "$.force == true"] }}
+approval = {{ approver_groups = ["approvers"], timeout = "30s" }}
+
+[[rule]]
+name = "api-no-forced-reads"
+identities = ["demo"]
+resources = ["api"]
+action = "deny"
+match = {{ http_methods = ["GET"], http_query = ["force == true"] }}
+
+[[rule]]
 name = "api-no-deletes"
 identities = ["demo"]
 resources = ["api"]
@@ -135,6 +193,12 @@ match = {{ http_methods = ["DELETE"] }}
 [masking]
 detectors = ["all"]
 detector_resources = ["api", "model", "model-strict"]
+protected_values_file = "{protected}"
+
+[[masking.json]]
+paths = ["$.customers[*].passport"]
+strategy = "keep_last4"
+resources = ["api"]
 "#
     )
 }
@@ -195,9 +259,26 @@ fn world() -> std::sync::MutexGuard<'static, World> {
         let (p4, model) = start_model(&env, &certs, &model_log);
         let model_refuse_log = env.state.join("model-refuse.jsonl");
         let (p5, model_refuse) = start_model(&env, &certs, &model_refuse_log);
+        let ws_log = env.state.join("ws.log");
+        let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("agent/.venv/bin/python");
+        assert!(
+            venv.exists(),
+            "tests/agent/.venv is missing: run `cargo xtask setup`"
+        );
+        let mut c = env.netns.command(venv);
+        c.arg(scripts_dir().join("ws_echo.py"))
+            .arg("--cert")
+            .arg(certs.join("srv.pem"))
+            .arg("--key")
+            .arg(certs.join("srv.key"))
+            .arg("--log")
+            .arg(&ws_log)
+            .stdout(Stdio::piped());
+        let mut p6 = Proc::spawn("websocket echo", c).unwrap();
+        let ws = p6.read_line().unwrap().trim().parse().unwrap();
         fs::write(
             env.state.join("policy/http.toml"),
-            policy(&certs, api, bad, pinned, model, model_refuse),
+            policy(&certs, [api, bad, pinned, model, model_refuse, ws]),
         )
         .unwrap();
         env.start_daemon().unwrap();
@@ -212,7 +293,9 @@ fn world() -> std::sync::MutexGuard<'static, World> {
             model_refuse,
             model_refuse_log,
             certs,
-            _procs: vec![p1, p2, p3, p4, p5],
+            ws,
+            ws_log,
+            _procs: vec![p1, p2, p3, p4, p5, p6],
         })
     });
     w.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -254,6 +337,7 @@ fn url(w: &World, path: &str) -> String {
 }
 
 #[test]
+#[allow(clippy::too_many_lines)] // every body shape against one world, checked as a user would
 fn reads_are_masked_in_every_shape_and_the_chain_is_the_agentgate_ca() {
     let w = world();
     // Plain JSON with Content-Length; curl trusts the gateway through CURL_CA_BUNDLE.
@@ -263,6 +347,10 @@ fn reads_are_masked_in_every_shape_and_the_chain_is_the_agentgate_ca() {
     assert!(!body.contains(SSN) && !body.contains("4111 1111"), "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["customers"][0]["name"], "Ada", "other fields untouched");
+    assert_eq!(
+        v["customers"][0]["passport"], "****0417",
+        "the JSON path rule's field, kept last 4"
+    );
     assert!(
         err.contains("issuer: O=agentgate; CN=agentgate local CA"),
         "{err}"
@@ -302,8 +390,49 @@ fn reads_are_masked_in_every_shape_and_the_chain_is_the_agentgate_ca() {
     );
     for k in ["gz", "ch"] {
         let b = v[k].as_str().unwrap();
-        assert!(b.contains("Ada") && !b.contains(SSN), "{k}: {b}");
+        assert!(
+            b.contains("Ada") && !b.contains(SSN) && !b.contains(PASSPORT),
+            "{k}: {b}"
+        );
+        assert!(b.contains("****7781"), "{k}: {b}");
     }
+    // br and zstd: decoded, masked, encoded again (curl decodes them itself).
+    for enc in ["br", "zstd"] {
+        let out = curl(
+            &w,
+            &[
+                "--compressed",
+                "-D",
+                "-",
+                &url(&w, &format!("/customers?enc={enc}")),
+            ],
+        );
+        let t = text(&out.stdout);
+        assert!(
+            t.to_ascii_lowercase()
+                .contains(&format!("content-encoding: {enc}")),
+            "{enc} kept: {t}"
+        );
+        assert!(
+            t.contains("Ada")
+                && t.contains("****0417")
+                && !t.contains(SSN)
+                && !t.contains(PASSPORT),
+            "{enc}: {t}"
+        );
+    }
+    // A coding the handler cannot read is refused by rule (502), not passed silently.
+    let out = curl(
+        &w,
+        &[
+            "-w",
+            "%{http_code}",
+            "-o",
+            "/dev/null",
+            &url(&w, "/customers?enc=x-unknown"),
+        ],
+    );
+    assert_eq!(text(&out.stdout), "502");
     // Server-sent events, streamed.
     let out = curl(&w, &["-N", &url(&w, "/stream")]);
     let body = text(&out.stdout);
@@ -320,7 +449,26 @@ fn reads_are_masked_in_every_shape_and_the_chain_is_the_agentgate_ca() {
     // The records: masked counts and paths, never the value.
     let recs = records(&w);
     let all = serde_json::to_string(&recs).unwrap();
-    assert!(!all.contains(SSN), "no raw SSN in the log");
+    assert!(
+        !all.contains(SSN) && !all.contains(PASSPORT),
+        "no raw protected value in the log"
+    );
+    let by_rule: Vec<&Value> = recs
+        .iter()
+        .filter(|r| r["transform"]["json_rules"]["$.customers[*].passport"] == 2)
+        .collect();
+    assert!(
+        by_rule.len() >= 5,
+        "plain, gzip, chunked, br and zstd each name the rule and count: {by_rule:#?}"
+    );
+    assert!(
+        recs.iter().any(|r| r["transform"]["uninspectable"]
+            .as_str()
+            .is_some_and(|u| u.contains("x-unknown"))
+            && r["transform"]["passed"] == false),
+        "the unreadable coding is recorded as refused"
+    );
+    assert!(all.contains("$.customers[1].passport"));
     let masked: Vec<&Value> = recs
         .iter()
         .filter(|r| r["transform"]["masked"]["us_ssn"].as_u64().is_some())
@@ -445,6 +593,167 @@ fn denied_delete_never_arrives_and_a_held_post_runs_once_approved() {
         recs.iter()
             .any(|r| r["approval"]["outcome"] == "approved" && r["action"]["path"] == "/orders")
     );
+}
+
+#[test]
+fn query_and_json_body_rules_decide_and_a_held_request_whose_client_leaves_never_runs() {
+    let w = world();
+    let code_and_body = |args: &[&str]| {
+        let mut a = vec!["-w", "\n%{http_code}"];
+        a.extend_from_slice(args);
+        let t = text(&curl(&w, &a).stdout);
+        let (body, code) = t.rsplit_once('\n').unwrap();
+        (code.to_owned(), body.to_owned())
+    };
+    let json = ["-H", "Content-Type: application/json", "-d"];
+    // A small payment is allowed and arrives.
+    let (code, _) = code_and_body(&[
+        json[0],
+        json[1],
+        json[2],
+        "{\"amount\": 50}",
+        &url(&w, "/payments"),
+    ]);
+    assert_eq!(code, "200");
+    assert_eq!(api_log(&w).matches("POST /payments").count(), 1);
+    // A body the rule cannot read (form data, over the limit) is refused: 403, never arrives.
+    let (code, body) = code_and_body(&["-d", "amount=20000", &url(&w, "/payments")]);
+    assert_eq!(code, "403", "{body}");
+    let p: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(p["rule"], "agentgate:http-body-unreadable", "{p}");
+    let big = format!("{{\"amount\": 1, \"pad\": \"{}\"}}", "x".repeat(70_000));
+    let (code, body) = code_and_body(&[json[0], json[1], json[2], &big, &url(&w, "/payments")]);
+    assert_eq!(code, "403", "over max_inspect_bytes: {body}");
+    // Query: `force=true` (also percent-encoded) is denied before the upstream.
+    for q in ["/customers?force=true", "/customers?page=1&for%63e=tru%65"] {
+        let (code, body) = code_and_body(&[&url(&w, q)]);
+        assert_eq!(code, "403", "{q}: {body}");
+        assert!(body.contains("api-no-forced-reads"), "{body}");
+    }
+    assert!(!api_log(&w).contains("force"), "no forced read arrived");
+    // A large payment (the amount quoted, as a string) is held; the client
+    // gives up after 3 s: the request is cancelled and never runs.
+    let mut c = w.env.exec(
+        "demo",
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "3",
+            "--resolve",
+            &format!("upstream.test:{}:127.0.0.1", w.api),
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            "{\"amount\": \"25000\"}",
+            &url(&w, "/payments"),
+        ],
+    );
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let held = c.spawn().unwrap();
+    let id = wait_pending(&w);
+    let _ = held.wait_with_output().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let cancelled = loop {
+        let recs = records(&w);
+        if let Some(r) = recs.iter().find(|r| {
+            r["kind"] == "statement"
+                && r["approval"]["id"] == id.as_str()
+                && r["approval"]["outcome"] == "cancelled"
+        }) {
+            break r.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no cancelled record for {id} after the client left"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(cancelled["result"]["status"], "not_run", "{cancelled}");
+    assert_eq!(cancelled["decision"]["rule"], "api-big-payments-held");
+    assert!(
+        records(&w)
+            .iter()
+            .any(|r| r["kind"] == "approval.cancelled"),
+        "the broker recorded the cancellation"
+    );
+    assert_eq!(
+        api_log(&w).matches("POST /payments").count(),
+        1,
+        "only the small payment ever arrived"
+    );
+    let pending = run_ok(&mut w.env.agentgate(&["approvals", "list", "--json"])).unwrap();
+    assert!(
+        !text(&pending.stdout).contains(&id),
+        "the request is no longer pending"
+    );
+}
+
+#[test]
+fn websocket_upgrades_are_relayed_or_refused_by_rule() {
+    let w = world();
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("agent/.venv/bin/python");
+    let script = format!(
+        r#"
+import json
+from websockets.sync.client import connect
+from websockets.exceptions import InvalidStatus
+out = {{}}
+# No permessage-deflate: the counts below are the bytes sent.
+with connect("wss://upstream.test:{port}/echo", compression=None) as ws:
+    got = []
+    for m in ["hello", "x" * 100000]:
+        ws.send(m)
+        got.append(ws.recv() == m)
+    out["echo"] = got
+for path in ["/admin", "/page"]:
+    try:
+        with connect("wss://upstream.test:{port}" + path) as ws:
+            out[path] = "open"
+    except InvalidStatus as e:
+        out[path] = e.response.status_code
+        out[path + "_rule"] = json.loads(e.response.body)["rule"]
+print(json.dumps(out))
+"#,
+        port = w.ws
+    );
+    let mut cmd = w.env.exec("demo", &[venv.to_str().unwrap(), "-c", &script]);
+    cmd.env("PYTHONPATH", "");
+    let out = run_with_hosts(&w, &cmd);
+    let v: Value = serde_json::from_str(text(&out.stdout).trim())
+        .unwrap_or_else(|e| panic!("{e}: {}{}", text(&out.stdout), text(&out.stderr)));
+    assert_eq!(v["echo"], serde_json::json!([true, true]), "{v}");
+    // No rule allows /admin; `GET` rules do not open a WebSocket.
+    assert_eq!(v["/admin"], 403, "{v}");
+    assert_eq!(v["/page"], 403, "{v}");
+    assert_eq!(v["/page_rule"], "default:resource:ws", "{v}");
+    let log = fs::read_to_string(&w.ws_log).unwrap();
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.starts_with("OPEN"))
+            .collect::<Vec<_>>(),
+        ["OPEN /echo"],
+        "refused upgrades never reached the upstream: {log}"
+    );
+    // The tunnel's record: method, counts each way, how it ended.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let done = loop {
+        if let Some(r) = records(&w)
+            .into_iter()
+            .find(|r| r["resource"] == "ws" && r["transform"]["tunnel"] == "WEBSOCKET")
+        {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "no tunnel record");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let t = &done["transform"];
+    assert!(
+        t["to_upstream"].as_u64().unwrap() > 100_000 && t["to_client"].as_u64().unwrap() > 100_000,
+        "{t}"
+    );
+    assert_eq!(t["ended"], "closed", "{t}");
+    assert_eq!(done["action"]["method"], "WEBSOCKET");
 }
 
 fn wait_pending(w: &World) -> String {
@@ -618,6 +927,7 @@ print(json.dumps(res))
 }
 
 #[test]
+#[allow(clippy::too_many_lines)] // masked, refused by detector, refused by fingerprint, then the records
 fn model_calls_are_recorded_and_prompts_with_an_ssn_are_masked_or_refused() {
     let w = world();
     let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("agent/.venv/bin/python");
@@ -625,7 +935,7 @@ fn model_calls_are_recorded_and_prompts_with_an_ssn_are_masked_or_refused() {
         venv.exists(),
         "tests/agent/.venv is missing: run `cargo xtask setup`"
     );
-    let call = |port: u16| {
+    let call = |port: u16, leaked: &str| {
         format!(
             r#"
 import json, openai
@@ -634,7 +944,7 @@ try:
     r = c.chat.completions.create(model="stub-model", messages=[
         {{"role": "user", "content": "look up customer 1"}},
         {{"role": "assistant", "content": None, "tool_calls": [{{"id": "call_1", "type": "function", "function": {{"name": "query", "arguments": "{{}}"}}}}]}},
-        {{"role": "tool", "tool_call_id": "call_1", "content": "name Ada, ssn {SSN}"}}],
+        {{"role": "tool", "tool_call_id": "call_1", "content": "name Ada, {leaked}"}}],
         tools=[{{"type": "function", "function": {{"name": "query", "parameters": {{"type": "object", "properties": {{"sql": {{"type": "string"}}}}}}}}}}])
     print(json.dumps({{"ok": True, "model": r.model, "tokens": r.usage.total_tokens}}))
 except openai.APIStatusError as e:
@@ -644,23 +954,37 @@ except openai.APIStatusError as e:
     };
     let out = run_with_hosts(
         &w,
-        &w.env
-            .exec("demo", &[venv.to_str().unwrap(), "-c", &call(w.model)]),
+        &w.env.exec(
+            "demo",
+            &[
+                venv.to_str().unwrap(),
+                "-c",
+                &call(w.model, &format!("ssn {SSN}, account {ACCOUNT}.")),
+            ],
+        ),
     );
     let v: Value = serde_json::from_str(text(&out.stdout).trim())
         .unwrap_or_else(|e| panic!("{e}: {}{}", text(&out.stdout), text(&out.stderr)));
     assert_eq!(v["ok"], true, "{v}");
     let seen = fs::read_to_string(&w.model_log).unwrap();
     assert!(
-        seen.contains("name Ada") && !seen.contains(SSN),
+        seen.contains("name Ada") && !seen.contains(SSN) && !seen.contains(ACCOUNT),
         "the model saw the prompt masked: {seen}"
+    );
+    assert!(
+        seen.contains("[REDACTED:protected_value]"),
+        "the account was found by fingerprint: {seen}"
     );
     // The strict resource refuses; the SDK shows the reason; the stub saw nothing.
     let out = run_with_hosts(
         &w,
         &w.env.exec(
             "demo",
-            &[venv.to_str().unwrap(), "-c", &call(w.model_refuse)],
+            &[
+                venv.to_str().unwrap(),
+                "-c",
+                &call(w.model_refuse, &format!("ssn {SSN}")),
+            ],
         ),
     );
     let v: Value = serde_json::from_str(text(&out.stdout).trim())
@@ -676,11 +1000,43 @@ except openai.APIStatusError as e:
             .unwrap_or_default()
             .is_empty()
     );
+    // A value no detector knows, only the protected values file: refused too.
+    let out = run_with_hosts(
+        &w,
+        &w.env.exec(
+            "demo",
+            &[
+                venv.to_str().unwrap(),
+                "-c",
+                &call(
+                    w.model_refuse,
+                    &format!("account {}", ACCOUNT.to_lowercase()),
+                ),
+            ],
+        ),
+    );
+    let v: Value = serde_json::from_str(text(&out.stdout).trim())
+        .unwrap_or_else(|e| panic!("{e}: {}{}", text(&out.stdout), text(&out.stderr)));
+    assert_eq!(v["status"], 403, "{v}");
+    let msg = v["message"].as_str().unwrap();
+    assert!(
+        msg.contains("protected_value at $.messages[2].content")
+            && !msg.to_ascii_uppercase().contains(ACCOUNT),
+        "{msg}"
+    );
+    assert!(
+        fs::read_to_string(&w.model_refuse_log)
+            .unwrap_or_default()
+            .is_empty(),
+        "the stub never saw it"
+    );
     // Records: model, usage, tools, DLP by detector and path; never the prompt.
     let recs = records(&w);
     let all = serde_json::to_string(&recs).unwrap();
     assert!(
-        !all.contains(SSN) && !all.contains("look up customer"),
+        !all.contains(SSN)
+            && !all.to_ascii_uppercase().contains(ACCOUNT)
+            && !all.contains("look up customer"),
         "no prompt text in the log"
     );
     let done = recs

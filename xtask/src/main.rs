@@ -94,6 +94,9 @@ const APT_PACKAGES: &[&str] = &[
     "chromium",
     // `cargo xtask bench mysql` drives it.
     "sysbench",
+    // The HTTP test upstream's br and zstd bodies.
+    "brotli",
+    "zstd",
 ];
 
 /// Python modules the tests import, with the `PyPI` requirement that provides each.

@@ -9,6 +9,8 @@
 
 mod budget;
 mod detectors;
+pub mod fingerprints;
+pub mod json_path;
 pub mod lineage;
 mod masker;
 mod rules;
@@ -16,6 +18,7 @@ mod strategy;
 
 pub use budget::{ProbeBudget, Probes, StoreError as BudgetStoreError};
 pub use detectors::{Detection, Detector, DetectorSet, scan, scan_with};
+pub use json_path::{JsonFieldRule, JsonHit, JsonPath};
 pub use masker::{ColumnStrategy, MaskResult, Masker, ResultMasks, RowMasker};
 pub use rules::{ColumnRule, Derived, EqualityLimits, MaskOutcome, MaskPolicy, Predicates};
 pub use strategy::{MaskKey, Strategy, apply, apply_into, fixed_text};

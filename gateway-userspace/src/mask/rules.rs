@@ -147,6 +147,11 @@ pub struct MaskPolicy {
     detectors: DetectorSet,
     detector_strategy: Strategy,
     key: Option<Arc<MaskKey>>,
+    /// JSON field rules (HTTP bodies), see [`super::json_path`].
+    json: Vec<super::json_path::JsonFieldRule>,
+    /// Values found by keyed fingerprint where the detectors run, see
+    /// [`super::fingerprints`].
+    protected: Option<Arc<super::fingerprints::ProtectedValues>>,
 }
 
 /// The result of masking one value.
@@ -175,7 +180,41 @@ impl MaskPolicy {
             detectors,
             detector_strategy,
             key: None,
+            json: Vec::new(),
+            protected: None,
         }
+    }
+
+    /// With protected values found by keyed fingerprint (wherever the
+    /// detectors run: they are masked as a detector hit named
+    /// `protected_value`).
+    #[must_use]
+    pub fn with_protected_values(
+        mut self,
+        values: Option<Arc<super::fingerprints::ProtectedValues>>,
+    ) -> Self {
+        self.protected = values;
+        self
+    }
+
+    pub fn protected_values(&self) -> Option<&Arc<super::fingerprints::ProtectedValues>> {
+        self.protected.as_ref()
+    }
+
+    /// With JSON field rules (for JSON bodies).
+    #[must_use]
+    pub fn with_json_fields(mut self, rules: Vec<super::json_path::JsonFieldRule>) -> Self {
+        self.json = rules;
+        self
+    }
+
+    pub fn json_fields(&self) -> &[super::json_path::JsonFieldRule] {
+        &self.json
+    }
+
+    /// Whether a body must be read to mask it: detectors or JSON field rules.
+    pub fn inspects_bodies(&self) -> bool {
+        self.detectors_enabled() || !self.json.is_empty()
     }
 
     /// Masks nothing.
@@ -293,24 +332,42 @@ impl MaskPolicy {
         if self.detectors.is_empty() {
             return None;
         }
-        let hits = scan_with(value, self.detectors);
+        let mut hits: Vec<(std::ops::Range<usize>, &'static str)> =
+            scan_with(value, self.detectors)
+                .into_iter()
+                .map(|d| (d.range, d.detector))
+                .collect();
+        if let Some(p) = &self.protected {
+            let before = hits.len();
+            for r in p.find(value) {
+                if !hits[..before]
+                    .iter()
+                    .any(|(h, _)| h.start < r.end && r.start < h.end)
+                {
+                    hits.push((r, super::fingerprints::DETECTOR));
+                }
+            }
+            if hits.len() > before {
+                hits.sort_by_key(|(r, _)| r.start);
+            }
+        }
         if hits.is_empty() {
             return None;
         }
         let mut names: Vec<&'static str> = Vec::new();
         let mut last = 0;
-        for hit in hits {
-            out.push_str(&value[last..hit.range.start]);
+        for (range, detector) in hits {
+            out.push_str(&value[last..range.start]);
             apply_into(
                 self.detector_strategy,
-                &value[hit.range.clone()],
+                &value[range.clone()],
                 key,
-                Some(hit.detector),
+                Some(detector),
                 out,
             );
-            last = hit.range.end;
-            if !names.contains(&hit.detector) {
-                names.push(hit.detector);
+            last = range.end;
+            if !names.contains(&detector) {
+                names.push(detector);
             }
         }
         out.push_str(&value[last..]);

@@ -187,6 +187,26 @@ fn any_glob(pats: Option<&Vec<Glob>>, v: &str) -> bool {
     pats.is_none_or(|p| p.iter().any(|g| g.matches(v)))
 }
 
+/// The conditions on an HTTP request's head (all but the body tests).
+fn http_head_holds(
+    cond: &Conditions,
+    method: &str,
+    host: &str,
+    path: &str,
+    query: Option<&str>,
+    permissive: bool,
+) -> bool {
+    cond.http_methods
+        .as_ref()
+        .is_none_or(|m| m.iter().any(|x| x == "*" || x.eq_ignore_ascii_case(method)))
+        && any_glob(cond.http_hosts.as_ref(), host)
+        && any_glob(cond.http_paths.as_ref(), path)
+        && cond
+            .http_query
+            .as_ref()
+            .is_none_or(|tests| tests.iter().any(|t| t.holds(query, permissive)))
+}
+
 /// Do `cond` hold for `action`? `None`: the rule does not apply to this kind of action.
 fn conditions_hold(cond: &Conditions, action: &Action, permissive: bool) -> bool {
     match action {
@@ -197,16 +217,21 @@ fn conditions_hold(cond: &Conditions, action: &Action, permissive: bool) -> bool
                 && !cond.has_ssh()
                 && sql_holds(cond, c, permissive)
         }
-        Action::Http { method, host, path } => {
+        Action::Http {
+            method,
+            host,
+            path,
+            query,
+            json,
+        } => {
             !cond.has_sql()
                 && !cond.has_kube()
                 && !cond.has_ssh()
-                && cond
-                    .http_methods
-                    .as_ref()
-                    .is_none_or(|m| m.iter().any(|x| x == "*" || x.eq_ignore_ascii_case(method)))
-                && any_glob(cond.http_hosts.as_ref(), host)
-                && any_glob(cond.http_paths.as_ref(), path)
+                && http_head_holds(cond, method, host, path, query.as_deref(), permissive)
+                && cond.http_json.as_ref().is_none_or(|tests| {
+                    json.as_deref()
+                        .is_some_and(|doc| tests.iter().any(|t| t.holds(doc, permissive)))
+                })
         }
         Action::Kube {
             verb,
@@ -273,6 +298,42 @@ impl PolicySet {
                 rule: "default:unknown-destination".to_owned(),
             },
         }
+    }
+
+    /// Whether a rule that could apply to this HTTP request (subject,
+    /// resource and head conditions hold) tests JSON body fields: then the
+    /// handler must read the body before deciding, and refuse one it cannot read.
+    pub fn http_needs_body(&self, subject: &Subject, resource: &Resource, action: &Action) -> bool {
+        let Action::Http {
+            method,
+            host,
+            path,
+            query,
+            ..
+        } = action
+        else {
+            return false;
+        };
+        let Some(ri) = self.index_of(resource) else {
+            return false;
+        };
+        self.rules_for[ri].iter().any(|&i| {
+            let rule = &self.rules[i];
+            let c = &rule.conditions;
+            c.http_json.is_some()
+                && !c.has_sql()
+                && !c.has_kube()
+                && !c.has_ssh()
+                && subject_score(rule, subject).is_some()
+                && http_head_holds(
+                    c,
+                    method,
+                    host,
+                    path,
+                    query.as_deref(),
+                    matches!(rule.action, RuleAction::Allow),
+                )
+        })
     }
 
     fn decide_inner(

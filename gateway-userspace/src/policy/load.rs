@@ -954,6 +954,26 @@ fn build_conditions(errors: &mut Errors<'_>, m: &MatchSpec) -> Conditions {
         }
         c.http_paths = Some(items.iter().map(|s| Glob::new(s.get_ref())).collect());
     }
+    if let Some(l) = &m.http_query {
+        let mut tests = Vec::new();
+        for item in non_empty_list(errors, l, "match.http_query") {
+            match super::field_test::QueryTest::parse(item.get_ref()) {
+                Ok(t) => tests.push(t),
+                Err(e) => errors.at(&item.span(), format!("match.http_query: {e}")),
+            }
+        }
+        c.http_query = Some(tests);
+    }
+    if let Some(l) = &m.http_json {
+        let mut tests = Vec::new();
+        for item in non_empty_list(errors, l, "match.http_json") {
+            match super::field_test::JsonTest::parse(item.get_ref()) {
+                Ok(t) => tests.push(t),
+                Err(e) => errors.at(&item.span(), format!("match.http_json: {e}")),
+            }
+        }
+        c.http_json = Some(tests);
+    }
     if let Some(l) = &m.kube_verbs {
         c.kube_verbs = Some(globs_ci(errors, l, "match.kube_verbs"));
     }
@@ -1191,6 +1211,26 @@ fn equality_limits(
     limits
 }
 
+/// Reads a protected values file, bounded, and keeps only fingerprints.
+fn read_protected_values(
+    path: &std::path::Path,
+) -> Result<crate::mask::fingerprints::ProtectedValues, String> {
+    use std::io::Read as _;
+    let f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    f.take(crate::mask::fingerprints::MAX_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| e.to_string())?;
+    if text.len() as u64 > crate::mask::fingerprints::MAX_FILE_BYTES {
+        return Err(format!(
+            "over {} bytes",
+            crate::mask::fingerprints::MAX_FILE_BYTES
+        ));
+    }
+    crate::mask::fingerprints::ProtectedValues::from_lines(&text)
+}
+
+#[allow(clippy::too_many_lines)] // one pass over every file's `[masking]` table, key by key
 fn build_masking<'a>(
     errors: &mut Errors<'a>,
     parsed: &[(&'a Source, PolicyFileSpec)],
@@ -1204,6 +1244,8 @@ fn build_masking<'a>(
     let mut detector_resources_at: Option<String> = None;
     // (resource globs, rule)
     let mut columns: Vec<(Vec<Glob>, ColumnRule)> = Vec::new();
+    let mut json: Vec<(Vec<Glob>, crate::mask::JsonFieldRule)> = Vec::new();
+    let mut protected: Option<std::sync::Arc<crate::mask::fingerprints::ProtectedValues>> = None;
     for (src, spec) in parsed {
         errors.set_source(src);
         let Some(m) = &spec.masking else { continue };
@@ -1239,6 +1281,30 @@ fn build_masking<'a>(
             } else {
                 strategy_at = Some(errors.here(&s.span()));
                 strategy = *s.get_ref();
+            }
+        }
+        if let Some(f) = &m.protected_values_file {
+            if protected.is_some() {
+                errors.at(
+                    &f.span(),
+                    "`masking.protected_values_file` is set twice".to_owned(),
+                );
+            } else {
+                let read = if f.get_ref().is_absolute() {
+                    read_protected_values(f.get_ref())
+                } else {
+                    Err("must be an absolute path".into())
+                };
+                match read {
+                    Ok(p) => protected = Some(std::sync::Arc::new(p)),
+                    Err(e) => errors.at(
+                        &f.span(),
+                        format!(
+                            "masking.protected_values_file {}: {e}",
+                            f.get_ref().display()
+                        ),
+                    ),
+                }
             }
         }
         if let Some(list) = &m.detector_resources {
@@ -1279,6 +1345,27 @@ fn build_masking<'a>(
                 ));
             }
         }
+        for j in &m.json {
+            let j = j.get_ref();
+            let globs = resource_globs(
+                errors,
+                j.resources.as_ref(),
+                "masking.json.resources",
+                resources,
+            );
+            for p in non_empty_list(errors, &j.paths, "masking.json.paths") {
+                match crate::mask::JsonPath::parse(p.get_ref()) {
+                    Ok(path) => json.push((
+                        globs.clone(),
+                        crate::mask::JsonFieldRule {
+                            path,
+                            strategy: *j.strategy.get_ref(),
+                        },
+                    )),
+                    Err(e) => errors.at(&p.span(), e.to_string()),
+                }
+            }
+        }
     }
     resources
         .iter()
@@ -1293,7 +1380,15 @@ fn build_masking<'a>(
             } else {
                 DetectorSet::NONE
             };
+            let fields = json
+                .iter()
+                .filter(|(g, _)| g.iter().any(|g| g.matches(&r.name)))
+                .map(|(_, j)| j.clone())
+                .collect();
+            // Used where the detectors run, and by prompt DLP on any resource.
             MaskPolicy::new(cols, det, strategy)
+                .with_json_fields(fields)
+                .with_protected_values(protected.clone())
         })
         .collect()
 }

@@ -11,6 +11,7 @@
 pub mod archive;
 mod decide;
 pub mod diff;
+pub mod field_test;
 pub mod glob;
 mod load;
 mod model;

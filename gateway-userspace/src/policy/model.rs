@@ -148,6 +148,8 @@ pub(crate) struct MatchSpec {
     pub http_methods: Option<Spanned<Vec<Spanned<String>>>>,
     pub http_hosts: Option<Spanned<Vec<Spanned<String>>>>,
     pub http_paths: Option<Spanned<Vec<Spanned<String>>>>,
+    pub http_query: Option<Spanned<Vec<Spanned<String>>>>,
+    pub http_json: Option<Spanned<Vec<Spanned<String>>>>,
     pub kube_verbs: Option<Spanned<Vec<Spanned<String>>>>,
     pub kube_resources: Option<Spanned<Vec<Spanned<String>>>>,
     pub kube_namespaces: Option<Spanned<Vec<Spanned<String>>>>,
@@ -161,8 +163,22 @@ pub(crate) struct MaskingSpec {
     pub detectors: Option<Spanned<Vec<Spanned<String>>>>,
     pub detector_strategy: Option<Spanned<crate::mask::Strategy>>,
     pub detector_resources: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Values found by keyed fingerprint wherever the detectors run.
+    pub protected_values_file: Option<Spanned<PathBuf>>,
     #[serde(default)]
     pub column: Vec<Spanned<ColumnSpec>>,
+    /// `[[masking.json]]`: JSON field rules for HTTP bodies.
+    #[serde(default)]
+    pub json: Vec<Spanned<JsonMaskSpec>>,
+}
+
+/// `[[masking.json]] paths = ["$.customers[*].ssn"], strategy = "..."`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct JsonMaskSpec {
+    pub paths: Spanned<Vec<Spanned<String>>>,
+    pub strategy: Spanned<crate::mask::Strategy>,
+    pub resources: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -439,6 +455,10 @@ pub struct Conditions {
     pub http_methods: Option<Vec<String>>,
     pub http_hosts: Option<Vec<Glob>>,
     pub http_paths: Option<Vec<Glob>>,
+    /// Query parameter tests (see [`super::field_test`]).
+    pub http_query: Option<Vec<super::field_test::QueryTest>>,
+    /// JSON body field tests (see [`super::field_test`]).
+    pub http_json: Option<Vec<super::field_test::JsonTest>>,
     pub kube_verbs: Option<Vec<Glob>>,
     pub kube_resources: Option<Vec<Glob>>,
     pub kube_namespaces: Option<Vec<Glob>>,
@@ -475,6 +495,8 @@ impl Conditions {
             + u32::from(self.http_methods.is_some())
             + u32::from(self.http_hosts.is_some())
             + u32::from(self.http_paths.is_some())
+            + u32::from(self.http_query.is_some())
+            + u32::from(self.http_json.is_some())
             + u32::from(self.kube_verbs.is_some())
             + u32::from(self.kube_resources.is_some())
             + u32::from(self.kube_namespaces.is_some())
@@ -489,7 +511,11 @@ impl Conditions {
             || self.destructive.is_some()
     }
     pub(crate) fn has_http(&self) -> bool {
-        self.http_methods.is_some() || self.http_hosts.is_some() || self.http_paths.is_some()
+        self.http_methods.is_some()
+            || self.http_hosts.is_some()
+            || self.http_paths.is_some()
+            || self.http_query.is_some()
+            || self.http_json.is_some()
     }
     pub(crate) fn has_ssh(&self) -> bool {
         self.ssh.is_some() || self.ssh_destinations.is_some()
@@ -552,6 +578,11 @@ pub enum Action {
         method: String,
         host: String,
         path: String,
+        /// The raw query string (without `?`).
+        query: Option<String>,
+        /// The JSON body, when a rule that could apply tests its fields
+        /// (`None`: not read; such tests then do not hold).
+        json: Option<Arc<serde_json::Value>>,
     },
     Kube {
         verb: String,

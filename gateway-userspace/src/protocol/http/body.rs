@@ -7,12 +7,12 @@
 //! rule. The detectors' replacements hold no quote or backslash, so masking
 //! text in place keeps JSON inside it valid.
 
-use std::{fmt::Write as _, io::Read as _};
+use std::io::Read as _;
 
 use bytes::Bytes;
 use serde_json::Value;
 
-use crate::mask::MaskPolicy;
+use crate::mask::{JsonHit, MaskPolicy};
 
 /// A content coding the handler can decode and encode again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,15 +20,23 @@ pub enum Coding {
     Identity,
     Gzip,
     Deflate,
+    Brotli,
+    Zstd,
 }
 
 impl Coding {
-    /// `None`: a coding the handler cannot read (br, zstd, compress, stacked codings).
+    /// The codings the handler reads, as `Accept-Encoding` names them.
+    pub const READABLE: [&'static str; 4] = ["gzip", "deflate", "br", "zstd"];
+
+    /// `None`: a coding the handler cannot read (compress, stacked codings,
+    /// unknown names); the caller passes or refuses the body by rule.
     pub fn parse(header: Option<&str>) -> Option<Self> {
         match header.map(|h| h.trim().to_ascii_lowercase()).as_deref() {
             None | Some("" | "identity") => Some(Self::Identity),
             Some("gzip" | "x-gzip") => Some(Self::Gzip),
             Some("deflate") => Some(Self::Deflate),
+            Some("br") => Some(Self::Brotli),
+            Some("zstd") => Some(Self::Zstd),
             _ => None,
         }
     }
@@ -50,6 +58,14 @@ pub fn decode(coding: Coding, body: &[u8], limit: usize) -> Result<Vec<u8>, Unin
         Coding::Deflate => flate2::read::ZlibDecoder::new(body)
             .take(limit as u64 + 1)
             .read_to_end(&mut out),
+        Coding::Brotli => brotli::Decompressor::new(body, 8192)
+            .take(limit as u64 + 1)
+            .read_to_end(&mut out),
+        Coding::Zstd => zstd::stream::read::Decoder::new(body).and_then(|d| {
+            // The decoder's window is bounded (zstd's default, 128 MiB at most)
+            // and its output by the limit.
+            d.take(limit as u64 + 1).read_to_end(&mut out)
+        }),
     };
     read.map_err(|e| Uninspectable(format!("the body does not decode: {e}")))?;
     if out.len() > limit {
@@ -75,6 +91,15 @@ pub fn encode(coding: Coding, body: &[u8]) -> Vec<u8> {
             e.write_all(body).expect("writing to memory");
             e.finish().expect("writing to memory")
         }
+        Coding::Brotli => {
+            let mut out = Vec::new();
+            {
+                let mut e = brotli::CompressorWriter::new(&mut out, 8192, 4, 22);
+                e.write_all(body).expect("writing to memory");
+            }
+            out
+        }
+        Coding::Zstd => zstd::stream::encode_all(body, 3).expect("writing to memory"),
     }
 }
 
@@ -82,11 +107,17 @@ pub fn encode(coding: Coding, body: &[u8]) -> Vec<u8> {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Masked {
     pub hits: Vec<(&'static str, String)>,
+    /// Fields a JSON rule masked: (the rule's path as written, the location).
+    pub rules: Vec<(String, String)>,
 }
 
 impl Masked {
     pub fn is_empty(&self) -> bool {
-        self.hits.is_empty()
+        self.hits.is_empty() && self.rules.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.hits.len() + self.rules.len()
     }
     /// The record's `transform` field: counts by detector, paths (never values).
     pub fn record(&self) -> Value {
@@ -94,8 +125,22 @@ impl Masked {
         for (d, _) in &self.hits {
             *counts.entry(d).or_default() += 1;
         }
-        let paths: Vec<&str> = self.hits.iter().take(64).map(|(_, p)| p.as_str()).collect();
-        serde_json::json!({ "masked": counts, "paths": paths, "fields": self.hits.len() })
+        let mut by_rule = std::collections::BTreeMap::<&str, u64>::new();
+        for (r, _) in &self.rules {
+            *by_rule.entry(r).or_default() += 1;
+        }
+        let paths: Vec<&str> = self
+            .rules
+            .iter()
+            .map(|(_, p)| p.as_str())
+            .chain(self.hits.iter().map(|(_, p)| p.as_str()))
+            .take(64)
+            .collect();
+        let mut r = serde_json::json!({ "masked": counts, "paths": paths, "fields": self.len() });
+        if !by_rule.is_empty() {
+            r["json_rules"] = serde_json::json!(by_rule);
+        }
+        r
     }
 }
 
@@ -137,47 +182,16 @@ impl Kind {
     }
 }
 
-/// Masks every string value of `v` (detectors), noting where.
-pub fn mask_json(policy: &MaskPolicy, v: &mut Value, path: &mut String, masked: &mut Masked) {
-    match v {
-        Value::String(s) => {
-            let out = policy.mask_value(s, None);
-            if out.changed {
-                for d in &out.detectors_hit {
-                    masked.hits.push((d, path.clone()));
-                }
-                *s = out.text.into_owned();
-            }
+/// Masks `v`: the policy's JSON field rules, then the detectors over every
+/// other string value (see [`crate::mask::json_path`]), noting where.
+pub fn mask_json(policy: &MaskPolicy, v: &mut Value, masked: &mut Masked) {
+    let mut hits = Vec::new();
+    crate::mask::json_path::mask_document(policy, v, &mut hits);
+    for h in hits {
+        match h {
+            JsonHit::Rule { rule, at } => masked.rules.push((rule, at)),
+            JsonHit::Detector { detector, at } => masked.hits.push((detector, at)),
         }
-        Value::Array(items) => {
-            for (i, item) in items.iter_mut().enumerate() {
-                let len = path.len();
-                let _ = write!(path, "[{i}]");
-                mask_json(policy, item, path, masked);
-                path.truncate(len);
-            }
-        }
-        Value::Object(map) => {
-            for (k, item) in map.iter_mut() {
-                let len = path.len();
-                push_key(path, k);
-                mask_json(policy, item, path, masked);
-                path.truncate(len);
-            }
-        }
-        _ => {}
-    }
-}
-
-/// `$.a.b` for plain keys, `$['a b']` otherwise.
-pub fn push_key(path: &mut String, k: &str) {
-    if !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-        path.push('.');
-        path.push_str(k);
-    } else {
-        path.push_str("['");
-        path.push_str(&k.replace('\'', "\\'"));
-        path.push_str("']");
     }
 }
 
@@ -191,9 +205,9 @@ pub fn mask_body(
     match kind {
         Kind::Json => {
             if let Ok(mut v) = serde_json::from_slice::<Value>(body) {
-                let before = masked.hits.len();
-                mask_json(policy, &mut v, &mut "$".to_owned(), masked);
-                return (masked.hits.len() > before)
+                let before = masked.len();
+                mask_json(policy, &mut v, masked);
+                return (masked.len() > before)
                     .then(|| serde_json::to_vec(&v).expect("a JSON value serialises"));
             }
             // Declared JSON that does not parse: read it as text.
@@ -313,7 +327,25 @@ mod tests {
         let z = encode(Coding::Gzip, &plain);
         assert_eq!(decode(Coding::Gzip, &z, 1 << 20).unwrap(), plain);
         assert!(decode(Coding::Gzip, &z, 10).is_err());
-        assert_eq!(Coding::parse(Some("br")), None);
+        assert_eq!(Coding::parse(Some("compress")), None);
+        assert_eq!(Coding::parse(Some("gzip, br")), None, "stacked codings");
+    }
+
+    #[test]
+    fn br_and_zstd_round_trip_and_bombs_stop_at_the_limit() {
+        let plain = b"{\"ssn\":\"123-45-6789\"}".repeat(1000);
+        for c in [Coding::Brotli, Coding::Zstd, Coding::Deflate] {
+            let z = encode(c, &plain);
+            assert!(z.len() < plain.len() / 10, "{c:?} compresses");
+            assert_eq!(decode(c, &z, 1 << 20).unwrap(), plain, "{c:?}");
+            assert!(decode(c, &z, 100).is_err(), "{c:?} stops at the limit");
+            assert!(
+                decode(c, b"not compressed at all", 1 << 20).is_err(),
+                "{c:?}"
+            );
+        }
+        assert_eq!(Coding::parse(Some("br")), Some(Coding::Brotli));
+        assert_eq!(Coding::parse(Some(" ZSTD ")), Some(Coding::Zstd));
     }
 
     #[test]

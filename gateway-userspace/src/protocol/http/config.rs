@@ -28,7 +28,7 @@ pub struct HttpConfig {
     /// Concurrent HTTP/2 streams per agent connection.
     pub max_streams: u32,
     /// A response that must be masked but cannot be read (binary, an
-    /// encoding other than gzip or deflate, over `max_inspect_bytes`):
+    /// encoding other than gzip, deflate, br or zstd, over `max_inspect_bytes`):
     /// `"refuse"` answers 502, `"pass"` lets it through. Recorded either way.
     pub uninspectable: Uninspectable,
 }

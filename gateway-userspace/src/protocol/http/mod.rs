@@ -8,6 +8,7 @@
 //!   tricks) and what the record keeps of it (query values and credentials out).
 //! - [`body`]: content codings, detectors over JSON and text, event streams.
 //! - [`openai`]: the model-call profile and prompt DLP.
+//! - [`tunnel`]: upgraded connections (WebSocket, `CONNECT`), relayed and counted.
 //! - [`proxy`]: the I/O (hyper server toward the agent, client toward the
 //!   upstream) and the request lifecycle.
 //!
@@ -18,6 +19,7 @@ pub mod config;
 pub mod openai;
 pub mod proxy;
 pub mod request;
+pub mod tunnel;
 
 use std::sync::Arc;
 

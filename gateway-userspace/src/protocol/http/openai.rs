@@ -82,7 +82,7 @@ pub fn read_call(body: &Value, key: &[u8; 32]) -> Call {
 /// Runs the detectors over every string of the body; masks in place.
 pub fn scan_prompt(policy: &MaskPolicy, body: &mut Value) -> Masked {
     let mut masked = Masked::default();
-    mask_json(policy, body, &mut "$".to_owned(), &mut masked);
+    mask_json(policy, body, &mut masked);
     masked
 }
 

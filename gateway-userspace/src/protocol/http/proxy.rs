@@ -15,8 +15,11 @@
 //! refused with a problem body (RFC 9457; a gRPC status for gRPC); a body
 //! over the inspection limit, or a response that cannot be inspected while
 //! masking applies, is refused unless `[proxy.http] uninspectable = "pass"`
-//! (recorded either way). Upgrades (WebSocket) and `CONNECT` are refused and
-//! recorded. The trade-off: request bodies are buffered up to the limit
+//! (recorded either way). A WebSocket upgrade is decided as method
+//! `WEBSOCKET` (a rule allowing `GET` does not open one) and `CONNECT` as
+//! itself; allowed, they are relayed uninspected by [`super::tunnel`] (refused
+//! where masking applies, unless `uninspectable = "pass"`). Rules testing
+//! JSON body fields make the handler read the body before deciding. The trade-off: request bodies are buffered up to the limit
 //! (their hash is in the write-ahead record), so a request body never streams.
 
 use std::{
@@ -50,7 +53,7 @@ use tokio_rustls::rustls;
 use super::{
     body::{self, Coding, Kind, Masked, SseMasker},
     config::{HttpConfig, Uninspectable},
-    openai, request,
+    openai, request, tunnel,
 };
 use crate::{
     approval::Broker,
@@ -133,7 +136,9 @@ pub async fn serve(client: TcpStream, ctx: HttpContext) -> Result<(), HttpError>
             (Box::new(client), None, false)
         };
     let https = ctx.resource.protocol == Protocol::Https;
-    let upstream = Upstream::new(&ctx, sni.as_deref())?;
+    let upstream = Upstream::new(&ctx, sni.as_deref(), &[b"h2", b"http/1.1"])?;
+    // Upgrades (WebSocket, CONNECT) take a connection of their own, HTTP/1.1.
+    let tunnel_upstream = Upstream::new(&ctx, sni.as_deref(), &[b"http/1.1"])?;
     let session = ctx.conn.record(RecordKind::SessionStart).action(json!({
         "protocol": ctx.resource.protocol.as_str(),
         "sni": sni,
@@ -152,7 +157,8 @@ pub async fn serve(client: TcpStream, ctx: HttpContext) -> Result<(), HttpError>
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let ctx = ctx.clone();
         let client = client.clone();
-        async move { Ok::<_, Infallible>(handle(req, ctx, client).await) }
+        let tunnel_upstream = tunnel_upstream.clone();
+        async move { Ok::<_, Infallible>(handle(req, ctx, client, tunnel_upstream).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
@@ -180,7 +186,7 @@ pub async fn serve(client: TcpStream, ctx: HttpContext) -> Result<(), HttpError>
         builder
     };
     builder
-        .serve_connection(TokioIo::new(io), service)
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
         .await
         .map_err(|e| HttpError::Serve(error_chain(&*e)))
 }
@@ -279,16 +285,17 @@ async fn handle(
     req: Request<Incoming>,
     ctx: Arc<HttpContext>,
     client: Client<Upstream, HttpBody>,
+    tunnel_upstream: Upstream,
 ) -> Response<HttpBody> {
     let started = Instant::now();
-    let (parts, incoming) = req.into_parts();
+    let (mut parts, incoming) = req.into_parts();
     let grpc = parts
         .headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.starts_with("application/grpc"));
     let tls = ctx.resource.protocol == Protocol::Https;
-    let head = match request::check(&parts.method, &parts.uri, parts.version, &parts.headers) {
+    let mut head = match request::check(&parts.method, &parts.uri, parts.version, &parts.headers) {
         Ok(h) => h,
         Err(m) => {
             let action = json!({
@@ -307,26 +314,54 @@ async fn handle(
             .await;
         }
     };
+    let upgrade = tunnel::requested(&parts.method, parts.version, &parts.headers);
+    if let Ok(Some(u)) = upgrade {
+        u.method().clone_into(&mut head.method);
+    }
     let described = describe(&ctx, &head, &parts.headers, &[], tls);
-    if parts.headers.contains_key(header::UPGRADE) {
+    let upgrade = match upgrade {
+        Ok(u) => u,
+        Err(why) => {
+            return refuse_own(
+                &ctx,
+                described.action,
+                "agentgate:http-upgrade",
+                why.into(),
+                StatusCode::FORBIDDEN,
+                grpc,
+            )
+            .await;
+        }
+    };
+    let set = ctx.policy.current();
+    if upgrade.is_some()
+        && set.masking_for(&ctx.resource).inspects_bodies()
+        && ctx.settings.uninspectable == Uninspectable::Refuse
+    {
         return refuse_own(
             &ctx,
             described.action,
-            "agentgate:http-upgrade",
-            "protocol upgrades (WebSocket, h2c) are not relayed".into(),
+            "agentgate:http-uninspectable",
+            "a WebSocket or CONNECT tunnel cannot be inspected, and this resource's responses are masked; refused".into(),
             StatusCode::FORBIDDEN,
             grpc,
         )
         .await;
     }
-    let set = ctx.policy.current();
+    let client_upgrade =
+        upgrade.and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
     let gate = ctx.gate();
-    let action = Action::Http {
+    let mut action = Action::Http {
         method: head.method.clone(),
         host: head.host.clone(),
         path: head.path.clone(),
+        query: head.query.clone(),
+        json: None,
     };
-    let decision = gate.decide(&set, &action);
+    // A rule that could apply tests JSON body fields: the body is read
+    // before any decision, and one that cannot be read is refused.
+    let needs_body = set.http_needs_body(&ctx.subject, &ctx.resource, &action);
+    let mut decision = gate.decide(&set, &action);
     let command = |d: &Described| Command {
         action: d.action.clone(),
         fingerprint: d.fingerprint.clone(),
@@ -334,12 +369,21 @@ async fn handle(
         summary: "",
         changes_state: request::changes_state(&head.method),
     };
-    if matches!(decision.verdict, Verdict::Deny { .. }) {
+    if !needs_body && matches!(decision.verdict, Verdict::Deny { .. }) {
         let d = gate.deny(command(&described), &decision).await;
         return render_denial(&d, grpc);
     }
     // The body, bounded: read only once the policy may allow the request.
     let limit = ctx.settings.max_inspect_bytes;
+    let (body_rule, body_note) = if needs_body {
+        (
+            "agentgate:http-body-unreadable",
+            "; a rule tests this request's JSON body, so it is refused",
+        )
+    } else {
+        ("agentgate:http-body-limit", "")
+    };
+    let body_status = |s: StatusCode| if needs_body { StatusCode::FORBIDDEN } else { s };
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
@@ -349,9 +393,9 @@ async fn handle(
         return refuse_own(
             &ctx,
             described.action,
-            "agentgate:http-body-limit",
-            format!("the request body is over the inspection limit of {limit} bytes"),
-            StatusCode::PAYLOAD_TOO_LARGE,
+            body_rule,
+            format!("the request body is over the inspection limit of {limit} bytes{body_note}"),
+            body_status(StatusCode::PAYLOAD_TOO_LARGE),
             grpc,
         )
         .await;
@@ -370,7 +414,9 @@ async fn handle(
             let (status, why) = if too_large {
                 (
                     StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("the request body is over the inspection limit of {limit} bytes"),
+                    format!(
+                        "the request body is over the inspection limit of {limit} bytes{body_note}"
+                    ),
                 )
             } else {
                 (
@@ -381,9 +427,9 @@ async fn handle(
             return refuse_own(
                 &ctx,
                 described.action,
-                "agentgate:http-body-limit",
+                body_rule,
                 why,
-                status,
+                body_status(status),
                 grpc,
             )
             .await;
@@ -402,6 +448,38 @@ async fn handle(
     };
     let trailers = collected.trailers().cloned();
     let mut body = collected.to_bytes();
+    if needs_body {
+        let encoded = Coding::parse(
+            parts
+                .headers
+                .get(header::CONTENT_ENCODING)
+                .and_then(|v| v.to_str().ok()),
+        ) != Some(Coding::Identity);
+        let doc = (!encoded)
+            .then(|| serde_json::from_slice::<Value>(&body).ok())
+            .flatten();
+        let Some(doc) = doc else {
+            let d = describe(&ctx, &head, &parts.headers, &body, tls);
+            return refuse_own(
+                &ctx,
+                d.action,
+                body_rule,
+                "the request body is not JSON the gateway can read; a rule tests this request's JSON body, so it is refused".into(),
+                StatusCode::FORBIDDEN,
+                grpc,
+            )
+            .await;
+        };
+        if let Action::Http { json, .. } = &mut action {
+            *json = Some(Arc::new(doc));
+        }
+        decision = gate.decide(&set, &action);
+        if matches!(decision.verdict, Verdict::Deny { .. }) {
+            let d = describe(&ctx, &head, &parts.headers, &body, tls);
+            let d = gate.deny(command(&d), &decision).await;
+            return render_denial(&d, grpc);
+        }
+    }
     // The openai profile: read the call, and keep the prompt's protected values in.
     let mut call = None;
     let mut dlp = None;
@@ -466,9 +544,16 @@ async fn handle(
         ..command(&described)
     };
     let mut outcome = gate.admit_action(cmd, &decision, None, &action).await;
-    if let gate::Outcome::Held(mut hold) = outcome {
+    if let gate::Outcome::Held(hold) = outcome {
         tracing::info!(conn = ctx.conn.id, request = %hold.request_id, "HTTP request held for approval");
-        let answer = hold.decided().await;
+        // The client may leave while it waits (hyper then drops this
+        // future): the guard records the request cancelled and not run.
+        let mut guard = HeldGuard {
+            ctx: ctx.clone(),
+            hold: Some(hold),
+        };
+        let answer = guard.hold.as_mut().expect("held").decided().await;
+        let hold = guard.hold.take().expect("held");
         outcome = gate.release(hold, answer).await;
     }
     let recording = match outcome {
@@ -485,8 +570,27 @@ async fn handle(
             );
         }
     };
+    if let (Some(kind), Some(client_upgrade)) = (upgrade, client_upgrade) {
+        if let Some(r) = recording
+            && r.await.is_err()
+        {
+            return problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "agentgate:audit",
+                "the audit log cannot take the record",
+                None,
+                grpc,
+            );
+        }
+        let done = Done {
+            ctx: ctx.clone(),
+            action: json!({ "protocol": described.action["protocol"], "method": head.method, "host": head.host, "path": described.action["path"], "request_hash": described.fingerprint, "upgrade": kind.method() }),
+            started,
+        };
+        return open_tunnel(&parts, kind, client_upgrade, tunnel_upstream, done, grpc).await;
+    }
     let masking = set.masking_for(&ctx.resource);
-    let inspect = masking.detectors_enabled() || call.is_some();
+    let inspect = masking.inspects_bodies() || call.is_some();
     let upstream_req = match upstream_request(
         &parts,
         &head,
@@ -565,18 +669,187 @@ async fn handle(
     respond(resp, done, set, call.is_some(), grpc).await
 }
 
-/// The detectors prompt DLP runs: the resource's, or all when it names none.
+/// Sends an allowed upgrade request upstream on a connection of its own;
+/// when the upstream switches protocols (101 for a WebSocket, 2xx for
+/// `CONNECT`), answers the agent the same way and relays the two upgraded
+/// connections in a task of their own, recording the byte counts when the
+/// tunnel ends. Any other answer goes back as an ordinary response.
+#[allow(clippy::too_many_lines)] // one exchange: request, answer, then the relay task
+async fn open_tunnel(
+    parts: &http::request::Parts,
+    kind: tunnel::Upgrade,
+    client_upgrade: hyper::upgrade::OnUpgrade,
+    mut upstream: Upstream,
+    done: Done,
+    grpc: bool,
+) -> Response<HttpBody> {
+    use tower::Service as _;
+    let ctx = done.ctx.clone();
+    let target = match kind {
+        tunnel::Upgrade::Connect => parts
+            .uri
+            .authority()
+            .map_or_else(String::new, ToString::to_string),
+        tunnel::Upgrade::WebSocket => parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| "/".to_owned(), ToString::to_string),
+    };
+    let mut headers = parts.headers.clone();
+    strip_hop_by_hop(&mut headers);
+    if kind == tunnel::Upgrade::WebSocket {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    }
+    let mut b = Request::builder()
+        .method(parts.method.clone())
+        .uri(target.as_str())
+        .version(http::Version::HTTP_11);
+    *b.headers_mut().expect("a valid builder") = headers;
+    let Ok(req) = b.body(Full::new(Bytes::new())) else {
+        done.record(None, 400, 0, "error");
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "agentgate:http-malformed",
+            "the upgrade request cannot be sent on",
+            None,
+            grpc,
+        );
+    };
+    let exchange = async {
+        let io = upstream
+            .call(Uri::from_static("/"))
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| error_chain(&e))?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        sender.send_request(req).await.map_err(|e| error_chain(&e))
+    };
+    let mut resp = match tokio::time::timeout(ctx.settings.request_timeout(), exchange).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(why)) => {
+            done.record(None, 502, 0, "error");
+            return problem(
+                StatusCode::BAD_GATEWAY,
+                "agentgate:upstream",
+                &format!("upstream: {why}"),
+                None,
+                grpc,
+            );
+        }
+        Err(_) => {
+            done.record(None, 504, 0, "error");
+            return problem(
+                StatusCode::GATEWAY_TIMEOUT,
+                "agentgate:upstream",
+                "the upstream did not answer in time",
+                None,
+                grpc,
+            );
+        }
+    };
+    let switched = match kind {
+        tunnel::Upgrade::WebSocket => resp.status() == StatusCode::SWITCHING_PROTOCOLS,
+        tunnel::Upgrade::Connect => resp.status().is_success(),
+    };
+    let status = resp.status().as_u16();
+    if !switched {
+        let (parts, body) = resp.into_parts();
+        let n = body
+            .collect()
+            .await
+            .map(http_body_util::Collected::to_bytes)
+            .unwrap_or_default();
+        done.record(None, status, n.len() as u64, "error");
+        return Response::from_parts(
+            parts,
+            Full::new(n).map_err(|e: Infallible| match e {}).boxed(),
+        );
+    }
+    let upstream_upgrade = hyper::upgrade::on(&mut resp);
+    let idle = ctx.settings.idle_timeout();
+    tokio::spawn(async move {
+        let (c, u) = tokio::join!(client_upgrade, upstream_upgrade);
+        let (Ok(c), Ok(u)) = (c, u) else {
+            done.record(
+                Some(json!({ "tunnel": "not established" })),
+                status,
+                0,
+                "error",
+            );
+            return;
+        };
+        let r = tunnel::relay(TokioIo::new(c), TokioIo::new(u), idle).await;
+        tracing::info!(
+            conn = done.ctx.conn.id,
+            to_upstream = r.to_upstream,
+            to_client = r.to_client,
+            ended = r.ended,
+            "tunnel closed"
+        );
+        done.record(
+            Some(json!({
+                "tunnel": kind.method(),
+                "inspected": false,
+                "to_upstream": r.to_upstream,
+                "to_client": r.to_client,
+                "ended": r.ended,
+            })),
+            status,
+            r.to_upstream + r.to_client,
+            if r.ended == "error" { "error" } else { "ok" },
+        );
+    });
+    let (parts, _) = resp.into_parts();
+    Response::from_parts(
+        parts,
+        Full::new(Bytes::new())
+            .map_err(|e: Infallible| match e {})
+            .boxed(),
+    )
+}
+
+/// A held request's hold while its client waits. Dropped with the hold
+/// still in it (the client left: hyper dropped the request's future), it
+/// cancels the approval request and records the request as not run, as
+/// the other handlers do when their client leaves.
+struct HeldGuard {
+    ctx: Arc<HttpContext>,
+    hold: Option<gate::Hold>,
+}
+
+impl Drop for HeldGuard {
+    fn drop(&mut self) {
+        let Some(hold) = self.hold.take() else {
+            return;
+        };
+        let ctx = self.ctx.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move { ctx.gate().cancel(hold).await });
+        } else {
+            tracing::error!(
+                conn = ctx.conn.id,
+                "a held request's client left outside the runtime; its cancellation is not recorded"
+            );
+        }
+    }
+}
+
+/// The detectors prompt DLP runs: the resource's, or all when it names
+/// none; and the policy's protected values, by keyed fingerprint.
 fn dlp_policy(set: &PolicySet, resource: &Resource) -> MaskPolicy {
     let m = set.masking_for(resource);
-    if m.detectors_enabled() {
-        MaskPolicy::new(Vec::new(), m.detectors(), crate::mask::Strategy::Redact)
+    let detectors = if m.detectors_enabled() {
+        m.detectors()
     } else {
-        MaskPolicy::new(
-            Vec::new(),
-            crate::mask::DetectorSet::ALL,
-            crate::mask::Strategy::Redact,
-        )
-    }
+        crate::mask::DetectorSet::ALL
+    };
+    MaskPolicy::new(Vec::new(), detectors, crate::mask::Strategy::Redact)
+        .with_protected_values(m.protected_values().cloned())
 }
 
 const HOP_BY_HOP: [&str; 9] = [
@@ -647,9 +920,18 @@ fn upstream_request(
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_ascii_lowercase();
-        let readable: Vec<&str> = ["gzip", "deflate"]
+        let readable: Vec<&str> = Coding::READABLE
             .into_iter()
-            .filter(|c| accepted.contains(c))
+            .filter(|c| {
+                accepted.split(',').any(|t| {
+                    let mut p = t.split(';').map(str::trim);
+                    p.next() == Some(*c)
+                        && !p.any(|q| {
+                            q.strip_prefix("q=")
+                                .is_some_and(|v| v.parse::<f32>().is_ok_and(|q| q <= 0.0))
+                        })
+                })
+            })
             .collect();
         let value = if readable.is_empty() {
             "identity".to_owned()
@@ -714,7 +996,7 @@ async fn respond(
     let ok = if status < 400 { "ok" } else { "error" };
     let ctx = done.ctx.clone();
     let masking = set.masking_for(&ctx.resource);
-    let inspect = masking.detectors_enabled() || llm;
+    let inspect = masking.inspects_bodies() || llm;
     let kind = Kind::of(
         parts
             .headers
@@ -748,7 +1030,7 @@ async fn respond(
         }
     };
     match (kind, coding) {
-        (Kind::Opaque, _) if masking.detectors_enabled() && !is_empty_body(&parts.headers) => {
+        (Kind::Opaque, _) if masking.inspects_bodies() && !is_empty_body(&parts.headers) => {
             if let Some(r) = uninspectable(
                 format!("content type {:?}", parts.headers.get(header::CONTENT_TYPE)),
                 &done,
@@ -1129,7 +1411,7 @@ struct Upstream {
 }
 
 impl Upstream {
-    fn new(ctx: &HttpContext, sni: Option<&str>) -> Result<Self, HttpError> {
+    fn new(ctx: &HttpContext, sni: Option<&str>, alpn: &[&[u8]]) -> Result<Self, HttpError> {
         let https = ctx.resource.protocol == Protocol::Https;
         let tls = match (&ctx.resource.tls, https) {
             (Some(t), true) if t.mode == TlsMode::Disable => {
@@ -1144,8 +1426,8 @@ impl Upstream {
         let tls = match tls {
             None => None,
             Some((ca_file, server_name)) => {
-                let cfg = crate::tls::client_config(ca_file, &[b"h2", b"http/1.1"])
-                    .map_err(HttpError::UpstreamTls)?;
+                let cfg =
+                    crate::tls::client_config(ca_file, alpn).map_err(HttpError::UpstreamTls)?;
                 let name = match server_name.or_else(|| sni.map(str::to_owned)) {
                     Some(n) => rustls_pki_types::ServerName::try_from(n.clone())
                         .map_err(|e| HttpError::UpstreamTls(format!("server name {n:?}: {e}")))?,
@@ -1237,5 +1519,125 @@ impl hyper::rt::Write for UpstreamIo {
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::{
+        approval::{Settings, testing::Accepting},
+        audit::NewRecord,
+        gate::AuditUnavailable,
+        policy::load_str,
+    };
+
+    struct Sink;
+    impl gate::AuditSink for Sink {
+        fn append(
+            &self,
+            _r: NewRecord,
+        ) -> Pin<Box<dyn Future<Output = Result<(), AuditUnavailable>> + Send + '_>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn append_detached(&self, _r: NewRecord) {}
+    }
+
+    /// An upstream that counts the connections it gets (and answers nothing).
+    async fn counting_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let n = Arc::new(AtomicUsize::new(0));
+        let seen = n.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                seen.fetch_add(1, Ordering::SeqCst);
+                drop(s);
+            }
+        });
+        (addr, n)
+    }
+
+    fn context(upstream: SocketAddr, dir: &std::path::Path) -> HttpContext {
+        let text = format!(
+            "[[resource]]\nname = \"api\"\nprotocol = \"http\"\naddresses = [\"{upstream}\"]\ndefault_action = \"allow\"\n"
+        );
+        let set = load_str(&[("p.toml", &text)]).unwrap();
+        let resource = set.resource("api").unwrap().clone();
+        HttpContext {
+            conn: Arc::new(LiveConnection::for_test(upstream, "api")),
+            subject: Subject {
+                identity: "agent".into(),
+                groups: vec![],
+            },
+            resource,
+            policy: Arc::new(PolicyStore::from_set(
+                std::path::Path::new("/nonexistent"),
+                set,
+                None,
+            )),
+            approvals: Broker::new(Arc::new(Accepting), Settings::default()),
+            audit: Arc::new(Sink),
+            correlation_key: [7; 32],
+            ca: Arc::new(LocalCa::load_or_create(dir).unwrap()),
+            settings: HttpConfig::default(),
+            connect_timeout: Duration::from_secs(2),
+        }
+    }
+
+    /// HTTP/2 rapid reset (CVE-2023-44487): streams opened and reset at
+    /// once, by the thousand. The handler answers with GOAWAY, ends the
+    /// connection without a panic, and no request reaches the upstream.
+    #[tokio::test]
+    async fn an_http2_rapid_reset_flood_is_cut_and_reaches_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (upstream, reached) = counting_upstream().await;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let front = l.local_addr().unwrap();
+        let ctx = context(upstream, dir.path());
+        let served = tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            serve(s, ctx).await
+        });
+        let tcp = TcpStream::connect(front).await.unwrap();
+        let (mut send, conn) = h2::client::handshake(tcp).await.unwrap();
+        let driver = tokio::spawn(conn);
+        let mut opened = 0;
+        for i in 0..5000 {
+            let req = Request::get(format!("http://api.test/flood/{i}"))
+                .body(())
+                .unwrap();
+            let Ok(s) = send.ready().await else { break };
+            send = s;
+            let Ok((_resp, mut stream)) = send.send_request(req, true) else {
+                break;
+            };
+            stream.send_reset(h2::Reason::CANCEL);
+            opened += 1;
+        }
+        let ended = tokio::time::timeout(Duration::from_secs(10), driver)
+            .await
+            .expect("the handler ends the flooded connection");
+        // The client's own side may see only the closed socket (its frames
+        // were still queued); the handler's side says why it closed.
+        drop(ended);
+        let served = tokio::time::timeout(Duration::from_secs(10), served)
+            .await
+            .expect("serve returns")
+            .expect("no panic");
+        let why = served
+            .expect_err("the flooded connection ends in error")
+            .to_string();
+        assert!(
+            why.contains("excessive load"),
+            "GOAWAY ENHANCE_YOUR_CALM: {why} (after {opened} streams queued)"
+        );
+        assert_eq!(
+            reached.load(Ordering::SeqCst),
+            0,
+            "no flooded request reached the upstream"
+        );
     }
 }

@@ -75,10 +75,19 @@ pub fn check(
             return Err(Malformed("Transfer-Encoding other than chunked"));
         }
     }
-    if method == Method::CONNECT {
-        return Err(Malformed("CONNECT is not relayed"));
-    }
     let host = host_of(uri, version, headers)?;
+    if method == Method::CONNECT {
+        // `CONNECT host:port`: policy matches the host; the path is the target.
+        let Some(target) = uri.authority().filter(|_| uri.path_and_query().is_none()) else {
+            return Err(Malformed("CONNECT takes host:port"));
+        };
+        return Ok(Head {
+            method: method.as_str().to_owned(),
+            host,
+            path: target.as_str().to_owned(),
+            query: None,
+        });
+    }
     let path = uri.path();
     if !path.starts_with('/') && path != "*" {
         return Err(Malformed("the request target is not a path"));
