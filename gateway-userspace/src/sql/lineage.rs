@@ -1909,7 +1909,8 @@ impl Ctx {
         }
     }
 
-    /// `values` written into `target.column`.
+    /// `values` written into `target.column`: an equality test with them
+    /// when they are constants, a search when they read columns.
     fn written(&mut self, target: &str, column: &str, values: &[&Expr]) {
         let lineage = Lineage::from_source(
             Source {
@@ -1918,26 +1919,11 @@ impl Ctx {
             },
             Flow::Direct,
         );
+        let why = "a value computed from columns written";
         if values.iter().all(|v| reads_no_column(v)) {
-            let probes = if self.probes {
-                values.iter().map(|v| probe(v)).collect()
-            } else {
-                Vec::new()
-            };
-            self.predicates.push(Predicate {
-                test: Test::Equality {
-                    values: values.len(),
-                },
-                oracle: Oracle::Uniqueness,
-                lineage,
-                probes,
-            });
+            self.equality(lineage, values, Oracle::Uniqueness, why);
         } else {
-            self.flag(
-                lineage,
-                Oracle::Uniqueness,
-                "a value computed from columns written",
-            );
+            self.flag(lineage, Oracle::Uniqueness, why);
         }
     }
 
